@@ -1,0 +1,5 @@
+import sys
+
+from comfy_env_attn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""Run inside the TARGET interpreter (standard library only; it need not have this package).
+
+Prints one JSON object: the interpreter's facts, torch's version/CUDA/ABI, site dirs.
+torch is read from its version.py first, then imported for the C++ ABI flag.
+"""
+
+import json
+import os
+import platform
+import sys
+import sysconfig
+
+
+def _torch_facts(out):
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError) as e:
+        out["torch_error"] = "%s: %s" % (type(e).__name__, e)
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    pkg = list(spec.submodule_search_locations)[0]
+    out["torch_dir"] = pkg
+    version_py = os.path.join(pkg, "version.py")
+    ns = {}
+    try:
+        with open(version_py, encoding="utf-8") as f:
+            src = f.read()
+        for line in src.splitlines():
+            line = line.strip()
+            for key in ("__version__", "cuda", "git_version", "hip"):
+                if line.startswith(key + " ") or line.startswith(key + ":") or \
+                        line.startswith(key + "="):
+                    value = line.split("=", 1)[1].strip() if "=" in line else ""
+                    if value and value[0] in "'\"":
+                        ns[key] = value.strip("'\"")
+                    elif value == "None":
+                        ns[key] = None
+    except OSError as e:
+        out["torch_error"] = "cannot read %s: %s" % (version_py, e)
+        return
+    out["torch"] = ns.get("__version__")
+    out["torch_cuda"] = ns.get("cuda")
+    out["torch_hip"] = ns.get("hip")
+    if os.environ.get("COMFY_ENV_ATTN_PROBE_NO_IMPORT") == "1":
+        return
+    try:
+        import torch  # noqa: F401  (the only way to read the C++ ABI flag)
+
+        out["cxx11abi"] = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+        out["torch"] = torch.__version__
+        out["torch_cuda"] = torch.version.cuda
+    except Exception as e:  # a broken torch is a fact, not a crash
+        out["torch_error"] = "import torch failed: %s: %s" % (type(e).__name__, e)
+
+
+def main():
+    plat = sys.platform
+    plat = "windows" if plat.startswith("win") else "macos" if plat == "darwin" else \
+        "linux" if plat.startswith("linux") else plat
+    glibc = None
+    if plat == "linux":
+        try:
+            v = os.confstr("CS_GNU_LIBC_VERSION")
+            if v and v.startswith("glibc "):
+                glibc = v.split()[1]
+        except (ValueError, OSError, AttributeError):
+            pass
+        if glibc is None:
+            lib, ver = platform.libc_ver()
+            glibc = ver if lib == "glibc" and ver else None
+    paths = sysconfig.get_paths()
+    out = {
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "implementation": sys.implementation.name,
+        "platform": plat,
+        "arch": platform.machine().lower(),
+        "glibc": glibc,
+        "free_threaded": bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+        "executable": sys.executable,
+        "prefix": sys.prefix,
+        "base_prefix": getattr(sys, "base_prefix", sys.prefix),
+        "is_venv": sys.prefix != getattr(sys, "base_prefix", sys.prefix),
+        "purelib": paths.get("purelib"),
+        "platlib": paths.get("platlib"),
+        # sys.path[0] is this script's folder, not the target's
+        "sys_path": [p for p in sys.path[1:] if p],
+    }
+    _torch_facts(out)
+    sys.stdout.write(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""comfy-env-attn: probe | plan | doctor | install | verify | lock | bench | launch-args.
+
+Results go to stdout (--json where a machine reads them), progress and logs to stderr.
+Exit 0 success, 1 a failure the message explains, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from comfy_env_attn.errors import AttnError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target")
+    g.add_argument("--python", metavar="PATH", help="the interpreter ComfyUI runs with")
+    g.add_argument("--comfyui", metavar="DIR",
+                   help="a ComfyUI folder (finds python_embeded, .venv, venv, ...)")
+    g.add_argument("--comfy-cli", action="store_true",
+                   help="use comfy-cli's configured workspace")
+
+
+def _index_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("wheel sources")
+    g.add_argument("--index-url", action="append", default=[], metavar="URL",
+                   help="a PEP 503/691 simple index (repeatable)")
+    g.add_argument("--find-links", action="append", default=[], metavar="URL|PATH",
+                   help="an HTML page of links or a folder of wheels (repeatable)")
+    g.add_argument("--pypi", action="store_true", help="also search PyPI live")
+    g.add_argument("--no-embedded-index", action="store_true",
+                   help="leave the embedded index out")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="comfy-env-attn", description=__doc__.splitlines()[0])
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("probe", help="what the target machine and interpreter are")
+    _target_args(p)
+    _common(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--toml", action="store_true", help="a System profile for --system")
+    p.add_argument("--no-cache", action="store_true", help="re-run the interpreter probe")
+
+    p = sub.add_parser("plan", help="which wheel fits, and why the others do not")
+    _target_args(p)
+    p.add_argument("--system", metavar="FILE", help="resolve for a System profile (TOML)")
+    _index_args(p)
+    p.add_argument("--backends", metavar="LIST", help="comma-separated, e.g. sage,flash")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("doctor", help="what is wrong with the target and what to do")
+    _target_args(p)
+    _index_args(p)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help(sys.stderr)
+            return 2
+        from comfy_env_attn import commands
+
+        return int(commands.run(args))
+    except UsageError as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 2
+    except AttnError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"ERROR {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ERROR interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def dump_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+

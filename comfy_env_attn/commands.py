@@ -1,0 +1,200 @@
+"""The commands: gather facts at the edges, call the pure deciders, print the results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from comfy_env_attn import backends as bk
+from comfy_env_attn.cli import dump_json
+from comfy_env_attn.doctor import Diagnosis, diagnose
+from comfy_env_attn.index import Sources, gather
+from comfy_env_attn.locate import find_python_auto
+from comfy_env_attn.probe import Target, probe
+from comfy_env_attn.resolve import Plan, resolve
+from comfy_env_attn.system import System, load_profile
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
+    return find_python_auto(python=getattr(args, "python", None),
+                            comfyui=getattr(args, "comfyui", None),
+                            use_workspace=getattr(args, "comfy_cli", False))
+
+
+def probe_target(args: argparse.Namespace, *, use_cache: bool = True) -> tuple[Target, System]:
+    exe, _how = locate(args)
+    target, system, _gpus = probe(exe, use_cache=use_cache)
+    return target, system
+
+
+def sources_from(args: argparse.Namespace) -> Sources:
+    return Sources(index_urls=tuple(args.index_url), find_links=tuple(args.find_links),
+                   embedded=not args.no_embedded_index, pypi=args.pypi)
+
+
+def make_plan(system: System, args: argparse.Namespace,
+              backends: list[str] | None = None) -> Plan:
+    names = backends if backends is not None else bk.parse_list(getattr(args, "backends", None))
+    projects = [bk.BACKENDS[n].dist for n in names if bk.BACKENDS[n].dist]
+    candidates = gather(sources_from(args), projects)
+    return resolve(system, candidates, names)
+
+
+# -- probe --------------------------------------------------------------------------------
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    target, system = probe_target(args, use_cache=not args.no_cache)
+    if args.toml:
+        import tomli_w
+
+        doc: dict[str, Any] = system.to_dict()
+        doc["provenance"] = {"executable": target.executable, "gpu_source": "nvml/nvidia-smi",
+                             "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             **{f"absent_{k}": v for k, v in system.absent.items()}}
+        sys.stdout.write(tomli_w.dumps(doc))
+        return 0
+    if args.json:
+        dump_json({"system": system.to_dict(), "absent": system.absent,
+                   "executable": target.executable, "prefix": str(target.prefix),
+                   "is_venv": target.is_venv, "cached": target.cached})
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Target: {target.executable}", show_header=False)
+    t.add_column("fact", style="bold")
+    t.add_column("value")
+    d = system.to_dict()
+    for key in ("python", "platform", "arch", "glibc", "torch", "torch_cuda", "cxx11abi",
+                "driver", "driver_cuda", "gpus", "gpu_names"):
+        value = d.get(key)
+        shown = ", ".join(value) if isinstance(value, list) else value
+        if value is None:
+            why = system.absent.get(key) or system.absent.get(key.split("_")[0], "unknown")
+            shown = f"[dim]absent: {why}[/dim]"
+        t.add_row(key, str(shown))
+    t.add_row("venv", "yes" if target.is_venv else "no (system interpreter)")
+    Console().print(t)
+    return 0
+
+
+# -- plan ---------------------------------------------------------------------------------
+
+def _system_for(args: argparse.Namespace) -> System:
+    if getattr(args, "system", None):
+        return load_profile(args.system)
+    return probe_target(args)[1]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    system = _system_for(args)
+    plan = make_plan(system, args)
+    if args.json:
+        dump_json(plan.to_json())
+        return 0
+    print_plan(plan, verbose=args.verbose)
+    return 0
+
+
+def print_plan(plan: Plan, *, verbose: bool = False) -> None:
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]Plan for[/bold] {plan.system.describe()}")
+    t = Table(show_lines=False)
+    t.add_column("backend", style="bold")
+    t.add_column("selected wheel / why none")
+    t.add_column("source")
+    t.add_column("passed over", justify="right")
+    for b in plan.backends:
+        if b.builtin:
+            t.add_row(b.backend, "built into torch" if not b.reason else b.reason, "torch", "")
+            continue
+        kinds = Counter(x.kind for r in b.rejected for x in r.reasons)
+        summary = f"{len(b.rejected)}" + (f" ({', '.join(f'{k} {n}' for k, n in kinds.most_common(3))})"
+                                          if kinds else "")
+        if b.selected:
+            t.add_row(b.backend, b.selected.filename, b.selected.source, summary)
+        else:
+            t.add_row(b.backend, f"[red]none[/red]: {b.reason}", "", summary)
+    console.print(t)
+    for b in plan.backends:
+        for n in b.notes:
+            console.print(f"[yellow]note[/yellow] {b.backend}: {n}")
+    for w in plan.warnings:
+        console.print(f"[yellow]warning[/yellow] {w}")
+    if verbose:
+        for b in plan.backends:
+            for r in b.rejected:
+                console.print(f"{b.backend}: {r.candidate.filename}", markup=False)
+                for x in r.reasons:
+                    console.print(f"    - {x.text}", markup=False)
+    elif any(b.rejected for b in plan.backends):
+        console.print("[dim]-v lists every rejected wheel with its reasons; --json gives them "
+                      "all[/dim]")
+
+
+# -- doctor -------------------------------------------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from comfy_env_attn.installed import read_installed
+
+    target, system = probe_target(args)
+    extra: list[Any] = []
+    try:
+        from comfy_env_attn import recovery
+
+        extra = recovery.doctor_findings(target, system)
+    except ImportError:
+        pass
+    plan = make_plan(system, args)
+    installed = read_installed(target.site_dirs)
+    diag = diagnose(system, installed, plan, python=target.executable)
+    findings = list(diag.findings) + extra
+    diag = Diagnosis(system, tuple(findings))
+    if args.json:
+        dump_json({"healthy": diag.healthy, "python": target.executable,
+                   "system": system.to_dict(), "absent": system.absent,
+                   "findings": [f.to_json() for f in diag.findings]})
+    else:
+        print_diagnosis(diag, target)
+    return 0 if diag.healthy else 1
+
+
+def print_diagnosis(diag: Diagnosis, target: Target) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]Target[/bold] {target.executable}")
+    console.print(f"        {diag.system.describe()}")
+    for f in diag.findings:
+        mark = "[red]PROBLEM[/red]" if f.severity == "problem" else "[green]ok[/green]  " \
+            if "fits this machine" in f.message and "not installed" not in f.message \
+            else "[blue]info[/blue] "
+        console.print(f"{mark} [bold]{f.subject}[/bold]: {f.message}", highlight=False)
+        if f.next_step:
+            console.print(f"        next: {f.next_step}", highlight=False)
+    console.print("[green]healthy[/green]" if diag.healthy
+                  else "[red]problems found[/red] (exit 1)")
+
+
+COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from comfy_env_attn import workflow
+
+        COMMANDS.update(workflow.COMMANDS)
+    except ImportError:
+        pass
+    return COMMANDS[args.command](args)

@@ -1,0 +1,118 @@
+"""Diagnose a target: what is installed against what fits, each problem with its consequence
+and one next step. Pure: the CLI gathers the facts and prints the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfy_env_attn.backends import BACKENDS, BY_DIST
+from comfy_env_attn.installed import Installed
+from comfy_env_attn.resolve import Plan, Reason, installed_reasons
+from comfy_env_attn.system import System
+
+CONSEQUENCE = {
+    "torch": "importing it fails with 'undefined symbol'",
+    "cuda": "importing it fails (CUDA runtime mismatch: 'undefined symbol' or a missing "
+            "libcudart)",
+    "driver": "its kernels fail with 'CUDA driver version is insufficient'",
+    "cxx11abi": "importing it fails with 'undefined symbol' (C++ ABI mismatch)",
+    "gpu": "its kernels fail with 'no kernel image is available for execution on the device'",
+    "python": "this interpreter cannot import it",
+    "platform": "this interpreter cannot import it",
+    "label": "its torch and CUDA are unknown: it may fail to import",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # "problem" or "info"
+    subject: str
+    message: str
+    next_step: str | None = None
+    reasons: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"severity": self.severity, "subject": self.subject,
+                               "message": self.message}
+        if self.next_step:
+            out["next"] = self.next_step
+        if self.reasons:
+            out["reasons"] = list(self.reasons)
+        return out
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    system: System
+    findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def healthy(self) -> bool:
+        return not any(f.severity == "problem" for f in self.findings)
+
+
+def _consequence(reasons: list[Reason]) -> str:
+    seen: list[str] = []
+    for r in reasons:
+        c = CONSEQUENCE.get(r.kind)
+        if c and c not in seen:
+            seen.append(c)
+    return "; ".join(seen) or "it may not work"
+
+
+def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
+             *, python: str) -> Diagnosis:
+    out: list[Finding] = []
+    if system.torch is None:
+        out.append(Finding("problem", "torch", f"torch is not installed in {python}: ComfyUI "
+                           "cannot start and no attention backend can work",
+                           "install ComfyUI's requirements (torch first) into that Python"))
+    elif system.gpus and system.torch_cuda is None:
+        out.append(Finding("problem", "torch",
+                           f"torch {system.torch} is a CPU build but GPU sm "
+                           f"{', '.join(system.gpus)} is present: ComfyUI runs on the CPU and "
+                           "no CUDA backend can load",
+                           "install a CUDA build of torch (https://pytorch.org/get-started/)"))
+    if system.torch_cuda_tuple and system.driver_cuda_tuple and \
+            system.torch_cuda_tuple[0] > system.driver_cuda_tuple[0]:
+        out.append(Finding("problem", "driver",
+                           f"torch uses CUDA {system.torch_cuda}; driver {system.driver} "
+                           f"supports CUDA {system.driver_cuda} at most: every CUDA call fails",
+                           f"update the NVIDIA driver to one for CUDA "
+                           f"{system.torch_cuda_tuple[0]}.x"))
+    if not system.gpus and system.absent.get("gpus"):
+        out.append(Finding("info", "gpu", f"no NVIDIA GPU visible ({system.absent['gpus']}): "
+                           "only SDPA can run"))
+    for dist, backend_name in BY_DIST.items():
+        backend = BACKENDS[backend_name]
+        bp = plan.get(backend_name)
+        fix = f"comfy-env-attn install --backends {backend_name}"
+        inst = installed.get(dist)
+        if inst is None:
+            if bp is not None and bp.selected is not None:
+                out.append(Finding("info", backend_name,
+                                   f"{backend.title} is not installed; "
+                                   f"{bp.selected.filename} fits this machine",
+                                   f"Run: {fix}"))
+            continue
+        reasons = installed_reasons(dist, inst.version, inst.tags, inst.requires_torch, system)
+        reasons = [r for r in reasons if r.kind != "yanked"]
+        if not reasons:
+            out.append(Finding("info", backend_name,
+                               f"{dist} {inst.version} is installed and fits this machine"))
+            continue
+        head = reasons[0].text
+        msg = f"{dist} {inst.version}: {head}: {_consequence(reasons)}"
+        if bp is not None and bp.selected is not None:
+            step = f"Run: {fix} (selects {bp.selected.filename})"
+        else:
+            step = (f"Run: {python} -m pip uninstall {dist} (no wheel fits this machine; "
+                    "ComfyUI then uses PyTorch attention)")
+        out.append(Finding("problem", backend_name, msg, step,
+                           tuple(r.text for r in reasons)))
+    if "flash-attn" in installed and "flash-attn-4" in installed:
+        out.append(Finding("info", "flash4", "flash-attn and flash-attn-4 both install the "
+                           "'flash_attn' package: reinstalling flash-attn can remove "
+                           "flash_attn/cute"))
+    return Diagnosis(system, tuple(out))

@@ -1,0 +1,290 @@
+"""Learn the target: its interpreter (one small script run there) and the GPUs (NVML).
+
+Nothing here raises for a missing GPU or NVML: the fact is absent, with the reason.
+The tool's own process never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfy_env_attn.errors import ProbeError
+from comfy_env_attn.system import System, normalize_arch
+
+CACHE_SCHEMA = 2
+_SCRIPT = Path(__file__).with_name("_interp_probe.py")
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    driver: str | None = None
+    driver_cuda: str | None = None
+    gpus: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    source: str = ""
+    absent: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The interpreter the tool installs into, with the facts the probe script reported."""
+
+    executable: str
+    facts: dict[str, Any]
+    cached: bool = False
+
+    @property
+    def prefix(self) -> Path:
+        return Path(self.facts["prefix"])
+
+    @property
+    def is_venv(self) -> bool:
+        return bool(self.facts.get("is_venv"))
+
+    @property
+    def site_dirs(self) -> list[str]:
+        """Where installed distributions are found: sys.path entries that are directories."""
+        seen: list[str] = []
+        for p in [self.facts.get("purelib"), self.facts.get("platlib"),
+                  *self.facts.get("sys_path", [])]:
+            if p and p not in seen and os.path.isdir(p):
+                seen.append(p)
+        return seen
+
+
+# -- GPUs ---------------------------------------------------------------------------------
+
+def _visible(indices: list[int]) -> list[int]:
+    """Apply CUDA_VISIBLE_DEVICES when it lists integer indices (NVML ignores it)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None or not env.strip():
+        return indices if env is None else []
+    picked: list[int] = []
+    for part in env.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            return indices  # UUIDs or MIG names: keep all
+        if int(part) in indices:
+            picked.append(int(part))
+    return picked
+
+
+def probe_gpus_nvml() -> GpuFacts:
+    try:
+        import pynvml
+    except ImportError as e:
+        return GpuFacts(absent={"gpus": f"pynvml is not importable ({e})"})
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return GpuFacts(absent={"gpus": f"NVML: {e}", "driver": f"NVML: {e}"})
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        try:
+            v = int(pynvml.nvmlSystemGetCudaDriverVersion())
+            driver_cuda: str | None = f"{v // 1000}.{(v % 1000) // 10}"
+        except Exception:
+            driver_cuda = None
+        count = int(pynvml.nvmlDeviceGetCount())
+        gpus: list[str] = []
+        names: list[str] = []
+        for i in _visible(list(range(count))):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(f"{major}.{minor}")
+            names.append(_text(pynvml.nvmlDeviceGetName(h)))
+        absent = {} if gpus else {"gpus": "NVML found no visible GPU"}
+        return GpuFacts(driver, driver_cuda, tuple(gpus), tuple(names), "nvml", absent)
+    except Exception as e:
+        return GpuFacts(absent={"gpus": f"NVML query failed: {e}"})
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def parse_nvidia_smi(query_csv: str, header: str) -> GpuFacts:
+    """Facts from `nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader`
+    and the banner of plain `nvidia-smi` (for 'CUDA Version: 13.0')."""
+    gpus, names, driver = [], [], None
+    for line in query_csv.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 3 and re.match(r"^\d+\.\d+$", parts[1]):
+            names.append(parts[0])
+            gpus.append(parts[1])
+            driver = parts[2]
+    m = re.search(r"CUDA Version:\s*(\d+\.\d+)", header)
+    keep = _visible(list(range(len(gpus))))
+    return GpuFacts(driver, m[1] if m else None, tuple(gpus[i] for i in keep),
+                    tuple(names[i] for i in keep), "nvidia-smi",
+                    {} if gpus else {"gpus": "nvidia-smi listed no GPU"})
+
+
+def probe_gpus_smi() -> GpuFacts:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return GpuFacts(absent={"gpus": "nvidia-smi not found on PATH"})
+    try:
+        q = subprocess.run([exe, "--query-gpu=name,compute_cap,driver_version",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        banner = subprocess.run([exe], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return GpuFacts(absent={"gpus": f"nvidia-smi failed: {e}"})
+    if q.returncode != 0:
+        return GpuFacts(absent={"gpus": f"nvidia-smi exited {q.returncode}: "
+                                        f"{(q.stderr or q.stdout).strip()[:200]}"})
+    return parse_nvidia_smi(q.stdout, banner.stdout)
+
+
+def probe_gpus() -> GpuFacts:
+    facts = probe_gpus_nvml()
+    if facts.gpus:
+        return facts
+    smi = probe_gpus_smi()
+    if smi.gpus:
+        return smi
+    reasons = "; ".join(r for r in (facts.absent.get("gpus"), smi.absent.get("gpus")) if r)
+    return GpuFacts(absent={"gpus": reasons or "no NVIDIA GPU found",
+                            "driver": reasons or "no NVIDIA driver found"})
+
+
+# -- the interpreter ----------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    env = os.environ.get("COMFY_ENV_ATTN_CACHE_DIR")
+    if env:
+        return Path(env)
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "comfy-env-attn" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "comfy-env-attn"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comfy-env-attn"
+
+
+def _stat(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _witnesses(executable: str, facts: dict[str, Any]) -> dict[str, list[int] | None]:
+    """Files whose change invalidates cached facts: the interpreter, torch's version.py and
+    the site directories (installing or removing a distribution changes their mtime)."""
+    paths = [executable, str(_SCRIPT)]
+    if facts.get("torch_dir"):
+        paths.append(os.path.join(facts["torch_dir"], "version.py"))
+    for key in ("purelib", "platlib"):
+        if facts.get(key):
+            paths.append(facts[key])
+    for p in facts.get("sys_path", []):
+        if "site-packages" in p or "dist-packages" in p:
+            paths.append(p)
+    return {p: _stat(p) for p in dict.fromkeys(paths)}
+
+
+def _cache_file(executable: str) -> Path:
+    key = hashlib.sha256(os.path.abspath(executable).encode()).hexdigest()[:20]
+    return cache_dir() / f"interp-{key}.json"
+
+
+def _run_script(executable: str) -> dict[str, Any]:
+    try:
+        r = subprocess.run([executable, str(_SCRIPT)], capture_output=True, text=True,
+                           timeout=120)
+    except FileNotFoundError:
+        raise ProbeError(f"Python {executable!r} does not exist") from None
+    except PermissionError:
+        raise ProbeError(f"Python {executable!r} is not executable") from None
+    except OSError as e:
+        raise ProbeError(f"Python {executable!r} does not run: {e}") from None
+    except subprocess.TimeoutExpired:
+        raise ProbeError(f"Python {executable!r} did not answer within 120 s") from None
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise ProbeError(f"Python {executable!r} failed the probe (exit {r.returncode}): "
+                         f"{tail[0]}")
+    try:
+        facts: dict[str, Any] = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise ProbeError(f"{executable!r} is not a Python this tool can probe: it printed "
+                         f"{r.stdout[:80]!r}") from None
+    if facts.get("implementation") != "cpython":
+        raise ProbeError(f"{executable!r} is {facts.get('implementation')}, not CPython")
+    return facts
+
+
+def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
+    """The target's facts; cached per interpreter until it, torch or its site dirs change."""
+    exe = os.path.abspath(executable)
+    cfile = _cache_file(exe)
+    if use_cache:
+        try:
+            doc = json.loads(cfile.read_text(encoding="utf-8"))
+            if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
+                    doc.get("witnesses") == {p: _stat(p) for p in doc.get("witnesses", {})}:
+                return Target(exe, doc["facts"], cached=True)
+        except (OSError, ValueError, AttributeError):
+            pass
+    facts = _run_script(exe)
+    if use_cache:
+        doc = {"schema": CACHE_SCHEMA, "executable": exe, "facts": facts,
+               "witnesses": _witnesses(exe, facts)}
+        try:
+            cfile.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cfile.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc), encoding="utf-8")
+            os.replace(tmp, cfile)
+        except OSError:
+            pass  # a cache we cannot write is only slower
+    return Target(exe, facts)
+
+
+def invalidate(executable: str) -> None:
+    try:
+        _cache_file(os.path.abspath(executable)).unlink()
+    except OSError:
+        pass
+
+
+def system_from(target: Target, gpus: GpuFacts) -> System:
+    f = target.facts
+    absent = dict(gpus.absent)
+    if f.get("torch") is None:
+        absent["torch"] = f.get("torch_error") or "torch is not installed in the target"
+    elif f.get("torch_cuda") is None:
+        absent["torch_cuda"] = f"torch {f['torch']} is a CPU build (torch.version.cuda is None)"
+    if f.get("torch") is not None and f.get("cxx11abi") is None and f.get("platform") == "linux":
+        absent["cxx11abi"] = f.get("torch_error") or "not read"
+    try:
+        arch = normalize_arch(f.get("arch") or "x86_64")
+    except Exception:
+        arch = f.get("arch") or "x86_64"
+    return System(
+        python=f["python"], platform=f["platform"], arch=arch, glibc=f.get("glibc"),
+        free_threaded=bool(f.get("free_threaded")), torch=f.get("torch"),
+        torch_cuda=f.get("torch_cuda"), cxx11abi=f.get("cxx11abi"), driver=gpus.driver,
+        driver_cuda=gpus.driver_cuda, gpus=gpus.gpus, gpu_names=gpus.names, absent=absent,
+    )
+
+
+def probe(executable: str, *, use_cache: bool = True) -> tuple[Target, System, GpuFacts]:
+    target = probe_interpreter(executable, use_cache=use_cache)
+    gpus = probe_gpus()
+    return target, system_from(target, gpus), gpus

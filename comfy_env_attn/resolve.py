@@ -1,0 +1,489 @@
+"""Decide which wheel fits a System: a pure function of (System, candidates, request).
+
+Every candidate passed over carries all its reasons, each naming both sides
+("built for torch 2.8, target has torch 2.9.1"). The rules are FACTS.md section 4.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.tags import Tag, compatible_tags, cpython_tags
+from packaging.version import InvalidVersion, Version
+
+from comfy_env_attn.backends import BACKENDS, BY_DIST, Backend, normalize_dist
+from comfy_env_attn.index import Candidate, project_of
+from comfy_env_attn.system import System, cc_tuple
+from comfy_env_attn.wheelname import InvalidWheelName, WheelName, parse_wheel_name
+
+PLAN_SCHEMA = 1
+
+# Lowest driver for each CUDA major (FACTS.md section 4).
+DRIVER_MIN = {
+    (12, "linux"): "525.60.13", (12, "windows"): "528.33",
+    (13, "linux"): "580", (13, "windows"): "580",
+    (11, "linux"): "450.80.02", (11, "windows"): "452.39",
+}
+
+
+@dataclass(frozen=True)
+class Reason:
+    kind: str  # filename, python, platform, torch, cuda, driver, cxx11abi, gpu, yanked, label
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Rejected:
+    candidate: Candidate
+    reasons: tuple[Reason, ...]
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    backend: str
+    package: str
+    selected: Candidate | None
+    rejected: tuple[Rejected, ...] = ()
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+    builtin: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": self.backend, "package": self.package or "torch"}
+        if self.builtin:
+            out["selected"] = {"builtin": True, "filename": None, "url": None, "sha256": None,
+                               "source": "torch"}
+        elif self.selected is not None:
+            out["selected"] = self.selected.to_json()
+        else:
+            out["selected"] = None
+        out["rejected"] = [{"filename": r.candidate.filename, "source": r.candidate.source,
+                            "reasons": [x.text for x in r.reasons],
+                            "kinds": sorted({x.kind for x in r.reasons})}
+                           for r in self.rejected]
+        if self.reason:
+            out["reason"] = self.reason
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    system: System
+    backends: tuple[BackendPlan, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    def get(self, backend: str) -> BackendPlan | None:
+        return next((b for b in self.backends if b.backend == backend), None)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema": PLAN_SCHEMA, "system": self.system.to_dict(),
+                               "backends": [b.to_json() for b in self.backends]}
+        if self.system.absent:
+            out["absent"] = dict(self.system.absent)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
+
+
+# -- the target's wheel tags --------------------------------------------------------------
+
+def _platforms(system: System) -> list[str]:
+    arch = system.arch
+    if system.platform == "windows":
+        return ["win_arm64" if arch == "aarch64" else "win_amd64"]
+    if system.platform == "macos":
+        mac_arch = "arm64" if arch == "aarch64" else "x86_64"
+        out = []
+        for major in range(15, 10, -1):
+            out += [f"macosx_{major}_0_{mac_arch}", f"macosx_{major}_0_universal2"]
+        for minor in range(16, 8, -1):
+            out += [f"macosx_10_{minor}_{mac_arch}", f"macosx_10_{minor}_universal2"]
+        return out
+    out = []
+    glibc = _glibc(system)
+    top = glibc[1] if glibc else 99  # unknown glibc: do not filter on it
+    for minor in range(top, 4, -1):
+        out.append(f"manylinux_2_{minor}_{arch}")
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}.get(minor)
+        if legacy and arch in ("x86_64", "aarch64", "i686"):
+            out.append(f"{legacy}_{arch}")
+    out.append(f"linux_{arch}")
+    return out
+
+
+def _glibc(system: System) -> tuple[int, int] | None:
+    if not system.glibc:
+        return None
+    m = re.match(r"^(\d+)\.(\d+)", system.glibc)
+    return None if m is None else (int(m[1]), int(m[2]))
+
+
+@lru_cache(maxsize=32)
+def _target_tags(python: tuple[int, int], free_threaded: bool,
+                 platforms: tuple[str, ...]) -> dict[Tag, int]:
+    abi = f"cp{python[0]}{python[1]}{'t' if free_threaded else ''}"
+    tags = list(cpython_tags(python, [abi], list(platforms)))
+    tags += list(compatible_tags(python, f"cp{python[0]}{python[1]}", list(platforms)))
+    ranks: dict[Tag, int] = {}
+    for i, t in enumerate(tags):
+        ranks.setdefault(t, i)
+    return ranks
+
+
+def target_tags(system: System) -> dict[Tag, int]:
+    """Tag -> rank (lower is better) for the target interpreter."""
+    return _target_tags(system.python_tuple, system.free_threaded, tuple(_platforms(system)))
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+def _describe_platform(plat: str) -> str:
+    if plat == "any":
+        return "any platform"
+    if plat.startswith("win"):
+        return f"windows {plat.split('_', 1)[1]}"
+    if plat.startswith("macosx"):
+        return f"macos {plat.rsplit('_', 1)[-1]}"
+    m = re.match(r"^manylinux_(\d+)_(\d+)_(.+)$", plat)
+    if m:
+        return f"linux {m[3]} with glibc >= {m[1]}.{m[2]}"
+    legacy = {"manylinux2014": "2.17", "manylinux2010": "2.12", "manylinux1": "2.5"}
+    for k, v in legacy.items():
+        if plat.startswith(k + "_"):
+            return f"linux {plat[len(k) + 1:]} with glibc >= {v}"
+    if plat.startswith("linux_"):
+        return f"linux {plat[6:]}"
+    return plat
+
+
+def _plat_os_arch(plat: str) -> tuple[str, str]:
+    d = _describe_platform(plat).split(" with ")[0].split(" ")
+    arch = d[1] if len(d) > 1 else ""
+    return d[0], {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+
+
+def _check_tags(w: WheelName, system: System) -> tuple[list[Reason], int]:
+    ranks = target_tags(system)
+    fits = [ranks[t] for t in w.tags if t in ranks]
+    if fits:
+        return [], min(fits)
+    reasons: list[Reason] = []
+    interp_abis = {(t.interpreter, t.abi) for t in ranks}
+    plats = {t.platform for t in ranks}
+    wheel_ia = sorted({f"{t.interpreter}-{t.abi}" for t in w.tags})
+    target_py = f"Python {system.python}" + (" (free-threaded)" if system.free_threaded else "")
+    if not any((t.interpreter, t.abi) in interp_abis for t in w.tags):
+        if any(t.abi.endswith("t") and t.abi.startswith("cp") for t in w.tags) and \
+                not system.free_threaded:
+            what = "a free-threaded CPython"
+        else:
+            what = "CPython " + ", ".join(_py_of(ia) for ia in wheel_ia)
+        reasons.append(Reason("python", f"built for {what} ({', '.join(wheel_ia)}); "
+                                        f"target is {target_py}"))
+    wheel_plats = sorted({t.platform for t in w.tags})
+    if not any(p in plats for p in wheel_plats):
+        target_os = f"{system.platform} {system.arch}"
+        same_os_arch = [p for p in wheel_plats
+                        if _plat_os_arch(p) == (system.platform, system.arch)]
+        if same_os_arch and system.platform == "linux":
+            need = min(_describe_platform(p).split(">= ")[-1] for p in same_os_arch)
+            reasons.append(Reason("platform", f"needs glibc >= {need} "
+                                              f"({'.'.join(same_os_arch)}); target has glibc "
+                                              f"{system.glibc}"))
+        else:
+            built = "; ".join(sorted({_describe_platform(p).split(" with ")[0]
+                                      for p in wheel_plats}))
+            reasons.append(Reason("platform", f"built for {built} ({'.'.join(wheel_plats)}); "
+                                              f"target is {target_os}"))
+    if not reasons:
+        reasons.append(Reason("python", f"no tag of {w.filename} fits {target_py} on "
+                                        f"{system.platform} {system.arch}"))
+    return reasons, 1 << 30
+
+
+def _py_of(interp_abi: str) -> str:
+    interp = interp_abi.split("-")[0]
+    m = re.match(r"^(?:cp|py)(\d)(\d*)$", interp)
+    if not m:
+        return interp
+    ver = f"{m[1]}.{m[2]}" if m[2] else m[1]
+    return ver + ("+" if "abi3" in interp_abi else "")
+
+
+def _wheel_cuda(w: WheelName, c: Candidate) -> tuple[int, int | None] | None:
+    if w.label is not None and w.label.cuda_version is not None:
+        return w.label.cuda_version
+    if c.cuda:
+        m = re.match(r"^(\d+)(?:\.(\d+))?", c.cuda)
+        if m:
+            return int(m[1]), None if m[2] is None else int(m[2])
+    return None
+
+
+def _fmt_cuda(v: tuple[int, int | None]) -> str:
+    return f"{v[0]}.{v[1]}" if v[1] is not None else f"{v[0]}.x"
+
+
+def _minor_of(text: str) -> tuple[int, int] | None:
+    m = re.match(r"^(\d+)\.(\d+)", text)
+    return None if m is None else (int(m[1]), int(m[2]))
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text))
+
+
+def _sm_runs(entry: str, cc: tuple[int, int]) -> bool:
+    """Whether code compiled for one TORCH_CUDA_ARCH_LIST entry runs on a GPU of cc."""
+    ptx = entry.endswith("+PTX")
+    base = entry.removesuffix("+PTX")
+    arch_specific = base.endswith(("a", "f"))
+    e = cc_tuple(base)
+    if e == cc:
+        return True
+    if arch_specific:
+        # sm_90a runs on 9.0 only; sm_100f on the 10.x family.
+        return base.endswith("f") and e[0] == cc[0] and e[1] <= cc[1]
+    if ptx and e <= cc:
+        return True
+    return e[0] == cc[0] and e[1] <= cc[1]
+
+
+def check(c: Candidate, w: WheelName, system: System, backend: Backend) -> tuple[list[Reason], int]:
+    """All the reasons a parsed candidate does not fit, and its tag rank."""
+    reasons, rank = _check_tags(w, system)
+    if c.yanked:
+        reasons.append(Reason("yanked", f"yanked from its index: {c.yanked}"))
+    if c.requires_python:
+        try:
+            if not SpecifierSet(c.requires_python).contains(system.python, prereleases=True):
+                reasons.append(Reason("python", f"requires Python {c.requires_python}; target "
+                                                f"is Python {system.python}"))
+        except InvalidSpecifier:
+            pass
+    label = w.label
+    target_torch = system.torch_minor
+    torch_desc = f"torch {system.torch}" if system.torch else "no torch installed"
+    # torch: compiled against libtorch -> same major.minor (or >= for stable-ABI builds)
+    if label is not None and label.torch_minor is not None:
+        want = label.torch_minor
+        if target_torch is None:
+            reasons.append(Reason("torch", f"built for torch {label.torch}; target has no torch "
+                                           f"installed"))
+        elif label.andhigher:
+            if target_torch < want:
+                reasons.append(Reason("torch", f"built for torch >= {want[0]}.{want[1]} (stable "
+                                               f"ABI), target has {torch_desc}"))
+        elif target_torch != want:
+            reasons.append(Reason("torch", f"built for torch {want[0]}.{want[1]}, target has "
+                                           f"{torch_desc}"))
+    elif backend.needs_torch_abi and c.built_torch and target_torch is not None and \
+            not (c.requires_torch and c.requires_torch.lstrip().startswith(">")):
+        # No label, but the build records its torch: a libtorch build needs that minor.
+        built = _minor_of(c.built_torch)
+        if built is not None and built != target_torch:
+            reasons.append(Reason("torch", f"built against torch {c.built_torch} (recorded in "
+                                           f"the wheel), target has {torch_desc}"))
+    if w.local and label is None:
+        reasons.append(Reason("label", f"local version label {w.local!r} follows no known "
+                                       f"convention: its torch and CUDA are unknown"))
+    if c.requires_torch:
+        try:
+            spec = SpecifierSet(c.requires_torch)
+            if system.torch is None:
+                reasons.append(Reason("torch", f"requires torch{c.requires_torch} (its "
+                                               f"metadata); target has no torch installed"))
+            elif not spec.contains(Version(system.torch_public or "0"), prereleases=True):
+                reasons.append(Reason("torch", f"requires torch{c.requires_torch} (its "
+                                               f"metadata), target has {torch_desc}: installing "
+                                               f"it would replace torch"))
+        except (InvalidSpecifier, InvalidVersion):
+            pass
+    # CUDA
+    wcuda = _wheel_cuda(w, c)
+    tcuda = system.torch_cuda_tuple
+    needs_cuda = backend.min_sm is not None
+    if wcuda is not None or needs_cuda:
+        if system.torch is not None and tcuda is None:
+            built = f"built for CUDA {_fmt_cuda(wcuda)}" if wcuda else "needs a CUDA build of torch"
+            reasons.append(Reason("cuda", f"{built}; target's torch {system.torch} is a CPU build "
+                                          f"(torch.version.cuda is None)"))
+        elif wcuda is not None and tcuda is not None:
+            if wcuda[0] != tcuda[0]:
+                reasons.append(Reason("cuda", f"built for CUDA {_fmt_cuda(wcuda)}, target's torch "
+                                              f"uses CUDA {system.torch_cuda}"))
+            elif wcuda[1] is not None and wcuda[1] > tcuda[1]:
+                reasons.append(Reason("cuda", f"built for CUDA {_fmt_cuda(wcuda)}, newer than "
+                                              f"target torch's CUDA {system.torch_cuda}"))
+    if backend.min_cuda is not None:
+        have = wcuda or (tcuda if tcuda else None)
+        if have is not None and (have[0], have[1] or 0) < backend.min_cuda and \
+                (have[1] is not None):
+            need = f"{backend.min_cuda[0]}.{backend.min_cuda[1]}"
+            reasons.append(Reason("cuda", f"{backend.title} needs CUDA >= {need}; this build "
+                                          f"uses CUDA {_fmt_cuda(have)}"))
+    major = wcuda[0] if wcuda else (tcuda[0] if tcuda else None)
+    if major is not None and needs_cuda:
+        dcuda = system.driver_cuda_tuple
+        floor = DRIVER_MIN.get((major, system.platform))
+        if dcuda is not None and dcuda[0] < major:
+            reasons.append(Reason("driver", f"needs a driver for CUDA {major}.x"
+                                            f"{f' (>= {floor})' if floor else ''}; driver "
+                                            f"{system.driver or '?'} supports CUDA "
+                                            f"{system.driver_cuda}"))
+        elif system.driver and floor and \
+                _version_tuple(system.driver) < _version_tuple(floor):
+            reasons.append(Reason("driver", f"CUDA {major}.x needs driver >= {floor}; target has "
+                                            f"driver {system.driver}"))
+    # cxx11 ABI
+    if label is not None and label.cxx11abi is not None and system.cxx11abi is not None and \
+            label.cxx11abi != system.cxx11abi:
+        reasons.append(Reason("cxx11abi", f"built with cxx11abi={str(label.cxx11abi).upper()}, "
+                                          f"target torch has cxx11abi="
+                                          f"{str(system.cxx11abi).upper()}"))
+    # GPU
+    reasons += gpu_reasons(backend, system, c.sm)
+    return reasons, rank
+
+
+def gpu_reasons(backend: Backend, system: System, sm: Sequence[str] | None) -> list[Reason]:
+    if backend.min_sm is None:
+        return []
+    if not system.gpus:
+        why = system.absent.get("gpus")
+        return [Reason("gpu", f"{backend.title} needs an NVIDIA GPU; target has none"
+                              f"{f' ({why})' if why else ''}")]
+    out: list[Reason] = []
+    for g in system.gpus:
+        cc = cc_tuple(g)
+        if cc < backend.min_sm or (backend.max_sm and cc > backend.max_sm) or \
+                cc in backend.excluded_sm:
+            out.append(Reason("gpu", f"{backend.title} has no kernels for sm {g} "
+                                     f"({_support_text(backend)}); target GPU is sm {g}"))
+        elif sm is not None and not any(_sm_runs(e, cc) for e in sm):
+            out.append(Reason("gpu", f"compiled for sm {', '.join(sm)}; target GPU sm {g} is "
+                                     f"not among them (\"no kernel image is available\")"))
+    return out
+
+
+def _support_text(b: Backend) -> str:
+    assert b.min_sm is not None
+    lo = f"{b.min_sm[0]}.{b.min_sm[1]}"
+    text = f"sm {lo}+" if b.max_sm is None else f"sm {lo} to {b.max_sm[0]}.{b.max_sm[1]}"
+    if b.excluded_sm:
+        text += " except " + ", ".join(f"{a}.{c}" for a, c in b.excluded_sm)
+    return text
+
+
+def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[Any, ...]:
+    wcuda = _wheel_cuda(w, c)
+    cuda_minor = -1 if wcuda is None or wcuda[1] is None else wcuda[1]
+    exact_torch = 1 if (w.label is not None and w.label.torch and not w.label.andhigher) else 0
+    post = w.label.post if w.label is not None and w.label.post is not None else 0
+    return (Version(w.version.public), cuda_minor, exact_torch, post, -rank,
+            c.sha256 is not None)
+
+
+def resolve(system: System, candidates: Iterable[Candidate],
+            backends: Sequence[str]) -> Plan:
+    """The Plan: for each requested backend the best fitting wheel and why the others lost."""
+    by_project: dict[str, list[Candidate]] = {}
+    seen: set[str] = set()
+    for c in candidates:
+        if c.filename in seen:  # the same file from a second source: first source wins
+            continue
+        seen.add(c.filename)
+        by_project.setdefault(project_of(c.filename), []).append(c)
+    plans = [BackendPlan("sdpa", "", None, builtin=True,
+                         reason=None if system.torch else "torch is not installed in the target")]
+    warnings: list[str] = []
+    for name in backends:
+        if name == "sdpa":
+            continue
+        backend = BACKENDS[name]
+        rejected: list[Rejected] = []
+        fitting: list[tuple[tuple[Any, ...], Candidate, WheelName]] = []
+        for c in by_project.get(normalize_dist(backend.dist), []):
+            try:
+                w = parse_wheel_name(c.filename)
+            except InvalidWheelName as e:
+                rejected.append(Rejected(c, (Reason("filename", str(e)),)))
+                continue
+            reasons, rank = check(c, w, system, backend)
+            if reasons:
+                rejected.append(Rejected(c, tuple(reasons)))
+            else:
+                fitting.append((_sort_key(c, w, rank, system), c, w))
+        fitting.sort(key=lambda t: t[0], reverse=True)
+        notes: list[str] = []
+        selected = fitting[0][1] if fitting else None
+        for _, c, _w in fitting[1:]:
+            assert selected is not None
+            rejected.append(Rejected(c, (Reason(
+                "ranked", f"fits, but {selected.filename} ranks higher (newer version, closer "
+                          f"CUDA minor or more specific platform tag)"),)))
+        if selected is not None and selected.built_torch and system.torch_minor and \
+                selected.built_torch.split("+")[0].rsplit(".", 1)[0] != \
+                f"{system.torch_minor[0]}.{system.torch_minor[1]}":
+            notes.append(f"{selected.filename} was built against torch {selected.built_torch}; "
+                         f"target has torch {system.torch}: verification decides whether it works")
+        if selected is not None and selected.sha256 is None:
+            notes.append("its source publishes no sha256: it is hashed when downloaded and that "
+                         "hash is locked")
+        reason = None if selected else _nothing_fits(system, backend, rejected)
+        plans.append(BackendPlan(name, backend.dist, selected, tuple(rejected), reason,
+                                 tuple(notes)))
+    chosen = {p.backend for p in plans if p.selected is not None}
+    if {"flash", "flash4"} <= chosen:
+        warnings.append("flash-attn and flash-attn-4 share the top-level 'flash_attn' package: "
+                        "install flash-attn first, then flash-attn-4 (install does this)")
+    return Plan(system, tuple(plans), tuple(warnings))
+
+
+def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected]) -> str:
+    torch = (f"torch {'.'.join(map(str, system.torch_minor))}" if system.torch_minor
+             else "no torch")
+    cuda = f" + CUDA {system.torch_cuda}" if system.torch_cuda else ""
+    where = f"{torch}{cuda} on {system.platform} {system.arch}, Python {system.python}"
+    if not rejected:
+        return f"no {backend.dist} wheel in the sources searched (for {where})"
+    gpu_only = [r for r in rejected if all(x.kind == "gpu" for x in r.reasons)]
+    if gpu_only and len(gpu_only) == len(rejected):
+        return gpu_only[0].reasons[0].text
+    kinds = Counter(x.kind for r in rejected for x in r.reasons)
+    top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(4))
+    return (f"no {backend.dist} wheel for {where}: {len(rejected)} candidates rejected "
+            f"(reasons: {top})")
+
+
+def installed_reasons(dist_name: str, version: str, tags: Iterable[Tag],
+                      requires_torch: str | None, system: System) -> list[Reason]:
+    """The same rules applied to a distribution already installed (for doctor)."""
+    backend = BACKENDS[BY_DIST[normalize_dist(dist_name)]]
+    tagset = frozenset(tags)
+    label_text = version.split("+", 1)[1] if "+" in version else ""
+    from comfy_env_attn.wheelname import parse_label
+
+    w = WheelName(filename=f"{dist_name}-{version}", project=normalize_dist(dist_name),
+                  version=Version(version), raw_version=version, local=label_text,
+                  label=parse_label(label_text), build="", tags=tagset)
+    c = Candidate(filename=w.filename, url="", source="installed", requires_torch=requires_torch)
+    reasons, _ = check(c, w, system, backend) if tagset else (_no_tag_check(c, w, system,
+                                                                             backend), 0)
+    return reasons
+
+
+def _no_tag_check(c: Candidate, w: WheelName, system: System, backend: Backend) -> list[Reason]:
+    reasons, _ = check(c, w, system, backend)
+    return [r for r in reasons if r.kind not in ("python", "platform")]

@@ -1,0 +1,143 @@
+"""Shared fixtures: a loopback HTTP server, System profiles, one venv with the CPU torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from comfy_env_attn.system import System
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Route:
+    body: bytes
+    content_type: str = "text/html"
+    status: int = 200
+
+
+@dataclass
+class Server:
+    url: str
+    routes: dict[str, Route] = field(default_factory=dict)
+    hits: list[str] = field(default_factory=list)
+
+    def add(self, path: str, body: str | bytes, content_type: str = "text/html",
+            status: int = 200) -> str:
+        data = body.encode() if isinstance(body, str) else body
+        self.routes[path] = Route(data, content_type, status)
+        return self.url + path
+
+    def add_file(self, path: str, file: Path) -> str:
+        return self.add(path, file.read_bytes(), "application/octet-stream")
+
+
+@pytest.fixture
+def http_server() -> Iterator[Server]:
+    """A real HTTP server on 127.0.0.1 serving the routes a test adds."""
+    routes: dict[str, Route] = {}
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            path = self.path.split("?")[0]
+            route = routes.get(path)
+            if route is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            rng = self.headers.get("Range")
+            body = route.body
+            if rng and rng.startswith("bytes=") and route.status == 200:
+                a, b = rng[6:].split("-")
+                body = body[int(a): int(b) + 1]
+                self.send_response(206)
+            else:
+                self.send_response(route.status)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    srv = Server(f"http://127.0.0.1:{server.server_address[1]}", routes, hits)
+    try:
+        yield srv
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_system(**kw: object) -> System:
+    base: dict[str, object] = dict(
+        python="3.12.3", platform="linux", arch="x86_64", glibc="2.35",
+        torch="2.8.0+cu128", torch_cuda="12.8", cxx11abi=True,
+        driver="570.124.06", driver_cuda="12.8", gpus=("8.9",))
+    base.update(kw)
+    return System(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def uv_bin() -> str:
+    from uv import find_uv_bin
+
+    return find_uv_bin()
+
+
+@pytest.fixture(scope="session")
+def torch_venv(tmp_path_factory: pytest.TempPathFactory, uv_bin: str) -> Path:
+    """One venv for the whole session that sees this interpreter's CPU torch."""
+    pytest.importorskip("torch")
+    path = tmp_path_factory.mktemp("venv") / "venv"
+    subprocess.run([uv_bin, "venv", "--quiet", "--system-site-packages", "--python",
+                    sys.executable, str(path)], check=True)
+    return path
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+@pytest.fixture
+def plain_venv(tmp_path: Path, uv_bin: str) -> Path:
+    """A fresh venv without torch (cheap: uv makes one in milliseconds)."""
+    path = tmp_path / "plain"
+    subprocess.run([uv_bin, "venv", "--quiet", "--python", sys.executable, str(path)],
+                   check=True)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFY_ENV_ATTN_CACHE_DIR",
+                       str(tmp_path_factory.getbasetemp() / "probe-cache"))
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300
+        ) -> subprocess.CompletedProcess[str]:
+    """Run the real console entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "comfy_env_attn", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def have_uv() -> bool:
+    return shutil.which("uv") is not None
