@@ -4,15 +4,20 @@ Prints one JSON object: the interpreter's facts, torch's version/CUDA/ABI, site 
 torch is read from its version.py first, then imported for the C++ ABI flag.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import platform
 import sys
 import sysconfig
+from typing import Any
 
 
-def _torch_facts(out):
+def _torch_facts(out: dict[str, Any]) -> None:
     import importlib.util
+
+    out.update(torch=None, torch_cuda=None, torch_hip=None, cxx11abi=None)
 
     try:
         spec = importlib.util.find_spec("torch")
@@ -24,7 +29,7 @@ def _torch_facts(out):
     pkg = list(spec.submodule_search_locations)[0]
     out["torch_dir"] = pkg
     version_py = os.path.join(pkg, "version.py")
-    ns = {}
+    ns: dict[str, Any] = {}
     try:
         with open(version_py, encoding="utf-8") as f:
             src = f.read()
@@ -47,7 +52,7 @@ def _torch_facts(out):
     if os.environ.get("COMFY_ENV_ATTN_PROBE_NO_IMPORT") == "1":
         return
     try:
-        import torch  # noqa: F401  (the only way to read the C++ ABI flag)
+        import torch
 
         out["cxx11abi"] = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
         out["torch"] = torch.__version__
@@ -56,7 +61,7 @@ def _torch_facts(out):
         out["torch_error"] = "import torch failed: %s: %s" % (type(e).__name__, e)
 
 
-def main():
+def main() -> None:
     plat = sys.platform
     plat = "windows" if plat.startswith("win") else "macos" if plat == "darwin" else \
         "linux" if plat.startswith("linux") else plat

@@ -5,6 +5,7 @@ Pure data. The dispatcher imports this module too, so it must stay standard-libr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from comfy_env_attn.errors import UsageError
@@ -99,16 +100,9 @@ def parse_list(text: str | None) -> list[str]:
     return out
 
 
+_SEP = re.compile(r"[-_.]+")
+
+
 def normalize_dist(name: str) -> str:
     """PEP 503 normalization."""
-    out = []
-    prev_sep = False
-    for ch in name.lower():
-        if ch in "-_.":
-            if not prev_sep:
-                out.append("-")
-            prev_sep = True
-        else:
-            out.append(ch)
-            prev_sep = False
-    return "".join(out)
+    return _SEP.sub("-", name).lower()

@@ -101,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def dump_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+def dump_json(data: Any, *, compact: bool = False) -> None:
+    """compact for large documents (a plan lists thousands of rejected wheels): the C encoder
+    only runs without indent."""
+    sys.stdout.write(json.dumps(data, indent=None if compact else 2) + "\n")
 
 

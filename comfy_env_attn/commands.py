@@ -9,7 +9,6 @@ from typing import Any
 
 from comfy_env_attn import backends as bk
 from comfy_env_attn.cli import dump_json
-from comfy_env_attn.doctor import Diagnosis, diagnose
 from comfy_env_attn.index import Sources, gather
 from comfy_env_attn.locate import find_python_auto
 from comfy_env_attn.probe import Target, probe
@@ -96,7 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     system = _system_for(args)
     plan = make_plan(system, args)
     if args.json:
-        dump_json(plan.to_json())
+        dump_json(plan.to_json(), compact=True)
         return 0
     print_plan(plan, verbose=args.verbose)
     return 0
@@ -146,6 +145,7 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
 # -- doctor -------------------------------------------------------------------------------
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from comfy_env_attn.doctor import Diagnosis, diagnose
     from comfy_env_attn.installed import read_installed
 
     target, system = probe_target(args)
@@ -170,7 +170,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if diag.healthy else 1
 
 
-def print_diagnosis(diag: Diagnosis, target: Target) -> None:
+def print_diagnosis(diag: Any, target: Target) -> None:
     from rich.console import Console
 
     console = Console()

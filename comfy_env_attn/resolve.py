@@ -20,7 +20,7 @@ from packaging.version import InvalidVersion, Version
 from comfy_env_attn.backends import BACKENDS, BY_DIST, Backend, normalize_dist
 from comfy_env_attn.index import Candidate, project_of
 from comfy_env_attn.system import System, cc_tuple
-from comfy_env_attn.wheelname import InvalidWheelName, WheelName, parse_wheel_name
+from comfy_env_attn.wheelname import InvalidWheelName, Label, WheelName, parse_wheel_name
 
 PLAN_SCHEMA = 1
 
@@ -129,21 +129,31 @@ def _glibc(system: System) -> tuple[int, int] | None:
     return None if m is None else (int(m[1]), int(m[2]))
 
 
+@dataclass(frozen=True)
+class TargetTags:
+    ranks: dict[Tag, int]  # tag -> rank, lower is better
+    interp_abis: frozenset[tuple[str, str]]
+    platforms: frozenset[str]
+
+
 @lru_cache(maxsize=32)
-def _target_tags(python: tuple[int, int], free_threaded: bool,
-                 platforms: tuple[str, ...]) -> dict[Tag, int]:
+def _target_tags(python: tuple[int, int], free_threaded: bool, platform: str, arch: str,
+                 glibc: str | None) -> TargetTags:
+    platforms = _platforms(System(python="3", platform=platform, arch=arch, glibc=glibc))
     abi = f"cp{python[0]}{python[1]}{'t' if free_threaded else ''}"
     tags = list(cpython_tags(python, [abi], list(platforms)))
     tags += list(compatible_tags(python, f"cp{python[0]}{python[1]}", list(platforms)))
     ranks: dict[Tag, int] = {}
     for i, t in enumerate(tags):
         ranks.setdefault(t, i)
-    return ranks
+    return TargetTags(ranks, frozenset((t.interpreter, t.abi) for t in ranks),
+                      frozenset(t.platform for t in ranks))
 
 
-def target_tags(system: System) -> dict[Tag, int]:
-    """Tag -> rank (lower is better) for the target interpreter."""
-    return _target_tags(system.python_tuple, system.free_threaded, tuple(_platforms(system)))
+def target_tags(system: System) -> TargetTags:
+    """The target interpreter's wheel tags, ranked."""
+    return _target_tags(system.python_tuple, system.free_threaded, system.platform, system.arch,
+                        system.glibc)
 
 
 # -- the checks ---------------------------------------------------------------------------
@@ -173,14 +183,22 @@ def _plat_os_arch(plat: str) -> tuple[str, str]:
     return d[0], {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
 
 
-def _check_tags(w: WheelName, system: System) -> tuple[list[Reason], int]:
-    ranks = target_tags(system)
-    fits = [ranks[t] for t in w.tags if t in ranks]
+def _check_tags(w: WheelName | _Tags, system: System) -> tuple[list[Reason], int]:
+    reasons, rank = _check_tagset(w.tags, system)
+    return list(reasons), rank
+
+
+@lru_cache(maxsize=512)
+def _check_tagset(tags: frozenset[Tag], system: System) -> tuple[tuple[Reason, ...], int]:
+    """Cached: thousands of wheels share a few dozen tag sets."""
+    w = _Tags(tags, "-".join(sorted(str(t) for t in tags)))
+    tt = target_tags(system)
+    fits = [tt.ranks[t] for t in w.tags if t in tt.ranks]
     if fits:
-        return [], min(fits)
+        return (), min(fits)
     reasons: list[Reason] = []
-    interp_abis = {(t.interpreter, t.abi) for t in ranks}
-    plats = {t.platform for t in ranks}
+    interp_abis = tt.interp_abis
+    plats = tt.platforms
     wheel_ia = sorted({f"{t.interpreter}-{t.abi}" for t in w.tags})
     target_py = f"Python {system.python}" + (" (free-threaded)" if system.free_threaded else "")
     if not any((t.interpreter, t.abi) in interp_abis for t in w.tags):
@@ -209,7 +227,17 @@ def _check_tags(w: WheelName, system: System) -> tuple[list[Reason], int]:
     if not reasons:
         reasons.append(Reason("python", f"no tag of {w.filename} fits {target_py} on "
                                         f"{system.platform} {system.arch}"))
-    return reasons, 1 << 30
+    return tuple(reasons), 1 << 30
+
+
+@dataclass(frozen=True)
+class _Tags:
+    """The parts of a wheel name the rules read."""
+
+    tags: frozenset[Tag]
+    filename: str
+    label: Label | None = None
+    local: str = ""
 
 
 def _py_of(interp_abi: str) -> str:
@@ -221,7 +249,7 @@ def _py_of(interp_abi: str) -> str:
     return ver + ("+" if "abi3" in interp_abi else "")
 
 
-def _wheel_cuda(w: WheelName, c: Candidate) -> tuple[int, int | None] | None:
+def _wheel_cuda(w: WheelName | _Tags, c: Candidate) -> tuple[int, int | None] | None:
     if w.label is not None and w.label.cuda_version is not None:
         return w.label.cuda_version
     if c.cuda:
@@ -262,6 +290,34 @@ def _sm_runs(entry: str, cc: tuple[int, int]) -> bool:
 
 def check(c: Candidate, w: WheelName, system: System, backend: Backend) -> tuple[list[Reason], int]:
     """All the reasons a parsed candidate does not fit, and its tag rank."""
+    key = _CheckKey(w.tags, w.local, w.label, c.yanked, c.requires_python, c.requires_torch,
+                    c.cuda, c.built_torch, c.sm)
+    reasons, rank = _check_cached(key, system, backend)
+    return list(reasons), rank
+
+
+@dataclass(frozen=True)
+class _CheckKey:
+    """What the rules read: thousands of wheels share a few hundred of these."""
+
+    tags: frozenset[Tag]
+    local: str
+    label: Label | None
+    yanked: str | None
+    requires_python: str | None
+    requires_torch: str | None
+    cuda: str | None
+    built_torch: str | None
+    sm: tuple[str, ...] | None
+
+
+@lru_cache(maxsize=4096)
+def _check_cached(k: _CheckKey, system: System, backend: Backend
+                  ) -> tuple[tuple[Reason, ...], int]:
+    c = Candidate(filename="", url="", source="", yanked=k.yanked,
+                  requires_python=k.requires_python, requires_torch=k.requires_torch,
+                  cuda=k.cuda, built_torch=k.built_torch, sm=k.sm)
+    w = _Tags(k.tags, "", k.label, k.local)
     reasons, rank = _check_tags(w, system)
     if c.yanked:
         reasons.append(Reason("yanked", f"yanked from its index: {c.yanked}"))
@@ -316,8 +372,8 @@ def check(c: Candidate, w: WheelName, system: System, backend: Backend) -> tuple
     needs_cuda = backend.min_sm is not None
     if wcuda is not None or needs_cuda:
         if system.torch is not None and tcuda is None:
-            built = f"built for CUDA {_fmt_cuda(wcuda)}" if wcuda else "needs a CUDA build of torch"
-            reasons.append(Reason("cuda", f"{built}; target's torch {system.torch} is a CPU build "
+            what = f"built for CUDA {_fmt_cuda(wcuda)}" if wcuda else "needs a CUDA build of torch"
+            reasons.append(Reason("cuda", f"{what}; target's torch {system.torch} is a CPU build "
                                           f"(torch.version.cuda is None)"))
         elif wcuda is not None and tcuda is not None:
             if wcuda[0] != tcuda[0]:
@@ -327,7 +383,7 @@ def check(c: Candidate, w: WheelName, system: System, backend: Backend) -> tuple
                 reasons.append(Reason("cuda", f"built for CUDA {_fmt_cuda(wcuda)}, newer than "
                                               f"target torch's CUDA {system.torch_cuda}"))
     if backend.min_cuda is not None:
-        have = wcuda or (tcuda if tcuda else None)
+        have: tuple[int, int | None] | None = wcuda or tcuda
         if have is not None and (have[0], have[1] or 0) < backend.min_cuda and \
                 (have[1] is not None):
             need = f"{backend.min_cuda[0]}.{backend.min_cuda[1]}"
@@ -354,7 +410,7 @@ def check(c: Candidate, w: WheelName, system: System, backend: Backend) -> tuple
                                           f"{str(system.cxx11abi).upper()}"))
     # GPU
     reasons += gpu_reasons(backend, system, c.sm)
-    return reasons, rank
+    return tuple(reasons), rank
 
 
 def gpu_reasons(backend: Backend, system: System, sm: Sequence[str] | None) -> list[Reason]:
@@ -391,7 +447,7 @@ def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[An
     cuda_minor = -1 if wcuda is None or wcuda[1] is None else wcuda[1]
     exact_torch = 1 if (w.label is not None and w.label.torch and not w.label.andhigher) else 0
     post = w.label.post if w.label is not None and w.label.post is not None else 0
-    return (Version(w.version.public), cuda_minor, exact_torch, post, -rank,
+    return (w.version, cuda_minor, exact_torch, post, -rank,
             c.sha256 is not None)
 
 
@@ -476,7 +532,7 @@ def installed_reasons(dist_name: str, version: str, tags: Iterable[Tag],
     from comfy_env_attn.wheelname import parse_label
 
     w = WheelName(filename=f"{dist_name}-{version}", project=normalize_dist(dist_name),
-                  version=Version(version), raw_version=version, local=label_text,
+                  version=Version(version.split("+")[0]), raw_version=version, local=label_text,
                   label=parse_label(label_text), build="", tags=tagset)
     c = Candidate(filename=w.filename, url="", source="installed", requires_torch=requires_torch)
     reasons, _ = check(c, w, system, backend) if tagset else (_no_tag_check(c, w, system,

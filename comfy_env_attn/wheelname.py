@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
@@ -66,6 +67,24 @@ def cuda_from_digits(digits: str) -> tuple[int, int | None]:
     return int(digits[:2]), int(digits[2:])
 
 
+_LOCAL_RE = re.compile(r"^[a-zA-Z0-9]+(?:[._-][a-zA-Z0-9]+)*$")
+
+
+@lru_cache(maxsize=4096)
+def _public_version(text: str) -> Version | None:
+    try:
+        v = Version(text)
+    except InvalidVersion:
+        return None
+    return None if v.local else v
+
+
+@lru_cache(maxsize=1024)
+def _parse_tag(text: str) -> frozenset[Tag]:
+    return parse_tag(text)  # a few dozen distinct tag strings across thousands of wheels
+
+
+@lru_cache(maxsize=4096)
 def parse_label(text: str) -> Label | None:
     """The Label of a local version string, or None when it follows no known convention."""
     if not text:
@@ -105,7 +124,7 @@ def format_label(label: Label) -> str:
 class WheelName:
     filename: str
     project: str  # canonical (PEP 503) name
-    version: Version
+    version: Version  # the public version (local labels are in `label`)
     raw_version: str  # as written, case kept (packaging lowercases the local label)
     local: str  # raw local label, "" when none
     label: Label | None
@@ -125,16 +144,15 @@ def parse_wheel_name(filename: str) -> WheelName:
     build = parts[2] if len(parts) == 6 else ""
     if not re.match(r"^[A-Za-z0-9](?:[A-Za-z0-9._]*[A-Za-z0-9])?$", name):
         raise InvalidWheelName(f"invalid project name in wheel filename: {filename!r}")
-    try:
-        version = Version(raw_version)
-    except InvalidVersion:
+    public, _, local = raw_version.partition("+")
+    version = _public_version(public)
+    if version is None or (local and not _LOCAL_RE.match(local)):
         raise InvalidWheelName(
-            f"invalid version {raw_version!r} in wheel filename: {filename!r}") from None
+            f"invalid version {raw_version!r} in wheel filename: {filename!r}")
     try:
-        tags = parse_tag("-".join(parts[-3:]))
+        tags = _parse_tag("-".join(parts[-3:]))
     except ValueError:
         raise InvalidWheelName(f"invalid tags in wheel filename: {filename!r}") from None
-    local = raw_version.split("+", 1)[1] if "+" in raw_version else ""
     return WheelName(
         filename=filename,
         project=str(canonicalize_name(name)),

@@ -49,7 +49,7 @@ def http_server() -> Iterator[Server]:
     hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             hits.append(self.path)
             path = self.path.split("?")[0]
             route = routes.get(path)

@@ -1,0 +1,46 @@
+"""Helpers for the benchmark scripts: run a command several times, report the median."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "comfy_env_attn"]
+
+
+# Measure as an installed tool runs: with its bytecode cached (pip writes .pyc files).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def median_seconds(cmd: Sequence[str], runs: int = 7, warmup: int = 1) -> float:
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV)
+        dt = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr[-400:]}")
+        if i >= warmup:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def serve(directory: Path) -> tuple[str, ThreadingHTTPServer]:
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+            super().__init__(*a, directory=str(directory), **kw)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{srv.server_address[1]}", srv

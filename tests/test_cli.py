@@ -1,0 +1,157 @@
+"""The real command line, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli, venv_python
+
+H100 = """python = "3.12.3"
+platform = "linux"
+arch = "x86_64"
+glibc = "2.35"
+torch = "2.11.0+cu130"
+torch_cuda = "13.0"
+cxx11abi = true
+driver = "580.95.05"
+driver_cuda = "13.0"
+gpus = ["9.0"]
+"""
+
+
+@pytest.fixture
+def h100(tmp_path: Path) -> Path:
+    p = tmp_path / "h100.toml"
+    p.write_text(H100)
+    return p
+
+
+def test_console_script_entry_point_imports() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "comfy-env-attn"]
+    assert callable(ep.load())
+
+
+def test_plan_json_for_a_system_file(h100: Path) -> None:
+    r = cli("plan", "--system", str(h100), "--json", "--backends", "sage,flash,fa4,xformers")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    by = {b["backend"]: b for b in doc["backends"]}
+    assert set(by) == {"sdpa", "sage", "flash", "flash4", "xformers"}
+    assert by["sage"]["selected"]["filename"].startswith("sageattention-2.2.0+cu130torch2.11-cp312")
+    assert len(by["sage"]["selected"]["sha256"]) == 64
+    assert by["flash"]["selected"]["filename"].startswith("flash_attn-2.8.3+cu130torch2.11-cp312")
+    for rej in by["flash"]["rejected"]:
+        assert rej["reasons"], rej
+
+
+def test_plan_table_and_verbose_reasons(h100: Path) -> None:
+    r = cli("plan", "--system", str(h100), "--backends", "xformers", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "xformers" in r.stdout
+    assert "target has torch 2.11.0+cu130" in r.stdout
+
+
+def test_probe_toml_is_a_valid_system_profile(tmp_path: Path) -> None:
+    r = cli("probe", "--toml")
+    assert r.returncode == 0, r.stderr
+    prof = tmp_path / "me.toml"
+    prof.write_text(r.stdout)
+    r2 = cli("plan", "--system", str(prof), "--json", "--backends", "sage")
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads(r2.stdout)["system"]["python"] == "%d.%d.%d" % sys.version_info[:3]
+
+
+def test_probe_json() -> None:
+    r = cli("probe", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["system"]["platform"] == "linux" and "executable" in doc
+
+
+def test_malformed_toml_names_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('python = "3.12"\nplatform = linux\n')
+    r = cli("plan", "--system", str(bad))
+    assert r.returncode == 1
+    assert "line 2, column 12" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_profile_with_an_unknown_key(tmp_path: Path) -> None:
+    bad = tmp_path / "typo.toml"
+    bad.write_text('python = "3.12"\nplatform = "linux"\ncuda = "12.8"\n')
+    r = cli("plan", "--system", str(bad))
+    assert r.returncode == 1 and "unknown key 'cuda'" in r.stderr
+
+
+def test_unknown_backend_is_bad_usage(h100: Path) -> None:
+    r = cli("plan", "--system", str(h100), "--backends", "sage,turbo")
+    assert r.returncode == 2
+    assert "unknown backend 'turbo'" in r.stderr and "flash4" in r.stderr
+
+
+def test_unreachable_index_one_line_exit_1(h100: Path) -> None:
+    r = cli("plan", "--system", str(h100), "--index-url", "http://127.0.0.1:9/simple")
+    assert r.returncode == 1
+    assert r.stderr.startswith("ERROR cannot reach index http://127.0.0.1:9/simple/")
+    assert "Traceback" not in r.stderr
+    r = cli("plan", "--system", str(h100), "--index-url", "http://127.0.0.1:9/simple", "-v")
+    assert "Traceback" in r.stderr
+
+
+def test_garbage_index_page(h100: Path, http_server) -> None:
+    http_server.add("/simple/sageattention/", "<<<not an index>>>", "text/plain")
+    r = cli("plan", "--system", str(h100), "--index-url", http_server.url + "/simple",
+            "--backends", "sage")
+    assert r.returncode == 1 and "neither a PEP 503 page nor PEP 691 JSON" in r.stderr
+
+
+def test_python_that_does_not_run(tmp_path: Path) -> None:
+    r = cli("plan", "--python", str(tmp_path / "missing-python"))
+    assert r.returncode == 1 and "no such file" in r.stderr
+    r = cli("doctor", "--comfyui", str(tmp_path))
+    assert r.returncode == 1 and "tried:" in r.stderr
+
+
+def test_bad_usage_exit_2() -> None:
+    assert cli("plan", "--frobnicate").returncode == 2
+    assert cli().returncode == 2
+
+
+def _fake_dist(site: Path, name: str, version: str, tag: str, requires: list[str]) -> None:
+    d = site / f"{name}-{version}.dist-info"
+    d.mkdir(parents=True)
+    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    (d / "WHEEL").write_text(f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}\n")
+    (d / "RECORD").write_text("")
+
+
+def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path, uv_bin: str) -> None:
+    pytest.importorskip("torch")
+    venv = tmp_path / "v"
+    subprocess.run([uv_bin, "venv", "-q", "--system-site-packages", "--python",
+                    sys.executable, str(venv)], check=True)
+    r = cli("doctor", "--python", str(venv_python(venv)), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["healthy"] is True
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    _fake_dist(site, "flash_attn", "2.8.3+cu12torch2.8cxx11abiTRUE",
+               f"{tag}-{tag}-linux_x86_64", ["torch", "einops"])
+    r = cli("doctor", "--python", str(venv_python(venv)), "--json")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    (p,) = [f for f in doc["findings"] if f["severity"] == "problem"]
+    assert p["subject"] == "flash"
+    assert "built for torch 2.8, target has torch 2." in p["message"]
+    assert "undefined symbol" in p["message"]
+    assert p["next"].startswith("Run: ") and "pip uninstall flash-attn" in p["next"]
+    r = cli("doctor", "--python", str(venv_python(venv)))
+    assert r.returncode == 1 and "PROBLEM" in r.stdout and "next:" in r.stdout

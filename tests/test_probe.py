@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import venv_python
+
+from comfy_env_attn import probe as probe_mod
+from comfy_env_attn.errors import ProbeError
+from comfy_env_attn.locate import find_python, find_python_auto
+from comfy_env_attn.probe import parse_nvidia_smi, probe, probe_interpreter
+
+
+def test_real_probe_of_this_interpreter_with_cpu_torch() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    _target, system, gpus = probe(sys.executable)
+    assert system.python == "%d.%d.%d" % sys.version_info[:3]
+    assert system.platform == "linux" and system.glibc
+    assert system.torch == torch.__version__
+    assert system.torch_cuda == torch.version.cuda  # None on the CPU build
+    assert system.cxx11abi == bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+    if not gpus.gpus:  # this machine: absent with the reason, never a crash
+        assert system.gpus == () and "gpus" in system.absent
+        assert system.absent["gpus"]
+
+
+def _site(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def test_cache_hits_and_is_invalidated_by_a_changed_torch(plain_venv: Path) -> None:
+    py = str(venv_python(plain_venv))
+    first = probe_interpreter(py)
+    assert not first.cached and first.facts["torch"] is None
+    again = probe_interpreter(py)
+    assert again.cached and again.facts == first.facts
+    # a torch appears (a broken one: import fails, version.py is still read)
+    time.sleep(0.01)
+    pkg = _site(plain_venv) / "torch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('libtorch_cuda.so: cannot open')\n")
+    (pkg / "version.py").write_text("__version__ = '2.9.1+cu128'\ncuda: Optional[str] = '12.8'\n")
+    changed = probe_interpreter(py)
+    assert not changed.cached
+    assert changed.facts["torch"] == "2.9.1+cu128" and changed.facts["torch_cuda"] == "12.8"
+    assert "libtorch_cuda.so" in changed.facts["torch_error"]
+    # and a new torch version.py invalidates again
+    time.sleep(0.01)
+    (pkg / "version.py").write_text("__version__ = '2.10.0+cu128'\ncuda = '12.8'\n")
+    assert probe_interpreter(py).facts["torch"] == "2.10.0+cu128"
+
+
+def test_a_python_that_does_not_run(tmp_path: Path) -> None:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(ProbeError, match=r"failed the probe \(exit 1\): Fatal Python error"):
+        probe_interpreter(str(fake), use_cache=False)
+    with pytest.raises(ProbeError, match="does not exist"):
+        probe_interpreter(str(tmp_path / "nope"), use_cache=False)
+    notexec = tmp_path / "python2"
+    notexec.write_text("")
+    with pytest.raises(ProbeError, match="not executable"):
+        probe_interpreter(str(notexec), use_cache=False)
+
+
+def test_nvidia_smi_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    q = "NVIDIA H100 80GB HBM3, 9.0, 580.95.05\nNVIDIA GeForce RTX 4090, 8.9, 580.95.05\n"
+    banner = "| NVIDIA-SMI 580.95.05   Driver Version: 580.95.05   CUDA Version: 13.0     |"
+    f = parse_nvidia_smi(q, banner)
+    assert f.gpus == ("9.0", "8.9") and f.driver == "580.95.05" and f.driver_cuda == "13.0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert parse_nvidia_smi(q, banner).gpus == ("8.9",)
+
+
+def test_no_nvml_is_a_reason_not_a_crash() -> None:
+    f = probe_mod.probe_gpus()
+    if f.gpus:
+        pytest.skip("this machine has a GPU")
+    assert f.absent["gpus"] and f.driver is None
+
+
+# -- finding ComfyUI's Python --------------------------------------------------------------
+
+def _touch(p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("")
+    return p
+
+
+def test_windows_portable_layout(tmp_path: Path) -> None:
+    root = tmp_path / "ComfyUI_windows_portable"
+    py = _touch(root / "python_embeded" / "python.exe")
+    _touch(root / "ComfyUI" / "main.py")
+    for where in (root, root / "ComfyUI"):
+        got, how = find_python(comfyui=str(where), os_name="windows", env={})
+        assert got == str(py), how
+
+
+@pytest.mark.parametrize("venv", [".venv", "venv"])
+def test_venv_layouts(tmp_path: Path, venv: str) -> None:
+    linux = _touch(tmp_path / "lin" / venv / "bin" / "python3")
+    assert find_python(comfyui=str(tmp_path / "lin"), os_name="linux", env={})[0] == str(linux)
+    win = _touch(tmp_path / "win" / venv / "Scripts" / "python.exe")
+    assert find_python(comfyui=str(tmp_path / "win"), os_name="windows", env={})[0] == str(win)
+
+
+def test_env_vars_and_the_error_lists_every_place(tmp_path: Path) -> None:
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    conda = _touch(tmp_path / "conda" / "python.exe")
+    got = find_python(comfyui=str(comfy), os_name="windows",
+                      env={"CONDA_PREFIX": str(conda.parent)})
+    assert got[0] == str(conda)
+    with pytest.raises(ProbeError) as e:
+        find_python(comfyui=str(comfy), os_name="linux", env={})
+    msg = str(e.value)
+    for part in ("python_embeded", ".venv/bin/python", "venv/bin/python", "$VIRTUAL_ENV",
+                 "$CONDA_PREFIX"):
+        assert part in msg
+
+
+def test_comfy_cli_workspace(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    py = _touch(ws / ".venv" / "bin" / "python")
+    cfg = tmp_path / "home" / ".config" / "comfy-cli" / "config.ini"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f"[DEFAULT]\ndefault_workspace = {ws}\n")
+    got = find_python_auto(os_name="linux", env={}, home=tmp_path / "home", use_workspace=True)
+    assert got[0] == str(py)
+    win_cfg = tmp_path / "local" / "comfy-cli" / "config.ini"
+    win_cfg.parent.mkdir(parents=True)
+    win_cfg.write_text(f"[DEFAULT]\nrecent_workspace = {ws}\n")
+    _touch(ws / ".venv" / "Scripts" / "python.exe")
+    got = find_python_auto(os_name="windows", env={"LOCALAPPDATA": str(tmp_path / "local")},
+                           home=tmp_path / "nohome", use_workspace=True)
+    assert got[0].endswith("python.exe")
+
+
+def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:
+    assert find_python(python=str(plain_venv), os_name="linux")[0].startswith(str(plain_venv))
+    with pytest.raises(ProbeError, match="no such file"):
+        find_python(python=os.path.join(str(plain_venv), "nothing"))
