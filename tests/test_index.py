@@ -96,3 +96,18 @@ def test_server_error_and_unreachable(http_server) -> None:
 def test_embedded_can_be_left_out() -> None:
     assert gather(Sources(embedded=False), ["sageattention"]) == []
     assert len(gather(Sources(), ["sageattention"])) > 50
+
+
+def test_html_attribute_forms(http_server) -> None:
+    page = ("<html><head><base href='/pkgs/'></head><body>\n"
+            f"<A HREF='{SAGE.replace('+', '%2B')}#sha256={SHA}' data-yanked>{SAGE}</A>\n"
+            f'<a data-requires-python="&gt;=3.10" href="https://cdn.example/{FLASH}?x=1&amp;y=2">'
+            f"{FLASH}</a>\n</body></html>")
+    http_server.add("/fl.html", page)
+    got = {c.filename: c for c in gather(
+        Sources(find_links=(http_server.url + "/fl.html",), embedded=False),
+        ["sageattention", "flash-attn"])}
+    assert got[SAGE].url == f"{http_server.url}/pkgs/{SAGE.replace('+', '%2B')}"
+    assert got[SAGE].yanked == "yanked" and got[SAGE].sha256 == SHA
+    assert got[FLASH].url == f"https://cdn.example/{FLASH}?x=1&y=2"
+    assert got[FLASH].requires_python == ">=3.10"
