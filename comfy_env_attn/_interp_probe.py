@@ -93,6 +93,17 @@ def main() -> None:
         # sys.path[0] is this script's folder, not the target's
         "sys_path": [p for p in sys.path[1:] if p],
     }
+    impl = sys.implementation
+    iv = "%d.%d.%d" % impl.version[:3]
+    out["markers"] = {
+        "implementation_name": impl.name, "implementation_version": iv,
+        "os_name": os.name, "platform_machine": platform.machine(),
+        "platform_release": platform.release(), "platform_system": platform.system(),
+        "platform_version": platform.version(),
+        "python_full_version": platform.python_version(),
+        "platform_python_implementation": platform.python_implementation(),
+        "python_version": "%d.%d" % sys.version_info[:2], "sys_platform": sys.platform,
+    }
     _torch_facts(out)
     sys.stdout.write(json.dumps(out))
 

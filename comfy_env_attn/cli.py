@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
 
+    from comfy_env_attn.workflow import add_parsers
+
+    add_parsers(sub, _target_args, _index_args, _common)
     return parser
 
 

@@ -149,13 +149,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from comfy_env_attn.installed import read_installed
 
     target, system = probe_target(args)
-    extra: list[Any] = []
-    try:
-        from comfy_env_attn import recovery
+    from comfy_env_attn.workflow import doctor_findings
 
-        extra = recovery.doctor_findings(target, system)
-    except ImportError:
-        pass
+    extra = doctor_findings(target, system)
     plan = make_plan(system, args)
     installed = read_installed(target.site_dirs)
     diag = diagnose(system, installed, plan, python=target.executable)
@@ -191,10 +187,6 @@ COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from comfy_env_attn import workflow
+    from comfy_env_attn import workflow
 
-        COMMANDS.update(workflow.COMMANDS)
-    except ImportError:
-        pass
-    return COMMANDS[args.command](args)
+    return {**COMMANDS, **workflow.COMMANDS}[args.command](args)

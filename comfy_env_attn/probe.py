@@ -20,7 +20,7 @@ from typing import Any
 from comfy_env_attn.errors import ProbeError
 from comfy_env_attn.system import System, normalize_arch
 
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")
 
 

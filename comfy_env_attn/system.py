@@ -169,6 +169,17 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
     return System(**kwargs)
 
 
+def toml_error(where: str, text: str, e: Exception) -> str:
+    """'FILE: malformed TOML: MSG (at line L, column C)', with the position even for errors
+    tomllib places 'at end of document'."""
+    msg = str(e)
+    if "line" not in msg:
+        lines = text.splitlines() or [""]
+        msg = msg.replace("(at end of document)", "").strip()
+        msg += f" (at end of document: line {len(lines)}, column {len(lines[-1]) + 1})"
+    return f"{where}: malformed TOML: {msg}"
+
+
 def load_profile(path: str | Path) -> System:
     p = Path(path)
     try:
@@ -178,7 +189,7 @@ def load_profile(path: str | Path) -> System:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"{p}: malformed TOML: {e}") from None
+        raise ProfileError(toml_error(str(p), text, e)) from None
     return from_dict(data, where=str(p))
 
 

@@ -1,0 +1,247 @@
+"""The edges of installing: uv, downloads with hash checks, and wheel metadata.
+
+Torch is never replaced: a wheel whose requirements need another torch, torchvision or
+torchaudio is refused before anything is installed; everything else goes through uv under a
+constraint that pins the target's current versions of those three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from packaging.markers import InvalidMarker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from comfy_env_attn.errors import InstallError
+from comfy_env_attn.index import Candidate
+from comfy_env_attn.installed import Installed
+from comfy_env_attn.probe import cache_dir
+
+TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
+
+
+# -- uv -----------------------------------------------------------------------------------
+
+def find_uv() -> str:
+    """The uv binary: the `uv` package's, then $UV, then PATH (as pypa/build finds it)."""
+    try:
+        from uv import find_uv_bin
+
+        return str(find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        pass
+    env = os.environ.get("UV")
+    if env and Path(env).is_file():
+        return env
+    found = shutil.which("uv")
+    if found:
+        return found
+    raise InstallError("uv not found: install it with `python -m pip install uv` (or set $UV)")
+
+
+def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = None) -> str:
+    exe = uv or find_uv()
+    cmd = [exe, *args]
+    log("$ " + " ".join(_short(a) for a in cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "UV_NO_PROGRESS": "1"})
+    if r.returncode != 0:
+        out = (r.stderr or r.stdout).strip().splitlines()
+        raise InstallError(f"uv {args[0]} {args[1] if len(args) > 1 else ''} failed "
+                           f"(exit {r.returncode}):\n  " + "\n  ".join(out[-15:]))
+    return r.stderr + r.stdout
+
+
+def _short(a: str) -> str:
+    return a if len(a) < 120 else a[:60] + "..." + a[-50:]
+
+
+# -- downloads ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fetched:
+    candidate: Candidate
+    path: Path
+    sha256: str
+    hash_source: str  # "index" when the source published it, "computed" otherwise
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(c: Candidate, log: Callable[[str], None], *, timeout: float = 60.0
+                ) -> Fetched:
+    """The wheel on local disk, its sha256 checked against the source's (or computed)."""
+    parts = urlsplit(c.url)
+    dest_dir = cache_dir() / "wheels"
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InstallError(f"cannot create the download folder {dest_dir}: {e}") from None
+    if parts.scheme in ("", "file"):
+        path = Path(unquote(parts.path) if parts.scheme == "file" else c.url)
+        if not path.is_file():
+            raise InstallError(f"{c.filename}: no such file {path}")
+        sha = _sha256_file(path)
+    else:
+        path, sha = _download(c, dest_dir, log, timeout)
+    if c.sha256 and sha != c.sha256.lower():
+        raise InstallError(f"hash mismatch for {c.filename}: its source says sha256 "
+                           f"{c.sha256}, the file has {sha}; refusing to install it")
+    return Fetched(c, path, sha, "index" if c.sha256 else "computed")
+
+
+def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout: float
+              ) -> tuple[Path, str]:
+    import httpx
+
+    final = dest_dir / (c.sha256 or "unhashed") / c.filename
+    if c.sha256 and final.is_file() and _sha256_file(final) == c.sha256.lower():
+        return final, c.sha256.lower()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, suffix=".part")
+    tmp = Path(tmp_name)
+    h = hashlib.sha256()
+    got = 0
+    try:
+        with os.fdopen(fd, "wb") as out, httpx.stream("GET", c.url, timeout=timeout,
+                                                     follow_redirects=True) as r:
+            if r.status_code != 200:
+                raise InstallError(f"download of {c.filename} failed: {c.url} answered "
+                                   f"HTTP {r.status_code}")
+            expected = int(r.headers.get("content-length", "0") or 0)
+            log(f"downloading {c.filename}" + (f" ({expected / 1e6:.1f} MB)" if expected else ""))
+            for chunk in r.iter_bytes(1 << 20):
+                out.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+        if expected and got != expected:
+            raise InstallError(f"download of {c.filename} was cut off: got {got} of "
+                               f"{expected} bytes")
+    except httpx.HTTPError as e:
+        tmp.unlink(missing_ok=True)
+        raise InstallError(f"download of {c.filename} from {c.url} failed: "
+                           f"{type(e).__name__}: {e}") from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InstallError(f"cannot save {c.filename} to {final.parent}: {e.strerror or e} "
+                           "(disk full?)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sha = h.hexdigest()
+    final = dest_dir / sha / c.filename
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    return final, sha
+
+
+# -- metadata -----------------------------------------------------------------------------
+
+def wheel_metadata(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist()
+                         if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+            if name is None:
+                raise InstallError(f"{path.name} has no .dist-info/METADATA: not a wheel")
+            return z.read(name).decode("utf-8", errors="replace")
+    except zipfile.BadZipFile:
+        raise InstallError(f"{path.name} is not a valid wheel (bad zip)") from None
+
+
+def fetch_metadata(c: Candidate, timeout: float = 30.0) -> str | None:
+    """PEP 658 metadata where the index serves it (small, before the big download)."""
+    if not c.metadata_url:
+        return None
+    import httpx
+
+    try:
+        r = httpx.get(c.metadata_url, timeout=timeout, follow_redirects=True)
+    except httpx.HTTPError:
+        return None
+    return r.text if r.status_code == 200 else None
+
+
+def requirements(metadata: str) -> list[str]:
+    return [line.split(":", 1)[1].strip() for line in metadata.splitlines()
+            if line.startswith("Requires-Dist:")]
+
+
+@dataclass(frozen=True)
+class Needs:
+    refused: list[str]  # reasons this wheel cannot go in without replacing torch
+    missing: list[str]  # other requirements the target lacks (installed through uv)
+
+
+def check_requirements(filename: str, reqs: list[str], installed: dict[str, Installed],
+                       markers: dict[str, str]) -> Needs:
+    refused: list[str] = []
+    missing: list[str] = []
+    env = {**markers, "extra": ""}
+    for text in reqs:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        try:
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue
+        except InvalidMarker:
+            continue
+        name = str(canonicalize_name(req.name))
+        have = installed.get(name)
+        ok = have is not None and _satisfies(have.version, str(req.specifier))
+        if name in TORCH_FAMILY:
+            if not ok:
+                now = f"has {name} {have.version}" if have else f"has no {name}"
+                refused.append(f"{filename} requires {req}; the target {now}: installing it "
+                               f"would replace {name}")
+        elif not ok:
+            missing.append(str(req))
+    return Needs(refused, missing)
+
+
+def _satisfies(version: str, spec: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
+def uv_index_args(index_urls: Sequence[str], find_links: Sequence[str]) -> list[str]:
+    args: list[str] = []
+    for i, url in enumerate(index_urls):
+        args += ["--index-url" if i == 0 else "--extra-index-url", url]
+    for f in find_links:
+        args += ["--find-links", f]
+    return args
+
+
+def constraint_file(torch_family: dict[str, str], folder: Path) -> Path:
+    p = folder / "torch-constraint.txt"
+    p.write_text("".join(f"{n}=={v}\n" for n, v in torch_family.items()), encoding="utf-8")
+    return p
+
+
+def this_python() -> str:
+    return sys.executable

@@ -1,0 +1,175 @@
+"""The lock: a PEP 751 pylock.comfy-env-attn.toml in the target's prefix.
+
+[[packages]] are the installed attention wheels (name, version, url, sha256), so any PEP 751
+installer can reproduce them. [tool.comfy-env-attn] holds the fingerprint (what verification
+saw in the target), each backend's verification, and the order `auto` uses. Written
+atomically and validated with packaging.pylock on write and on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from comfy_env_attn.errors import AttnError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LOCK_NAME = "pylock.comfy-env-attn.toml"
+SCHEMA = 1
+
+
+class LockError(AttnError):
+    pass
+
+
+def lock_path(prefix: Path) -> Path:
+    env = os.environ.get("COMFY_ENV_ATTN_LOCK")
+    return Path(env) if env else prefix / LOCK_NAME
+
+
+@dataclass(frozen=True)
+class LockedWheel:
+    backend: str
+    name: str  # distribution name
+    version: str
+    filename: str
+    url: str
+    sha256: str
+
+
+def record_sha256(dist_info: str) -> str | None:
+    """Fingerprint of a distribution's files: the hash of its RECORD (which hashes each file)."""
+    try:
+        return hashlib.sha256(Path(dist_info, "RECORD").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def speed_score(bench: list[dict[str, Any]], baseline: dict[str, float]) -> float | None:
+    """Geometric mean of throughput relative to SDPA over the shapes both measured."""
+    ratios = []
+    for b in bench:
+        key = shape_key(b["shape"])
+        if "tflops" in b and baseline.get(key):
+            ratios.append(b["tflops"] / baseline[key])
+    if not ratios:
+        return None
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def shape_key(shape: list[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def auto_order(backends: dict[str, dict[str, Any]]) -> list[str]:
+    """Verified backends by measured speed (SDPA = 1.0); unmeasured ones after SDPA."""
+    base = {shape_key(b["shape"]): b["tflops"]
+            for b in backends.get("sdpa", {}).get("bench", []) if "tflops" in b}
+    scored = []
+    for name, info in backends.items():
+        if info.get("status") != "verified":
+            continue
+        s = 1.0 if name == "sdpa" else speed_score(info.get("bench", []), base)
+        scored.append((s if s is not None else 0.0, name == "sdpa", name))
+    scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    for name, info in backends.items():
+        if info.get("status") == "verified":
+            info["speed_vs_sdpa"] = round(next(s for s, _, n in scored if n == name), 4)
+    return [n for _, _, n in scored]
+
+
+def _clean(value: Any) -> Any:
+    """TOML has no null: drop None values, recursively; floats rounded for readability."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return float(f"{value:.6g}")
+    return value
+
+
+def build(wheels: list[LockedWheel], fingerprint: dict[str, Any],
+          backends: dict[str, dict[str, Any]], *, python: str) -> dict[str, Any]:
+    from comfy_env_attn import __version__
+
+    order = auto_order(backends)
+    packages = []
+    for w in sorted(wheels, key=lambda w: w.name):
+        packages.append({"name": w.name, "version": w.version,
+                         "wheels": [{"name": w.filename, "url": w.url,
+                                     "hashes": {"sha256": w.sha256}}]})
+    tool = {"schema": SCHEMA, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": python, "fingerprint": fingerprint, "auto": order,
+            "exact": [n for n in order if not backends[n].get("quantized")],
+            "backends": backends}
+    doc: dict[str, Any] = _clean({"lock-version": "1.0", "created-by": f"comfy-env-attn {__version__}",
+                   "packages": packages, "tool": {"comfy-env-attn": tool}})
+    return doc
+
+
+def validate(doc: dict[str, Any], where: str) -> None:
+    from packaging.pylock import Pylock, PylockUnsupportedVersionError, PylockValidationError
+
+    try:
+        Pylock.from_dict(doc)
+    except (PylockValidationError, PylockUnsupportedVersionError) as e:
+        raise LockError(f"{where}: not a valid PEP 751 lock: {e}") from None
+    tool = doc.get("tool", {}).get("comfy-env-attn")
+    if not isinstance(tool, dict) or tool.get("schema") != SCHEMA:
+        raise LockError(f"{where}: no [tool.comfy-env-attn] table of schema {SCHEMA}")
+
+
+def write(path: Path, doc: dict[str, Any]) -> None:
+    import tomli_w
+
+    validate(doc, str(path))
+    text = tomli_w.dumps(doc)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LockError(f"cannot write the lock {path}: {e}") from None
+
+
+def read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(f"no lock at {path}: run comfy-env-attn install or verify") from None
+    try:
+        doc: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        from comfy_env_attn.system import toml_error
+
+        raise LockError(toml_error(str(path), text, e)) from None
+    validate(doc, str(path))
+    return doc
+
+
+def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
+    from comfy_env_attn.backends import BY_DIST, normalize_dist
+
+    out = []
+    for p in doc.get("packages", []):
+        for w in p.get("wheels", []):
+            sha = (w.get("hashes") or {}).get("sha256")
+            if not sha or not w.get("url"):
+                raise LockError(f"lock package {p['name']} has no url and sha256")
+            out.append(LockedWheel(BY_DIST.get(normalize_dist(p["name"]), p["name"]),
+                                   p["name"], p.get("version", ""), w["name"], w["url"], sha))
+    return out

@@ -1,0 +1,148 @@
+"""Prove each backend in a subprocess of the target Python: a real attention call against a
+float32 SDPA reference, then a short timed run at representative shapes.
+
+Thresholds (against float32 SDPA on random normal inputs, [2, 4, 256, D]):
+
+| backend kind                         | dtype    | max abs error | cosine >= |
+|--------------------------------------|----------|---------------|-----------|
+| exact (sdpa, flash*, xformers)       | float32  | 1e-3          | 0.99999   |
+|                                      | float16  | 5e-3          | 0.9999    |
+|                                      | bfloat16 | 3e-2          | 0.999     |
+| quantized (sage: int8/fp8)           | any      | 0.1           | 0.99      |
+| quantized (sage3: fp4)               | any      | 0.3           | 0.97      |
+
+Exact kernels land within bf16 rounding of the reference (FA4: 5e-4 to 1e-3 on an H100);
+SageAttention 2 reaches cosine 0.9993, max error 0.005 to 0.02 (FACTS.md section 6).
+A backend producing black images (NaN, zeros, garbage) misses these by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfy_env_attn.backends import BACKENDS
+
+SCRIPT = Path(__file__).with_name("_verify_script.py")
+MARK = "@@RESULT@@"
+
+EXACT = {"float32": {"max_abs": 1e-3, "min_cosine": 0.99999},
+         "float16": {"max_abs": 5e-3, "min_cosine": 0.9999},
+         "bfloat16": {"max_abs": 3e-2, "min_cosine": 0.999}}
+QUANTIZED = {dt: {"max_abs": 0.1, "min_cosine": 0.99} for dt in EXACT}
+FP4 = {dt: {"max_abs": 0.3, "min_cosine": 0.97} for dt in EXACT}
+
+# Head dims each backend claims beyond the required 64 and 128.
+EXTRA_DIMS = {"sage": [96], "flash": [96, 256], "flash3": [256], "flash4": [96],
+              "xformers": [96, 256], "sdpa": [96, 256], "sage3": []}
+
+GPU_SHAPES = [[2, 20, 1024, 64], [2, 10, 4096, 64], [1, 24, 4608, 128],
+              [1, 24, 16896, 128], [1, 40, 32760, 128]]
+CPU_SHAPES = [[1, 4, 256, 64], [1, 4, 1024, 64], [1, 4, 512, 128]]
+
+
+def thresholds(backend: str) -> dict[str, dict[str, float]]:
+    if backend == "sage3":
+        return FP4
+    return QUANTIZED if BACKENDS[backend].quantized else EXACT
+
+
+@dataclass(frozen=True)
+class Options:
+    device: str | None = None  # None: cuda when torch sees a GPU, else cpu
+    shapes: list[list[int]] | None = None  # None: GPU_SHAPES or CPU_SHAPES
+    timeout: float = float(os.environ.get("COMFY_ENV_ATTN_VERIFY_TIMEOUT", "600"))
+    min_time: float = 0.3
+    bench: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Result:
+    backend: str
+    passed: bool
+    data: dict[str, Any]
+    error: str | None = None
+
+    @property
+    def bench(self) -> list[dict[str, Any]]:
+        return list(self.data.get("bench", []))
+
+    def summary(self) -> str:
+        if not self.passed:
+            return f"failed: {self.error}"
+        checks = self.data.get("checks", [])
+        worst = max((c.get("max_abs", 0.0) for c in checks if c.get("passed")), default=0.0)
+        cos = min((c.get("cosine", 1.0) for c in checks if c.get("passed")), default=1.0)
+        return f"passed: max abs error {worst:.2g}, cosine >= {cos:.5f}"
+
+
+def _config(backend: str, opts: Options, device_type: str | None) -> dict[str, Any]:
+    shapes = opts.shapes
+    if shapes is None:
+        shapes = GPU_SHAPES if device_type == "cuda" else CPU_SHAPES
+    return {"backend": backend, "device": opts.device, "head_dims": [64, 128],
+            "extra_head_dims": EXTRA_DIMS.get(backend, []), "thresholds": thresholds(backend),
+            "shapes": shapes if opts.bench else [], "min_time": opts.min_time}
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def run_one(python: str, backend: str, opts: Options,
+            device_type: str | None = None) -> Result:
+    cfg = _config(backend, opts, device_type)
+    env = {**os.environ, **opts.env, "PYTHONFAULTHANDLER": "1"}
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([python, str(SCRIPT), json.dumps(cfg)], capture_output=True,
+                           text=True, timeout=opts.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return Result(backend, False, {"stage": "timeout"},
+                      f"no answer within {opts.timeout:.0f} s (killed)")
+    except OSError as e:
+        return Result(backend, False, {"stage": "start"}, f"cannot run {python}: {e}")
+    line = next((ln for ln in reversed(r.stdout.splitlines()) if ln.startswith(MARK)), None)
+    tail = (r.stderr.strip().splitlines() or [""])[-1][:300]
+    if line is None:
+        if r.returncode < 0:
+            why = f"the verification process crashed with {_signal_name(r.returncode)}"
+        else:
+            why = f"the verification process exited {r.returncode} without a result"
+        return Result(backend, False, {"stage": "crash", "returncode": r.returncode,
+                                       "stderr_tail": r.stderr[-2000:]},
+                      f"{why}{f': {tail}' if tail else ''}")
+    data: dict[str, Any] = json.loads(line[len(MARK):])
+    data["wall_s"] = round(time.monotonic() - t0, 3)
+    if r.returncode != 0 and data.get("passed"):
+        return Result(backend, False, data, f"exited {r.returncode} after its checks: {tail}")
+    return Result(backend, bool(data.get("passed")), data, data.get("error"))
+
+
+def verify(python: str, backends: list[str], opts: Options | None = None,
+           progress: Any = None) -> dict[str, Result]:
+    """SDPA first (the baseline and the device facts), then each backend in its own process."""
+    opts = opts or Options()
+    results: dict[str, Result] = {}
+    order = ["sdpa"] + [b for b in backends if b != "sdpa"]
+    device_type = None
+    for name in order:
+        if progress:
+            progress(f"verifying {name} ...")
+        res = run_one(python, name, opts, device_type)
+        results[name] = res
+        if name == "sdpa":
+            device_type = (res.data.get("device") or {}).get("type")
+        if progress:
+            progress(f"  {name}: {res.summary()}")
+    return results

@@ -1,0 +1,269 @@
+"""install / verify / lock through real uv into real venvs that see the CPU torch.
+
+The System profile declares a GPU (resolving as for a CUDA machine); verification then runs
+for real in the venv, on the CPU, and decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, cli, venv_python
+from wheels import sage_wheel
+
+from comfy_env_attn.installed import read_installed
+from comfy_env_attn.lock import LOCK_NAME, read
+
+torch = pytest.importorskip("torch")
+TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+LABEL = f"cu128torch{TORCH_MINOR}"
+SHAPES = ["--shapes", "1x2x128x64"]
+
+
+@pytest.fixture
+def profile(tmp_path: Path) -> Path:
+    p = tmp_path / "gpu.toml"
+    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
+                 f'glibc = "2.36"\ntorch = "{torch.__version__.split("+")[0]}+cu128"\n'
+                 'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
+                 'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
+    return p
+
+
+@pytest.fixture
+def venv(tmp_path: Path, uv_bin: str) -> Path:
+    """A fresh venv that sees this interpreter's torch (no torch copy: made in milliseconds)."""
+    path = tmp_path / "venv"
+    subprocess.run([uv_bin, "venv", "-q", "--system-site-packages", "--python",
+                    sys.executable, str(path)], check=True)
+    return path
+
+
+def serve_index(server, wheels: list[Path], *, bad_hash: bool = False) -> str:
+    links = []
+    for w in wheels:
+        sha = hashlib.sha256(w.read_bytes()).hexdigest()
+        if bad_hash:
+            sha = "0" * 64
+        url = server.add_file(f"/files/{w.name.replace('+', '%2B')}", w)
+        links.append(f'<a href="{url}#sha256={sha}">{w.name}</a>')
+    server.add("/simple/sageattention/", "<html><body>" + "".join(links) + "</body></html>")
+    return server.url + "/simple"
+
+
+def torch_state() -> tuple[str, str]:
+    inst = read_installed([p for p in sys.path if p.endswith("site-packages")])["torch"]
+    record = Path(inst.dist_info, "RECORD").read_bytes()
+    return inst.version, hashlib.sha256(record).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def torch_is_never_replaced():
+    before = torch_state()
+    yield
+    assert torch_state() == before
+
+
+def site(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def installed_in(venv: Path) -> dict[str, str]:
+    return {k: v.version for k, v in read_installed([str(site(venv))]).items()}
+
+
+def install(venv: Path, profile: Path, index: str, *extra: str):
+    return cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+               "--index-url", index, "--no-embedded-index", "--backends", "sage", *SHAPES,
+               *extra)
+
+
+def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profile,
+                                                          http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [w]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    doc = read(venv / LOCK_NAME)  # validated with packaging.pylock
+    (pkg,) = doc["packages"]
+    assert pkg["name"] == "sageattention"
+    assert pkg["wheels"][0]["hashes"]["sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    tool = doc["tool"]["comfy-env-attn"]
+    assert tool["fingerprint"]["device"] == "cpu"
+    assert tool["fingerprint"]["torch"] == torch.__version__
+    sage = tool["backends"]["sage"]
+    assert sage["status"] == "verified"
+    assert {(c["head_dim"], c["dtype"]) for c in sage["checks"] if c["required"]} == {
+        (64, "float32"), (64, "bfloat16"), (128, "float32"), (128, "bfloat16")}
+    assert all(c["max_abs"] < 0.05 for c in sage["checks"])
+    assert sage["bench"][0]["shape"] == [1, 2, 128, 64] and sage["bench"][0]["tflops"] > 0
+    assert set(tool["auto"]) == {"sage", "sdpa"} and tool["exact"] == ["sdpa"]
+    assert "verified" in r.stdout or "passed" in r.stdout
+    # the journal is gone, the lock reads as fresh
+    assert not (venv / ".comfy-env-attn" / "journal.json").exists()
+    r = cli("lock", "--python", str(venv_python(venv)))
+    assert r.returncode == 0 and "fingerprint: fresh" in r.stdout, r.stdout + r.stderr
+
+
+def test_wrong_results_fail_with_numbers_and_are_rolled_back(tmp_path, venv, profile,
+                                                             http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "wrong", f"2.2.1+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [w]))
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert "max abs error" in out and "cosine" in out
+    assert "rolled back" in out
+    assert "sageattention" not in installed_in(venv)
+    tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
+    assert "sage" not in tool["backends"] and tool["auto"] == ["sdpa"]
+
+
+def test_keep_failed_keeps_it_and_locks_the_failure(tmp_path, venv, profile,
+                                                    http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "wrong", f"2.2.1+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [w]), "--keep-failed")
+    assert r.returncode == 1
+    assert "sageattention" in installed_in(venv)
+    sage = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]["backends"]["sage"]
+    assert sage["status"] == "failed" and "max abs error" in sage["error"]
+    assert "sage" not in read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]["auto"]
+
+
+def test_a_backend_that_segfaults_fails_alone(tmp_path, venv, profile, http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "segfault", f"2.2.2+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [w]))
+    assert r.returncode == 1
+    assert "crashed with SIGSEGV" in r.stdout + r.stderr
+    assert "sageattention" not in installed_in(venv)
+    assert read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]["backends"]["sdpa"]["status"] \
+        == "verified"
+
+
+def test_a_wheel_that_needs_another_torch_is_refused(tmp_path, venv, profile,
+                                                     http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.3+{LABEL}", requires=["torch==2.9.1"])
+    r = install(venv, profile, serve_index(http_server, [w]))
+    assert r.returncode == 1
+    assert "requires torch==2.9.1" in r.stdout and "would replace torch" in r.stdout
+    assert "sageattention" not in installed_in(venv)
+    assert not any(h.startswith("/files/") and "2.2.3" in h for h in []), "never downloaded"
+
+
+def test_hash_mismatch_is_refused(tmp_path, venv, profile, http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [w], bad_hash=True))
+    assert r.returncode == 1
+    assert "hash mismatch" in r.stderr and "refusing" in r.stderr
+    assert installed_in(venv) == {}
+
+
+def test_index_down_leaves_the_venv_unchanged(venv, profile) -> None:
+    before = installed_in(venv)
+    r = install(venv, profile, "http://127.0.0.1:9/simple")
+    assert r.returncode == 1 and r.stderr.startswith("ERROR cannot reach index")
+    assert installed_in(venv) == before
+    assert not (venv / LOCK_NAME).exists()
+
+
+def test_system_python_is_refused_without_yes(profile, http_server) -> None:
+    r = cli("install", "--python", sys.executable, "--system", str(profile), "--backends",
+            "sage", "--no-embedded-index")
+    if sys.prefix != sys.base_prefix:
+        pytest.skip("the test runner itself is in a venv")
+    assert r.returncode == 1 and "is not a virtual environment" in r.stderr
+
+
+def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_server,
+                                             uv_bin) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [w]), "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
+    assert tool["backends"]["sage"]["status"] == "unverified" and "sage" not in tool["auto"]
+    r = cli("verify", "--python", str(venv_python(venv)), *SHAPES)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
+    assert tool["backends"]["sage"]["status"] == "verified"
+    assert tool["fingerprint"]["device"] == "cpu"
+    # a fresh venv reproduces exactly what the lock records
+    fresh = tmp_path / "fresh"
+    subprocess.run([uv_bin, "venv", "-q", "--system-site-packages", "--python",
+                    sys.executable, str(fresh)], check=True)
+    r = cli("install", "--python", str(venv_python(fresh)), "--from-lock",
+            str(venv / LOCK_NAME), *SHAPES)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(fresh)["sageattention"] == f"2.2.0+{LABEL}"
+    assert read(fresh / LOCK_NAME)["packages"] == read(venv / LOCK_NAME)["packages"]
+
+
+def test_comfy_env_config(tmp_path, venv, profile, http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    cfg = tmp_path / "comfy-env.toml"
+    cfg.write_text('[cuda]\npackages = ["sageattention>=2", "nvdiffrast", "flash_attn_3"]\n')
+    r = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+            "--index-url", serve_index(http_server, [w]), "--no-embedded-index",
+            "--config", str(cfg), "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "left to comfy-env (not attention packages): nvdiffrast" in r.stderr
+    assert "flash3" in r.stdout  # requested, no wheel found: said in the summary
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cuda]\npackages = [\"sageattention\"\n")  # unclosed at the end
+    r = cli("install", "--python", str(venv_python(venv)), "--config", str(bad))
+    assert r.returncode == 1 and "line" in r.stderr and "column" in r.stderr
+
+
+def _start_install(venv: Path, profile: Path, index: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "comfy_env_attn", "install", "--python", str(venv_python(venv)),
+         "--system", str(profile), "--index-url", index, "--no-embedded-index", "--backends",
+         "sage", *SHAPES], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+
+
+def test_kill_9_midway_then_a_new_run_leaves_a_consistent_venv(tmp_path, venv, profile,
+                                                               http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    index = serve_index(http_server, [w])
+    p = _start_install(venv, profile, index)
+    journal = venv / ".comfy-env-attn" / "journal.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the package is in and verification runs
+        if journal.exists() and json.loads(journal.read_text())["meta"]["state"] == "verifying":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the install never reached verification")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert "sageattention" in installed_in(venv)  # half done: installed, not verified
+    r = cli("doctor", "--python", str(venv_python(venv)), "--json")
+    doc = json.loads(r.stdout)
+    assert any("interrupted install was found and undone" in f["message"]
+               for f in doc["findings"]), doc
+    assert "sageattention" not in installed_in(venv) and not journal.exists()
+    r = install(venv, profile, index)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    check = subprocess.run([str(venv_python(venv)), "-c", "import sageattention"])
+    assert check.returncode == 0
+
+
+def test_two_concurrent_installs_serialise(tmp_path, venv, profile, http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    index = serve_index(http_server, [w])
+    a = _start_install(venv, profile, index)
+    time.sleep(1.0)
+    b = _start_install(venv, profile, index)
+    out_a, err_a = a.communicate(timeout=300)
+    out_b, err_b = b.communicate(timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    assert "waiting for another comfy-env-attn run" in err_a + err_b
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
