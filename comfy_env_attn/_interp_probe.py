@@ -50,7 +50,7 @@ def _torch_facts(out: dict[str, Any]) -> None:
     out["torch_cuda"] = ns.get("cuda")
     out["torch_hip"] = ns.get("hip")
     if os.environ.get("COMFY_ENV_ATTN_PROBE_NO_IMPORT") == "1":
-        return
+        return  # the caller knows the rest from its cache, or asks again
     try:
         import torch
 

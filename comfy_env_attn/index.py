@@ -192,11 +192,18 @@ _ACCEPT = ("application/vnd.pypi.simple.v1+json, "
            "application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1")
 
 
-def _client(timeout: float) -> httpx.Client:
-    import httpx
+_CLIENTS: dict[tuple[float, bool], httpx.Client] = {}
 
-    return httpx.Client(timeout=timeout, follow_redirects=True,
-                        headers={"User-Agent": "comfy-env-attn"})
+
+def http_client(timeout: float = 30.0, *, tls: bool = True) -> httpx.Client:
+    """One client per process: building one loads the CA bundle (a tenth of a second)."""
+    key = (timeout, tls)
+    if key not in _CLIENTS:
+        import httpx
+
+        _CLIENTS[key] = httpx.Client(timeout=timeout, follow_redirects=True, verify=tls,
+                                     headers={"User-Agent": "comfy-env-attn"})
+    return _CLIENTS[key]
 
 
 def _get(client: httpx.Client, url: str) -> httpx.Response | None:
@@ -295,16 +302,14 @@ def gather(sources: Sources, projects: Sequence[str]) -> list[Candidate]:
     remote = list(sources.index_urls) + ([PYPI_SIMPLE] if sources.pypi else [])
     needs_http = remote or any(urlsplit(f).scheme in ("http", "https")
                                for f in sources.find_links)
-    client = _client(sources.timeout) if needs_http else None
-    try:
-        for url in remote:
-            assert client is not None
-            out.extend(fetch_index(client, url, projects))
-        for loc in sources.find_links:
-            out.extend(fetch_find_links(client, loc, projects))
-    finally:
-        if client is not None:
-            client.close()
+    # plain-http sources only (a local mirror, loopback): no TLS context to build
+    tls = any(u.startswith("https:") for u in [*remote, *sources.find_links])
+    client = http_client(sources.timeout, tls=tls) if needs_http else None
+    for url in remote:
+        assert client is not None
+        out.extend(fetch_index(client, url, projects))
+    for loc in sources.find_links:
+        out.extend(fetch_find_links(client, loc, projects))
     if sources.embedded:
         out.extend(load_embedded(projects))
     return out

@@ -112,6 +112,8 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout:
               ) -> tuple[Path, str]:
     import httpx
 
+    from comfy_env_attn.index import http_client
+
     final = dest_dir / (c.sha256 or "unhashed") / c.filename
     if c.sha256 and final.is_file() and _sha256_file(final) == c.sha256.lower():
         return final, c.sha256.lower()
@@ -121,8 +123,8 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout:
     h = hashlib.sha256()
     got = 0
     try:
-        with os.fdopen(fd, "wb") as out, httpx.stream("GET", c.url, timeout=timeout,
-                                                     follow_redirects=True) as r:
+        client = http_client(tls=c.url.startswith("https:"))
+        with os.fdopen(fd, "wb") as out, client.stream("GET", c.url, timeout=timeout) as r:
             if r.status_code != 200:
                 raise InstallError(f"download of {c.filename} failed: {c.url} answered "
                                    f"HTTP {r.status_code}")
@@ -173,8 +175,11 @@ def fetch_metadata(c: Candidate, timeout: float = 30.0) -> str | None:
         return None
     import httpx
 
+    from comfy_env_attn.index import http_client
+
     try:
-        r = httpx.get(c.metadata_url, timeout=timeout, follow_redirects=True)
+        r = http_client(tls=c.metadata_url.startswith("https:")).get(c.metadata_url,
+                                                                     timeout=timeout)
     except httpx.HTTPError:
         return None
     return r.text if r.status_code == 200 else None

@@ -204,10 +204,11 @@ def _cache_file(executable: str) -> Path:
     return cache_dir() / f"interp-{key}.json"
 
 
-def _run_script(executable: str) -> dict[str, Any]:
+def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
+    env = {**os.environ, "COMFY_ENV_ATTN_PROBE_NO_IMPORT": "0" if import_torch else "1"}
     try:
         r = subprocess.run([executable, str(_SCRIPT)], capture_output=True, text=True,
-                           timeout=120)
+                           timeout=120, env=env)
     except FileNotFoundError:
         raise ProbeError(f"Python {executable!r} does not exist") from None
     except PermissionError:
@@ -230,6 +231,48 @@ def _run_script(executable: str) -> dict[str, Any]:
     return facts
 
 
+def _torch_cache_file(torch_dir: str) -> Path:
+    key = hashlib.sha256(os.path.abspath(torch_dir).encode()).hexdigest()[:20]
+    return cache_dir() / f"torch-{key}.json"
+
+
+def _interpreter_facts(exe: str, use_cache: bool) -> dict[str, Any]:
+    """Two steps: a fast pass that reads torch's version.py, then `import torch` (seconds)
+    only for what that cannot tell (the C++ ABI flag, whether it imports), cached per torch
+    install so that venvs sharing one torch import it once."""
+    facts = _run_script(exe, import_torch=False)
+    torch_dir = facts.get("torch_dir")
+    if not torch_dir:
+        return facts
+    witness = _stat(os.path.join(torch_dir, "version.py"))
+    tfile = _torch_cache_file(torch_dir)
+    if use_cache:
+        try:
+            doc = json.loads(tfile.read_text(encoding="utf-8"))
+            if doc.get("witness") == witness and doc.get("torch") == facts.get("torch"):
+                facts.update(doc["facts"])
+                return facts
+        except (OSError, ValueError, KeyError):
+            pass
+    full = _run_script(exe, import_torch=True)
+    keys = ("cxx11abi", "torch", "torch_cuda", "torch_error")
+    tfacts = {k: full.get(k) for k in keys}
+    facts.update(tfacts)
+    if use_cache and not full.get("torch_error"):
+        _write_json(tfile, {"witness": witness, "torch": full.get("torch"), "facts": tfacts})
+    return facts
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache we cannot write is only slower
+
+
 def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
     """The target's facts; cached per interpreter until it, torch or its site dirs change."""
     exe = os.path.abspath(executable)
@@ -242,25 +285,11 @@ def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
                 return Target(exe, doc["facts"], cached=True)
         except (OSError, ValueError, AttributeError):
             pass
-    facts = _run_script(exe)
+    facts = _interpreter_facts(exe, use_cache)
     if use_cache:
-        doc = {"schema": CACHE_SCHEMA, "executable": exe, "facts": facts,
-               "witnesses": _witnesses(exe, facts)}
-        try:
-            cfile.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cfile.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc), encoding="utf-8")
-            os.replace(tmp, cfile)
-        except OSError:
-            pass  # a cache we cannot write is only slower
+        _write_json(cfile, {"schema": CACHE_SCHEMA, "executable": exe, "facts": facts,
+                            "witnesses": _witnesses(exe, facts)})
     return Target(exe, facts)
-
-
-def invalidate(executable: str) -> None:
-    try:
-        _cache_file(os.path.abspath(executable)).unlink()
-    except OSError:
-        pass
 
 
 def system_from(target: Target, gpus: GpuFacts) -> System:

@@ -27,7 +27,7 @@ from comfy_env_attn.install import (
 )
 from comfy_env_attn.installed import Installed, read_installed, torch_family
 from comfy_env_attn.journal import Journal, target_lock
-from comfy_env_attn.probe import Target, invalidate, probe_gpus, probe_interpreter, system_from
+from comfy_env_attn.probe import Target, probe_gpus, probe_interpreter, system_from
 from comfy_env_attn.system import System, load_profile
 from comfy_env_attn.verify import Options, Result, verify
 
@@ -48,11 +48,6 @@ class Outcome:
 
     def row(self, backend: str) -> Row:
         return self.rows.setdefault(backend, Row(backend))
-
-
-def fresh_target(exe: str) -> Target:
-    invalidate(exe)
-    return probe_interpreter(exe)
 
 
 def own_sites(target: Target) -> list[str]:
@@ -88,7 +83,6 @@ def recover(target: Target) -> list[str]:
     done = j.rollback(uninstaller(target))
     for d in done:
         log(f"  {d}")
-    invalidate(target.executable)
     return done
 
 
@@ -113,7 +107,7 @@ def requested_backends(args: argparse.Namespace) -> list[str]:
 
 def cmd_install(args: argparse.Namespace) -> int:
     exe, _how = locate(args)
-    target = fresh_target(exe)
+    target = probe_interpreter(exe)
     real = system_from(target, probe_gpus())
     system = load_profile(args.system) if args.system else real
     if not target.is_venv and not args.yes:
@@ -150,7 +144,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         return 0
     with target_lock(target.prefix, log):
         recover(target)
-        target = fresh_target(exe)
+        target = probe_interpreter(exe)
         outcome = Outcome()
         if not args.from_lock:
             outcome = out
@@ -207,12 +201,9 @@ def run_install(args: argparse.Namespace, target: Target, chosen: list[tuple[str
                 _uv_install(target, to_install, Path(tmp))
             missing = sorted({d for b, _ in to_install for d in deps[b]})
             if missing:
-                run_uv(["pip", "install", "--python", target.executable, "--only-binary",
-                        ":all:", "--constraint", str(constraint_file(family, Path(tmp))),
-                        *uv_index_args(args.index_url, args.find_links), *missing], log)
+                _install_deps(args, target, missing, family, journal, Path(tmp))
         for b, f in to_install:
             out.row(b).installed = _version_of(f.candidate.filename)
-        target = fresh_target(target.executable)
         after = read_installed(target.site_dirs)
         if torch_snapshot(after) != before_torch:
             raise InstallError("torch, torchvision or torchaudio changed during the install: "
@@ -229,7 +220,6 @@ def run_install(args: argparse.Namespace, target: Target, chosen: list[tuple[str
             out.row(b).installed += " -> rolled back"
         if failed:
             out.ok = False
-            target = fresh_target(target.executable)
             after = read_installed(target.site_dirs)
             results = {k: v for k, v in results.items()
                        if k not in failed or args.keep_failed}
@@ -237,10 +227,40 @@ def run_install(args: argparse.Namespace, target: Target, chosen: list[tuple[str
         journal.finish()
     except (AttnError, KeyboardInterrupt, OSError) as e:
         done = journal.rollback(uninstall)
-        invalidate(target.executable)
         if isinstance(e, KeyboardInterrupt):
             raise
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
+
+
+def _install_deps(args: argparse.Namespace, target: Target, missing: list[str],
+                  family: dict[str, str], journal: Journal, tmp: Path) -> None:
+    """Install requirements round by round with --no-deps: uv does not see a venv's
+    system-site-packages torch as installed and would fetch another one; here every
+    requirement is checked against what the target really has, torch's family first."""
+    constraint = constraint_file(family, tmp)
+    markers = target.facts.get("markers") or {}
+    for _round in range(12):
+        names = sorted({_req_name(d) for d in missing})
+        installed = read_installed(target.site_dirs)
+        for n in names:
+            journal.add(n, installed, own_sites(target))
+        run_uv(["pip", "install", "--python", target.executable, "--no-deps", "--only-binary",
+                ":all:", "--constraint", str(constraint),
+                *uv_index_args(args.index_url, args.find_links), *missing], log)
+        installed = read_installed(target.site_dirs)
+        missing = []
+        for n in names:
+            inst = installed.get(n)
+            if inst is None:
+                continue
+            needs = check_requirements(n, list(inst.requires), installed, markers)
+            if needs.refused:
+                raise InstallError(needs.refused[0])
+            missing += needs.missing
+        missing = sorted(set(missing))
+        if not missing:
+            return
+    raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
 
 
 def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path) -> None:
@@ -378,10 +398,10 @@ def write_lock(target: Target, installed: dict[str, Installed], results: dict[st
 
 def cmd_verify(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
-    target = fresh_target(exe)
+    target = probe_interpreter(exe)
     with target_lock(target.prefix, log):
         recover(target)
-        target = fresh_target(exe)
+        target = probe_interpreter(exe)
         installed = read_installed(target.site_dirs)
         out = Outcome()
         results = _verify_all(args, target, installed, out)

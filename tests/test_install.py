@@ -47,14 +47,25 @@ def venv(tmp_path: Path, uv_bin: str) -> Path:
     return path
 
 
-def serve_index(server, wheels: list[Path], *, bad_hash: bool = False) -> str:
+def serve_index(server, wheels: list[Path], *, bad_hash: bool = False,
+                metadata: bool = False) -> str:
+    """A PEP 503 index on the loopback server; with metadata, PEP 658 .metadata files too."""
     links = []
     for w in wheels:
         sha = hashlib.sha256(w.read_bytes()).hexdigest()
         if bad_hash:
             sha = "0" * 64
-        url = server.add_file(f"/files/{w.name.replace('+', '%2B')}", w)
-        links.append(f'<a href="{url}#sha256={sha}">{w.name}</a>')
+        path = f"/files/{w.name.replace('+', '%2B')}"
+        url = server.add_file(path, w)
+        attr = ""
+        if metadata:
+            import zipfile
+
+            with zipfile.ZipFile(w) as z:
+                meta = next(n for n in z.namelist() if n.endswith("/METADATA"))
+                server.add(path + ".metadata", z.read(meta), "text/plain")
+            attr = ' data-dist-info-metadata="true"'
+        links.append(f'<a href="{url}#sha256={sha}"{attr}>{w.name}</a>')
     server.add("/simple/sageattention/", "<html><body>" + "".join(links) + "</body></html>")
     return server.url + "/simple"
 
@@ -150,11 +161,18 @@ def test_a_backend_that_segfaults_fails_alone(tmp_path, venv, profile, http_serv
 def test_a_wheel_that_needs_another_torch_is_refused(tmp_path, venv, profile,
                                                      http_server) -> None:
     w = sage_wheel(tmp_path / "w", "ok", f"2.2.3+{LABEL}", requires=["torch==2.9.1"])
-    r = install(venv, profile, serve_index(http_server, [w]))
+    r = install(venv, profile, serve_index(http_server, [w], metadata=True))
     assert r.returncode == 1
     assert "requires torch==2.9.1" in r.stdout and "would replace torch" in r.stdout
     assert "sageattention" not in installed_in(venv)
-    assert not any(h.startswith("/files/") and "2.2.3" in h for h in []), "never downloaded"
+    # refused from its PEP 658 metadata: the wheel itself was never downloaded
+    assert any(h.endswith(".whl.metadata") for h in http_server.hits)
+    assert not any(h.endswith(".whl") for h in http_server.hits)
+    # and without PEP 658, from the wheel's own METADATA, before anything is installed
+    w2 = sage_wheel(tmp_path / "w2", "ok", f"2.2.4+{LABEL}", requires=["torch==2.9.1"])
+    r = install(venv, profile, serve_index(http_server, [w2]))
+    assert r.returncode == 1 and "requires torch==2.9.1" in r.stdout
+    assert installed_in(venv) == {}
 
 
 def test_hash_mismatch_is_refused(tmp_path, venv, profile, http_server) -> None:
@@ -262,8 +280,8 @@ def test_two_concurrent_installs_serialise(tmp_path, venv, profile, http_server)
     a = _start_install(venv, profile, index)
     time.sleep(1.0)
     b = _start_install(venv, profile, index)
-    out_a, err_a = a.communicate(timeout=300)
-    out_b, err_b = b.communicate(timeout=300)
+    _, err_a = a.communicate(timeout=300)
+    _, err_b = b.communicate(timeout=300)
     assert a.returncode == 0 and b.returncode == 0, err_a + err_b
     assert "waiting for another comfy-env-attn run" in err_a + err_b
     assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"

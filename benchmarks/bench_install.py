@@ -1,0 +1,118 @@
+"""Install time against a raw `uv pip install` of the same wheel from the same local index,
+and verification time per backend against a bare `python -c "import torch"` in the target.
+
+    python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60]
+
+Each run gets a fresh venv that sees this interpreter's torch (--system-site-packages; not
+timed). The wheel is a working CPU sageattention built here; --size-mb adds an incompressible
+payload so that a realistic wheel size (SageAttention 2 builds are 20-100 MB) can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import CLI, ENV, ROOT, serve
+
+sys.path.insert(0, str(ROOT / "tests"))
+from wheels import SAGE_OK, build_wheel
+
+
+def uv_bin() -> str:
+    from uv import find_uv_bin
+
+    return str(find_uv_bin())
+
+
+def fresh_venv(path: Path) -> Path:
+    subprocess.run([uv_bin(), "venv", "-q", "--system-site-packages", "--python",
+                    sys.executable, str(path)], check=True)
+    return path / "bin" / "python"
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
+    return dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--size-mb", type=int, nargs="*", default=[0, 60])
+    args = ap.parse_args()
+    import torch
+
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    version = f"2.2.0+cu128torch{minor}"
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        prof = d / "gpu.toml"
+        prof.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\n'
+                        f'glibc = "2.36"\ntorch = "{torch.__version__.split("+")[0]}+cu128"\n'
+                        'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
+                        'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
+        print(f"{'wheel':>10}  {'comfy-env-attn install':>24}  {'raw uv pip install':>20}  "
+              f"{'ratio':>6}")
+        for size in args.size_mb:
+            files = {"sageattention/__init__.py": SAGE_OK}
+            if size:
+                files["sageattention/_payload.txt"] = os.urandom(size * 1024 * 512).hex()
+            site = d / f"site{size}"
+            w = build_wheel(site / "files", "sageattention", version, files,
+                            requires=["torch>=2.0"])
+            sha = hashlib.sha256(w.read_bytes()).hexdigest()
+            (site / "simple" / "sageattention").mkdir(parents=True)
+            base, srv = serve(site)
+            (site / "simple" / "sageattention" / "index.html").write_text(
+                f'<a href="{base}/files/{w.name.replace("+", "%2B")}#sha256={sha}">{w.name}</a>')
+            ours, raw = [], []
+            try:
+                for i in range(args.runs):
+                    py = fresh_venv(d / f"a{size}-{i}")
+                    ours.append(timed([*CLI, "install", "--python", str(py), "--system",
+                                       str(prof), "--index-url", f"{base}/simple",
+                                       "--no-embedded-index", "--backends", "sage",
+                                       "--no-verify"]))
+                    py = fresh_venv(d / f"b{size}-{i}")
+                    raw.append(timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
+                                      "--index-url", f"{base}/simple", "--no-cache",
+                                      "--no-deps",  # uv cannot see the venv's system torch
+                                      f"sageattention=={version}"]))
+            finally:
+                srv.shutdown()
+            a, b = statistics.median(ours), statistics.median(raw)
+            label = f"{w.stat().st_size / 1e6:.1f} MB"
+            print(f"{label:>10}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}")
+        # verification time per backend against a bare import torch in the target
+        py = fresh_venv(d / "verify")
+        imp = statistics.median(timed([str(py), "-c", "import torch"])
+                                for _ in range(args.runs))
+        from comfy_env_attn.verify import Options, run_one
+
+        for backend in ("sdpa",):
+            ts = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                res = run_one(str(py), backend, Options())
+                ts.append(time.perf_counter() - t0)
+                assert res.passed, res.error
+            v = statistics.median(ts)
+            print(f"verify {backend}: {v:.2f} s (checks + CPU bench); import torch: {imp:.2f} s;"
+                  f" ratio {v / imp:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
