@@ -528,7 +528,58 @@ def doctor_findings(target: Target, system: System) -> list[Any]:
         tool = doc["tool"]["comfy-env-attn"]
         found.append(Finding("info", "lock", f"lock {path} is fresh; auto order: "
                              f"{', '.join(tool.get('auto', []))}"))
+        found += [Finding("info", "dispatch", line) for line in dispatch_preview(tool)]
     return found
+
+
+PREVIEW_SHAPES = {"Flux 1024x1024": [1, 24, 4608, 128], "SDXL": [2, 10, 4096, 64],
+                  "video": [1, 40, 32760, 128]}
+
+
+def dispatch_preview(tool: dict[str, Any]) -> list[str]:
+    """What `auto` would pick for typical inputs, and why (the dispatcher's own rule)."""
+    from comfy_env_attn.choose import order_for
+
+    dtype = "bfloat16" if tool.get("fingerprint", {}).get("device") == "cuda" else "float32"
+    out = []
+    for label, shape in PREVIEW_SHAPES.items():
+        order = order_for(tool.get("backends", {}), shape[3], dtype, shape[2])
+        best, why = order[0]
+        rest = ", ".join(n for n, _ in order[1:])
+        out.append(f"auto for {label} {shape} {dtype}: {best} ({why})"
+                   + (f"; then {rest}" if rest else ""))
+    return out
+
+
+LAUNCH_FLAGS = {"sage": "--use-sage-attention", "flash": "--use-flash-attention",
+                "sdpa": "--use-pytorch-cross-attention"}
+
+
+def cmd_launch_args(args: argparse.Namespace) -> int:
+    exe, _ = locate(args)
+    target = probe_interpreter(exe)
+    system = system_from(target, probe_gpus())
+    doc = lockmod.read(lockmod.lock_path(target.prefix))
+    stale = lock_status(doc, target, system)
+    if stale:
+        raise AttnError("the lock is stale (" + "; ".join(stale) + "): run comfy-env-attn "
+                        "verify first")
+    tool = doc["tool"]["comfy-env-attn"]
+    order = tool.get("exact" if args.exact else "auto", [])
+    for name in order:
+        if name in LAUNCH_FLAGS:
+            print(LAUNCH_FLAGS[name])
+            skipped = order[:order.index(name)]
+            if skipped:
+                log(f"{', '.join(skipped)} ranked higher but ComfyUI has no launch flag for "
+                    "them: use the Attention Backend node for per-shape choice")
+            return 0
+        if name == "xformers":
+            print("")  # ComfyUI uses xformers by default when it imports
+            log("xformers: ComfyUI uses it by default when installed (no flag)")
+            return 0
+    print(LAUNCH_FLAGS["sdpa"])
+    return 0
 
 
 def print_summary(out: Outcome, target: Target) -> None:
@@ -583,6 +634,11 @@ def add_parsers(sub: Any, target_args: Any, index_args: Any, common: Any) -> Non
     p.add_argument("--json", action="store_true")
     common(p)
 
+    p = sub.add_parser("launch-args", help="the ComfyUI flag for the verified best backend")
+    target_args(p)
+    p.add_argument("--exact", action="store_true", help="non-quantized backends only")
+    common(p)
+
     p = sub.add_parser("bench", help="time the installed backends against SDPA")
     target_args(p)
     p.add_argument("--backends", metavar="LIST")
@@ -597,4 +653,5 @@ def _verify_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="seconds per backend (default 600)")
 
 
-COMMANDS = {"install": cmd_install, "verify": cmd_verify, "lock": cmd_lock, "bench": cmd_bench}
+COMMANDS = {"install": cmd_install, "verify": cmd_verify, "lock": cmd_lock, "bench": cmd_bench,
+            "launch-args": cmd_launch_args}

@@ -122,6 +122,23 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
     assert not (venv / ".comfy-env-attn" / "journal.json").exists()
     r = cli("lock", "--python", str(venv_python(venv)))
     assert r.returncode == 0 and "fingerprint: fresh" in r.stdout, r.stdout + r.stderr
+    # the dispatcher in that venv trusts the lock: sage by name, auto as the lock measured
+    code = ("from comfy_env_attn import dispatch, choose; import torch, json;"
+            "lab = dispatch.set_backend('sage'); q = torch.randn(1, 2, 128, 64);"
+            "dispatch.dispatch_attention(q, q, q); r1 = next(iter(dispatch._S.routes.values()));"
+            "dispatch.set_backend('auto'); dispatch.dispatch_attention(q, q, q);"
+            "r2 = next(iter(dispatch._S.routes.values()));"
+            "want = choose.order_for(dispatch._S.backends, 64, 'float32', 128)[0][0];"
+            "print(json.dumps([lab, r1, r2, want]))")
+    r = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True)
+    lab, r1, r2, want = json.loads(r.stdout.splitlines()[-1])
+    assert lab == f"SageAttention 2.2.0+{LABEL}, verified" and r1[0] == "sage"
+    assert r2[0] == want
+    r = cli("doctor", "--python", str(venv_python(venv)))
+    assert "auto for Flux 1024x1024 [1, 24, 4608, 128] float32:" in r.stdout.replace("\n", " ")
+    r = cli("launch-args", "--python", str(venv_python(venv)))
+    assert r.returncode == 0 and r.stdout.strip() in ("--use-sage-attention",
+                                                      "--use-pytorch-cross-attention")
 
 
 def test_wrong_results_fail_with_numbers_and_are_rolled_back(tmp_path, venv, profile,
