@@ -116,8 +116,8 @@ def cmd_install(args: argparse.Namespace) -> int:
                            "there anyway")
     if args.from_lock:
         doc = lockmod.read(Path(args.from_lock))
-        chosen = [(w.backend, Candidate(w.filename, w.url, f"lock:{args.from_lock}",
-                                        sha256=w.sha256)) for w in lockmod.wheels_of(doc)]
+        chosen = [(w.backend, [Candidate(w.filename, w.url, f"lock:{args.from_lock}",
+                                         sha256=w.sha256)]) for w in lockmod.wheels_of(doc)]
         names = [b for b, _ in chosen]
     else:
         names = requested_backends(args)
@@ -130,7 +130,9 @@ def cmd_install(args: argparse.Namespace) -> int:
             if bp.selected is None:
                 out.row(bp.backend).note = f"no wheel: {bp.reason}"
             else:
-                chosen.append((bp.backend, bp.selected))
+                alts = [bp.selected] + [r.candidate for r in bp.rejected
+                                        if r.reasons and r.reasons[0].kind == "ranked"]
+                chosen.append((bp.backend, alts))
         for w in plan.warnings:
             log(f"warning: {w}")
     chosen.sort(key=lambda t: t[0] == "flash4")  # flash-attn before flash-attn-4
@@ -139,8 +141,10 @@ def cmd_install(args: argparse.Namespace) -> int:
 
         if not args.from_lock:
             print_plan(plan)
-        for b, c in chosen:
-            print(f"would install {b}: {c.filename} from {c.url}")
+        for b, alts in chosen:
+            print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
+                  + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
+                     if len(alts) > 1 else ""))
         return 0
     with target_lock(target.prefix, log):
         recover(target)
@@ -153,39 +157,42 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else 1
 
 
-def run_install(args: argparse.Namespace, target: Target, chosen: list[tuple[str, Candidate]],
-                out: Outcome) -> None:
+def run_install(args: argparse.Namespace, target: Target,
+                chosen: list[tuple[str, list[Candidate]]], out: Outcome) -> None:
     installed = read_installed(target.site_dirs)
     markers = target.facts.get("markers") or {}
     before_torch = torch_snapshot(installed)
     family = torch_family(installed)
     ready: list[tuple[str, Fetched]] = []
     deps: dict[str, list[str]] = {}
-    # 1. read metadata and fetch, before anything changes
-    for backend, c in chosen:
+    # 1. read metadata and fetch, before anything changes; a wheel that cannot be had
+    #    (unreachable source, hash mismatch, needs another torch) gives way to the next
+    #    fitting one in the plan's ranking
+    for backend, alternatives in chosen:
         row = out.row(backend)
-        row.wheel = c.filename
-        meta = fetch_metadata(c)
-        if meta is not None:
-            needs = check_requirements(c.filename, requirements(meta), installed, markers)
-            if needs.refused:
-                row.installed, row.note = "refused", needs.refused[0]
-                out.ok = False
+        failures: list[str] = []
+        for c in alternatives:
+            got = _obtain(c, installed, markers)
+            if isinstance(got, str):
+                failures.append(got)
+                log(f"{backend}: {got}")
                 continue
-        fetched = fetch_wheel(c, log)
-        needs = check_requirements(c.filename, requirements(wheel_metadata(fetched.path)),
-                                   installed, markers)
-        if needs.refused:
-            row.installed, row.note = "refused", needs.refused[0]
+            fetched, missing = got
+            row.wheel = c.filename
+            dist = bk.BACKENDS[backend].dist
+            have = installed.get(dist)
+            if have is not None and have.version == _version_of(c.filename) and \
+                    have.location in own_sites(target):
+                row.installed = f"already {have.version}"
+            ready.append((backend, fetched))
+            deps[backend] = missing
+            break
+        else:
+            row.wheel = alternatives[0].filename if alternatives else ""
+            row.installed = "refused" if any("would replace" in f for f in failures) \
+                else "not installed"
+            row.note = " | ".join(failures)
             out.ok = False
-            continue
-        dist = bk.BACKENDS[backend].dist
-        have = installed.get(dist)
-        if have is not None and have.version == _version_of(c.filename) and \
-                have.location in own_sites(target):
-            row.installed = f"already {have.version}"
-        ready.append((backend, fetched))
-        deps[backend] = needs.missing
     to_install = [(b, f) for b, f in ready if not out.row(b).installed.startswith("already")]
     if not to_install and not ready:
         return
@@ -261,6 +268,25 @@ def _install_deps(args: argparse.Namespace, target: Target, missing: list[str],
         if not missing:
             return
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
+
+
+def _obtain(c: Candidate, installed: dict[str, Installed], markers: dict[str, str]
+            ) -> tuple[Fetched, list[str]] | str:
+    """(the wheel on disk, requirements to add) or why this candidate cannot be used."""
+    meta = fetch_metadata(c)
+    if meta is not None:
+        needs = check_requirements(c.filename, requirements(meta), installed, markers)
+        if needs.refused:
+            return needs.refused[0]
+    try:
+        fetched = fetch_wheel(c, log)
+        needs = check_requirements(c.filename, requirements(wheel_metadata(fetched.path)),
+                                   installed, markers)
+    except InstallError as e:
+        return str(e)
+    if needs.refused:
+        return needs.refused[0]
+    return fetched, needs.missing
 
 
 def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path) -> None:
