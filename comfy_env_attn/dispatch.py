@@ -291,6 +291,7 @@ def set_backend(name: str = "auto", *, exact: bool = False,
         env = _env_override()
         mode = env or ("auto" if name.lower() == "auto" else canonical(name))
         _S.mode, _S.exact, _S.routes = mode, exact, {}
+        _ROUTES.clear()
         lock = _load_lock()
         if allow_unverified is None:
             allow_unverified = os.environ.get("COMFY_ENV_ATTN_UNVERIFIED") == "1"
@@ -387,25 +388,44 @@ def _route(key: tuple[Any, ...]) -> list[str]:
     return out
 
 
+# (shape, dtype, k shape, no mask, causal, no scale, is_cuda) -> (backend, kernel): the hot
+# path is one tuple, one dict lookup and the kernel call.
+_ROUTES: dict[tuple[Any, ...], tuple[str, Kernel]] = {}
+
+
+def _plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
+                scale: Any) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _entry(key: tuple[Any, ...]) -> tuple[str, Kernel]:
+    if not _S.ready:
+        set_backend("auto")
+    shape, dtype, kshape, no_mask, causal, no_scale, is_cuda = key
+    name = _route((shape[-1], dtype, shape[-2], kshape[-2], not no_mask, causal, not no_scale,
+                   "cuda" if is_cuda else "cpu"))[0]
+    if name == "sdpa":
+        kernel: Kernel = _plain_sdpa if no_mask and not causal and no_scale else _sdpa
+    elif not no_scale and _comfy_attention() is not None:
+        kernel = _direct_kernel(name)[0]  # ComfyUI's functions take no scale everywhere
+    else:
+        kernel = _kernel(name)
+    if len(_ROUTES) > 4096:
+        _ROUTES.clear()
+    _ROUTES[key] = (name, kernel)
+    return name, kernel
+
+
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                        scale: float | None = None) -> torch.Tensor:
     """Attention over [B, H, N, D] tensors by the fastest backend proven for this input."""
-    if not _S.ready:
-        set_backend("auto")
-    key = (q.shape[-1], q.dtype, q.shape[-2], k.shape[-2], attn_mask is not None, is_causal,
-           scale is not None, q.device.type)
-    route = _S.routes.get(key)
-    if route is None:
-        route = _route(key)
-    name = route[0]
+    key = (q.shape, q.dtype, k.shape, attn_mask is None, is_causal, scale is None, q.is_cuda)
     try:
-        if name == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                  is_causal=is_causal, scale=scale)
-        kernel = _S.kernels.get(name) or _kernel(name)
-        if scale is not None and _comfy_attention() is not None:
-            kernel = _direct_kernel(name)[0]
+        name, kernel = _ROUTES[key]
+    except KeyError:
+        name, kernel = _entry(key)
+    try:
         return kernel(q, k, v, attn_mask, is_causal, scale)
     except Exception as e:
         return _after_failure(name, key, e, q, k, v, attn_mask, is_causal, scale)
@@ -417,13 +437,17 @@ def _after_failure(name: str, key: tuple[Any, ...], err: Exception, q: torch.Ten
     """Remember the failure for this kind of input (one log line), go on to the next."""
     if name == "sdpa":
         raise err
+    shape, dtype, kshape, no_mask, is_causal, no_scale, is_cuda = key
+    rkey = (shape[-1], dtype, shape[-2], kshape[-2], not no_mask, is_causal, not no_scale,
+            "cuda" if is_cuda else "cpu")
     with _LOCK:
-        _S.failed.add((name, key))
-        _S.routes.pop(key, None)
-    nxt = _route(key)[0]
+        _S.failed.add((name, rkey))
+        _S.routes.pop(rkey, None)
+        _ROUTES.pop(key, None)
+    nxt = _entry(key)[0]
     log.warning("comfy-env-attn: %s failed for head dim %s, %s, %s tokens (%s: %s); using %s "
-                "for such inputs from now on", name, key[0], key[1], key[2], type(err).__name__,
-                str(err)[:200], nxt)
+                "for such inputs from now on", name, shape[-1], dtype, shape[-2],
+                type(err).__name__, str(err)[:200], nxt)
     return dispatch_attention(q, k, v, mask, causal, scale)
 
 
@@ -549,3 +573,4 @@ def setup_link(source: str | os.PathLike[str], name: str) -> bool:
 def _reset_for_tests() -> None:
     global _S
     _S = _State()
+    _ROUTES.clear()

@@ -86,7 +86,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_wheel(c: Candidate, log: Callable[[str], None], *, timeout: float = 60.0
+def fetch_wheel(c: Candidate, log: Callable[[str], None], *, timeout: float | None = None
                 ) -> Fetched:
     """The wheel on local disk, its sha256 checked against the source's (or computed)."""
     parts = urlsplit(c.url)
@@ -101,6 +101,8 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, timeout: float = 60
             raise InstallError(f"{c.filename}: no such file {path}")
         sha = _sha256_file(path)
     else:
+        if timeout is None:
+            timeout = float(os.environ.get("COMFY_ENV_ATTN_TIMEOUT", "60"))
         path, sha = _download(c, dest_dir, log, timeout)
     if c.sha256 and sha != c.sha256.lower():
         raise InstallError(f"hash mismatch for {c.filename}: its source says sha256 "
@@ -139,6 +141,10 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout:
                                f"{expected} bytes")
     except httpx.HTTPError as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+            raise Unreachable(f"cannot reach {urlsplit(c.url).netloc} to download "
+                              f"{c.filename} ({type(e).__name__}: {e}); on an offline "
+                              "machine, carry the wheels and pass --find-links FOLDER") from None
         raise InstallError(f"download of {c.filename} from {c.url} failed: "
                            f"{type(e).__name__}: {e}") from None
     except OSError as e:
@@ -153,6 +159,10 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout:
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
     return final, sha
+
+
+class Unreachable(InstallError):
+    """The wheel's host cannot be reached: other wheels on that host are skipped."""
 
 
 # -- metadata -----------------------------------------------------------------------------

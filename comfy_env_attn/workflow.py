@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from comfy_env_attn import backends as bk
 from comfy_env_attn import lock as lockmod
@@ -16,6 +17,7 @@ from comfy_env_attn.errors import AttnError, InstallError, UsageError
 from comfy_env_attn.index import Candidate
 from comfy_env_attn.install import (
     Fetched,
+    Unreachable,
     check_requirements,
     constraint_file,
     fetch_metadata,
@@ -30,6 +32,8 @@ from comfy_env_attn.journal import Journal, target_lock
 from comfy_env_attn.probe import Target, probe_gpus, probe_interpreter, system_from
 from comfy_env_attn.system import System, load_profile
 from comfy_env_attn.verify import Options, Result, verify
+
+MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
 
 
 @dataclass
@@ -168,11 +172,19 @@ def run_install(args: argparse.Namespace, target: Target,
     # 1. read metadata and fetch, before anything changes; a wheel that cannot be had
     #    (unreachable source, hash mismatch, needs another torch) gives way to the next
     #    fitting one in the plan's ranking
+    dead_hosts: set[str] = set()
     for backend, alternatives in chosen:
         row = out.row(backend)
         failures: list[str] = []
-        for c in alternatives:
+        for c in alternatives[:MAX_ALTERNATIVES]:
+            host = urlsplit(c.url).netloc
+            if host and host in dead_hosts:
+                failures.append(f"{c.filename}: skipped, {host} is unreachable")
+                continue
             got = _obtain(c, installed, markers)
+            if isinstance(got, Unreachable):
+                dead_hosts.add(host)
+                got = str(got)
             if isinstance(got, str):
                 failures.append(got)
                 log(f"{backend}: {got}")
@@ -271,7 +283,7 @@ def _install_deps(args: argparse.Namespace, target: Target, missing: list[str],
 
 
 def _obtain(c: Candidate, installed: dict[str, Installed], markers: dict[str, str]
-            ) -> tuple[Fetched, list[str]] | str:
+            ) -> tuple[Fetched, list[str]] | str | Unreachable:
     """(the wheel on disk, requirements to add) or why this candidate cannot be used."""
     meta = fetch_metadata(c)
     if meta is not None:
@@ -282,6 +294,8 @@ def _obtain(c: Candidate, installed: dict[str, Installed], markers: dict[str, st
         fetched = fetch_wheel(c, log)
         needs = check_requirements(c.filename, requirements(wheel_metadata(fetched.path)),
                                    installed, markers)
+    except Unreachable as e:
+        return e
     except InstallError as e:
         return str(e)
     if needs.refused:
