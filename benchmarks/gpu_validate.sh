@@ -33,7 +33,7 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   echo "$base" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/base-env.pth"
 fi
 "$VENV/bin/python" -c 'import torch; print("venv sees torch", torch.__version__)'
-"$VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELS" -e . || exit 1
+"$VENV/bin/python" -m pip install -q --no-index --find-links "$WHEELS" . || exit 1
 CEA="$VENV/bin/comfy-env-attn"
 
 step "probe"

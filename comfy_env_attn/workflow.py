@@ -133,6 +133,8 @@ def cmd_install(args: argparse.Namespace) -> int:
                 continue
             if bp.selected is None:
                 out.row(bp.backend).note = f"no wheel: {bp.reason}"
+                if args.backends or args.config:
+                    out.ok = False  # asked for by name: not having it is a failure
             else:
                 alts = [bp.selected] + [r.candidate for r in bp.rejected
                                         if r.reasons and r.reasons[0].kind == "ranked"]
