@@ -83,20 +83,37 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"(no lock at {lock}: run comfy-env-attn install/verify to time the lock read)")
 
 
-def gpu_time(fn, q, k, v, iters: int) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn(q, k, v)
+def gpu_times(fns: dict[str, object], q, k, v, iters: int, rounds: int = 5  # type: ignore[no-untyped-def]
+              ) -> dict[str, float]:
+    """Median ms per call of each function, measured in interleaved rounds (clocks drift)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn(q, k, v)  # type: ignore[operator]
     torch.cuda.synchronize()
-    times = []
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn(q, k, v)  # type: ignore[operator]
+            end.record()
+            torch.cuda.synchronize()
+            samples[name].append(start.elapsed_time(end) / iters)
+    return {n: statistics.median(t) for n, t in samples.items()}
+
+
+def host_us(fn, q, k, v, calls: int = 20) -> float:  # type: ignore[no-untyped-def]
+    """Host-side microseconds per call (kernels queue asynchronously): the Python cost."""
+    torch.cuda.synchronize()
+    best = float("inf")
     for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn(q, k, v)
-        end.record()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)  # ms
+    return best
 
 
 def gpu(args: argparse.Namespace) -> None:
@@ -110,31 +127,41 @@ def gpu(args: argparse.Namespace) -> None:
                    for _ in range(3))
         flops = 4 * b * h * n * n * d
         iters = max(3, min(50, int(2e13 / flops)))
-        res: dict[str, float] = {}
+        fns: dict[str, object] = {}
         for name in names:
             try:
                 kern = dispatch._direct_kernel(name)[0]
-                res[name] = gpu_time(lambda q, k, v, kern=kern: kern(q, k, v, None, False, None),
-                                     q, k, v, iters)
+
+                def direct(q, k, v, kern=kern):  # type: ignore[no-untyped-def]
+                    return kern(q, k, v, None, False, None)
+
+                direct(q, k, v)
+                fns[name] = direct
             except Exception as e:  # a backend that fails here is reported, not fatal
                 print(f"  {title}: {name} failed: {type(e).__name__}: {str(e)[:120]}")
-        res["auto"] = gpu_time(dispatch.dispatch_attention, q, k, v, iters)
+        fns["auto"] = dispatch.dispatch_attention
+        res = gpu_times(fns, q, k, v, iters)
         picked = dispatch._ROUTES[(q.shape, q.dtype, k.shape, True, False, True, True)][0]
         best = min((t, nm) for nm, t in res.items() if nm != "auto")
-        row = {"shape": title, "dims": shape, "auto_picked": picked, "best": best[1],
-               "tflops": {nm: flops / t / 1e9 for nm, t in res.items()},
-               "auto_vs_best": best[0] / res["auto"],
-               "overhead_pct": (res["auto"] - res.get(picked, res["auto"])) /
-               res.get(picked, res["auto"]) * 100}
-        rows.append(row)
+        direct_host = host_us(fns[picked], q, k, v) if picked in fns else float("nan")
+        auto_host = host_us(dispatch.dispatch_attention, q, k, v)
+        added_us = auto_host - direct_host
+        rows.append({"shape": title, "dims": shape, "auto_picked": picked, "best": best[1],
+                     "ms": res, "tflops": {nm: flops / t / 1e9 for nm, t in res.items()},
+                     "auto_vs_best": best[0] / res["auto"], "added_us": added_us,
+                     "added_pct_of_kernel": added_us / (res[picked] * 1e3) * 100
+                     if picked in res else float("nan")})
         del q, k, v
         torch.cuda.empty_cache()
     cols = [*names, "auto"]
-    print("shape".ljust(22) + "".join(c.rjust(10) for c in cols) + "  picked   auto/best  overhead")
+    print("TFLOP/s, bf16 (4*B*H*N^2*D per call)")
+    print("shape".ljust(22) + "".join(c.rjust(10) for c in cols)
+          + "  picked    best      auto/best  added/call")
     for r in rows:
         print(f"{r['shape']:<10}{'x'.join(map(str, r['dims'])):>12}"
               + "".join(f"{r['tflops'].get(c, float('nan')):10.0f}" for c in cols)
-              + f"  {r['auto_picked']:<8} {r['auto_vs_best']:6.3f}   {r['overhead_pct']:+.2f}%")
+              + f"  {r['auto_picked']:<9} {r['best']:<9} {r['auto_vs_best']:6.3f}"
+              + f"   {r['added_us']:+.1f} us ({r['added_pct_of_kernel']:+.2f}% of the kernel)")
     if args.json:
         Path(args.json).write_text(json.dumps({"label": label, "rows": rows}, indent=1))
 

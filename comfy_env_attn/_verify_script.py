@@ -4,7 +4,8 @@ installer down). Standard library and torch only: the target need not have this 
     python _verify_script.py '<json config>'
 
 Config: {"backend", "device", "head_dims", "extra_head_dims", "dtypes", "thresholds",
-         "shapes", "min_time", "check_only", "bench_only"}.
+         "shapes" (or "gpu_shapes" and "cpu_shapes", chosen here by the device), "min_time",
+         "check_only", "bench_only"}.
 Prints one line "@@RESULT@@" + JSON, after whatever the backend printed.
 
 Accuracy: the backend's output against float32 SDPA on the same inputs: max absolute
@@ -216,7 +217,12 @@ def main() -> None:
     if not failed and not cfg.get("check_only"):
         bench_dtype = cfg.get("bench_dtype") or ("bfloat16" if device.startswith("cuda")
                                                  else "float32")
-        for shape in cfg.get("shapes", []):
+        # the device decides the default shapes, in this process, so that SDPA (verified
+        # first, before anything knew the device) is timed at the same shapes as the rest
+        shapes = cfg.get("shapes")
+        if shapes is None:
+            shapes = cfg.get("gpu_shapes" if device.startswith("cuda") else "cpu_shapes", [])
+        for shape in shapes:
             benches.append(bench(fn, device, shape, bench_dtype, cfg.get("min_time", 0.3)))
     result["bench"] = benches
     result["total_s"] = time.perf_counter() - t_start

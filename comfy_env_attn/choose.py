@@ -3,7 +3,7 @@ the runtime dispatcher and `doctor` (which never imports torch) share it.
 
 A kind of input is (head dim, dtype, tokens). The lock measured each verified backend at a few
 shapes; for a call the nearest measured shape of the same head dim decides (nearest in
-log-tokens), and the order is by measured time there. Backends the lock did not verify for
+log-tokens), and the order is by measured throughput there. Backends the lock did not verify for
 that head dim are left out; SDPA is always the last resort.
 """
 
@@ -59,8 +59,11 @@ def order_for(backends: dict[str, Any], head_dim: int, dtype: str, tokens: int, 
         if b is None:
             rows.append((math.inf, name, "verified, not timed"))
             continue
-        scale = (tokens / b["shape"][2]) ** 2 * head_dim / b["shape"][3]
-        est = b["ms"] * scale
+        # throughput at that shape: it carries over to other batch and head counts,
+        # where milliseconds would not
+        bb, hh, nn, dd = b["shape"]
+        tflops = b.get("tflops") or 4.0 * bb * hh * nn * nn * dd / (b["ms"] * 1e9)
+        est = 1.0 / tflops
         shape = "x".join(str(s) for s in b["shape"])
         tf = f", {b['tflops']:.3g} TFLOP/s" if "tflops" in b else ""
         note = "" if ok else f" (head dim {head_dim} not checked)"

@@ -20,6 +20,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def console() -> Any:
+    """rich's console; in logs and pipes wide and unwrapped, so nothing is cut or folded."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=250, soft_wrap=True)
+
+
 def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
     return find_python_auto(python=getattr(args, "python", None),
                             comfyui=getattr(args, "comfyui", None),
@@ -63,7 +72,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
                    "executable": target.executable, "prefix": str(target.prefix),
                    "is_venv": target.is_venv, "cached": target.cached})
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"Target: {target.executable}", show_header=False)
@@ -79,7 +87,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             shown = f"[dim]absent: {why}[/dim]"
         t.add_row(key, str(shown))
     t.add_row("venv", "yes" if target.is_venv else "no (system interpreter)")
-    Console().print(t)
+    console().print(t)
     return 0
 
 
@@ -104,11 +112,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     from collections import Counter
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]Plan for[/bold] {plan.system.describe()}")
+    con = console()
+    con.print(f"[bold]Plan for[/bold] {plan.system.describe()}")
     t = Table(show_lines=False)
     t.add_column("backend", style="bold")
     t.add_column("selected wheel / why none")
@@ -125,20 +132,20 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
             t.add_row(b.backend, b.selected.filename, b.selected.source, summary)
         else:
             t.add_row(b.backend, f"[red]none[/red]: {b.reason}", "", summary)
-    console.print(t)
+    con.print(t)
     for b in plan.backends:
         for n in b.notes:
-            console.print(f"[yellow]note[/yellow] {b.backend}: {n}")
+            con.print(f"[yellow]note[/yellow] {b.backend}: {n}")
     for w in plan.warnings:
-        console.print(f"[yellow]warning[/yellow] {w}")
+        con.print(f"[yellow]warning[/yellow] {w}")
     if verbose:
         for b in plan.backends:
             for r in b.rejected:
-                console.print(f"{b.backend}: {r.candidate.filename}", markup=False)
+                con.print(f"{b.backend}: {r.candidate.filename}", markup=False)
                 for x in r.reasons:
-                    console.print(f"    - {x.text}", markup=False)
+                    con.print(f"    - {x.text}", markup=False)
     elif any(b.rejected for b in plan.backends):
-        console.print("[dim]-v lists every rejected wheel with its reasons; --json gives them "
+        con.print("[dim]-v lists every rejected wheel with its reasons; --json gives them "
                       "all[/dim]")
 
 
@@ -167,19 +174,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def print_diagnosis(diag: Any, target: Target) -> None:
-    from rich.console import Console
 
-    console = Console()
-    console.print(f"[bold]Target[/bold] {target.executable}")
-    console.print(f"        {diag.system.describe()}")
+    con = console()
+    con.print(f"[bold]Target[/bold] {target.executable}")
+    con.print(f"        {diag.system.describe()}")
     for f in diag.findings:
         mark = "[red]PROBLEM[/red]" if f.severity == "problem" else "[green]ok[/green]  " \
             if "fits this machine" in f.message and "not installed" not in f.message \
             else "[blue]info[/blue] "
-        console.print(f"{mark} [bold]{f.subject}[/bold]: {f.message}", highlight=False)
+        con.print(f"{mark} [bold]{f.subject}[/bold]: {f.message}", highlight=False)
         if f.next_step:
-            console.print(f"        next: {f.next_step}", highlight=False)
-    console.print("[green]healthy[/green]" if diag.healthy
+            con.print(f"        next: {f.next_step}", highlight=False)
+    con.print("[green]healthy[/green]" if diag.healthy
                   else "[red]problems found[/red] (exit 1)")
 
 

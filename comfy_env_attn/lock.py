@@ -75,17 +75,19 @@ def auto_order(backends: dict[str, dict[str, Any]]) -> list[str]:
     """Verified backends by measured speed (SDPA = 1.0); unmeasured ones after SDPA."""
     base = {shape_key(b["shape"]): b["tflops"]
             for b in backends.get("sdpa", {}).get("bench", []) if "tflops" in b}
-    scored = []
+    scored: list[tuple[float, bool, str]] = []
+    unmeasured: list[str] = []
     for name, info in backends.items():
         if info.get("status") != "verified":
             continue
         s = 1.0 if name == "sdpa" else speed_score(info.get("bench", []), base)
-        scored.append((s if s is not None else 0.0, name == "sdpa", name))
+        if s is None:
+            unmeasured.append(name)  # no shape in common with SDPA: no claim about speed
+            continue
+        info["speed_vs_sdpa"] = round(s, 4)
+        scored.append((s, name == "sdpa", name))
     scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    for name, info in backends.items():
-        if info.get("status") == "verified":
-            info["speed_vs_sdpa"] = round(next(s for s, _, n in scored if n == name), 4)
-    return [n for _, _, n in scored]
+    return [n for _, _, n in scored] + unmeasured
 
 
 def _clean(value: Any) -> Any:

@@ -83,13 +83,17 @@ class Result:
         return f"passed: max abs error {worst:.2g}, cosine >= {cos:.5f}"
 
 
-def _config(backend: str, opts: Options, device_type: str | None) -> dict[str, Any]:
-    shapes = opts.shapes
-    if shapes is None:
-        shapes = GPU_SHAPES if device_type == "cuda" else CPU_SHAPES
-    return {"backend": backend, "device": opts.device, "head_dims": [64, 128],
-            "extra_head_dims": EXTRA_DIMS.get(backend, []), "thresholds": thresholds(backend),
-            "shapes": shapes if opts.bench else [], "min_time": opts.min_time}
+def _config(backend: str, opts: Options) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"backend": backend, "device": opts.device, "head_dims": [64, 128],
+                           "extra_head_dims": EXTRA_DIMS.get(backend, []),
+                           "thresholds": thresholds(backend), "min_time": opts.min_time}
+    if not opts.bench:
+        cfg["shapes"] = []
+    elif opts.shapes is not None:
+        cfg["shapes"] = opts.shapes
+    else:  # the script picks by the device it finds
+        cfg["gpu_shapes"], cfg["cpu_shapes"] = GPU_SHAPES, CPU_SHAPES
+    return cfg
 
 
 def _signal_name(code: int) -> str:
@@ -99,9 +103,8 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_one(python: str, backend: str, opts: Options,
-            device_type: str | None = None) -> Result:
-    cfg = _config(backend, opts, device_type)
+def run_one(python: str, backend: str, opts: Options) -> Result:
+    cfg = _config(backend, opts)
     env = {**os.environ, **opts.env, "PYTHONFAULTHANDLER": "1"}
     t0 = time.monotonic()
     try:
@@ -135,14 +138,11 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
     opts = opts or Options()
     results: dict[str, Result] = {}
     order = ["sdpa"] + [b for b in backends if b != "sdpa"]
-    device_type = None
     for name in order:
         if progress:
             progress(f"verifying {name} ...")
-        res = run_one(python, name, opts, device_type)
+        res = run_one(python, name, opts)
         results[name] = res
-        if name == "sdpa":
-            device_type = (res.data.get("device") or {}).get("type")
         if progress:
             progress(f"  {name}: {res.summary()}")
     return results

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from comfy_env_attn import backends as bk
 from comfy_env_attn import lock as lockmod
-from comfy_env_attn.commands import locate, log, make_plan
+from comfy_env_attn.commands import console, locate, log, make_plan
 from comfy_env_attn.errors import AttnError, InstallError, UsageError
 from comfy_env_attn.index import Candidate
 from comfy_env_attn.install import (
@@ -204,7 +204,7 @@ def run_install(args: argparse.Namespace, target: Target,
         else:
             row.wheel = alternatives[0].filename if alternatives else ""
             row.installed = "refused" if any("would replace" in f for f in failures) \
-                else "not installed"
+                else "none"
             row.note = " | ".join(failures)
             out.ok = False
     to_install = [(b, f) for b, f in ready if not out.row(b).installed.startswith("already")]
@@ -495,7 +495,6 @@ def cmd_lock(args: argparse.Namespace) -> int:
         dump_json({"path": str(path), "fresh": not stale, "stale": stale,
                    "auto": tool.get("auto", []), "backends": tool.get("backends", {})})
     else:
-        from rich.console import Console
         from rich.table import Table
 
         t = Table(title=str(path))
@@ -505,7 +504,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
             t.add_row(name, info.get("status", ""), info.get("version", ""),
                       f"{info['speed_vs_sdpa']:.2f}x" if "speed_vs_sdpa" in info else "",
                       info.get("error", "")[:80])
-        Console().print(t)
+        console().print(t)
         print(f"auto order: {', '.join(tool.get('auto', []))}")
         print("fingerprint: fresh" if not stale else
               "fingerprint: STALE: " + "; ".join(stale) + " (run: comfy-env-attn verify)")
@@ -519,7 +518,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
     results = verify(target.executable, names, _options(args), progress=log)
     base = {lockmod.shape_key(b["shape"]): b for b in results["sdpa"].bench if "tflops" in b}
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="attention throughput (TFLOP/s, 4*B*H*N^2*D per call; ratio to SDPA)")
@@ -536,7 +534,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 ratio = b["tflops"] / base[key]["tflops"]
                 cells.append(f"{b['tflops']:.3g} ({ratio:.2f}x)")
         t.add_row(key, *cells)
-    Console().print(t)
+    console().print(t)
     return 0
 
 
@@ -627,7 +625,6 @@ def cmd_launch_args(args: argparse.Namespace) -> int:
 def print_summary(out: Outcome, target: Target) -> None:
     import sys
 
-    from rich.console import Console
     from rich.table import Table
 
     if not sys.stdout.isatty():  # logs and pipes: one line per backend, nothing folded
@@ -643,7 +640,7 @@ def print_summary(out: Outcome, target: Target) -> None:
         t.add_column(col, overflow="fold")
     for r in out.rows.values():
         t.add_row(r.backend, r.wheel, r.installed, r.verified, r.note)
-    Console().print(t)
+    console().print(t)
 
 
 def add_parsers(sub: Any, target_args: Any, index_args: Any, common: Any) -> None:

@@ -293,3 +293,36 @@ def test_setup_link_without_symlinks(tmp_path, monkeypatch) -> None:
     assert not any(p.is_symlink() for p in tmp_path.rglob("*"))
     for m in ("comfy", "comfy.sparse_attn", "comfy.real"):
         sys.modules.pop(m, None)
+
+
+def test_choice_compares_throughput_not_milliseconds_across_batch_sizes() -> None:
+    # Found on the H100: backends timed at different batch x heads must be compared by
+    # throughput. SDPA: 463 TFLOP/s at 2x10x4096x64; sage: 429 TFLOP/s at 1x10x4096x64.
+    def entry(shape: list[int], ms: float, quantized: bool) -> dict:
+        return {"status": "verified", "quantized": quantized,
+                "checks": [{"head_dim": 64, "dtype": "bfloat16", "passed": True}],
+                "bench": [{"shape": shape, "ms": ms}]}
+    backends = {"sdpa": entry([2, 10, 4096, 64], 0.1855, False),
+                "sage": entry([1, 10, 4096, 64], 0.1, True)}
+    assert choose.order_for(backends, 64, "bfloat16", 4096)[0][0] == "sdpa"
+
+
+def test_verification_lets_the_device_pick_the_shapes() -> None:
+    # Found on the H100: SDPA, verified first, was timed at the CPU shapes before anything
+    # knew the device, so no shape matched the GPU shapes of the other backends.
+    from comfy_env_attn.verify import CPU_SHAPES, GPU_SHAPES, Options, _config
+
+    cfg = _config("sdpa", Options())
+    assert "shapes" not in cfg
+    assert cfg["gpu_shapes"] == GPU_SHAPES and cfg["cpu_shapes"] == CPU_SHAPES
+    assert _config("sage", Options(shapes=[[1, 2, 3, 4]]))["shapes"] == [[1, 2, 3, 4]]
+
+
+def test_auto_order_makes_no_speed_claim_without_common_shapes() -> None:
+    from comfy_env_attn.lock import auto_order
+
+    b = {"sdpa": {"status": "verified", "bench": [{"shape": [1, 4, 256, 64], "tflops": 2.0}]},
+         "sage": {"status": "verified", "bench": [{"shape": [2, 10, 4096, 64], "tflops": 200}]},
+         "flash": {"status": "verified", "bench": [{"shape": [1, 4, 256, 64], "tflops": 3.0}]}}
+    assert auto_order(b) == ["flash", "sdpa", "sage"]
+    assert "speed_vs_sdpa" not in b["sage"] and b["flash"]["speed_vs_sdpa"] == 1.5
