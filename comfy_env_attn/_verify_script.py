@@ -132,36 +132,66 @@ def check_accuracy(fn: Callable[..., Any], device: str, dim: int, dtype_name: st
     return res
 
 
+def _warm_gpu(device: str, seconds: float = 1.0) -> None:
+    """Bring the GPU to its working clocks: each backend is timed in a fresh process, and a
+    cold GPU would make whichever backend runs first look slower."""
+    import torch
+
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def bench(fn: Callable[..., Any], device: str, shape: list[int], dtype_name: str,
           min_time: float) -> dict[str, Any]:
+    """Median time per call over rounds of back-to-back calls (CUDA events on a GPU: a
+    synchronize per call would add the launch latency to every sample)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     b, h, n, d = shape
     res: dict[str, Any] = {"shape": shape, "dtype": dtype_name}
+    cuda = device.startswith("cuda")
     try:
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
         t0 = time.perf_counter()
         fn(q, k, v)
         _sync(device)
         res["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-        for _ in range(2):
+        t0 = time.perf_counter()
+        for _ in range(3):
             fn(q, k, v)
         _sync(device)
-        times: list[float] = []
-        deadline = time.perf_counter() + min_time
-        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-            t0 = time.perf_counter()
-            fn(q, k, v)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        med = times[len(times) // 2]
-        res.update(ms=med * 1e3, tflops=4.0 * b * h * n * n * d / med / 1e12, iters=len(times))
+        per_call = max((time.perf_counter() - t0) / 3, 1e-6)
+        rounds = 7
+        iters = max(1, min(200, int(min_time / rounds / per_call)))
+        samples: list[float] = []
+        for _ in range(rounds):
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                start.record()
+                for _ in range(iters):
+                    fn(q, k, v)
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3 / iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn(q, k, v)
+                samples.append((time.perf_counter() - t0) / iters)
+        samples.sort()
+        med = samples[len(samples) // 2]
+        res.update(ms=med * 1e3, tflops=4.0 * b * h * n * n * d / med / 1e12,
+                   iters=iters * rounds, spread=(samples[-1] - samples[0]) / med)
     except Exception as e:
         res["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
     finally:
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
     return res
 
@@ -222,6 +252,8 @@ def main() -> None:
         shapes = cfg.get("shapes")
         if shapes is None:
             shapes = cfg.get("gpu_shapes" if device.startswith("cuda") else "cpu_shapes", [])
+        if device.startswith("cuda") and shapes:
+            _warm_gpu(device)
         for shape in shapes:
             benches.append(bench(fn, device, shape, bench_dtype, cfg.get("min_time", 0.3)))
     result["bench"] = benches

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -451,15 +451,32 @@ def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[An
             c.sha256 is not None)
 
 
+_FACTS = ("requires_torch", "cuda", "built_torch", "sm", "requires_python")
+
+
+def merge_facts(first: Candidate, other: Candidate) -> Candidate:
+    """first, with the build facts it lacks taken from another listing of the same file
+    (only when their hashes do not contradict each other: then they are not the same file)."""
+    if first.sha256 and other.sha256 and first.sha256.lower() != other.sha256.lower():
+        return first
+    fill = {f: getattr(other, f) for f in _FACTS
+            if getattr(first, f) is None and getattr(other, f) is not None}
+    if not first.sha256 and other.sha256:
+        fill["sha256"] = other.sha256
+    return replace(first, **fill) if fill else first
+
+
 def resolve(system: System, candidates: Iterable[Candidate],
             backends: Sequence[str]) -> Plan:
     """The Plan: for each requested backend the best fitting wheel and why the others lost."""
-    by_project: dict[str, list[Candidate]] = {}
-    seen: set[str] = set()
+    by_file: dict[str, Candidate] = {}
     for c in candidates:
-        if c.filename in seen:  # the same file from a second source: first source wins
-            continue
-        seen.add(c.filename)
+        first = by_file.get(c.filename)
+        # the same file from a second source: the first source's URL wins, and what the
+        # other source knows about the build (its torch, CUDA, SM archs) is kept
+        by_file[c.filename] = c if first is None else merge_facts(first, c)
+    by_project: dict[str, list[Candidate]] = {}
+    for c in by_file.values():
         by_project.setdefault(project_of(c.filename), []).append(c)
     plans = [BackendPlan("sdpa", "", None, builtin=True,
                          reason=None if system.torch else "torch is not installed in the target")]

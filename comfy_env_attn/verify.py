@@ -58,7 +58,7 @@ class Options:
     device: str | None = None  # None: cuda when torch sees a GPU, else cpu
     shapes: list[list[int]] | None = None  # None: GPU_SHAPES or CPU_SHAPES
     timeout: float = float(os.environ.get("COMFY_ENV_ATTN_VERIFY_TIMEOUT", "600"))
-    min_time: float = 0.3
+    min_time: float = 0.5
     bench: bool = True
     env: dict[str, str] = field(default_factory=dict)
 

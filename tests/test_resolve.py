@@ -279,3 +279,25 @@ def test_embedded_index_has_real_sources() -> None:
     x = next(c for c in pypi if c.filename.startswith("xformers-0.0.33.post2-")
              and "manylinux" in c.filename)
     assert x.requires_torch == "==2.9.1" and x.built_torch == "2.9.1+cu128"
+
+
+def test_build_facts_of_the_same_file_are_merged_across_sources() -> None:
+    # Found on the H100: a carried copy of xformers 0.0.35 (find-links, no facts) hid what
+    # the embedded index records (built with CUDA 12.8), so the plan took it for a CUDA 13
+    # torch; it then failed verification ("xFormers wasn't built with CUDA support").
+    f = "xformers-0.0.35-py39-none-manylinux_2_28_x86_64.whl"
+    sysm = make_system(python="3.12.3", torch="2.11.0+cu130", torch_cuda="13.0",
+                       driver="580.159.04", driver_cuda="13.0", gpus=("9.0",))
+    carried = Candidate(filename=f, url="file:///w/" + f, source="find-links:/w")
+    known = cand(f, requires_torch=">=2.10", built_torch="2.10.0+cu128", cuda="12.8",
+                 sha256="ab" * 32)
+    plan = resolve(sysm, [carried, known], ["xformers"])
+    bp = plan.get("xformers")
+    assert bp.selected is None  # type: ignore[union-attr]
+    (rej,) = bp.rejected  # type: ignore[union-attr]
+    assert rej.candidate.url == "file:///w/" + f and rej.candidate.sha256 == "ab" * 32
+    assert [r.text for r in rej.reasons] == ["built for CUDA 12.8, target's torch uses CUDA 13.0"]
+    # a listing whose hash contradicts is another file: nothing is taken from it
+    other = cand(f, cuda="12.8", sha256="cd" * 32)
+    mine = Candidate(filename=f, url="file:///w/" + f, source="x", sha256="ef" * 32)
+    assert resolve(sysm, [mine, other], ["xformers"]).get("xformers").selected is not None  # type: ignore[union-attr]
