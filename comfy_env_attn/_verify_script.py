@@ -252,10 +252,12 @@ def main() -> None:
         shapes = cfg.get("shapes")
         if shapes is None:
             shapes = cfg.get("gpu_shapes" if device.startswith("cuda") else "cpu_shapes", [])
+        min_time = cfg.get("min_time", 0.5)
         if device.startswith("cuda") and shapes:
             _warm_gpu(device)
+            min_time = max(min_time, 1.0)  # backends within a few % of each other
         for shape in shapes:
-            benches.append(bench(fn, device, shape, bench_dtype, cfg.get("min_time", 0.3)))
+            benches.append(bench(fn, device, shape, bench_dtype, min_time))
     result["bench"] = benches
     result["total_s"] = time.perf_counter() - t_start
     print(MARK + json.dumps(result))
