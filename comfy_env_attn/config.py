@@ -4,18 +4,12 @@ the attention ones among them become the requested backends."""
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from comfy_env_attn.backends import BY_DIST, normalize_dist
 from comfy_env_attn.errors import ProfileError
-from comfy_env_attn.system import toml_error
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from comfy_env_attn.system import read_toml
 
 
 @dataclass(frozen=True)
@@ -26,14 +20,7 @@ class CudaConfig:
 
 def read_cuda_config(path: str | Path) -> CudaConfig:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ProfileError(f"cannot read {p}: {e.strerror}") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(toml_error(str(p), text, e)) from None
+    doc = read_toml(p, what="comfy-env config")
     cuda = doc.get("cuda")
     if not isinstance(cuda, dict) or "packages" not in cuda:
         raise ProfileError(f"{p}: no [cuda] table with a packages list")

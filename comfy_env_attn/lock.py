@@ -11,18 +11,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.errors import AttnError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 LOCK_NAME = "pylock.comfy-env-attn.toml"
 SCHEMA = 1
@@ -149,16 +143,11 @@ def write(path: Path, doc: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LockError(f"no lock at {path}: run comfy-env-attn install or verify") from None
-    try:
-        doc: dict[str, Any] = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        from comfy_env_attn.system import toml_error
+    from comfy_env_attn.system import read_toml
 
-        raise LockError(toml_error(str(path), text, e)) from None
+    if not path.exists():
+        raise LockError(f"no lock at {path}: run comfy-env-attn install or verify")
+    doc = read_toml(path, what="lock", error=LockError)
     validate(doc, str(path))
     return doc
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.errors import ProfileError
+from comfy_env_attn.errors import AttnError, ProfileError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,17 +180,23 @@ def toml_error(where: str, text: str, e: Exception) -> str:
     return f"{where}: malformed TOML: {msg}"
 
 
-def load_profile(path: str | Path) -> System:
+def read_toml(path: str | Path, *, what: str,
+              error: type[AttnError] = ProfileError) -> dict[str, Any]:
+    """A TOML file as a dict; `error` naming the file (and line and column) otherwise."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise ProfileError(f"cannot read System profile {str(p)!r}: {e.strerror}") from None
+        raise error(f"cannot read {what} {str(p)!r}: {e.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        doc: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ProfileError(toml_error(str(p), text, e)) from None
-    return from_dict(data, where=str(p))
+        raise error(toml_error(str(p), text, e)) from None
+    return doc
+
+
+def load_profile(path: str | Path) -> System:
+    return from_dict(read_toml(path, what="System profile"), where=str(path))
 
 
 def with_absent(system: System, **reasons: str) -> System:
