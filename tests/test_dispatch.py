@@ -326,3 +326,31 @@ def test_auto_order_makes_no_speed_claim_without_common_shapes() -> None:
          "flash": {"status": "verified", "bench": [{"shape": [1, 4, 256, 64], "tflops": 3.0}]}}
     assert auto_order(b) == ["flash", "sdpa", "sage"]
     assert "speed_vs_sdpa" not in b["sage"] and b["flash"]["speed_vs_sdpa"] == 1.5
+
+
+def test_attention_backend_node_override_reshapes_like_comfyui(tmp_path, monkeypatch,
+                                                                fresh) -> None:
+    from comfy_env_attn.comfyui_node import AttentionBackend, make_override
+
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
+    override = make_override("auto", False)
+    b, n, heads, d = 2, 77, 4, 32
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, n, heads * d, generator=g) for _ in range(3))
+    called = []
+
+    def comfy_func(*args, **kwargs):  # what ComfyUI would have called
+        called.append(1)
+        raise AssertionError("the override handles unmasked attention itself")
+
+    out = override(comfy_func, q, k, v, heads, skip_reshape=False, skip_output_reshape=False)
+    split = [t.view(b, n, heads, d).transpose(1, 2) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, heads * d)
+    torch.testing.assert_close(out, ref)
+    assert called == []
+    # [B, H, N, D] in and out with skip_reshape / skip_output_reshape
+    out2 = override(comfy_func, *split, heads, skip_reshape=True, skip_output_reshape=True)
+    torch.testing.assert_close(out2, F.scaled_dot_product_attention(*split))
+    # the node's inputs list auto and the backend names
+    choices = AttentionBackend.INPUT_TYPES()["required"]["backend"][0]
+    assert choices[:2] == ["auto", "auto (exact)"] and "sage" in choices
