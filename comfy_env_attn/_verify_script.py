@@ -7,6 +7,8 @@ Config: {"backend", "device", "head_dims", "extra_head_dims", "dtypes", "thresho
          "shapes" (or "gpu_shapes" and "cpu_shapes", chosen here by the device), "min_time",
          "check_only", "bench_only"}.
 Prints one line "@@RESULT@@" + JSON, after whatever the backend printed.
+With {"backends": [...]} instead of "backend", times those backends together, in one
+process, interleaved (the figures `auto` compares).
 
 Accuracy: the backend's output against float32 SDPA on the same inputs: max absolute
 error, cosine similarity, NaN/Inf. Speed: median time per call after warm-up (the first
@@ -145,73 +147,136 @@ def _warm_gpu(device: str, seconds: float = 1.0) -> None:
         torch.cuda.synchronize()
 
 
-def bench(fn: Callable[..., Any], device: str, shape: list[int], dtype_name: str,
-          min_time: float) -> dict[str, Any]:
-    """Median time per call over rounds of back-to-back calls (CUDA events on a GPU: a
-    synchronize per call would add the launch latency to every sample)."""
+def bench(fns: dict[str, Callable[..., Any]], device: str, shape: list[int],
+          dtype_name: str, min_time: float) -> dict[str, dict[str, Any]]:
+    """Median time per call of each function at one shape, on the same inputs, in rounds of
+    back-to-back calls whose order rotates: backends compared in one process, at the same
+    clocks, not across processes (CUDA events on a GPU: a synchronize per call would add
+    the launch latency to every sample)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     b, h, n, d = shape
-    res: dict[str, Any] = {"shape": shape, "dtype": dtype_name}
     cuda = device.startswith("cuda")
+    out: dict[str, dict[str, Any]] = {name: {"shape": shape, "dtype": dtype_name}
+                                      for name in fns}
+    live: dict[str, Callable[..., Any]] = {}
+    iters: dict[str, int] = {}
+    rounds = 7
     try:
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
-        t0 = time.perf_counter()
-        fn(q, k, v)
-        _sync(device)
-        res["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn(q, k, v)
-        _sync(device)
-        per_call = max((time.perf_counter() - t0) / 3, 1e-6)
-        rounds = 7
-        iters = max(1, min(200, int(min_time / rounds / per_call)))
-        samples: list[float] = []
-        for _ in range(rounds):
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                start.record()
-                for _ in range(iters):
-                    fn(q, k, v)
-                end.record()
-                torch.cuda.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3 / iters)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn(q, k, v)
-                samples.append((time.perf_counter() - t0) / iters)
-        samples.sort()
-        med = samples[len(samples) // 2]
-        res.update(ms=med * 1e3, tflops=4.0 * b * h * n * n * d / med / 1e12,
-                   iters=iters * rounds, spread=(samples[-1] - samples[0]) / med)
     except Exception as e:
-        res["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
-    finally:
-        if cuda:
-            torch.cuda.empty_cache()
-    return res
+        for res in out.values():
+            res["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+        return out
+    for name, fn in fns.items():
+        res = out[name]
+        try:
+            t0 = time.perf_counter()
+            fn(q, k, v)
+            _sync(device)
+            res["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn(q, k, v)
+            _sync(device)
+            per_call = max((time.perf_counter() - t0) / 3, 1e-6)
+            iters[name] = max(1, min(200, int(min_time / rounds / per_call)))
+            live[name] = fn
+        except Exception as e:
+            res["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    names = list(live)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+            fn, n_it = live[name], iters[name]
+            try:
+                if cuda:
+                    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                    start.record()
+                    for _ in range(n_it):
+                        fn(q, k, v)
+                    end.record()
+                    torch.cuda.synchronize()
+                    samples[name].append(start.elapsed_time(end) / 1e3 / n_it)
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(n_it):
+                        fn(q, k, v)
+                    samples[name].append((time.perf_counter() - t0) / n_it)
+            except Exception as e:
+                out[name]["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+    for name, ts in samples.items():
+        if not ts or "error" in out[name]:
+            continue
+        ts.sort()
+        med = ts[len(ts) // 2]
+        out[name].update(ms=med * 1e3, tflops=4.0 * b * h * n * n * d / med / 1e12,
+                         iters=iters[name] * len(ts), spread=(ts[-1] - ts[0]) / med)
+    del q, k, v
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _bench_plan(cfg: dict[str, Any], device: str) -> tuple[list[list[int]], str, float]:
+    """(shapes, dtype, seconds per shape): the device decides the default shapes, in this
+    process, so that every backend is timed at the same ones."""
+    shapes = cfg.get("shapes")
+    if shapes is None:
+        shapes = cfg.get("gpu_shapes" if device.startswith("cuda") else "cpu_shapes", [])
+    dtype = cfg.get("bench_dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
+    min_time = cfg.get("min_time", 0.5)
+    if device.startswith("cuda") and shapes:
+        _warm_gpu(device)
+        min_time = max(min_time, 1.0)  # backends within a few % of each other
+    return shapes, dtype, min_time
+
+
+def _device_facts(cfg: dict[str, Any], result: dict[str, Any]) -> str:
+    import torch
+
+    device: str = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    result["torch"] = torch.__version__
+    result["torch_cuda"] = torch.version.cuda
+    if device.startswith("cuda"):
+        cap = torch.cuda.get_device_capability()
+        result["device"] = {"type": "cuda", "name": torch.cuda.get_device_name(),
+                            "capability": "%d.%d" % cap}
+    else:
+        result["device"] = {"type": "cpu", "name": "cpu"}
+    return device
+
+
+def bench_together(cfg: dict[str, Any]) -> None:
+    """Time several verified backends in one process (the numbers `auto` compares)."""
+    result: dict[str, Any] = {"backends": cfg["backends"], "errors": {}}
+    device = _device_facts(cfg, result)
+    fns: dict[str, Callable[..., Any]] = {}
+    for name in cfg["backends"]:
+        try:
+            fns[name] = _kernel(name)[0]
+        except Exception as e:
+            result["errors"][name] = "%s: %s" % (type(e).__name__, str(e)[:300])
+    shapes, dtype, min_time = _bench_plan(cfg, device)
+    table: dict[str, list[dict[str, Any]]] = {name: [] for name in fns}
+    for shape in shapes:
+        for name, res in bench(fns, device, shape, dtype, min_time).items():
+            table[name].append(res)
+    result["bench"] = table
+    print(MARK + json.dumps(result))
 
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
+    if "backends" in cfg:
+        bench_together(cfg)
+        return
     result: dict[str, Any] = {"backend": cfg["backend"]}
     t_start = time.perf_counter()
     try:
-        import torch
-
-        device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        result["torch"] = torch.__version__
-        result["torch_cuda"] = torch.version.cuda
-        if device.startswith("cuda"):
-            cap = torch.cuda.get_device_capability()
-            result["device"] = {"type": "cuda", "name": torch.cuda.get_device_name(),
-                                "capability": "%d.%d" % cap}
-        else:
-            result["device"] = {"type": "cpu", "name": "cpu"}
+        device = _device_facts(cfg, result)
         t0 = time.perf_counter()
         fn, version, origin = _kernel(cfg["backend"])
         result.update(version=version, origin=origin,
@@ -245,19 +310,8 @@ def main() -> None:
                                     for c in failed)
     benches = []
     if not failed and not cfg.get("check_only"):
-        bench_dtype = cfg.get("bench_dtype") or ("bfloat16" if device.startswith("cuda")
-                                                 else "float32")
-        # the device decides the default shapes, in this process, so that SDPA (verified
-        # first, before anything knew the device) is timed at the same shapes as the rest
-        shapes = cfg.get("shapes")
-        if shapes is None:
-            shapes = cfg.get("gpu_shapes" if device.startswith("cuda") else "cpu_shapes", [])
-        min_time = cfg.get("min_time", 0.5)
-        if device.startswith("cuda") and shapes:
-            _warm_gpu(device)
-            min_time = max(min_time, 1.0)  # backends within a few % of each other
-        for shape in shapes:
-            benches.append(bench(fn, device, shape, bench_dtype, min_time))
+        shapes, dtype, min_time = _bench_plan(cfg, device)
+        benches = [bench({"x": fn}, device, shape, dtype, min_time)["x"] for shape in shapes]
     result["bench"] = benches
     result["total_s"] = time.perf_counter() - t_start
     print(MARK + json.dumps(result))

@@ -179,9 +179,8 @@ def print_diagnosis(diag: Any, target: Target) -> None:
     con.print(f"[bold]Target[/bold] {target.executable}")
     con.print(f"        {diag.system.describe()}")
     for f in diag.findings:
-        mark = "[red]PROBLEM[/red]" if f.severity == "problem" else "[green]ok[/green]  " \
-            if "fits this machine" in f.message and "not installed" not in f.message \
-            else "[blue]info[/blue] "
+        mark = {"problem": "[red]PROBLEM[/red]", "ok": "[green]ok[/green]  "}.get(
+            f.severity, "[blue]info[/blue] ")
         con.print(f"{mark} [bold]{f.subject}[/bold]: {f.message}", highlight=False)
         if f.next_step:
             con.print(f"        next: {f.next_step}", highlight=False)
@@ -193,6 +192,8 @@ COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
 
 
 def run(args: argparse.Namespace) -> int:
-    from comfy_env_attn import workflow
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](args)
+    from comfy_env_attn import workflow  # install, verify, lock, bench: imported when used
 
-    return {**COMMANDS, **workflow.COMMANDS}[args.command](args)
+    return workflow.COMMANDS[args.command](args)

@@ -389,23 +389,19 @@ def _route(key: tuple[Any, ...]) -> list[str]:
 
 
 # (shape, dtype, k shape, no mask, causal, no scale, is_cuda) -> (backend, kernel): the hot
-# path is one tuple, one dict lookup and the kernel call.
-_ROUTES: dict[tuple[Any, ...], tuple[str, Kernel]] = {}
+# path is one tuple, one dict lookup and the kernel call (None: plain SDPA, called inline).
+_ROUTES: dict[tuple[Any, ...], tuple[str, Kernel | None]] = {}
+_plain_sdpa = F.scaled_dot_product_attention
 
 
-def _plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
-                scale: Any) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _entry(key: tuple[Any, ...]) -> tuple[str, Kernel]:
+def _entry(key: tuple[Any, ...]) -> tuple[str, Kernel | None]:
     if not _S.ready:
         set_backend("auto")
     shape, dtype, kshape, no_mask, causal, no_scale, is_cuda = key
     name = _route((shape[-1], dtype, shape[-2], kshape[-2], not no_mask, causal, not no_scale,
                    "cuda" if is_cuda else "cpu"))[0]
     if name == "sdpa":
-        kernel: Kernel = _plain_sdpa if no_mask and not causal and no_scale else _sdpa
+        kernel: Kernel | None = None if no_mask and not causal and no_scale else _sdpa
     elif not no_scale and _comfy_attention() is not None:
         kernel = _direct_kernel(name)[0]  # ComfyUI's functions take no scale everywhere
     else:
@@ -425,6 +421,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         name, kernel = _ROUTES[key]
     except KeyError:
         name, kernel = _entry(key)
+    if kernel is None:
+        return _plain_sdpa(q, k, v)
     try:
         return kernel(q, k, v, attn_mask, is_causal, scale)
     except Exception as e:

@@ -26,7 +26,7 @@ CONSEQUENCE = {
 
 @dataclass(frozen=True)
 class Finding:
-    severity: str  # "problem" or "info"
+    severity: str  # "problem", "ok" or "info"
     subject: str
     message: str
     next_step: str | None = None
@@ -99,7 +99,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
         reasons = installed_reasons(dist, inst.version, inst.tags, inst.requires_torch, system)
         reasons = [r for r in reasons if r.kind != "yanked"]
         if not reasons:
-            out.append(Finding("info", backend_name,
+            out.append(Finding("ok", backend_name,
                                f"{dist} {inst.version} is installed and fits this machine"))
             continue
         head = reasons[0].text

@@ -83,10 +83,7 @@ class Result:
         return f"passed: max abs error {worst:.2g}, cosine >= {cos:.5f}"
 
 
-def _config(backend: str, opts: Options) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"backend": backend, "device": opts.device, "head_dims": [64, 128],
-                           "extra_head_dims": EXTRA_DIMS.get(backend, []),
-                           "thresholds": thresholds(backend), "min_time": opts.min_time}
+def _shapes(cfg: dict[str, Any], opts: Options) -> dict[str, Any]:
     if not opts.bench:
         cfg["shapes"] = []
     elif opts.shapes is not None:
@@ -96,6 +93,12 @@ def _config(backend: str, opts: Options) -> dict[str, Any]:
     return cfg
 
 
+def _config(backend: str, opts: Options) -> dict[str, Any]:
+    return _shapes({"backend": backend, "device": opts.device, "head_dims": [64, 128],
+                    "extra_head_dims": EXTRA_DIMS.get(backend, []),
+                    "thresholds": thresholds(backend), "min_time": opts.min_time}, opts)
+
+
 def _signal_name(code: int) -> str:
     try:
         return signal.Signals(-code).name
@@ -103,21 +106,35 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_one(python: str, backend: str, opts: Options) -> Result:
-    cfg = _config(backend, opts)
-    env = {**os.environ, **opts.env, "PYTHONFAULTHANDLER": "1"}
-    t0 = time.monotonic()
+def _run(python: str, cfg: dict[str, Any], opts: Options
+         ) -> subprocess.CompletedProcess[str] | str:
+    """The script's run, or why it could not start or answer."""
+    env = {**os.environ, **opts.env, "PYTHONFAULTHANDLER": "1"}  # a crash prints its stack
     try:
-        r = subprocess.run([python, str(SCRIPT), json.dumps(cfg)], capture_output=True,
-                           text=True, timeout=opts.timeout, env=env)
+        return subprocess.run([python, str(SCRIPT), json.dumps(cfg)], capture_output=True,
+                              text=True, timeout=opts.timeout, env=env)
     except subprocess.TimeoutExpired:
-        return Result(backend, False, {"stage": "timeout"},
-                      f"no answer within {opts.timeout:.0f} s (killed)")
+        return f"no answer within {opts.timeout:.0f} s (killed)"
     except OSError as e:
-        return Result(backend, False, {"stage": "start"}, f"cannot run {python}: {e}")
+        return f"cannot run {python}: {e}"
+
+
+def _result_line(r: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
     line = next((ln for ln in reversed(r.stdout.splitlines()) if ln.startswith(MARK)), None)
+    return None if line is None else dict(json.loads(line[len(MARK):]))
+
+
+def run_one(python: str, backend: str, opts: Options, *, check_only: bool = False) -> Result:
+    cfg = _config(backend, opts)
+    if check_only:
+        cfg["check_only"] = True
+    t0 = time.monotonic()
+    r = _run(python, cfg, opts)
+    if isinstance(r, str):
+        return Result(backend, False, {"stage": "start" if "cannot run" in r else "timeout"}, r)
+    data = _result_line(r)
     tail = (r.stderr.strip().splitlines() or [""])[-1][:300]
-    if line is None:
+    if data is None:
         if r.returncode < 0:
             why = f"the verification process crashed with {_signal_name(r.returncode)}"
         else:
@@ -125,7 +142,6 @@ def run_one(python: str, backend: str, opts: Options) -> Result:
         return Result(backend, False, {"stage": "crash", "returncode": r.returncode,
                                        "stderr_tail": r.stderr[-2000:]},
                       f"{why}{f': {tail}' if tail else ''}")
-    data: dict[str, Any] = json.loads(line[len(MARK):])
     data["wall_s"] = round(time.monotonic() - t0, 3)
     if r.returncode != 0 and data.get("passed"):
         return Result(backend, False, data, f"exited {r.returncode} after its checks: {tail}")
@@ -134,15 +150,34 @@ def run_one(python: str, backend: str, opts: Options) -> Result:
 
 def verify(python: str, backends: list[str], opts: Options | None = None,
            progress: Any = None) -> dict[str, Result]:
-    """SDPA first (the baseline and the device facts), then each backend in its own process."""
+    """Each backend's accuracy in its own process (a crash there takes nothing else down),
+    SDPA first; then the ones that passed timed together in one process, so that the
+    numbers `auto` compares come from the same clocks. If that process fails, each is
+    timed alone."""
     opts = opts or Options()
     results: dict[str, Result] = {}
     order = ["sdpa"] + [b for b in backends if b != "sdpa"]
     for name in order:
         if progress:
             progress(f"verifying {name} ...")
-        res = run_one(python, name, opts)
+        res = run_one(python, name, opts, check_only=opts.bench)
         results[name] = res
         if progress:
             progress(f"  {name}: {res.summary()}")
+    passed = [n for n in order if results[n].passed]
+    if not opts.bench or not passed:
+        return results
+    if progress:
+        progress(f"timing {', '.join(passed)} together ...")
+    cfg = _shapes({"backends": passed, "device": opts.device, "min_time": opts.min_time}, opts)
+    r = _run(python, cfg, opts)
+    together = None if isinstance(r, str) else _result_line(r)
+    for name in passed:
+        bench = (together or {}).get("bench", {}).get(name)
+        if bench is None:  # that process failed: time this one alone
+            if progress:
+                progress(f"  timing {name} alone ({r if isinstance(r, str) else 'no result'})")
+            alone = run_one(python, name, opts)
+            bench = alone.data.get("bench", [])
+        results[name].data["bench"] = bench
     return results

@@ -643,54 +643,5 @@ def print_summary(out: Outcome, target: Target) -> None:
     console().print(t)
 
 
-def add_parsers(sub: Any, target_args: Any, index_args: Any, common: Any) -> None:
-    p = sub.add_parser("install", help="install the fitting wheels with uv, verify, lock")
-    target_args(p)
-    index_args(p)
-    p.add_argument("--backends", metavar="LIST")
-    p.add_argument("--config", metavar="FILE", help="comfy-env.toml with [cuda] packages")
-    p.add_argument("--system", metavar="FILE",
-                   help="resolve for this System profile; install and verify in the target")
-    p.add_argument("--from-lock", metavar="FILE", help="reinstall exactly what a lock records")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--yes", action="store_true",
-                   help="allow installing into a Python that is not a venv")
-    p.add_argument("--keep-failed", action="store_true",
-                   help="keep a backend that fails verification")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip verification: the lock marks backends unverified")
-    _verify_opts(p)
-    common(p)
-
-    p = sub.add_parser("verify", help="prove the installed backends and rewrite the lock")
-    target_args(p)
-    _verify_opts(p)
-    common(p)
-
-    p = sub.add_parser("lock", help="show the lock and whether it matches this machine")
-    target_args(p)
-    p.add_argument("--file", metavar="PATH", help="a lock file other than the target's")
-    p.add_argument("--json", action="store_true")
-    common(p)
-
-    p = sub.add_parser("launch-args", help="the ComfyUI flag for the verified best backend")
-    target_args(p)
-    p.add_argument("--exact", action="store_true", help="non-quantized backends only")
-    common(p)
-
-    p = sub.add_parser("bench", help="time the installed backends against SDPA")
-    target_args(p)
-    p.add_argument("--backends", metavar="LIST")
-    _verify_opts(p)
-    common(p)
-
-
-def _verify_opts(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("verification")
-    g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    g.add_argument("--shapes", metavar="BxHxNxD,...", help="benchmark shapes")
-    g.add_argument("--timeout", type=float, help="seconds per backend (default 600)")
-
-
 COMMANDS = {"install": cmd_install, "verify": cmd_verify, "lock": cmd_lock, "bench": cmd_bench,
             "launch-args": cmd_launch_args}

@@ -116,6 +116,9 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
         (64, "float32"), (64, "bfloat16"), (128, "float32"), (128, "bfloat16")}
     assert all(c["max_abs"] < 0.05 for c in sage["checks"])
     assert sage["bench"][0]["shape"] == [1, 2, 128, 64] and sage["bench"][0]["tflops"] > 0
+    # timed together with SDPA, at the same shapes (what auto compares)
+    assert [b["shape"] for b in sage["bench"]] == \
+        [b["shape"] for b in tool["backends"]["sdpa"]["bench"]]
     assert set(tool["auto"]) == {"sage", "sdpa"} and tool["exact"] == ["sdpa"]
     assert "verified" in r.stdout or "passed" in r.stdout
     # the journal is gone, the lock reads as fresh
