@@ -531,6 +531,9 @@ def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected]) ->
     where = f"{torch}{cuda} on {system.platform} {system.arch}, Python {system.python}"
     if not rejected:
         return f"no {backend.dist} wheel in the sources searched (for {where})"
+    if backend.min_sm is not None and not system.gpus:
+        # every wheel fails for that first: say it rather than count the rest
+        return gpu_reasons(backend, system, None)[0].text
     gpu_only = [r for r in rejected if all(x.kind == "gpu" for x in r.reasons)]
     if gpu_only and len(gpu_only) == len(rejected):
         return gpu_only[0].reasons[0].text
