@@ -11,7 +11,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -257,6 +256,3 @@ def constraint_file(torch_family: dict[str, str], folder: Path) -> Path:
     p.write_text("".join(f"{n}=={v}\n" for n, v in torch_family.items()), encoding="utf-8")
     return p
 
-
-def this_python() -> str:
-    return sys.executable

@@ -91,7 +91,10 @@ def find_python(*, python: str | None = None, comfyui: str | None = None,
                     tried.append(f"${var}: {c}")
             else:
                 tried.append(f"${var} (not set)")
-        raise ProbeError(f"no Python found for ComfyUI in {comfyui}; tried: " + ", ".join(tried))
+        looks = "" if is_comfyui_dir(root) or is_comfyui_dir(root / "ComfyUI") else \
+            " (it does not look like a ComfyUI folder: no main.py and comfy/)"
+        raise ProbeError(f"no Python found for ComfyUI in {comfyui}{looks}; tried: "
+                         + ", ".join(tried))
     return sys.executable, ["the current environment"]
 
 

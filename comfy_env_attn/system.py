@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,3 @@ def read_toml(path: str | Path, *, what: str,
 def load_profile(path: str | Path) -> System:
     return from_dict(read_toml(path, what="System profile"), where=str(path))
 
-
-def with_absent(system: System, **reasons: str) -> System:
-    return replace(system, absent={**system.absent, **reasons})
