@@ -88,6 +88,10 @@ def main() -> None:
         "prefix": sys.prefix,
         "base_prefix": getattr(sys, "base_prefix", sys.prefix),
         "is_venv": sys.prefix != getattr(sys, "base_prefix", sys.prefix),
+        # a Windows embeddable Python (ComfyUI portable's python_embeded) has a ._pth file
+        "pth_files": sorted(f for f in os.listdir(os.path.dirname(sys.executable) or ".")
+                            if f.endswith("._pth")),
+        "conda_env": os.path.isdir(os.path.join(sys.prefix, "conda-meta")),
         "purelib": paths.get("purelib"),
         "platlib": paths.get("platlib"),
         # sys.path[0] is this script's folder, not the target's

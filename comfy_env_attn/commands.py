@@ -70,7 +70,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.json:
         dump_json({"system": system.to_dict(), "absent": system.absent,
                    "executable": target.executable, "prefix": str(target.prefix),
-                   "is_venv": target.is_venv, "cached": target.cached})
+                   "is_venv": target.is_venv, "environment": target.kind,
+                   "cached": target.cached})
         return 0
     from rich.table import Table
 
@@ -86,7 +87,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
             why = system.absent.get(key) or system.absent.get(key.split("_")[0], "unknown")
             shown = f"[dim]absent: {why}[/dim]"
         t.add_row(key, str(shown))
-    t.add_row("venv", "yes" if target.is_venv else "no (system interpreter)")
+    t.add_row("environment", {"venv": "venv", "conda": "conda env",
+                              "embedded": "embeddable Python (e.g. ComfyUI portable)",
+                              "system": "system interpreter"}[target.kind])
     console().print(t)
     return 0
 

@@ -20,7 +20,7 @@ from typing import Any
 from comfy_env_attn.errors import ProbeError
 from comfy_env_attn.system import System, normalize_arch
 
-CACHE_SCHEMA = 3
+CACHE_SCHEMA = 4
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")
 
 
@@ -51,6 +51,16 @@ class Target:
         return bool(self.facts.get("is_venv"))
 
     @property
+    def kind(self) -> str:
+        return environment_kind(self.facts)
+
+    @property
+    def is_dedicated(self) -> bool:
+        """An environment of its own (safe to change): a venv, a conda env, or an
+        embeddable Python such as ComfyUI portable's python_embeded; not a system Python."""
+        return self.kind != "system"
+
+    @property
     def site_dirs(self) -> list[str]:
         """Where installed distributions are found: sys.path entries that are directories."""
         seen: list[str] = []
@@ -59,6 +69,17 @@ class Target:
             if p and p not in seen and os.path.isdir(p):
                 seen.append(p)
         return seen
+
+
+def environment_kind(facts: dict[str, Any]) -> str:
+    """venv, conda, embedded (a ._pth file beside the interpreter) or system."""
+    if facts.get("is_venv"):
+        return "venv"
+    if facts.get("conda_env"):
+        return "conda"
+    if facts.get("pth_files"):
+        return "embedded"
+    return "system"
 
 
 # -- GPUs ---------------------------------------------------------------------------------

@@ -114,10 +114,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     target = probe_interpreter(exe)
     real = system_from(target, probe_gpus())
     system = load_profile(args.system) if args.system else real
-    if not target.is_venv and not args.yes:
-        raise InstallError(f"{exe} is not a virtual environment (it is the interpreter at "
-                           f"{target.prefix}): refusing to change it; pass --yes to install "
-                           "there anyway")
+    if not target.is_dedicated and not args.yes:
+        raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
+                           f"Python (it is the system interpreter at {target.prefix}): "
+                           "refusing to change it; pass --yes to install there anyway")
     if args.from_lock:
         doc = lockmod.read(Path(args.from_lock))
         chosen = [(w.backend, [Candidate(w.filename, w.url, f"lock:{args.from_lock}",

@@ -155,3 +155,20 @@ def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path, uv_bin: str) -> 
     assert p["next"].startswith("Run: ") and "pip uninstall flash-attn" in p["next"]
     r = cli("doctor", "--python", str(venv_python(venv)))
     assert r.returncode == 1 and "PROBLEM" in r.stdout and "next:" in r.stdout
+
+
+def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
+    from conftest import make_system
+
+    from comfy_env_attn.doctor import diagnose
+    from comfy_env_attn.installed import Installed
+    from comfy_env_attn.resolve import resolve
+
+    system = make_system(torch="2.11.0+cu130", torch_cuda="13.0", driver_cuda="13.0",
+                         driver="580.1", gpus=("9.0",))
+    installed = {n: Installed(n, v, "/site", "/site/none") for n, v in
+                 (("xformers", "0.0.35"), ("flash-attn-4", "4.0.0b36"))}
+    diag = diagnose(system, installed, resolve(system, [], ["xformers", "flash4"]),
+                    python="py")
+    (f,) = [f for f in diag.findings if "flash_attn_interface" in f.message]
+    assert f.subject == "xformers" and f.next_step == "Run: comfy-env-attn verify"

@@ -147,3 +147,22 @@ def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:
     assert find_python(python=str(plain_venv), os_name="linux")[0].startswith(str(plain_venv))
     with pytest.raises(ProbeError, match="no such file"):
         find_python(python=os.path.join(str(plain_venv), "nothing"))
+
+
+@pytest.mark.parametrize("facts,kind", [
+    ({"is_venv": True}, "venv"),
+    ({"is_venv": False, "conda_env": True}, "conda"),
+    # ComfyUI_windows_portable/python_embeded/python312._pth
+    ({"is_venv": False, "conda_env": False, "pth_files": ["python312._pth"]}, "embedded"),
+    ({"is_venv": False, "conda_env": False, "pth_files": []}, "system"),
+])
+def test_environment_kind(facts: dict, kind: str) -> None:
+    from comfy_env_attn.probe import Target, environment_kind
+
+    assert environment_kind(facts) == kind
+    assert Target("x", facts).is_dedicated is (kind != "system")
+
+
+def test_probe_reports_the_environment_kind(plain_venv: Path) -> None:
+    t = probe_interpreter(str(venv_python(plain_venv)))
+    assert t.kind == "venv" and t.facts["pth_files"] == []
