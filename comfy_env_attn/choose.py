@@ -47,6 +47,12 @@ def _nearest_bench(info: dict[str, Any], head_dim: int, tokens: int) -> dict[str
 def order_for(backends: dict[str, Any], head_dim: int, dtype: str, tokens: int, *,
               exact: bool = False, device: str | None = None) -> list[tuple[str, str]]:
     """[(backend, why)] best first for this kind; SDPA always included last if not earlier."""
+    return [(n, why) for n, _, why in ranked(backends, head_dim, dtype, tokens, exact=exact)]
+
+
+def ranked(backends: dict[str, Any], head_dim: int, dtype: str, tokens: int, *,
+           exact: bool = False) -> list[tuple[str, float | None, str]]:
+    """[(backend, measured TFLOP/s at the nearest shape or None, why)], best first."""
     rows: list[tuple[float, str, str]] = []
     for name in verified(backends):
         info = backends[name]
@@ -69,10 +75,20 @@ def order_for(backends: dict[str, Any], head_dim: int, dtype: str, tokens: int, 
         note = "" if ok else f" (head dim {head_dim} not checked)"
         rows.append((est, name, f"{b['ms']:.3g} ms at {shape}{tf}{note}"))
     rows.sort(key=lambda r: (r[0], r[1] != "sdpa"))
-    out = [(n, why) for _, n, why in rows]
-    if "sdpa" not in [n for n, _ in out]:
-        out.append(("sdpa", "built into torch (fallback)"))
+    out = [(n, None if math.isinf(est) else 1.0 / est, why) for est, n, why in rows]
+    if "sdpa" not in [n for n, _, _ in out]:
+        out.append(("sdpa", None, "built into torch (fallback)"))
     return out
+
+
+def close_call(rows: list[tuple[str, float | None, str]], margin: float) -> list[str]:
+    """The leading backends whose measured throughput is within `margin` of the best: too
+    close for numbers taken in another process to decide (settled on first use)."""
+    if len(rows) < 2 or rows[0][1] is None:
+        return []
+    best = rows[0][1]
+    close = [n for n, tf, _ in rows if tf is not None and tf >= best * (1 - margin)]
+    return close if len(close) > 1 else []
 
 
 def fixed_order(available: list[str], capability: tuple[int, int] | None) -> list[str]:

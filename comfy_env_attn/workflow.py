@@ -578,16 +578,20 @@ PREVIEW_SHAPES = {"Flux 1024x1024": [1, 24, 4608, 128], "SDXL": [2, 10, 4096, 64
 
 def dispatch_preview(tool: dict[str, Any]) -> list[str]:
     """What `auto` would pick for typical inputs, and why (the dispatcher's own rule)."""
-    from comfy_env_attn.choose import order_for
+    from comfy_env_attn.choose import close_call, ranked
+    from comfy_env_attn.dispatch_settings import SETTLE_MARGIN
 
     dtype = "bfloat16" if tool.get("fingerprint", {}).get("device") == "cuda" else "float32"
     out = []
     for label, shape in PREVIEW_SHAPES.items():
-        order = order_for(tool.get("backends", {}), shape[3], dtype, shape[2])
-        best, why = order[0]
-        rest = ", ".join(n for n, _ in order[1:])
+        rows = ranked(tool.get("backends", {}), shape[3], dtype, shape[2])
+        best, _, why = rows[0]
+        rest = ", ".join(n for n, _, _ in rows[1:])
+        close = close_call(rows, SETTLE_MARGIN)
         out.append(f"auto for {label} {shape} {dtype}: {best} ({why})"
-                   + (f"; then {rest}" if rest else ""))
+                   + (f"; then {rest}" if rest else "")
+                   + (f"; {' and '.join(close)} are within {SETTLE_MARGIN:.0%}: timed on "
+                      "the real input at first use" if close else ""))
     return out
 
 

@@ -354,3 +354,32 @@ def test_attention_backend_node_override_reshapes_like_comfyui(tmp_path, monkeyp
     # the node's inputs list auto and the backend names
     choices = AttentionBackend.INPUT_TYPES()["required"]["backend"][0]
     assert choices[:2] == ["auto", "auto (exact)"] and "sage" in choices
+
+
+def test_close_calls_are_settled_on_the_real_input(tmp_path, monkeypatch, fresh) -> None:
+    # Found on the H100: FA4 and Sage 2 were within run-to-run spread at Flux 2048, so the
+    # lock's numbers (another process) picked the one that ran 5% slower at the time.
+    pkg = fake_sage(tmp_path, takes_mask=False) / "sageattention"
+    src = (pkg / "__init__.py").read_text()
+    (pkg / "__init__.py").write_text(src.replace(
+        "    CALLS.append(", "    import time; time.sleep(0.003)\n    CALLS.append("))
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    lock = write_lock(tmp_path / "l.toml", sage_ms=1.0, sdpa_ms=1.04)  # 4% apart: close
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    q, k, v = qkv()
+    dispatch.dispatch_attention(q, k, v)
+    key = (q.shape, q.dtype, k.shape, True, False, True, False)
+    assert dispatch._ROUTES[key][0] == "sdpa"  # timed here: the sleeping sage lost
+    import sageattention
+
+    timed_calls = len(sageattention.CALLS)
+    assert timed_calls == 5  # 2 warm-up + 3 timed, once, at first use
+    for _ in range(3):
+        dispatch.dispatch_attention(q, k, v)
+    assert len(sageattention.CALLS) == timed_calls
+    # far apart: the lock decides, nothing is timed
+    dispatch._reset_for_tests()
+    sageattention.CALLS.clear()
+    write_lock(lock, sage_ms=1.0, sdpa_ms=5.0)
+    dispatch.dispatch_attention(q, k, v)
+    assert dispatch._ROUTES[key][0] == "sage" and len(sageattention.CALLS) == 1

@@ -131,12 +131,13 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
             "dispatch.dispatch_attention(q, q, q); r1 = next(iter(dispatch._S.routes.values()));"
             "dispatch.set_backend('auto'); dispatch.dispatch_attention(q, q, q);"
             "r2 = next(iter(dispatch._S.routes.values()));"
-            "want = choose.order_for(dispatch._S.backends, 64, 'float32', 128)[0][0];"
-            "print(json.dumps([lab, r1, r2, want]))")
+            "rows = choose.ranked(dispatch._S.backends, 64, 'float32', 128);"
+            "close = choose.close_call(rows, dispatch.SETTLE_MARGIN);"
+            "print(json.dumps([lab, r1, r2, close or [rows[0][0]]]))")
     r = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True)
-    lab, r1, r2, want = json.loads(r.stdout.splitlines()[-1])
+    lab, r1, r2, allowed = json.loads(r.stdout.splitlines()[-1])
     assert lab == f"SageAttention 2.2.0+{LABEL}, verified" and r1[0] == "sage"
-    assert r2[0] == want
+    assert r2[0] in allowed  # the lock's best, or a close call settled by timing it here
     r = cli("doctor", "--python", str(venv_python(venv)))
     assert "auto for Flux 1024x1024 [1, 24, 4608, 128] float32:" in r.stdout.replace("\n", " ")
     r = cli("launch-args", "--python", str(venv_python(venv)))
