@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
 
-    _workflow_parsers(sub, _target_args, _index_args, _common)
+    _workflow_parsers(sub)
     return parser
 
 
-def _workflow_parsers(sub: Any, target_args: Any, index_args: Any, common: Any) -> None:
+def _workflow_parsers(sub: Any) -> None:
     p = sub.add_parser("install", help="install the fitting wheels with uv, verify, lock")
-    target_args(p)
-    index_args(p)
+    _target_args(p)
+    _index_args(p)
     p.add_argument("--backends", metavar="LIST")
     p.add_argument("--config", metavar="FILE", help="comfy-env.toml with [cuda] packages")
     p.add_argument("--system", metavar="FILE",
@@ -93,29 +93,29 @@ def _workflow_parsers(sub: Any, target_args: Any, index_args: Any, common: Any) 
     p.add_argument("--no-verify", action="store_true",
                    help="skip verification: the lock marks backends unverified")
     _verify_opts(p)
-    common(p)
+    _common(p)
 
     p = sub.add_parser("verify", help="prove the installed backends and rewrite the lock")
-    target_args(p)
+    _target_args(p)
     _verify_opts(p)
-    common(p)
+    _common(p)
 
     p = sub.add_parser("lock", help="show the lock and whether it matches this machine")
-    target_args(p)
+    _target_args(p)
     p.add_argument("--file", metavar="PATH", help="a lock file other than the target's")
     p.add_argument("--json", action="store_true")
-    common(p)
+    _common(p)
 
     p = sub.add_parser("launch-args", help="the ComfyUI flag for the verified best backend")
-    target_args(p)
+    _target_args(p)
     p.add_argument("--exact", action="store_true", help="non-quantized backends only")
-    common(p)
+    _common(p)
 
     p = sub.add_parser("bench", help="time the installed backends against SDPA")
-    target_args(p)
+    _target_args(p)
     p.add_argument("--backends", metavar="LIST")
     _verify_opts(p)
-    common(p)
+    _common(p)
 
 
 def _verify_opts(p: argparse.ArgumentParser) -> None:

@@ -25,11 +25,8 @@ from packaging.version import InvalidVersion, Version
 
 from comfy_env_attn.errors import InstallError
 from comfy_env_attn.index import Candidate
-from comfy_env_attn.installed import Installed
+from comfy_env_attn.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.probe import cache_dir
-
-TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
-
 
 # -- uv -----------------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
 
+# Never replaced by an install: the constraint pins them and a wheel needing others is refused.
+TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
+
 _DIST_INFO = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)\.dist-info$")
 
 
@@ -107,5 +110,4 @@ def read_installed(site_dirs: Iterable[str]) -> dict[str, Installed]:
 
 def torch_family(installed: dict[str, Installed]) -> dict[str, str]:
     """torch, torchvision, torchaudio versions as installed (the constraint that pins them)."""
-    return {n: installed[n].version for n in ("torch", "torchvision", "torchaudio")
-            if n in installed}
+    return {n: installed[n].version for n in TORCH_FAMILY if n in installed}

@@ -14,7 +14,7 @@ from comfy_env_attn import backends as bk
 from comfy_env_attn import lock as lockmod
 from comfy_env_attn.commands import console, locate, log, make_plan
 from comfy_env_attn.errors import AttnError, InstallError, UsageError
-from comfy_env_attn.index import Candidate
+from comfy_env_attn.index import Candidate, project_of
 from comfy_env_attn.install import (
     Fetched,
     Unreachable,
@@ -27,7 +27,7 @@ from comfy_env_attn.install import (
     uv_index_args,
     wheel_metadata,
 )
-from comfy_env_attn.installed import Installed, read_installed, torch_family
+from comfy_env_attn.installed import TORCH_FAMILY, Installed, read_installed, torch_family
 from comfy_env_attn.journal import Journal, target_lock
 from comfy_env_attn.probe import Target, probe_gpus, probe_interpreter, system_from
 from comfy_env_attn.system import System, load_profile
@@ -61,7 +61,7 @@ def own_sites(target: Target) -> list[str]:
 
 def torch_snapshot(installed: dict[str, Installed]) -> dict[str, Any]:
     out = {}
-    for name in ("torch", "torchvision", "torchaudio"):
+    for name in TORCH_FAMILY:
         inst = installed.get(name)
         if inst:
             out[name] = (inst.version, inst.location, lockmod.record_sha256(inst.dist_info))
@@ -112,22 +112,19 @@ def requested_backends(args: argparse.Namespace) -> list[str]:
 def cmd_install(args: argparse.Namespace) -> int:
     exe, _how = locate(args)
     target = probe_interpreter(exe)
-    real = system_from(target, probe_gpus())
-    system = load_profile(args.system) if args.system else real
+    system = load_profile(args.system) if args.system else system_from(target, probe_gpus())
     if not target.is_dedicated and not args.yes:
         raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
                            f"Python (it is the system interpreter at {target.prefix}): "
                            "refusing to change it; pass --yes to install there anyway")
+    out = Outcome()
     if args.from_lock:
         doc = lockmod.read(Path(args.from_lock))
         chosen = [(w.backend, [Candidate(w.filename, w.url, f"lock:{args.from_lock}",
                                          sha256=w.sha256)]) for w in lockmod.wheels_of(doc)]
-        names = [b for b, _ in chosen]
     else:
-        names = requested_backends(args)
-        plan = make_plan(system, args, names)
+        plan = make_plan(system, args, requested_backends(args))
         chosen = []
-        out = Outcome()
         for bp in plan.backends:
             if bp.builtin:
                 continue
@@ -155,12 +152,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     with target_lock(target.prefix, log):
         recover(target)
         target = probe_interpreter(exe)
-        outcome = Outcome()
-        if not args.from_lock:
-            outcome = out
-        run_install(args, target, chosen, outcome)
-    print_summary(outcome, target)
-    return 0 if outcome.ok else 1
+        run_install(args, target, chosen, out)
+    print_summary(out, target)
+    return 0 if out.ok else 1
 
 
 def run_install(args: argparse.Namespace, target: Target,
@@ -244,7 +238,7 @@ def run_install(args: argparse.Namespace, target: Target,
             after = read_installed(target.site_dirs)
             results = {k: v for k, v in results.items()
                        if k not in failed or args.keep_failed}
-        write_lock(target, after, results, [f for b, f in ready], args)
+        write_lock(target, after, results, [f for _, f in ready])
         journal.finish()
     except (AttnError, KeyboardInterrupt, OSError) as e:
         done = journal.rollback(uninstall)
@@ -357,10 +351,9 @@ def _verify_all(args: argparse.Namespace, target: Target, installed: dict[str, I
         return {}
     results = verify(target.executable, names, _options(args), progress=log)
     for n, r in results.items():
-        row = out.row(n)
-        row.verified = r.summary()
-        if not r.passed:
-            out.ok = False if n in names else out.ok
+        out.row(n).verified = r.summary()
+        if not r.passed and n in names:
+            out.ok = False
     if not results["sdpa"].passed:
         raise InstallError(f"the SDPA baseline itself failed in {target.executable}: "
                            f"{results['sdpa'].error}")
@@ -409,13 +402,13 @@ def backend_entries(installed: dict[str, Installed], results: dict[str, Result]
                                                      "first_call_ms", "error")}
                               for x in r.data.get("bench", [])]
         out[name] = entry
-    if "sdpa" not in results:
-        out["sdpa"]["status"] = "verified" if not results else out["sdpa"]["status"]
+    if not results:  # --no-verify: SDPA, built into torch, stays the trusted fallback
+        out["sdpa"]["status"] = "verified"
     return out
 
 
 def write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
-               fetched: list[Fetched], args: argparse.Namespace) -> Path:
+               fetched: list[Fetched]) -> Path:
     path = lockmod.lock_path(target.prefix)
     previous: list[lockmod.LockedWheel] = []
     with contextlib.suppress(AttnError):
@@ -426,7 +419,7 @@ def write_lock(target: Target, installed: dict[str, Installed], results: dict[st
         if inst is not None and inst.version == w.version:
             wheels[inst.name] = w
     for f in fetched:
-        dist = bk.normalize_dist(f.candidate.filename.split("-")[0])
+        dist = project_of(f.candidate.filename)
         inst = installed.get(dist)
         if inst is not None and inst.version == _version_of(f.candidate.filename):
             wheels[dist] = lockmod.LockedWheel(bk.BY_DIST[dist], dist, inst.version,
@@ -448,7 +441,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         out = Outcome()
         results = _verify_all(args, target, installed, out)
         names = installed_backends(installed)
-        write_lock(target, installed, results, [], args)
+        write_lock(target, installed, results, [])
     print_summary(out, target)
     return 0 if all(results[n].passed for n in names) else 1
 
