@@ -433,13 +433,19 @@ def _settle(route: list[str], rkey: tuple[Any, ...], args: tuple[Any, ...]) -> l
     return best + rest
 
 
+def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The hot path's key -> the kind of input the choice is made for."""
+    shape, dtype, kshape, no_mask, causal, no_scale, is_cuda = key
+    return (shape[-1], dtype, shape[-2], kshape[-2], not no_mask, causal, not no_scale,
+            "cuda" if is_cuda else "cpu")
+
+
 def _entry(key: tuple[Any, ...], args: tuple[Any, ...] | None = None
            ) -> tuple[str, Kernel | None]:
     if not _S.ready:
         set_backend("auto")
-    shape, dtype, kshape, no_mask, causal, no_scale, is_cuda = key
-    rkey = (shape[-1], dtype, shape[-2], kshape[-2], not no_mask, causal, not no_scale,
-            "cuda" if is_cuda else "cpu")
+    _shape, _dtype, _kshape, no_mask, causal, no_scale, _cuda = key
+    rkey = _route_key(key)
     route = _route(rkey)
     if args is not None and _S.mode == "auto" and _S.trusted and not _S.unverified:
         route = _settle(route, rkey, args)
@@ -480,16 +486,14 @@ def _after_failure(name: str, key: tuple[Any, ...], err: Exception, q: torch.Ten
     """Remember the failure for this kind of input (one log line), go on to the next."""
     if name == "sdpa":
         raise err
-    shape, dtype, kshape, no_mask, is_causal, no_scale, is_cuda = key
-    rkey = (shape[-1], dtype, shape[-2], kshape[-2], not no_mask, is_causal, not no_scale,
-            "cuda" if is_cuda else "cpu")
+    rkey = _route_key(key)
     with _LOCK:
         _S.failed.add((name, rkey))
         _S.routes.pop(rkey, None)
         _ROUTES.pop(key, None)
     nxt = _entry(key)[0]
     log.warning("comfy-env-attn: %s failed for head dim %s, %s, %s tokens (%s: %s); using %s "
-                "for such inputs from now on", name, shape[-1], dtype, shape[-2],
+                "for such inputs from now on", name, rkey[0], rkey[1], rkey[2],
                 type(err).__name__, str(err)[:200], nxt)
     return dispatch_attention(q, k, v, mask, causal, scale)
 
