@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from comfy_env_attn import dispatch
+from comfy_env_attn.runtime import dispatch
 
 SHAPES = {"short": [2, 20, 1024, 64], "SDXL": [2, 10, 4096, 64], "Flux": [1, 24, 4608, 128],
           "Flux 2048": [1, 24, 16896, 128], "video": [1, 40, 32760, 128]}

@@ -99,7 +99,7 @@ def main() -> int:
         py = fresh_venv(d / "verify")
         imp = statistics.median(timed([str(py), "-c", "import torch"])
                                 for _ in range(args.runs))
-        from comfy_env_attn.verify import Options, run_one
+        from comfy_env_attn.verify.run import Options, run_one
 
         for backend in ("sdpa",):
             ts = []

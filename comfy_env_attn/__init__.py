@@ -1,7 +1,7 @@
 """comfy-env-attn: fast attention backends for ComfyUI that are proven on this machine.
 
 The runtime API (set_backend, dispatch_attention, dispatch_varlen_attention) lives in
-comfy_env_attn.dispatch and is loaded on first use, so that importing the package for
+comfy_env_attn.runtime.dispatch and is loaded on first use, so that importing the package for
 the command line never imports torch.
 """
 
@@ -17,7 +17,7 @@ _DISPATCH = {"set_backend", "get_backend", "dispatch_attention", "dispatch_varle
 
 def __getattr__(name: str) -> Any:
     if name in _DISPATCH:
-        from comfy_env_attn import dispatch
+        from comfy_env_attn.runtime import dispatch
 
         return getattr(dispatch, name)
     raise AttributeError(f"module 'comfy_env_attn' has no attribute {name!r}")

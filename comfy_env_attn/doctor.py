@@ -6,10 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from comfy_env_attn.backends import BACKENDS, BY_DIST
-from comfy_env_attn.installed import Installed
+from comfy_env_attn import lockfile
+from comfy_env_attn.core.backends import BACKENDS, BY_DIST
+from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.progress import log
+from comfy_env_attn.facts.installed import Installed, installed_backends, read_installed
+from comfy_env_attn.facts.probe import Target
+from comfy_env_attn.facts.system import System
+from comfy_env_attn.install.installer import recover
+from comfy_env_attn.install.journal import Journal, target_lock
 from comfy_env_attn.resolve import Plan, Reason, installed_reasons
-from comfy_env_attn.system import System
 
 CONSEQUENCE = {
     "torch": "importing it fails with 'undefined symbol'",
@@ -122,3 +128,58 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                            "'flash_attn' package: reinstalling flash-attn can remove "
                            "flash_attn/cute"))
     return Diagnosis(system, tuple(out))
+
+
+def doctor_findings(target: Target, system: System) -> list[Any]:
+    """An interrupted install undone, and whether the lock still describes this target."""
+    found: list[Any] = []
+    if Journal(target.prefix).exists():
+        with target_lock(target.prefix, log):
+            done = recover(target)
+        if done:
+            found.append(Finding("info", "install", "an interrupted install was found and "
+                                 "undone: " + "; ".join(done)))
+    path = lockfile.lock_path(target.prefix)
+    if not path.exists():
+        if installed_backends(read_installed(target.site_dirs)):
+            found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher cannot "
+                                 "trust the installed backends", "Run: comfy-env-attn verify"))
+        return found
+    try:
+        doc = lockfile.read(path)
+    except AttnError as e:
+        return [*found, Finding("problem", "lock", str(e), "Run: comfy-env-attn verify")]
+    stale = lockfile.lock_status(doc, target, system)
+    if stale:
+        found.append(Finding("problem", "lock", "the lock is stale: " + "; ".join(stale) +
+                             ": the dispatcher falls back to SDPA",
+                             "Run: comfy-env-attn verify"))
+    else:
+        tool = doc["tool"]["comfy-env-attn"]
+        found.append(Finding("info", "lock", f"lock {path} is fresh; auto order: "
+                             f"{', '.join(tool.get('auto', []))}"))
+        found += [Finding("info", "dispatch", line) for line in dispatch_preview(tool)]
+    return found
+
+
+PREVIEW_SHAPES = {"Flux 1024x1024": [1, 24, 4608, 128], "SDXL": [2, 10, 4096, 64],
+                  "video": [1, 40, 32760, 128]}
+
+
+def dispatch_preview(tool: dict[str, Any]) -> list[str]:
+    """What `auto` would pick for typical inputs, and why (the dispatcher's own rule)."""
+    from comfy_env_attn.core.choose import close_call, ranked
+    from comfy_env_attn.core.settings import SETTLE_MARGIN
+
+    dtype = "bfloat16" if tool.get("fingerprint", {}).get("device") == "cuda" else "float32"
+    out = []
+    for label, shape in PREVIEW_SHAPES.items():
+        rows = ranked(tool.get("backends", {}), shape[3], dtype, shape[2])
+        best, _, why = rows[0]
+        rest = ", ".join(n for n, _, _ in rows[1:])
+        close = close_call(rows, SETTLE_MARGIN)
+        out.append(f"auto for {label} {shape} {dtype}: {best} ({why})"
+                   + (f"; then {rest}" if rest else "")
+                   + (f"; {' and '.join(close)} are within {SETTLE_MARGIN:.0%}: timed on "
+                      "the real input at first use" if close else ""))
+    return out

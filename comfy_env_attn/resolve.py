@@ -17,10 +17,10 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.version import InvalidVersion, Version
 
-from comfy_env_attn.backends import BACKENDS, BY_DIST, Backend, normalize_dist
-from comfy_env_attn.index import Candidate, project_of
-from comfy_env_attn.system import System, cc_tuple
-from comfy_env_attn.wheelname import InvalidWheelName, Label, WheelName, parse_wheel_name
+from comfy_env_attn.candidates.sources import Candidate, project_of
+from comfy_env_attn.candidates.wheelname import InvalidWheelName, Label, WheelName, parse_wheel_name
+from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist
+from comfy_env_attn.facts.system import System, cc_tuple
 
 PLAN_SCHEMA = 1
 
@@ -549,7 +549,7 @@ def installed_reasons(dist_name: str, version: str, tags: Iterable[Tag],
     backend = BACKENDS[BY_DIST[normalize_dist(dist_name)]]
     tagset = frozenset(tags)
     label_text = version.split("+", 1)[1] if "+" in version else ""
-    from comfy_env_attn.wheelname import parse_label
+    from comfy_env_attn.candidates.wheelname import parse_label
 
     w = WheelName(filename=f"{dist_name}-{version}", project=normalize_dist(dist_name),
                   version=Version(version.split("+")[0]), raw_version=version, local=label_text,

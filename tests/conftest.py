@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env_attn.system import System
+from comfy_env_attn.facts.system import System
 
 ROOT = Path(__file__).resolve().parent.parent
 

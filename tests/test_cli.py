@@ -161,7 +161,7 @@ def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
     from conftest import make_system
 
     from comfy_env_attn.doctor import diagnose
-    from comfy_env_attn.installed import Installed
+    from comfy_env_attn.facts.installed import Installed
     from comfy_env_attn.resolve import resolve
 
     system = make_system(torch="2.11.0+cu130", torch_cuda="13.0", driver_cuda="13.0",

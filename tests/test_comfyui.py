@@ -32,7 +32,7 @@ def test_dispatch_inside_comfyui_uses_its_attention_functions(tmp_path: Path) ->
         import comfy.model_management
         import comfy.ldm.modules.attention as attn
         import torch, torch.nn.functional as F
-        from comfy_env_attn import dispatch
+        from comfy_env_attn.runtime import dispatch
         import sageattention
         label = dispatch.set_backend("auto")
         g = torch.Generator().manual_seed(0)

@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 import tomli_w
 import torch.nn.functional as F
 
-from comfy_env_attn import choose, dispatch
+from comfy_env_attn.core import choose
+from comfy_env_attn.runtime import dispatch
 
 FAKE_SAGE = '''
 import torch
@@ -58,7 +59,7 @@ def write_lock(path: Path, *, sage_ms: float, sdpa_ms: float, torch_version: str
                          "bench": bench(sdpa_ms), "version": torch.__version__},
                 "sage": {"status": "verified", "quantized": True, "checks": checks,
                          "bench": bench(sage_ms), "version": "2.2.0"}}}}}
-    from comfy_env_attn.lock import _clean  # TOML has no null (torch.version.cuda on a CPU)
+    from comfy_env_attn.lockfile import _clean  # TOML has no null (torch.version.cuda on a CPU)
 
     path.write_text(tomli_w.dumps(_clean(doc)))
     return path
@@ -258,7 +259,7 @@ def test_importing_the_dispatcher_loads_only_stdlib_and_torch() -> None:
         import sys, json
         import torch
         before = set(sys.modules)
-        import comfy_env_attn.dispatch
+        import comfy_env_attn.runtime.dispatch
         new = sorted(m for m in set(sys.modules) - before)
         print(json.dumps(new))
     """)
@@ -310,7 +311,7 @@ def test_choice_compares_throughput_not_milliseconds_across_batch_sizes() -> Non
 def test_verification_lets_the_device_pick_the_shapes() -> None:
     # Found on the H100: SDPA, verified first, was timed at the CPU shapes before anything
     # knew the device, so no shape matched the GPU shapes of the other backends.
-    from comfy_env_attn.verify import CPU_SHAPES, GPU_SHAPES, Options, _config
+    from comfy_env_attn.verify.run import CPU_SHAPES, GPU_SHAPES, Options, _config
 
     cfg = _config("sdpa", Options())
     assert "shapes" not in cfg
@@ -319,7 +320,7 @@ def test_verification_lets_the_device_pick_the_shapes() -> None:
 
 
 def test_auto_order_makes_no_speed_claim_without_common_shapes() -> None:
-    from comfy_env_attn.lock import auto_order
+    from comfy_env_attn.lockfile import auto_order
 
     b = {"sdpa": {"status": "verified", "bench": [{"shape": [1, 4, 256, 64], "tflops": 2.0}]},
          "sage": {"status": "verified", "bench": [{"shape": [2, 10, 4096, 64], "tflops": 200}]},
@@ -330,7 +331,7 @@ def test_auto_order_makes_no_speed_claim_without_common_shapes() -> None:
 
 def test_attention_backend_node_override_reshapes_like_comfyui(tmp_path, monkeypatch,
                                                                 fresh) -> None:
-    from comfy_env_attn.comfyui_node import AttentionBackend, make_override
+    from comfy_env_attn.runtime.comfyui import AttentionBackend, make_override
 
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
     override = make_override("auto", False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env_attn.errors import IndexFetchError
-from comfy_env_attn.index import Sources, gather
+from comfy_env_attn.candidates.sources import Sources, gather
+from comfy_env_attn.core.errors import IndexFetchError
 
 SAGE = "sageattention-2.2.0+cu128torch2.8-cp312-cp312-manylinux_2_28_x86_64.whl"
 FLASH = "flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp312-cp312-linux_x86_64.whl"

@@ -19,8 +19,8 @@ import pytest
 from conftest import ROOT, cli, venv_python
 from wheels import sage_wheel
 
-from comfy_env_attn.installed import read_installed
-from comfy_env_attn.lock import LOCK_NAME, read
+from comfy_env_attn.facts.installed import read_installed
+from comfy_env_attn.lockfile import LOCK_NAME, read
 
 torch = pytest.importorskip("torch")
 TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -126,7 +126,7 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
     r = cli("lock", "--python", str(venv_python(venv)))
     assert r.returncode == 0 and "fingerprint: fresh" in r.stdout, r.stdout + r.stderr
     # the dispatcher in that venv trusts the lock: sage by name, auto as the lock measured
-    code = ("from comfy_env_attn import dispatch, choose; import torch, json;"
+    code = ("from comfy_env_attn.runtime import dispatch; from comfy_env_attn.core import choose; import torch, json;"
             "lab = dispatch.set_backend('sage'); q = torch.randn(1, 2, 128, 64);"
             "dispatch.dispatch_attention(q, q, q); r1 = next(iter(dispatch._S.routes.values()));"
             "dispatch.set_backend('auto'); dispatch.dispatch_attention(q, q, q);"

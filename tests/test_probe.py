@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import venv_python
 
-from comfy_env_attn import probe as probe_mod
-from comfy_env_attn.errors import ProbeError
-from comfy_env_attn.locate import find_python, find_python_auto
-from comfy_env_attn.probe import parse_nvidia_smi, probe, probe_interpreter
+from comfy_env_attn.core.errors import ProbeError
+from comfy_env_attn.facts import probe as probe_mod
+from comfy_env_attn.facts.locate import find_python, find_python_auto
+from comfy_env_attn.facts.probe import parse_nvidia_smi, probe, probe_interpreter
 
 
 def test_real_probe_of_this_interpreter_with_cpu_torch() -> None:
@@ -157,7 +157,7 @@ def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:
     ({"is_venv": False, "conda_env": False, "pth_files": []}, "system"),
 ])
 def test_environment_kind(facts: dict, kind: str) -> None:
-    from comfy_env_attn.probe import Target, environment_kind
+    from comfy_env_attn.facts.probe import Target, environment_kind
 
     assert environment_kind(facts) == kind
     assert Target("x", facts).is_dedicated is (kind != "system")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_system
 
-from comfy_env_attn.index import Candidate, load_embedded
+from comfy_env_attn.candidates.sources import Candidate, load_embedded
 from comfy_env_attn.resolve import resolve
 
 GH = "https://example.invalid/"

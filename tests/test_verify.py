@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env_attn.verify import Options, verify
+from comfy_env_attn.verify.run import Options, verify
 
 pytest.importorskip("torch")
 

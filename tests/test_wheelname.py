@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from comfy_env_attn.wheelname import (
+from comfy_env_attn.candidates.wheelname import (
     InvalidWheelName,
     Label,
     format_label,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfy_env_attn.backends import BACKENDS
+from comfy_env_attn.core.backends import BACKENDS
 
 
 def _choices() -> list[str]:
     out = ["auto", "auto (exact)"]
     try:
-        from comfy_env_attn import dispatch  # imports torch: ComfyUI has it loaded
+        from comfy_env_attn.runtime import dispatch  # imports torch: ComfyUI has it loaded
 
         dispatch.get_backend()
         out += [n for n in dispatch._S.backends if n not in out]
@@ -26,7 +26,7 @@ def _choices() -> list[str]:
 
 
 def make_override(backend: str, exact: bool) -> Any:
-    from comfy_env_attn import dispatch
+    from comfy_env_attn.runtime import dispatch
 
     def override(func: Any, *args: Any, **kwargs: Any) -> Any:
         if dispatch._S.mode != backend or dispatch._S.exact != exact:

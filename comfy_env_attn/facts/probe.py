@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.errors import ProbeError
-from comfy_env_attn.system import System, normalize_arch
+from comfy_env_attn.core.errors import ProbeError
+from comfy_env_attn.facts.system import System, normalize_arch
 
 CACHE_SCHEMA = 4
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")

@@ -7,26 +7,13 @@ import sys
 import time
 from typing import Any
 
-from comfy_env_attn import backends as bk
-from comfy_env_attn.cli import dump_json
-from comfy_env_attn.index import Sources, gather
-from comfy_env_attn.locate import find_python_auto
-from comfy_env_attn.probe import Target, probe
+from comfy_env_attn.candidates.sources import Sources, gather
+from comfy_env_attn.cli.output import console, dump_json
+from comfy_env_attn.core import backends as bk
+from comfy_env_attn.facts.locate import find_python_auto
+from comfy_env_attn.facts.probe import Target, probe
+from comfy_env_attn.facts.system import System, load_profile
 from comfy_env_attn.resolve import Plan, resolve
-from comfy_env_attn.system import System, load_profile
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def console() -> Any:
-    """rich's console; in logs and pipes wide and unwrapped, so nothing is cut or folded."""
-    from rich.console import Console
-
-    if sys.stdout.isatty():
-        return Console()
-    return Console(width=250, soft_wrap=True)
 
 
 def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -156,10 +143,10 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from comfy_env_attn.doctor import Diagnosis, diagnose
-    from comfy_env_attn.installed import read_installed
+    from comfy_env_attn.facts.installed import read_installed
 
     target, system = probe_target(args)
-    from comfy_env_attn.workflow import doctor_findings
+    from comfy_env_attn.doctor import doctor_findings
 
     extra = doctor_findings(target, system)
     plan = make_plan(system, args)
@@ -197,6 +184,10 @@ COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
 def run(args: argparse.Namespace) -> int:
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
-    from comfy_env_attn import workflow  # install, verify, lock, bench: imported when used
+    if args.command in ("install", "verify"):
+        from comfy_env_attn.cli import install  # imported when used: the install machinery
 
-    return workflow.COMMANDS[args.command](args)
+        return install.COMMANDS[args.command](args)
+    from comfy_env_attn.cli import lock
+
+    return lock.COMMANDS[args.command](args)

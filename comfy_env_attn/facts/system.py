@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.errors import AttnError, ProfileError
+from comfy_env_attn.core.errors import AttnError, ProfileError
 
 if sys.version_info >= (3, 11):
     import tomllib

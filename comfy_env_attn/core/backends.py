@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from comfy_env_attn.errors import UsageError
+from comfy_env_attn.core.errors import UsageError
 
 
 @dataclass(frozen=True)

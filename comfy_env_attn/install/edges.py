@@ -23,10 +23,10 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from comfy_env_attn.errors import InstallError
-from comfy_env_attn.index import Candidate
-from comfy_env_attn.installed import TORCH_FAMILY, Installed
-from comfy_env_attn.probe import cache_dir
+from comfy_env_attn.candidates.sources import Candidate
+from comfy_env_attn.core.errors import InstallError
+from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
+from comfy_env_attn.facts.probe import cache_dir
 
 # -- uv -----------------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout:
               ) -> tuple[Path, str]:
     import httpx
 
-    from comfy_env_attn.index import http_client
+    from comfy_env_attn.candidates.sources import http_client
 
     final = dest_dir / (c.sha256 or "unhashed") / c.filename
     if c.sha256 and final.is_file() and _sha256_file(final) == c.sha256.lower():
@@ -181,7 +181,7 @@ def fetch_metadata(c: Candidate, timeout: float = 30.0) -> str | None:
         return None
     import httpx
 
-    from comfy_env_attn.index import http_client
+    from comfy_env_attn.candidates.sources import http_client
 
     try:
         r = http_client(tls=c.metadata_url.startswith("https:")).get(c.metadata_url,

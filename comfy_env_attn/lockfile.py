@@ -8,15 +8,26 @@ atomically and validated with packaging.pylock on write and on read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from comfy_env_attn.errors import AttnError
+from comfy_env_attn.candidates.sources import project_of
+from comfy_env_attn.core.backends import BACKENDS, BY_DIST, normalize_dist
+from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.progress import log
+from comfy_env_attn.facts.installed import Installed, installed_backends, read_installed
+
+if TYPE_CHECKING:
+    from comfy_env_attn.facts.probe import Target
+    from comfy_env_attn.facts.system import System
+    from comfy_env_attn.install.edges import Fetched
+    from comfy_env_attn.verify.run import Result
 
 LOCK_NAME = "pylock.comfy-env-attn.toml"
 SCHEMA = 1
@@ -143,7 +154,7 @@ def write(path: Path, doc: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any]:
-    from comfy_env_attn.system import read_toml
+    from comfy_env_attn.facts.system import read_toml
 
     if not path.exists():
         raise LockError(f"no lock at {path}: run comfy-env-attn install or verify")
@@ -153,8 +164,6 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
-    from comfy_env_attn.backends import BY_DIST, normalize_dist
-
     out = []
     for p in doc.get("packages", []):
         for w in p.get("wheels", []):
@@ -164,3 +173,100 @@ def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
             out.append(LockedWheel(BY_DIST.get(normalize_dist(p["name"]), p["name"]),
                                    p["name"], p.get("version", ""), w["name"], w["url"], sha))
     return out
+
+
+def fingerprint(target: Target, installed: dict[str, Installed],
+                results: dict[str, Result]) -> dict[str, Any]:
+    sdpa = results.get("sdpa")
+    device = (sdpa.data.get("device") if sdpa else None) or {}
+    fp: dict[str, Any] = {
+        "python": target.facts.get("python"),
+        "torch": sdpa.data.get("torch") if sdpa else target.facts.get("torch"),
+        "torch_cuda": sdpa.data.get("torch_cuda") if sdpa else target.facts.get("torch_cuda"),
+        "device": device.get("type", "unverified"),
+        "device_name": device.get("name"),
+        "capability": device.get("capability"),
+        "backends": {},
+    }
+    for name in installed_backends(installed):
+        inst = installed[BACKENDS[name].dist]
+        fp["backends"][name] = {"dist": inst.name, "version": inst.version,
+                                "record_sha256": record_sha256(inst.dist_info)}
+    return fp
+
+
+def backend_entries(installed: dict[str, Installed], results: dict[str, Result]
+                    ) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in ["sdpa", *installed_backends(installed)]:
+        b = BACKENDS[name]
+        r = results.get(name)
+        entry: dict[str, Any] = {"title": b.title, "quantized": b.quantized}
+        if r is None:
+            entry["status"] = "unverified"
+        else:
+            entry["status"] = "verified" if r.passed else "failed"
+            entry["error"] = r.error
+            entry["stage"] = r.data.get("stage")
+            entry["version"] = r.data.get("version")
+            entry["import_s"] = r.data.get("import_s")
+            entry["checks"] = [{k: c.get(k) for k in ("head_dim", "dtype", "passed", "required",
+                                                     "max_abs", "cosine", "finite", "error")}
+                               for c in r.data.get("checks", [])]
+            entry["bench"] = [{k: x.get(k) for k in ("shape", "dtype", "ms", "tflops",
+                                                     "first_call_ms", "error")}
+                              for x in r.data.get("bench", [])]
+        out[name] = entry
+    if not results:  # --no-verify: SDPA, built into torch, stays the trusted fallback
+        out["sdpa"]["status"] = "verified"
+    return out
+
+
+def write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
+               fetched: list[Fetched]) -> Path:
+    path = lock_path(target.prefix)
+    previous: list[LockedWheel] = []
+    with contextlib.suppress(AttnError):
+        previous = wheels_of(read(path))
+    wheels: dict[str, LockedWheel] = {}
+    for w in previous:
+        inst = installed.get(normalize_dist(w.name))
+        if inst is not None and inst.version == w.version:
+            wheels[inst.name] = w
+    for f in fetched:
+        dist = project_of(f.candidate.filename)
+        inst = installed.get(dist)
+        if inst is not None and inst.version == f.candidate.filename.split("-")[1]:
+            wheels[dist] = LockedWheel(BY_DIST[dist], dist, inst.version,
+                                               f.candidate.filename, f.candidate.url, f.sha256)
+    doc = build(list(wheels.values()), fingerprint(target, installed, results),
+                        backend_entries(installed, results), python=target.executable)
+    write(path, doc)
+    log(f"wrote {path}")
+    return path
+
+
+def lock_status(doc: dict[str, Any], target: Target, system: System) -> list[str]:
+    """Why the lock does not describe the live target (empty when it does)."""
+    tool = doc["tool"]["comfy-env-attn"]
+    fp = tool.get("fingerprint", {})
+    stale: list[str] = []
+    if fp.get("torch") != target.facts.get("torch"):
+        stale.append(f"torch is {target.facts.get('torch')}, the lock verified "
+                     f"{fp.get('torch')}")
+    if fp.get("device") == "cuda" and fp.get("capability") not in system.gpus:
+        stale.append(f"verified on GPU sm {fp.get('capability')}, this machine has "
+                     f"{', '.join(system.gpus) or 'no GPU'}")
+    installed = read_installed(target.site_dirs)
+    for info in fp.get("backends", {}).values():
+        inst = installed.get(info["dist"])
+        if inst is None:
+            stale.append(f"{info['dist']} {info['version']} is no longer installed")
+        elif inst.version != info["version"]:
+            stale.append(f"{info['dist']} is {inst.version}, the lock verified {info['version']}")
+        elif record_sha256(inst.dist_info) != info.get("record_sha256"):
+            stale.append(f"{info['dist']} {inst.version} files changed since verification")
+    for name in installed_backends(installed):
+        if name not in fp.get("backends", {}):
+            stale.append(f"{BACKENDS[name].dist} is installed but not in the lock")
+    return stale

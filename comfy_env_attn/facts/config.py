@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from comfy_env_attn.backends import BY_DIST, normalize_dist
-from comfy_env_attn.errors import ProfileError
-from comfy_env_attn.system import read_toml
+from comfy_env_attn.core.backends import BY_DIST, normalize_dist
+from comfy_env_attn.core.errors import ProfileError
+from comfy_env_attn.facts.system import read_toml
 
 
 @dataclass(frozen=True)

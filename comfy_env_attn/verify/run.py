@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.backends import BACKENDS
+from comfy_env_attn.core.backends import BACKENDS
 
-SCRIPT = Path(__file__).with_name("_verify_script.py")
+SCRIPT = Path(__file__).with_name("_target.py")
 MARK = "@@RESULT@@"
 
 EXACT = {"float32": {"max_abs": 1e-3, "min_cosine": 0.99999},

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from comfy_env_attn import choose
-from comfy_env_attn.backends import BACKENDS, canonical
-from comfy_env_attn.dispatch_settings import SETTLE_MARGIN
+from comfy_env_attn.core import choose
+from comfy_env_attn.core.backends import BACKENDS, canonical
+from comfy_env_attn.core.settings import SETTLE_MARGIN
 
 log = logging.getLogger("comfy_env_attn")
 

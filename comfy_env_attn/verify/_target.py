@@ -1,7 +1,7 @@
 """Run inside the TARGET interpreter, one backend per process (a crash here cannot take the
 installer down). Standard library and torch only: the target need not have this package.
 
-    python _verify_script.py '<json config>'
+    python _target.py '<json config>'
 
 Config: {"backend", "device", "head_dims", "extra_head_dims", "dtypes", "thresholds",
          "shapes" (or "gpu_shapes" and "cpu_shapes", chosen here by the device), "min_time",

@@ -7,13 +7,12 @@ Exit 0 success, 1 a failure the message explains, 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from comfy_env_attn.errors import AttnError, UsageError
+from comfy_env_attn.core.errors import AttnError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,9 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help(sys.stderr)
             return 2
-        from comfy_env_attn import commands
+        from comfy_env_attn.cli.commands import run
 
-        return int(commands.run(args))
+        return int(run(args))
     except UsageError as e:
         print(f"ERROR {e}", file=sys.stderr)
         return 2
@@ -150,11 +149,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
-
-
-def dump_json(data: Any, *, compact: bool = False) -> None:
-    """compact for large documents (a plan lists thousands of rejected wheels): the C encoder
-    only runs without indent."""
-    sys.stdout.write(json.dumps(data, indent=None if compact else 2) + "\n")
-
-

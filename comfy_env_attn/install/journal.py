@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from comfy_env_attn.errors import InstallError
-from comfy_env_attn.installed import Installed
+from comfy_env_attn.core.errors import InstallError
+from comfy_env_attn.facts.installed import Installed
 
 
 def state_dir(prefix: Path) -> Path:

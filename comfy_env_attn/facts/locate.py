@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from comfy_env_attn.errors import ProbeError
+from comfy_env_attn.core.errors import ProbeError
 
 
 def current_os() -> str:

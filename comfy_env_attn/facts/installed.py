@@ -111,3 +111,10 @@ def read_installed(site_dirs: Iterable[str]) -> dict[str, Installed]:
 def torch_family(installed: dict[str, Installed]) -> dict[str, str]:
     """torch, torchvision, torchaudio versions as installed (the constraint that pins them)."""
     return {n: installed[n].version for n in TORCH_FAMILY if n in installed}
+
+
+def installed_backends(installed: dict[str, Installed]) -> list[str]:
+    """The attention backends whose distributions are installed, in the registry's order."""
+    from comfy_env_attn.core.backends import BACKENDS
+
+    return [b.name for b in BACKENDS.values() if b.dist and b.dist in installed]

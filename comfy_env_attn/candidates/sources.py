@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from comfy_env_attn.backends import normalize_dist
-from comfy_env_attn.errors import IndexFetchError
+from comfy_env_attn.core.backends import normalize_dist
+from comfy_env_attn.core.errors import IndexFetchError
 
 if TYPE_CHECKING:
     import httpx
@@ -76,7 +76,7 @@ def project_of(filename: str) -> str:
 
 def embedded_dir() -> Path:
     """wheel_index/ shipped inside the package, or beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the package folder
     for p in (here / "wheel_index", here.parent / "wheel_index"):
         if p.is_dir():
             return p

@@ -1,0 +1,141 @@
+"""install and verify: the commands; the work is in install.installer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from comfy_env_attn import lockfile
+from comfy_env_attn.candidates.sources import Candidate
+from comfy_env_attn.cli.commands import locate, make_plan
+from comfy_env_attn.cli.output import console
+from comfy_env_attn.core import backends as bk
+from comfy_env_attn.core.errors import InstallError, UsageError
+from comfy_env_attn.core.progress import log
+from comfy_env_attn.facts.probe import Target, probe_gpus, probe_interpreter, system_from
+from comfy_env_attn.facts.system import load_profile
+from comfy_env_attn.install.installer import InstallOptions, Outcome, recover, reverify, run_install
+from comfy_env_attn.install.journal import target_lock
+from comfy_env_attn.verify.run import Options
+
+
+def requested_backends(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "config", None):
+        from comfy_env_attn.facts.config import read_cuda_config
+
+        cfg = read_cuda_config(args.config)
+        if cfg.left_to_comfy_env:
+            log(f"left to comfy-env (not attention packages): "
+                f"{', '.join(cfg.left_to_comfy_env)}")
+        if not cfg.backends:
+            raise UsageError(f"{args.config} names no attention package; known: "
+                             f"{', '.join(bk.BY_DIST)}")
+        if args.backends:
+            return [b for b in bk.parse_list(args.backends) if b in cfg.backends]
+        return cfg.backends
+    return bk.parse_list(args.backends)
+
+
+# -- install ------------------------------------------------------------------------------
+
+def cmd_install(args: argparse.Namespace) -> int:
+    exe, _how = locate(args)
+    target = probe_interpreter(exe)
+    system = load_profile(args.system) if args.system else system_from(target, probe_gpus())
+    if not target.is_dedicated and not args.yes:
+        raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
+                           f"Python (it is the system interpreter at {target.prefix}): "
+                           "refusing to change it; pass --yes to install there anyway")
+    out = Outcome()
+    if args.from_lock:
+        doc = lockfile.read(Path(args.from_lock))
+        chosen = [(w.backend, [Candidate(w.filename, w.url, f"lock:{args.from_lock}",
+                                         sha256=w.sha256)]) for w in lockfile.wheels_of(doc)]
+    else:
+        plan = make_plan(system, args, requested_backends(args))
+        chosen = []
+        for bp in plan.backends:
+            if bp.builtin:
+                continue
+            if bp.selected is None:
+                out.row(bp.backend).note = f"no wheel: {bp.reason}"
+                if args.backends or args.config:
+                    out.ok = False  # asked for by name: not having it is a failure
+            else:
+                alts = [bp.selected] + [r.candidate for r in bp.rejected
+                                        if r.reasons and r.reasons[0].kind == "ranked"]
+                chosen.append((bp.backend, alts))
+        for w in plan.warnings:
+            log(f"warning: {w}")
+    chosen.sort(key=lambda t: t[0] == "flash4")  # flash-attn before flash-attn-4
+    if args.dry_run:
+        from comfy_env_attn.cli.commands import print_plan
+
+        if not args.from_lock:
+            print_plan(plan)
+        for b, alts in chosen:
+            print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
+                  + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
+                     if len(alts) > 1 else ""))
+        return 0
+    with target_lock(target.prefix, log):
+        recover(target)
+        target = probe_interpreter(exe)
+        run_install(target, chosen, out, install_options(args))
+    print_summary(out, target)
+    return 0 if out.ok else 1
+
+
+def install_options(args: argparse.Namespace) -> InstallOptions:
+    return InstallOptions(index_urls=tuple(args.index_url), find_links=tuple(args.find_links),
+                          keep_failed=args.keep_failed,
+                          verify=None if args.no_verify else verify_options(args))
+
+
+def verify_options(args: argparse.Namespace) -> Options:
+    shapes = None
+    if getattr(args, "shapes", None):
+        try:
+            shapes = [[int(x) for x in s.lower().split("x")] for s in args.shapes.split(",")]
+        except ValueError:
+            raise UsageError(f"--shapes {args.shapes!r}: give BxHxNxD,... e.g. "
+                             "1x24x4608x128") from None
+        if any(len(s) != 4 for s in shapes):
+            raise UsageError(f"--shapes {args.shapes!r}: each shape needs 4 numbers")
+    return Options(device=getattr(args, "device", None), shapes=shapes,
+                   timeout=getattr(args, "timeout", None) or Options().timeout)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    exe, _ = locate(args)
+    target = probe_interpreter(exe)
+    with target_lock(target.prefix, log):
+        recover(target)
+        target = probe_interpreter(exe)
+        out, ok = reverify(target, verify_options(args))
+    print_summary(out, target)
+    return 0 if ok else 1
+
+
+def print_summary(out: Outcome, target: Target) -> None:
+    import sys
+
+    from rich.table import Table
+
+    if not sys.stdout.isatty():  # logs and pipes: one line per backend, nothing folded
+        print(f"comfy-env-attn: {target.executable}")
+        for r in out.rows.values():
+            parts = [f"wheel {r.wheel}" if r.wheel else "", f"installed {r.installed}"
+                     if r.installed else "", f"verification {r.verified}" if r.verified else "",
+                     r.note]
+            print(f"{r.backend}: " + "; ".join(p for p in parts if p))
+        return
+    t = Table(title=f"comfy-env-attn: {target.executable}")
+    for col in ("backend", "wheel", "installed", "verification", "note"):
+        t.add_column(col, overflow="fold")
+    for r in out.rows.values():
+        t.add_row(r.backend, r.wheel, r.installed, r.verified, r.note)
+    console().print(t)
+
+
+COMMANDS = {"install": cmd_install, "verify": cmd_verify}
