@@ -1,6 +1,24 @@
 """An "Attention Backend" node for ComfyUI: routes a model's attention through the dispatcher
 via transformer_options["optimized_attention_override"].
 
+ComfyUI's wrap_attn calls the override as `override(func, *args, **kwargs)`, with the
+arguments the model passed to optimized_attention, whose every implementation has one
+signature:
+
+    attention_X(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                skip_output_reshape=False, **kwargs)
+
+Models call it every way that signature allows: `heads` positional (SD UNets, Flux) or by
+keyword (SD3's MMDiT, Wan), the mask positional (LTX-Video, Lumina 2, Qwen-Image, OmniGen2,
+CrossAttention) or by keyword (Flux, HunyuanVideo), q/k/v as [B, N, H*D] or, with
+skip_reshape, [B, H, N, D]; in SD3 `v` comes already split into heads ([B, N, H, D]) while
+q and k are flat. Masks are bool (True = attend) or additive float, [N, M], [B, N, M] or
+[B, H, N, M], expanded the way ComfyUI's attention_pytorch expands them. attn_precision
+is a hint for ComfyUI's own upcasting functions; like attention_pytorch (ComfyUI's default
+on GPUs), the dispatcher's kernels accumulate in float32 anyway. A call this module cannot
+route exactly goes to ComfyUI's own function, unchanged; so does a call the dispatcher
+fails on.
+
 Load it as a custom node: copy custom_node/__init__.py of this repository to
 ComfyUI/custom_nodes/comfy_env_attn/__init__.py (comfy-env-attn must be installed in
 ComfyUI's Python).
@@ -8,9 +26,25 @@ ComfyUI's Python).
 
 from __future__ import annotations
 
+import logging
+import operator
+from collections.abc import Callable
 from typing import Any
 
 from comfy_env_attn.core.backends import BACKENDS
+
+log = logging.getLogger("comfy_env_attn")
+
+# ComfyUI's attention signature; attention_sub_quad names the first three query, key, value.
+_PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape",
+           "skip_output_reshape")
+_ALIASES = {"query": "q", "key": "k", "value": "v"}
+
+# What the dispatcher was last set to by this node: (backend, exact, the dispatcher's state
+# object and the mode/exact it reported right after). Compared per call, so that the
+# dispatcher is reconfigured only when another node or caller changed it.
+_applied: list[Any] = [None]
+_told: set[str] = set()
 
 
 def _choices() -> list[str]:
@@ -25,30 +59,168 @@ def _choices() -> list[str]:
     return out + [n for n in BACKENDS if n not in out]
 
 
-def make_override(backend: str, exact: bool) -> Any:
+class Unroutable(Exception):
+    """A call the override leaves to ComfyUI's own function: what kind of input (logged
+    once per kind) and the detail."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI's attention arguments by name, as Python would bind them to its signature."""
+    if len(args) > len(_PARAMS):
+        raise Unroutable("args", f"{len(args)} positional arguments")
+    bound = {_PARAMS[i]: a for i, a in enumerate(args)}
+    for key, value in kwargs.items():
+        name = _ALIASES.get(key, key)
+        if name in _PARAMS:
+            if name in bound:
+                raise Unroutable("args", f"{name} given twice")
+            bound[name] = value
+    missing = [n for n in ("q", "k", "v", "heads") if n not in bound]
+    if missing:
+        raise Unroutable("args", f"no {', '.join(missing)}")
+    return bound
+
+
+def _mask_bhnm(mask: Any, q: Any, b: int, heads: int, n: int, m: int) -> Any:
+    """The mask as attention_pytorch hands it to SDPA: [N, M] -> [1, 1, N, M],
+    [B, N, M] -> [B, 1, N, M]; it must broadcast to [B, H, N, M]. Float masks are additive
+    and take q's dtype (ComfyUI's other functions add them in any dtype)."""
+    import torch
+
+    if not isinstance(mask, torch.Tensor):
+        raise Unroutable("mask", f"a mask of type {type(mask).__name__}")
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    if mask.ndim != 4:
+        raise Unroutable("mask", f"a {mask.ndim}-D mask")
+    want = (b, heads, n, m)
+    if not all(have in (1, size) for have, size in zip(mask.shape, want, strict=True)):
+        raise Unroutable("mask", f"a mask of shape {list(mask.shape)} for attention "
+                         f"{list(want)}")
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise Unroutable("mask", f"a {mask.dtype} mask")
+        if mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+    if mask.device != q.device:
+        mask = mask.to(q.device)
+    return mask
+
+
+def prepare(bound: dict[str, Any], kwargs: dict[str, Any]
+            ) -> tuple[Any, Any, Any, Any, Any, Callable[[Any], Any]]:
+    """(q, k, v as [B, H, N, D], mask broadcastable to [B, H, N, M] or None, scale,
+    a function giving the output in the layout the caller asked for)."""
+    import torch
+
+    q, k, v = bound["q"], bound["k"], bound["v"]
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise Unroutable("args", "q, k or v that is not a tensor")
+    try:
+        heads = operator.index(bound["heads"])
+    except TypeError:
+        raise Unroutable("heads", f"heads={bound['heads']!r}") from None
+    if heads <= 0:
+        raise Unroutable("heads", f"heads={heads}")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise Unroutable("dtype", f"dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise Unroutable("device", "q, k and v on different devices")
+    if bound.get("skip_reshape", False):
+        if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+            raise Unroutable("shape", f"skip_reshape and {q.ndim}-D, {k.ndim}-D, {v.ndim}-D "
+                                    "q, k, v")
+        b, h, n, d = q.shape
+        if h != heads:
+            raise Unroutable("heads", f"heads={heads} for a q of {h} heads")
+        q4, k4, v4 = q, k, v
+    else:
+        if q.ndim != 3:
+            raise Unroutable("shape", f"a {q.ndim}-D q without skip_reshape")
+        b, n, width = q.shape
+        if width % heads:
+            raise Unroutable("heads", f"width {width} for {heads} heads")
+        d = width // heads  # the head size comes from q: SD3 hands v over split into heads
+
+        def split(t: Any) -> Any:
+            if t.ndim == 3 and t.shape[2] == width:
+                t = t.reshape(t.shape[0], t.shape[1], heads, d)
+            elif not (t.ndim == 4 and tuple(t.shape[2:]) == (heads, d)):
+                raise Unroutable("shape", f"k or v of shape {list(t.shape)} for {heads} heads "
+                                         f"of {d}")
+            return t.transpose(1, 2)
+
+        q4, k4, v4 = q.reshape(b, n, heads, d).transpose(1, 2), split(k), split(v)
+    if (k4.shape[0], k4.shape[1], k4.shape[3]) != (b, heads, d) or v4.shape != k4.shape:
+        raise Unroutable("shape", f"q {list(q4.shape)}, k {list(k4.shape)}, "
+                                  f"v {list(v4.shape)}")
+    mask = bound.get("mask")
+    if mask is not None:
+        mask = _mask_bhnm(mask, q, b, heads, n, k4.shape[2])
+    scale = kwargs.get("scale")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise Unroutable("scale", f"scale={scale!r}")
+
+    if bound.get("skip_output_reshape", False):
+        def layout(out: Any) -> Any:
+            return out
+    else:
+        def layout(out: Any) -> Any:
+            return out.transpose(1, 2).reshape(b, n, heads * d)
+
+    return q4, k4, v4, mask, scale, layout
+
+
+def _use_backend(dispatch: Any, backend: str, exact: bool) -> None:
+    state = getattr(dispatch, "_S", None)
+    now = (backend, exact, id(state), getattr(state, "mode", None),
+           getattr(state, "exact", None), getattr(state, "ready", True))
+    if _applied[0] == now:
+        return
+    dispatch.set_backend(backend, exact=exact)
+    state = getattr(dispatch, "_S", None)
+    _applied[0] = (backend, exact, id(state), getattr(state, "mode", None),
+                   getattr(state, "exact", None), getattr(state, "ready", True))
+
+
+def _tell(reason: str, detail: str, level: int = logging.INFO) -> None:
+    """One log line per kind of call left to ComfyUI (not one per attention call)."""
+    if reason not in _told:
+        _told.add(reason)
+        log.log(level, "comfy-env-attn: %s; ComfyUI's own attention function runs such "
+                "calls", detail)
+
+
+def make_override(backend: str, exact: bool) -> Callable[..., Any]:
+    """The transformer_options["optimized_attention_override"] for one backend choice."""
     from comfy_env_attn.runtime import dispatch
 
     def override(func: Any, *args: Any, **kwargs: Any) -> Any:
-        if dispatch._S.mode != backend or dispatch._S.exact != exact:
-            dispatch.set_backend(backend, exact=exact)
-        q, k, v, heads = args[:4]
-        mask = kwargs.get("mask")
-        skip_reshape = kwargs.get("skip_reshape", False)
-        skip_output_reshape = kwargs.get("skip_output_reshape", False)
-        if mask is not None and mask.dtype == __import__("torch").bool:
+        try:
+            q, k, v, mask, scale, layout = prepare(bind(args, kwargs), kwargs)
+            _use_backend(dispatch, backend, exact)
+        except Unroutable as e:
+            _tell(e.kind, f"an attention call with {e} is not routed")
             return func(*args, **kwargs)
-        if not skip_reshape:
-            b = q.shape[0]
-            q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-                       for t in (q, k, v))
-        if mask is not None and mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask is not None and mask.ndim == 3:
-            mask = mask.unsqueeze(1)
-        out = dispatch.dispatch_attention(q, k, v, attn_mask=mask)
-        if not skip_output_reshape:
-            out = out.transpose(1, 2).reshape(out.shape[0], -1, heads * out.shape[-1])
-        return out
+        except Exception as e:  # never an exception of ours inside a sampling run
+            _tell(type(e).__name__, f"preparing attention failed ({type(e).__name__}: {e})",
+                  logging.WARNING)
+            return func(*args, **kwargs)
+        extra = {} if scale is None else {"scale": scale}
+        try:
+            out = dispatch.dispatch_attention(q, k, v, attn_mask=mask, **extra)
+        except Exception as e:
+            _tell("dispatch:" + type(e).__name__,
+                  f"the dispatcher failed ({type(e).__name__}: {str(e)[:200]})",
+                  logging.WARNING)
+            return func(*args, **kwargs)
+        return layout(out)
 
     return override
 
@@ -67,7 +239,7 @@ class AttentionBackend:
     def apply(self, model: Any, backend: str) -> tuple[Any]:
         exact = backend == "auto (exact)"
         name = "auto" if exact else backend
-        m = model.clone()
+        m = model.clone()  # ModelPatcher.clone deep-copies model_options: the input is kept
         opts = m.model_options.setdefault("transformer_options", {})
         opts["optimized_attention_override"] = make_override(name, exact)
         return (m,)
