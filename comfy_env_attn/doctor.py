@@ -9,6 +9,7 @@ from typing import Any
 from comfy_env_attn import lockfile
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST
 from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.lockmodel import ToolTable, tool_table
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import Installed, installed_backends, read_installed
 from comfy_env_attn.facts.probe import Target
@@ -147,39 +148,48 @@ def doctor_findings(target: Target, system: System) -> list[Any]:
         return found
     try:
         doc = lockfile.read(path)
+        stale = lockfile.stale(doc, target.executable)
     except AttnError as e:
         return [*found, Finding("problem", "lock", str(e), "Run: comfy-env-attn verify")]
-    stale = lockfile.lock_status(doc, target, system)
     if stale:
         found.append(Finding("problem", "lock", "the lock is stale: " + "; ".join(stale) +
                              ": the dispatcher falls back to SDPA",
                              "Run: comfy-env-attn verify"))
     else:
-        tool = doc["tool"]["comfy-env-attn"]
+        tool = tool_table(doc)
         found.append(Finding("info", "lock", f"lock {path} is fresh; auto order: "
-                             f"{', '.join(tool.get('auto', []))}"))
+                             f"{', '.join(tool.auto)}"))
         found += [Finding("info", "dispatch", line) for line in dispatch_preview(tool)]
     return found
 
 
-PREVIEW_SHAPES = {"Flux 1024x1024": [1, 24, 4608, 128], "SDXL": [2, 10, 4096, 64],
-                  "video": [1, 40, 32760, 128]}
+# Typical calls: (label, [B, H, N, D], key/value length)
+PREVIEW_CALLS = (("Flux 1024x1024", [1, 24, 4608, 128], 4608), ("SDXL", [2, 10, 4096, 64], 4096),
+                 ("SDXL cross-attention", [2, 10, 4096, 64], 77),
+                 ("SD 1.5 head dim 80", [2, 8, 1024, 80], 1024),
+                 ("video", [1, 40, 32760, 128], 32760))
 
 
-def dispatch_preview(tool: dict[str, Any]) -> list[str]:
-    """What `auto` would pick for typical inputs, and why (the dispatcher's own rule)."""
-    from comfy_env_attn.core.choose import close_call, ranked
-    from comfy_env_attn.core.settings import SETTLE_MARGIN
+def dispatch_preview(tool: ToolTable) -> list[str]:
+    """What `auto` would pick for typical calls, and why (the dispatcher's own rule)."""
+    from comfy_env_attn.core.backends import Call
+    from comfy_env_attn.core.choose import choose, close_call
+    from comfy_env_attn.core.settings import settle_margin
 
-    dtype = "bfloat16" if tool.get("fingerprint", {}).get("device") == "cuda" else "float32"
+    dtype = "bfloat16" if tool.fingerprint.device == "cuda" else "float32"
+    margin = settle_margin()
     out = []
-    for label, shape in PREVIEW_SHAPES.items():
-        rows = ranked(tool.get("backends", {}), shape[3], dtype, shape[2])
-        best, _, why = rows[0]
-        rest = ", ".join(n for n, _, _ in rows[1:])
-        close = close_call(rows, SETTLE_MARGIN)
-        out.append(f"auto for {label} {shape} {dtype}: {best} ({why})"
+    for label, shape, kv in PREVIEW_CALLS:
+        call = Call(dtype=dtype, head_dim=shape[3], q_len=shape[2], kv_len=kv,
+                    q_heads=shape[1], kv_heads=shape[1], device=tool.fingerprint.device)
+        c = choose(tool.verified(), call)
+        best = c.order[0]
+        rest = ", ".join(c.names[1:])
+        close = close_call(c.order, margin)
+        over = "; ".join(f"{n} passed over: {why[0]}" for n, why in c.passed_over)
+        out.append(f"auto for {label} {shape} kv {kv} {dtype}: {best.name} ({best.why})"
                    + (f"; then {rest}" if rest else "")
-                   + (f"; {' and '.join(close)} are within {SETTLE_MARGIN:.0%}: timed on "
-                      "the real input at first use" if close else ""))
+                   + (f"; {' and '.join(close)} are within {margin:.0%}: timed on the real "
+                      "input at first use" if close else "")
+                   + (f" [{over}]" if over else ""))
     return out

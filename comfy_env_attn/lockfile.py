@@ -13,33 +13,40 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_env_attn.candidates.sources import project_of
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST, normalize_dist
 from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.lockmodel import (
+    LOCK_NAME,
+    BackendRecord,
+    BenchRow,
+    Check,
+    Fingerprint,
+    Live,
+    LockedDist,
+    LockModelError,
+    ToolTable,
+    lock_path,
+    stale_reasons,
+    tool_table,
+)
 from comfy_env_attn.core.progress import log
-from comfy_env_attn.facts.installed import Installed, installed_backends, read_installed
+from comfy_env_attn.facts.installed import Installed, installed_backends
 
 if TYPE_CHECKING:
     from comfy_env_attn.facts.probe import Target
-    from comfy_env_attn.facts.system import System
     from comfy_env_attn.install.edges import Fetched
     from comfy_env_attn.verify.run import Result
 
-LOCK_NAME = "pylock.comfy-env-attn.toml"
-SCHEMA = 1
+__all__ = ["LOCK_NAME", "lock_path"]
 
 
 class LockError(AttnError):
     pass
-
-
-def lock_path(prefix: Path) -> Path:
-    env = os.environ.get("COMFY_ENV_ATTN_LOCK")
-    return Path(env) if env else prefix / LOCK_NAME
 
 
 @dataclass(frozen=True)
@@ -60,39 +67,34 @@ def record_sha256(dist_info: str) -> str | None:
         return None
 
 
-def speed_score(bench: list[dict[str, Any]], baseline: dict[str, float]) -> float | None:
+def speed_score(bench: tuple[BenchRow, ...], baseline: dict[str, float]) -> float | None:
     """Geometric mean of throughput relative to SDPA over the shapes both measured."""
-    ratios = []
-    for b in bench:
-        key = shape_key(b["shape"])
-        if "tflops" in b and baseline.get(key):
-            ratios.append(b["tflops"] / baseline[key])
+    ratios = [b.tflops / baseline[b.label()] for b in bench
+              if b.tflops is not None and baseline.get(b.label())]
     if not ratios:
         return None
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
-def shape_key(shape: list[int]) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def auto_order(backends: dict[str, dict[str, Any]]) -> list[str]:
-    """Verified backends by measured speed (SDPA = 1.0); unmeasured ones after SDPA."""
-    base = {shape_key(b["shape"]): b["tflops"]
-            for b in backends.get("sdpa", {}).get("bench", []) if "tflops" in b}
+def auto_order(backends: dict[str, BackendRecord]) -> tuple[list[str], dict[str, float]]:
+    """(verified backends by measured speed, SDPA = 1.0, unmeasured ones after SDPA;
+    each measured one's speed relative to SDPA)."""
+    sdpa = backends.get("sdpa")
+    base = {b.label(): b.tflops for b in (sdpa.bench if sdpa else ()) if b.tflops}
     scored: list[tuple[float, bool, str]] = []
     unmeasured: list[str] = []
+    speeds: dict[str, float] = {}
     for name, info in backends.items():
-        if info.get("status") != "verified":
+        if not info.verified:
             continue
-        s = 1.0 if name == "sdpa" else speed_score(info.get("bench", []), base)
+        s = 1.0 if name == "sdpa" else speed_score(info.bench, base)
         if s is None:
             unmeasured.append(name)  # no shape in common with SDPA: no claim about speed
             continue
-        info["speed_vs_sdpa"] = round(s, 4)
+        speeds[name] = round(s, 4)
         scored.append((s, name == "sdpa", name))
     scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    return [n for _, _, n in scored] + unmeasured
+    return [n for _, _, n in scored] + unmeasured, speeds
 
 
 def _clean(value: Any) -> Any:
@@ -108,22 +110,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def build(wheels: list[LockedWheel], fingerprint: dict[str, Any],
-          backends: dict[str, dict[str, Any]], *, python: str) -> dict[str, Any]:
+def build(wheels: list[LockedWheel], tool: ToolTable) -> dict[str, Any]:
     from comfy_env_attn import __version__
 
-    order = auto_order(backends)
     packages = []
     for w in sorted(wheels, key=lambda w: w.name):
         packages.append({"name": w.name, "version": w.version,
                          "wheels": [{"name": w.filename, "url": w.url,
                                      "hashes": {"sha256": w.sha256}}]})
-    tool = {"schema": SCHEMA, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "python": python, "fingerprint": fingerprint, "auto": order,
-            "exact": [n for n in order if not backends[n].get("quantized")],
-            "backends": backends}
-    doc: dict[str, Any] = _clean({"lock-version": "1.0", "created-by": f"comfy-env-attn {__version__}",
-                   "packages": packages, "tool": {"comfy-env-attn": tool}})
+    doc: dict[str, Any] = _clean({"lock-version": "1.0",
+                                  "created-by": f"comfy-env-attn {__version__}",
+                                  "packages": packages,
+                                  "tool": {"comfy-env-attn": tool.to_dict()}})
     return doc
 
 
@@ -134,9 +132,10 @@ def validate(doc: dict[str, Any], where: str) -> None:
         Pylock.from_dict(doc)
     except (PylockValidationError, PylockUnsupportedVersionError) as e:
         raise LockError(f"{where}: not a valid PEP 751 lock: {e}") from None
-    tool = doc.get("tool", {}).get("comfy-env-attn")
-    if not isinstance(tool, dict) or tool.get("schema") != SCHEMA:
-        raise LockError(f"{where}: no [tool.comfy-env-attn] table of schema {SCHEMA}")
+    try:
+        tool_table(doc)
+    except LockModelError as e:
+        raise LockError(f"{where}: {e}") from None
 
 
 def write(path: Path, doc: dict[str, Any]) -> None:
@@ -175,51 +174,64 @@ def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
     return out
 
 
-def fingerprint(target: Target, installed: dict[str, Installed],
-                results: dict[str, Result]) -> dict[str, Any]:
+def _fingerprint(live: Live, device: dict[str, Any], python: str | None) -> Fingerprint:
+    locked = {}
+    for b in BACKENDS.values():
+        have = live.dists.get(b.dist) if b.dist else None
+        if have is not None:
+            locked[b.name] = LockedDist(b.dist, have[0], have[1] or "")
+    return Fingerprint(torch=live.torch or "", torch_cuda=live.torch_cuda,
+                       device=device.get("type", "unverified"),
+                       capability=device.get("capability"), device_name=device.get("name"),
+                       python=python, adapters_sha256=live.adapters_sha256, backends=locked)
+
+
+def _record(name: str, r: Result | None) -> BackendRecord:
+    b = BACKENDS[name]
+    if r is None:
+        return BackendRecord(name, "unverified", quantized=b.quantized, title=b.title)
+    d = r.data
+    checks = tuple(Check(c["variant"], c["head_dim"], c["dtype"], bool(c.get("passed")),
+                         _num(c.get("max_abs")), _num(c.get("cosine")), c.get("error"))
+                   for c in r.checks)
+    bench = tuple(BenchRow(tuple(x["shape"]), x["dtype"], x.get("kv_len"),
+                           x.get("ms"), x.get("tflops"), x.get("first_call_ms"), x.get("error"))
+                  for x in r.bench)
+    return BackendRecord(name, "verified" if r.passed else "failed", quantized=b.quantized,
+                         title=b.title, version=d.get("version"), error=r.error,
+                         stage=d.get("stage"), import_s=d.get("import_s"), checks=checks,
+                         bench=bench)
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None (TOML has neither null nor a standard infinity here)."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def tool_table_from(results: dict[str, Result], *, python: str,
+                    python_version: str | None = None,
+                    installed: list[str] | None = None) -> ToolTable:
+    """What verification proved in the interpreter `python`, as the lock records it:
+    a record for SDPA, each backend verified and each backend `installed`."""
     sdpa = results.get("sdpa")
-    device = (sdpa.data.get("device") if sdpa else None) or {}
-    fp: dict[str, Any] = {
-        "python": target.facts.get("python"),
-        "torch": sdpa.data.get("torch") if sdpa else target.facts.get("torch"),
-        "torch_cuda": sdpa.data.get("torch_cuda") if sdpa else target.facts.get("torch_cuda"),
-        "device": device.get("type", "unverified"),
-        "device_name": device.get("name"),
-        "capability": device.get("capability"),
-        "backends": {},
-    }
-    for name in installed_backends(installed):
-        inst = installed[BACKENDS[name].dist]
-        fp["backends"][name] = {"dist": inst.name, "version": inst.version,
-                                "record_sha256": record_sha256(inst.dist_info)}
-    return fp
+    live_data = sdpa.data.get("live") if sdpa else None
+    if live_data is None:  # nothing verified (--no-verify): the files as they are now
+        from comfy_env_attn.verify.run import live_facts
 
-
-def backend_entries(installed: dict[str, Installed], results: dict[str, Result]
-                    ) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name in ["sdpa", *installed_backends(installed)]:
-        b = BACKENDS[name]
-        r = results.get(name)
-        entry: dict[str, Any] = {"title": b.title, "quantized": b.quantized}
-        if r is None:
-            entry["status"] = "unverified"
-        else:
-            entry["status"] = "verified" if r.passed else "failed"
-            entry["error"] = r.error
-            entry["stage"] = r.data.get("stage")
-            entry["version"] = r.data.get("version")
-            entry["import_s"] = r.data.get("import_s")
-            entry["checks"] = [{k: c.get(k) for k in ("head_dim", "dtype", "passed", "required",
-                                                     "max_abs", "cosine", "finite", "error")}
-                               for c in r.data.get("checks", [])]
-            entry["bench"] = [{k: x.get(k) for k in ("shape", "dtype", "ms", "tflops",
-                                                     "first_call_ms", "error")}
-                              for x in r.data.get("bench", [])]
-        out[name] = entry
+        live_data = live_facts(python)
+    live = Live.from_dict(live_data)
+    device = (sdpa.data.get("device") if sdpa and sdpa.passed else None) or {}
+    names = ["sdpa", *[n for n in BACKENDS if n in results or n in (installed or [])]]
+    records = {n: _record(n, results.get(n)) for n in dict.fromkeys(names)}
     if not results:  # --no-verify: SDPA, built into torch, stays the trusted fallback
-        out["sdpa"]["status"] = "verified"
-    return out
+        records["sdpa"] = BackendRecord("sdpa", "verified", title=BACKENDS["sdpa"].title)
+    order, speeds = auto_order(records)
+    records = {n: replace(r, speed_vs_sdpa=speeds.get(n)) for n, r in records.items()}
+    return ToolTable(fingerprint=_fingerprint(live, device, python_version),
+                     backends=records, auto=tuple(order),
+                     exact=tuple(n for n in order if not records[n].quantized),
+                     written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     python=python)
 
 
 def write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
@@ -238,35 +250,19 @@ def write_lock(target: Target, installed: dict[str, Installed], results: dict[st
         inst = installed.get(dist)
         if inst is not None and inst.version == f.candidate.filename.split("-")[1]:
             wheels[dist] = LockedWheel(BY_DIST[dist], dist, inst.version,
-                                               f.candidate.filename, f.candidate.url, f.sha256)
-    doc = build(list(wheels.values()), fingerprint(target, installed, results),
-                        backend_entries(installed, results), python=target.executable)
+                                       f.candidate.filename, f.candidate.url, f.sha256)
+    doc = build(list(wheels.values()),
+                tool_table_from(results, python=target.executable,
+                                python_version=target.facts.get("python"),
+                                installed=installed_backends(installed)))
     write(path, doc)
     log(f"wrote {path}")
     return path
 
 
-def lock_status(doc: dict[str, Any], target: Target, system: System) -> list[str]:
-    """Why the lock does not describe the live target (empty when it does)."""
-    tool = doc["tool"]["comfy-env-attn"]
-    fp = tool.get("fingerprint", {})
-    stale: list[str] = []
-    if fp.get("torch") != target.facts.get("torch"):
-        stale.append(f"torch is {target.facts.get('torch')}, the lock verified "
-                     f"{fp.get('torch')}")
-    if fp.get("device") == "cuda" and fp.get("capability") not in system.gpus:
-        stale.append(f"verified on GPU sm {fp.get('capability')}, this machine has "
-                     f"{', '.join(system.gpus) or 'no GPU'}")
-    installed = read_installed(target.site_dirs)
-    for info in fp.get("backends", {}).values():
-        inst = installed.get(info["dist"])
-        if inst is None:
-            stale.append(f"{info['dist']} {info['version']} is no longer installed")
-        elif inst.version != info["version"]:
-            stale.append(f"{info['dist']} is {inst.version}, the lock verified {info['version']}")
-        elif record_sha256(inst.dist_info) != info.get("record_sha256"):
-            stale.append(f"{info['dist']} {inst.version} files changed since verification")
-    for name in installed_backends(installed):
-        if name not in fp.get("backends", {}):
-            stale.append(f"{BACKENDS[name].dist} is installed but not in the lock")
-    return stale
+def stale(doc: dict[str, Any], python: str) -> list[str]:
+    """Why the lock does not describe the target (empty when it does): the dispatcher's own
+    rule, over facts learned in the target interpreter."""
+    from comfy_env_attn.verify.run import live_facts
+
+    return stale_reasons(tool_table(doc), Live.from_dict(live_facts(python)))

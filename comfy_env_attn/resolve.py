@@ -423,23 +423,13 @@ def gpu_reasons(backend: Backend, system: System, sm: Sequence[str] | None) -> l
     out: list[Reason] = []
     for g in system.gpus:
         cc = cc_tuple(g)
-        if cc < backend.min_sm or (backend.max_sm and cc > backend.max_sm) or \
-                cc in backend.excluded_sm:
+        if not backend.runs_on_sm(cc):
             out.append(Reason("gpu", f"{backend.title} has no kernels for sm {g} "
-                                     f"({_support_text(backend)}); target GPU is sm {g}"))
+                                     f"({backend.support_text()}); target GPU is sm {g}"))
         elif sm is not None and not any(_sm_runs(e, cc) for e in sm):
             out.append(Reason("gpu", f"compiled for sm {', '.join(sm)}; target GPU sm {g} is "
                                      f"not among them (\"no kernel image is available\")"))
     return out
-
-
-def _support_text(b: Backend) -> str:
-    assert b.min_sm is not None
-    lo = f"{b.min_sm[0]}.{b.min_sm[1]}"
-    text = f"sm {lo}+" if b.max_sm is None else f"sm {lo} to {b.max_sm[0]}.{b.max_sm[1]}"
-    if b.excluded_sm:
-        text += " except " + ", ".join(f"{a}.{c}" for a, c in b.excluded_sm)
-    return text
 
 
 def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[Any, ...]:

@@ -112,9 +112,20 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
     assert tool["fingerprint"]["torch"] == torch.__version__
     sage = tool["backends"]["sage"]
     assert sage["status"] == "verified"
-    assert {(c["head_dim"], c["dtype"]) for c in sage["checks"] if c["required"]} == {
-        (64, "float32"), (64, "bfloat16"), (128, "float32"), (128, "bfloat16")}
-    assert all(c["max_abs"] < 0.05 for c in sage["checks"])
+    # every variant it claims (its sageattn takes a mask), at every head dim it claims up to
+    # 128, in the half dtype it claims (bfloat16 on a CPU)
+    assert {c["variant"] for c in sage["checks"]} == {
+        "plain", "causal", "scale", "cross", "mask_bool", "mask_additive", "gqa"}
+    assert {c["head_dim"] for c in sage["checks"]} == {40, 64, 80, 96, 128}
+    assert {c["dtype"] for c in sage["checks"]} == {"bfloat16"}
+    ok = [c for c in sage["checks"] if c["passed"]]
+    assert {c["variant"] for c in ok} == {"plain", "causal", "scale", "cross", "mask_bool"}
+    assert all(c["max_abs"] < 0.05 for c in ok)
+    # this fake really takes no bfloat16 additive mask and no fewer key/value heads: those
+    # fail with the reason, and the rest still serves
+    bad = {c["variant"]: c["error"] for c in sage["checks"] if not c["passed"]}
+    assert set(bad) == {"mask_additive", "gqa"}
+    assert "attn_mask dtype" in bad["mask_additive"] and "size of tensor" in bad["gqa"]
     assert sage["bench"][0]["shape"] == [1, 2, 128, 64] and sage["bench"][0]["tflops"] > 0
     # timed together with SDPA, at the same shapes (what auto compares)
     assert [b["shape"] for b in sage["bench"]] == \
@@ -126,20 +137,22 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
     r = cli("lock", "--python", str(venv_python(venv)))
     assert r.returncode == 0 and "fingerprint: fresh" in r.stdout, r.stdout + r.stderr
     # the dispatcher in that venv trusts the lock: sage by name, auto as the lock measured
-    code = ("from comfy_env_attn.runtime import dispatch; from comfy_env_attn.core import choose; import torch, json;"
-            "lab = dispatch.set_backend('sage'); q = torch.randn(1, 2, 128, 64);"
+    code = ("from comfy_env_attn.runtime import dispatch; from comfy_env_attn.core import choose;"
+            "from comfy_env_attn.runtime.adapters import describe; import torch, json;"
+            "lab = dispatch.set_backend('sage'); q = torch.randn(1, 2, 128, 64).bfloat16();"
             "dispatch.dispatch_attention(q, q, q); r1 = next(iter(dispatch._S.routes.values()));"
             "dispatch.set_backend('auto'); dispatch.dispatch_attention(q, q, q);"
             "r2 = next(iter(dispatch._S.routes.values()));"
-            "rows = choose.ranked(dispatch._S.backends, 64, 'float32', 128);"
-            "close = choose.close_call(rows, dispatch.SETTLE_MARGIN);"
-            "print(json.dumps([lab, r1, r2, close or [rows[0][0]]]))")
+            "c = choose.choose(dispatch._S.backends, describe(q, q, None, False, None));"
+            "close = choose.close_call(c.order, 0.08);"
+            "print(json.dumps([lab, r1, r2, close or [c.names[0]]]))")
     r = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True)
     lab, r1, r2, allowed = json.loads(r.stdout.splitlines()[-1])
-    assert lab == f"SageAttention 2.2.0+{LABEL}, verified" and r1[0] == "sage"
+    assert lab.startswith(f"SageAttention 2.2.0+{LABEL}, verified") and r1[0] == "sage"
     assert r2[0] in allowed  # the lock's best, or a close call settled by timing it here
     r = cli("doctor", "--python", str(venv_python(venv)))
-    assert "auto for Flux 1024x1024 [1, 24, 4608, 128] float32:" in r.stdout.replace("\n", " ")
+    assert "auto for Flux 1024x1024 [1, 24, 4608, 128] kv 4608 float32:" in \
+        r.stdout.replace("\n", " ")
     r = cli("launch-args", "--python", str(venv_python(venv)))
     assert r.returncode == 0 and r.stdout.strip() in ("--use-sage-attention",
                                                       "--use-pytorch-cross-attention")

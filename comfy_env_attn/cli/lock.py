@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.cli.commands import locate
@@ -11,35 +12,38 @@ from comfy_env_attn.cli.install import verify_options
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.lockmodel import tool_table
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import installed_backends, read_installed
-from comfy_env_attn.facts.probe import probe_gpus, probe_interpreter, system_from
+from comfy_env_attn.facts.probe import probe_interpreter
 from comfy_env_attn.verify.run import verify
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
     target = probe_interpreter(exe)
-    system = system_from(target, probe_gpus())
     path = Path(args.file) if args.file else lockfile.lock_path(target.prefix)
     doc = lockfile.read(path)
-    tool = doc["tool"]["comfy-env-attn"]
-    stale = lockfile.lock_status(doc, target, system)
+    tool = tool_table(doc)
+    stale = lockfile.stale(doc, target.executable)
     if args.json:
         dump_json({"path": str(path), "fresh": not stale, "stale": stale,
-                   "auto": tool.get("auto", []), "backends": tool.get("backends", {})})
+                   "auto": list(tool.auto),
+                   "backends": {n: b.to_dict() for n, b in tool.backends.items()}})
     else:
         from rich.table import Table
 
         t = Table(title=str(path))
-        for col in ("backend", "status", "version", "speed vs SDPA", "note"):
+        for col in ("backend", "status", "version", "checks passed", "speed vs SDPA", "note"):
             t.add_column(col)
-        for name, info in tool.get("backends", {}).items():
-            t.add_row(name, info.get("status", ""), info.get("version", ""),
-                      f"{info['speed_vs_sdpa']:.2f}x" if "speed_vs_sdpa" in info else "",
-                      info.get("error", "")[:80])
+        for name, rec in tool.backends.items():
+            passed = sum(c.passed for c in rec.checks)
+            t.add_row(name, rec.status, rec.version or "",
+                      f"{passed}/{len(rec.checks)}" if rec.checks else "",
+                      f"{rec.speed_vs_sdpa:.2f}x" if rec.speed_vs_sdpa is not None else "",
+                      (rec.error or "")[:80], )
         console().print(t)
-        print(f"auto order: {', '.join(tool.get('auto', []))}")
+        print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else
               "fingerprint: STALE: " + "; ".join(stale) + " (run: comfy-env-attn verify)")
     return 0 if not stale else 1
@@ -51,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     installed = read_installed(target.site_dirs)
     names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
     results = verify(target.executable, names, verify_options(args), progress=log)
-    base = {lockfile.shape_key(b["shape"]): b for b in results["sdpa"].bench if "tflops" in b}
+    base = {_label(b): b for b in results["sdpa"].bench if "tflops" in b}
     from rich.table import Table
 
     t = Table(title="attention throughput (TFLOP/s, 4*B*H*N^2*D per call; ratio to SDPA)")
@@ -61,7 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for key in base:
         cells = []
         for r in results.values():
-            b = next((x for x in r.bench if lockfile.shape_key(x["shape"]) == key), None)
+            b = next((x for x in r.bench if _label(x) == key), None)
             if b is None or "tflops" not in b:
                 cells.append("failed" if not r.passed else (b or {}).get("error", "-")[:20])
             else:
@@ -72,6 +76,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(row: dict[str, Any]) -> str:
+    shape = "x".join(str(x) for x in row["shape"])
+    return f"{shape} kv{row['kv_len']}" if row.get("kv_len") else shape
+
+
 LAUNCH_FLAGS = {"sage": "--use-sage-attention", "flash": "--use-flash-attention",
                 "sdpa": "--use-pytorch-cross-attention"}
 
@@ -79,14 +88,13 @@ LAUNCH_FLAGS = {"sage": "--use-sage-attention", "flash": "--use-flash-attention"
 def cmd_launch_args(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
     target = probe_interpreter(exe)
-    system = system_from(target, probe_gpus())
     doc = lockfile.read(lockfile.lock_path(target.prefix))
-    stale = lockfile.lock_status(doc, target, system)
+    stale = lockfile.stale(doc, target.executable)
     if stale:
         raise AttnError("the lock is stale (" + "; ".join(stale) + "): run comfy-env-attn "
                         "verify first")
-    tool = doc["tool"]["comfy-env-attn"]
-    order = tool.get("exact" if args.exact else "auto", [])
+    tool = tool_table(doc)
+    order = tool.exact if args.exact else tool.auto
     for name in order:
         if name in LAUNCH_FLAGS:
             print(LAUNCH_FLAGS[name])

@@ -10,6 +10,78 @@ from dataclasses import dataclass
 
 from comfy_env_attn.core.errors import UsageError
 
+# Head dims real models send (FACTS.md section 7): SD 1.5 40/80/160, SDXL and SD3 64,
+# Lumina 2 96, Flux/Wan/Hunyuan 128, AuraFlow 256.
+MODEL_HEAD_DIMS = (40, 64, 80, 96, 128, 160, 256)
+ALL_DTYPES = frozenset({"float16", "bfloat16", "float32"})
+HALF = frozenset({"float16", "bfloat16"})
+
+# The call variants verification proves one by one; a call needs "plain" and each variant it
+# uses to have passed at its head dim and dtype.
+VARIANTS = ("plain", "causal", "scale", "cross", "mask_bool", "mask_additive", "gqa", "varlen")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernel takes, as its adapter calls it. A claim, not a proof:
+    verification checks each claimed (variant, head dim, dtype) and the lock records what
+    passed."""
+
+    dtypes: frozenset[str]
+    head_dims: tuple[int, ...]
+    masks: frozenset[str] = frozenset()  # "bool", "additive"
+    causal: bool = True
+    # causal with key/value length != query length: SDPA aligns the triangle top-left,
+    # flash-attn and sage bottom-right, so only backends that align it like SDPA claim it
+    causal_cross: bool = False
+    scale: bool = True
+    cross: bool = True  # key/value length different from the query's
+    gqa: bool = True  # fewer key/value heads than query heads
+    varlen: bool = False
+    layout: str = "BHND"  # the kernel's native layout: BHND ([B, H, N, D]) or BNHD
+
+    def variants(self) -> tuple[str, ...]:
+        claims = {"plain": True, "causal": self.causal, "scale": self.scale,
+                  "cross": self.cross, "mask_bool": "bool" in self.masks,
+                  "mask_additive": "additive" in self.masks, "gqa": self.gqa,
+                  "varlen": self.varlen}
+        return tuple(v for v in VARIANTS if claims[v])
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kind of attention call, described without torch: what the capability rules read."""
+
+    dtype: str
+    head_dim: int
+    q_len: int
+    kv_len: int
+    q_heads: int = 1
+    kv_heads: int = 1
+    mask: str | None = None  # None, "bool" or "additive"
+    causal: bool = False
+    scale: bool = False  # a scale other than 1/sqrt(head dim) was given
+    device: str = "cuda"
+    capability: tuple[int, int] | None = None  # the GPU's, when device is cuda
+    varlen: bool = False  # packed sequences ([T, H, D] with cumulative lengths)
+
+    def variants(self) -> tuple[str, ...]:
+        """The variants this call uses, "plain" first."""
+        out = ["plain"]
+        if self.causal:
+            out.append("causal")
+        if self.scale:
+            out.append("scale")
+        if self.kv_len != self.q_len:
+            out.append("cross")
+        if self.mask:
+            out.append(f"mask_{self.mask}")
+        if self.kv_heads != self.q_heads:
+            out.append("gqa")
+        if self.varlen:
+            out.append("varlen")
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -19,42 +91,115 @@ class Backend:
     import_name: str
     kernel: str
     quantized: bool
+    caps: Capabilities
     # Compute capabilities the kernels run on, as (major, minor) ranges: min inclusive,
     # max inclusive. None means no GPU rule (sdpa).
     min_sm: tuple[int, int] | None
     max_sm: tuple[int, int] | None = None
     excluded_sm: tuple[tuple[int, int], ...] = ()
-    max_head_dim: int = 256
     min_cuda: tuple[int, int] | None = None
     needs_torch_abi: bool = True  # compiled against libtorch: same torch major.minor
 
+    @property
+    def max_head_dim(self) -> int:
+        return max(self.caps.head_dims)
+
+    def runs_on_sm(self, cc: tuple[int, int]) -> bool:
+        if self.min_sm is None:
+            return True
+        return not (cc < self.min_sm or (self.max_sm is not None and cc > self.max_sm)
+                    or cc in self.excluded_sm)
+
+    def support_text(self) -> str:
+        if self.min_sm is None:
+            return "any device"
+        lo = f"{self.min_sm[0]}.{self.min_sm[1]}"
+        text = f"sm {lo}+" if self.max_sm is None else \
+            f"sm {lo} to {self.max_sm[0]}.{self.max_sm[1]}"
+        if self.excluded_sm:
+            text += " except " + ", ".join(f"{a}.{c}" for a, c in self.excluded_sm)
+        return text
+
+    def not_supported_reasons(self, call: Call, caps: Capabilities | None = None) -> list[str]:
+        """Every reason this backend cannot take the call (empty: it claims it). `caps`
+        overrides the declared capabilities (an adapter may learn more once loaded, e.g.
+        whether the installed sageattn takes a mask)."""
+        c = caps or self.caps
+        out = []
+        if call.device == "cuda" and call.capability is not None and \
+                not self.runs_on_sm(call.capability):
+            out.append(f"{self.title} runs on {self.support_text()}, this GPU is sm "
+                       f"{call.capability[0]}.{call.capability[1]}")
+        if call.dtype not in c.dtypes:
+            out.append(f"{self.title} takes {'/'.join(sorted(c.dtypes))}, the call is "
+                       f"{call.dtype}")
+        if call.head_dim not in c.head_dims:
+            out.append(f"{self.title} claims head dims {', '.join(map(str, c.head_dims))}; "
+                       f"the call has {call.head_dim}")
+        if call.mask and call.mask not in c.masks:
+            out.append(f"{self.title} takes no {call.mask} mask" if c.masks else
+                       f"{self.title} takes no attention mask")
+        if call.causal and not c.causal:
+            out.append(f"{self.title} has no causal mode")
+        if call.causal and call.kv_len != call.q_len and not c.causal_cross:
+            out.append(f"{self.title} aligns a causal mask bottom-right; with key/value "
+                       f"length {call.kv_len} != query length {call.q_len} that is not "
+                       "SDPA's (top-left) answer")
+        if call.scale and not c.scale:
+            out.append(f"{self.title} takes no custom scale")
+        if call.kv_len != call.q_len and not c.cross:
+            out.append(f"{self.title} needs key/value length = query length")
+        if call.varlen and not c.varlen:
+            out.append(f"{self.title} takes no packed (varlen) sequences")
+        if call.kv_heads != call.q_heads and not c.gqa:
+            out.append(f"{self.title} needs as many key/value heads as query heads "
+                       f"({call.kv_heads} != {call.q_heads})")
+        return out
+
+
+_UP_TO_128 = tuple(d for d in MODEL_HEAD_DIMS if d <= 128)
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("sdpa", "", "PyTorch SDPA", "torch.nn.functional",
                 "scaled_dot_product_attention", quantized=False, min_sm=None,
+                caps=Capabilities(ALL_DTYPES, MODEL_HEAD_DIMS,
+                                  masks=frozenset({"bool", "additive"}), causal_cross=True,
+                                  varlen=True),
                 needs_torch_abi=False),
-        # SageAttention 2.x: sm80/86/89/90/120, no sm100 kernels.
+        # SageAttention 2.x: sm80/86/89/90/120, no sm100 kernels; masks only where the
+        # installed sageattn takes attn_mask (the adapter looks).
         Backend("sage", "sageattention", "SageAttention", "sageattention", "sageattn",
                 quantized=True, min_sm=(8, 0), excluded_sm=((10, 0), (10, 3)),
-                max_head_dim=128),
+                caps=Capabilities(HALF, _UP_TO_128, varlen=True)),
         Backend("sage3", "sageattn3", "SageAttention3", "sageattn3", "sageattn3_blackwell",
                 quantized=True, min_sm=(10, 0), max_sm=(12, 1), excluded_sm=((11, 0),),
-                max_head_dim=128, min_cuda=(12, 8)),
+                caps=Capabilities(HALF, (64, 128), scale=False, gqa=False), min_cuda=(12, 8)),
         Backend("flash", "flash-attn", "FlashAttention 2", "flash_attn", "flash_attn_func",
-                quantized=False, min_sm=(8, 0), max_head_dim=256),
+                quantized=False, min_sm=(8, 0),
+                caps=Capabilities(HALF, MODEL_HEAD_DIMS, varlen=True, layout="BNHD")),
         Backend("flash3", "flash-attn-3", "FlashAttention 3", "flash_attn_interface",
                 "flash_attn_func", quantized=False, min_sm=(9, 0), max_sm=(9, 0),
-                max_head_dim=256),
+                caps=Capabilities(HALF, MODEL_HEAD_DIMS, layout="BNHD")),
         Backend("flash4", "flash-attn-4", "FlashAttention 4", "flash_attn.cute",
                 "flash_attn_func", quantized=False, min_sm=(9, 0), max_sm=(10, 3),
-                max_head_dim=256, needs_torch_abi=False),
+                caps=Capabilities(HALF, MODEL_HEAD_DIMS, layout="BNHD"),
+                needs_torch_abi=False),
+        # xformers' LowerTriangularMask is top-left aligned, like SDPA; a tensor bias is
+        # additive (a bool mask becomes one)
         Backend("xformers", "xformers", "xformers", "xformers.ops",
                 "memory_efficient_attention", quantized=False, min_sm=(5, 0),
-                max_head_dim=256),
+                caps=Capabilities(ALL_DTYPES, MODEL_HEAD_DIMS,
+                                  masks=frozenset({"bool", "additive"}), causal_cross=True,
+                                  gqa=False, varlen=True, layout="BNHD")),
     )
 }
+
+# The order unverified mode tries (COMFY_ENV_ATTN_UNVERIFIED=1): fastest kernels first on the
+# GPUs they run on; each backend's own SM range decides whether it is in.
+UNVERIFIED_ORDER = ("flash4", "flash3", "sage", "flash", "xformers", "sage3", "sdpa")
+
 
 ALIASES: dict[str, str] = {
     "sage2": "sage", "sageattention": "sage", "sageattn": "sage",

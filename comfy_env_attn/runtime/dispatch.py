@@ -1,9 +1,11 @@
-"""Runtime dispatcher: route attention to the fastest backend the lock proved on this machine.
+"""Runtime dispatcher: route each attention call to the fastest backend the lock proved for
+that kind of call on this machine, through the same adapter verification proved.
 
 Imported inside every ComfyUI start, so it imports only the standard library and torch.
-The lock is read once, on the first set_backend() or dispatch call, and checked against the
-live process (torch, CUDA, the GPU, each backend's version and files). A missing, stale or
-corrupt lock gives one warning and SDPA.
+The lock is read once, on the first set_backend() or dispatch call, validated against the
+typed lock model and checked against the live process with the same rule the command line
+uses (core.lockmodel.stale_reasons). A missing, stale or invalid lock gives one warning and
+SDPA.
 
     from comfy_env_attn import set_backend, dispatch_attention
     set_backend("auto")                 # or "sage", "flash", "xformers", "sdpa", "auto" + exact
@@ -13,15 +15,14 @@ corrupt lock gives one warning and SDPA.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
-import inspect
+import itertools
+import json
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,29 @@ import torch
 import torch.nn.functional as F
 
 from comfy_env_attn.core import choose
-from comfy_env_attn.core.backends import BACKENDS, canonical
-from comfy_env_attn.core.settings import SETTLE_MARGIN
+from comfy_env_attn.core.backends import ALIASES, BACKENDS, UNVERIFIED_ORDER, Call
+from comfy_env_attn.core.lockmodel import (
+    BackendRecord,
+    ToolTable,
+    lock_path,
+    read_toml,
+    stale_reasons,
+    tool_table,
+)
+from comfy_env_attn.core.settings import settle_margin
+from comfy_env_attn.runtime.adapters import Adapter, adapter, describe
+from comfy_env_attn.runtime.link import setup_link
+from comfy_env_attn.runtime.live import live_facts
 
 log = logging.getLogger("comfy_env_attn")
 
-# ComfyUI's COMFYUI_ATTENTION_MECHANISM values and our own names.
-_ENV_NAMES = {"auto": "auto", "sage": "sage", "flash2": "flash", "flash3": "flash3",
-              "xformers": "xformers", "pytorch": "sdpa", "sdpa": "sdpa"}
-LOCK_NAME = "pylock.comfy-env-attn.toml"
+__all__ = ["dispatch_attention", "dispatch_varlen_attention", "get_backend", "set_backend",
+           "setup_link"]
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, bool, Any], torch.Tensor]
+# ComfyUI's COMFYUI_ATTENTION_MECHANISM values and our own names. ComfyUI's split, sub-quad
+# and basic are its own memory-saving paths: here the nearest is SDPA.
+_ENV_NAMES = {"auto": "auto", "flash2": "flash", "pytorch": "sdpa", "split": "sdpa",
+              "sub-quad": "sdpa", "sub_quad": "sdpa", "basic": "sdpa", "quad": "sdpa"}
 
 
 @dataclass
@@ -48,221 +61,97 @@ class _State:
     mode: str = "auto"
     exact: bool = False
     label: str = ""
-    backends: dict[str, Any] = field(default_factory=dict)  # lock entries, verified only
-    device: str = ""  # the device type the lock verified on
-    trusted: bool = False
+    table: ToolTable | None = None  # the fresh lock
+    backends: dict[str, BackendRecord] = field(default_factory=dict)  # verified, trusted
+    device: str = ""  # where the lock verified
     unverified: bool = False
-    kernels: dict[str, Kernel] = field(default_factory=dict)
-    mask_ok: set[str] = field(default_factory=set)
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # loaded
     routes: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
-    failed: set[tuple[str, tuple[Any, ...]]] = field(default_factory=set)
+    failed: dict[tuple[str, tuple[Any, ...]], str] = field(default_factory=dict)
+    settled: dict[str, list[str]] = field(default_factory=dict)  # from the per-machine cache
+    said: set[str] = field(default_factory=set)  # one log line per message
     ready: bool = False
 
 
 _S = _State()
 _LOCK = threading.Lock()
+_WARNED: set[tuple[str, str]] = set()  # (lock path, message): once per process
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if (key, msg) not in _WARNED:
+        _WARNED.add((key, msg))
+        log.warning(msg, *args)
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _S.said:
+        _S.said.add(msg)
+        log.warning("comfy-env-attn: %s", msg)
 
 
 # -- the lock -----------------------------------------------------------------------------
 
-def _lock_path() -> Path:
-    env = os.environ.get("COMFY_ENV_ATTN_LOCK")
-    return Path(env) if env else Path(sys.prefix) / LOCK_NAME
+def _lock_file() -> Path:
+    return lock_path(sys.prefix)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10
-        import tomli as tomllib
-    with open(path, "rb") as f:
-        doc: dict[str, Any] = tomllib.load(f)
-    return doc
-
-
-def _record_sha256(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        d = distribution(dist)
-    except PackageNotFoundError:
-        return None
-    text = d.read_text("RECORD")
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def _live_device() -> tuple[str, str | None]:
-    if torch.cuda.is_available():
-        return "cuda", "%d.%d" % torch.cuda.get_device_capability()
-    return "cpu", None
-
-
-def stale_reasons(fp: dict[str, Any]) -> list[str]:
-    """Why a lock's fingerprint does not match this process (empty when it does)."""
-    out = []
-    if fp.get("torch") != torch.__version__:
-        out.append(f"torch is {torch.__version__}, the lock verified {fp.get('torch')}")
-    if fp.get("torch_cuda") != torch.version.cuda:
-        out.append(f"torch CUDA is {torch.version.cuda}, the lock verified "
-                   f"{fp.get('torch_cuda')}")
-    kind, cap = _live_device()
-    if fp.get("device") != kind:
-        out.append(f"the lock verified on {fp.get('device')}, this process runs on {kind}")
-    elif kind == "cuda" and fp.get("capability") != cap:
-        out.append(f"the lock verified on GPU sm {fp.get('capability')}, this GPU is sm {cap}")
-    for name, info in fp.get("backends", {}).items():
-        dist = info.get("dist", name)
-        have = _version(dist)
-        if have != info.get("version"):
-            out.append(f"{dist} is {have or 'not installed'}, the lock verified "
-                       f"{info.get('version')}")
-        elif info.get("record_sha256") and _record_sha256(dist) != info["record_sha256"]:
-            out.append(f"{dist} {have}: its files changed since verification")
-    return out
-
-
-def _load_lock() -> dict[str, Any] | None:
-    """Verified backend entries of a fresh lock, or None after one warning."""
-    path = _lock_path()
+def _load_lock() -> ToolTable | None:
+    """The lock's table if it exists, is valid and fresh; None after one warning."""
+    path = _lock_file()
     if not path.exists():
+        _warn_once(str(path), "comfy-env-attn: no lock at %s; using PyTorch SDPA. Run: "
+                   "comfy-env-attn install (or set COMFY_ENV_ATTN_UNVERIFIED=1)", path)
         return None
     try:
-        doc = _read_toml(path)
-        tool = doc["tool"]["comfy-env-attn"]
-        if tool.get("schema") != 1:
-            raise ValueError(f"schema {tool.get('schema')!r}, expected 1")
-        stale = stale_reasons(tool.get("fingerprint", {}))
-    except Exception as e:
-        log.warning("comfy-env-attn: the lock %s is unreadable (%s); using PyTorch SDPA. "
-                    "Run: comfy-env-attn verify", path, e)
-        return {}
+        table = tool_table(read_toml(path))
+        stale = stale_reasons(table, live_facts())
+    except Exception as e:  # any invalid value: one warning, SDPA, never an exception
+        _warn_once(str(path), "comfy-env-attn: the lock %s is invalid (%s); using PyTorch "
+                   "SDPA. Run: comfy-env-attn verify", path, f"{type(e).__name__}: {e}")
+        return None
     if stale:
-        log.warning("comfy-env-attn: the lock %s is stale (%s); using PyTorch SDPA until "
-                    "`comfy-env-attn verify` runs again", path, "; ".join(stale))
-        return {}
-    _S.device = tool.get("fingerprint", {}).get("device", "")
-    return {n: b for n, b in tool.get("backends", {}).items()
-            if b.get("status") == "verified"}
-
-
-# -- kernels ------------------------------------------------------------------------------
-
-def _comfy_attention() -> Any:
-    """ComfyUI's attention module when this process is ComfyUI (never imported by us)."""
-    return sys.modules.get("comfy.ldm.modules.attention")
-
-
-def _comfy_kernel(name: str) -> Kernel | None:
-    mod = _comfy_attention()
-    if mod is None:
+        _warn_once(str(path), "comfy-env-attn: the lock %s is stale (%s); using PyTorch SDPA "
+                   "until `comfy-env-attn verify` runs again", path, "; ".join(stale))
         return None
-    comfy_name = {"sdpa": "pytorch", "sage": "sage", "sage3": "sage3", "flash": "flash",
-                  "xformers": "xformers"}.get(name)
-    if comfy_name is None:
-        return None
-    fn = None
-    getter = getattr(mod, "get_attention_function", None)
-    if getter is not None:
-        fn = getter(comfy_name, default=None)
-    if fn is None:
-        fn = getattr(mod, {"pytorch": "attention_pytorch", "sage3": "attention3_sage"}.get(
-            comfy_name, f"attention_{comfy_name}"), None)
-    if fn is None:
-        return None
-    comfy_fn = fn
-
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
-             scale: Any) -> torch.Tensor:
-        out: torch.Tensor = comfy_fn(q, k, v, q.shape[1], mask=mask, skip_reshape=True,
-                                     skip_output_reshape=True)
-        return out
-
-    return call
+    return table
 
 
-def _bnhd(fn: Callable[..., Any], **fixed: Any) -> Kernel:
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
-             scale: Any) -> torch.Tensor:
-        out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                 softmax_scale=scale, **fixed)
-        if isinstance(out, tuple):
-            out = out[0]
-        return out.transpose(1, 2)  # type: ignore[no-any-return]
+# Settled choices (close calls timed on the real input), kept beside the lock and keyed by
+# the lock's own bytes, so the next start pays nothing and a new lock starts afresh.
 
-    return call
+def _settle_file() -> Path:
+    p = _lock_file()
+    return p.with_name(p.name + ".settled.json")
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
-          scale: Any) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                          scale=scale)
+def _lock_digest() -> str:
+    try:
+        return hashlib.sha256(_lock_file().read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
-def _direct_kernel(name: str) -> tuple[Kernel, bool]:
-    """(kernel taking [B, H, N, D], whether it takes a mask). Imports the backend."""
-    if name == "sdpa":
-        return _sdpa, True
-    if name == "sage":
-        sage = importlib.import_module("sageattention").sageattn
-        takes_mask = "attn_mask" in inspect.signature(sage).parameters
-
-        def sage_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any,
-                      causal: bool, scale: Any) -> torch.Tensor:
-            kw: dict[str, Any] = {"tensor_layout": "HND", "is_causal": causal}
-            if scale is not None:
-                kw["sm_scale"] = scale
-            if mask is not None:
-                kw["attn_mask"] = mask
-            return sage(q, k, v, **kw)  # type: ignore[no-any-return]
-
-        return sage_call, takes_mask
-    if name == "sage3":
-        fn3 = importlib.import_module("sageattn3").sageattn3_blackwell
-        return (lambda q, k, v, mask, causal, scale: fn3(q, k, v, is_causal=causal)), False
-    if name == "flash":
-        return _bnhd(importlib.import_module("flash_attn").flash_attn_func), False
-    if name == "flash3":
-        try:
-            mod = importlib.import_module("flash_attn_interface")
-        except ImportError:
-            mod = importlib.import_module("flash_attn_3")
-        return _bnhd(mod.flash_attn_func), False
-    if name == "flash4":
-        return _bnhd(importlib.import_module("flash_attn.cute").flash_attn_func), False
-    if name == "xformers":
-        xops = importlib.import_module("xformers.ops")
-
-        def xf(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
-               scale: Any) -> torch.Tensor:
-            bias = xops.LowerTriangularMask() if causal else None
-            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                  v.transpose(1, 2), attn_bias=bias,
-                                                  scale=scale)
-            return out.transpose(1, 2)  # type: ignore[no-any-return]
-
-        return xf, False
-    raise ValueError(f"unknown backend {name!r}")
+def _read_settled() -> dict[str, list[str]]:
+    try:
+        doc = json.loads(_settle_file().read_text(encoding="utf-8"))
+        if doc.get("lock_sha256") == _lock_digest() and isinstance(doc.get("choices"), dict):
+            return {str(k): [str(n) for n in v] for k, v in doc["choices"].items()
+                    if isinstance(v, list)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return {}
 
 
-def _kernel(name: str) -> Kernel:
-    k = _S.kernels.get(name)
-    if k is None:
-        direct, takes_mask = _direct_kernel(name)
-        comfy = _comfy_kernel(name)
-        k = comfy or direct
-        if takes_mask:
-            _S.mask_ok.add(name)
-        _S.kernels[name] = k
-    return k
+def _write_settled() -> None:
+    path = _settle_file()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"lock_sha256": _lock_digest(), "choices": _S.settled}),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a read-only environment: settle again next start
+        tmp.unlink(missing_ok=True)
 
 
 # -- choosing -----------------------------------------------------------------------------
@@ -270,49 +159,45 @@ def _kernel(name: str) -> Kernel:
 def _env_override() -> str | None:
     for var in ("COMFY_ENV_ATTN_BACKEND", "COMFYUI_ATTENTION_MECHANISM"):
         v = os.environ.get(var, "").strip().lower()
-        if v:
-            return _ENV_NAMES.get(v) or canonical(v)
+        if not v:
+            continue
+        name = _ENV_NAMES.get(v) or ALIASES.get(v) or (v if v in BACKENDS else None)
+        if name is None:
+            _warn_once(var, "comfy-env-attn: %s=%r is not a backend (valid: auto, %s); "
+                       "ignored", var, v, ", ".join(BACKENDS))
+            continue
+        return name
     return None
 
 
-def _available_unverified() -> list[str]:
-    out = []
-    for name, b in BACKENDS.items():
-        if name == "sdpa":
-            continue
-        root = b.import_name.split(".")[0]
-        if importlib.util.find_spec(root) is not None:
-            out.append(name)
-    return out
+def _available(name: str) -> bool:
+    root = BACKENDS[name].import_name.split(".")[0]
+    return name == "sdpa" or importlib.util.find_spec(root) is not None
 
 
 def set_backend(name: str = "auto", *, exact: bool = False,
                 allow_unverified: bool | None = None) -> str:
     """Choose the backend ("auto", a name or an alias); returns a readable label."""
+    key = name.strip().lower()
+    mode = "auto" if key == "auto" else ALIASES.get(key, key)
+    if mode != "auto" and mode not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     with _LOCK:
-        env = _env_override()
-        mode = env or ("auto" if name.lower() == "auto" else canonical(name))
-        _S.mode, _S.exact, _S.routes = mode, exact, {}
+        mode = _env_override() or mode
+        _S.mode, _S.exact = mode, exact
+        _S.routes, _S.failed, _S.said = {}, {}, set()
         _ROUTES.clear()
-        lock = _load_lock()
         if allow_unverified is None:
             allow_unverified = os.environ.get("COMFY_ENV_ATTN_UNVERIFIED") == "1"
-        _S.unverified = False
-        if lock is None and allow_unverified:
-            cap = _live_device()[1]
-            capt = tuple(int(x) for x in cap.split(".")) if cap else None
-            order = choose.fixed_order(_available_unverified(), capt)  # type: ignore[arg-type]
-            lock = {n: {"status": "verified", "quantized": BACKENDS[n].quantized,
-                        "unverified": True, "rank": i} for i, n in enumerate(order)}
+        table = _load_lock()
+        _S.table, _S.unverified, _S.backends = table, False, {}
+        if table is not None:
+            _S.backends = table.verified()
+            _S.device = table.fingerprint.device
+            _S.settled = _read_settled()
+        elif allow_unverified:
             _S.unverified = True
-            _S.device = _live_device()[0]
-        elif lock is None:
-            log.warning("comfy-env-attn: no lock at %s; using PyTorch SDPA. Run: "
-                        "comfy-env-attn install (or set COMFY_ENV_ATTN_UNVERIFIED=1)",
-                        _lock_path())
-            lock = {}
-        _S.backends = lock
-        _S.trusted = bool(lock)
+            _S.device = "cuda" if torch.cuda.is_available() else "cpu"
         _S.ready = True
         _S.label = _describe()
         return _S.label
@@ -325,138 +210,169 @@ def get_backend() -> str:
 
 
 def _describe() -> str:
+    demoted = sorted({f"{n} ({why})" for (n, _), why in _S.failed.items()})
+    tail = f"; demoted after failing: {', '.join(demoted)}" if demoted else ""
     if _S.mode != "auto":
         b = BACKENDS[_S.mode]
-        info = _S.backends.get(_S.mode)
-        if info is None and _S.mode != "sdpa":
+        rec = _S.backends.get(_S.mode)
+        if _S.unverified and _available(_S.mode):
+            return f"{b.title} (unverified){tail}"
+        if rec is None and _S.mode != "sdpa":
             return f"{b.title}: not verified on this machine; using PyTorch SDPA"
-        return f"{b.title} {info.get('version', '') if info else ''}".strip() + \
-            (", verified" if info and not _S.unverified else "")
-    if not _S.trusted:
-        return "auto: PyTorch SDPA (no verified lock)"
+        version = rec.version if rec and rec.version else ""
+        return f"{b.title} {version}".strip() + (", verified" if rec else "") + \
+            " (calls it was not proven for go to PyTorch SDPA)" * (rec is not None) + tail
     if _S.unverified:
-        names = [n for n in sorted(_S.backends, key=lambda n: _S.backends[n]["rank"])]
-        return f"auto (unverified, fixed GPU-tier order): {', '.join(names)}"
+        return "auto (unverified, fixed GPU-tier order): " + ", ".join(
+            n for n in UNVERIFIED_ORDER if _available(n)) + tail
+    if _S.table is None:
+        return "auto: PyTorch SDPA (no verified lock)"
     best = None
-    for info_name, info in _S.backends.items():
-        for bch in info.get("bench", []):
-            if "tflops" in bch and (best is None or bch["tflops"] > best[1]):
-                if _S.exact and info.get("quantized"):
-                    continue
-                best = (info_name, bch["tflops"], bch["shape"])
+    for name, rec in _S.backends.items():
+        if _S.exact and rec.quantized:
+            continue
+        for row in rec.bench:
+            if row.tflops is not None and (best is None or row.tflops > best[1]):
+                best = (name, row.tflops, row.label())
     if best is None:
-        return f"auto: {', '.join(_S.backends)} (verified)"
-    info = _S.backends[best[0]]
-    shape = "x".join(str(s) for s in best[2])
+        return f"auto: {', '.join(_S.backends)} (verified){tail}"
+    rec = _S.backends[best[0]]
     return (f"auto{' (exact)' if _S.exact else ''}: {BACKENDS[best[0]].title} "
-            f"{info.get('version', '')}, verified, {best[1]:.3g} TFLOP/s at {shape}; "
-            f"chosen per input shape among {', '.join(_S.backends)}")
+            f"{rec.version or ''}, verified, {best[1]:.3g} TFLOP/s at {best[2]}; "
+            f"chosen per input among {', '.join(_S.backends)}{tail}")
 
 
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+def _capability(device: str) -> tuple[int, int] | None:
+    if device != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return (major, minor)
 
 
-def _route(key: tuple[Any, ...]) -> list[str]:
-    head_dim, dtype, tokens, _nk, has_mask, _causal, _scale, device = key
-    if not _S.trusted or (device != _S.device and not _S.unverified):
+def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
+    """The backends for this kind of call, best first; always ending with SDPA."""
+    if _S.unverified:
+        order = [n for n in UNVERIFIED_ORDER if _available(n)
+                 and not BACKENDS[n].not_supported_reasons(call)
+                 and not (_S.exact and BACKENDS[n].quantized)
+                 and (_S.mode in ("auto", n) or n == "sdpa")
+                 and (n == "sdpa" or call.device == "cuda")]
+    elif _S.table is None or call.device != _S.device:
         order = ["sdpa"]
     elif _S.mode != "auto":
-        order = [_S.mode, "sdpa"] if _S.mode in _S.backends else ["sdpa"]
-    elif _S.unverified:
-        order = sorted(_S.backends, key=lambda n: _S.backends[n]["rank"])
-        if _S.exact:
-            order = [n for n in order if not BACKENDS[n].quantized]
+        rec = _S.backends.get(_S.mode)
+        why = ["it is not verified on this machine"] if rec is None else \
+            choose.reasons(_S.mode, rec, call)
+        if why:
+            _say_once(f"{_S.mode} passed over for {_call_text(call)}: {'; '.join(why)}; "
+                      "using sdpa")
+            order = ["sdpa"]
+        else:
+            order = [_S.mode, "sdpa"]
     else:
-        order = [n for n, _ in choose.order_for(_S.backends, head_dim,
-                                                _DTYPES.get(dtype, str(dtype)), tokens,
-                                                exact=_S.exact)]
-    out = []
-    for n in order:
-        if (n, key) in _S.failed:
-            continue
-        if n != "sdpa" and head_dim > BACKENDS[n].max_head_dim:
-            continue
-        if has_mask:
-            try:
-                _kernel(n)
-            except Exception:
-                continue
-            if n not in _S.mask_ok:
-                continue  # a mask is never dropped: only mask-capable backends
-        out.append(n)
+        order = choose.choose(_S.backends, call, exact=_S.exact).names
+        settled = _S.settled.get(repr(rkey))
+        if settled:
+            order = [n for n in settled if n in order] + [n for n in order if n not in settled]
+    out = [n for n in order if (n, rkey) not in _S.failed]
     if "sdpa" not in out:
         out.append("sdpa")
-    _S.routes[key] = out
+    _S.routes[rkey] = out
     return out
 
 
-# (shape, dtype, k shape, no mask, causal, no scale, is_cuda) -> (backend, kernel): the hot
-# path is one tuple, one dict lookup and the kernel call (None: plain SDPA, called inline).
-_ROUTES: dict[tuple[Any, ...], tuple[str, Kernel | None]] = {}
-_plain_sdpa = F.scaled_dot_product_attention
+def _call_text(call: Call) -> str:
+    return f"head dim {call.head_dim} {call.dtype}, {'+'.join(call.variants())}"
 
 
-def _settle(route: list[str], rkey: tuple[Any, ...], args: tuple[Any, ...]) -> list[str]:
+def _adapter(name: str) -> Adapter:
+    a = _S.adapters.get(name)
+    if a is None:
+        a = adapter(name)
+        a.load()
+        _S.adapters[name] = a
+    return a
+
+
+def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
+            args: tuple[Any, ...]) -> list[str]:
     """Reorder the leading close candidates by timing them here, on this input: the lock's
     numbers come from other processes, whose run-to-run spread (5% on an H100) can exceed
-    the gap between the two fastest backends."""
-    head_dim, dtype, tokens = rkey[0], rkey[1], rkey[2]
-    rows = choose.ranked(_S.backends, head_dim, _DTYPES.get(dtype, str(dtype)), tokens,
-                         exact=_S.exact)
-    close = [n for n in choose.close_call(rows, SETTLE_MARGIN) if n in route]
+    the gap between the two fastest backends. Each is timed in rounds of back-to-back calls,
+    the order rotating (CUDA events on a GPU), as a model calls it; the result is kept in the
+    per-machine cache, so the next start does not time again."""
+    choice = choose.choose(_S.backends, call, exact=_S.exact)
+    close = [n for n in choose.close_call(choice.order, settle_margin()) if n in route]
     if len(close) < 2 or os.environ.get("COMFY_ENV_ATTN_SETTLE") == "0":
         return route
     q = args[0]
     cuda = q.is_cuda
-    timed: dict[str, float] = {}
+    fns: dict[str, Adapter] = {}
     for name in close:
         try:
-            kernel = _sdpa if name == "sdpa" else _kernel(name)
+            fns[name] = _adapter(name)
             for _ in range(2):
-                kernel(*args)
-            if cuda:
-                torch.cuda.synchronize()
-            samples = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                kernel(*args)
-                if cuda:
-                    torch.cuda.synchronize()
-                samples.append(time.perf_counter() - t0)
-            timed[name] = sorted(samples)[1]
+                fns[name](*args)  # warm-up (a JIT backend compiles here)
         except Exception as e:
-            _S.failed.add((name, rkey))
-            log.warning("comfy-env-attn: %s failed while timing it for head dim %s, %s (%s: "
-                        "%s)", name, head_dim, dtype, type(e).__name__, str(e)[:200])
-    best = sorted(timed, key=lambda n: timed[n])
-    rest = [n for n in route if n not in best and (n, rkey) not in _S.failed]
-    return best + rest
+            fns.pop(name, None)
+            _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
+            _say_once(f"{name} failed while timing it for {_call_text(call)} "
+                      f"({type(e).__name__}: {str(e)[:200]})")
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    rounds, calls = (6, 20) if cuda else (3, 3)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+                start.record()
+                for _ in range(calls):
+                    fn(*args)
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(*args)
+                samples[name].append(time.perf_counter() - t0)
+    med = {n: sorted(ts)[len(ts) // 2] for n, ts in samples.items() if ts}
+    best = sorted(med, key=lambda n: med[n])
+    order = best + [n for n in route if n not in best and (n, rkey) not in _S.failed]
+    _S.settled[repr(rkey)] = best
+    _write_settled()
+    return order
+
+
+# (shape, dtype, k shape, mask dtype, causal, no scale, device type) -> (backend, adapter):
+# the hot path is one tuple, one dict lookup and the adapter call (None: plain SDPA inline).
+_ROUTES: dict[tuple[Any, ...], tuple[str, Adapter | None]] = {}
+_plain_sdpa = F.scaled_dot_product_attention
 
 
 def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The hot path's key -> the kind of input the choice is made for."""
-    shape, dtype, kshape, no_mask, causal, no_scale, is_cuda = key
-    return (shape[-1], dtype, shape[-2], kshape[-2], not no_mask, causal, not no_scale,
-            "cuda" if is_cuda else "cpu")
+    """The hot path's key -> the kind of call the choice is made for."""
+    shape, dtype, kshape, mask_dtype, causal, no_scale, device = key
+    return (shape[-1], str(dtype), shape[-2], kshape[-2], shape[1], kshape[1],
+            None if mask_dtype is None else str(mask_dtype), causal, not no_scale, device)
 
 
-def _entry(key: tuple[Any, ...], args: tuple[Any, ...] | None = None
-           ) -> tuple[str, Kernel | None]:
+def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
+           ) -> tuple[str, Adapter | None]:
     if not _S.ready:
         set_backend("auto")
-    _shape, _dtype, _kshape, no_mask, causal, no_scale, _cuda = key
+    q, k, _v, mask, causal, scale = args
+    call = describe(q, k, mask, causal, scale, _capability(q.device.type))
     rkey = _route_key(key)
-    route = _route(rkey)
-    if args is not None and _S.mode == "auto" and _S.trusted and not _S.unverified:
-        route = _settle(route, rkey, args)
+    route = _S.routes.get(rkey) or _route(call, rkey)
+    if settle and _S.mode == "auto" and _S.table is not None and repr(rkey) not in _S.settled:
+        route = _settle(route, call, rkey, args)
         _S.routes[rkey] = route
     name = route[0]
-    if name == "sdpa":
-        kernel: Kernel | None = None if no_mask and not causal and no_scale else _sdpa
-    elif not no_scale and _comfy_attention() is not None:
-        kernel = _direct_kernel(name)[0]  # ComfyUI's functions take no scale everywhere
-    else:
-        kernel = _kernel(name)
+    plain = mask is None and not causal and scale is None and k.shape[1] == q.shape[1]
+    kernel: Adapter | None = None if name == "sdpa" and plain else _adapter(name)
     if len(_ROUTES) > 4096:
         _ROUTES.clear()
     _ROUTES[key] = (name, kernel)
@@ -466,8 +382,11 @@ def _entry(key: tuple[Any, ...], args: tuple[Any, ...] | None = None
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                        scale: float | None = None) -> torch.Tensor:
-    """Attention over [B, H, N, D] tensors by the fastest backend proven for this input."""
-    key = (q.shape, q.dtype, k.shape, attn_mask is None, is_causal, scale is None, q.is_cuda)
+    """Attention over [B, H, N, D] tensors (k and v may have fewer heads, or another
+    length) by the fastest backend proven for this kind of call. A mask is bool (True
+    attends) or additive, broadcastable to [B, H, N, M]; it is never dropped."""
+    key = (q.shape, q.dtype, k.shape, None if attn_mask is None else attn_mask.dtype,
+           is_causal, scale is None, q.device.type)
     try:
         name, kernel = _ROUTES[key]
     except KeyError:
@@ -477,72 +396,51 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     try:
         return kernel(q, k, v, attn_mask, is_causal, scale)
     except Exception as e:
-        return _after_failure(name, key, e, q, k, v, attn_mask, is_causal, scale)
+        return _after_failure(name, key, e, (q, k, v, attn_mask, is_causal, scale))
 
 
-def _after_failure(name: str, key: tuple[Any, ...], err: Exception, q: torch.Tensor,
-                   k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
-                   scale: Any) -> torch.Tensor:
-    """Remember the failure for this kind of input (one log line), go on to the next."""
+def _after_failure(name: str, key: tuple[Any, ...], err: Exception,
+                   args: tuple[Any, ...]) -> torch.Tensor:
+    """A backend fault is remembered for this kind of call (one log line) and the next
+    backend serves it; a fault of the caller's input (SDPA rejects it too) is raised and
+    demotes nothing."""
     if name == "sdpa":
         raise err
+    try:
+        out = _SDPA(*args)
+    except Exception:
+        raise err from None  # the input itself is at fault: the backend keeps its place
     rkey = _route_key(key)
     with _LOCK:
-        _S.failed.add((name, rkey))
+        _S.failed[(name, rkey)] = f"{type(err).__name__}: {str(err)[:120]}"
         _S.routes.pop(rkey, None)
         _ROUTES.pop(key, None)
-    nxt = _entry(key)[0]
+        _S.label = _describe()
+    nxt = _entry(key, args, settle=False)[0]
     log.warning("comfy-env-attn: %s failed for head dim %s, %s, %s tokens (%s: %s); using %s "
-                "for such inputs from now on", name, rkey[0], rkey[1], rkey[2],
+                "for such calls from now on", name, rkey[0], rkey[1], rkey[2],
                 type(err).__name__, str(err)[:200], nxt)
-    return dispatch_attention(q, k, v, mask, causal, scale)
+    return out if nxt == "sdpa" else dispatch_attention(*args)
+
+
+_SDPA = adapter("sdpa")
 
 
 # -- varlen -------------------------------------------------------------------------------
 
-def _sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
-                 cu_k: torch.Tensor, causal: bool, scale: Any) -> torch.Tensor:
-    """Per-sequence SDPA: no dense T x T mask, whatever the total length."""
-    out = torch.empty_like(q)
-    bq, bk = cu_q.tolist(), cu_k.tolist()
-    for i in range(len(bq) - 1):
-        qs = q[bq[i]:bq[i + 1]].transpose(0, 1).unsqueeze(0)
-        ks = k[bk[i]:bk[i + 1]].transpose(0, 1).unsqueeze(0)
-        vs = v[bk[i]:bk[i + 1]].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
-        out[bq[i]:bq[i + 1]] = o.squeeze(0).transpose(0, 1)
-    return out
-
-
-def _varlen_kernel(name: str) -> Callable[..., torch.Tensor] | None:
-    if name == "flash":
-        fa = importlib.import_module("flash_attn").flash_attn_varlen_func
-        return lambda q, k, v, cq, ck, mq, mk, causal, scale: fa(
-            q, k, v, cq, ck, mq, mk, causal=causal, softmax_scale=scale)
-    if name == "sage":
-        mod = importlib.import_module("sageattention")
-        sv = getattr(mod, "sageattn_varlen", None)
-        if sv is None:
-            return None
-        return lambda q, k, v, cq, ck, mq, mk, causal, scale: sv(
-            q, k, v, cq, ck, mq, mk, is_causal=causal, sm_scale=scale)
-    if name == "xformers":
-        xops = importlib.import_module("xformers.ops")
-        fmha = importlib.import_module("xformers.ops.fmha")
-
-        def xf(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cq: torch.Tensor,
-               ck: torch.Tensor, mq: int, mk: int, causal: bool, scale: Any) -> torch.Tensor:
-            lq = (cq[1:] - cq[:-1]).tolist()
-            lk = (ck[1:] - ck[:-1]).tolist()
-            cls = fmha.attn_bias.BlockDiagonalCausalMask if causal else \
-                fmha.attn_bias.BlockDiagonalMask
-            bias = cls.from_seqlens(lq, lk)
-            out: torch.Tensor = xops.memory_efficient_attention(
-                q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
-            return out
-
-        return xf
-    return None
+def _check_cu(cu: torch.Tensor, total: int, max_len: int, what: str) -> None:
+    if cu.dtype not in (torch.int32, torch.int64) or cu.ndim != 1 or cu.numel() < 2:
+        raise ValueError(f"{what} must be a 1-D int32/int64 tensor of at least 2 offsets, "
+                         f"got {cu.dtype} of shape {tuple(cu.shape)}")
+    offs = cu.tolist()
+    lens = [b - a for a, b in itertools.pairwise(offs)]
+    if offs[0] != 0 or min(lens) < 0 or offs[-1] != total:
+        raise ValueError(f"{what} must start at 0, never decrease and end at the packed "
+                         f"length {total}; got {offs[:4]}{'...' if len(offs) > 4 else ''} "
+                         f"ending at {offs[-1]}")
+    if max(lens) > max_len:
+        raise ValueError(f"max_seqlen for {what} is {max_len}, but a sequence is "
+                         f"{max(lens)} long")
 
 
 def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -551,73 +449,52 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               is_causal: bool = False, scale: float | None = None
                               ) -> torch.Tensor:
     """Attention over packed sequences, [T, H, D] with cumulative lengths; same dtype out."""
+    _check_cu(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+    _check_cu(cu_seqlens_kv, k.shape[0], max_seqlen_kv, "cu_seqlens_kv")
+    if cu_seqlens_q.numel() != cu_seqlens_kv.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_kv must describe as many sequences")
     if not _S.ready:
         set_backend("auto")
-    key = ("varlen", q.shape[-1], q.dtype, max_seqlen_q, False, is_causal, scale is not None,
-           q.device.type)
-    route = _S.routes.get(key)
-    if route is None:
-        dense = _route((q.shape[-1], q.dtype, max_seqlen_q, max_seqlen_kv, False, is_causal,
-                        scale is not None, q.device.type))
-        route = [n for n in dense if n == "sdpa" or (n, key) not in _S.failed]
-        _S.routes[key] = route
+    call = Call(dtype=str(q.dtype).replace("torch.", ""), head_dim=q.shape[-1],
+                q_len=max_seqlen_q, kv_len=max_seqlen_kv, q_heads=q.shape[1],
+                kv_heads=k.shape[1], causal=is_causal, scale=scale is not None,
+                device=q.device.type, capability=_capability(q.device.type), varlen=True)
+    rkey = ("varlen", q.shape[-1], q.dtype, max_seqlen_q, max_seqlen_kv, is_causal,
+            scale is not None, q.device.type)
+    route = _S.routes.get(rkey) or _route(call, rkey)
     for name in route:
         if name == "sdpa":
             break
         try:
-            fn = _varlen_kernel(name)
-            if fn is None:
-                continue
-            out = fn(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
-                     is_causal, scale)
+            out = _adapter(name).varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q,
+                                        max_seqlen_kv, is_causal, scale)
             return out.to(q.dtype)
         except Exception as e:
             with _LOCK:
-                _S.failed.add((name, key))
-                _S.routes.pop(key, None)
+                _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
+                _S.routes.pop(rkey, None)
+                _S.label = _describe()
             log.warning("comfy-env-attn: %s varlen failed (%s: %s); trying the next backend",
                         name, type(e).__name__, str(e)[:200])
-    return _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, is_causal, scale)
+    return _SDPA.varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
+                        is_causal, scale)
 
 
-# -- comfy-sparse-attn parity -------------------------------------------------------------
-
-def setup_link(source: str | os.PathLike[str], name: str) -> bool:
-    """Make `comfy.<name>` importable from the file `source` (or `source/<name>`), without
-    a symlink (Windows has none for most users). Does nothing when ComfyUI ships the real
-    file. Returns True when it registered the module."""
-    stem = name[:-3] if name.endswith(".py") else name
-    comfy = sys.modules.get("comfy")
-    if comfy is None:
-        try:
-            comfy = importlib.import_module("comfy")
-        except ImportError:
-            return False
-    for base in getattr(comfy, "__path__", []):
-        if os.path.exists(os.path.join(base, f"{stem}.py")) or \
-                os.path.isdir(os.path.join(base, stem)):
-            return False  # the real one: ComfyUI ships it
-    full = f"comfy.{stem}"
-    if full in sys.modules:
-        return False
-    path = Path(source)
-    if path.is_dir():
-        path = path / f"{stem}.py"
-    spec = importlib.util.spec_from_file_location(full, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as {full}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[full] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[full]
-        raise
-    setattr(comfy, stem, module)
-    return True
+def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, scale: float | None = None
+                ) -> tuple[list[str], list[tuple[str, tuple[str, ...]]]]:
+    """(the order auto would use for such a call, each verified backend passed over with
+    every reason): what the dispatcher decides, explained."""
+    if not _S.ready:
+        set_backend("auto")
+    call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device.type))
+    c = choose.choose(_S.backends, call, exact=_S.exact)
+    return c.names, list(c.passed_over)
 
 
 def _reset_for_tests() -> None:
     global _S
     _S = _State()
     _ROUTES.clear()
+    _WARNED.clear()
+

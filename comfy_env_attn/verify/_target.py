@@ -1,90 +1,45 @@
-"""Run inside the TARGET interpreter, one backend per process (a crash here cannot take the
-installer down). Standard library and torch only: the target need not have this package.
+"""Run inside the TARGET interpreter (a crash here cannot take the installer down). Needs only
+the standard library and torch there: it loads this package's own files by path, so the
+adapters it proves are runtime/adapters.py, the code the dispatcher calls.
 
     python _target.py '<json config>'
 
-Config: {"backend", "device", "head_dims", "extra_head_dims", "dtypes", "thresholds",
-         "shapes" (or "gpu_shapes" and "cpu_shapes", chosen here by the device), "min_time",
-         "check_only", "bench_only"}.
+Config, one of:
+  {"live": true}                      the live facts freshness compares (runtime/live.py)
+  {"backend": NAME, "thresholds", ...} accuracy: every claimed call variant at every claimed
+                                       head dim and dtype, against float32 SDPA
+  {"bench": {NAME: [shape index, ...]}, "shapes": [...]}
+                                       time those backends together at those shapes, in one
+                                       process, in rotating order (the figures auto compares)
+Optional: "device", "dtypes", "head_dims" (a subset of the model head dims), "min_time".
 Prints one line "@@RESULT@@" + JSON, after whatever the backend printed.
-With {"backends": [...]} instead of "backend", times those backends together, in one
-process, interleaved (the figures `auto` compares).
-
-Accuracy: the backend's output against float32 SDPA on the same inputs: max absolute
-error, cosine similarity, NaN/Inf. Speed: median time per call after warm-up (the first
-calls of a JIT backend such as FlashAttention 4 compile kernels; that cost is reported
-separately as first_call_ms).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 MARK = "@@RESULT@@"
+PACKAGE = Path(__file__).resolve().parent.parent
 
 
-def _kernel(backend: str) -> tuple[Callable[..., Any], str, str]:
-    """(fn(q, k, v) -> out for [B, H, N, D] inputs, version, where it came from)."""
-    import torch
-    import torch.nn.functional as F
-
-    def bhnd_to_bnhd(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(q: Any, k: Any, v: Any) -> Any:
-            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            if isinstance(out, tuple):
-                out = out[0]
-            return out.transpose(1, 2)
-
-        return call
-
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention, torch.__version__, "torch"
-    if backend == "sage":
-        import sageattention
-
-        fn = sageattention.sageattn
-        return (lambda q, k, v: fn(q, k, v, tensor_layout="HND", is_causal=False),
-                _version("sageattention"), sageattention.__file__ or "")
-    if backend == "sage3":
-        import sageattn3
-
-        fn3 = sageattn3.sageattn3_blackwell
-        return (lambda q, k, v: fn3(q, k, v), _version("sageattn3"), sageattn3.__file__ or "")
-    if backend == "flash":
-        import flash_attn
-
-        return bhnd_to_bnhd(flash_attn.flash_attn_func), _version("flash-attn"), \
-            flash_attn.__file__ or ""
-    if backend == "flash3":
-        try:
-            import flash_attn_interface as fa3
-        except ImportError:
-            import flash_attn_3 as fa3
-        return bhnd_to_bnhd(fa3.flash_attn_func), _version("flash-attn-3"), fa3.__file__ or ""
-    if backend == "flash4":
-        from flash_attn import cute
-
-        return bhnd_to_bnhd(cute.flash_attn_func), _version("flash-attn-4"), cute.__file__ or ""
-    if backend == "xformers":
-        import xformers.ops as xops
-
-        return bhnd_to_bnhd(xops.memory_efficient_attention), _version("xformers"), \
-            xops.__file__ or ""
-    raise ValueError("unknown backend %r" % backend)
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
+def load_package() -> None:
+    """Make `comfy_env_attn` this folder's package, whatever the target has installed: only
+    this package's folder becomes importable, not the site-packages around it."""
+    spec = importlib.util.spec_from_file_location(
+        "comfy_env_attn", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfy_env_attn"] = module
+    spec.loader.exec_module(module)
 
 
 def _sync(device: str) -> None:
@@ -94,33 +49,91 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_accuracy(fn: Callable[..., Any], device: str, dim: int, dtype_name: str,
-                   limits: dict[str, float]) -> dict[str, Any]:
+def _err(e: BaseException) -> str:
+    return "%s: %s" % (type(e).__name__, str(e)[:300])
+
+
+# -- accuracy -----------------------------------------------------------------------------
+
+def inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
+    """Random inputs for one variant, in float32 on the CPU (cast per dtype by the caller)."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cuda = device.startswith("cuda")
+    # smaller on a CPU, where bfloat16 attention is slow: the same variants, fewer tokens
+    b, h, n, m, hk = (2, 4, 256, 256, 4) if cuda else (1, 2, 96, 96, 2)
+    if variant == "cross":  # a 64x64 latent against 77 text tokens
+        b, n, m = 1, (4096 if cuda else 512), 77
+    if variant == "gqa":
+        h, hk = 8, 2
+    q = torch.randn(b, h, n, dim, generator=g)
+    k = torch.randn(b, hk, m, dim, generator=g)
+    v = torch.randn(b, hk, m, dim, generator=g)
+    mask = None
+    if variant == "mask_bool":  # text padding: each row attends to a random 75%, itself too
+        mask = (torch.rand(b, 1, n, m, generator=g) > 0.25) | torch.eye(n, m, dtype=torch.bool)
+    elif variant == "mask_additive":
+        mask = -4.0 * torch.rand(b, 1, n, m, generator=g)
+    return {"q": q, "k": k, "v": v, "mask": mask, "causal": variant == "causal",
+            "scale": 0.5 / math.sqrt(dim) if variant == "scale" else None}
+
+
+def _varlen_inputs(dim: int, device: str, seed: int) -> dict[str, Any]:
+    """Three packed sequences of different lengths, [T, H, D]."""
+    import itertools
+
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lens = [100, 256, 37] if device.startswith("cuda") else [40, 96, 17]
+    total = sum(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    q, k, v = (torch.randn(total, 4, dim, generator=g) for _ in range(3))
+    return {"q": q, "k": k, "v": v, "cu": cu, "max": max(lens)}
+
+
+def _call(fn: Any, variant: str, x: dict[str, Any], device: str, dtype: Any) -> Any:
+    import torch
+
+    if variant == "varlen":
+        cu = x["cu"].to(device)
+        return fn.varlen(x["q"].to(device, dtype), x["k"].to(device, dtype),
+                         x["v"].to(device, dtype), cu, cu, x["max"], x["max"], False, None)
+    mask = x["mask"]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    return fn(x["q"].to(device, dtype), x["k"].to(device, dtype), x["v"].to(device, dtype),
+              None if mask is None else mask.to(device), x["causal"], x["scale"])
+
+
+def check(adapter: Any, ref: Any, variant: str, dim: int, dtype_name: str, device: str,
+          limits: dict[str, float]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
     dtype = getattr(torch, dtype_name)
-    g = torch.Generator(device="cpu").manual_seed(1234 + dim)
-    shape = (2, 4, 256, dim)
-    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device)).float()
-    res: dict[str, Any] = {"head_dim": dim, "dtype": dtype_name, "shape": list(shape)}
+    x = _varlen_inputs(dim, device, 1234 + dim) if variant == "varlen" else \
+        inputs(variant, dim, device, 1234 + dim)
+    res: dict[str, Any] = {"variant": variant, "head_dim": dim, "dtype": dtype_name}
+    expected = _call(ref, variant, x, device, torch.float32).float()
     try:
-        out = fn(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype))
+        out = _call(adapter, variant, x, device, dtype)
         _sync(device)
     except Exception as e:
-        res.update(passed=False, error="%s: %s" % (type(e).__name__, str(e)[:300]))
+        res.update(passed=False, error=_err(e))
         return res
-    if tuple(out.shape) != shape:
-        res.update(passed=False, error="output shape %s, expected %s" % (tuple(out.shape), shape))
+    if tuple(out.shape) != tuple(expected.shape):
+        res.update(passed=False, error="output shape %s, expected %s"
+                   % (tuple(out.shape), tuple(expected.shape)))
         return res
     out32 = out.float()
     finite = bool(torch.isfinite(out32).all())
-    diff = (out32 - ref).abs()
-    max_abs = float(diff.max()) if finite else float("inf")
-    cos = float(F.cosine_similarity(out32.flatten(), ref.flatten(), dim=0)) if finite else 0.0
-    res.update(max_abs=max_abs, mean_abs=float(diff.mean()) if finite else float("inf"),
-               cosine=cos, finite=finite, out_dtype=str(out.dtype).replace("torch.", ""))
+    diff = (out32 - expected).abs()
+    max_abs = float(diff.max()) if finite else math.inf
+    cos = float(F.cosine_similarity(out32.flatten(), expected.flatten(), dim=0)) \
+        if finite else 0.0
+    res.update(max_abs=max_abs, cosine=cos)
     problems = []
     if not finite:
         problems.append("NaN or Inf in the output")
@@ -134,9 +147,53 @@ def check_accuracy(fn: Callable[..., Any], device: str, dim: int, dtype_name: st
     return res
 
 
+def prove(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every claimed (variant, head dim, dtype) of one backend, through its adapter."""
+    from comfy_env_attn.runtime import adapters
+
+    result: dict[str, Any] = {"backend": cfg["backend"]}
+    device = _device_facts(cfg, result)
+    t0 = time.perf_counter()
+    try:
+        adapter = adapters.adapter(cfg["backend"])
+        adapter.load()
+    except Exception as e:
+        result.update(passed=False, stage="import", error=_err(e),
+                      traceback=traceback.format_exc()[-2000:])
+        return result
+    result.update(version=adapter.version, origin=adapter.origin,
+                  import_s=time.perf_counter() - t0)
+    ref = adapters.adapter("sdpa")
+    caps = adapter.caps
+    cuda = device.startswith("cuda")
+    dtypes = [d for d in cfg.get("dtypes") or (["float16", "bfloat16"] if cuda
+                                               else ["float32", "bfloat16"])
+              if d in caps.dtypes]
+    dims = [d for d in cfg.get("head_dims") or caps.head_dims if d in caps.head_dims]
+    checks = []
+    for variant in caps.variants():
+        for dim in dims:
+            for dt in dtypes:
+                checks.append(check(adapter, ref, variant, dim, dt, device,
+                                    cfg["thresholds"][dt]))
+    result["checks"] = checks
+    result["check_s"] = time.perf_counter() - t0 - result["import_s"]
+    plain = [c for c in checks if c["variant"] == "plain"]
+    result["passed"] = any(c["passed"] for c in plain)
+    if not result["passed"]:
+        result["stage"] = "accuracy"
+        first = next((c for c in plain), None)
+        result["error"] = "no plain call passed" + (
+            "" if first is None else " (head dim %d %s: %s)"
+            % (first["head_dim"], first["dtype"], first.get("error", "failed")))
+    return result
+
+
+# -- timing -------------------------------------------------------------------------------
+
 def _warm_gpu(device: str, seconds: float = 1.0) -> None:
-    """Bring the GPU to its working clocks: each backend is timed in a fresh process, and a
-    cold GPU would make whichever backend runs first look slower."""
+    """Bring the GPU to its working clocks first, or whichever backend runs first looks
+    slower."""
     import torch
 
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
@@ -149,42 +206,44 @@ def _warm_gpu(device: str, seconds: float = 1.0) -> None:
 
 def bench(fns: dict[str, Callable[..., Any]], device: str, shape: list[int],
           dtype_name: str, min_time: float) -> dict[str, dict[str, Any]]:
-    """Median time per call of each function at one shape, on the same inputs, in rounds of
-    back-to-back calls whose order rotates: backends compared in one process, at the same
-    clocks, not across processes (CUDA events on a GPU: a synchronize per call would add
-    the launch latency to every sample)."""
+    """Median time per call of each function at one shape ([B, H, N, D] or [B, H, N, D, KV]),
+    on the same inputs, in rounds of back-to-back calls whose order rotates (CUDA events on
+    a GPU: a synchronize per call would add the launch latency to every sample)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    b, h, n, d = shape
+    b, h, n, d = shape[:4]
+    kv = shape[4] if len(shape) > 4 else n
     cuda = device.startswith("cuda")
-    out: dict[str, dict[str, Any]] = {name: {"shape": shape, "dtype": dtype_name}
-                                      for name in fns}
+    out: dict[str, dict[str, Any]] = {
+        name: {"shape": shape[:4], "dtype": dtype_name, **({"kv_len": kv} if kv != n else {})}
+        for name in fns}
     live: dict[str, Callable[..., Any]] = {}
     iters: dict[str, int] = {}
     rounds = 7
     try:
-        q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
+        q = torch.randn(b, h, n, d, device=device, dtype=dtype)
+        k, v = (torch.randn(b, h, kv, d, device=device, dtype=dtype) for _ in range(2))
     except Exception as e:
         for res in out.values():
-            res["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+            res["error"] = _err(e)
         return out
     for name, fn in fns.items():
         res = out[name]
         try:
             t0 = time.perf_counter()
-            fn(q, k, v)
+            fn(q, k, v, None, False, None)
             _sync(device)
             res["first_call_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
             for _ in range(3):
-                fn(q, k, v)
+                fn(q, k, v, None, False, None)
             _sync(device)
             per_call = max((time.perf_counter() - t0) / 3, 1e-6)
             iters[name] = max(1, min(200, int(min_time / rounds / per_call)))
             live[name] = fn
         except Exception as e:
-            res["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+            res["error"] = _err(e)
     samples: dict[str, list[float]] = {name: [] for name in live}
     names = list(live)
     for r in range(rounds):
@@ -196,42 +255,57 @@ def bench(fns: dict[str, Callable[..., Any]], device: str, shape: list[int],
                     end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
                     start.record()
                     for _ in range(n_it):
-                        fn(q, k, v)
+                        fn(q, k, v, None, False, None)
                     end.record()
                     torch.cuda.synchronize()
                     samples[name].append(start.elapsed_time(end) / 1e3 / n_it)
                 else:
                     t0 = time.perf_counter()
                     for _ in range(n_it):
-                        fn(q, k, v)
+                        fn(q, k, v, None, False, None)
                     samples[name].append((time.perf_counter() - t0) / n_it)
             except Exception as e:
-                out[name]["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+                out[name]["error"] = _err(e)
     for name, ts in samples.items():
         if not ts or "error" in out[name]:
             continue
         ts.sort()
         med = ts[len(ts) // 2]
-        out[name].update(ms=med * 1e3, tflops=4.0 * b * h * n * n * d / med / 1e12,
-                         iters=iters[name] * len(ts), spread=(ts[-1] - ts[0]) / med)
+        out[name].update(ms=med * 1e3, tflops=4.0 * b * h * n * kv * d / med / 1e12)
     del q, k, v
     if cuda:
         torch.cuda.empty_cache()
     return out
 
 
-def _bench_plan(cfg: dict[str, Any], device: str) -> tuple[list[list[int]], str, float]:
-    """(shapes, dtype, seconds per shape): the device decides the default shapes, in this
-    process, so that every backend is timed at the same ones."""
-    shapes = cfg.get("shapes")
-    if shapes is None:
-        shapes = cfg.get("gpu_shapes" if device.startswith("cuda") else "cpu_shapes", [])
+def bench_together(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Time the verified backends in one process, each at the shapes it was proven for."""
+    from comfy_env_attn.runtime import adapters
+
+    result: dict[str, Any] = {"errors": {}}
+    device = _device_facts(cfg, result)
+    fns: dict[str, Any] = {}
+    for name in cfg["bench"]:
+        try:
+            a = adapters.adapter(name)
+            a.load()
+            fns[name] = a
+        except Exception as e:
+            result["errors"][name] = _err(e)
+    shapes = cfg["shapes"]
     dtype = cfg.get("bench_dtype") or ("bfloat16" if device.startswith("cuda") else "float32")
     min_time = cfg.get("min_time", 0.5)
     if device.startswith("cuda") and shapes:
         _warm_gpu(device)
-        min_time = max(min_time, 1.0)  # backends within a few % of each other
-    return shapes, dtype, min_time
+    table: dict[str, list[dict[str, Any]]] = {name: [] for name in fns}
+    for i, shape in enumerate(shapes):
+        here = {n: f for n, f in fns.items() if i in cfg["bench"][n]}
+        if len(here) < 2:
+            continue  # nothing to choose between at this shape
+        for name, res in bench(here, device, shape, dtype, min_time).items():
+            table[name].append(res)
+    result["bench"] = table
+    return result
 
 
 def _device_facts(cfg: dict[str, Any], result: dict[str, Any]) -> str:
@@ -249,71 +323,23 @@ def _device_facts(cfg: dict[str, Any], result: dict[str, Any]) -> str:
     return device
 
 
-def bench_together(cfg: dict[str, Any]) -> None:
-    """Time several verified backends in one process (the numbers `auto` compares)."""
-    result: dict[str, Any] = {"backends": cfg["backends"], "errors": {}}
-    device = _device_facts(cfg, result)
-    fns: dict[str, Callable[..., Any]] = {}
-    for name in cfg["backends"]:
-        try:
-            fns[name] = _kernel(name)[0]
-        except Exception as e:
-            result["errors"][name] = "%s: %s" % (type(e).__name__, str(e)[:300])
-    shapes, dtype, min_time = _bench_plan(cfg, device)
-    table: dict[str, list[dict[str, Any]]] = {name: [] for name in fns}
-    for shape in shapes:
-        for name, res in bench(fns, device, shape, dtype, min_time).items():
-            table[name].append(res)
-    result["bench"] = table
-    print(MARK + json.dumps(result))
-
-
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    if "backends" in cfg:
-        bench_together(cfg)
-        return
-    result: dict[str, Any] = {"backend": cfg["backend"]}
-    t_start = time.perf_counter()
-    try:
-        device = _device_facts(cfg, result)
+    load_package()
+    if cfg.get("live"):
+        from comfy_env_attn.runtime.live import live_facts
+
+        result = live_facts().to_dict()
+    elif "bench" in cfg:
+        result = bench_together(cfg)
+    else:
         t0 = time.perf_counter()
-        fn, version, origin = _kernel(cfg["backend"])
-        result.update(version=version, origin=origin,
-                      import_s=time.perf_counter() - t0)
-    except Exception as e:
-        result.update(passed=False, stage="import",
-                      error="%s: %s" % (type(e).__name__, str(e)[:500]),
-                      traceback=traceback.format_exc()[-2000:])
-        print(MARK + json.dumps(result))
-        return
-    dtypes = cfg.get("dtypes") or (["float16", "bfloat16"] if device.startswith("cuda")
-                                   else ["float32", "bfloat16"])
-    limits = cfg["thresholds"]
-    checks = []
-    if not cfg.get("bench_only"):
-        for dim in cfg.get("head_dims", [64, 128]):
-            for dt in dtypes:
-                checks.append(dict(check_accuracy(fn, device, dim, dt, limits[dt]),
-                                   required=True))
-        for dim in cfg.get("extra_head_dims", []):
-            for dt in dtypes:
-                checks.append(dict(check_accuracy(fn, device, dim, dt, limits[dt]),
-                                   required=False))
-    result["checks"] = checks
-    failed = [c for c in checks if c["required"] and not c["passed"]]
-    result["passed"] = not failed
-    if failed:
-        result["stage"] = "accuracy"
-        result["error"] = "; ".join("head dim %d %s: %s" % (c["head_dim"], c["dtype"],
-                                                            c.get("error", "failed"))
-                                    for c in failed)
-    benches = []
-    if not failed and not cfg.get("check_only"):
-        shapes, dtype, min_time = _bench_plan(cfg, device)
-        benches = [bench({"x": fn}, device, shape, dtype, min_time)["x"] for shape in shapes]
-    result["bench"] = benches
-    result["total_s"] = time.perf_counter() - t_start
+        result = prove(cfg)
+        result["total_s"] = time.perf_counter() - t0
+        if cfg["backend"] == "sdpa":  # the lock's fingerprint: what this process saw
+            from comfy_env_attn.runtime.live import live_facts
+
+            result["live"] = live_facts().to_dict()
     print(MARK + json.dumps(result))
 
 

@@ -1,7 +1,12 @@
-"""Prove each backend in a subprocess of the target Python: a real attention call against a
-float32 SDPA reference, then a short timed run at representative shapes.
+"""Prove each backend in a subprocess of the target Python, through the same adapter the
+dispatcher calls (runtime/adapters.py, loaded there by _target.py): every call variant the
+backend claims (plain, causal, custom scale, cross-attention of 4,096 queries against 77
+keys, bool and additive masks, GQA) at every head dim it claims among those real models use
+(40, 64, 80, 96, 128, 160, 256), in each dtype, against float32 SDPA on the same inputs.
+The lock records which (variant, head dim, dtype) passed; the dispatcher routes only those.
+Then the backends that passed are timed together at the shapes that decide a choice.
 
-Thresholds (against float32 SDPA on random normal inputs, [2, 4, 256, D]):
+Thresholds (against float32 SDPA on random normal inputs):
 
 | backend kind                         | dtype    | max abs error | cosine >= |
 |--------------------------------------|----------|---------------|-----------|
@@ -23,14 +28,20 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.backends import BACKENDS
+from comfy_env_attn.core.errors import AttnError
 
 SCRIPT = Path(__file__).with_name("_target.py")
 MARK = "@@RESULT@@"
+
+
+class VerifyError(AttnError):
+    """The target interpreter could not answer."""
 
 EXACT = {"float32": {"max_abs": 1e-3, "min_cosine": 0.99999},
          "float16": {"max_abs": 5e-3, "min_cosine": 0.9999},
@@ -38,12 +49,10 @@ EXACT = {"float32": {"max_abs": 1e-3, "min_cosine": 0.99999},
 QUANTIZED = {dt: {"max_abs": 0.1, "min_cosine": 0.99} for dt in EXACT}
 FP4 = {dt: {"max_abs": 0.3, "min_cosine": 0.97} for dt in EXACT}
 
-# Head dims each backend claims beyond the required 64 and 128.
-EXTRA_DIMS = {"sage": [96], "flash": [96, 256], "flash3": [256], "flash4": [96],
-              "xformers": [96, 256], "sdpa": [96, 256], "sage3": []}
-
-GPU_SHAPES = [[2, 20, 1024, 64], [2, 10, 4096, 64], [1, 24, 4608, 128],
-              [1, 24, 16896, 128], [1, 40, 32760, 128]]
+# Shapes that decide a choice (FACTS.md section 7): SD 1.5 (head dims 40 and 80), SDXL, 77-token
+# cross-attention, Flux at 1024 and 2048, video. [B, H, N, D] or [B, H, N, D, key/value length].
+GPU_SHAPES = [[2, 8, 4096, 40], [2, 20, 1024, 64], [2, 10, 4096, 64], [2, 10, 4096, 64, 77],
+              [2, 8, 1024, 80], [1, 24, 4608, 128], [1, 24, 16896, 128], [1, 40, 32760, 128]]
 CPU_SHAPES = [[1, 4, 256, 64], [1, 4, 1024, 64], [1, 4, 512, 128]]
 
 
@@ -60,6 +69,10 @@ class Options:
     timeout: float = float(os.environ.get("COMFY_ENV_ATTN_VERIFY_TIMEOUT", "600"))
     min_time: float = 0.5
     bench: bool = True
+    head_dims: tuple[int, ...] | None = None  # None: every head dim the backend claims
+    dtypes: tuple[str, ...] | None = None  # None: float16 and bfloat16 (GPU), float32 and
+    #                                        bfloat16 (CPU)
+    parallel: int = 4  # backends proven at once, each in its own process
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,29 +87,39 @@ class Result:
     def bench(self) -> list[dict[str, Any]]:
         return list(self.data.get("bench", []))
 
+    @property
+    def checks(self) -> list[dict[str, Any]]:
+        return list(self.data.get("checks", []))
+
     def summary(self) -> str:
+        """One line: how many checks passed, and which variants failed where."""
         if not self.passed:
             return f"failed: {self.error}"
-        checks = self.data.get("checks", [])
-        worst = max((c.get("max_abs", 0.0) for c in checks if c.get("passed")), default=0.0)
-        cos = min((c.get("cosine", 1.0) for c in checks if c.get("passed")), default=1.0)
-        return f"passed: max abs error {worst:.2g}, cosine >= {cos:.5f}"
-
-
-def _shapes(cfg: dict[str, Any], opts: Options) -> dict[str, Any]:
-    if not opts.bench:
-        cfg["shapes"] = []
-    elif opts.shapes is not None:
-        cfg["shapes"] = opts.shapes
-    else:  # the script picks by the device it finds
-        cfg["gpu_shapes"], cfg["cpu_shapes"] = GPU_SHAPES, CPU_SHAPES
-    return cfg
+        checks = self.checks
+        good = [c for c in checks if c.get("passed")]
+        worst = max((c.get("max_abs", 0.0) for c in good), default=0.0)
+        cos = min((c.get("cosine", 1.0) for c in good), default=1.0)
+        text = (f"passed {len(good)}/{len(checks)} checks: max abs error {worst:.2g}, "
+                f"cosine >= {cos:.5f}")
+        failed: dict[str, list[str]] = {}
+        for c in checks:
+            if not c.get("passed"):
+                failed.setdefault(c["variant"], []).append(f"{c['head_dim']} {c['dtype']}")
+        if failed:
+            text += "; not proven: " + "; ".join(
+                f"{v} ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
+                for v, where in failed.items())
+        return text
 
 
 def _config(backend: str, opts: Options) -> dict[str, Any]:
-    return _shapes({"backend": backend, "device": opts.device, "head_dims": [64, 128],
-                    "extra_head_dims": EXTRA_DIMS.get(backend, []),
-                    "thresholds": thresholds(backend), "min_time": opts.min_time}, opts)
+    cfg: dict[str, Any] = {"backend": backend, "device": opts.device,
+                           "thresholds": thresholds(backend)}
+    if opts.head_dims:
+        cfg["head_dims"] = list(opts.head_dims)
+    if opts.dtypes:
+        cfg["dtypes"] = list(opts.dtypes)
+    return cfg
 
 
 def _signal_name(code: int) -> str:
@@ -124,10 +147,12 @@ def _result_line(r: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
     return None if line is None else dict(json.loads(line[len(MARK):]))
 
 
-def run_one(python: str, backend: str, opts: Options, *, check_only: bool = False) -> Result:
-    cfg = _config(backend, opts)
-    if check_only:
-        cfg["check_only"] = True
+def run_one(python: str, backend: str, opts: Options) -> Result:
+    """Prove one backend in its own process."""
+    return _result(backend, _config(backend, opts), python, opts)
+
+
+def _result(backend: str, cfg: dict[str, Any], python: str, opts: Options) -> Result:
     t0 = time.monotonic()
     r = _run(python, cfg, opts)
     if isinstance(r, str):
@@ -148,36 +173,68 @@ def run_one(python: str, backend: str, opts: Options, *, check_only: bool = Fals
     return Result(backend, bool(data.get("passed")), data, data.get("error"))
 
 
+def live_facts(python: str, opts: Options | None = None) -> dict[str, Any]:
+    """runtime/live.py's facts, learned in the target interpreter (imports torch there)."""
+    opts = opts or Options()
+    r = _run(python, {"live": True}, opts)
+    data = None if isinstance(r, str) else _result_line(r)
+    if data is None:
+        why = r if isinstance(r, str) else (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VerifyError(f"cannot read the live facts of {python}: {why}")
+    return data
+
+
+def _proven_shapes(result: Result, shapes: list[list[int]], dtype: str) -> list[int]:
+    """The shapes whose head dim (and cross-attention, where the shape has a key/value
+    length) verification passed for this backend at the timing dtype."""
+    ok = {(c["variant"], c["head_dim"]) for c in result.checks
+          if c.get("passed") and c["dtype"] == dtype}
+    return [i for i, s in enumerate(shapes)
+            if ("plain", s[3]) in ok and (len(s) < 5 or ("cross", s[3]) in ok)]
+
+
 def verify(python: str, backends: list[str], opts: Options | None = None,
            progress: Any = None) -> dict[str, Result]:
-    """Each backend's accuracy in its own process (a crash there takes nothing else down),
-    SDPA first; then the ones that passed timed together in one process, so that the
-    numbers `auto` compares come from the same clocks. If that process fails, each is
-    timed alone."""
+    """Prove each backend in its own process (a crash there takes nothing else down), several
+    at once; then time the ones that passed together in one process, each at the shapes it
+    was proven for, so that the numbers `auto` compares come from the same clocks. If that
+    process fails, each is timed alone."""
     opts = opts or Options()
-    results: dict[str, Result] = {}
     order = ["sdpa"] + [b for b in backends if b != "sdpa"]
+    if progress:
+        progress(f"verifying {', '.join(order)} ...")
+    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+        futures = {name: pool.submit(run_one, python, name, opts) for name in order}
+        results = {name: futures[name].result() for name in order}
     for name in order:
         if progress:
-            progress(f"verifying {name} ...")
-        res = run_one(python, name, opts, check_only=opts.bench)
-        results[name] = res
-        if progress:
-            progress(f"  {name}: {res.summary()}")
+            progress(f"  {name}: {results[name].summary()}")
     passed = [n for n in order if results[n].passed]
-    if not opts.bench or not passed:
-        return results
+    if not opts.bench or len(passed) < 2:
+        return results  # nothing to choose between
+    device = (results["sdpa"].data.get("device") or {}).get("type", "cpu")
+    shapes = opts.shapes if opts.shapes is not None else \
+        (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    dtype = "bfloat16"  # what models run (on a CPU too, so that half-only backends compare)
+    plan = {n: _proven_shapes(results[n], shapes, dtype) for n in passed}
     if progress:
         progress(f"timing {', '.join(passed)} together ...")
-    cfg = _shapes({"backends": passed, "device": opts.device, "min_time": opts.min_time}, opts)
+    cfg = {"bench": plan, "shapes": shapes, "device": opts.device, "min_time": opts.min_time,
+           "bench_dtype": dtype}
     r = _run(python, cfg, opts)
     together = None if isinstance(r, str) else _result_line(r)
+    if together is None:  # that process failed: time each alone against SDPA
+        if progress:
+            progress(f"  timing each alone ({r if isinstance(r, str) else 'no result'})")
+        for name in passed[1:]:
+            pair = _run(python, {**cfg, "bench": {"sdpa": plan["sdpa"], name: plan[name]}},
+                        opts)
+            data = None if isinstance(pair, str) else _result_line(pair)
+            bench = (data or {}).get("bench") or {}
+            results[name].data["bench"] = bench.get(name, [])
+            if bench.get("sdpa") and not results["sdpa"].data.get("bench"):
+                results["sdpa"].data["bench"] = bench["sdpa"]
+        return results
     for name in passed:
-        bench = (together or {}).get("bench", {}).get(name)
-        if bench is None:  # that process failed: time this one alone
-            if progress:
-                progress(f"  timing {name} alone ({r if isinstance(r, str) else 'no result'})")
-            alone = run_one(python, name, opts)
-            bench = alone.data.get("bench", [])
-        results[name].data["bench"] = bench
+        results[name].data["bench"] = together.get("bench", {}).get(name, [])
     return results

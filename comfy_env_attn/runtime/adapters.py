@@ -1,0 +1,263 @@
+"""One adapter per backend: the only code that calls a backend's kernel.
+
+Verification (verify/_target.py, in the target interpreter) loads this same file and proves
+each call variant through it; the dispatcher calls the same adapters. Standard library and
+torch only, and the backend packages only inside `load()`.
+
+Every adapter takes and returns [B, H, N, D] tensors:
+
+    adapter.load()                               # imports the backend; may learn capabilities
+    out = adapter(q, k, v, mask, causal, scale)  # mask: None, bool (True attends) or additive,
+                                                 # broadcastable to [B, H, N, M]
+    out = adapter.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)   # [T, H, D]
+
+What each backend takes is declared in core/backends.py (`Backend.caps`);
+`not_supported_reasons(call)` gives every reason an adapter cannot take a call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from comfy_env_attn.core.backends import BACKENDS, Backend, Call, Capabilities
+
+Tensor = torch.Tensor
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def adapters_sha256() -> str:
+    """The code verification proves: this file and the capability claims it reads."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve()
+    for p in (here, here.parent.parent / "core" / "backends.py"):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def describe(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
+             capability: tuple[int, int] | None = None) -> Call:
+    """The Call (what the capability rules read) for [B, H, N, D] tensors."""
+    return Call(dtype=DTYPE_NAMES.get(q.dtype, str(q.dtype).replace("torch.", "")),
+                head_dim=q.shape[-1], q_len=q.shape[-2], kv_len=k.shape[-2],
+                q_heads=q.shape[1], kv_heads=k.shape[1],
+                mask=None if mask is None else ("bool" if mask.dtype == torch.bool
+                                                else "additive"),
+                causal=causal, scale=scale is not None, device=q.device.type,
+                capability=capability)
+
+
+def _first(out: Any) -> Tensor:
+    """Some kernels return (out, lse)."""
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+
+
+class Adapter:
+    """The SDPA adapter, and the base of the others."""
+
+    name = "sdpa"
+
+    def __init__(self) -> None:
+        self.backend: Backend = BACKENDS[self.name]
+        self.caps: Capabilities = self.backend.caps
+        self.version: str | None = None
+        self.origin: str | None = None
+        self.loaded = False
+
+    def load(self) -> None:
+        self.version, self.origin, self.loaded = torch.__version__, torch.__file__, True
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        return self.backend.not_supported_reasons(call, self.caps)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                 scale: float | None) -> Tensor:
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if causal and mask is not None:  # SDPA takes one or the other: merge them
+            tri = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,
+                             device=q.device).tril()
+            mask = (mask & tri) if mask.dtype == torch.bool else \
+                mask.masked_fill(~tri, float("-inf"))
+            causal = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale)
+
+    def varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+               max_k: int, causal: bool, scale: float | None) -> Tensor:
+        """Per-sequence SDPA: no dense T x T mask, whatever the total length."""
+        out = torch.empty_like(q)
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        for i in range(len(bq) - 1):
+            qs = q[bq[i]:bq[i + 1]].transpose(0, 1).unsqueeze(0)
+            ks = k[bk[i]:bk[i + 1]].transpose(0, 1).unsqueeze(0)
+            vs = v[bk[i]:bk[i + 1]].transpose(0, 1).unsqueeze(0)
+            o = self(qs, ks, vs, None, causal, scale)
+            out[bq[i]:bq[i + 1]] = o.squeeze(0).transpose(0, 1)
+        return out
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+class _Imported(Adapter):
+    """An adapter whose kernel comes from an installed package."""
+
+    module = ""
+
+    def _import(self) -> Any:
+        mod = importlib.import_module(self.module)
+        self.version = _version(self.backend.dist)
+        self.origin = getattr(mod, "__file__", None)
+        self.loaded = True
+        return mod
+
+
+class Sage(_Imported):
+    name, module = "sage", "sageattention"
+
+    def load(self) -> None:
+        mod = self._import()
+        self._fn = mod.sageattn
+        self._varlen = getattr(mod, "sageattn_varlen", None)
+        params = inspect.signature(self._fn).parameters
+        # SageAttention 2 has no mask argument (its **kwargs swallows one silently): claim
+        # masks only where the installed sageattn names attn_mask
+        masks = frozenset({"bool", "additive"}) if "attn_mask" in params else frozenset()
+        self.caps = replace(self.caps, masks=masks, varlen=self._varlen is not None)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                 scale: float | None) -> Tensor:
+        kw: dict[str, Any] = {"tensor_layout": "HND", "is_causal": causal}
+        if scale is not None:
+            kw["sm_scale"] = scale
+        if mask is not None:
+            kw["attn_mask"] = mask
+        return _first(self._fn(q, k, v, **kw))
+
+    def varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+               max_k: int, causal: bool, scale: float | None) -> Tensor:
+        assert self._varlen is not None
+        return _first(self._varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=causal,
+                                   sm_scale=scale))
+
+
+class Sage3(_Imported):
+    name, module = "sage3", "sageattn3"
+
+    def load(self) -> None:
+        self._fn = self._import().sageattn3_blackwell
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                 scale: float | None) -> Tensor:
+        if scale is not None or mask is not None:  # not claimed: never routed here
+            raise ValueError("SageAttention3 takes no custom scale or mask")
+        return _first(self._fn(q, k, v, is_causal=causal))
+
+
+class _Flash(_Imported):
+    """flash-attn's functions take [B, N, H, D]."""
+
+    attr = "flash_attn_func"
+
+    def load(self) -> None:
+        mod = self._import()
+        self._fn = getattr(mod, self.attr)
+        self._varlen = getattr(mod, "flash_attn_varlen_func", None)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                 scale: float | None) -> Tensor:
+        if mask is not None:
+            raise ValueError(f"{self.backend.title} takes no mask")
+        out = _first(self._fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              causal=causal, softmax_scale=scale))
+        return out.transpose(1, 2)
+
+    def varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+               max_k: int, causal: bool, scale: float | None) -> Tensor:
+        assert self._varlen is not None
+        return _first(self._varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
+                                   softmax_scale=scale))
+
+
+class Flash(_Flash):
+    name, module = "flash", "flash_attn"
+
+
+class Flash3(_Flash):
+    name, module = "flash3", "flash_attn_interface"
+
+    def _import(self) -> Any:
+        try:
+            return super()._import()
+        except ImportError:
+            self.module = "flash_attn_3"
+            return super()._import()
+
+
+class Flash4(_Flash):
+    name, module = "flash4", "flash_attn.cute"
+
+
+class Xformers(_Imported):
+    name, module = "xformers", "xformers.ops"
+
+    def load(self) -> None:
+        self._ops = self._import()
+        self._bias = importlib.import_module("xformers.ops.fmha.attn_bias")
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                 scale: float | None) -> Tensor:
+        b, h, n, _ = q.shape
+        m = k.shape[-2]
+        bias: Any = None
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    ~mask, float("-inf"))
+            # memory_efficient_attention wants the bias's last dim 8-aligned in memory
+            full = torch.empty(b, h, n, (m + 7) // 8 * 8, dtype=q.dtype, device=q.device)
+            full[..., :m] = mask.to(q.dtype).expand(b, h, n, m)
+            bias = full[..., :m]
+            if causal:
+                bias = self._bias.LowerTriangularMaskWithTensorBias(bias)
+        elif causal:
+            bias = self._bias.LowerTriangularMask()
+        out = self._ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                   v.transpose(1, 2), attn_bias=bias,
+                                                   scale=scale)
+        return out.transpose(1, 2)  # type: ignore[no-any-return]
+
+    def varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+               max_k: int, causal: bool, scale: float | None) -> Tensor:
+        lq = (cu_q[1:] - cu_q[:-1]).tolist()
+        lk = (cu_k[1:] - cu_k[:-1]).tolist()
+        cls = self._bias.BlockDiagonalCausalMask if causal else self._bias.BlockDiagonalMask
+        out = self._ops.memory_efficient_attention(q[None], k[None], v[None],
+                                                   attn_bias=cls.from_seqlens(lq, lk),
+                                                   scale=scale)
+        return out[0]  # type: ignore[no-any-return]
+
+
+ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (Adapter, Sage, Sage3, Flash, Flash3,
+                                                           Flash4, Xformers)}
+
+
+def adapter(name: str) -> Adapter:
+    """A new, unloaded adapter for a backend name."""
+    return ADAPTERS[name]()
