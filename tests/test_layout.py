@@ -63,9 +63,8 @@ def test_each_stage_imports_only_the_stages_before_it() -> None:
                 if other not in (stage, "__version__") and other not in ALLOWED[stage] | extra:
                     bad.append(f"{path.relative_to(PKG)} imports {name}")
             elif stage in THIRD_PARTY and parts[0] not in sys.stdlib_module_names \
-                    and parts[0] not in THIRD_PARTY[stage] and parts[0] != "comfy_env_attn":
-                if parts[0] not in ("tomli",):  # the 3.10 shim for tomllib
-                    bad.append(f"{path.relative_to(PKG)} imports {name}")
+                    and parts[0] not in THIRD_PARTY[stage] | {"comfy_env_attn", "tomli"}:
+                bad.append(f"{path.relative_to(PKG)} imports {name}")  # tomli: 3.10's tomllib
     assert bad == []
 
 
