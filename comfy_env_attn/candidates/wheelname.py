@@ -70,13 +70,26 @@ def cuda_from_digits(digits: str) -> tuple[int, int | None]:
 _LOCAL_RE = re.compile(r"^[a-zA-Z0-9]+(?:[._-][a-zA-Z0-9]+)*$")
 
 
-@lru_cache(maxsize=4096)
-def _public_version(text: str) -> Version | None:
+# Longer versions or longer digit runs are not versions any installer publishes; bounding them
+# keeps parsing cheap and away from int()'s 4300-digit ValueError.
+_MAX_VERSION_LEN = 64
+_LONG_DIGITS = re.compile(r"\d{16}")
+
+
+def bounded_version(text: str) -> Version | None:
+    """The Version of `text`, or None when it is not one or is implausibly long."""
+    if len(text) > _MAX_VERSION_LEN or _LONG_DIGITS.search(text):
+        return None
     try:
-        v = Version(text)
+        return Version(text)
     except InvalidVersion:
         return None
-    return None if v.local else v
+
+
+@lru_cache(maxsize=4096)
+def _public_version(text: str) -> Version | None:
+    v = bounded_version(text)
+    return None if v is None or v.local else v
 
 
 @lru_cache(maxsize=1024)
@@ -120,6 +133,18 @@ def format_label(label: Label) -> str:
     return out
 
 
+MAX_FILENAME = 255  # one path component on every file system the tool runs on
+_FILENAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]*\.whl$")
+
+
+def safe_wheel_filename(filename: str) -> str:
+    """`filename` when it is one valid wheel file name (no folder, no traversal, only wheel
+    filename characters); InvalidWheelName otherwise. Every name from an index or a lock
+    passes here before it names a file on disk."""
+    parse_wheel_name(filename)
+    return filename
+
+
 @dataclass(frozen=True)
 class WheelName:
     filename: str
@@ -136,12 +161,17 @@ def parse_wheel_name(filename: str) -> WheelName:
     """Parse a wheel filename; InvalidWheelName quoting the name when it is not one."""
     if not filename.endswith(".whl"):
         raise InvalidWheelName(f"not a wheel filename (no .whl suffix): {filename!r}")
+    if len(filename) > MAX_FILENAME or not _FILENAME_CHARS.match(filename):
+        raise InvalidWheelName(f"invalid wheel filename (not one file name of letters, digits "
+                               f"and ._+!-): {filename[:300]!r}")
     parts = filename[:-4].split("-")
     if len(parts) not in (5, 6):
         raise InvalidWheelName(
             f"invalid wheel filename (wrong number of parts): {filename!r}")
     name, raw_version = parts[0], parts[1]
     build = parts[2] if len(parts) == 6 else ""
+    if build and not re.match(r"^\d[A-Za-z0-9_]*$", build):
+        raise InvalidWheelName(f"invalid build tag {build!r} in wheel filename: {filename!r}")
     if not re.match(r"^[A-Za-z0-9](?:[A-Za-z0-9._]*[A-Za-z0-9])?$", name):
         raise InvalidWheelName(f"invalid project name in wheel filename: {filename!r}")
     public, _, local = raw_version.partition("+")

@@ -87,6 +87,8 @@ def _workflow_parsers(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--yes", action="store_true",
                    help="allow installing into a Python that is not a venv")
+    p.add_argument("--force", action="store_true",
+                   help="install even where --system contradicts the target interpreter")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep a backend that fails verification")
     p.add_argument("--no-verify", action="store_true",

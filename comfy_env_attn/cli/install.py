@@ -12,8 +12,14 @@ from comfy_env_attn.cli.output import console
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.core.progress import log
-from comfy_env_attn.facts.probe import Target, probe_gpus, probe_interpreter, system_from
-from comfy_env_attn.facts.system import load_profile
+from comfy_env_attn.facts.probe import (
+    GpuFacts,
+    Target,
+    probe_gpus,
+    probe_interpreter,
+    system_from,
+)
+from comfy_env_attn.facts.system import disagreements, load_profile
 from comfy_env_attn.install.installer import InstallOptions, Outcome, recover, reverify, run_install
 from comfy_env_attn.install.journal import target_lock
 from comfy_env_attn.verify.run import Options
@@ -46,11 +52,26 @@ def cmd_install(args: argparse.Namespace) -> int:
         raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
                            f"Python (it is the system interpreter at {target.prefix}): "
                            "refusing to change it; pass --yes to install there anyway")
+    if args.system:
+        found = disagreements(system, system_from(target, GpuFacts()))
+        if found and not (args.force or args.dry_run):
+            raise InstallError(f"the profile {args.system} does not describe {exe}: it says "
+                               f"{'; '.join(found)}. Wheels chosen for it may not work "
+                               "there: pass --force to install them anyway")
+        for f in found:
+            log(f"warning: the profile says {f}")
     out = Outcome()
     if args.from_lock:
         doc = lockfile.read(Path(args.from_lock))
-        chosen = [(w.backend, [Candidate(w.filename, w.url, f"lock:{args.from_lock}",
-                                         sha256=w.sha256)]) for w in lockfile.wheels_of(doc)]
+        chosen = []
+        for lw in lockfile.wheels_of(doc):
+            if lw.backend not in bk.BACKENDS or not bk.BACKENDS[lw.backend].dist:
+                raise InstallError(f"{args.from_lock} locks {lw.name} {lw.version}, which is "
+                                   f"not an attention backend ({', '.join(bk.BY_DIST)}): "
+                                   "refusing the lock; install never changes torch")
+            chosen.append((lw.backend, [Candidate(lw.filename, lw.url,
+                                                  f"lock:{args.from_lock}",
+                                                  sha256=lw.sha256)]))
     else:
         plan = make_plan(system, args, requested_backends(args))
         chosen = []

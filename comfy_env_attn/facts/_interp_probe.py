@@ -94,6 +94,8 @@ def main() -> None:
         "conda_env": os.path.isdir(os.path.join(sys.prefix, "conda-meta")),
         "purelib": paths.get("purelib"),
         "platlib": paths.get("platlib"),
+        "scripts": paths.get("scripts"),  # where a wheel's .data/scripts land
+        "data": paths.get("data"),
         # sys.path[0] is this script's folder, not the target's
         "sys_path": [p for p in sys.path[1:] if p],
     }

@@ -20,7 +20,7 @@ from typing import Any
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.facts.system import System, normalize_arch
 
-CACHE_SCHEMA = 4
+CACHE_SCHEMA = 5
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")
 
 
@@ -247,9 +247,29 @@ def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise ProbeError(f"{executable!r} is not a Python this tool can probe: it printed "
                          f"{r.stdout[:80]!r}") from None
+    if not isinstance(facts, dict):
+        raise ProbeError(f"{executable!r} is not a Python this tool can probe: it printed "
+                         f"{r.stdout[:80]!r}")
     if facts.get("implementation") != "cpython":
-        raise ProbeError(f"{executable!r} is {facts.get('implementation')}, not CPython")
+        raise ProbeError(f"{executable!r} is {str(facts.get('implementation'))[:40]}, "
+                         "not CPython")
+    bad = [k for k, kind in _REQUIRED.items() if not isinstance(facts.get(k), kind)]
+    if "python" not in bad and not re.match(r"^\d\.\d{1,2}\.\d{1,3}$", facts["python"]):
+        bad.append("a Python version")
+    if "sys_path" not in bad and not all(isinstance(x, str) for x in facts["sys_path"]):
+        bad.append("sys_path strings")
+    if bad:
+        raise ProbeError(f"{executable!r} answered the probe without {', '.join(bad)}: not a "
+                         "Python this tool can probe")
     return facts
+
+
+# What every probe answer carries; a partial answer (a fake or broken interpreter) is refused
+# here rather than failing later on a missing key.
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "python": str, "platform": str, "arch": str, "prefix": str, "purelib": str,
+    "platlib": str, "sys_path": list, "markers": dict, "executable": str,
+}
 
 
 def _torch_cache_file(torch_dir: str) -> Path:

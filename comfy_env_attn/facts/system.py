@@ -143,9 +143,6 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
             if not isinstance(value, str):
                 raise ProfileError(f"{where}: {key} must be a string, got {value!r}")
             kwargs[key] = value
-    if not re.match(r"^3\.\d+(\.\d+)?$", kwargs["python"]):
-        raise ProfileError(f"{where}: python must look like '3.12' or '3.12.3', "
-                           f"got {kwargs['python']!r}")
     kwargs["platform"] = normalize_platform(kwargs["platform"])
     if "arch" in kwargs:
         kwargs["arch"] = normalize_arch(kwargs["arch"])
@@ -161,12 +158,53 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
                 raise ProfileError(f"{where}: {key} must be a list of strings, got {value!r}")
             kwargs[key] = tuple(value)
     for g in kwargs.get("gpus", ()):
-        if not re.match(r"^\d{1,2}\.\d+[af]?$", g):
-            raise ProfileError(f"{where}: GPU compute capability {g!r} must look like '8.9'")
-    for key in ("torch_cuda", "driver_cuda"):
-        if key in kwargs and not re.match(r"^\d+\.\d+", kwargs[key]):
-            raise ProfileError(f"{where}: {key} must look like '12.8', got {kwargs[key]!r}")
+        m = re.match(r"^(\d{1,2})\.(\d)[af]?$", g)
+        if m is None or not MIN_SM_MAJOR <= int(m[1]) <= MAX_SM_MAJOR:
+            raise ProfileError(f"{where}: GPU compute capability {g!r} must look like '8.9', "
+                               f"major {MIN_SM_MAJOR} to {MAX_SM_MAJOR}")
+    for key, (pattern, example) in _SHAPES.items():
+        if key in kwargs and not re.match(pattern, kwargs[key]):
+            raise ProfileError(f"{where}: {key} must look like {example!r}, "
+                               f"got {kwargs[key][:80]!r}")
     return System(**kwargs)
+
+
+# What each string fact must look like. Bounded on purpose: a profile with
+# python = "3.100000" or glibc = "2.1000000" made the tag generator loop a million times.
+MIN_SM_MAJOR, MAX_SM_MAJOR = 1, 15
+_SHAPES = {
+    "python": (r"^3\.\d{1,2}(\.\d{1,3})?$", "3.12.3"),
+    "glibc": (r"^2\.\d{1,2}$", "2.35"),
+    "torch": (r"^\d{1,3}\.\d{1,3}(\.\d{1,3})?((a|b|rc|\.dev|\.post)\d{1,10}){0,3}"
+              r"(\+[A-Za-z0-9]{1,20}(\.[A-Za-z0-9]{1,20}){0,3})?$", "2.8.0+cu128"),
+    "torch_cuda": (r"^\d{1,2}\.\d{1,2}$", "12.8"),
+    "driver_cuda": (r"^\d{1,2}\.\d{1,2}$", "12.8"),
+    "driver": (r"^\d{1,4}(\.\d{1,4}){0,3}$", "570.124.06"),
+}
+
+
+def disagreements(profile: System, target: System) -> list[str]:
+    """Where a profile contradicts the interpreter it is applied to, each naming both sides
+    (GPU facts aside: the profile may describe the machine's GPUs better than a probe)."""
+    out: list[str] = []
+    if profile.python_tuple != target.python_tuple:
+        out.append(f"Python {profile.python}, the target runs {target.python}")
+    for key in ("platform", "arch"):
+        if getattr(profile, key) != getattr(target, key):
+            out.append(f"{key} {getattr(profile, key)}, the target is {getattr(target, key)}")
+    if profile.free_threaded != target.free_threaded:
+        out.append(f"free-threaded {profile.free_threaded}, the target "
+                   f"{'is' if target.free_threaded else 'is not'}")
+    if profile.torch is not None and profile.torch_public != target.torch_public:
+        out.append(f"torch {profile.torch}, the target has "
+                   + (f"torch {target.torch}" if target.torch else "no torch"))
+    pg, tg = _minor(profile.glibc), _minor(target.glibc)
+    if pg and tg and pg > tg:
+        out.append(f"glibc {profile.glibc}, the target has {target.glibc} (wheels built for the "
+                   "newer one do not load)")
+    if None not in (profile.cxx11abi, target.cxx11abi) and profile.cxx11abi != target.cxx11abi:
+        out.append(f"cxx11abi {profile.cxx11abi}, the target's torch has {target.cxx11abi}")
+    return out
 
 
 def toml_error(where: str, text: str, e: Exception) -> str:
@@ -188,6 +226,9 @@ def read_toml(path: str | Path, *, what: str,
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise error(f"cannot read {what} {str(p)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {str(p)!r} is not UTF-8 text (byte {e.start}: "
+                    f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
     try:
         doc: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

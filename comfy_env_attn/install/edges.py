@@ -1,8 +1,9 @@
 """The edges of installing: uv, downloads with hash checks, and wheel metadata.
 
 Torch is never replaced: a wheel whose requirements need another torch, torchvision or
-torchaudio is refused before anything is installed; everything else goes through uv under a
-constraint that pins the target's current versions of those three.
+torchaudio, or another version of anything those require (sympy, triton, nvidia-*, ...), is
+refused before anything is installed; everything else goes through uv under a constraint
+that pins the target's current versions of all of them.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from packaging.markers import InvalidMarker
+from packaging.markers import InvalidMarker, UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
+from packaging.version import InvalidVersion
 
-from comfy_env_attn.candidates.sources import Candidate
+from comfy_env_attn.candidates.sources import Candidate, Limits, limits_from_env, read_bounded
+from comfy_env_attn.candidates.wheelname import (
+    InvalidWheelName,
+    bounded_version,
+    safe_wheel_filename,
+)
 from comfy_env_attn.core.errors import InstallError
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.facts.probe import cache_dir
@@ -82,9 +89,13 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_wheel(c: Candidate, log: Callable[[str], None], *, timeout: float | None = None
+def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | None = None
                 ) -> Fetched:
     """The wheel on local disk, its sha256 checked against the source's (or computed)."""
+    try:
+        safe_wheel_filename(c.filename)
+    except InvalidWheelName as e:
+        raise InstallError(f"refusing a wheel from {c.source}: {e}") from None
     parts = urlsplit(c.url)
     dest_dir = cache_dir() / "wheels"
     try:
@@ -92,21 +103,43 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, timeout: float | No
     except OSError as e:
         raise InstallError(f"cannot create the download folder {dest_dir}: {e}") from None
     if parts.scheme in ("", "file"):
+        if c.source.startswith(("index:", "find-links:http:", "find-links:https:")):
+            raise InstallError(f"{c.filename}: {c.source} links a local file ({c.url}); a "
+                               "remote index may not: refusing it")
         path = Path(unquote(parts.path) if parts.scheme == "file" else c.url)
         if not path.is_file():
             raise InstallError(f"{c.filename}: no such file {path}")
         sha = _sha256_file(path)
+    elif parts.scheme in ("http", "https"):
+        _clean_partials(dest_dir)
+        path, sha = _download(c, dest_dir, log, limits or limits_from_env())
     else:
-        if timeout is None:
-            timeout = float(os.environ.get("COMFY_ENV_ATTN_TIMEOUT", "60"))
-        path, sha = _download(c, dest_dir, log, timeout)
+        raise InstallError(f"{c.filename}: cannot fetch {parts.scheme}: URLs ({c.url[:120]})")
     if c.sha256 and sha != c.sha256.lower():
         raise InstallError(f"hash mismatch for {c.filename}: its source says sha256 "
                            f"{c.sha256}, the file has {sha}; refusing to install it")
     return Fetched(c, path, sha, "index" if c.sha256 else "computed")
 
 
-def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout: float
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _clean_partials(dest_dir: Path) -> None:
+    """Remove the .part files of downloads whose process is gone (killed midway)."""
+    for part in dest_dir.glob("*/*.part"):
+        pid = part.name.split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], limits: Limits
               ) -> tuple[Path, str]:
     import httpx
 
@@ -116,22 +149,29 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], timeout:
     if c.sha256 and final.is_file() and _sha256_file(final) == c.sha256.lower():
         return final, c.sha256.lower()
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f"{os.getpid()}.",
+                                    suffix=".part")
     tmp = Path(tmp_name)
     h = hashlib.sha256()
     got = 0
+    started = time.monotonic()
     try:
         client = http_client(tls=c.url.startswith("https:"))
-        with os.fdopen(fd, "wb") as out, client.stream("GET", c.url, timeout=timeout) as r:
+        with os.fdopen(fd, "wb") as out, \
+                client.stream("GET", c.url, timeout=limits.timeout) as r:
             if r.status_code != 200:
                 raise InstallError(f"download of {c.filename} failed: {c.url} answered "
                                    f"HTTP {r.status_code}")
             expected = int(r.headers.get("content-length", "0") or 0)
             log(f"downloading {c.filename}" + (f" ({expected / 1e6:.1f} MB)" if expected else ""))
-            for chunk in r.iter_bytes(1 << 20):
+
+            def sink(chunk: bytes) -> None:
                 out.write(chunk)
                 h.update(chunk)
-                got += len(chunk)
+
+            got = read_bounded(r, sink, what=f"the download of {c.filename}", limits=limits,
+                               deadline=limits.download_deadline, started=started,
+                               error=InstallError)
         if expected and got != expected:
             raise InstallError(f"download of {c.filename} was cut off: got {got} of "
                                f"{expected} bytes")
@@ -163,6 +203,15 @@ class Unreachable(InstallError):
 
 # -- metadata -----------------------------------------------------------------------------
 
+def wheel_listing(path: Path) -> list[str]:
+    """The names in a wheel's zip directory: what it will really write."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InstallError(f"{path.name} is not a valid wheel ({e})") from None
+
+
 def wheel_metadata(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:
@@ -175,20 +224,31 @@ def wheel_metadata(path: Path) -> str:
         raise InstallError(f"{path.name} is not a valid wheel (bad zip)") from None
 
 
-def fetch_metadata(c: Candidate, timeout: float = 30.0) -> str | None:
-    """PEP 658 metadata where the index serves it (small, before the big download)."""
-    if not c.metadata_url:
+METADATA_MAX_BYTES = 1 << 20
+
+
+def fetch_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
+    """PEP 658 metadata where the index serves it (small, before the big download); None
+    when it cannot be had (the wheel's own METADATA is read after the download anyway)."""
+    if not c.metadata_url or urlsplit(c.metadata_url).scheme not in ("http", "https"):
         return None
     import httpx
 
     from comfy_env_attn.candidates.sources import http_client
 
+    lim = limits or limits_from_env()
+    body = bytearray()
     try:
-        r = http_client(tls=c.metadata_url.startswith("https:")).get(c.metadata_url,
-                                                                     timeout=timeout)
-    except httpx.HTTPError:
+        client = http_client(tls=c.metadata_url.startswith("https:"))
+        with client.stream("GET", c.metadata_url, timeout=lim.timeout) as r:
+            if r.status_code != 200:
+                return None
+            read_bounded(r, body.extend, what=f"the metadata of {c.filename}", limits=lim,
+                         deadline=lim.index_deadline, started=time.monotonic(),
+                         max_bytes=METADATA_MAX_BYTES, error=InstallError)
+    except (httpx.HTTPError, InstallError):
         return None
-    return r.text if r.status_code == 200 else None
+    return body.decode("utf-8", errors="replace")
 
 
 def requirements(metadata: str) -> list[str]:
@@ -198,15 +258,19 @@ def requirements(metadata: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Needs:
-    refused: list[str]  # reasons this wheel cannot go in without replacing torch
+    refused: list[str]  # reasons this wheel cannot go in without replacing a protected one
     missing: list[str]  # other requirements the target lacks (installed through uv)
 
 
 def check_requirements(filename: str, reqs: list[str], installed: dict[str, Installed],
-                       markers: dict[str, str]) -> Needs:
+                       markers: dict[str, str], protect: Mapping[str, str] | None = None
+                       ) -> Needs:
+    """Each requirement against the target: one that would change torch, torchvision,
+    torchaudio or anything they require (`protect`, name -> version) is refused."""
     refused: list[str] = []
     missing: list[str] = []
     env = {**markers, "extra": ""}
+    guarded = set(TORCH_FAMILY) | set(protect or {})
     for text in reqs:
         try:
             req = Requirement(text)
@@ -215,27 +279,31 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
         try:
             if req.marker is not None and not req.marker.evaluate(env):
                 continue
-        except InvalidMarker:
+        except (InvalidMarker, UndefinedEnvironmentName):
             continue
         name = str(canonicalize_name(req.name))
         have = installed.get(name)
         ok = have is not None and _satisfies(have.version, str(req.specifier))
-        if name in TORCH_FAMILY:
+        if name in guarded:
             if not ok:
                 now = f"has {name} {have.version}" if have else f"has no {name}"
+                why = "" if name in TORCH_FAMILY else ", which torch needs"
                 refused.append(f"{filename} requires {req}; the target {now}: installing it "
-                               f"would replace {name}")
+                               f"would replace {name}{why}")
         elif not ok:
             missing.append(str(req))
     return Needs(refused, missing)
 
 
 def _satisfies(version: str, spec: str) -> bool:
-    from packaging.specifiers import SpecifierSet
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+    v = bounded_version(version)
+    if v is None:
+        return False
     try:
-        return SpecifierSet(spec).contains(Version(version), prereleases=True)
-    except InvalidVersion:
+        return SpecifierSet(spec).contains(v, prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
         return False
 
 
@@ -248,8 +316,9 @@ def uv_index_args(index_urls: Sequence[str], find_links: Sequence[str]) -> list[
     return args
 
 
-def constraint_file(torch_family: dict[str, str], folder: Path) -> Path:
+def constraint_file(pins: Mapping[str, str], folder: Path) -> Path:
+    """torch's family and everything it requires, pinned at the installed versions."""
     p = folder / "torch-constraint.txt"
-    p.write_text("".join(f"{n}=={v}\n" for n, v in torch_family.items()), encoding="utf-8")
+    p.write_text("".join(f"{n}=={v}\n" for n, v in pins.items()), encoding="utf-8")
     return p
 
