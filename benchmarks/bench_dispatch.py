@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from comfy_env_attn.runtime import dispatch
+from comfy_env_attn.runtime.adapters import adapter
 
 SHAPES = {"short": [2, 20, 1024, 64], "SDXL": [2, 10, 4096, 64], "Flux": [1, 24, 4608, 128],
           "Flux 2048": [1, 24, 16896, 128], "video": [1, 40, 32760, 128]}
@@ -133,7 +134,8 @@ def gpu(args: argparse.Namespace) -> None:
         fns: dict[str, object] = {}
         for name in names:
             try:
-                kern = dispatch._direct_kernel(name)[0]
+                kern = adapter(name)
+                kern.load()
 
                 def direct(q, k, v, kern=kern):  # type: ignore[no-untyped-def]
                     return kern(q, k, v, None, False, None)
@@ -144,7 +146,7 @@ def gpu(args: argparse.Namespace) -> None:
                 print(f"  {title}: {name} failed: {type(e).__name__}: {str(e)[:120]}")
         fns["auto"] = dispatch.dispatch_attention
         res = gpu_times(fns, q, k, v, iters)
-        picked = dispatch._ROUTES[(q.shape, q.dtype, k.shape, True, False, True, True)][0]
+        picked = dispatch._ROUTES[(q.shape, q.dtype, k.shape, None, False, True, True)][0]
         best = min((t, nm) for nm, t in res.items() if nm != "auto")
         # the dispatcher's own cost: host time per call against the same kernel called
         # directly, on a small input of this head dim (host-bound, so the difference shows)

@@ -98,7 +98,7 @@ def per_head_dim() -> dict[str, dict[str, object]]:
                 a.load()
                 fns[n] = a
         dispatch.dispatch_attention(q, k, v)  # auto's first call (settles if close)
-        chosen = dispatch._ROUTES[(q.shape, q.dtype, k.shape, None, False, True, "cuda")][0]
+        chosen = dispatch._ROUTES[(q.shape, q.dtype, k.shape, None, False, True, True)][0]
         fns["auto"] = lambda q, k, v, m, c, s: dispatch.dispatch_attention(q, k, v)
         for f in fns.values():
             for _ in range(3):

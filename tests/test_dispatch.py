@@ -34,7 +34,7 @@ from comfy_env_attn.core.lockmodel import (
 )
 from comfy_env_attn.runtime import dispatch
 from comfy_env_attn.runtime.adapters import adapters_sha256
-from comfy_env_attn.runtime.live import live_facts
+from comfy_env_attn.runtime.live import files_digest, live_facts
 from comfy_env_attn.verify.run import Options, verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,8 +92,11 @@ def fake_sage(folder: Path, *, takes_mask: bool = False, ignore_causal: bool = F
 
 
 def record_hash(folder: Path) -> str:
-    rec = next(folder.glob("sageattention-*.dist-info")) / "RECORD"
-    return hashlib.sha256(rec.read_bytes()).hexdigest()
+    from importlib.metadata import PathDistribution
+
+    digest = files_digest(PathDistribution(next(folder.glob("sageattention-*.dist-info"))))
+    assert digest is not None
+    return digest
 
 
 def checks(dims: tuple[int, ...] = (64, 128), variants: tuple[str, ...] = ("plain",),
@@ -332,6 +335,20 @@ def test_a_verified_backend_missing_from_the_fingerprint_is_not_trusted(tmp_path
         "; ".join(stale_reasons(tool_table(lockfile.read(lock)), live_facts()))
 
 
+def test_a_file_edited_in_place_makes_the_lock_stale(tmp_path, monkeypatch, fresh) -> None:
+    folder = fake_sage(tmp_path)
+    monkeypatch.syspath_prepend(str(folder))
+    lock = write_lock(tmp_path / "l.toml", sage=sage_record(), sage_dir=folder)
+    table = tool_table(lockfile.read(lock))
+    assert stale_reasons(table, live_facts()) == []
+    init = folder / "sageattention" / "__init__.py"
+    st = init.stat()
+    init.write_text(init.read_text().replace("IGNORE_CAUSAL = False", "IGNORE_CAUSAL = True"))
+    os.utime(init, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # same size, one ns later
+    assert stale_reasons(table, live_facts()) == [
+        "sageattention 2.2.0: its files changed since verification"]
+
+
 def test_masks_reach_only_backends_proven_for_them(tmp_path, monkeypatch, fresh) -> None:
     q, k, v = qkv()
     mask = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)
@@ -498,7 +515,7 @@ def test_close_calls_are_timed_back_to_back_once_and_cached_per_machine(
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
     q, k, v = qkv()
     dispatch.dispatch_attention(q, k, v)
-    key = (q.shape, q.dtype, k.shape, None, False, True, "cpu")
+    key = (q.shape, q.dtype, k.shape, None, False, True, False)
     assert dispatch._ROUTES[key][0] == "sdpa"  # timed here: the sleeping sage lost
     import sageattention
 
@@ -640,7 +657,7 @@ def test_lock_and_dispatcher_give_the_same_verdict(faulty, tmp_path, monkeypatch
         "nothing verified (--no-verify)": replace(fp, device="unverified"),
         "another sage version": replace(fp, backends={"sage": replace(sage, version="2.1.0")}),
         "sage's files changed": replace(fp, backends={"sage": replace(sage,
-                                                                       record_sha256="0" * 64)}),
+                                                                       files_sha256="0" * 64)}),
         "sage installed but not locked": replace(fp, backends={}),
         "other adapters": replace(fp, adapters_sha256="0" * 64),
     }

@@ -115,15 +115,15 @@ class LockedDist:
 
     dist: str
     version: str
-    record_sha256: str  # hash of its RECORD (which lists each file's hash)
+    files_sha256: str  # its RECORD and each listed file's path, size and mtime (runtime/live.py)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> LockedDist:
         return cls(_get(d, "dist", str, where), _get(d, "version", str, where),
-                   _get(d, "record_sha256", str, where))
+                   _get(d, "files_sha256", str, where))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dist": self.dist, "version": self.version, "record_sha256": self.record_sha256}
+        return {"dist": self.dist, "version": self.version, "files_sha256": self.files_sha256}
 
 
 @dataclass(frozen=True)
@@ -412,7 +412,7 @@ def stale_reasons(locked: ToolTable, live: Live) -> list[str]:
             out.append(f"{d.dist} {d.version} is no longer installed")
         elif have[0] != d.version:
             out.append(f"{d.dist} is {have[0]}, the lock verified {d.version}")
-        elif have[1] != d.record_sha256:
+        elif have[1] != d.files_sha256:
             out.append(f"{d.dist} {have[0]}: its files changed since verification")
     locked_dists = {d.dist for d in fp.backends.values()}
     for dist, have in live.dists.items():
