@@ -11,8 +11,13 @@ from comfy_env_attn.core.backends import BACKENDS, BY_DIST
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import ToolTable, tool_table
 from comfy_env_attn.core.progress import log
-from comfy_env_attn.facts.installed import Installed, installed_backends, read_installed
-from comfy_env_attn.facts.probe import Target
+from comfy_env_attn.facts.installed import (
+    Installed,
+    installed_backends,
+    read_installed,
+    torch_file_problems,
+)
+from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.facts.system import System
 from comfy_env_attn.install.installer import recover
 from comfy_env_attn.install.journal import Journal, target_lock
@@ -135,11 +140,21 @@ def doctor_findings(target: Target, system: System) -> list[Any]:
     """An interrupted install undone, and whether the lock still describes this target."""
     found: list[Any] = []
     if Journal(target.prefix).exists():
-        with target_lock(target.prefix, log):
-            done = recover(target)
-        if done:
-            found.append(Finding("info", "install", "an interrupted install was found and "
-                                 "undone: " + "; ".join(done)))
+        try:
+            with target_lock(target.prefix, log):
+                done = recover(target)
+        except AttnError as e:  # an unreadable journal, a read-only target
+            found.append(Finding("problem", "install", str(e)))
+        else:
+            if done:
+                found.append(Finding("info", "install", f"an interrupted install was found "
+                                     f"and {done.verb}: " + "; ".join(done)))
+    modified = torch_file_problems(target.site_dirs, cache=cache_dir())
+    if modified:
+        found.append(Finding("problem", "torch", "torch's files do not match its RECORD: "
+                             + "; ".join(modified[:8]) + (" ..." if len(modified) > 8 else ""),
+                             "Reinstall it from where it came: pip install --force-reinstall "
+                             "--no-deps torch==<its version>"))
     path = lockfile.lock_path(target.prefix)
     if not path.exists():
         if installed_backends(read_installed(target.site_dirs)):

@@ -67,3 +67,62 @@ def sage_wheel(folder: Path, variant: str, version: str, *,
     return build_wheel(folder, "sageattention", version,
                        {"sageattention/__init__.py": src},
                        requires=requires if requires is not None else ["torch>=2.0"])
+
+
+# -- hostile wheels: each breaks one promise of the installer (issue 13) -------------------
+
+# Runs at every `import torch` in the target if the wheel gets in.
+TORCH_PAYLOAD = "PWNED = True\nraise SystemExit('torch replaced by a sageattention wheel')\n"
+
+
+def hostile_wheel(folder: Path, kind: str, version: str) -> Path:
+    """A sageattention wheel that works, plus one hostile part:
+    torch      ships torch/__init__.py (overwrites or hides torch)
+    sympy      requires sympy==0.0.1 (replaces a package torch needs)
+    scripts    ships .data/scripts/pip and .data/scripts/activate (replaces the venv's)
+    pth        ships a .pth file (code run at every Python start)
+    distinfo   ships torch's .dist-info/METADATA (rewrites what torch says it is)
+    """
+    dist_dir = f"sageattention-{version}"
+    files = {"sageattention/__init__.py": SAGE_OK}
+    requires = ["torch>=2.0"]
+    if kind == "torch":
+        files["torch/__init__.py"] = TORCH_PAYLOAD
+    elif kind == "sympy":
+        requires.append("sympy==0.0.1")
+    elif kind == "scripts":
+        files[f"{dist_dir}.data/scripts/pip"] = "#!/bin/sh\necho pwned pip\n"
+        files[f"{dist_dir}.data/scripts/activate"] = "echo pwned activate\n"
+    elif kind == "pth":
+        files["zz_sage_hook.pth"] = "import os; os.environ['PWNED'] = '1'\n"
+    elif kind == "distinfo":
+        import torch
+
+        v = torch.__version__
+        files[f"torch-{v}.dist-info/METADATA"] = f"Metadata-Version: 2.1\nName: torch\nVersion: {v}\n"
+    else:
+        raise ValueError(kind)
+    return build_wheel(folder, "sageattention", version, files, requires=requires)
+
+
+def sympy_impostor(folder: Path) -> Path:
+    """The sympy 0.0.1 an index would serve for that requirement."""
+    return build_wheel(folder, "sympy", "0.0.1",
+                       {"sympy/__init__.py": "__version__ = '0.0.1'\n"}, requires=[])
+
+
+def traversal_name(version: str) -> str:
+    """A wheel filename, as an index link writes it, whose build tag climbs out of the
+    download folder once unquoted: sageattention-V-1/../../../../evil-py3-none-any.whl."""
+    return f"sageattention-{version}-1%2F..%2F..%2F..%2F..%2Fevil-py3-none-any.whl"
+
+
+def data_wheel(folder: Path, version: str, *, script: str, data: str) -> Path:
+    """A sageattention with a console script and a data file outside site-packages, each
+    holding `script` / `data` (so that v1 and v2 differ there)."""
+    dist_dir = f"sageattention-{version}"
+    return build_wheel(folder, "sageattention", version, {
+        "sageattention/__init__.py": SAGE_OK + f"\nVERSION = {version!r}\n",
+        f"{dist_dir}.data/scripts/sage-info": f"#!/bin/sh\necho {script}\n",
+        f"{dist_dir}.data/data/share/sageattention/notes.txt": data,
+    }, requires=["torch>=2.0"])

@@ -7,6 +7,10 @@ only for the distributions a caller asks about.
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from pathlib import Path
 
+from packaging.markers import InvalidMarker, UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
@@ -118,3 +123,167 @@ def installed_backends(installed: dict[str, Installed]) -> list[str]:
     from comfy_env_attn.core.backends import BACKENDS
 
     return [b.name for b in BACKENDS.values() if b.dist and b.dist in installed]
+
+
+# -- what a distribution's RECORD says, and whether the files still match it --------------
+
+def record_lines(inst: Installed) -> list[tuple[str, str, str]]:
+    """(path relative to the site dir, hash as written, size) for each RECORD line."""
+    if not inst.dist_info:
+        return []
+    try:
+        text = Path(inst.dist_info, "RECORD").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    out: list[tuple[str, str, str]] = []
+    for row in csv.reader(text.splitlines()):
+        if row and row[0]:
+            out.append((row[0], row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else ""))
+    return out
+
+
+def record_paths(inst: Installed) -> list[str]:
+    """Every path a distribution's RECORD lists (relative to its site dir; scripts and data
+    files outside it start with '..')."""
+    return [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
+
+
+def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:
+    """torch, torchvision, torchaudio and everything they require, transitively, as
+    installed: name -> version. None of these may change during an install."""
+    env = {**markers, "extra": ""}
+    out: dict[str, str] = {}
+    todo = [n for n in TORCH_FAMILY if n in installed]
+    while todo:
+        name = todo.pop()
+        if name in out or name not in installed:
+            continue
+        out[name] = installed[name].version
+        for text in installed[name].requires:
+            try:
+                req = Requirement(text)
+                if req.marker is not None and not req.marker.evaluate(env):
+                    continue
+            except (InvalidRequirement, InvalidMarker, UndefinedEnvironmentName):
+                continue
+            dep = str(canonicalize_name(req.name))
+            if dep not in out and dep in installed:
+                todo.append(dep)
+    return dict(sorted(out.items()))
+
+
+Stat = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode: any write changes one
+
+
+def _stat(path: str) -> Stat | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def file_stats(insts: Iterable[Installed]) -> dict[str, Stat | None]:
+    """The stat of every file the distributions' RECORDs list."""
+    out: dict[str, Stat | None] = {}
+    for inst in insts:
+        for rel in record_paths(inst):
+            path = os.path.normpath(os.path.join(inst.location, rel))
+            out[path] = _stat(path)
+    return out
+
+
+def changed_files(before: dict[str, Stat | None], after: dict[str, Stat | None]) -> list[str]:
+    return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+
+
+def _b64_sha256(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+
+
+def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
+    """The files of a distribution that differ from its RECORD (missing, or another sha256),
+    relative to its site dir. With `cache`, files whose stat is unchanged since they last
+    matched are not hashed again (torch is ~700 MB: 3 s to hash)."""
+    lines = record_lines(inst)
+    if not lines:
+        return [f"{Path(inst.dist_info).name}/RECORD is missing or unreadable"]
+    record_id = hashlib.sha256(Path(inst.dist_info, "RECORD").read_bytes()).hexdigest()
+    seen: dict[str, list[int]] = {}
+    cfile = None
+    if cache is not None:
+        key = hashlib.sha256(os.path.abspath(inst.dist_info).encode()).hexdigest()[:20]
+        cfile = cache / f"files-{key}.json"
+        try:
+            doc = json.loads(cfile.read_text(encoding="utf-8"))
+            if doc.get("record") == record_id and isinstance(doc.get("ok"), dict):
+                seen = doc["ok"]
+        except (OSError, ValueError):
+            pass
+    bad: list[str] = []
+    ok: dict[str, list[int]] = {}
+    for rel, digest, _size in lines:
+        if not digest.startswith("sha256="):
+            continue  # RECORD itself, or a file the installer wrote (.pyc, INSTALLER)
+        path = os.path.join(inst.location, rel)
+        st = _stat(path)
+        if st is None:
+            bad.append(f"{rel} (missing)")
+            continue
+        if seen.get(rel) == list(st):
+            ok[rel] = list(st)
+            continue
+        if _b64_sha256(path) != digest[len("sha256="):]:
+            bad.append(f"{rel} (modified)")
+        else:
+            ok[rel] = list(st)
+    if cfile is not None and ok != seen:
+        try:
+            cfile.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cfile.with_name(f"{cfile.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"record": record_id, "ok": ok}), encoding="utf-8")
+            os.replace(tmp, cfile)
+        except OSError:
+            pass  # a cache we cannot write is only slower
+    return bad
+
+
+def shadowing(installed: dict[str, Installed], site_dirs: list[str], names: Iterable[str]
+              ) -> list[str]:
+    """Top-level packages of these distributions that a site dir earlier on sys.path also
+    holds: Python imports the earlier one (a torch/ in the venv hides the real torch)."""
+    out: list[str] = []
+    for name in names:
+        inst = installed.get(name)
+        if inst is None or inst.location not in site_dirs:
+            continue
+        tops = {p.split("/", 1)[0] for p in record_paths(inst) if not p.startswith("..")}
+        tops = {t for t in tops if t and not t.endswith((".dist-info", ".pth"))
+                and t != "__pycache__"}
+        for site in site_dirs[:site_dirs.index(inst.location)]:
+            for top in sorted(tops):
+                stem = top[:-3] if top.endswith(".py") else top
+                for shadow in (stem, f"{stem}.py"):
+                    if os.path.exists(os.path.join(site, shadow)):
+                        out.append(f"{os.path.join(site, shadow)} hides {name}'s {top}")
+    return out
+
+
+def torch_file_problems(site_dirs: list[str], *, cache: Path | None = None) -> list[str]:
+    """What is wrong with the files of torch, torchvision and torchaudio: each file checked
+    against its RECORD hash, and no package of theirs hidden by an earlier site dir."""
+    installed = read_installed(site_dirs)
+    out: list[str] = []
+    for name in TORCH_FAMILY:
+        inst = installed.get(name)
+        if inst is not None:
+            out += [f"{name} {inst.version}: {p}" for p in record_problems(inst, cache=cache)]
+    out += shadowing(installed, site_dirs, TORCH_FAMILY)
+    return out

@@ -3,27 +3,37 @@ target, record what passed in the lock; undo everything on failure."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from comfy_env_attn import lockfile
-from comfy_env_attn.candidates.sources import Candidate
+from comfy_env_attn.candidates.sources import Candidate, project_of
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, InstallError
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import (
-    TORCH_FAMILY,
     Installed,
+    Stat,
+    changed_files,
+    file_stats,
     installed_backends,
+    protected,
     read_installed,
-    torch_family,
+    record_paths,
+    record_problems,
+    shadowing,
+    torch_file_problems,
 )
-from comfy_env_attn.facts.probe import Target
+from comfy_env_attn.facts.probe import Target, cache_dir
+from comfy_env_attn.install import guard
 from comfy_env_attn.install.edges import (
     Fetched,
+    Needs,
     Unreachable,
     check_requirements,
     constraint_file,
@@ -32,9 +42,10 @@ from comfy_env_attn.install.edges import (
     requirements,
     run_uv,
     uv_index_args,
+    wheel_listing,
     wheel_metadata,
 )
-from comfy_env_attn.install.journal import Journal
+from comfy_env_attn.install.journal import Journal, crash_point
 from comfy_env_attn.verify.run import Options, Result, verify
 
 MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
@@ -63,16 +74,7 @@ def own_sites(target: Target) -> list[str]:
             if p]
 
 
-def torch_snapshot(installed: dict[str, Installed]) -> dict[str, Any]:
-    out = {}
-    for name in TORCH_FAMILY:
-        inst = installed.get(name)
-        if inst:
-            out[name] = (inst.version, inst.location, lockfile.record_sha256(inst.dist_info))
-    return out
-
-
-def uninstaller(target: Target) -> Any:
+def uninstaller(target: Target) -> Callable[[str], None]:
     def uninstall(name: str) -> None:
         if name in read_installed(own_sites(target)):
             run_uv(["pip", "uninstall", "--python", target.executable, name], log)
@@ -80,19 +82,63 @@ def uninstaller(target: Target) -> Any:
     return uninstall
 
 
-def recover(target: Target) -> list[str]:
-    """Undo an install that was killed midway (called with the target lock held)."""
+def protected_files(target: Target) -> set[str]:
+    """Files of torch's family and of everything it requires, as installed now: a rollback
+    never deletes them."""
+    installed = read_installed(target.site_dirs)
+    names = protected(installed, target.facts.get("markers") or {})
+    return {guard.norm(os.path.join(installed[n].location, rel))
+            for n in names for rel in record_paths(installed[n])}
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _clean_lock_temps(target: Target) -> None:
+    lock = lockfile.lock_path(target.prefix)
+    for tmp in lock.parent.glob(f".{lock.name}.*.tmp"):
+        pid = tmp.name[len(lock.name) + 2:-4]
+        if pid.isdigit() and int(pid) != os.getpid():
+            tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What recovering an interrupted install did."""
+
+    verb: str = ""  # "finished" (it had committed) or "undone"
+    lines: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lines)
+
+
+def recover(target: Target) -> Recovery:
+    """Finish or undo an install that was killed midway (call with the target lock held):
+    JournalError when its journal cannot be read."""
     j = Journal(target.prefix)
+    j.clean_leftovers()
+    _clean_lock_temps(target)
     if not j.exists():
-        return []
+        return Recovery()
     j.load()
-    log(f"found an interrupted install (pid {j.meta.get('pid')}, state "
-        f"{j.meta.get('state')}): undoing it")
-    done = j.rollback(uninstaller(target))
+    state = j.state
+    if state == "locking" and \
+            _file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):
+        j.meta["state"] = "committed"  # the new lock was in place: the install had finished
+    verb = "finished" if j.state == "committed" else "undone"
+    log(f"found an interrupted install (pid {j.meta.get('pid')}, state {state}): {verb}")
+    done = j.rollback(uninstaller(target), protected_files(target))
     for d in done:
         log(f"  {d}")
-    return done
-
+    return Recovery(verb, tuple(done))
 
 
 @dataclass(frozen=True)
@@ -103,33 +149,96 @@ class InstallOptions:
     verify: Options | None = field(default_factory=Options)  # None: --no-verify
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why one candidate wheel cannot be used."""
+
+    text: str
+    refused: bool = False  # by a rule (it would change torch, another package, ...)
+    unreachable: bool = False  # its host cannot be reached: skip that host
+
+
+class _Context:
+    """The target's facts one install run needs, gathered once."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.installed = read_installed(target.site_dirs)
+        self.markers: dict[str, str] = target.facts.get("markers") or {}
+        self.protect = protected(self.installed, self.markers)
+        self._owners: guard.Owners | None = None
+
+    @property
+    def owners(self) -> guard.Owners:
+        if self._owners is None:
+            self._owners = guard.build_owners(
+                (i.name, i.version, i.location, record_paths(i))
+                for i in self.installed.values())
+        return self._owners
+
+    @property
+    def layout(self) -> guard.Layout:
+        f = self.target.facts
+        prefix = str(self.target.prefix)
+        py = ".".join(str(f.get("python", "3")).split(".")[:2])
+        return guard.Layout(
+            site=guard.norm(f["purelib"]),
+            scripts=guard.norm(f.get("scripts") or os.path.join(
+                prefix, "Scripts" if os.name == "nt" else "bin")),
+            data=guard.norm(f.get("data") or prefix),
+            headers=guard.norm(os.path.join(prefix, "include", "site", f"python{py}")))
+
+    def check(self, filename: str, reqs: list[str]) -> Needs:
+        return check_requirements(filename, reqs, self.installed, self.markers, self.protect)
+
+    def inspect(self, fetched: Fetched, dist: str) -> list[str]:
+        """Why this wheel may not go in (guard.py), from its own zip directory."""
+        name = fetched.candidate.filename
+        names = wheel_listing(fetched.path)
+        infos = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
+        own = sorted(i for i in infos if project_of(i) == dist)
+        if not own:
+            return [f"{name} has no .dist-info folder for {dist}: not a {dist} wheel"]
+        dist_dir = own[0][:-len(".dist-info")]
+        entries, refused = guard.destinations(name, dist_dir, names, self.layout, dist=dist)
+        existing = [e.dest for e in entries if os.path.lexists(e.dest)]
+        found = refused + guard.problems(name, dist, dist_dir, entries, self.owners, existing)
+        if not found:
+            self._owners = self.owners.claim(dist, _version_of(name), entries)
+        return found
+
+    def protected_state(self, installed: dict[str, Installed]) -> dict[str, Stat | None]:
+        return file_stats(installed[n] for n in self.protect if n in installed)
+
+
 def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: Outcome,
                 opts: InstallOptions) -> None:
-    installed = read_installed(target.site_dirs)
-    markers = target.facts.get("markers") or {}
-    before_torch = torch_snapshot(installed)
-    family = torch_family(installed)
+    ctx = _Context(target)
+    installed = ctx.installed
+    before_files = ctx.protected_state(installed)
+    before_problems = set(torch_file_problems(target.site_dirs, cache=cache_dir()))
+    for p in sorted(before_problems):
+        log(f"warning: torch is already modified: {p}")
     ready: list[tuple[str, Fetched]] = []
     deps: dict[str, list[str]] = {}
-    # 1. read metadata and fetch, before anything changes; a wheel that cannot be had
-    #    (unreachable source, hash mismatch, needs another torch) gives way to the next
-    #    fitting one in the plan's ranking
+    # 1. read metadata, fetch and inspect, before anything changes; a wheel that cannot be
+    #    had (unreachable source, hash mismatch, needs another torch, would overwrite
+    #    another package) gives way to the next fitting one in the plan's ranking
     dead_hosts: set[str] = set()
     for backend, alternatives in chosen:
         row = out.row(backend)
-        failures: list[str] = []
+        failures: list[Failure] = []
         for c in alternatives[:MAX_ALTERNATIVES]:
             host = urlsplit(c.url).netloc
             if host and host in dead_hosts:
-                failures.append(f"{c.filename}: skipped, {host} is unreachable")
+                failures.append(Failure(f"{c.filename}: skipped, {host} is unreachable"))
                 continue
-            got = _obtain(c, installed, markers)
-            if isinstance(got, Unreachable):
-                dead_hosts.add(host)
-                got = str(got)
-            if isinstance(got, str):
+            got = _obtain(c, backend, ctx)
+            if isinstance(got, Failure):
+                if got.unreachable:
+                    dead_hosts.add(host)
                 failures.append(got)
-                log(f"{backend}: {got}")
+                log(f"{backend}: {got.text}")
                 continue
             fetched, missing = got
             row.wheel = c.filename
@@ -143,9 +252,8 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             break
         else:
             row.wheel = alternatives[0].filename if alternatives else ""
-            row.installed = "refused" if any("would replace" in f for f in failures) \
-                else "none"
-            row.note = " | ".join(failures)
+            row.installed = "refused" if any(f.refused for f in failures) else "none"
+            row.note = " | ".join(f.text for f in failures)
             out.ok = False
     to_install = [(b, f) for b, f in ready if not out.row(b).installed.startswith("already")]
     if not to_install and not ready:
@@ -153,53 +261,98 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
     dep_names = sorted({_req_name(d) for b, _ in to_install for d in deps[b]})
-    journal.begin(touched + dep_names, installed, own_sites(target),
-                  {"python": target.executable, "backends": [b for b, _ in to_install]})
+    journal.begin({"python": target.executable, "backends": [b for b, _ in to_install]})
     uninstall = uninstaller(target)
     try:
+        for name in touched + dep_names:
+            journal.add(name, installed, own_sites(target))
+        journal.set_state("installing")
+        crash_point("backed-up")
         with tempfile.TemporaryDirectory() as tmp:
             if to_install:
                 _uv_install(target, to_install, Path(tmp))
+            crash_point("installed")
             missing = sorted({d for b, _ in to_install for d in deps[b]})
             if missing:
-                _install_deps(opts, target, missing, family, journal, Path(tmp))
+                _install_deps(opts, ctx, missing, journal, Path(tmp))
         for b, f in to_install:
             out.row(b).installed = _version_of(f.candidate.filename)
         after = read_installed(target.site_dirs)
-        if torch_snapshot(after) != before_torch:
-            raise InstallError("torch, torchvision or torchaudio changed during the install: "
-                               "restoring the target")
+        _check_untouched(ctx, before_files, before_problems, after,
+                         [bk.BACKENDS[b].dist for b, _ in to_install])
         journal.set_state("verifying")
+        crash_point("verifying")
         results = verify_installed(target, after, out, opts.verify)
         failed = [b for b, _ in to_install if b in results and not results[b].passed]
         for b in failed:
             if opts.keep_failed:
                 out.row(b).note = "kept despite failing (--keep-failed)"
                 continue
-            dist = bk.BACKENDS[b].dist
-            journal.restore(dist, uninstall)
+            journal.restore(bk.BACKENDS[b].dist, uninstall, protected_files(target))
             out.row(b).installed += " -> rolled back"
         if failed:
             out.ok = False
             after = read_installed(target.site_dirs)
             results = {k: v for k, v in results.items()
                        if k not in failed or opts.keep_failed}
+        crash_point("verified")
+        journal.set_state("locking",
+                          lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
+        crash_point("locking")
         lockfile.write_lock(target, after, results, [f for _, f in ready])
-        journal.finish()
+        crash_point("locked")
+        journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
-        done = journal.rollback(uninstall)
+        try:
+            if journal.state == "locking" and _file_sha256(
+                    lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
+                journal.meta["state"] = "committed"  # the new lock is in place: keep it
+            done = journal.rollback(uninstall, protected_files(target))
+        except BaseException:
+            if isinstance(e, KeyboardInterrupt):
+                raise e from None
+            raise
         if isinstance(e, KeyboardInterrupt):
             raise
+        if journal.meta.get("state") == "committed":
+            raise InstallError(f"{e}\nthe install itself had completed and was kept") from None
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
 
 
-def _install_deps(opts: InstallOptions, target: Target, missing: list[str],
-                  family: dict[str, str], journal: Journal, tmp: Path) -> None:
+def _check_untouched(ctx: _Context, before: dict[str, Stat | None], before_problems: set[str],
+                     after: dict[str, Installed], new: list[str]) -> None:
+    """InstallError when torch, its family or anything it requires changed (a file written,
+    a version replaced, a package hidden by a new one earlier on sys.path), or when a
+    backend just installed does not match its own RECORD."""
+    site_dirs = ctx.target.site_dirs
+    problems = [f"{n} is now {after[n].version if n in after else 'gone'} "
+                f"(was {v}{'' if n not in after else ' at ' + ctx.installed[n].location})"
+                for n, v in ctx.protect.items()
+                if n not in after or after[n].version != v
+                or after[n].location != ctx.installed[n].location]
+    problems += [f"{p} changed" for p in changed_files(before, ctx.protected_state(after))]
+    problems += shadowing(after, site_dirs, ctx.protect)
+    problems += [p for p in torch_file_problems(site_dirs, cache=cache_dir())
+                 if p not in before_problems]
+    if problems:
+        raise InstallError("the install changed torch or a package torch needs: "
+                           + "; ".join(dict.fromkeys(problems[:8]))
+                           + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+    for dist in new:
+        inst = after.get(dist)
+        bad = record_problems(inst) if inst is not None else [f"{dist} is not installed"]
+        if bad:
+            raise InstallError(f"{dist} as installed does not match its RECORD: "
+                               + "; ".join(bad[:5]))
+
+
+def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journal: Journal,
+                  tmp: Path) -> None:
     """Install requirements round by round with --no-deps: uv does not see a venv's
     system-site-packages torch as installed and would fetch another one; here every
-    requirement is checked against what the target really has, torch's family first."""
-    constraint = constraint_file(family, tmp)
-    markers = target.facts.get("markers") or {}
+    requirement is checked against what the target really has, torch's closure first."""
+    target = ctx.target
+    constraint = constraint_file(ctx.protect, tmp)
     for _round in range(12):
         names = sorted({_req_name(d) for d in missing})
         installed = read_installed(target.site_dirs)
@@ -214,7 +367,8 @@ def _install_deps(opts: InstallOptions, target: Target, missing: list[str],
             inst = installed.get(n)
             if inst is None:
                 continue
-            needs = check_requirements(n, list(inst.requires), installed, markers)
+            needs = check_requirements(n, list(inst.requires), installed, ctx.markers,
+                                       ctx.protect)
             if needs.refused:
                 raise InstallError(needs.refused[0])
             missing += needs.missing
@@ -224,24 +378,30 @@ def _install_deps(opts: InstallOptions, target: Target, missing: list[str],
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
 
 
-def _obtain(c: Candidate, installed: dict[str, Installed], markers: dict[str, str]
-            ) -> tuple[Fetched, list[str]] | str | Unreachable:
+def _obtain(c: Candidate, backend: str, ctx: _Context) -> tuple[Fetched, list[str]] | Failure:
     """(the wheel on disk, requirements to add) or why this candidate cannot be used."""
+    dist = bk.BACKENDS[backend].dist
+    if project_of(c.filename) != dist:
+        return Failure(f"{c.filename} is not a {dist} wheel ({backend} is {dist})",
+                       refused=True)
     meta = fetch_metadata(c)
     if meta is not None:
-        needs = check_requirements(c.filename, requirements(meta), installed, markers)
+        needs = ctx.check(c.filename, requirements(meta))
         if needs.refused:
-            return needs.refused[0]
+            return Failure(needs.refused[0], refused=True)
     try:
         fetched = fetch_wheel(c, log)
-        needs = check_requirements(c.filename, requirements(wheel_metadata(fetched.path)),
-                                   installed, markers)
+        needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)))
+        if needs.refused:
+            return Failure(needs.refused[0], refused=True)
+        problems = ctx.inspect(fetched, dist)
     except Unreachable as e:
-        return e
+        return Failure(str(e), unreachable=True)
     except InstallError as e:
-        return str(e)
-    if needs.refused:
-        return needs.refused[0]
+        return Failure(str(e))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Failure(f"{problems[0]}{more}: refusing to install it", refused=True)
     return fetched, needs.missing
 
 

@@ -1,25 +1,62 @@
 """Nothing is lost: one install per target at a time, and a journal that can undo it.
 
-Before the target changes, the files of every distribution the install will touch are
-copied aside (beside the lock, in <prefix>/.comfy-env-attn/). A run that fails restores
-them; a run that was killed is found by the next install, verify or doctor, which undoes it.
+Write-ahead, in this order: the journal says what is about to change ("backing-up"), the files
+of every distribution the install will touch are copied aside (beside the lock, in
+<prefix>/.comfy-env-attn/), the journal says "installing", the target changes, then
+"verifying", "locking" (with the hash of the lock it replaces) and "committed". Only after
+"committed" is anything deleted: the journal first, then the backups.
+
+A run that fails restores from the backups; a run that was killed is found by the next
+install, verify or doctor (`recover`): before "installing" nothing had changed and it only
+cleans up; from "installing" to "locking" it restores; at "locking" it restores unless the
+new lock is already in place; after "committed" it keeps the new state and finishes the
+cleanup. Restoring is idempotent, so a recovery that is itself killed can run again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from comfy_env_attn.core.errors import InstallError
-from comfy_env_attn.facts.installed import Installed
+from comfy_env_attn.facts.installed import Installed, read_installed, record_lines
+
+CRASH_ENV = "COMFY_ENV_ATTN_TEST_CRASH_AT"
+_FIRED: set[str] = set()
+
+
+def crash_point(step: str) -> None:
+    """Fault injection for the tests: COMFY_ENV_ATTN_TEST_CRASH_AT=step[:how][,step[:how]]
+    stops the process at that step, how being kill (SIGKILL, the default), int (SIGINT, as
+    Ctrl-C) or enospc (the write there fails: disk full). Unset outside the tests."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    hows = [how for at, _, how in (s.partition(":") for s in spec.split(",")) if at == step]
+    if not hows or step in _FIRED:
+        return
+    _FIRED.add(step)  # once per process, as one Ctrl-C: not again while cleaning up
+    how = hows[0]
+    if how == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    sig = signal.SIGINT if how == "int" else getattr(signal, "SIGKILL", signal.SIGTERM)
+    os.kill(os.getpid(), sig)
+    time.sleep(5)  # the signal arrives; SIGINT raises KeyboardInterrupt in this frame
+
+
+class JournalError(InstallError):
+    """The journal of an interrupted install cannot be read."""
 
 
 def state_dir(prefix: Path) -> Path:
@@ -48,9 +85,14 @@ def _lock_file(f: IO[str], blocking: bool) -> bool:
 def target_lock(prefix: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Exclusive per target; a second install waits and says so."""
     d = state_dir(prefix)
-    d.mkdir(parents=True, exist_ok=True)
     path = d / "install.lock"
-    with open(path, "a+", encoding="utf-8") as f:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held across the yield)
+    except OSError as e:
+        raise InstallError(f"cannot write to {d}: {e.strerror or e}; the target is "
+                           "read-only or not yours: nothing was changed") from None
+    with f:
         if not _lock_file(f, blocking=False):
             f.seek(0)
             holder = f.read().strip() or "another process"
@@ -72,46 +114,83 @@ def target_lock(prefix: Path, log: Callable[[str], None]) -> Iterator[None]:
 class Touched:
     name: str
     before: str | None  # version installed in the target's own site dir, None if absent
-    backup: str | None  # folder holding its files, relative paths kept
-    files: list[str]  # relative to site
+    backup: str | None  # folder holding its files, file i of `files` as <backup>/<i>
+    files: list[str]  # relative to site; scripts and data files start with '..'
     site: str
 
 
+STATES = ("backing-up", "installing", "verifying", "locking", "committed")
+
+
+@dataclass
 class Journal:
     """The record of one install in progress."""
 
-    def __init__(self, prefix: Path) -> None:
-        self.dir = state_dir(prefix)
-        self.path = self.dir / "journal.json"
-        self.backup_root = self.dir / "backup"
-        self.touched: dict[str, Touched] = {}
-        self.meta: dict[str, Any] = {}
+    prefix: Path
+    touched: dict[str, Touched] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return state_dir(self.prefix)
+
+    @property
+    def path(self) -> Path:
+        return self.dir / "journal.json"
+
+    @property
+    def backup_root(self) -> Path:
+        return self.dir / "backup"
+
+    @property
+    def state(self) -> str:
+        return str(self.meta.get("state", ""))
 
     def exists(self) -> bool:
         return self.path.exists()
 
     def load(self) -> Journal:
-        doc = json.loads(self.path.read_text(encoding="utf-8"))
-        self.meta = doc.get("meta", {})
-        self.touched = {k: Touched(**v) for k, v in doc.get("touched", {}).items()}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            self.meta = dict(doc["meta"])
+            self.touched = {k: Touched(**v) for k, v in doc["touched"].items()}
+            if self.state not in STATES:
+                raise ValueError(f"unknown state {self.state!r}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise JournalError(
+                f"the journal of an interrupted install, {self.path}, cannot be read "
+                f"({type(e).__name__}: {str(e)[:120]}), so what that install changed is "
+                f"unknown. The files it replaced are kept in {self.backup_root}. Check the "
+                f"target (comfy-env-attn doctor; reinstall a backend that is broken), then "
+                f"delete {self.path} and {self.backup_root} to go on") from None
         return self
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        doc = {"meta": self.meta, "touched": {k: vars(v) for k, v in self.touched.items()}}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        doc = {"meta": self.meta, "touched": {k: asdict(v) for k, v in self.touched.items()}}
+        tmp = self.dir / "journal.tmp"
+        try:
+            crash_point(f"save-{self.state}")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(doc, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise InstallError(f"cannot write the install journal {self.path}: "
+                               f"{e.strerror or e} (disk full or read-only?)") from None
 
-    def begin(self, names: list[str], installed: dict[str, Installed], own_sites: list[str],
-              meta: dict[str, Any]) -> None:
-        """Back up each distribution about to change, then write the journal."""
-        self.meta = {**meta, "pid": os.getpid(), "started": time.time(), "state": "installing"}
-        for name in names:
-            self.add(name, installed, own_sites)
+    def begin(self, meta: dict[str, Any]) -> None:
+        """Say what is about to change, before anything is copied or changed."""
+        self.meta = {**meta, "pid": os.getpid(), "started": time.time(),
+                     "state": "backing-up"}
+        self.touched = {}
         self.save()
 
     def add(self, name: str, installed: dict[str, Installed], own_sites: list[str]) -> None:
+        """Copy one distribution's files aside, then record it (never the other way)."""
         if name in self.touched:
             return
         inst = installed.get(name)
@@ -119,67 +198,124 @@ class Journal:
             self.touched[name] = Touched(name, None, None, [], own_sites[0])
             self.save()
             return
-        files = record_files(inst)
+        files = [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
         dest = self.backup_root / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        for rel in files:
-            src = Path(inst.location) / rel
-            if src.is_file():
-                out = dest / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    shutil.copy2(src, out)
-                except OSError as e:
-                    raise InstallError(f"cannot back up {src} before changing it: {e}; "
-                                       "nothing was changed") from None
+        try:
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.mkdir(parents=True)
+            for i, rel in enumerate(files):
+                src = Path(inst.location, rel)
+                if src.is_file():
+                    shutil.copy2(src, dest / str(i))
+        except OSError as e:
+            raise InstallError(f"cannot back up {name} ({e.filename}) before changing it: "
+                               f"{e.strerror or e}") from None
         self.touched[name] = Touched(name, inst.version, str(dest), files, inst.location)
         self.save()
 
-    def set_state(self, state: str) -> None:
-        self.meta["state"] = state
+    def set_state(self, state: str, **meta: Any) -> None:
+        self.meta.update(meta, state=state)
         self.save()
 
-    def restore(self, name: str, uninstall: Callable[[str], None]) -> str:
-        """Put one distribution back as it was; returns what was done."""
+    def restore(self, name: str, uninstall: Callable[[str], None],
+                foreign: Collection[str] = ()) -> str:
+        """Put one distribution back as it was; returns what was done. `foreign`: files
+        (absolute, normalised) that belong to other distributions: never deleted, even when
+        the distribution being undone lists them in its RECORD."""
         t = self.touched.get(name)
         if t is None:
             return f"{name}: nothing recorded"
+        kept = _unlist(t.site, name, foreign)
         uninstall(name)
         if t.backup is None:
-            return f"{name}: removed (it was not installed before)"
-        for rel in t.files:
-            src = Path(t.backup) / rel
-            if src.is_file():
-                out = Path(t.site) / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, out)
-        return f"{name}: restored {t.before}"
+            out = f"{name}: removed (it was not installed before)"
+        else:
+            for i, rel in enumerate(t.files):
+                src = Path(t.backup, str(i))
+                if src.is_file():
+                    target = Path(os.path.normpath(os.path.join(t.site, rel)))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, target)
+            out = f"{name}: restored {t.before}"
+        if kept:
+            out += (f"; left {len(kept)} file(s) of other distributions it had overwritten "
+                    f"in place ({kept[0]})")
+        return out
 
-    def rollback(self, uninstall: Callable[[str], None]) -> list[str]:
-        done = [self.restore(name, uninstall) for name in list(self.touched)]
+    def rollback(self, uninstall: Callable[[str], None], foreign: Collection[str] = ()
+                 ) -> list[str]:
+        """Undo the install; after "committed" there is nothing to undo, only cleanup."""
+        if self.state == "committed":
+            names = ", ".join(self.touched) or "nothing"
+            self.finish()
+            return [f"{names}: kept (the install had completed)"]
+        if self.state == "backing-up" or not self.touched:
+            self.finish()
+            return ["nothing had been changed yet"]
+        done = []
+        for name in list(self.touched):
+            done.append(self.restore(name, uninstall, foreign))
+            crash_point("restoring")
         self.finish()
         return done
 
+    def commit(self) -> None:
+        """The new state is final: from here on recovery keeps it."""
+        self.set_state("committed")
+        crash_point("committed")
+        self.finish()
+
     def finish(self) -> None:
-        shutil.rmtree(self.backup_root, ignore_errors=True)
+        """Forget the install: the journal first, then the backups it points to."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        crash_point("journal-removed")
+        shutil.rmtree(self.backup_root, ignore_errors=True)
         self.touched = {}
 
+    def clean_leftovers(self) -> list[str]:
+        """Remove what a killed run can leave besides the journal: journal.tmp, and backups
+        that no journal points to (a run killed while backing up, or while finishing)."""
+        out = []
+        tmp = self.dir / "journal.tmp"
+        if tmp.exists():
+            tmp.unlink(missing_ok=True)
+            out.append(str(tmp))
+        if not self.exists() and self.backup_root.exists():
+            shutil.rmtree(self.backup_root, ignore_errors=True)
+            out.append(str(self.backup_root))
+        return out
 
-def record_files(inst: Installed) -> list[str]:
-    """Paths (relative to the site dir) that a distribution's RECORD lists."""
-    if not inst.dist_info:
+
+def _unlist(site: str, name: str, foreign: Collection[str]) -> list[str]:
+    """Drop from `name`'s RECORD in `site` the files in `foreign`, so that uninstalling it
+    leaves them; returns those files."""
+    if not foreign:
         return []
-    record = Path(inst.dist_info) / "RECORD"
-    out: list[str] = []
+    inst = read_installed([site]).get(name)
+    if inst is None or inst.location != site:
+        return []
+    record = Path(inst.dist_info, "RECORD")
     try:
-        text = record.read_text(encoding="utf-8")
-    except OSError:
+        lines = record.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError):
         return []
-    for line in text.splitlines():
-        path = line.rsplit(",", 2)[0] if line.count(",") >= 2 else line
-        if path and not path.startswith(("/", "..")):
-            out.append(path.strip('"'))
-    return out
+    keep, kept = [], []
+    for line in lines:
+        rel = line.rsplit(",", 2)[0].strip('"') if line.count(",") >= 2 else line.strip()
+        path = os.path.normcase(os.path.normpath(os.path.join(site, rel)))
+        if path in foreign:
+            kept.append(rel)
+        else:
+            keep.append(line)
+    if kept:
+        record.write_text("".join(keep), encoding="utf-8")
+    return kept
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None

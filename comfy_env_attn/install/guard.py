@@ -1,0 +1,180 @@
+"""What a wheel would write, checked before anything is installed. Pure.
+
+The wheel's own zip directory decides (not its RECORD, which it may fill with anything):
+each entry is mapped to the path it would take in the target, and refused when that path
+belongs to another installed distribution, when it lands inside a top-level package another
+distribution owns (torch/, sympy/, nvidia/, ...), when a script or data file would replace a
+file already there (bin/pip, bin/activate), when it is a .pth file (code run at every start),
+or when it is not a plain relative path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Top-level names that two distributions legitimately share: flash-attn-4 adds
+# flash_attn/cute/ inside flash-attn's flash_attn/. New files only: overwriting a file the
+# other one owns is refused like any other.
+SHARED_TOPS: dict[str, frozenset[str]] = {
+    "flash_attn": frozenset({"flash-attn", "flash-attn-4"}),
+}
+
+# .pth files a backend is known to ship (none of the supported ones does today).
+KNOWN_PTH: dict[str, frozenset[str]] = {}
+
+# Shared by every distribution that ships top-level modules: only exact files count.
+_COMMON_TOPS = frozenset({"__pycache__"})
+
+_DATA_KEYS = ("purelib", "platlib", "scripts", "data", "headers")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a wheel's parts land in the target (absolute, normalised paths)."""
+
+    site: str  # purelib: where the packages go (platlib too: the same in a venv)
+    scripts: str
+    data: str  # the prefix
+    headers: str  # include/site/pythonX.Y/<dist> (the dist's own folder is added per wheel)
+
+
+@dataclass(frozen=True)
+class Owners:
+    """Who owns what in the target, from the installed distributions' RECORD files."""
+
+    files: Mapping[str, str]  # absolute normalised path -> distribution
+    tops: Mapping[str, frozenset[str]]  # top-level name in any site dir -> distributions
+    versions: Mapping[str, str] = field(default_factory=dict)  # distribution -> version
+
+    def describe(self, dist: str) -> str:
+        v = self.versions.get(dist)
+        return f"{dist} {v}" if v else dist
+
+    def claim(self, dist: str, version: str, entries: Iterable[Entry]) -> Owners:
+        """These owners plus the files of a wheel about to be installed in the same run (two
+        wheels of one run may not overwrite each other either)."""
+        files = dict(self.files)
+        tops = {k: set(v) for k, v in self.tops.items()}
+        for e in entries:
+            files.setdefault(e.dest, dist)
+            if e.kind == "site":
+                tops.setdefault(e.rel.split("/", 1)[0], set()).add(dist)
+        return Owners(files, {k: frozenset(v) for k, v in tops.items()},
+                      {**self.versions, dist: version})
+
+
+def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owners:
+    """Owners from (distribution, version, site dir, RECORD paths relative to site)."""
+    files: dict[str, str] = {}
+    tops: dict[str, set[str]] = {}
+    versions: dict[str, str] = {}
+    for dist, version, site, paths in records:
+        versions.setdefault(dist, version)
+        for rel in paths:
+            files.setdefault(norm(os.path.join(site, rel)), dist)
+            top = rel.replace("\\", "/").split("/", 1)[0]
+            if top and top not in ("..", ".") and not top.endswith(".pth"):
+                tops.setdefault(top, set()).add(dist)
+    return Owners(files, {k: frozenset(v) for k, v in tops.items()}, versions)
+
+
+def norm(path: str) -> str:
+    return os.path.normcase(os.path.normpath(path))
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # as listed in the zip
+    dest: str  # absolute normalised path in the target
+    kind: str  # "site", "scripts", "data" or "headers"
+    rel: str  # relative to the site dir (site entries) or to the kind's folder
+
+
+_BAD_PART = re.compile(r"^\.\.?$")
+
+
+def _plain(name: str) -> str | None:
+    """Why a zip entry is not a plain relative path, or None."""
+    if "\\" in name or "\x00" in name:
+        return "has a backslash or NUL in its name"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    if any(_BAD_PART.match(p) for p in name.split("/")):
+        return "has a '.' or '..' component"
+    return None
+
+
+def destinations(wheel: str, dist_dir: str, names: Iterable[str], layout: Layout,
+                 *, dist: str) -> tuple[list[Entry], list[str]]:
+    """Where each file of the wheel goes, and the entries refused outright.
+
+    `dist_dir` is the wheel's "<name>-<version>" prefix of its .dist-info and .data."""
+    entries: list[Entry] = []
+    refused: list[str] = []
+    data_dir = f"{dist_dir}.data/"
+    for name in names:
+        if name.endswith("/"):
+            continue  # a folder entry: nothing is written for it
+        why = _plain(name)
+        if why:
+            refused.append(f"{wheel}: the entry {name!r} {why}")
+            continue
+        if not name.startswith(data_dir):
+            entries.append(Entry(name, norm(os.path.join(layout.site, name)), "site", name))
+            continue
+        key, _, rest = name[len(data_dir):].partition("/")
+        if key not in _DATA_KEYS or not rest:
+            refused.append(f"{wheel}: {name} is in an unknown .data folder")
+        elif key in ("purelib", "platlib"):
+            entries.append(Entry(name, norm(os.path.join(layout.site, rest)), "site", rest))
+        else:
+            base = {"scripts": layout.scripts, "data": layout.data,
+                    "headers": os.path.join(layout.headers, dist)}[key]
+            entries.append(Entry(name, norm(os.path.join(base, rest)), key, rest))
+    return entries, refused
+
+
+def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], owners: Owners,
+             existing: Iterable[str], *, replacing: Iterable[str] = ()) -> list[str]:
+    """Every reason this wheel may not be installed, each naming the wheel, the path and
+    its owner. `dist` is the wheel's distribution (canonical); `replacing` the
+    distributions it may overwrite (itself, always); `existing` the destinations that are
+    already files in the target."""
+    mine = {dist, *replacing}
+    there = set(existing)
+    out: list[str] = []
+    refused_tops: set[str] = set()
+    for e in entries:
+        owner = owners.files.get(e.dest)
+        if owner is not None and owner not in mine:
+            out.append(f"{wheel}: {e.name} would overwrite {e.dest}, which belongs to "
+                       f"{owners.describe(owner)}")
+            continue
+        if owner is None and e.dest in there:
+            where = "" if e.kind == "site" else " (part of the environment)"
+            out.append(f"{wheel}: {e.name} would replace {e.dest}, which is already there "
+                       f"and belongs to no distribution{where}")
+            continue
+        if e.kind != "site":
+            continue
+        top = e.rel.split("/", 1)[0]
+        if top == e.rel and top.endswith(".pth"):
+            if top not in KNOWN_PTH.get(dist, frozenset()):
+                out.append(f"{wheel}: {e.name} is a .pth file, run at every start of Python; "
+                           f"{dist} is not known to ship one")
+            continue
+        if top.endswith((".dist-info", ".egg-info")) and top != f"{dist_dir}.dist-info":
+            out.append(f"{wheel}: {e.name} is metadata of another distribution ({top})")
+            continue
+        if top in refused_tops or top in _COMMON_TOPS:
+            continue
+        others = owners.tops.get(top, frozenset()) - mine
+        shared = SHARED_TOPS.get(top)
+        if others and not (shared and dist in shared and others <= shared):
+            names = ", ".join(owners.describe(o) for o in sorted(others))
+            out.append(f"{wheel}: {e.name} would go into {top}, which belongs to {names}")
+            refused_tops.add(top)  # one line per package, not one per file
+    return out

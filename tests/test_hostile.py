@@ -1,0 +1,308 @@
+"""Hostile sources (issue 13): wheels that would change torch, a package torch needs, the venv's
+own scripts, or files outside the download cache. Real uv, real venvs, wheels built here and
+served over loopback; after every test torch's and sympy's files are checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli, venv_python
+from untouched import baseline
+from wheels import (
+    build_wheel,
+    hostile_wheel,
+    sage_wheel,
+    sympy_impostor,
+    traversal_name,
+)
+
+from comfy_env_attn.facts.installed import read_installed
+from comfy_env_attn.install import guard
+
+torch = pytest.importorskip("torch")
+TORCH = torch.__version__
+TORCH_MINOR = ".".join(TORCH.split("+")[0].split(".")[:2])
+LABEL = f"cu128torch{TORCH_MINOR}"
+
+
+@pytest.fixture(autouse=True)
+def torch_and_sympy_untouched():
+    base = baseline()
+    yield
+    assert base.problems() == []
+
+
+def make_venv(path: Path, uv_bin: str, *, torch: bool = True) -> Path:
+    """A venv of this interpreter; with torch, a .pth names the folder holding this torch
+    (it is seen, not copied: uv makes the venv in milliseconds)."""
+    subprocess.run([uv_bin, "venv", "-q", "--python", sys.executable, str(path)], check=True)
+    if torch:
+        holder = Path(torch_module_file()).resolve().parent.parent
+        (site(path) / "_running_torch.pth").write_text(f"{holder}\n")
+    return path
+
+
+def torch_module_file() -> str:
+    return str(torch.__file__)
+
+
+def site(venv: Path) -> Path:
+    return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def installed_in(venv: Path) -> dict[str, str]:
+    return {k: v.version for k, v in read_installed([str(site(venv))]).items()}
+
+
+@pytest.fixture
+def venv(tmp_path: Path, uv_bin: str) -> Path:
+    return make_venv(tmp_path / "venv", uv_bin)
+
+
+@pytest.fixture
+def profile(tmp_path: Path) -> Path:
+    p = tmp_path / "gpu.toml"
+    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
+                 f'glibc = "2.28"\ntorch = "{TORCH.split("+")[0]}+cu128"\n'
+                 'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
+                 'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
+    return p
+
+
+def serve(server, projects: dict[str, list[Path]], *, names: dict[Path, str] | None = None
+          ) -> str:
+    """A PEP 503 index of these projects on the loopback server; `names` overrides the
+    filename a link shows (quoted as an index would write it)."""
+    for project, wheels in projects.items():
+        links = []
+        for w in wheels:
+            name = (names or {}).get(w, w.name.replace("+", "%2B"))
+            url = server.add(f"/files/{name}", w.read_bytes(), "application/octet-stream")
+            sha = hashlib.sha256(w.read_bytes()).hexdigest()
+            links.append(f'<a href="{url}#sha256={sha}">{name}</a>')
+        server.add(f"/simple/{project}/", "<html><body>" + "".join(links) + "</body></html>")
+    return server.url + "/simple"
+
+
+def install(venv: Path, profile: Path, *extra: str, env: dict[str, str] | None = None):
+    return cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+               "--no-embedded-index", "--backends", "sage", "--no-verify", *extra, env=env)
+
+
+def test_hostile_wheels_are_refused_and_the_clean_one_installed(tmp_path, venv, profile,
+                                                                 http_server) -> None:
+    """Each fitting wheel in the plan's order is inspected before anything is installed;
+    every hostile one is refused with the wheel, the path and its owner, and the next one
+    is tried: here down to the clean 2.2.0."""
+    w = tmp_path / "w"
+    hostile = {kind: hostile_wheel(w, kind, f"2.2.{i}+{LABEL}")
+               for i, kind in enumerate(["sympy", "distinfo", "pth", "scripts", "torch"], 1)}
+    clean = sage_wheel(w, "ok", f"2.2.0+{LABEL}")
+    index = serve(http_server, {"sageattention": [clean, *hostile.values()],
+                                "sympy": [sympy_impostor(w)]})
+    activate = (venv / "bin" / "activate").read_bytes()
+    r = install(venv, profile, "--index-url", index)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    assert f"sageattention-2.2.5+{LABEL}-py3-none-any.whl: torch/__init__.py would go into " \
+           f"torch, which belongs to torch {TORCH}" in out
+    assert "sageattention-2.2.4" in out and ".data/scripts/activate would replace" in out
+    assert "bin/activate" in out and "part of the environment" in out
+    assert "zz_sage_hook.pth is a .pth file" in out
+    assert f"is metadata of another distribution (torch-{TORCH}.dist-info)" in out
+    assert "requires sympy==0.0.1; the target has sympy" in out and \
+        "would replace sympy, which torch needs" in out
+    # nothing of theirs got in: no torch/ hiding the real one, no sympy, the venv's own
+    # scripts as they were, no .pth
+    assert not (site(venv) / "torch").exists() and "sympy" not in installed_in(venv)
+    assert (venv / "bin" / "activate").read_bytes() == activate
+    assert not (venv / "bin" / "pip").exists()
+    assert not list(site(venv).glob("zz_*.pth"))
+    check = subprocess.run([str(venv_python(venv)), "-c",
+                            "import torch, sympy; print(torch.__file__, sympy.__version__)"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and str(Path(torch.__file__)) in check.stdout
+
+
+@pytest.fixture(scope="module")
+def fake_torch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel named torch, to make a venv whose torch is in its own site-packages (as in a
+    ComfyUI venv): there a wheel shipping torch/__init__.py overwrites torch itself."""
+    return build_wheel(tmp_path_factory.mktemp("fake-torch"), "torch", "2.13.0", {
+        "torch/__init__.py": "__version__ = '2.13.0'\nREAL = True\n",
+        "torch/version.py": "__version__ = '2.13.0'\ncuda = None\n",
+    }, requires=[])
+
+
+def fake_torch_venv(path: Path, uv_bin: str, fake_torch: Path) -> Path:
+    make_venv(path, uv_bin, torch=False)
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", str(venv_python(path)),
+                    "--no-deps", str(fake_torch)], check=True)
+    return path
+
+
+def test_a_wheel_cannot_overwrite_torch_in_its_own_site(tmp_path, uv_bin, fake_torch,
+                                                         http_server) -> None:
+    venv = fake_torch_venv(tmp_path / "v", uv_bin, fake_torch)
+    torch_init = site(venv) / "torch" / "__init__.py"
+    before = torch_init.read_bytes()
+    profile = tmp_path / "p.toml"
+    profile.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\n'
+                       'torch = "2.13.0+cu128"\ntorch_cuda = "12.8"\ngpus = ["8.9"]\n'
+                       'driver_cuda = "12.8"\n')
+    w = hostile_wheel(tmp_path / "w", "torch", "2.2.0+cu128torch2.13")
+    r = install(venv, profile, "--index-url", serve(http_server, {"sageattention": [w]}))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"torch/__init__.py would overwrite {torch_init}, which belongs to torch 2.13.0" \
+        in r.stdout + r.stderr
+    assert "refused" in r.stdout
+    assert torch_init.read_bytes() == before and "sageattention" not in installed_in(venv)
+    # doctor checks torch's files against its RECORD: untouched here ...
+    r = cli("doctor", "--python", str(venv_python(venv)), "--json")
+    doc = json.loads(r.stdout)
+    assert not [f for f in doc["findings"] if f["subject"] == "torch" and
+                "RECORD" in f["message"]], doc
+    # ... and a torch modified in place is a problem naming the file, exit 1
+    torch_init.write_text("PWNED = True\n")
+    r = cli("doctor", "--python", str(venv_python(venv)), "--json")
+    doc = json.loads(r.stdout)
+    bad = [f for f in doc["findings"] if f["subject"] == "torch" and f["severity"] == "problem"
+           and "torch/__init__.py (modified)" in f["message"]]
+    assert r.returncode == 1 and bad, doc
+
+
+def test_a_dependency_that_needs_another_sympy_is_refused(tmp_path, venv, profile,
+                                                          http_server) -> None:
+    """Two levels down: sageattention needs sage-helper, which needs sympy==0.0.1. The
+    helper installs, its requirement is refused, and the whole install is undone."""
+    w = tmp_path / "w"
+    sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "sage-helper"])
+    helper = build_wheel(w, "sage-helper", "1.0", {"sage_helper.py": "X = 1\n"},
+                         requires=["sympy==0.0.1"])
+    index = serve(http_server, {"sageattention": [sage], "sage-helper": [helper],
+                                "sympy": [sympy_impostor(w)]})
+    r = install(venv, profile, "--index-url", index)
+    assert r.returncode == 1
+    assert "sage-helper requires sympy==0.0.1" in r.stderr and \
+        "would replace sympy, which torch needs" in r.stderr
+    assert installed_in(venv) == {}
+
+
+def test_traversal_and_local_links_never_touch_the_disk(tmp_path, venv, profile,
+                                                        http_server) -> None:
+    w = tmp_path / "w"
+    trav = sage_wheel(w, "ok", f"2.2.1+{LABEL}")
+    local = sage_wheel(tmp_path / "local", "ok", f"2.2.2+{LABEL}")
+    cache = tmp_path / "a" / "b" / "cache"
+    index = serve(http_server, {"sageattention": [trav]},
+                  names={trav: traversal_name(f"2.2.1+{LABEL}")})
+    # a remote index linking a wheel on this machine by file://
+    page = http_server.routes["/simple/sageattention/"].body.decode()
+    http_server.add("/simple/sageattention/", page.replace(
+        "</body>", f'<a href="{local.as_uri()}">{local.name}</a></body>'))
+    r = install(venv, profile, "--index-url", index,
+                env={"COMFY_ENV_ATTN_CACHE_DIR": str(cache)})
+    assert r.returncode == 1
+    assert "link not taken: invalid wheel filename (not one file name of letters, digits " \
+        f"and ._+!-): 'sageattention-2.2.1+{LABEL}-1/../../../../evil-py3-none-any.whl'" \
+        in r.stderr
+    assert "a remote index may not link a local file" in r.stderr
+    assert not list(tmp_path.rglob("*evil*")) and installed_in(venv) == {}
+
+
+def test_from_lock_names_are_checked(tmp_path, venv, profile, http_server, uv_bin) -> None:
+    """A lock is input too: a wheel name with a folder in it, or a torch package, is refused
+    before anything is fetched."""
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    index = serve(http_server, {"sageattention": [w]})
+    r = install(venv, profile, "--index-url", index)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lock = (venv / "pylock.comfy-env-attn.toml").read_text()
+    fresh = make_venv(tmp_path / "fresh", uv_bin)
+    cache = tmp_path / "x" / "y" / "cache"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(lock.replace(f'name = "{w.name}"', 'name = "../../../evil.whl"'))
+    r = cli("install", "--python", str(venv_python(fresh)), "--from-lock", str(bad),
+            "--no-verify", env={"COMFY_ENV_ATTN_CACHE_DIR": str(cache)})
+    assert r.returncode == 1 and "../../../evil.whl" in r.stdout + r.stderr, r.stderr
+    assert not list(tmp_path.rglob("evil.whl")) and installed_in(fresh) == {}
+    bad.write_text(lock.replace('name = "sageattention"', 'name = "torch"'))
+    r = cli("install", "--python", str(venv_python(fresh)), "--from-lock", str(bad),
+            "--no-verify")
+    assert r.returncode == 1 and r.stderr.startswith("ERROR") and "torch" in r.stderr
+    assert "Traceback" not in r.stderr and installed_in(fresh) == {}
+
+
+# -- the guard's rules, pure ------------------------------------------------------------
+
+LAYOUT = guard.Layout(site="/v/site", scripts="/v/bin", data="/v", headers="/v/include/site/p")
+
+
+def _owners() -> guard.Owners:
+    return guard.build_owners([
+        ("flash-attn", "2.8.3", "/v/site", ["flash_attn/__init__.py", "flash_attn/ops.py",
+                                            "flash_attn-2.8.3.dist-info/RECORD"]),
+        ("torch", "2.9.1", "/sys/site", ["torch/__init__.py", "../../../bin/torchrun"]),
+        ("pip", "25.0", "/v/site", ["pip/__init__.py", "../bin/pip"]),
+    ])
+
+
+def _problems(dist: str, dist_dir: str, names: list[str], existing: tuple[str, ...] = ()
+              ) -> list[str]:
+    entries, refused = guard.destinations("x.whl", dist_dir, names, LAYOUT, dist=dist)
+    return refused + guard.problems("x.whl", dist, dist_dir, entries, _owners(), existing)
+
+
+def test_guard_flash4_may_add_files_inside_flash_attn_but_not_overwrite() -> None:
+    d = "flash_attn_4-4.0.0b1"
+    assert _problems("flash-attn-4", d, ["flash_attn/cute/__init__.py",
+                                         f"{d}.dist-info/METADATA"]) == []
+    assert _problems("flash-attn-4", d, ["flash_attn/__init__.py"]) == [
+        "x.whl: flash_attn/__init__.py would overwrite /v/site/flash_attn/__init__.py, which "
+        "belongs to flash-attn 2.8.3"]
+    # the sharing is between those two only
+    assert _problems("sageattention", "sageattention-2.2.0", ["flash_attn/cute/x.py"]) == [
+        "x.whl: flash_attn/cute/x.py would go into flash_attn, which belongs to flash-attn 2.8.3"]
+
+
+def test_guard_paths_scripts_and_packages_of_others() -> None:
+    d = "sageattention-2.2.0"
+    assert _problems("sageattention", d, [f"{d}.data/scripts/pip"]) == [
+        f"x.whl: {d}.data/scripts/pip would overwrite /v/bin/pip, which belongs to pip 25.0"]
+    assert _problems("sageattention", d, [f"{d}.data/scripts/python"], ("/v/bin/python",)) == [
+        f"x.whl: {d}.data/scripts/python would replace /v/bin/python, which is already there "
+        "and belongs to no distribution (part of the environment)"]
+    assert _problems("sageattention", d, [f"{d}.data/scripts/sage-info"]) == []
+    assert _problems("sageattention", d, ["torch/__init__.py", "torch/x.py"]) == [
+        "x.whl: torch/__init__.py would go into torch, which belongs to torch 2.9.1"]
+    assert _problems("sageattention", d, ["../evil.py", "/etc/passwd", "a\\b.py",
+                                          f"{d}.data/weird/x"]) == [
+        "x.whl: the entry '../evil.py' has a '.' or '..' component",
+        "x.whl: the entry '/etc/passwd' is an absolute path",
+        "x.whl: the entry 'a\\\\b.py' has a backslash or NUL in its name",
+        f"x.whl: {d}.data/weird/x is in an unknown .data folder"]
+    # a new version of the same distribution replaces its own files
+    assert _problems("flash-attn", "flash_attn-2.8.4", ["flash_attn/__init__.py"]) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX paths")
+def test_guard_reads_the_zip_not_the_record(tmp_path) -> None:
+    """A RECORD that lists only innocent files changes nothing: the zip directory decides."""
+    import zipfile
+
+    w = sage_wheel(tmp_path, "ok", "2.2.0")
+    with zipfile.ZipFile(w, "a") as z:
+        z.writestr("torch/__init__.py", "PWNED = True\n")  # not in its RECORD
+    from comfy_env_attn.install.edges import wheel_listing
+
+    entries, _ = guard.destinations(w.name, "sageattention-2.2.0", wheel_listing(w), LAYOUT,
+                                    dist="sageattention")
+    assert [e.rel for e in entries if e.rel.startswith("torch")] == ["torch/__init__.py"]
