@@ -3,8 +3,8 @@ and verification time per backend against a bare `python -c "import torch"` in t
 
     python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60]
 
-Each run gets a fresh venv that sees this interpreter's torch (--system-site-packages; not
-timed). The wheel is a working CPU sageattention built here; --size-mb adds an incompressible
+Each run gets a fresh venv that sees this interpreter's torch (tests/conftest.py's make_venv:
+a .pth file names the folder holding it; not timed). The wheel is a working CPU sageattention built here; --size-mb adds an incompressible
 payload so that a realistic wheel size (SageAttention 2 builds are 20-100 MB) can be compared.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from _common import CLI, ENV, ROOT, serve
 
 sys.path.insert(0, str(ROOT / "tests"))
+from conftest import make_venv, venv_python
 from wheels import SAGE_OK, build_wheel
 
 
@@ -33,9 +34,7 @@ def uv_bin() -> str:
 
 
 def fresh_venv(path: Path) -> Path:
-    subprocess.run([uv_bin(), "venv", "-q", "--system-site-packages", "--python",
-                    sys.executable, str(path)], check=True)
-    return path / "bin" / "python"
+    return venv_python(make_venv(path, torch=True))
 
 
 def timed(cmd: list[str]) -> float:
@@ -88,7 +87,7 @@ def main() -> int:
                     py = fresh_venv(d / f"b{size}-{i}")
                     raw.append(timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
                                       "--index-url", f"{base}/simple", "--no-cache",
-                                      "--no-deps",  # uv cannot see the venv's system torch
+                                      "--no-deps",  # uv does not see torch through a .pth
                                       f"sageattention=={version}"]))
             finally:
                 srv.shutdown()

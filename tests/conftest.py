@@ -101,27 +101,48 @@ def uv_bin() -> str:
     return find_uv_bin()
 
 
-@pytest.fixture(scope="session")
-def torch_venv(tmp_path_factory: pytest.TempPathFactory, uv_bin: str) -> Path:
-    """One venv for the whole session that sees this interpreter's CPU torch."""
-    pytest.importorskip("torch")
-    path = tmp_path_factory.mktemp("venv") / "venv"
-    subprocess.run([uv_bin, "venv", "--quiet", "--system-site-packages", "--python",
-                    sys.executable, str(path)], check=True)
-    return path
-
-
 def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-@pytest.fixture
-def plain_venv(tmp_path: Path, uv_bin: str) -> Path:
-    """A fresh venv without torch (cheap: uv makes one in milliseconds)."""
-    path = tmp_path / "plain"
-    subprocess.run([uv_bin, "venv", "--quiet", "--python", sys.executable, str(path)],
+def venv_site(venv: Path) -> Path:
+    """site-packages of a venv made from this interpreter."""
+    if os.name == "nt":
+        return venv / "Lib" / "site-packages"
+    return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def make_venv(path: Path, *, torch: bool) -> Path:
+    """A fresh venv of this interpreter, made by uv in milliseconds. With torch, it sees the
+    torch this interpreter runs (no copy): a .pth file names the folder that holds it.
+
+    Not --system-site-packages: that shows the base interpreter's packages, and when the runner
+    is itself a venv (as the README's set-up makes it), its base has no torch or another one.
+    The tests and benchmarks/bench_install.py make their venvs here.
+    """
+    from uv import find_uv_bin
+
+    subprocess.run([find_uv_bin(), "venv", "--quiet", "--python", sys.executable, str(path)],
                    check=True)
+    if torch:
+        import torch as running_torch
+
+        holder = Path(running_torch.__file__).resolve().parent.parent
+        (venv_site(path) / "_running_torch.pth").write_text(f"{holder}\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def torch_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One venv for the whole session that sees this interpreter's CPU torch."""
+    pytest.importorskip("torch")
+    return make_venv(tmp_path_factory.mktemp("venv") / "venv", torch=True)
+
+
+@pytest.fixture
+def plain_venv(tmp_path: Path) -> Path:
+    """A fresh venv without torch."""
+    return make_venv(tmp_path / "plain", torch=False)
 
 
 @pytest.fixture(autouse=True)

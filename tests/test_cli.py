@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, venv_python
+from conftest import cli, make_venv, venv_python, venv_site
 
 H100 = """python = "3.12.3"
 platform = "linux"
@@ -55,6 +54,17 @@ def test_plan_table_and_verbose_reasons(h100: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "xformers" in r.stdout
     assert "target has torch 2.11.0+cu130" in r.stdout
+
+
+def test_verbose_before_or_after_the_command(h100: Path) -> None:
+    from comfy_env_attn.cli import build_parser
+
+    for argv in (["-v", "plan"], ["plan", "-v"], ["--verbose", "doctor"], ["lock", "-v"]):
+        assert build_parser().parse_args(argv).verbose is True, argv
+    assert build_parser().parse_args(["plan"]).verbose is False
+    r = cli("-v", "plan", "--system", str(h100), "--backends", "xformers")
+    assert r.returncode == 0, r.stderr
+    assert "target has torch 2.11.0+cu130" in r.stdout and "-v lists every" not in r.stdout
 
 
 def test_probe_toml_is_a_valid_system_profile(tmp_path: Path) -> None:
@@ -119,6 +129,43 @@ def test_python_that_does_not_run(tmp_path: Path) -> None:
     assert r.returncode == 1 and "tried:" in r.stderr
 
 
+def test_comfyui_folder_without_python_fails_inside_an_active_venv(tmp_path: Path) -> None:
+    """The runner's own environment as $VIRTUAL_ENV is not ComfyUI's: the places tried."""
+    r = cli("doctor", "--comfyui", str(tmp_path),
+            env={"VIRTUAL_ENV": sys.prefix, "CONDA_PREFIX": sys.prefix})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"$VIRTUAL_ENV={sys.prefix} (not inside {tmp_path})" in r.stderr
+    assert f"$CONDA_PREFIX={sys.prefix} (not inside {tmp_path})" in r.stderr
+    assert str(tmp_path / ".venv" / "bin" / "python") in r.stderr
+
+
+def test_comfy_cli_without_configuration_fails(tmp_path: Path) -> None:
+    """--comfy-cli with no comfy-cli configuration: the places tried, not the running Python."""
+    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "LOCALAPPDATA": str(tmp_path / "local")}
+    r = cli("probe", "--comfy-cli", env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no comfy-cli configuration; tried: " in r.stderr
+    assert str(tmp_path) in r.stderr and "config.ini" in r.stderr
+
+
+def test_system_python_is_refused_without_yes(h100: Path) -> None:
+    """install refuses a system interpreter without --yes. The interpreter under the runner
+    (sys.base_prefix) is one whether or not the runner is a venv. --dry-run: nothing would be
+    installed into it even if the refusal broke."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    if (Path(sys.base_prefix) / "conda-meta").is_dir():
+        pytest.skip(f"the base interpreter {base} is a conda env, which install may change")
+    args = ["install", "--python", base, "--system", str(h100), "--backends", "sage",
+            "--dry-run"]
+    r = cli(*args)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{base} is not a virtual environment" in r.stderr and "--yes" in r.stderr
+    r = cli(*args, "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "would install sage" in r.stdout
+
+
 def test_bad_usage_exit_2() -> None:
     assert cli("plan", "--frobnicate").returncode == 2
     assert cli().returncode == 2
@@ -133,15 +180,13 @@ def _fake_dist(site: Path, name: str, version: str, tag: str, requires: list[str
     (d / "RECORD").write_text("")
 
 
-def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path, uv_bin: str) -> None:
+def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    venv = tmp_path / "v"
-    subprocess.run([uv_bin, "venv", "-q", "--system-site-packages", "--python",
-                    sys.executable, str(venv)], check=True)
+    venv = make_venv(tmp_path / "v", torch=True)
     r = cli("doctor", "--python", str(venv_python(venv)), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["healthy"] is True
-    site = next((venv / "lib").glob("python3*/site-packages"))
+    site = venv_site(venv)
     tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
     _fake_dist(site, "flash_attn", "2.8.3+cu12torch2.8cxx11abiTRUE",
                f"{tag}-{tag}-linux_x86_64", ["torch", "einops"])

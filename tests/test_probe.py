@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import venv_python
+from conftest import venv_python, venv_site
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.facts import probe as probe_mod
@@ -29,8 +30,16 @@ def test_real_probe_of_this_interpreter_with_cpu_torch() -> None:
         assert system.absent["gpus"]
 
 
-def _site(venv: Path) -> Path:
-    return next((venv / "lib").glob("python3*/site-packages"))
+def test_test_venvs_see_the_torch_this_interpreter_runs(torch_venv: Path) -> None:
+    """The venvs the tests and benchmarks make see the runner's own torch, also where the
+    runner is a venv whose base interpreter has no torch or another one (the README's set-up
+    in a venv)."""
+    import torch
+
+    r = subprocess.run([str(venv_python(torch_venv)), "-c",
+                        "import torch; print(torch.__file__)"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).resolve() == Path(torch.__file__).resolve()
 
 
 def test_cache_hits_and_is_invalidated_by_a_changed_torch(plain_venv: Path) -> None:
@@ -41,7 +50,7 @@ def test_cache_hits_and_is_invalidated_by_a_changed_torch(plain_venv: Path) -> N
     assert again.cached and again.facts == first.facts
     # a torch appears (a broken one: import fails, version.py is still read)
     time.sleep(0.01)
-    pkg = _site(plain_venv) / "torch"
+    pkg = venv_site(plain_venv) / "torch"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise ImportError('libtorch_cuda.so: cannot open')\n")
     (pkg / "version.py").write_text("__version__ = '2.9.1+cu128'\ncuda: Optional[str] = '12.8'\n")
@@ -114,7 +123,7 @@ def test_venv_layouts(tmp_path: Path, venv: str) -> None:
 def test_env_vars_and_the_error_lists_every_place(tmp_path: Path) -> None:
     comfy = tmp_path / "ComfyUI"
     comfy.mkdir()
-    conda = _touch(tmp_path / "conda" / "python.exe")
+    conda = _touch(comfy / "conda-env" / "python.exe")  # ComfyUI's own env, by another name
     got = find_python(comfyui=str(comfy), os_name="windows",
                       env={"CONDA_PREFIX": str(conda.parent)})
     assert got[0] == str(conda)
@@ -124,6 +133,23 @@ def test_env_vars_and_the_error_lists_every_place(tmp_path: Path) -> None:
     for part in ("python_embeded", ".venv/bin/python", "venv/bin/python", "$VIRTUAL_ENV",
                  "$CONDA_PREFIX"):
         assert part in msg
+
+
+def test_an_active_environment_elsewhere_is_not_comfyuis(tmp_path: Path) -> None:
+    """--comfyui DIR with no Python in DIR fails: the venv or conda env that runs the tool
+    is not ComfyUI's, and was once silently targeted in its place."""
+    comfy = tmp_path / "ComfyUI"
+    _touch(comfy / "main.py")
+    (comfy / "comfy").mkdir()
+    tool_venv = _touch(tmp_path / "tool-venv" / "bin" / "python").parent.parent
+    conda = _touch(tmp_path / "conda" / "bin" / "python").parent.parent
+    with pytest.raises(ProbeError) as e:
+        find_python(comfyui=str(comfy), os_name="linux",
+                    env={"VIRTUAL_ENV": str(tool_venv), "CONDA_PREFIX": str(conda)})
+    msg = str(e.value)
+    assert f"$VIRTUAL_ENV={tool_venv} (not inside {comfy})" in msg
+    assert f"$CONDA_PREFIX={conda} (not inside {comfy})" in msg
+    assert str(comfy / ".venv" / "bin" / "python") in msg and "--python" in msg
 
 
 def test_comfy_cli_workspace(tmp_path: Path) -> None:
@@ -141,6 +167,28 @@ def test_comfy_cli_workspace(tmp_path: Path) -> None:
     got = find_python_auto(os_name="windows", env={"LOCALAPPDATA": str(tmp_path / "local")},
                            home=tmp_path / "nohome", use_workspace=True)
     assert got[0].endswith("python.exe")
+
+
+def test_comfy_cli_without_a_workspace_fails_and_says_where_it_looked(tmp_path: Path) -> None:
+    """--comfy-cli never falls back to the running Python."""
+    home = tmp_path / "home"
+    cfg = home / ".config" / "comfy-cli" / "config.ini"
+    with pytest.raises(ProbeError) as e:
+        find_python_auto(os_name="linux", env={}, home=home, use_workspace=True)
+    assert f"tried: {cfg} (no such file)" in str(e.value)
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(f"[DEFAULT]\ndefault_workspace = {tmp_path / 'gone'}\n")
+    with pytest.raises(ProbeError) as e:
+        find_python_auto(os_name="linux", env={}, home=home, use_workspace=True)
+    assert f"default_workspace = {tmp_path / 'gone'} (no such folder)" in str(e.value)
+    assert "recent_workspace (not set)" in str(e.value)
+    ws = tmp_path / "ws"  # a workspace with no Python: the places tried, not sys.executable
+    ws.mkdir()
+    cfg.write_text(f"[DEFAULT]\nrecent_workspace = {ws}\n")
+    with pytest.raises(ProbeError) as e:
+        find_python_auto(os_name="linux", env={"VIRTUAL_ENV": sys.prefix}, home=home,
+                         use_workspace=True)
+    assert f"no Python found for ComfyUI in {ws}" in str(e.value)
 
 
 def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:

@@ -41,12 +41,15 @@ def _index_args(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
+    # -v goes before or after the command. Each subparser writes its defaults over the
+    # top-level ones, so here it leaves verbose alone unless -v is given after the command.
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="tracebacks and details")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="comfy-env-attn", description=__doc__.splitlines()[0])
-    _common(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("probe", help="what the target machine and interpreter are")

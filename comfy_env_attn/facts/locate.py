@@ -74,57 +74,84 @@ def find_python(*, python: str | None = None, comfyui: str | None = None,
         if not p.exists():
             raise ProbeError(f"--python {python}: no such file")
         return str(p), [f"--python {python}"]
-    tried: list[str] = []
     if comfyui:
-        root = Path(comfyui)
-        if not root.is_dir():
-            raise ProbeError(f"--comfyui {comfyui}: no such folder")
-        for c in comfyui_candidates(root, os_name):
-            if c.is_file():
-                return str(c), [f"--comfyui {comfyui}: {c}"]
-            tried.append(str(c))
-        for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
-            if env.get(var):
-                for c in env_python(Path(env[var]), os_name):
-                    if c.is_file():
-                        return str(c), [f"${var}: {c}"]
-                    tried.append(f"${var}: {c}")
-            else:
-                tried.append(f"${var} (not set)")
-        looks = "" if is_comfyui_dir(root) or is_comfyui_dir(root / "ComfyUI") else \
-            " (it does not look like a ComfyUI folder: no main.py and comfy/)"
-        raise ProbeError(f"no Python found for ComfyUI in {comfyui}{looks}; tried: "
-                         + ", ".join(tried))
+        return comfyui_python(Path(comfyui), f"--comfyui {comfyui}", os_name, env)
     return sys.executable, ["the current environment"]
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def comfyui_python(root: Path, label: str, os_name: str, env: Mapping[str, str]
+                   ) -> tuple[str, list[str]]:
+    """The interpreter of the ComfyUI in root. An active $VIRTUAL_ENV or $CONDA_PREFIX counts
+    only where it lies inside root (ComfyUI's own environment under another name): one that
+    lies elsewhere is the environment of whatever runs this tool, not ComfyUI's.
+    ProbeError listing every place tried."""
+    if not root.is_dir():
+        raise ProbeError(f"{label}: no such folder")
+    tried: list[str] = []
+    for c in comfyui_candidates(root, os_name):
+        if c.is_file():
+            return str(c), [f"{label}: {c}"]
+        tried.append(str(c))
+    for var in ("VIRTUAL_ENV", "CONDA_PREFIX"):
+        value = env.get(var)
+        if not value:
+            tried.append(f"${var} (not set)")
+        elif not _inside(Path(value), root):
+            tried.append(f"${var}={value} (not inside {root})")
+        else:
+            for c in env_python(Path(value), os_name):
+                if c.is_file():
+                    return str(c), [f"{label}: ${var} {c}"]
+                tried.append(f"${var}: {c}")
+    looks = "" if is_comfyui_dir(root) or is_comfyui_dir(root / "ComfyUI") else \
+        " (it does not look like a ComfyUI folder: no main.py and comfy/)"
+    hint = "; if ComfyUI runs in the active environment, name it with --python" \
+        if any("(not inside" in t for t in tried) else ""
+    raise ProbeError(f"no Python found for ComfyUI in {root}{looks}; tried: "
+                     + ", ".join(tried) + hint)
+
+
 def comfy_cli_workspace(os_name: str | None = None, env: Mapping[str, str] | None = None,
-                        home: Path | None = None) -> Path | None:
-    """comfy-cli's configured workspace (default_workspace, then recent_workspace)."""
+                        home: Path | None = None) -> Path:
+    """comfy-cli's configured workspace (default_workspace, then recent_workspace).
+    ProbeError saying what was tried when there is none."""
     os_name = os_name or current_os()
     env = os.environ if env is None else env
     cfg = comfy_cli_config(os_name, home or Path.home(), env)
     if not cfg.is_file():
-        return None
+        raise ProbeError(f"--comfy-cli: no comfy-cli configuration; tried: {cfg} (no such file)")
     parser = configparser.ConfigParser()
     try:
         parser.read(cfg, encoding="utf-8")
-    except configparser.Error:
-        return None
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ProbeError(f"--comfy-cli: {cfg} cannot be read: {e}") from None
+    tried: list[str] = []
     for key in ("default_workspace", "recent_workspace"):
         value = parser.defaults().get(key)
         if value and Path(value).is_dir():
             return Path(value)
-    return None
+        tried.append(f"{key} = {value} (no such folder)" if value else f"{key} (not set)")
+    raise ProbeError(f"--comfy-cli: {cfg} names no workspace folder; tried: "
+                     + ", ".join(tried))
 
 
 def find_python_auto(*, python: str | None = None, comfyui: str | None = None,
                      os_name: str | None = None, env: Mapping[str, str] | None = None,
                      home: Path | None = None, use_workspace: bool = False
                      ) -> tuple[str, list[str]]:
-    """find_python, and with use_workspace and no flags, comfy-cli's workspace first."""
+    """find_python, or with use_workspace and no other flag, the Python of comfy-cli's
+    workspace; never the running Python in its place."""
     if not python and not comfyui and use_workspace:
+        os_name = os_name or current_os()
+        env = os.environ if env is None else env
         ws = comfy_cli_workspace(os_name, env, home)
-        if ws is not None:
-            return find_python(comfyui=str(ws), os_name=os_name, env=env, home=home)
+        return comfyui_python(ws, f"--comfy-cli workspace {ws}", os_name, env)
     return find_python(python=python, comfyui=comfyui, os_name=os_name, env=env, home=home)
