@@ -1,7 +1,7 @@
 """comfy-env-attn: fast attention backends for ComfyUI that are proven on this machine.
 
-The runtime API (set_backend, dispatch_attention, dispatch_varlen_attention) lives in
-comfy_env_attn.runtime.dispatch and is loaded on first use, so that importing the package for
+The runtime API (set_backend, dispatch_attention, dispatch_varlen_attention,
+register_backend, taylor_attention) lives in comfy_env_attn.runtime and is loaded on first use, so that importing the package for
 the command line never imports torch.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _DISPATCH = {"set_backend", "get_backend", "dispatch_attention", "dispatch_varlen_attention",
-             "setup_link"}
+             "setup_link", "register_backend"}
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from comfy_env_attn.runtime import dispatch
 
         return getattr(dispatch, name)
+    if name == "taylor_attention":
+        import importlib
+
+        return importlib.import_module("comfy_env_attn.runtime.taylor").taylor_attention
     raise AttributeError(f"module 'comfy_env_attn' has no attribute {name!r}")

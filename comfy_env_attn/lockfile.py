@@ -176,10 +176,11 @@ def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
 
 def _fingerprint(live: Live, device: dict[str, Any], python: str | None) -> Fingerprint:
     locked = {}
-    for b in BACKENDS.values():
-        have = live.dists.get(b.dist) if b.dist else None
+    dists = {**{b.name: b.dist for b in BACKENDS.values()}, **live.plugins}
+    for name, dist in dists.items():
+        have = live.dists.get(dist) if dist else None
         if have is not None:
-            locked[b.name] = LockedDist(b.dist, have[0], have[1] or "")
+            locked[name] = LockedDist(dist, have[0], have[1] or "")
     return Fingerprint(torch=live.torch or "", torch_cuda=live.torch_cuda,
                        device=device.get("type", "unverified"),
                        capability=device.get("capability"), device_name=device.get("name"),
@@ -187,20 +188,26 @@ def _fingerprint(live: Live, device: dict[str, Any], python: str | None) -> Fing
 
 
 def _record(name: str, r: Result | None) -> BackendRecord:
-    b = BACKENDS[name]
+    """A backend's lock entry. What it is (title, quantized, approximate) comes from the
+    target, where a plugin may be the only place it is known."""
+    b = BACKENDS.get(name)
+    d = r.data if r is not None else {}
+    kind = BackendRecord(name, "unverified", title=d.get("title") or (b.title if b else name),
+                         quantized=bool(d.get("quantized", b.quantized if b else False)),
+                         approximate=bool(d.get("approximate",
+                                                b.approximate if b else False)),
+                         shipped=bool(d.get("shipped", b.shipped if b else False)))
     if r is None:
-        return BackendRecord(name, "unverified", quantized=b.quantized, title=b.title)
-    d = r.data
+        return kind
     checks = tuple(Check(c["variant"], c["head_dim"], c["dtype"], bool(c.get("passed")),
                          _num(c.get("max_abs")), _num(c.get("cosine")), c.get("error"))
                    for c in r.checks)
     bench = tuple(BenchRow(tuple(x["shape"]), x["dtype"], x.get("kv_len"),
                            x.get("ms"), x.get("tflops"), x.get("first_call_ms"), x.get("error"))
                   for x in r.bench)
-    return BackendRecord(name, "verified" if r.passed else "failed", quantized=b.quantized,
-                         title=b.title, version=d.get("version"), error=r.error,
-                         stage=d.get("stage"), import_s=d.get("import_s"), checks=checks,
-                         bench=bench)
+    return replace(kind, status="verified" if r.passed else "failed",
+                   version=d.get("version"), error=r.error, stage=d.get("stage"),
+                   import_s=d.get("import_s"), checks=checks, bench=bench)
 
 
 def _num(x: Any) -> float | None:
@@ -221,15 +228,18 @@ def tool_table_from(results: dict[str, Result], *, python: str,
         live_data = live_facts(python)
     live = Live.from_dict(live_data)
     device = (sdpa.data.get("device") if sdpa and sdpa.passed else None) or {}
-    names = ["sdpa", *[n for n in BACKENDS if n in results or n in (installed or [])]]
+    names = ["sdpa", *[n for n in BACKENDS if n in results or n in (installed or [])],
+             *results]
     records = {n: _record(n, results.get(n)) for n in dict.fromkeys(names)}
     if not results:  # --no-verify: SDPA, built into torch, stays the trusted fallback
         records["sdpa"] = BackendRecord("sdpa", "verified", title=BACKENDS["sdpa"].title)
     order, speeds = auto_order(records)
     records = {n: replace(r, speed_vs_sdpa=speeds.get(n)) for n, r in records.items()}
+    approximate = {n for n, r in records.items() if r.approximate}
     return ToolTable(fingerprint=_fingerprint(live, device, python_version),
-                     backends=records, auto=tuple(order),
-                     exact=tuple(n for n in order if not records[n].quantized),
+                     backends=records, auto=tuple(n for n in order if n not in approximate),
+                     exact=tuple(n for n in order
+                                 if not records[n].quantized and n not in approximate),
                      written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      python=python)
 

@@ -99,6 +99,22 @@ class Backend:
     excluded_sm: tuple[tuple[int, int], ...] = ()
     min_cuda: tuple[int, int] | None = None
     needs_torch_abi: bool = True  # compiled against libtorch: same torch major.minor
+    approximate: bool = False  # auto uses it only when asked (set_backend(approximate=True))
+    # accuracy limits against float32 SDPA, for every dtype; None: by kind (thresholds())
+    limits: tuple[float, float] | None = None  # (max abs error, min cosine)
+    # all its code ships with comfy-env-attn, no outside package: the lock's adapters_sha256
+    # covers it (a shipped plugin such as taylor)
+    shipped: bool = False
+
+    def thresholds(self) -> dict[str, dict[str, float]]:
+        """Per dtype: the largest max abs error and smallest cosine similarity against
+        float32 SDPA that verification accepts."""
+        if self.limits is not None:
+            return {dt: {"max_abs": self.limits[0], "min_cosine": self.limits[1]}
+                    for dt in EXACT_LIMITS}
+        if self.name == "sage3":
+            return FP4_LIMITS
+        return QUANTIZED_LIMITS if self.quantized else EXACT_LIMITS
 
     @property
     def max_head_dim(self) -> int:
@@ -157,6 +173,16 @@ class Backend:
         return out
 
 
+# Against float32 SDPA on random normal inputs. Exact kernels land within bf16 rounding of the
+# reference (FA4: 5e-4 to 1e-3 on an H100); SageAttention 2 reaches cosine 0.9993, max error
+# 0.005 to 0.02 (FACTS.md section 6). A backend producing black images (NaN, zeros,
+# garbage) misses these by orders of magnitude.
+EXACT_LIMITS = {"float32": {"max_abs": 1e-3, "min_cosine": 0.99999},
+                "float16": {"max_abs": 5e-3, "min_cosine": 0.9999},
+                "bfloat16": {"max_abs": 3e-2, "min_cosine": 0.999}}
+QUANTIZED_LIMITS = {dt: {"max_abs": 0.1, "min_cosine": 0.99} for dt in EXACT_LIMITS}
+FP4_LIMITS = {dt: {"max_abs": 0.3, "min_cosine": 0.97} for dt in EXACT_LIMITS}
+
 _UP_TO_128 = tuple(d for d in MODEL_HEAD_DIMS if d <= 128)
 
 BACKENDS: dict[str, Backend] = {
@@ -199,6 +225,18 @@ BACKENDS: dict[str, Backend] = {
 # The order unverified mode tries (COMFY_ENV_ATTN_UNVERIFIED=1): fastest kernels first on the
 # GPUs they run on; each backend's own SM range decides whether it is in.
 UNVERIFIED_ORDER = ("flash4", "flash3", "sage", "flash", "xformers", "sage3", "sdpa")
+
+
+BUILTIN = frozenset(BACKENDS)
+
+
+def register(backend: Backend) -> None:
+    """Add a plugin backend to the registry (runtime.plugins.register_backend calls this)."""
+    if backend.name in BUILTIN:
+        raise ValueError(f"{backend.name!r} is a built-in backend; choose another name")
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", backend.name):
+        raise ValueError(f"backend name {backend.name!r}: use lowercase letters, digits and _")
+    BACKENDS[backend.name] = backend
 
 
 ALIASES: dict[str, str] = {

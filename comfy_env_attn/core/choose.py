@@ -44,11 +44,17 @@ def verified_caps(name: str, record: BackendRecord) -> Capabilities:
     return replace(caps, masks=masks)
 
 
-def reasons(name: str, record: BackendRecord, call: Call, *, exact: bool = False) -> list[str]:
-    """Every reason this verified backend may not take the call (empty: it may)."""
+def reasons(name: str, record: BackendRecord, call: Call, *, exact: bool = False,
+            approximate: bool = False) -> list[str]:
+    """Every reason this verified backend may not take the call (empty: it may).
+    `approximate`: the caller opted in to approximate backends."""
     out = []
     if exact and record.quantized:
         out.append(f"{BACKENDS[name].title} is quantized and exact mode is on")
+    if record.approximate and (exact or not approximate):
+        out.append(f"{BACKENDS[name].title} is approximate: "
+                   + ("exact mode is on" if exact else
+                      "auto uses it only with set_backend('auto', approximate=True)"))
     out += BACKENDS[name].not_supported_reasons(call, verified_caps(name, record))
     if not out:
         out += record.unproven(call.variants(), call.head_dim, call.dtype)
@@ -72,13 +78,13 @@ def _nearest(bench: tuple[BenchRow, ...], call: Call) -> BenchRow | None:
 
 
 def choose(backends: Mapping[str, BackendRecord], call: Call, *,
-           exact: bool = False) -> Choice:
+           exact: bool = False, approximate: bool = False) -> Choice:
     rows: list[tuple[float, str, Ranked]] = []
     passed_over = []
     for name, record in backends.items():
         if not record.verified or name not in BACKENDS:
             continue
-        why_not = reasons(name, record, call, exact=exact)
+        why_not = reasons(name, record, call, exact=exact, approximate=approximate)
         if why_not:
             if name != "sdpa":
                 passed_over.append((name, tuple(why_not)))

@@ -247,6 +247,8 @@ class BackendRecord:
     name: str
     status: str
     quantized: bool = False
+    approximate: bool = False
+    shipped: bool = False  # all its code ships with comfy-env-attn (adapters_sha256 covers it)
     title: str | None = None
     version: str | None = None
     error: str | None = None
@@ -285,6 +287,8 @@ class BackendRecord:
             raise LockModelError(f"{where}.status: expected one of {', '.join(STATUSES)}, "
                                  f"got {status!r}")
         return cls(name=name, status=status, quantized=_get(d, "quantized", bool, where, False),
+                   approximate=_get(d, "approximate", bool, where, False),
+                   shipped=_get(d, "shipped", bool, where, False),
                    title=_get(d, "title", str, where, None),
                    version=_get(d, "version", str, where, None),
                    error=_get(d, "error", str, where, None),
@@ -295,7 +299,9 @@ class BackendRecord:
                    bench=tuple(BenchRow.from_dict(b, w) for w, b in _tables(d, "bench", where)))
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean({"status": self.status, "quantized": self.quantized, "title": self.title,
+        return _clean({"status": self.status, "quantized": self.quantized,
+                       "approximate": self.approximate, "shipped": self.shipped,
+                       "title": self.title,
                        "version": self.version, "error": self.error, "stage": self.stage,
                        "import_s": self.import_s, "speed_vs_sdpa": self.speed_vs_sdpa,
                        "checks": [c.to_dict() for c in self.checks],
@@ -316,9 +322,11 @@ class ToolTable:
 
     def verified(self) -> dict[str, BackendRecord]:
         """The verified backends that the fingerprint also covers: a backend verified but
-        missing from the fingerprint cannot be checked for changes, so it is not trusted."""
+        missing from the fingerprint cannot be checked for changes, so it is not trusted.
+        SDPA is torch's, and a shipped plugin's code is covered by adapters_sha256."""
         return {n: b for n, b in self.backends.items()
-                if b.verified and (n == "sdpa" or n in self.fingerprint.backends)}
+                if b.verified and (n == "sdpa" or n in self.fingerprint.backends
+                                   or b.shipped)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ToolTable:
@@ -370,8 +378,9 @@ class Live:
     device: str  # "cuda" when torch sees a GPU, else "cpu"
     capability: str | None
     adapters_sha256: str | None
-    # normalized dist name -> (version, RECORD hash), None when not installed
+    # normalized dist name -> (version, files digest), None when not installed
     dists: Mapping[str, tuple[str, str | None] | None] = field(default_factory=dict)
+    plugins: Mapping[str, str] = field(default_factory=dict)  # plugin backend -> its dist
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Live:
@@ -380,12 +389,14 @@ class Live:
             dists[name] = None if v is None else (str(v[0]), None if v[1] is None else str(v[1]))
         return cls(torch=d.get("torch"), torch_cuda=d.get("torch_cuda"),
                    device=str(d.get("device")), capability=d.get("capability"),
-                   adapters_sha256=d.get("adapters_sha256"), dists=dists)
+                   adapters_sha256=d.get("adapters_sha256"), dists=dists,
+                   plugins={str(n): str(v) for n, v in dict(d.get("plugins") or {}).items()})
 
     def to_dict(self) -> dict[str, Any]:
         return {"torch": self.torch, "torch_cuda": self.torch_cuda, "device": self.device,
                 "capability": self.capability, "adapters_sha256": self.adapters_sha256,
-                "dists": {n: None if v is None else list(v) for n, v in self.dists.items()}}
+                "dists": {n: None if v is None else list(v) for n, v in self.dists.items()},
+                "plugins": dict(self.plugins)}
 
 
 def stale_reasons(locked: ToolTable, live: Live) -> list[str]:

@@ -35,11 +35,14 @@ DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float
 
 
 def adapters_sha256() -> str:
-    """The code verification proves: this file and the capability claims it reads."""
+    """The code verification proves: the adapters, the capability claims they read, and the
+    plugins that ship with comfy-env-attn."""
     h = hashlib.sha256()
     here = Path(__file__).resolve()
-    for p in (here, here.parent.parent / "core" / "backends.py"):
-        h.update(p.read_bytes())
+    for p in (here, here.parent.parent / "core" / "backends.py", here.with_name("plugins.py"),
+              here.with_name("taylor.py")):  # the plugin machinery and the shipped plugin
+        if p.exists():
+            h.update(p.read_bytes())
     return h.hexdigest()
 
 

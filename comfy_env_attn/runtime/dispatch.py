@@ -41,14 +41,16 @@ from comfy_env_attn.core.lockmodel import (
     tool_table,
 )
 from comfy_env_attn.core.settings import settle_margin
+from comfy_env_attn.runtime import plugins
 from comfy_env_attn.runtime.adapters import Adapter, adapter, describe
 from comfy_env_attn.runtime.link import setup_link
 from comfy_env_attn.runtime.live import live_facts
+from comfy_env_attn.runtime.plugins import load_plugins, register_backend
 
 log = logging.getLogger("comfy_env_attn")
 
-__all__ = ["dispatch_attention", "dispatch_varlen_attention", "get_backend", "set_backend",
-           "setup_link"]
+__all__ = ["dispatch_attention", "dispatch_varlen_attention", "get_backend",
+           "register_backend", "set_backend", "setup_link"]
 
 # ComfyUI's COMFYUI_ATTENTION_MECHANISM values and our own names. ComfyUI's split, sub-quad
 # and basic are its own memory-saving paths: here the nearest is SDPA.
@@ -60,6 +62,7 @@ _ENV_NAMES = {"auto": "auto", "flash2": "flash", "pytorch": "sdpa", "split": "sd
 class _State:
     mode: str = "auto"
     exact: bool = False
+    approximate: bool = False  # auto may choose approximate backends
     label: str = ""
     table: ToolTable | None = None  # the fresh lock
     backends: dict[str, BackendRecord] = field(default_factory=dict)  # verified, trusted
@@ -175,16 +178,19 @@ def _available(name: str) -> bool:
     return name == "sdpa" or importlib.util.find_spec(root) is not None
 
 
-def set_backend(name: str = "auto", *, exact: bool = False,
+def set_backend(name: str = "auto", *, exact: bool = False, approximate: bool = False,
                 allow_unverified: bool | None = None) -> str:
-    """Choose the backend ("auto", a name or an alias); returns a readable label."""
+    """Choose the backend ("auto", a name or an alias); returns a readable label.
+    exact: no quantized or approximate backend; approximate: auto may choose approximate
+    ones (plugins such as taylor), which it never does otherwise."""
+    load_plugins()
     key = name.strip().lower()
     mode = "auto" if key == "auto" else ALIASES.get(key, key)
     if mode != "auto" and mode not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     with _LOCK:
         mode = _env_override() or mode
-        _S.mode, _S.exact = mode, exact
+        _S.mode, _S.exact, _S.approximate = mode, exact, approximate and not exact
         _S.routes, _S.failed, _S.said = {}, {}, set()
         _ROUTES.clear()
         if allow_unverified is None:
@@ -229,7 +235,7 @@ def _describe() -> str:
         return "auto: PyTorch SDPA (no verified lock)"
     best = None
     for name, rec in _S.backends.items():
-        if _S.exact and rec.quantized:
+        if (_S.exact and rec.quantized) or (rec.approximate and not _S.approximate):
             continue
         for row in rec.bench:
             if row.tflops is not None and (best is None or row.tflops > best[1]):
@@ -262,7 +268,7 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
     elif _S.mode != "auto":
         rec = _S.backends.get(_S.mode)
         why = ["it is not verified on this machine"] if rec is None else \
-            choose.reasons(_S.mode, rec, call)
+            choose.reasons(_S.mode, rec, call, approximate=True)
         if why:
             _say_once(f"{_S.mode} passed over for {_call_text(call)}: {'; '.join(why)}; "
                       "using sdpa")
@@ -270,7 +276,8 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
         else:
             order = [_S.mode, "sdpa"]
     else:
-        order = choose.choose(_S.backends, call, exact=_S.exact).names
+        order = choose.choose(_S.backends, call, exact=_S.exact,
+                              approximate=_S.approximate).names
         settled = _S.settled.get(repr(rkey))
         if settled:
             order = [n for n in settled if n in order] + [n for n in order if n not in settled]
@@ -301,7 +308,7 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
     the gap between the two fastest backends. Each is timed in rounds of back-to-back calls,
     the order rotating (CUDA events on a GPU), as a model calls it; the result is kept in the
     per-machine cache, so the next start does not time again."""
-    choice = choose.choose(_S.backends, call, exact=_S.exact)
+    choice = choose.choose(_S.backends, call, exact=_S.exact, approximate=_S.approximate)
     close = [n for n in choose.close_call(choice.order, settle_margin()) if n in route]
     if len(close) < 2 or os.environ.get("COMFY_ENV_ATTN_SETTLE") == "0":
         return route
@@ -348,7 +355,7 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
 
 # (shape, dtype, k shape, mask dtype, causal, no scale, is_cuda) -> (backend, adapter):
 # the hot path is one tuple, one dict lookup and the adapter call (None: plain SDPA inline).
-_ROUTES: dict[tuple[Any, ...], tuple[str, Adapter | None]] = {}
+_ROUTES: dict[tuple[Any, ...], tuple[str, Adapter | Monitored | None]] = {}
 _plain_sdpa = F.scaled_dot_product_attention
 
 
@@ -361,7 +368,7 @@ def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
-           ) -> tuple[str, Adapter | None]:
+           ) -> tuple[str, Adapter | Monitored | None]:
     if not _S.ready:
         set_backend("auto")
     q, k, _v, mask, causal, scale = args
@@ -373,7 +380,10 @@ def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
         _S.routes[rkey] = route
     name = route[0]
     plain = mask is None and not causal and scale is None and k.shape[1] == q.shape[1]
-    kernel: Adapter | None = None if name == "sdpa" and plain else _adapter(name)
+    kernel: Adapter | Monitored | None = None
+    if name != "sdpa" or not plain:
+        base = _adapter(name)
+        kernel = Monitored(name, base, rkey) if _monitored(name) else base
     if len(_ROUTES) > 4096:
         _ROUTES.clear()
     _ROUTES[key] = (name, kernel)
@@ -425,6 +435,87 @@ def _after_failure(name: str, key: tuple[Any, ...], err: Exception,
 
 
 _SDPA = adapter("sdpa")
+
+
+# -- the quality monitor ------------------------------------------------------------------
+
+MONITOR_EVERY_ENV = "COMFY_ENV_ATTN_MONITOR_EVERY"  # calls between checks (default 50)
+MONITOR_ENV = "COMFY_ENV_ATTN_MONITOR"  # "quantized": watch quantized backends too
+MONITOR_ROWS = 8
+
+
+def _monitored(name: str) -> bool:
+    rec = _S.backends.get(name)
+    b = BACKENDS.get(name)
+    if b is None:
+        return False
+    if b.approximate or (rec is not None and rec.approximate):
+        return True
+    return b.quantized and os.environ.get(MONITOR_ENV, "").strip().lower() == "quantized"
+
+
+def _monitor_every() -> int:
+    try:
+        return max(1, int(os.environ.get(MONITOR_EVERY_ENV, "50")))
+    except ValueError:
+        _warn_once(MONITOR_EVERY_ENV, "comfy-env-attn: %s=%r is not a whole number; using 50",
+                   MONITOR_EVERY_ENV, os.environ.get(MONITOR_EVERY_ENV))
+        return 50
+
+
+class Monitored:
+    """An approximate (or, when asked, quantized) backend whose answers are sampled: every
+    N calls a few query rows are compared with exact softmax attention and the error is
+    logged; past the backend's own accuracy limit the kind of call goes to the next backend,
+    said once."""
+
+    def __init__(self, name: str, inner: Adapter, rkey: tuple[Any, ...]) -> None:
+        self.name, self.inner, self.rkey = name, inner, rkey
+        self.calls = 0
+        self.every = _monitor_every()
+        limits = BACKENDS[name].thresholds()
+        self.min_cosine = min(v["min_cosine"] for v in limits.values())
+        self.max_abs = max(v["max_abs"] for v in limits.values())
+        self.last: float | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any,
+                 causal: bool, scale: float | None) -> torch.Tensor:
+        out = self.inner(q, k, v, mask, causal, scale)
+        self.calls += 1
+        if self.calls % self.every == 1 or self.every == 1:
+            self._check(q, k, v, mask, causal, scale, out)
+        return out
+
+    def _check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any,
+               causal: bool, scale: float | None, out: torch.Tensor) -> None:
+        n = q.shape[-2]
+        rows = torch.linspace(0, n - 1, min(MONITOR_ROWS, n), device=q.device).long()
+        m = None if mask is None else mask.expand(*q.shape[:-2], n, k.shape[-2])[..., rows, :]
+        if causal:  # the sampled rows' part of the causal triangle
+            tri = torch.arange(k.shape[-2], device=q.device)[None, :] <= rows[:, None]
+            m = tri if m is None else (m & tri if m.dtype == torch.bool
+                                       else m.masked_fill(~tri, float("-inf")))
+        exact = _SDPA(q[..., rows, :].float(), k.float(), v.float(),
+                      None if m is None else (m if m.dtype == torch.bool else m.float()),
+                      False, scale)
+        got = out[..., rows, :].float()
+        cos = float(F.cosine_similarity(got.flatten(), exact.flatten(), dim=0))
+        err = float((got - exact).abs().max())
+        self.last = cos
+        log.info("comfy-env-attn: %s quality check: cosine %.5f, max abs error %.3g against "
+                 "exact attention (head dim %s, %s tokens)", self.name, cos, err, self.rkey[0],
+                 self.rkey[2])
+        if not (cos >= self.min_cosine and err <= self.max_abs):
+            why = (f"quality check: cosine {cos:.4f} (limit {self.min_cosine}), max abs error "
+                   f"{err:.3g} (limit {self.max_abs})")
+            with _LOCK:
+                _S.failed[(self.name, self.rkey)] = why
+                _S.routes.pop(self.rkey, None)
+                for key in [k_ for k_ in _ROUTES if _route_key(k_) == self.rkey]:
+                    _ROUTES.pop(key, None)
+                _S.label = _describe()
+            _say_once(f"{self.name} failed its {why} for head dim {self.rkey[0]}, "
+                      f"{self.rkey[2]} tokens; such calls go to the next backend from now on")
 
 
 # -- varlen -------------------------------------------------------------------------------
@@ -489,7 +580,7 @@ def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     if not _S.ready:
         set_backend("auto")
     call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device.type))
-    c = choose.choose(_S.backends, call, exact=_S.exact)
+    c = choose.choose(_S.backends, call, exact=_S.exact, approximate=_S.approximate)
     return c.names, list(c.passed_over)
 
 
@@ -498,4 +589,5 @@ def _reset_for_tests() -> None:
     _S = _State()
     _ROUTES.clear()
     _WARNED.clear()
+    plugins._loaded = False
 

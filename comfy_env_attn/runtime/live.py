@@ -50,10 +50,15 @@ def files_digest(d: Distribution) -> str | None:
 
 
 def live_facts() -> Live:
+    """The facts of this process, plugins included (loaded first)."""
+    from comfy_env_attn.runtime.plugins import load_plugins
+
+    plugins = load_plugins()
     if torch.cuda.is_available():
         device, cap = "cuda", "%d.%d" % torch.cuda.get_device_capability()
     else:
         device, cap = "cpu", None
     return Live(torch=torch.__version__, torch_cuda=torch.version.cuda, device=device,
                 capability=cap, adapters_sha256=adapters_sha256(),
-                dists={b.dist: dist_facts(b.dist) for b in BACKENDS.values() if b.dist})
+                dists={b.dist: dist_facts(b.dist) for b in BACKENDS.values() if b.dist},
+                plugins={n: BACKENDS[n].dist for n in plugins})

@@ -6,8 +6,9 @@ adapters it proves are runtime/adapters.py, the code the dispatcher calls.
 
 Config, one of:
   {"live": true}                      the live facts freshness compares (runtime/live.py)
-  {"backend": NAME, "thresholds", ...} accuracy: every claimed call variant at every claimed
-                                       head dim and dtype, against float32 SDPA
+  {"backend": NAME}                    accuracy: every claimed call variant at every claimed
+                                       head dim and dtype, against float32 SDPA, within
+                                       the backend's own limits (Backend.thresholds())
   {"bench": {NAME: [shape index, ...]}, "shapes": [...]}
                                        time those backends together at those shapes, in one
                                        process, in rotating order (the figures auto compares)
@@ -161,8 +162,12 @@ def prove(cfg: dict[str, Any]) -> dict[str, Any]:
         result.update(passed=False, stage="import", error=_err(e),
                       traceback=traceback.format_exc()[-2000:])
         return result
+    backend = adapter.backend
     result.update(version=adapter.version, origin=adapter.origin,
-                  import_s=time.perf_counter() - t0)
+                  import_s=time.perf_counter() - t0, title=backend.title,
+                  quantized=backend.quantized, approximate=backend.approximate,
+                  shipped=backend.shipped)
+    limits = backend.thresholds()
     ref = adapters.adapter("sdpa")
     caps = adapter.caps
     cuda = device.startswith("cuda")
@@ -174,8 +179,7 @@ def prove(cfg: dict[str, Any]) -> dict[str, Any]:
     for variant in caps.variants():
         for dim in dims:
             for dt in dtypes:
-                checks.append(check(adapter, ref, variant, dim, dt, device,
-                                    cfg["thresholds"][dt]))
+                checks.append(check(adapter, ref, variant, dim, dt, device, limits[dt]))
     result["checks"] = checks
     result["check_s"] = time.perf_counter() - t0 - result["import_s"]
     plain = [c for c in checks if c["variant"] == "plain"]
@@ -326,6 +330,9 @@ def _device_facts(cfg: dict[str, Any], result: dict[str, Any]) -> str:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     load_package()
+    from comfy_env_attn.runtime.plugins import load_plugins
+
+    load_plugins()  # backends from entry points, found in this interpreter
     if cfg.get("live"):
         from comfy_env_attn.runtime.live import live_facts
 
