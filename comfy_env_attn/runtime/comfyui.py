@@ -19,9 +19,13 @@ on GPUs), the dispatcher's kernels accumulate in float32 anyway. A call this mod
 route exactly goes to ComfyUI's own function, unchanged; so does a call the dispatcher
 fails on.
 
-Load it as a custom node: copy custom_node/__init__.py of this repository to
-ComfyUI/custom_nodes/comfy_env_attn/__init__.py (comfy-env-attn must be installed in
-ComfyUI's Python).
+The node's backend list puts what the lock verified on this machine first, marked
+"(verified)", and marks the others "(not verified here)"; a choice that is not verified runs
+PyTorch SDPA, says so in one log line, and the node's label output says what will run.
+
+ComfyUI loads it through the repository's root __init__.py (a clone in custom_nodes/, the
+Comfy Registry, ComfyUI-Manager) or the loader `comfy-env-attn node install` places; both
+import only this module, which imports the standard library, torch and core.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from comfy_env_attn.core.backends import BACKENDS
+from comfy_env_attn.core.backends import ALIASES, BACKENDS
 
 log = logging.getLogger("comfy_env_attn")
 
@@ -47,16 +51,66 @@ _applied: list[Any] = [None]
 _told: set[str] = set()
 
 
-def _choices() -> list[str]:
-    out = ["auto", "auto (exact)"]
-    try:
-        from comfy_env_attn.runtime import dispatch  # imports torch: ComfyUI has it loaded
+VERIFIED = "verified"
+NOT_VERIFIED = "not verified here"
+ALWAYS = "always available"  # SDPA without a lock: what the dispatcher falls back to
 
-        dispatch.get_backend()
-        out += [n for n in dispatch._S.backends if n not in out]
-    except Exception:
-        pass
-    return out + [n for n in BACKENDS if n not in out]
+
+def _dispatch() -> Any:
+    """The dispatcher, its lock read (imports torch: ComfyUI has it loaded)."""
+    from comfy_env_attn.runtime import dispatch
+
+    dispatch.get_backend()
+    return dispatch
+
+
+def choices() -> list[str]:
+    """The node's backend list: auto, then what the lock verified here (marked), then the
+    other backends this tool knows (marked as not verified here)."""
+    try:
+        verified = dict(_dispatch()._S.backends)
+    except Exception:  # no torch, a broken plugin: offer the names, none verified
+        verified = {}
+    out = ["auto", "auto (exact)"]
+    for name, rec in verified.items():
+        out.append(f"{name} ({VERIFIED}{', approximate' if rec.approximate else ''})")
+    if "sdpa" not in verified:
+        out.append(f"sdpa ({ALWAYS})")
+    return out + [f"{n} ({NOT_VERIFIED})" for n in BACKENDS if n not in verified
+                  and n != "sdpa"]
+
+
+def parse_choice(choice: str) -> tuple[str, bool]:
+    """(backend name or "auto", exact) for an entry of the list, with or without its marker,
+    so that a workflow saved on another machine (or before the lock changed) still loads.
+    Raises ValueError for a name this tool does not know."""
+    text = choice.strip().lower()
+    if text == "auto (exact)":
+        return "auto", True
+    name = text.split(" (", 1)[0].strip()
+    if name == "auto":
+        return "auto", False
+    name = ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r}; valid: auto, {', '.join(BACKENDS)}")
+    return name, False
+
+
+def announce(backend: str, exact: bool) -> str:
+    """Set the dispatcher to the choice and say what will run: the dispatcher's own label.
+    A forced backend the lock did not verify logs one line naming what runs instead."""
+    dispatch = _dispatch()
+    _use_backend(dispatch, backend, exact)
+    state = dispatch._S
+    label = str(state.label)
+    mode = state.mode  # COMFY_ENV_ATTN_BACKEND or COMFYUI_ATTENTION_MECHANISM may override
+    if mode not in ("auto", "sdpa") and mode not in state.backends and not (
+            state.unverified and dispatch._available(mode)):
+        why = ("there is no fresh lock (run: comfy-env-attn install, or verify)"
+               if state.table is None else "the lock does not list it as verified")
+        log.warning("comfy-env-attn: %s is not verified on this machine (%s); the Attention "
+                    "Backend node uses PyTorch SDPA (sdpa) instead", mode, why)
+    return label
 
 
 class Unroutable(Exception):
@@ -228,21 +282,41 @@ def make_override(backend: str, exact: bool) -> Callable[..., Any]:
 class AttentionBackend:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:  # ComfyUI's API
-        return {"required": {"model": ("MODEL",), "backend": (_choices(),)}}
+        return {"required": {"model": ("MODEL",), "backend": (choices(), {
+            "tooltip": "auto: the fastest backend verified here for each kind of call; "
+                       "auto (exact): the same without quantized backends. A backend not "
+                       "verified here runs PyTorch SDPA."})}}
 
-    RETURN_TYPES = ("MODEL",)
+    @classmethod
+    def VALIDATE_INPUTS(cls, backend: str) -> bool | str:  # ComfyUI's API
+        # Replaces ComfyUI's "value not in list" check: the markers change with the lock,
+        # and a workflow saved elsewhere names a backend with another marker.
+        try:
+            parse_choice(backend)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "label")
+    OUTPUT_TOOLTIPS = ("the model, its attention routed through comfy-env-attn",
+                       "what will run, as the dispatcher describes it")
     FUNCTION = "apply"
     CATEGORY = "advanced/attention"
     DESCRIPTION = ("Route this model's attention to the fastest backend comfy-env-attn "
                    "verified on this machine (auto), or to one verified backend.")
 
-    def apply(self, model: Any, backend: str) -> tuple[Any]:
-        exact = backend == "auto (exact)"
-        name = "auto" if exact else backend
+    def apply(self, model: Any, backend: str) -> tuple[Any, str]:
+        name, exact = parse_choice(backend)
         m = model.clone()  # ModelPatcher.clone deep-copies model_options: the input is kept
         opts = m.model_options.setdefault("transformer_options", {})
         opts["optimized_attention_override"] = make_override(name, exact)
-        return (m,)
+        try:
+            label = announce(name, exact)
+        except Exception as e:  # the override then hands every call to ComfyUI's function
+            label = f"ComfyUI's own attention (the dispatcher did not start: {e})"
+            log.warning("comfy-env-attn: %s", label)
+        return (m, label)
 
 
 NODE_CLASS_MAPPINGS = {"ComfyEnvAttnBackend": AttentionBackend}
