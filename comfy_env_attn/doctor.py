@@ -4,9 +4,10 @@ and one next step. Pure: the CLI gathers the facts and prints the result."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from comfy_env_attn import lockfile
+from comfy_env_attn import __version__, lockfile
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import ToolTable, tool_table
@@ -17,6 +18,7 @@ from comfy_env_attn.facts.installed import (
     read_installed,
     torch_file_problems,
 )
+from comfy_env_attn.facts.node import comfyui_root, find_nodes, node_finding
 from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.facts.system import System
 from comfy_env_attn.install.installer import recover
@@ -136,9 +138,17 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
     return Diagnosis(system, tuple(out))
 
 
-def doctor_findings(target: Target, system: System) -> list[Any]:
-    """An interrupted install undone, and whether the lock still describes this target."""
+def doctor_findings(target: Target, system: System, comfyui: str | None = None) -> list[Any]:
+    """An interrupted install undone, the node in ComfyUI (with comfyui), and whether the
+    lock still describes this target."""
     found: list[Any] = []
+    root = comfyui_root(Path(comfyui)) if comfyui else None
+    if root is not None:
+        mine = read_installed(target.site_dirs).get("comfy-env-attn")
+        severity, said, step = node_finding(root, find_nodes(root), tool=__version__,
+                                            installed=mine.version if mine else None,
+                                            python=target.executable)
+        found.append(Finding(severity, "node", said, step))
     if Journal(target.prefix).exists():
         try:
             with target_lock(target.prefix, log):

@@ -1,4 +1,4 @@
-"""comfy-env-attn: probe | plan | doctor | install | verify | lock | bench | launch-args.
+"""comfy-env-attn: probe | plan | doctor | install | verify | lock | bench | launch-args | node.
 
 Results go to stdout (--json where a machine reads them), progress and logs to stderr.
 Exit 0 success, 1 a failure the message explains, 2 bad usage.
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     _workflow_parsers(sub)
+    _node_parsers(sub)
     return parser
 
 
@@ -119,6 +120,21 @@ def _workflow_parsers(sub: Any) -> None:
     _target_args(p)
     p.add_argument("--backends", metavar="LIST")
     _verify_opts(p)
+    _common(p)
+
+
+def _node_parsers(sub: Any) -> None:
+    p = sub.add_parser("node", help="place or remove the Attention Backend node in a ComfyUI")
+    nodes = p.add_subparsers(dest="node_command", metavar="ACTION", required=True,
+                             parser_class=_Parser)
+    for action, text in (("install", "copy the node into DIR/custom_nodes/comfy_env_attn/"),
+                         ("remove", "take away the node `node install` placed")):
+        q = nodes.add_parser(action, help=text)
+        g = q.add_argument_group("target")
+        g.add_argument("--comfyui", metavar="DIR", help="the ComfyUI folder")
+        g.add_argument("--comfy-cli", action="store_true",
+                       help="use comfy-cli's configured workspace")
+        _common(q)
     _common(p)
 
 

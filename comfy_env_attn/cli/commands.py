@@ -148,7 +148,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     target, system = probe_target(args)
     from comfy_env_attn.doctor import doctor_findings
 
-    extra = doctor_findings(target, system)
+    extra = doctor_findings(target, system, comfyui=getattr(args, "comfyui", None))
     plan = make_plan(system, args)
     installed = read_installed(target.site_dirs)
     diag = diagnose(system, installed, plan, python=target.executable)
@@ -184,6 +184,10 @@ COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
 def run(args: argparse.Namespace) -> int:
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
+    if args.command == "node":
+        from comfy_env_attn.cli.node import cmd_node
+
+        return cmd_node(args)
     if args.command in ("install", "verify"):
         from comfy_env_attn.cli import install  # imported when used: the install machinery
 
