@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_env_attn.candidates.sources import project_of
+from comfy_env_attn.candidates.wheelhouse import record_beside
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST, normalize_dist
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import (
@@ -57,6 +58,8 @@ class LockedWheel:
     filename: str
     url: str
     sha256: str
+    # built on this machine (install --build): source, its hash, SM archs ([packages.tool])
+    built: dict[str, Any] | None = None
 
 
 def record_sha256(dist_info: str) -> str | None:
@@ -117,7 +120,8 @@ def build(wheels: list[LockedWheel], tool: ToolTable) -> dict[str, Any]:
     for w in sorted(wheels, key=lambda w: w.name):
         packages.append({"name": w.name, "version": w.version,
                          "wheels": [{"name": w.filename, "url": w.url,
-                                     "hashes": {"sha256": w.sha256}}]})
+                                     "hashes": {"sha256": w.sha256}}],
+                         **({"tool": {"comfy-env-attn": w.built}} if w.built else {})})
     doc: dict[str, Any] = _clean({"lock-version": "1.0",
                                   "created-by": f"comfy-env-attn {__version__}",
                                   "packages": packages,
@@ -169,8 +173,10 @@ def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
             sha = (w.get("hashes") or {}).get("sha256")
             if not sha or not w.get("url"):
                 raise LockError(f"lock package {p['name']} has no url and sha256")
+            built = (p.get("tool") or {}).get("comfy-env-attn")
             out.append(LockedWheel(BY_DIST.get(normalize_dist(p["name"]), p["name"]),
-                                   p["name"], p.get("version", ""), w["name"], w["url"], sha))
+                                   p["name"], p.get("version", ""), w["name"], w["url"], sha,
+                                   dict(built) if isinstance(built, dict) else None))
     return out
 
 
@@ -259,8 +265,10 @@ def write_lock(target: Target, installed: dict[str, Installed], results: dict[st
         dist = project_of(f.candidate.filename)
         inst = installed.get(dist)
         if inst is not None and inst.version == f.candidate.filename.split("-")[1]:
+            built = record_beside(f.path)
             wheels[dist] = LockedWheel(BY_DIST[dist], dist, inst.version,
-                                       f.candidate.filename, f.candidate.url, f.sha256)
+                                       f.candidate.filename, f.candidate.url, f.sha256,
+                                       built.lock_facts() if built else None)
     doc = build(list(wheels.values()),
                 tool_table_from(results, python=target.executable,
                                 python_version=target.facts.get("python"),

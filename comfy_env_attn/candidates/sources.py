@@ -501,11 +501,17 @@ class Sources:
     embedded: bool = True
     pypi: bool = False
     timeout: float | None = None  # None: COMFY_ENV_ATTN_TIMEOUT or Limits' default
+    wheelhouse: bool = True  # wheels built on this machine (install --build)
 
 
 def gather(sources: Sources, projects: Sequence[str]) -> list[Candidate]:
-    """Every candidate from every source, remote ones first (they are the user's choice)."""
+    """Every candidate from every source: the wheelhouse first (built here, for this
+    machine), then remote ones (the user's choice), then the embedded index."""
     out: list[Candidate] = []
+    if sources.wheelhouse:
+        from comfy_env_attn.candidates.wheelhouse import load_wheelhouse, wheelhouse_dir
+
+        out.extend(load_wheelhouse(wheelhouse_dir(), projects))
     remote = list(sources.index_urls) + ([PYPI_SIMPLE] if sources.pypi else [])
     needs_http = remote or any(urlsplit(f).scheme in ("http", "https")
                                for f in sources.find_links)

@@ -12,12 +12,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
+from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
 from comfy_env_attn.facts.system import System, normalize_arch
 
 CACHE_SCHEMA = 5
@@ -184,18 +184,6 @@ def probe_gpus() -> GpuFacts:
 
 
 # -- the interpreter ----------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    env = os.environ.get("COMFY_ENV_ATTN_CACHE_DIR")
-    if env:
-        return Path(env)
-    if sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-        return base / "comfy-env-attn" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "comfy-env-attn"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comfy-env-attn"
-
 
 def _stat(path: str) -> list[int] | None:
     try:

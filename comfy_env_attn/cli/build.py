@@ -1,0 +1,105 @@
+"""build, and install --build: compile a backend for this machine when no wheel fits; the work
+is in install.build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import replace
+
+from comfy_env_attn.candidates.wheelhouse import wheelhouse_dir
+from comfy_env_attn.core import backends as bk
+from comfy_env_attn.core.errors import UsageError
+from comfy_env_attn.core.progress import log
+from comfy_env_attn.facts.probe import Target, probe_gpus, probe_interpreter, system_from
+from comfy_env_attn.facts.system import System, load_profile
+from comfy_env_attn.install.build import (
+    BuildError,
+    Plan,
+    Recipe,
+    build,
+    load_recipes,
+    plan_build,
+)
+from comfy_env_attn.resolve import Plan as WheelPlan
+
+
+def _recipes_for(backends: list[str]) -> list[Recipe]:
+    recipes = load_recipes()
+    missing = [b for b in backends if b not in recipes]
+    if missing:
+        raise UsageError(f"no source is pinned for {', '.join(missing)}; "
+                         f"buildable: {', '.join(recipes)}")
+    return [recipes[b] for b in backends]
+
+
+def _plans(target: Target, system: System, recipes: list[Recipe], source: str | None
+           ) -> list[Plan]:
+    """Every build checked before any starts: one error naming every problem."""
+    if source and len(recipes) != 1:
+        raise UsageError(f"--source names one source; {len(recipes)} backends would be built "
+                         f"({', '.join(r.backend for r in recipes)})")
+    plans: list[Plan] = []
+    errors: list[str] = []
+    for r in recipes:
+        if source and r.needs_checkout:
+            r = replace(r, needs_checkout=None)  # the checkout is given
+        try:
+            plans.append(plan_build(target, system, r))
+        except BuildError as e:
+            errors.append(str(e))
+    if errors:
+        raise BuildError("\n".join(errors))
+    return plans
+
+
+def build_missing(args: argparse.Namespace, target: Target, system: System,
+                  plan: WheelPlan, replan: Callable[[], WheelPlan]) -> WheelPlan:
+    """install --build: build the requested backends that have no fitting wheel, then plan
+    again with `replan` (the plan reads the wheelhouse, where the new wheels are)."""
+    if not (args.backends or getattr(args, "config", None)):
+        raise UsageError("--build compiles from source: name the backends to build, e.g. "
+                         "--backends sage")
+    todo = [bp.backend for bp in plan.backends if not bp.builtin and bp.selected is None]
+    if not todo:
+        log("--build: every requested backend has a fitting wheel; nothing to build")
+        return plan
+    plans = _plans(target, system, _recipes_for(todo), args.source)
+    for p in plans:
+        if args.dry_run:
+            print(f"would build {p.recipe.backend}: {p.describe()} from "
+                  f"{args.source or p.recipe.url}")
+            continue
+        build(target, system, p, wheelhouse_dir(), source=args.source, log=log)
+    return plan if args.dry_run else replan()
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    exe = _target_exe(args)
+    target = probe_interpreter(exe)
+    system = load_profile(args.system) if args.system else system_from(target, probe_gpus())
+    backends = [b for b in bk.parse_list(args.backends) if b != "sdpa"]
+    plans = _plans(target, system, _recipes_for(backends), args.source)
+    built = []
+    for p in plans:
+        if args.dry_run:
+            print(f"would build {p.recipe.backend}: {p.describe()} from "
+                  f"{args.source or p.recipe.url}")
+            continue
+        b = build(target, system, p, wheelhouse_dir(), source=args.source, log=log)
+        built.append(b)
+        if not args.json:
+            print(f"{p.recipe.backend}: {b.wheel} ({b.record.seconds:.0f} s)")
+    if args.json:
+        print(json.dumps([b.record.to_dict() for b in built], indent=2))
+    return 0
+
+
+def _target_exe(args: argparse.Namespace) -> str:
+    from comfy_env_attn.cli.commands import locate
+
+    return locate(args)[0]
+
+
+COMMANDS = {"build": cmd_build}
