@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -18,7 +18,13 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.version import InvalidVersion, Version
 
 from comfy_env_attn.candidates.sources import Candidate, project_of
-from comfy_env_attn.candidates.wheelname import InvalidWheelName, Label, WheelName, parse_wheel_name
+from comfy_env_attn.candidates.wheelname import (
+    InvalidWheelName,
+    Label,
+    WheelName,
+    bounded_version,
+    parse_wheel_name,
+)
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist
 from comfy_env_attn.facts.system import System, cc_tuple
 
@@ -34,11 +40,32 @@ DRIVER_MIN = {
 
 @dataclass(frozen=True)
 class Reason:
-    kind: str  # filename, python, platform, torch, cuda, driver, cxx11abi, gpu, yanked, label
+    kind: str  # filename, python, platform, torch, cuda, driver, cxx11abi, gpu, yanked, label,
+    #            pin, ranked
     text: str
 
     def __str__(self) -> str:
         return self.text
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The versions a request allows for one backend, e.g. from comfy-env.toml."""
+
+    specifier: str  # PEP 440 specifiers: ">=2.2", "==2.8.3"; "" for any version
+    written: str  # as the user wrote it, for messages: "sageattention>=2.2 (comfy-env.toml)"
+
+    def reason(self, w: WheelName) -> Reason | None:
+        """Why this wheel's version is not allowed, or None."""
+        if not self.specifier:
+            return None
+        version = bounded_version(w.raw_version) or w.version
+        try:
+            ok = SpecifierSet(self.specifier).contains(version, prereleases=True)
+        except InvalidSpecifier:
+            return None
+        return None if ok else Reason("pin", f"version {w.raw_version} does not satisfy "
+                                             f"{self.written}")
 
 
 @dataclass(frozen=True)
@@ -437,7 +464,8 @@ def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[An
     cuda_minor = -1 if wcuda is None or wcuda[1] is None else wcuda[1]
     exact_torch = 1 if (w.label is not None and w.label.torch and not w.label.andhigher) else 0
     post = w.label.post if w.label is not None and w.label.post is not None else 0
-    return (w.version, cuda_minor, exact_torch, post, -rank,
+    # a final release before any pre-release or dev build, as pip and uv choose
+    return (not w.version.is_prerelease, w.version, cuda_minor, exact_torch, post, -rank,
             c.sha256 is not None)
 
 
@@ -457,8 +485,9 @@ def merge_facts(first: Candidate, other: Candidate) -> Candidate:
 
 
 def resolve(system: System, candidates: Iterable[Candidate],
-            backends: Sequence[str]) -> Plan:
-    """The Plan: for each requested backend the best fitting wheel and why the others lost."""
+            backends: Sequence[str], *, pins: Mapping[str, Pin] | None = None) -> Plan:
+    """The Plan: for each requested backend the best fitting wheel and why the others lost;
+    `pins` (backend -> Pin) narrows the versions a backend may have."""
     by_file: dict[str, Candidate] = {}
     for c in candidates:
         first = by_file.get(c.filename)
@@ -475,6 +504,7 @@ def resolve(system: System, candidates: Iterable[Candidate],
         if name == "sdpa":
             continue
         backend = BACKENDS[name]
+        pin = (pins or {}).get(name)
         rejected: list[Rejected] = []
         fitting: list[tuple[tuple[Any, ...], Candidate, WheelName]] = []
         for c in by_project.get(normalize_dist(backend.dist), []):
@@ -484,6 +514,9 @@ def resolve(system: System, candidates: Iterable[Candidate],
                 rejected.append(Rejected(c, (Reason("filename", str(e)),)))
                 continue
             reasons, rank = check(c, w, system, backend)
+            pinned = pin.reason(w) if pin is not None else None
+            if pinned is not None:
+                reasons.append(pinned)
             if reasons:
                 rejected.append(Rejected(c, tuple(reasons)))
             else:
@@ -494,8 +527,8 @@ def resolve(system: System, candidates: Iterable[Candidate],
         for _, c, _w in fitting[1:]:
             assert selected is not None
             rejected.append(Rejected(c, (Reason(
-                "ranked", f"fits, but {selected.filename} ranks higher (newer version, closer "
-                          f"CUDA minor or more specific platform tag)"),)))
+                "ranked", f"fits, but {selected.filename} ranks higher (a final release, newer "
+                          f"version, closer CUDA minor or more specific platform tag)"),)))
         if selected is not None and selected.built_torch and system.torch_minor and \
                 selected.built_torch.split("+")[0].rsplit(".", 1)[0] != \
                 f"{system.torch_minor[0]}.{system.torch_minor[1]}":
@@ -504,7 +537,11 @@ def resolve(system: System, candidates: Iterable[Candidate],
         if selected is not None and selected.sha256 is None:
             notes.append("its source publishes no sha256: it is hashed when downloaded and that "
                          "hash is locked")
-        reason = None if selected else _nothing_fits(system, backend, rejected)
+        if selected is not None:
+            older = older_line_note(system, backend, fitting[0][2], rejected)
+            if older:
+                notes.append(older)
+        reason = None if selected else _nothing_fits(system, backend, rejected, pin)
         plans.append(BackendPlan(name, backend.dist, selected, tuple(rejected), reason,
                                  tuple(notes)))
     chosen = {p.backend for p in plans if p.selected is not None}
@@ -514,11 +551,49 @@ def resolve(system: System, candidates: Iterable[Candidate],
     return Plan(system, tuple(plans), tuple(warnings))
 
 
-def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected]) -> str:
+def _where(system: System) -> str:
     torch = (f"torch {'.'.join(map(str, system.torch_minor))}" if system.torch_minor
              else "no torch")
     cuda = f" + CUDA {system.torch_cuda}" if system.torch_cuda else ""
-    where = f"{torch}{cuda} on {system.platform} {system.arch}, Python {system.python}"
+    return f"{torch}{cuda} on {system.platform} {system.arch}, Python {system.python}"
+
+
+def older_line_note(system: System, backend: Backend, chosen: WheelName,
+                    rejected: Sequence[Rejected]) -> str | None:
+    """A note when the chosen wheel is of an older major line than wheels that exist but do
+    not fit (SageAttention 1.x, Triton kernels, where no 2.x wheel fits): which newer one is
+    there and, in one line, why it was passed over. Wheels a pin excludes do not count."""
+    newer: list[tuple[Version, Rejected]] = []
+    for r in rejected:
+        if any(x.kind in ("pin", "ranked", "filename") for x in r.reasons):
+            continue
+        try:
+            w = parse_wheel_name(r.candidate.filename)
+        except InvalidWheelName:
+            continue
+        if w.version.major > chosen.version.major:
+            newer.append((w.version, r))
+    if not newer:
+        return None
+    top = max(v for v, _ in newer)
+    of_top = [r for v, r in newer if v == top]
+    closest = min(of_top, key=lambda r: len(r.reasons))
+    return (f"{backend.title} {chosen.raw_version} is the older {chosen.version.major}.x line: "
+            f"no {top.major}.x wheel fits. {backend.title} {top}: no wheel for {_where(system)}"
+            f" ({len(of_top)} built; closest, {closest.candidate.filename}: "
+            f"{'; '.join(x.text for x in closest.reasons)})")
+
+
+def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected],
+                  pin: Pin | None = None) -> str:
+    where = _where(system)
+    if pin is not None and pin.specifier:
+        if not rejected:
+            return f"no {backend.dist} wheel in the sources searched satisfies {pin.written}"
+        kinds = Counter(x.kind for r in rejected for x in r.reasons)
+        top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(4))
+        return (f"no {backend.dist} wheel satisfies {pin.written} for {where}: "
+                f"{len(rejected)} candidates rejected (reasons: {top})")
     if not rejected:
         return f"no {backend.dist} wheel in the sources searched (for {where})"
     if backend.min_sm is not None and not system.gpus:

@@ -61,9 +61,14 @@ def http_server() -> Iterator[Server]:
             rng = self.headers.get("Range")
             body = route.body
             if rng and rng.startswith("bytes=") and route.status == 200:
-                a, b = rng[6:].split("-")
-                body = body[int(a): int(b) + 1]
+                a, b = rng[6:].split("-")  # "a-b", "a-" or the last b bytes, "-b"
+                size = len(body)
+                first = size - int(b) if a == "" else int(a)
+                last = size - 1 if a == "" or b == "" else min(int(b), size - 1)
+                first = max(first, 0)
+                body = body[first: last + 1]
                 self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
             else:
                 self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)

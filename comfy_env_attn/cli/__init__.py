@@ -40,6 +40,14 @@ def _index_args(p: argparse.ArgumentParser) -> None:
                    help="leave the embedded index out")
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="a comfy-env.toml: the attention packages it asks for, with their "
+                        "versions")
+    p.add_argument("--env", metavar="NAME",
+                   help="the environment of --config to use (default: each in turn)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     # -v goes before or after the command. Each subparser writes its defaults over the
     # top-level ones, so here it leaves verbose alone unless -v is given after the command.
@@ -65,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="FILE", help="resolve for a System profile (TOML)")
     _index_args(p)
     p.add_argument("--backends", metavar="LIST", help="comma-separated, e.g. sage,flash")
+    _config_args(p)
     p.add_argument("--json", action="store_true")
     _common(p)
 
@@ -84,7 +93,7 @@ def _workflow_parsers(sub: Any) -> None:
     _target_args(p)
     _index_args(p)
     p.add_argument("--backends", metavar="LIST")
-    p.add_argument("--config", metavar="FILE", help="comfy-env.toml with [cuda] packages")
+    _config_args(p)
     p.add_argument("--system", metavar="FILE",
                    help="resolve for this System profile; install and verify in the target")
     p.add_argument("--from-lock", metavar="FILE", help="reinstall exactly what a lock records")

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
-from comfy_env_attn.candidates.sources import Sources, gather
+from comfy_env_attn.candidates.sources import Sources
+from comfy_env_attn.cli import planning
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
+from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.facts.locate import find_python_auto
-from comfy_env_attn.facts.probe import Target, probe
+from comfy_env_attn.facts.probe import GpuFacts, Target, probe, probe_interpreter, system_from
 from comfy_env_attn.facts.system import System, load_profile
-from comfy_env_attn.resolve import Plan, resolve
+from comfy_env_attn.resolve import Pin, Plan
 
 
 def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -29,16 +32,13 @@ def probe_target(args: argparse.Namespace, *, use_cache: bool = True) -> tuple[T
 
 
 def sources_from(args: argparse.Namespace) -> Sources:
-    return Sources(index_urls=tuple(args.index_url), find_links=tuple(args.find_links),
-                   embedded=not args.no_embedded_index, pypi=args.pypi)
+    return planning.sources_from(args)
 
 
 def make_plan(system: System, args: argparse.Namespace,
-              backends: list[str] | None = None) -> Plan:
+              backends: list[str] | None = None, pins: dict[str, Pin] | None = None) -> Plan:
     names = backends if backends is not None else bk.parse_list(getattr(args, "backends", None))
-    projects = [bk.BACKENDS[n].dist for n in names if bk.BACKENDS[n].dist]
-    candidates = gather(sources_from(args), projects)
-    return resolve(system, candidates, names)
+    return planning.make_plan(planning.Request(system, names, pins or {}), sources_from(args))
 
 
 # -- probe --------------------------------------------------------------------------------
@@ -89,54 +89,128 @@ def _system_for(args: argparse.Namespace) -> System:
     return probe_target(args)[1]
 
 
+def profile_warnings(args: argparse.Namespace, profile: System) -> list[str]:
+    """Where --system contradicts the real target (nothing when it cannot be probed)."""
+    try:
+        exe, _how = locate(args)
+        real = system_from(probe_interpreter(exe), GpuFacts())
+    except AttnError:
+        return []
+    return [f"the profile {args.system} says {f} (resolving for the profile, not for {exe})"
+            for f in planning.profile_disagreements(profile, real)]
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    system = _system_for(args)
-    plan = make_plan(system, args)
-    if args.json:
-        dump_json(plan.to_json(), compact=True)
+    cfg = planning.load_config(args)
+    base = _system_for(args)
+    requests = planning.requests(args, cfg, base)
+    if cfg is not None and not requests:
+        print(cfg.nothing_to_do(cfg.pick(args.env)))
         return 0
-    print_plan(plan, verbose=args.verbose)
+    warnings = profile_warnings(args, base) if args.system else []
+    plans = [planning.make_plan(req, sources_from(args)) for req in requests]
+    if args.json:
+        docs = [dict(replace(p, warnings=(*warnings, *p.warnings)).to_json(),
+                     **({"env": r.env.name} if r.env else {}))
+                for p, r in zip(plans, requests, strict=True)]
+        dump_json(docs[0] if len(docs) == 1 else {"schema": docs[0]["schema"],
+                                                   "environments": docs}, compact=True)
+        return 0
+    from rich.markup import escape
+
+    for plan, req in zip(plans, requests, strict=True):
+        if req.env is not None:
+            console().print(f"[bold]Environment[/bold] {escape(req.env.describe())}",
+                            highlight=False)
+        print_plan(plan, verbose=args.verbose)
+    for w in warnings:
+        console().print(f"[yellow]warning[/yellow] {escape(w)}", highlight=False)
     return 0
+
+
+def wheel_columns(filename: str) -> tuple[str, str, str]:
+    """(version, local build label, Python and platform), compact: what a table has room
+    for. The full name goes in -v and --json."""
+    from comfy_env_attn.candidates.wheelname import InvalidWheelName, parse_wheel_name
+
+    try:
+        w = parse_wheel_name(filename)
+    except InvalidWheelName:
+        return filename, "", ""
+    pys = sorted({t.interpreter for t in w.tags})
+    abi3 = any(t.abi == "abi3" for t in w.tags)
+    py = ",".join(pys) + ("+ (abi3)" if abi3 else "")
+    plats = sorted({t.platform for t in w.tags})
+    return (str(w.version) + (f" build {w.build}" if w.build else ""), w.local or "-",
+            f"{py} {_platform_text(plats)}")
+
+
+def _platform_text(plats: list[str]) -> str:
+    import re
+
+    if plats == ["any"]:
+        return "any platform"
+    glibc = [(int(m[1]), int(m[2]), m[3]) for p in plats
+             if (m := re.match(r"^manylinux_(\d+)_(\d+)_(.+)$", p))]
+    legacy = {"manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5)}
+    for p in plats:
+        head, _, arch = p.partition("_")
+        if head in legacy:
+            glibc.append((*legacy[head], arch))
+    if glibc:
+        low = min(glibc)
+        return f"linux {low[2]}, glibc >= {low[0]}.{low[1]}"
+    return ", ".join(p.replace("_", " ", 1) for p in plats)
 
 
 def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     from collections import Counter
 
+    from rich.markup import escape
     from rich.table import Table
 
     con = console()
-    con.print(f"[bold]Plan for[/bold] {plan.system.describe()}")
+    con.print(f"[bold]Plan for[/bold] {plan.system.describe()}", highlight=False)
     t = Table(show_lines=False)
     t.add_column("backend", style="bold")
-    t.add_column("selected wheel / why none")
+    t.add_column("version / why none")
+    t.add_column("build")
+    t.add_column("python, platform")
     t.add_column("source")
     t.add_column("passed over", justify="right")
     for b in plan.backends:
         if b.builtin:
-            t.add_row(b.backend, "built into torch" if not b.reason else b.reason, "torch", "")
+            t.add_row(b.backend, "built into torch" if not b.reason else escape(b.reason), "",
+                      "", "torch", "")
             continue
         kinds = Counter(x.kind for r in b.rejected for x in r.reasons)
         summary = f"{len(b.rejected)}" + (f" ({', '.join(f'{k} {n}' for k, n in kinds.most_common(3))})"
                                           if kinds else "")
         if b.selected:
-            t.add_row(b.backend, b.selected.filename, b.selected.source, summary)
+            t.add_row(b.backend, *map(escape, wheel_columns(b.selected.filename)),
+                      escape(b.selected.source), summary)
         else:
-            t.add_row(b.backend, f"[red]none[/red]: {b.reason}", "", summary)
+            t.add_row(b.backend, f"[red]none[/red]: {escape(b.reason or '')}", "", "", "",
+                      summary)
     con.print(t)
     for b in plan.backends:
         for n in b.notes:
-            con.print(f"[yellow]note[/yellow] {b.backend}: {n}")
+            con.print(f"[yellow]note[/yellow] {b.backend}: {escape(n)}", highlight=False)
     for w in plan.warnings:
-        con.print(f"[yellow]warning[/yellow] {w}")
+        con.print(f"[yellow]warning[/yellow] {escape(w)}", highlight=False)
     if verbose:
+        for b in plan.backends:
+            if b.selected is not None:
+                con.print(f"{b.backend}: selected {b.selected.filename} ({b.selected.url})",
+                          markup=False, highlight=False)
         for b in plan.backends:
             for r in b.rejected:
                 con.print(f"{b.backend}: {r.candidate.filename}", markup=False)
                 for x in r.reasons:
                     con.print(f"    - {x.text}", markup=False)
-    elif any(b.rejected for b in plan.backends):
-        con.print("[dim]-v lists every rejected wheel with its reasons; --json gives them "
-                      "all[/dim]")
+    elif any(b.rejected for b in plan.backends) or any(b.selected for b in plan.backends):
+        con.print("[dim]-v gives each selected wheel's full name and every rejected wheel "
+                  "with its reasons; --json gives them all[/dim]")
 
 
 # -- doctor -------------------------------------------------------------------------------
@@ -184,6 +258,10 @@ COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
 def run(args: argparse.Namespace) -> int:
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
+    if args.command == "build":
+        from comfy_env_attn.cli.build import cmd_build
+
+        return cmd_build(args)
     if args.command == "node":
         from comfy_env_attn.cli.node import cmd_node
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.candidates.sources import Candidate
-from comfy_env_attn.cli.commands import locate, make_plan
+from comfy_env_attn.cli import planning
+from comfy_env_attn.cli.commands import locate
 from comfy_env_attn.cli.output import console
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
@@ -25,42 +26,16 @@ from comfy_env_attn.install.journal import target_lock
 from comfy_env_attn.verify.run import Options
 
 
-def requested_backends(args: argparse.Namespace) -> list[str]:
-    if getattr(args, "config", None):
-        from comfy_env_attn.facts.config import read_cuda_config
-
-        cfg = read_cuda_config(args.config)
-        if cfg.left_to_comfy_env:
-            log(f"left to comfy-env (not attention packages): "
-                f"{', '.join(cfg.left_to_comfy_env)}")
-        if not cfg.backends:
-            raise UsageError(f"{args.config} names no attention package; known: "
-                             f"{', '.join(bk.BY_DIST)}")
-        if args.backends:
-            return [b for b in bk.parse_list(args.backends) if b in cfg.backends]
-        return cfg.backends
-    return bk.parse_list(args.backends)
-
-
-# -- install ------------------------------------------------------------------------------
-
 def cmd_install(args: argparse.Namespace) -> int:
     exe, _how = locate(args)
     target = probe_interpreter(exe)
-    system = load_profile(args.system) if args.system else system_from(target, probe_gpus())
+    base = load_profile(args.system) if args.system else system_from(target, probe_gpus())
     if not target.is_dedicated and not args.yes:
         raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
                            f"Python (it is the system interpreter at {target.prefix}): "
                            "refusing to change it; pass --yes to install there anyway")
-    if args.system:
-        found = disagreements(system, system_from(target, GpuFacts()))
-        if found and not (args.force or args.dry_run):
-            raise InstallError(f"the profile {args.system} does not describe {exe}: it says "
-                               f"{'; '.join(found)}. Wheels chosen for it may not work "
-                               "there: pass --force to install them anyway")
-        for f in found:
-            log(f"warning: the profile says {f}")
     out = Outcome()
+    plan = None
     if args.from_lock:
         doc = lockfile.read(Path(args.from_lock))
         chosen = []
@@ -73,7 +48,23 @@ def cmd_install(args: argparse.Namespace) -> int:
                                                   f"lock:{args.from_lock}",
                                                   sha256=lw.sha256)]))
     else:
-        plan = make_plan(system, args, requested_backends(args))
+        cfg = planning.load_config(args)
+        reqs = planning.requests(args, cfg, base)
+        if cfg is not None and not reqs:
+            print(cfg.nothing_to_do(cfg.pick(args.env)))
+            return 0
+        if len(reqs) > 1:
+            raise UsageError(f"{args.config} has several environments that ask for attention "
+                             f"packages ({', '.join(r.env.name for r in reqs if r.env)}); "
+                             "they are different interpreters: pick one with --env NAME")
+        req = reqs[0]
+        _check_described(args, exe, target, req)
+        plan = planning.make_plan(req, planning.sources_from(args))
+        if args.build:
+            from comfy_env_attn.cli.build import build_missing
+
+            plan = build_missing(args, target, req.system, plan,
+                                 lambda: planning.make_plan(req, planning.sources_from(args)))
         chosen = []
         for bp in plan.backends:
             if bp.builtin:
@@ -92,7 +83,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     if args.dry_run:
         from comfy_env_attn.cli.commands import print_plan
 
-        if not args.from_lock:
+        if plan is not None:
             print_plan(plan)
         for b, alts in chosen:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
@@ -105,6 +96,29 @@ def cmd_install(args: argparse.Namespace) -> int:
         run_install(target, chosen, out, install_options(args))
     print_summary(out, target)
     return 0 if out.ok else 1
+
+
+def _check_described(args: argparse.Namespace, exe: str, target: Target,
+                     req: planning.Request) -> None:
+    """A System profile, or an environment of the config with explicit versions, describes
+    the machine the wheels are chosen for: where it contradicts the target interpreter,
+    refuse (unless --force or --dry-run); torch's CUDA alone is a warning."""
+    env = req.env if req.env is not None and req.env.explicit else None
+    if not args.system and env is None:
+        return
+    real = system_from(target, GpuFacts())
+    found = disagreements(req.system, real)
+    what = " and ".join(x for x in (f"the profile {args.system}" if args.system else "",
+                                    f"environment {env.describe()} of {args.config}"
+                                    if env else "") if x)
+    if found and not (args.force or args.dry_run):
+        hint = (" (comfy-env builds that environment itself: pass --python with its "
+                "interpreter)" if env else "")
+        raise InstallError(f"{what} does not describe {exe}: it says {'; '.join(found)}. "
+                           f"Wheels chosen for it may not work there{hint}: pass --force "
+                           "to install them anyway")
+    for f in planning.profile_disagreements(req.system, real):
+        log(f"warning: {what} says {f}")
 
 
 def install_options(args: argparse.Namespace) -> InstallOptions:

@@ -9,7 +9,9 @@ that pins the target's current versions of all of them.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +20,7 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
@@ -227,11 +230,40 @@ def wheel_metadata(path: Path) -> str:
 METADATA_MAX_BYTES = 1 << 20
 
 
+def _metadata_cache(c: Candidate) -> Path | None:
+    """Where a wheel's metadata is kept between runs: only for a wheel whose source gives its
+    sha256 (that file's metadata never changes)."""
+    if not c.sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", c.sha256):
+        return None
+    return cache_dir() / "metadata" / f"{c.sha256.lower()}.METADATA"
+
+
 def fetch_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
     """PEP 658 metadata where the index serves it (small, before the big download); None
-    when it cannot be had (the wheel's own METADATA is read after the download anyway)."""
+    when it cannot be had (the wheel's own METADATA is read after the download anyway).
+    Kept on disk by the wheel's sha256: plan and install read it once."""
     if not c.metadata_url or urlsplit(c.metadata_url).scheme not in ("http", "https"):
         return None
+    cached = _metadata_cache(c)
+    if cached is not None:
+        try:
+            return cached.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            pass
+    text = _fetch_metadata(c, limits)
+    if text is not None and cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{os.getpid()}.{cached.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a cache that cannot be written is only slower
+    return text
+
+
+def _fetch_metadata(c: Candidate, limits: Limits | None) -> str | None:
+    assert c.metadata_url is not None
     import httpx
 
     from comfy_env_attn.candidates.sources import http_client
@@ -249,6 +281,108 @@ def fetch_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
     except (httpx.HTTPError, InstallError):
         return None
     return body.decode("utf-8", errors="replace")
+
+
+def remote_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
+    """A remote wheel's METADATA without downloading it: PEP 658 where the index serves it,
+    otherwise read out of the wheel's zip directory with a few HTTP range requests (indexes
+    that do not advertise PEP 658, GitHub releases). None when neither works."""
+    if c.metadata_url:
+        return fetch_metadata(c, limits)
+    if urlsplit(c.url).scheme not in ("http", "https"):
+        return None
+    cached = _metadata_cache(c)
+    if cached is not None:
+        try:
+            return cached.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            pass
+    import httpx
+
+    lim = limits or limits_from_env()
+    try:
+        with zipfile.ZipFile(_RangeFile(c.url, lim)) as z:
+            name = next((n for n in z.namelist()
+                         if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+            if name is None or z.getinfo(name).file_size > METADATA_MAX_BYTES:
+                return None
+            text = z.read(name).decode("utf-8", errors="replace")
+    except (httpx.HTTPError, zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{os.getpid()}.{cached.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, cached)
+        except OSError:
+            pass
+    return text
+
+
+class _RangeFile(io.RawIOBase):
+    """A remote file read through HTTP range requests in 64 kB blocks, for zipfile: a wheel's
+    directory and its METADATA are a few blocks at most (at most 64 blocks are read)."""
+
+    BLOCK = 1 << 16
+    MAX_BLOCKS = 64
+
+    def __init__(self, url: str, limits: Limits) -> None:
+        from comfy_env_attn.candidates.sources import http_client
+
+        self.url, self.limits = url, limits
+        self.client = http_client(tls=url.startswith("https:"))
+        self.blocks: dict[int, bytes] = {}
+        self.pos = 0
+        # the last block first: it holds the zip directory and tells the size
+        data, total = self._get(f"bytes=-{self.BLOCK}")
+        self.size = total
+        self.blocks[total - len(data)] = data
+
+    def _get(self, rng: str) -> tuple[bytes, int]:
+        if len(self.blocks) >= self.MAX_BLOCKS:
+            raise OSError("reading the wheel's directory needs too many range requests")
+        r = self.client.get(self.url, headers={"Range": rng}, timeout=self.limits.timeout)
+        m = re.match(r"^bytes (\d+)-(\d+)/(\d+)$", r.headers.get("content-range", ""))
+        if r.status_code != 206 or m is None:
+            raise OSError(f"no range reads from {urlsplit(self.url).netloc} (HTTP "
+                          f"{r.status_code})")
+        return r.content, int(m[3])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        n = min(len(view), max(0, self.size - self.pos))
+        done = 0
+        while done < n:
+            at = self.pos + done
+            got = self._at(at, n - done)
+            view[done:done + len(got)] = got
+            done += len(got)
+        self.pos += n
+        return n
+
+    def _at(self, at: int, want: int) -> bytes:
+        for start, data in self.blocks.items():
+            if start <= at < start + len(data):
+                return data[at - start:at - start + want]
+        start = at - at % self.BLOCK
+        data, _ = self._get(f"bytes={start}-{min(self.size, start + self.BLOCK) - 1}")
+        self.blocks[start] = data
+        return data[at - start:at - start + want]
 
 
 def requirements(metadata: str) -> list[str]:
