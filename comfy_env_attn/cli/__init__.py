@@ -106,7 +106,19 @@ def _workflow_parsers(sub: Any) -> None:
                    help="keep a backend that fails verification")
     p.add_argument("--no-verify", action="store_true",
                    help="skip verification: the lock marks backends unverified")
+    _build_args(p, "a requested backend with no fitting wheel")
     _verify_opts(p)
+    _common(p)
+
+    p = sub.add_parser("build", help="compile a backend from source for this machine's GPU "
+                                     "into the wheelhouse")
+    _target_args(p)
+    p.add_argument("--backends", metavar="LIST", required=True)
+    p.add_argument("--system", metavar="FILE",
+                   help="build for this System profile's GPUs and torch (against the target)")
+    p.add_argument("--dry-run", action="store_true", help="check the prerequisites only")
+    p.add_argument("--json", action="store_true")
+    _build_args(p, None)
     _common(p)
 
     p = sub.add_parser("verify", help="prove the installed backends and rewrite the lock")
@@ -145,6 +157,16 @@ def _node_parsers(sub: Any) -> None:
                        help="use comfy-cli's configured workspace")
         _common(q)
     _common(p)
+
+
+def _build_args(p: argparse.ArgumentParser, when: str | None) -> None:
+    g = p.add_argument_group("building from source")
+    if when:
+        g.add_argument("--build", action="store_true",
+                       help=f"compile {when} from source for this GPU (into the wheelhouse)")
+    g.add_argument("--source", metavar="DIR|FILE|URL",
+                   help="build from this source instead of the pinned one (URL#sha256=HEX "
+                        "checks it)")
 
 
 def _verify_opts(p: argparse.ArgumentParser) -> None:
