@@ -3,6 +3,7 @@ and one next step. Pure: the CLI gathers the facts and prints the result."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from comfy_env_attn.facts.installed import (
 from comfy_env_attn.facts.node import comfyui_root, find_nodes, node_finding
 from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.facts.system import System
+from comfy_env_attn.install.build import build_hint
 from comfy_env_attn.install.installer import recover
 from comfy_env_attn.install.journal import Journal, target_lock
 from comfy_env_attn.resolve import Plan, Reason, installed_reasons
@@ -76,7 +78,7 @@ def _consequence(reasons: list[Reason]) -> str:
 
 
 def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
-             *, python: str) -> Diagnosis:
+             *, python: str, cores: int | None = None) -> Diagnosis:
     out: list[Finding] = []
     if system.torch is None:
         out.append(Finding("problem", "torch", f"torch is not installed in {python}: ComfyUI "
@@ -109,6 +111,13 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                                    f"{backend.title} is not installed; "
                                    f"{bp.selected.filename} fits this machine",
                                    f"Run: {fix}"))
+            hint = None if bp is None else build_hint(
+                backend_name, system, cores or os.cpu_count() or 1,
+                selected=bp.selected.filename.split("-")[1] if bp.selected else None)
+            if hint:
+                out.append(Finding("info", backend_name, hint,
+                                   f"Run: comfy-env-attn install --build --backends "
+                                   f"{backend_name}"))
             continue
         reasons = installed_reasons(dist, inst.version, inst.tags, inst.requires_torch, system)
         reasons = [r for r in reasons if r.kind != "yanked"]
