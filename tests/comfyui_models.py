@@ -15,20 +15,18 @@ test_comfyui_models.py read it.
 from __future__ import annotations
 
 import copy
-import importlib.machinery
-import importlib.util
 import json
 import logging
 import os
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torchvision_stub import stub_torchvision
 
 BACKENDS = ("auto", "auto (exact)", "sdpa")
 SEED = 7
@@ -38,16 +36,7 @@ F32 = torch.float32
 def setup_comfy(comfy_dir: str) -> None:
     """Make ComfyUI's `comfy` package importable on a CPU machine without torchvision."""
     sys.path.insert(0, comfy_dir)
-    if importlib.util.find_spec("torchvision") is None:
-        # comfy.model_base imports the Cosmos model, which imports torchvision.transforms at
-        # module level and uses it only at run time. A CPU-only torch has no matching wheel.
-        tv = types.ModuleType("torchvision")
-        tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-        tr = types.ModuleType("torchvision.transforms")
-        tr.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
-        tv.transforms = tr  # type: ignore[attr-defined]
-        sys.modules["torchvision"] = tv
-        sys.modules["torchvision.transforms"] = tr
+    stub_torchvision()
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
