@@ -79,6 +79,13 @@ def test_each_missing_prerequisite_is_named_with_its_fix() -> None:
     (p,) = problems(modules={"setuptools": None, "packaging": "25", "torch": "2.8.0"})
     assert p.startswith("setuptools is not installed in /venv/bin/python") and \
         p.endswith("fix: uv pip install --python /venv/bin/python setuptools")
+    (p,) = problems(modules={"setuptools": "65.5.0", "wheel": None, "packaging": "25",
+                             "torch": "2.8.0"})
+    assert p.startswith("setuptools 65.5.0 in /venv/bin/python builds wheels only with the "
+                        "'wheel' package") and p.endswith("uv pip install --python "
+                                                          "/venv/bin/python wheel")
+    assert problems(modules={"setuptools": "80.0", "wheel": None, "packaging": "25",
+                             "torch": "2.8.0"}) == []
     (p,) = problems(compiler=b.Compiler(None, looked="g++, gcc on PATH"))
     assert p.startswith("no compiler found (g++, gcc on PATH)") and "build-essential" in p
     (p,) = problems(free_disk=1 << 30)

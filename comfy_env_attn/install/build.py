@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -418,7 +419,8 @@ def gather_facts(target: Target, recipe: Recipe, work: Path,
     nvcc = find_nvcc(env) if recipe.cuda else None
     return BuildFacts(
         python=target.executable,
-        modules=target_modules(target.executable, recipe.build_modules),
+        modules=target_modules(target.executable, [
+            *recipe.build_modules, *(["wheel"] if "setuptools" in recipe.build_modules else [])]),
         compiler=find_compiler(env, cuda=recipe.cuda), nvcc=nvcc,
         ninja=shutil.which("ninja", path=env.get("PATH", "")) if recipe.cuda else None,
         free_disk=free_disk(work, env), disk_path=str(work), ram_available=available_ram(),
@@ -497,10 +499,17 @@ def check(recipe: Recipe, system: System, facts: BuildFacts) -> list[Problem]:
         except InvalidSpecifier:
             pass
     for name, version in facts.modules.items():
-        if version is None and name != "torch":
+        if version is None and name not in ("torch", "wheel"):
             out.append(Problem(f"{name} is not installed in {exe}: the build runs there "
                                "without isolation (so that it compiles against that torch)",
                                f"uv pip install --python {exe} {name}"))
+    setuptools = facts.modules.get("setuptools")
+    if setuptools and setuptools != "?" and _minor(setuptools) < (70, 1) and \
+            "wheel" in facts.modules and facts.modules["wheel"] is None:
+        out.append(Problem(f"setuptools {setuptools} in {exe} builds wheels only with the "
+                           "'wheel' package, which is not installed there (setuptools 70.1 "
+                           "and newer need none)",
+                           f"uv pip install --python {exe} wheel"))
     if recipe.cuda:
         out += _cuda_problems(recipe, system, facts)
     c = facts.compiler
@@ -763,8 +772,10 @@ def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], Non
             raise BuildError(f"--source {spec}: no such file or folder")
         expect = want
     if path.is_dir():
-        return Source(path, SourceFacts(str(path.resolve()), tree_sha256(path), "directory",
-                                        pinned=False))
+        digest = tree_sha256(path)
+        log(f"{recipe.backend}: building from the folder {path}; the sha256 of its files, "
+            f"{digest}, is recorded")
+        return Source(path, SourceFacts(str(path.resolve()), digest, "directory"))
     sha = _sha256_file(path)
     if expect and sha != expect.lower():
         if parts.scheme in ("http", "https"):
@@ -966,6 +977,9 @@ def run_build(plan: Plan, root: Path, out_dir: Path, log_path: Path,
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=os.name != "nt")
         last = started
+        # the compilers run in their own session: a SIGTERM to this process (a timeout, a
+        # kill) must stop them too, as Ctrl-C does
+        restore = _on_sigterm_interrupt()
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
@@ -977,6 +991,8 @@ def run_build(plan: Plan, root: Path, out_dir: Path, log_path: Path,
         except BaseException:
             _stop(proc)
             raise
+        finally:
+            restore()
     seconds = time.monotonic() - started
     lines = _tail(log_path, 400)
     if proc.returncode != 0:
@@ -991,6 +1007,22 @@ def run_build(plan: Plan, root: Path, out_dir: Path, log_path: Path,
         raise BuildError(f"the build of {plan.recipe.title} reported no wheel; see {log_path}")
     log(f"built {wheel.name} in {_elapsed(seconds)}")
     return wheel, seconds
+
+
+def _on_sigterm_interrupt() -> Callable[[], None]:
+    """SIGTERM raises KeyboardInterrupt until the returned function is called."""
+    if os.name == "nt" or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
