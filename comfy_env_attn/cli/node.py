@@ -36,7 +36,7 @@ def comfyui_folder(args: argparse.Namespace) -> Path:
     else:
         raise UsageError("comfy-env-attn node: name the ComfyUI folder with --comfyui DIR "
                          "(or --comfy-cli)")
-    root = comfyui_root(given)
+    root = comfyui_root(Path(os.path.abspath(given)))  # absolute, links kept
     if root is None:
         raise UsageError(f"{given} is not a ComfyUI folder (no main.py and comfy/ in it or "
                          "in its ComfyUI/)")
