@@ -89,6 +89,12 @@ def test_what_the_lock_verified_comes_first_and_runs(fresh, tmp_path, monkeypatc
     assert label.startswith("SageAttention 2.2.0, verified"), label
     _, label = AttentionBackend().apply(Patcher(), "auto (exact)")
     assert label.startswith("auto (exact): PyTorch SDPA"), label  # sage is quantized
+    with caplog.at_level(logging.WARNING, "comfy_env_attn"):
+        _, label = AttentionBackend().apply(Patcher(), "xformers (not verified here)")
+    (said,) = warnings(caplog)
+    assert "xformers is not verified on this machine (the lock does not list it as " \
+        "verified); the Attention Backend node uses PyTorch SDPA (sdpa) instead" in said
+    assert label.endswith("not verified on this machine; using PyTorch SDPA"), label
 
 
 def test_the_model_comes_first_then_the_label() -> None:

@@ -76,7 +76,8 @@ LOAD_LIKE_COMFYUI = textwrap.dedent("""
     print(json.dumps({"nodes": sorted(module.NODE_CLASS_MAPPINGS),
                       "names": module.NODE_DISPLAY_NAME_MAPPINGS,
                       "package": getattr(pkg, "__file__", None),
-                      "torch": "torch" in sys.modules}))
+                      "torch": "torch" in sys.modules,
+                      "ours": sorted(m for m in sys.modules if m.startswith("comfy_env_attn."))}))
 """)
 
 
@@ -199,7 +200,8 @@ def test_a_clone_loads_the_installed_package_first(clone: Path, tmp_path: Path) 
     assert got["nodes"] == [NODE], err
     assert got["names"] == {NODE: "Attention Backend (comfy-env-attn)"}
     assert not str(got["package"]).startswith(str(clone))  # the pip-installed one
-    assert got["torch"] is False  # the node's import needs no torch
+    assert got["torch"] is False  # the node's import needs no torch, nor the tool side
+    assert {str(m).split(".")[1] for m in got["ours"]} == {"core", "runtime"}, got["ours"]
 
 
 def test_a_clone_without_the_package_installed_loads_its_own(clone: Path, bare_venv: Path,
