@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli, make_system, make_venv, venv_python, venv_site
+from wheels import sage_wheel
 
 from comfy_env_attn.core.errors import UsageError
 from comfy_env_attn.install import build as b
@@ -125,6 +126,8 @@ def test_jobs_follow_memory_and_the_time_estimate_follows_cores() -> None:
                     "`comfy-env-attn install --build --backends sage` builds sageattention "
                     "2.2.0 for sm 9.0 in about 4 minutes on 16 cores")
     assert b.build_hint("sage", sys_, 16, selected="2.2.0", recipes={"sage": recipe()}) is None
+    assert b.wants_build(recipe(), None) and b.wants_build(recipe(), "1.0.6")
+    assert not b.wants_build(recipe(), "2.1.1") and not b.wants_build(recipe(), "3.0")
     assert "about 29 minutes on 2 cores" in (b.build_hint("sage", sys_, 2,
                                                           recipes={"sage": recipe()}) or "")
 
@@ -229,9 +232,14 @@ def test_build_install_verify_lock_then_a_second_venv_reuses_the_wheel(
     sources, path, sha = served
     env = env_for(tmp_path, sources)
     first = make_venv(tmp_path / "first", torch=True)
+    # the case: only SageAttention 1.x (Triton) fits; --build builds the 2.x source
+    old = sage_wheel(tmp_path / "old", "ok", "1.0.6")
     r = cli("install", "--build", "--python", str(venv_python(first)), "--system", str(profile),
-            "--backends", "sage", "--no-embedded-index", "--shapes", "1x2x128x64", env=env)
+            "--backends", "sage", "--no-embedded-index", "--find-links", str(old.parent),
+            "--shapes", "1x2x128x64", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "the plan selects sageattention-1.0.6-py3-none-any.whl, an older major line" \
+        in r.stderr
     assert "building sageattention 2.2.0, " in r.stderr and "built sageattention-2.2.0-cp" in r.stderr
     (record_path,) = (tmp_path / "wheelhouse" / "sageattention").glob("*/build.json")
     record = json.loads(record_path.read_text())

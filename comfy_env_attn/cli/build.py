@@ -21,6 +21,7 @@ from comfy_env_attn.install.build import (
     build,
     load_recipes,
     plan_build,
+    wants_build,
 )
 from comfy_env_attn.resolve import Plan as WheelPlan
 
@@ -61,11 +62,27 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
     if not (args.backends or getattr(args, "config", None)):
         raise UsageError("--build compiles from source: name the backends to build, e.g. "
                          "--backends sage")
-    todo = [bp.backend for bp in plan.backends if not bp.builtin and bp.selected is None]
+    recipes = load_recipes()
+    todo: list[Recipe] = []
+    for bp in plan.backends:
+        if bp.builtin:
+            continue
+        name = bp.selected.filename if bp.selected else None
+        selected = name.split("-")[1] if name else None
+        r = recipes.get(bp.backend)
+        if r is None:
+            if selected is None:
+                log(f"--build: no source is pinned for {bp.backend}; buildable: "
+                    f"{', '.join(recipes)}")
+        elif wants_build(r, selected):
+            if selected:
+                log(f"--build: {bp.backend}: the plan selects {name}, an "
+                    f"older major line than the source ({r.dist} {r.version}): building it")
+            todo.append(r)
     if not todo:
         log("--build: every requested backend has a fitting wheel; nothing to build")
         return plan
-    plans = _plans(target, system, _recipes_for(todo), args.source)
+    plans = _plans(target, system, todo, args.source)
     for p in plans:
         if args.dry_run:
             print(f"would build {p.recipe.backend}: {p.describe()} from "

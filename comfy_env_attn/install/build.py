@@ -598,6 +598,12 @@ def describe_minutes(minutes: float) -> str:
     return f"about {minutes / 60:.1f} hours"
 
 
+def wants_build(recipe: Recipe, selected: str | None) -> bool:
+    """Whether building the pinned source beats the plan's choice: nothing fits, or only an
+    older major line (SageAttention 1.x, Triton, where the source is 2.x)."""
+    return selected is None or _minor(selected)[0] < _minor(recipe.version)[0]
+
+
 def build_hint(backend: str, system: System, cores: int, *, selected: str | None = None,
                recipes: Mapping[str, Recipe] | None = None) -> str | None:
     """When building would help: no wheel fits (`selected` None), or only one of an older
@@ -608,11 +614,9 @@ def build_hint(backend: str, system: System, cores: int, *, selected: str | None
         recipe = (recipes if recipes is not None else load_recipes()).get(backend)
     except UsageError:
         return None
-    if recipe is None or recipe.needs_checkout:
+    if recipe is None or recipe.needs_checkout or not wants_build(recipe, selected):
         return None
     major = _minor(recipe.version)[0]
-    if selected is not None and _minor(selected)[0] >= major:
-        return None
     archs, problems = build_archs(recipe, system)
     if problems or system.torch is None or (recipe.cuda and system.torch_cuda is None):
         return None
