@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli
@@ -103,7 +104,7 @@ def test_install_refuses_a_profile_of_another_python_unless_forced(tmp_path, uv_
     assert "pass --force" in r.stderr
     r = cli(*args, "--force")  # past the check: it fails later, at the (closed) index
     assert r.returncode == 1 and "cannot reach index" in r.stderr
-    assert f"warning: the profile says Python {other}" in r.stderr
+    assert "warning: " in r.stderr and f"says Python {other}, the target runs {PY}" in r.stderr
 
 
 # -- wheel names and versions ----------------------------------------------------------------
@@ -176,6 +177,7 @@ def test_an_index_page_over_the_size_cap_is_refused(http_server, monkeypatch) ->
                ["sageattention"])
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_a_big_index_page_is_read_in_bounded_memory(http_server) -> None:
     """A 28 MB page (under the 32 MiB cap) of links to other projects: only the wanted links are
     kept, the page is never held whole (a 300 MB page used to take 4.8 GB)."""
@@ -185,16 +187,18 @@ def test_a_big_index_page_is_read_in_bounded_memory(http_server) -> None:
         f'<a href="/f/{SAGE}">{SAGE}</a></body></html>'
     assert 25_000_000 < len(body) < 32 << 20
     http_server.add("/simple/sageattention/", body)
-    code = ("import resource, sys; from comfy_env_attn.candidates.sources import Sources, gather;"
+    # VmHWM, this process's own peak (ru_maxrss would count the forking pytest's size too)
+    code = ("from comfy_env_attn.candidates.sources import Sources, gather;"
             f"got = gather(Sources(index_urls=({http_server.url + '/simple'!r},), "
             "embedded=False), ['sageattention']);"
-            "print(len(got), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
+            "print(len(got), int(hwm.split()[1]) // 1024)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     n, peak_mb = map(int, r.stdout.split())
     assert n == 1
-    assert peak_mb < 120, f"peak {peak_mb} MB for a {len(body) >> 20} MB page"
+    assert peak_mb < 80, f"peak {peak_mb} MB for a {len(body) >> 20} MB page"
 
 
 # -- servers that trickle ------------------------------------------------------------------

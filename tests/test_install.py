@@ -332,3 +332,13 @@ def test_an_unreachable_wheel_gives_way_to_the_next_fitting_one(tmp_path, venv, 
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"download of {newer.name} failed" in r.stderr and "HTTP 404" in r.stderr
     assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+
+
+@pytest.fixture(autouse=True)
+def torch_and_sympy_files_are_untouched():
+    """Beyond torch's version and RECORD: every file of torch and sympy, byte for byte."""
+    from untouched import baseline
+
+    base = baseline()
+    yield
+    assert base.problems() == []
