@@ -107,6 +107,10 @@ def test_nvcc_must_match_torchs_cuda_and_take_the_compiler() -> None:
     assert "sageattention 2.2.0 needs CUDA >= 12.3 for sm 9.0" in found[2]
     assert found[3].startswith("nvcc (CUDA 11.8) accepts gcc up to 11 (CUDA's release notes); "
                                "the host compiler is gcc 13.3.0 (/usr/bin/g++)")
+    (p,) = problems(nvcc=b.Nvcc("/usr/local/bin/nvcc", "on PATH", "12.8", "/usr/local",
+                                {"gcc": 14}, headers=False))
+    assert p.startswith("nvcc /usr/local/bin/nvcc belongs to no CUDA toolkit this build can "
+                        "use: /usr/local has no include/cuda_runtime.h")
     # a minor mismatch is no error (torch's own check only warns)
     assert problems(nvcc=b.Nvcc("/c/nvcc", "on PATH", "12.4", "/c", {"gcc": 13})) == []
     cpu = make_system(torch="2.8.0+cpu", torch_cuda=None, gpus=("9.0",))
@@ -292,6 +296,8 @@ def test_missing_or_mismatched_nvcc_and_too_little_disk_fail_before_anything_is_
     fake.parent.mkdir(parents=True)
     fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 11.8, V11.8.89'\n")
     fake.chmod(0o755)
+    (fake.parent.parent / "include").mkdir()
+    (fake.parent.parent / "include" / "cuda_runtime.h").write_text("")
     r = cli(*base, env=env_for(tmp_path, CUDA_HOME=str(fake.parent.parent)))
     assert r.returncode == 1
     assert f"nvcc {fake} is CUDA 11.8; torch {TORCH}+cu128 uses CUDA 12.8: the extension " \

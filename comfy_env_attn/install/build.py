@@ -180,6 +180,7 @@ class Nvcc:
     cuda_home: str | None = None
     host_max: Mapping[str, int] = field(default_factory=dict)  # {"gcc": 15, "clang": 20}
     host_max_from: str = ""  # where host_max comes from
+    headers: bool = True  # cuda_home has include/cuda_runtime.h
 
 
 @dataclass(frozen=True)
@@ -286,10 +287,16 @@ def find_nvcc(environ: Mapping[str, str]) -> Nvcc:
     if path is None:
         return Nvcc(None, looked)
     release = parse_nvcc_release(_run([path, "--version"], env=environ) or "")
-    real = Path(path).resolve()
-    home = str(real.parent.parent)
+    home = str(Path(path).resolve().parent.parent)
     if "CUDA_HOME" in environ or "CUDA_PATH" in environ:
         home = environ.get("CUDA_HOME") or environ.get("CUDA_PATH") or home
+    elif not _has_headers(home) and os.name != "nt":
+        # an nvcc on PATH that is a wrapper script (/usr/local/bin/nvcc): its toolkit
+        for toolkit in ("/usr/local/cuda", f"/usr/local/cuda-{release}"):
+            if _has_headers(toolkit) and parse_nvcc_release(
+                    _run([f"{toolkit}/bin/nvcc", "--version"], env=environ) or "") == release:
+                home = toolkit
+                break
     header = Path(home) / "include" / "crt" / "host_config.h"
     try:
         limits, source = host_limits(header.read_text(encoding="utf-8", errors="replace")), \
@@ -298,7 +305,11 @@ def find_nvcc(environ: Mapping[str, str]) -> Nvcc:
         limits, source = {}, ""
     if not limits and release:
         limits, source = _table_limits(release), "CUDA's release notes"
-    return Nvcc(path, looked, release, home, limits, source)
+    return Nvcc(path, looked, release, home, limits, source, _has_headers(home))
+
+
+def _has_headers(home: str) -> bool:
+    return Path(home, "include", "cuda_runtime.h").is_file()
 
 
 def find_compiler(environ: Mapping[str, str], *, cuda: bool) -> Compiler:
@@ -574,6 +585,11 @@ def _cuda_problems(recipe: Recipe, system: System, facts: BuildFacts) -> list[Pr
                                f"({nvcc.host_max_from}); the host compiler is "
                                f"{c.describe()}", f"install {c.kind} {limit} or older and "
                                f"set CC to it (torch passes it to nvcc as -ccbin)"))
+    if nvcc is not None and nvcc.path is not None and not nvcc.headers:
+        out.append(Problem(f"nvcc {nvcc.path} belongs to no CUDA toolkit this build can use: "
+                           f"{nvcc.cuda_home} has no include/cuda_runtime.h",
+                           "set CUDA_HOME to the CUDA toolkit's folder (the one holding bin/nvcc "
+                           "and include/)"))
     if facts.ninja is None:
         out.append(Problem("ninja not found (torch compiles CUDA extensions one file at a "
                            "time without it)", f"uv pip install --python {facts.python} ninja, "
