@@ -342,12 +342,22 @@ class _RangeFile(io.RawIOBase):
     def _get(self, rng: str) -> tuple[bytes, int]:
         if len(self.blocks) >= self.MAX_BLOCKS:
             raise OSError("reading the wheel's directory needs too many range requests")
-        r = self.client.get(self.url, headers={"Range": rng}, timeout=self.limits.timeout)
-        m = re.match(r"^bytes (\d+)-(\d+)/(\d+)$", r.headers.get("content-range", ""))
-        if r.status_code != 206 or m is None:
-            raise OSError(f"no range reads from {urlsplit(self.url).netloc} (HTTP "
-                          f"{r.status_code})")
-        return r.content, int(m[3])
+        body = bytearray()
+        # streamed and bounded: a server that ignores Range (a whole wheel) or trickles
+        # must not stall the plan
+        with self.client.stream("GET", self.url, headers={"Range": rng},
+                                timeout=self.limits.timeout) as r:
+            m = re.match(r"^bytes (\d+)-(\d+)/(\d+)$", r.headers.get("content-range", ""))
+            if r.status_code != 206 or m is None:
+                raise OSError(f"no range reads from {urlsplit(self.url).netloc} (HTTP "
+                              f"{r.status_code})")
+            try:
+                read_bounded(r, body.extend, what=f"a range of {self.url}", limits=self.limits,
+                             deadline=self.limits.index_deadline, started=time.monotonic(),
+                             max_bytes=2 * self.BLOCK, error=InstallError)
+            except InstallError as e:
+                raise OSError(str(e)) from None
+        return bytes(body), int(m[3])
 
     def readable(self) -> bool:
         return True
