@@ -1,0 +1,99 @@
+"""The Attention Backend node on a GPU: ComfyUI's own attention entry point
+(`optimized_attention`, with the node's override in transformer_options, as a model calls
+it) at the attention sizes of one Flux block and one Wan 2.1 14B block, against ComfyUI's
+default attention function and ComfyUI's own sage function, on the same inputs.
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFY_ENV_ATTN_LOCK=/tmp/lock.toml \\
+        python benchmarks/gpu_node.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (label, batch, query tokens, key tokens, heads, head dim, layout as the model calls it)
+CASES = (("Flux 1024x1024 (joint, [B, H, N, D])", 1, 4608, 4608, 24, 128, "bhnd"),
+         ("Wan 2.1 14B 480p self ([B, N, H*D], heads=)", 1, 32760, 32760, 40, 128, "flat"),
+         ("Wan 2.1 14B text cross ([B, N, H*D], heads=)", 1, 32760, 512, 40, 128, "flat"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json")
+    a = p.parse_args()
+    sys.path.insert(0, os.environ["COMFYUI_DIR"])
+    import comfy.ldm.modules.attention as attention
+    import comfy.model_management  # noqa: F401  (ComfyUI picks its default attention here)
+    import torch
+
+    from comfy_env_attn.runtime import dispatch
+    from comfy_env_attn.runtime.comfyui import make_override
+
+    print("ComfyUI's default attention:", attention.optimized_attention.__name__)
+    print("dispatcher:", dispatch.set_backend("auto"))
+    opts = {"optimized_attention_override": make_override("auto", False)}
+    sage = getattr(attention, "attention_sage", None) if attention.SAGE_ATTENTION_IS_AVAILABLE \
+        else None
+    results: list[dict[str, Any]] = []
+    for label, b, n, m, h, d, layout in CASES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        if layout == "bhnd":
+            q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(b, h, m, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                    for _ in range(2))
+            kw: dict[str, Any] = {"skip_reshape": True}
+            args: tuple[Any, ...] = (q, k, v, h)
+        else:
+            q = torch.randn(b, n, h * d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(b, m, h * d, device="cuda", dtype=torch.bfloat16, generator=g)
+                    for _ in range(2))
+            kw = {"heads": h}
+            args = (q, k, v)
+        def call(fn: Any, args: tuple[Any, ...] = args, kw: dict[str, Any] = kw,
+                 **extra: Any) -> Any:
+            return lambda: fn(*args, **kw, **extra)
+
+        fns = {"comfyui default": call(attention.optimized_attention),
+               "node (auto)": call(attention.optimized_attention, transformer_options=opts)}
+        if sage is not None:
+            fns["comfyui sage"] = call(sage)
+        ref = fns["comfyui default"]().float()
+        errs = {name: float((fn().float() - ref).abs().max()) for name, fn in fns.items()}
+        chosen = [r[0] for r in dispatch._S.routes.values()]
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
+        torch.cuda.synchronize()
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(8):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                s = torch.cuda.Event(enable_timing=True)
+                e = torch.cuda.Event(enable_timing=True)
+                s.record()
+                for _ in range(10):
+                    fns[name]()
+                e.record()
+                e.synchronize()
+                samples[name].append(s.elapsed_time(e) / 10)
+        ms = {name: sorted(t)[len(t) // 2] for name, t in samples.items()}
+        row = {"case": label, "ms": {k_: round(v_, 3) for k_, v_ in ms.items()},
+               "node_vs_default": round(ms["comfyui default"] / ms["node (auto)"], 3),
+               "max_abs_vs_default": errs, "dispatcher_routes": chosen}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        dispatch._S.routes.clear()
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
