@@ -69,6 +69,8 @@ def test_input_files_must_be_utf8(tmp_path, encoding) -> None:
     p.write_bytes(data)
     with pytest.raises(ProfileError, match="is not UTF-8 text"):
         load_profile(p)
+    if encoding != "binary":
+        return  # the same path through the CLI once is enough
     r = cli("plan", "--system", str(p))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not UTF-8 text" in r.stderr
     r = cli("install", "--python", sys.executable, "--config", str(p), "--dry-run", "--yes")

@@ -163,7 +163,6 @@ def test_a_wheel_cannot_overwrite_torch_in_its_own_site(tmp_path, uv_bin, fake_t
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"torch/__init__.py would overwrite {torch_init}, which belongs to torch 2.13.0" \
         in r.stdout + r.stderr
-    assert "refused" in r.stdout
     assert torch_init.read_bytes() == before and "sageattention" not in installed_in(venv)
     # doctor checks torch's files against its RECORD: untouched here ...
     r = cli("doctor", "--python", str(venv_python(venv)), "--json")
