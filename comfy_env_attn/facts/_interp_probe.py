@@ -43,7 +43,7 @@ def _torch_facts(out: dict[str, Any]) -> None:
                         ns[key] = value.strip("'\"")
                     elif value == "None":
                         ns[key] = None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
         out["torch_error"] = "cannot read %s: %s" % (version_py, e)
         return
     out["torch"] = ns.get("__version__")

@@ -59,7 +59,7 @@ class Installed:
         tags: set[Tag] = set()
         try:
             text = Path(self.dist_info, "WHEEL").read_text(encoding="utf-8")
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return frozenset()
         for line in text.splitlines():
             if line.startswith("Tag:"):
