@@ -347,3 +347,33 @@ def test_guard_two_wheels_of_one_run_may_not_overwrite_each_other() -> None:
     assert guard.problems("b.whl", "flash-attn-4", "flash_attn_4-4.0", b, owners, ()) == [
         "b.whl: flash_attn/__init__.py would overwrite /v/site/flash_attn/__init__.py, which "
         "belongs to flash-attn 2.8.3"]
+
+
+def test_record_check_names_modified_and_missing_files_not_bytecode(tmp_path) -> None:
+    """What doctor and install check torch with: each file against its RECORD sha256;
+    bytecode that Python rewrote is not a modification; the cache skips unchanged files."""
+    import base64
+
+    from comfy_env_attn.facts.installed import Installed, record_problems
+
+    def digest(b: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b"=").decode()
+
+    site_dir = tmp_path / "site"
+    files = {"pkg/__init__.py": b"A = 1\n", "pkg/mod.py": b"B = 2\n",
+             "pkg/__pycache__/mod.cpython-311.pyc": b"old bytecode"}
+    for rel, data in files.items():
+        (site_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site_dir / rel).write_bytes(data)
+    info = site_dir / "pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "RECORD").write_text("".join(f"{r},sha256={digest(d)},{len(d)}\n"
+                                         for r, d in files.items()) + "pkg-1.0.dist-info/RECORD,,\n")
+    inst = Installed("pkg", "1.0", str(site_dir), str(info))
+    cache = tmp_path / "cache"
+    assert record_problems(inst, cache=cache) == []
+    (site_dir / "pkg/__pycache__/mod.cpython-311.pyc").write_bytes(b"recompiled")
+    (site_dir / "pkg/mod.py").write_bytes(b"B = 3\n")
+    (site_dir / "pkg/__init__.py").unlink()
+    assert record_problems(inst, cache=cache) == ["pkg/__init__.py (missing)",
+                                                  "pkg/mod.py (modified)"]

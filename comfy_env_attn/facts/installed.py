@@ -183,11 +183,18 @@ def _stat(path: str) -> Stat | None:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
+def _derived(rel: str) -> bool:
+    """Bytecode: Python rewrites it when it is stale, so it may differ from RECORD."""
+    return rel.endswith((".pyc", ".pyo")) or "__pycache__/" in rel
+
+
 def file_stats(insts: Iterable[Installed]) -> dict[str, Stat | None]:
-    """The stat of every file the distributions' RECORDs list."""
+    """The stat of every file the distributions' RECORDs list (bytecode aside)."""
     out: dict[str, Stat | None] = {}
     for inst in insts:
         for rel in record_paths(inst):
+            if _derived(rel):
+                continue
             path = os.path.normpath(os.path.join(inst.location, rel))
             out[path] = _stat(path)
     return out
@@ -230,8 +237,8 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
     bad: list[str] = []
     ok: dict[str, list[int]] = {}
     for rel, digest, _size in lines:
-        if not digest.startswith("sha256="):
-            continue  # RECORD itself, or a file the installer wrote (.pyc, INSTALLER)
+        if not digest.startswith("sha256=") or _derived(rel):
+            continue  # RECORD itself, a file the installer wrote (INSTALLER), bytecode
         path = os.path.join(inst.location, rel)
         st = _stat(path)
         if st is None:
