@@ -464,9 +464,10 @@ def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[An
     cuda_minor = -1 if wcuda is None or wcuda[1] is None else wcuda[1]
     exact_torch = 1 if (w.label is not None and w.label.torch and not w.label.andhigher) else 0
     post = w.label.post if w.label is not None and w.label.post is not None else 0
-    # a final release before any pre-release or dev build, as pip and uv choose
-    return (not w.version.is_prerelease, w.version, cuda_minor, exact_torch, post, -rank,
-            c.sha256 is not None)
+    # a wheel seen in a listing before one whose name was generated from a pattern; a final
+    # release before any pre-release or dev build, as pip and uv choose
+    return (c.generated is None, not w.version.is_prerelease, w.version, cuda_minor,
+            exact_torch, post, -rank, c.sha256 is not None)
 
 
 _FACTS = ("requires_torch", "cuda", "built_torch", "sm", "requires_python")
@@ -481,6 +482,8 @@ def merge_facts(first: Candidate, other: Candidate) -> Candidate:
             if getattr(first, f) is None and getattr(other, f) is not None}
     if not first.sha256 and other.sha256:
         fill["sha256"] = other.sha256
+    if first.generated and not other.generated:
+        fill["generated"] = None  # a listing has it: observed after all
     return replace(first, **fill) if fill else first
 
 
@@ -527,8 +530,9 @@ def resolve(system: System, candidates: Iterable[Candidate],
         for _, c, _w in fitting[1:]:
             assert selected is not None
             rejected.append(Rejected(c, (Reason(
-                "ranked", f"fits, but {selected.filename} ranks higher (a final release, newer "
-                          f"version, closer CUDA minor or more specific platform tag)"),)))
+                "ranked", f"fits, but {selected.filename} ranks higher (seen in a listing, a "
+                          f"final release, newer version, closer CUDA minor or more specific "
+                          f"platform tag)"),)))
         if selected is not None and selected.built_torch and system.torch_minor and \
                 selected.built_torch.split("+")[0].rsplit(".", 1)[0] != \
                 f"{system.torch_minor[0]}.{system.torch_minor[1]}":
@@ -537,6 +541,9 @@ def resolve(system: System, candidates: Iterable[Candidate],
         if selected is not None and selected.sha256 is None:
             notes.append("its source publishes no sha256: it is hashed when downloaded and that "
                          "hash is locked")
+        if selected is not None and selected.generated:
+            notes.append(f"{selected.filename} was not seen in a listing: its name comes from "
+                         f"{selected.generated}")
         if selected is not None:
             older = older_line_note(system, backend, fitting[0][2], rejected)
             if older:

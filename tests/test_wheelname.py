@@ -47,7 +47,7 @@ def test_real_filenames_parse(filename: str, label: Label | None) -> None:
 
 def test_every_url_in_the_shared_data_parses() -> None:
     urls = (Path(__file__).parent.parent / "scripts/index_sources/mjun0812_urls.txt").read_text()
-    names = [u.rsplit("/", 1)[1] for u in urls.split()]
+    names = [u.rsplit("/", 1)[1] for u in urls.splitlines() if u and not u.startswith("#")]
     assert len(names) > 3000
     for n in names:
         w = parse_wheel_name(n)

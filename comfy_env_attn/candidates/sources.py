@@ -48,6 +48,8 @@ class Candidate:
     metadata_url: str | None = None  # PEP 658 .metadata
     yanked: str | None = None
     size: int | None = None
+    # made from a naming pattern, not seen in a listing (how): ranked after observed wheels
+    generated: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v)
@@ -55,20 +57,28 @@ class Candidate:
 
 
 def candidate_from_json(data: dict[str, Any], *, source: str) -> Candidate:
+    """A Candidate from an embedded index entry (schema 2 names PEP 691's way: `hashes`,
+    `requires-python`; schema 1's `sha256`, `requires_python` are read too) or from
+    Candidate.to_json."""
     sm = data.get("sm")
+
+    def key(name: str) -> Any:
+        return data.get(name.replace("_", "-"), data.get(name))
+
     return Candidate(
         filename=data["filename"],
         url=data["url"],
         source=data.get("source", source),
-        sha256=data.get("sha256"),
-        requires_torch=data.get("requires_torch"),
-        requires_python=data.get("requires_python"),
+        sha256=(data.get("hashes") or {}).get("sha256") or data.get("sha256"),
+        requires_torch=key("requires_torch"),
+        requires_python=key("requires_python"),
         cuda=data.get("cuda"),
-        built_torch=data.get("built_torch"),
+        built_torch=key("built_torch"),
         sm=None if sm is None else tuple(sm),
         metadata_url=data.get("metadata_url"),
         yanked=data.get("yanked"),
         size=data.get("size"),
+        generated=key("generated"),
     )
 
 
@@ -95,6 +105,8 @@ def load_embedded(projects: Iterable[str] | None = None) -> list[Candidate]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         source = f"{EMBEDDED}:{doc.get('source', path.stem)}"
         defaults = doc.get("defaults", {})
+        if doc.get("generated-from"):
+            defaults = {**defaults, "generated": doc["generated-from"]}
         for entry in doc["wheels"]:
             if wanted is not None and project_of(entry["filename"]) not in wanted:
                 continue
