@@ -377,3 +377,11 @@ def test_record_check_names_modified_and_missing_files_not_bytecode(tmp_path) ->
     (site_dir / "pkg/__init__.py").unlink()
     assert record_problems(inst, cache=cache) == ["pkg/__init__.py (missing)",
                                                   "pkg/mod.py (modified)"]
+
+
+def test_guard_a_platlib_wheel_lands_in_platlib() -> None:
+    layout = guard.Layout(site="/v/lib/site", scripts="/v/bin", data="/v",
+                          headers="/v/include/site/p", platlib="/v/lib64/site")
+    entries, _ = guard.destinations("x.whl", "x-1", ["x/_C.so", "x-1.data/purelib/y.py"],
+                                    layout, dist="x", purelib=False)
+    assert [e.dest for e in entries] == ["/v/lib64/site/x/_C.so", "/v/lib/site/y.py"]

@@ -215,6 +215,16 @@ def wheel_listing(path: Path) -> list[str]:
         raise InstallError(f"{path.name} is not a valid wheel ({e})") from None
 
 
+def root_is_purelib(path: Path, dist_dir: str) -> bool:
+    """The wheel's WHEEL file says where its root goes: purelib (the default) or platlib."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            text = z.read(f"{dist_dir}.dist-info/WHEEL").decode("utf-8", errors="replace")
+    except (KeyError, zipfile.BadZipFile, OSError):
+        return True
+    return not re.search(r"(?mi)^Root-Is-Purelib:\s*false\s*$", text)
+
+
 def wheel_metadata(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:

@@ -35,10 +35,11 @@ _DATA_KEYS = ("purelib", "platlib", "scripts", "data", "headers")
 class Layout:
     """Where a wheel's parts land in the target (absolute, normalised paths)."""
 
-    site: str  # purelib: where the packages go (platlib too: the same in a venv)
+    site: str  # purelib
     scripts: str
     data: str  # the prefix
-    headers: str  # include/site/pythonX.Y/<dist> (the dist's own folder is added per wheel)
+    headers: str  # include/site/pythonX.Y (the dist's own folder is added per wheel)
+    platlib: str = ""  # where it differs from purelib (lib64 on some distributions)
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,16 @@ def _plain(name: str) -> str | None:
 
 
 def destinations(wheel: str, dist_dir: str, names: Iterable[str], layout: Layout,
-                 *, dist: str) -> tuple[list[Entry], list[str]]:
+                 *, dist: str, purelib: bool = True) -> tuple[list[Entry], list[str]]:
     """Where each file of the wheel goes, and the entries refused outright.
 
-    `dist_dir` is the wheel's "<name>-<version>" prefix of its .dist-info and .data."""
+    `dist_dir` is the wheel's "<name>-<version>" prefix of its .dist-info and .data;
+    `purelib` its WHEEL's Root-Is-Purelib."""
     entries: list[Entry] = []
     refused: list[str] = []
     data_dir = f"{dist_dir}.data/"
+    plat = layout.platlib or layout.site
+    root = layout.site if purelib else plat
     for name in names:
         if name.endswith("/"):
             continue  # a folder entry: nothing is written for it
@@ -123,13 +127,14 @@ def destinations(wheel: str, dist_dir: str, names: Iterable[str], layout: Layout
             refused.append(f"{wheel}: the entry {name!r} {why}")
             continue
         if not name.startswith(data_dir):
-            entries.append(Entry(name, norm(os.path.join(layout.site, name)), "site", name))
+            entries.append(Entry(name, norm(os.path.join(root, name)), "site", name))
             continue
         key, _, rest = name[len(data_dir):].partition("/")
         if key not in _DATA_KEYS or not rest:
             refused.append(f"{wheel}: {name} is in an unknown .data folder")
         elif key in ("purelib", "platlib"):
-            entries.append(Entry(name, norm(os.path.join(layout.site, rest)), "site", rest))
+            base = layout.site if key == "purelib" else plat
+            entries.append(Entry(name, norm(os.path.join(base, rest)), "site", rest))
         else:
             base = {"scripts": layout.scripts, "data": layout.data,
                     "headers": os.path.join(layout.headers, dist)}[key]

@@ -40,6 +40,7 @@ from comfy_env_attn.install.edges import (
     fetch_metadata,
     fetch_wheel,
     requirements,
+    root_is_purelib,
     run_uv,
     uv_index_args,
     wheel_listing,
@@ -183,6 +184,7 @@ class _Context:
         py = ".".join(str(f.get("python", "3")).split(".")[:2])
         return guard.Layout(
             site=guard.norm(f["purelib"]),
+            platlib=guard.norm(f.get("platlib") or f["purelib"]),
             scripts=guard.norm(f.get("scripts") or os.path.join(
                 prefix, "Scripts" if os.name == "nt" else "bin")),
             data=guard.norm(f.get("data") or prefix),
@@ -200,7 +202,8 @@ class _Context:
         if not own:
             return [f"{name} has no .dist-info folder for {dist}: not a {dist} wheel"]
         dist_dir = own[0][:-len(".dist-info")]
-        entries, refused = guard.destinations(name, dist_dir, names, self.layout, dist=dist)
+        entries, refused = guard.destinations(name, dist_dir, names, self.layout, dist=dist,
+                                              purelib=root_is_purelib(fetched.path, dist_dir))
         existing = [e.dest for e in entries if os.path.lexists(e.dest)]
         found = refused + guard.problems(name, dist, dist_dir, entries, self.owners, existing)
         if not found:
