@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, venv_python
+from conftest import ROOT, cli, make_venv, venv_python
 from wheels import sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
@@ -39,12 +39,9 @@ def profile(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def venv(tmp_path: Path, uv_bin: str) -> Path:
+def venv(tmp_path: Path) -> Path:
     """A fresh venv that sees this interpreter's torch (no torch copy: made in milliseconds)."""
-    path = tmp_path / "venv"
-    subprocess.run([uv_bin, "venv", "-q", "--system-site-packages", "--python",
-                    sys.executable, str(path)], check=True)
-    return path
+    return make_venv(tmp_path / "venv", torch=True)
 
 
 def serve_index(server, wheels: list[Path], *, bad_hash: bool = False,
@@ -225,16 +222,7 @@ def test_index_down_leaves_the_venv_unchanged(venv, profile) -> None:
     assert not (venv / LOCK_NAME).exists()
 
 
-def test_system_python_is_refused_without_yes(profile, http_server) -> None:
-    r = cli("install", "--python", sys.executable, "--system", str(profile), "--backends",
-            "sage", "--no-embedded-index")
-    if sys.prefix != sys.base_prefix:
-        pytest.skip("the test runner itself is in a venv")
-    assert r.returncode == 1 and "is not a virtual environment" in r.stderr
-
-
-def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_server,
-                                             uv_bin) -> None:
+def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_server) -> None:
     w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
     r = install(venv, profile, serve_index(http_server, [w]), "--no-verify")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -246,9 +234,7 @@ def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_serve
     assert tool["backends"]["sage"]["status"] == "verified"
     assert tool["fingerprint"]["device"] == "cpu"
     # a fresh venv reproduces exactly what the lock records
-    fresh = tmp_path / "fresh"
-    subprocess.run([uv_bin, "venv", "-q", "--system-site-packages", "--python",
-                    sys.executable, str(fresh)], check=True)
+    fresh = make_venv(tmp_path / "fresh", torch=True)
     r = cli("install", "--python", str(venv_python(fresh)), "--from-lock",
             str(venv / LOCK_NAME), *SHAPES)
     assert r.returncode == 0, r.stdout + r.stderr
