@@ -594,6 +594,9 @@ def older_line_note(system: System, backend: Backend, chosen: WheelName,
 def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected],
                   pin: Pin | None = None) -> str:
     where = _where(system)
+    if len(rejected) == 1:  # one candidate: its own reasons say it best
+        r = rejected[0]
+        return f"{r.candidate.filename}: {'; '.join(x.text for x in r.reasons)}"
     if pin is not None and pin.specifier:
         if not rejected:
             return f"no {backend.dist} wheel in the sources searched satisfies {pin.written}"

@@ -6,12 +6,15 @@ kill -9 midway), --version and --quiet."""
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, make_venv, venv_python, venv_site
-from wheels import sage_wheel
+from conftest import ROOT, cli, make_venv, venv_python, venv_site
+from wheels import SAGE_OK, build_wheel, sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
 
@@ -91,3 +94,202 @@ def test_install_honours_a_comfy_env_pin_and_refuses_one_nothing_fits(
     assert r.returncode == 1
     assert f"it says Python 3.9, the target runs {sys.version.split()[0]}" in r.stderr
     assert "pass --python with its interpreter" in r.stderr and "--force" in r.stderr
+
+
+# -- --json, against the schemas of docs/json.md --------------------------------------------
+
+def schema(name: str) -> dict:
+    """A JSON Schema of docs/json.md (the ```json schema=NAME block)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "json.md").read_text()
+    block = text.split(f"```json schema={name}\n", 1)[1].split("```", 1)[0]
+    return json.loads(block)
+
+
+def check(doc: dict, name: str) -> None:
+    import jsonschema
+
+    jsonschema.validate(doc, schema(name))
+
+
+def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
+                                       http_server) -> None:
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    py = str(venv_python(venv))
+    r = cli("install", "--python", py, "--system", str(profile), "--index-url",
+            serve(http_server, [w]), "--no-embedded-index", "--backends", "sage",
+            "--no-verify", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)  # nothing but the document on stdout
+    check(doc, "outcome")
+    (sage,) = [b for b in doc["backends"] if b["backend"] == "sage"]
+    assert sage["action"] == "installed" and sage["version"] == f"2.2.0+{LABEL}"
+    assert sage["sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    assert sage["verification"] is None and sage["wheel"] == w.name
+    assert doc["ok"] is True and Path(doc["lock"]).is_file()
+    assert doc["plan"]["backends"][1]["selected"]["filename"] == w.name
+    # not a terminal: a line where the download starts and one when it ends, and uv's
+    # messages summarised in one line
+    assert f"downloading {w.name}" in r.stderr and f"downloaded {w.name}: " in r.stderr
+    (uv,) = [ln for ln in r.stderr.splitlines() if ln.startswith("uv: ")]
+    assert "Installed 1 package in " in uv and f"+ sageattention=={sage['version']}" in uv, \
+        r.stderr
+    r = cli("bench", "--python", py, *SHAPES, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "bench")
+    (shape,) = doc["shapes"]
+    assert shape["shape"] == [1, 2, 128, 64] and shape["results"]["sdpa"]["vs_sdpa"] == 1.0
+    assert shape["results"]["sage"]["tflops"] > 0
+
+
+def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: Path) -> None:
+    """No wheel fits (an empty folder of wheels): install writes an SDPA-only lock, verified
+    there, and the dispatcher stops saying there is none."""
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    r = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+            "--find-links", str(empty), "--no-embedded-index", *SHAPES, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr  # nothing asked for by name
+    doc = json.loads(r.stdout)
+    check(doc, "outcome")
+    by = {b["backend"]: b for b in doc["backends"]}
+    assert {b["action"] for n, b in by.items() if n != "sdpa"} == {"no-wheel"}
+    assert by["sdpa"]["action"] == "builtin" and by["sdpa"]["verification"]["passed"]
+    # one line per backend while verifying, with its elapsed time
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("  sdpa: ")]
+    assert line.startswith("  sdpa: passed ") and line.endswith(" s)"), r.stderr
+    tool = read_lock(Path(doc["lock"]))
+    assert tool["auto"] == ["sdpa"] and tool["backends"]["sdpa"]["status"] == "verified"
+    code = ("import torch; from comfy_env_attn.runtime import dispatch; "
+            "print(dispatch.set_backend('auto'))")
+    r = subprocess.run([str(venv_python(venv)), "-c", code], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "no lock" not in r.stderr and "stale" not in r.stderr, r.stderr
+    r = cli("verify", "--python", str(venv_python(venv)), *SHAPES, "--json", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr == ""  # --quiet: the results only
+    doc = json.loads(r.stdout)
+    check(doc, "outcome")
+    assert doc["command"] == "verify" and doc["lock"] == str(venv / "pylock.comfy-env-attn.toml")
+    assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sdpa", "builtin")]
+
+
+def read_lock(path: Path) -> dict:
+    from comfy_env_attn.lockfile import read
+
+    return read(path)["tool"]["comfy-env-attn"]
+
+
+def test_version_and_quiet() -> None:
+    from comfy_env_attn import __version__
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"comfy-env-attn {__version__}"
+    from comfy_env_attn.cli import build_parser
+
+    for argv in (["-q", "plan"], ["plan", "--quiet"], ["--quiet", "install"]):
+        assert build_parser().parse_args(argv).quiet is True
+    assert build_parser().parse_args(["plan"]).quiet is False
+
+
+def test_progress_on_a_terminal(tmp_path: Path, venv: Path, profile: Path,
+                                http_server) -> None:
+    """stderr a terminal: a rich bar for the download (bytes, rate, time left) and uv's own
+    output passed through."""
+    import os
+    import pty
+
+    w = build_wheel(tmp_path / "w", "sageattention", f"2.2.0+{LABEL}",
+                    {"sageattention/__init__.py": SAGE_OK,
+                     "sageattention/blob.bin": os.urandom(3 << 20).hex()},
+                    requires=["torch>=2.0"])
+    index = serve(http_server, [w])
+    leader, follower = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "comfy_env_attn", "install", "--python",
+         str(venv_python(venv)), "--system", str(profile), "--index-url", index,
+         "--no-embedded-index", "--backends", "sage", "--no-verify"],
+        stdout=subprocess.PIPE, stderr=follower, cwd=ROOT,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out = p.communicate(timeout=300)[0]
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
+    assert p.returncode == 0, text + out.decode()
+    assert "6.3/6.3 MB" in text and "MB/s" in text, text  # the bar, finished
+    assert "downloaded " not in text  # no summary line: the bar said it
+    assert "Installed 1 package" in text and "uv: " not in text  # uv's own messages
+
+
+# -- uninstall ------------------------------------------------------------------------------
+
+def _serve_two(server, folder: Path) -> str:
+    sage = sage_wheel(folder, "ok", f"2.2.0+{LABEL}")
+    xf = build_wheel(folder, "xformers", "0.0.32.post2",
+                     {"xformers/__init__.py": "VERSION = 'fake'\n"}, requires=["numpy"])
+    for project, w in (("sageattention", sage), ("xformers", xf)):
+        url = server.add_file(f"/files/{w.name.replace('+', '%2B')}", w)
+        sha = hashlib.sha256(w.read_bytes()).hexdigest()
+        server.add(f"/simple/{project}/", f'<a href="{url}#sha256={sha}">{w.name}</a>')
+    return server.url + "/simple"
+
+
+def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
+        tmp_path: Path, venv: Path, profile: Path, http_server) -> None:
+    import os
+    import signal
+
+    py = str(venv_python(venv))
+    r = cli("install", "--python", py, "--system", str(profile), "--index-url",
+            _serve_two(http_server, tmp_path / "w"), "--no-embedded-index", "--backends",
+            "sage,xformers", "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    have = installed_in(venv)
+    assert {"sageattention", "xformers"} <= set(have)
+    numpy_before = have.get("numpy")
+    lock = venv / "pylock.comfy-env-attn.toml"
+    lock_before = lock.read_bytes()
+
+    # killed after the first backend is gone: the next run puts it back, lock unchanged
+    r = cli("uninstall", "--python", py, env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "uninstalling"})
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert len({"sageattention", "xformers"} & set(installed_in(venv))) == 1  # half done
+    assert (venv / ".comfy-env-attn" / "journal.json").exists()
+    r = cli("uninstall", "--python", py, "--backends", "sage", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "found an interrupted uninstall" in r.stderr and "restored" in r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "outcome")
+    assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sage", "removed")]
+    have = installed_in(venv)
+    assert "sageattention" not in have and have["xformers"] == "0.0.32.post2"
+    assert have.get("numpy") == numpy_before  # what it pulled in stays
+    check_import = subprocess.run([py, "-c", "import xformers; print(xformers.VERSION)"],
+                                  capture_output=True, text=True)
+    assert check_import.stdout.strip() == "fake"  # xformers' files were restored whole
+    tool = read_lock(lock)
+    assert "sage" not in tool["backends"] and "sage" not in tool["fingerprint"]["backends"]
+    from comfy_env_attn.lockfile import read
+
+    assert [p["name"] for p in read(lock)["packages"]] == ["xformers"]
+    assert lock.read_bytes() != lock_before
+    # the rest, as the lock records it; then nothing is left to remove
+    r = cli("uninstall", "--python", py, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [(b["backend"], b["action"]) for b in json.loads(r.stdout)["backends"]] == \
+        [("xformers", "removed")]
+    assert not {"sageattention", "xformers"} & set(installed_in(venv))
+    assert read(lock)["packages"] == [] and read_lock(lock)["auto"] == ["sdpa"]
+    assert not (venv / ".comfy-env-attn" / "journal.json").exists()
+    assert not os.listdir(venv / ".comfy-env-attn" / "backup") if \
+        (venv / ".comfy-env-attn" / "backup").exists() else True

@@ -1,4 +1,4 @@
-"""comfy-env-attn: probe | plan | doctor | install | verify | lock | bench | launch-args | node.
+"""comfy-env-attn: probe | plan | doctor | install | verify | lock | bench | launch-args | node | uninstall.
 
 Results go to stdout (--json where a machine reads them), progress and logs to stderr.
 Exit 0 success, 1 a failure the message explains, 2 bad usage.
@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from comfy_env_attn import __version__
 from comfy_env_attn.core.errors import AttnError, UsageError
 
 
@@ -53,11 +54,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     # top-level ones, so here it leaves verbose alone unless -v is given after the command.
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="tracebacks and details")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress lines (results and errors only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="comfy-env-attn", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines (results and errors only)")
+    parser.add_argument("--version", action="version", version=f"comfy-env-attn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("probe", help="what the target machine and interpreter are")
@@ -106,6 +112,7 @@ def _workflow_parsers(sub: Any) -> None:
                    help="keep a backend that fails verification")
     p.add_argument("--no-verify", action="store_true",
                    help="skip verification: the lock marks backends unverified")
+    p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
     _build_args(p, "a requested backend with no fitting wheel")
     _verify_opts(p)
     _common(p)
@@ -121,9 +128,20 @@ def _workflow_parsers(sub: Any) -> None:
     _build_args(p, None)
     _common(p)
 
+    p = sub.add_parser("uninstall", help="remove what install put in (torch and the rest "
+                                         "stay), rewrite the lock")
+    _target_args(p)
+    p.add_argument("--backends", metavar="LIST",
+                   help="these backends (default: the ones the lock records)")
+    p.add_argument("--yes", action="store_true",
+                   help="allow changing a Python that is not a venv")
+    p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
+    _common(p)
+
     p = sub.add_parser("verify", help="prove the installed backends and rewrite the lock")
     _target_args(p)
     _verify_opts(p)
+    p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
     _common(p)
 
     p = sub.add_parser("lock", help="show the lock and whether it matches this machine")
@@ -140,6 +158,7 @@ def _workflow_parsers(sub: Any) -> None:
     p = sub.add_parser("bench", help="time the installed backends against SDPA")
     _target_args(p)
     p.add_argument("--backends", metavar="LIST")
+    p.add_argument("--json", action="store_true", help="the timings as JSON (docs/json.md)")
     _verify_opts(p)
     _common(p)
 
@@ -185,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help(sys.stderr)
             return 2
+        from comfy_env_attn.cli.progress import set_quiet
+
+        set_quiet(bool(args.quiet))
         from comfy_env_attn.cli.commands import run
 
         return int(run(args))

@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         from comfy_env_attn.cli.node import cmd_node
 
         return cmd_node(args)
-    if args.command in ("install", "verify"):
+    if args.command in ("install", "verify", "uninstall"):
         from comfy_env_attn.cli import install  # imported when used: the install machinery
 
         return install.COMMANDS[args.command](args)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.candidates.sources import Candidate
 from comfy_env_attn.cli import planning
 from comfy_env_attn.cli.commands import locate
-from comfy_env_attn.cli.output import console
+from comfy_env_attn.cli.output import console, dump_json
+from comfy_env_attn.cli.progress import DownloadProgress, uv_passthrough
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.core.progress import log
@@ -21,9 +23,19 @@ from comfy_env_attn.facts.probe import (
     system_from,
 )
 from comfy_env_attn.facts.system import disagreements, load_profile
-from comfy_env_attn.install.installer import InstallOptions, Outcome, recover, reverify, run_install
+from comfy_env_attn.install.installer import (
+    InstallOptions,
+    Outcome,
+    Row,
+    recover,
+    reverify,
+    run_install,
+    run_uninstall,
+    uninstall_targets,
+)
 from comfy_env_attn.install.journal import target_lock
-from comfy_env_attn.verify.run import Options
+from comfy_env_attn.resolve import Plan
+from comfy_env_attn.verify.run import Options, Result
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -51,14 +63,18 @@ def cmd_install(args: argparse.Namespace) -> int:
         cfg = planning.load_config(args)
         reqs = planning.requests(args, cfg, base)
         if cfg is not None and not reqs:
-            print(cfg.nothing_to_do(cfg.pick(args.env)))
+            line = cfg.nothing_to_do(cfg.pick(args.env))
+            if args.json:
+                dump_json(install_json(Outcome(), exe, nothing_to_do=line))
+            else:
+                print(line)
             return 0
         if len(reqs) > 1:
             raise UsageError(f"{args.config} has several environments that ask for attention "
                              f"packages ({', '.join(r.env.name for r in reqs if r.env)}); "
                              "they are different interpreters: pick one with --env NAME")
         req = reqs[0]
-        _check_described(args, exe, target, req)
+        described = _check_described(args, exe, target, req)
         plan = planning.make_plan(req, planning.sources_from(args))
         if args.build:
             from comfy_env_attn.cli.build import build_missing
@@ -71,18 +87,25 @@ def cmd_install(args: argparse.Namespace) -> int:
                 continue
             if bp.selected is None:
                 out.row(bp.backend).note = f"no wheel: {bp.reason}"
+                out.row(bp.backend).action = "no-wheel"
                 if args.backends or args.config:
                     out.ok = False  # asked for by name: not having it is a failure
             else:
                 alts = [bp.selected] + [r.candidate for r in bp.rejected
                                         if r.reasons and r.reasons[0].kind == "ranked"]
                 chosen.append((bp.backend, alts))
-        for w in plan.warnings:
+        for w in [*described, *plan.warnings]:
             log(f"warning: {w}")
     chosen.sort(key=lambda t: t[0] == "flash4")  # flash-attn before flash-attn-4
     if args.dry_run:
         from comfy_env_attn.cli.commands import print_plan
 
+        if args.json:
+            for b, alts in chosen:
+                row = out.row(b)
+                row.action, row.wheel, row.candidate = "would-install", alts[0].filename, alts[0]
+            dump_json(install_json(out, exe, plan=plan, dry_run=True))
+            return 0
         if plan is not None:
             print_plan(plan)
         for b, alts in chosen:
@@ -94,18 +117,22 @@ def cmd_install(args: argparse.Namespace) -> int:
         recover(target)
         target = probe_interpreter(exe)
         run_install(target, chosen, out, install_options(args))
-    print_summary(out, target)
+    if args.json:
+        dump_json(install_json(out, target.executable, plan=plan))
+    else:
+        print_summary(out, target)
     return 0 if out.ok else 1
 
 
 def _check_described(args: argparse.Namespace, exe: str, target: Target,
-                     req: planning.Request) -> None:
+                     req: planning.Request) -> list[str]:
     """A System profile, or an environment of the config with explicit versions, describes
     the machine the wheels are chosen for: where it contradicts the target interpreter,
-    refuse (unless --force or --dry-run); torch's CUDA alone is a warning."""
+    refuse (unless --force or --dry-run); torch's CUDA alone is a warning. Returns the
+    warnings."""
     env = req.env if req.env is not None and req.env.explicit else None
     if not args.system and env is None:
-        return
+        return []
     real = system_from(target, GpuFacts())
     found = disagreements(req.system, real)
     what = " and ".join(x for x in (f"the profile {args.system}" if args.system else "",
@@ -117,14 +144,14 @@ def _check_described(args: argparse.Namespace, exe: str, target: Target,
         raise InstallError(f"{what} does not describe {exe}: it says {'; '.join(found)}. "
                            f"Wheels chosen for it may not work there{hint}: pass --force "
                            "to install them anyway")
-    for f in planning.profile_disagreements(req.system, real):
-        log(f"warning: {what} says {f}")
+    return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)]
 
 
 def install_options(args: argparse.Namespace) -> InstallOptions:
     return InstallOptions(index_urls=tuple(args.index_url), find_links=tuple(args.find_links),
                           keep_failed=args.keep_failed,
-                          verify=None if args.no_verify else verify_options(args))
+                          verify=None if args.no_verify else verify_options(args),
+                          meter=DownloadProgress(), uv_passthrough=uv_passthrough())
 
 
 def verify_options(args: argparse.Namespace) -> Options:
@@ -148,8 +175,78 @@ def cmd_verify(args: argparse.Namespace) -> int:
         recover(target)
         target = probe_interpreter(exe)
         out, ok = reverify(target, verify_options(args))
-    print_summary(out, target)
+    if getattr(args, "json", False):
+        out.ok = ok
+        dump_json(install_json(out, target.executable, command="verify"))
+    else:
+        print_summary(out, target)
     return 0 if ok else 1
+
+
+# -- --json (docs/json.md) ------------------------------------------------------------------
+
+JSON_SCHEMA = 1
+
+
+def verification_json(r: Result) -> dict[str, Any]:
+    """What verification showed for one backend, as the lock records it."""
+    return {"passed": r.passed, "summary": r.summary(), "error": r.error,
+            "version": r.data.get("version"),
+            "checks": [{k: c.get(k) for k in ("variant", "head_dim", "dtype", "passed",
+                                              "max_abs", "cosine", "error")}
+                       for c in r.checks],
+            "bench": [{k: b.get(k) for k in ("shape", "kv_len", "dtype", "ms", "tflops",
+                                             "error")}
+                      for b in r.bench]}
+
+
+def row_json(r: Row) -> dict[str, Any]:
+    c = r.candidate
+    return {"backend": r.backend,
+            "action": r.action or ("builtin" if r.backend == "sdpa" else "none"),
+            "wheel": r.wheel or None, "url": c.url if c is not None else None,
+            "sha256": r.sha256 or (c.sha256 if c is not None else None),
+            "version": r.version,
+            "verification": verification_json(r.result) if r.result is not None else None,
+            "note": r.note or None}
+
+
+def install_json(out: Outcome, python: str, *, command: str = "install",
+                 plan: Plan | None = None, dry_run: bool = False,
+                 nothing_to_do: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"schema": JSON_SCHEMA, "command": command, "python": python,
+                           "ok": out.ok, "lock": str(out.lock) if out.lock else None,
+                           "backends": [row_json(r) for r in out.rows.values()]}
+    if command == "install":
+        doc["dry_run"] = dry_run
+        doc["plan"] = plan.to_json() if plan is not None else None
+    if nothing_to_do is not None:
+        doc["nothing_to_do"] = nothing_to_do
+    return doc
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    exe, _ = locate(args)
+    target = probe_interpreter(exe)
+    if not target.is_dedicated and not args.yes:
+        raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
+                           f"Python (it is the system interpreter at {target.prefix}): "
+                           "refusing to change it; pass --yes to change it anyway")
+    out = Outcome()
+    with target_lock(target.prefix, log):
+        recover(target)
+        target = probe_interpreter(exe)
+        names = uninstall_targets(target, bk.parse_list(args.backends) if args.backends
+                                  else None)
+        run_uninstall(target, names, out, passthrough=uv_passthrough())
+    if args.json:
+        dump_json(install_json(out, target.executable, command="uninstall"))
+    elif not out.rows:
+        print(f"comfy-env-attn: nothing to remove in {target.executable} (the lock records "
+              "no backend)")
+    else:
+        print_summary(out, target)
+    return 0
 
 
 def print_summary(out: Outcome, target: Target) -> None:
@@ -173,4 +270,4 @@ def print_summary(out: Outcome, target: Target) -> None:
     console().print(t)
 
 
-COMMANDS = {"install": cmd_install, "verify": cmd_verify}
+COMMANDS = {"install": cmd_install, "verify": cmd_verify, "uninstall": cmd_uninstall}

@@ -16,7 +16,7 @@ from comfy_env_attn.core.lockmodel import tool_table
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import installed_backends, read_installed
 from comfy_env_attn.facts.probe import probe_interpreter
-from comfy_env_attn.verify.run import verify
+from comfy_env_attn.verify.run import Result, verify
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -56,6 +56,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
     results = verify(target.executable, names, verify_options(args), progress=log)
     base = {_label(b): b for b in results["sdpa"].bench if "tflops" in b}
+    if getattr(args, "json", False):
+        dump_json(bench_json(target.executable, results, base))
+        return 0
     from rich.table import Table
 
     t = Table(title="attention throughput (TFLOP/s, 4*B*H*N^2*D per call; ratio to SDPA)")
@@ -74,6 +77,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         t.add_row(key, *cells)
     console().print(t)
     return 0
+
+
+def bench_json(python: str, results: dict[str, Result], base: dict[str, dict[str, Any]]
+               ) -> dict[str, Any]:
+    """bench --json (docs/json.md): each shape SDPA was timed at, each backend's time there
+    and its ratio to SDPA, or why it has none."""
+    shapes = []
+    for key, ref in base.items():
+        cells: dict[str, Any] = {}
+        for name, r in results.items():
+            b = next((x for x in r.bench if _label(x) == key), None)
+            if b is not None and "tflops" in b:
+                cells[name] = {"ms": b.get("ms"), "tflops": b["tflops"],
+                               "vs_sdpa": b["tflops"] / ref["tflops"]}
+            else:
+                cells[name] = {"error": (b or {}).get("error") or
+                               ("failed verification" if not r.passed else "not timed")}
+        shapes.append({"shape": ref["shape"], "kv_len": ref.get("kv_len"),
+                       "dtype": ref.get("dtype"), "results": cells})
+    return {"schema": 1, "command": "bench", "python": python,
+            "device": (results["sdpa"].data.get("device") or {}).get("type"),
+            "backends": {n: {"passed": r.passed, "error": r.error,
+                             "version": r.data.get("version")} for n, r in results.items()},
+            "shapes": shapes}
 
 
 def _label(row: dict[str, Any]) -> str:

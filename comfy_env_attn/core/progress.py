@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
+QUIET = False  # --quiet: no progress lines (errors still reach stderr through the CLI)
+
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if not QUIET:
+        print(msg, file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from comfy_env_attn.facts.installed import (
 from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.install import guard
 from comfy_env_attn.install.edges import (
+    DownloadMeter,
     Fetched,
     Needs,
     Unreachable,
@@ -46,7 +47,7 @@ from comfy_env_attn.install.edges import (
     wheel_listing,
     wheel_metadata,
 )
-from comfy_env_attn.install.journal import Journal, crash_point
+from comfy_env_attn.install.journal import Journal, crash_point, keep_foreign
 from comfy_env_attn.verify.run import Options, Result, verify
 
 MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
@@ -54,17 +55,27 @@ MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
 
 @dataclass
 class Row:
+    """What one run did for one backend: text for the summary table, and the same as data
+    for --json (docs/json.md)."""
+
     backend: str
     wheel: str = ""
     installed: str = ""
     verified: str = ""
     note: str = ""
+    # installed, already, refused, unavailable, no-wheel, rolled-back, kept, removed, absent
+    action: str = ""
+    version: str | None = None  # what the target has of it after the run
+    candidate: Candidate | None = None
+    sha256: str | None = None
+    result: Result | None = None  # its verification
 
 
 @dataclass
 class Outcome:
     rows: dict[str, Row] = field(default_factory=dict)
     ok: bool = True
+    lock: Path | None = None  # the lock written
 
     def row(self, backend: str) -> Row:
         return self.rows.setdefault(backend, Row(backend))
@@ -75,10 +86,11 @@ def own_sites(target: Target) -> list[str]:
             if p]
 
 
-def uninstaller(target: Target) -> Callable[[str], None]:
+def uninstaller(target: Target, *, passthrough: bool = False) -> Callable[[str], None]:
     def uninstall(name: str) -> None:
         if name in read_installed(own_sites(target)):
-            run_uv(["pip", "uninstall", "--python", target.executable, name], log)
+            run_uv(["pip", "uninstall", "--python", target.executable, name], log,
+                   passthrough=passthrough)
 
     return uninstall
 
@@ -135,7 +147,8 @@ def recover(target: Target) -> Recovery:
             _file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):
         j.meta["state"] = "committed"  # the new lock was in place: the install had finished
     verb = "finished" if j.state == "committed" else "undone"
-    log(f"found an interrupted install (pid {j.meta.get('pid')}, state {state}): {verb}")
+    log(f"found an interrupted {j.meta.get('action', 'install')} (pid {j.meta.get('pid')}, "
+        f"state {state}): {verb}")
     done = j.rollback(uninstaller(target), protected_files(target))
     for d in done:
         log(f"  {d}")
@@ -148,6 +161,8 @@ class InstallOptions:
     find_links: tuple[str, ...] = ()
     keep_failed: bool = False
     verify: Options | None = field(default_factory=Options)  # None: --no-verify
+    meter: DownloadMeter | None = None  # download progress
+    uv_passthrough: bool = False  # uv's own progress to our stderr (a terminal)
 
 
 @dataclass(frozen=True)
@@ -236,7 +251,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             if host and host in dead_hosts:
                 failures.append(Failure(f"{c.filename}: skipped, {host} is unreachable"))
                 continue
-            got = _obtain(c, backend, ctx)
+            got = _obtain(c, backend, ctx, opts.meter)
             if isinstance(got, Failure):
                 if got.unreachable:
                     dead_hosts.add(host)
@@ -244,28 +259,35 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 log(f"{backend}: {got.text}")
                 continue
             fetched, missing = got
-            row.wheel = c.filename
+            row.wheel, row.candidate, row.sha256 = c.filename, c, fetched.sha256
             dist = bk.BACKENDS[backend].dist
             have = installed.get(dist)
             if have is not None and have.version == _version_of(c.filename) and \
                     have.location in own_sites(target):
                 row.installed = f"already {have.version}"
+                row.action, row.version = "already", have.version
             ready.append((backend, fetched))
             deps[backend] = missing
             break
         else:
             row.wheel = alternatives[0].filename if alternatives else ""
+            row.candidate = alternatives[0] if alternatives else None
             row.installed = "refused" if any(f.refused for f in failures) else "none"
+            row.action = "refused" if any(f.refused for f in failures) else "unavailable"
             row.note = " | ".join(f.text for f in failures)
             out.ok = False
-    to_install = [(b, f) for b, f in ready if not out.row(b).installed.startswith("already")]
+    to_install = [(b, f) for b, f in ready if out.row(b).action != "already"]
     if not to_install and not ready:
+        # nothing to change: still verify what is there and write the lock (SDPA alone when
+        # nothing fits), so that the dispatcher finds one
+        results = verify_installed(target, installed, out, opts.verify)
+        out.lock = lockfile.write_lock(target, installed, results, [])
         return
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
     dep_names = sorted({_req_name(d) for b, _ in to_install for d in deps[b]})
     journal.begin({"python": target.executable, "backends": [b for b, _ in to_install]})
-    uninstall = uninstaller(target)
+    uninstall = uninstaller(target, passthrough=opts.uv_passthrough)
     try:
         for name in touched + dep_names:
             journal.add(name, installed, own_sites(target))
@@ -273,13 +295,15 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         crash_point("backed-up")
         with tempfile.TemporaryDirectory() as tmp:
             if to_install:
-                _uv_install(target, to_install, Path(tmp))
+                _uv_install(target, to_install, Path(tmp), passthrough=opts.uv_passthrough)
             crash_point("installed")
             missing = sorted({d for b, _ in to_install for d in deps[b]})
             if missing:
                 _install_deps(opts, ctx, missing, journal, Path(tmp))
         for b, f in to_install:
-            out.row(b).installed = _version_of(f.candidate.filename)
+            row = out.row(b)
+            row.installed = row.version = _version_of(f.candidate.filename)
+            row.action = "installed"
         after = read_installed(target.site_dirs)
         _check_untouched(ctx, before_files, before_problems, after,
                          [bk.BACKENDS[b].dist for b, _ in to_install])
@@ -290,9 +314,13 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         for b in failed:
             if opts.keep_failed:
                 out.row(b).note = "kept despite failing (--keep-failed)"
+                out.row(b).action = "kept"
                 continue
             journal.restore(bk.BACKENDS[b].dist, uninstall, protected_files(target))
             out.row(b).installed += " -> rolled back"
+            out.row(b).action = "rolled-back"
+            before = journal.touched.get(bk.BACKENDS[b].dist)
+            out.row(b).version = before.before if before is not None else None
         if failed:
             out.ok = False
             after = read_installed(target.site_dirs)
@@ -302,7 +330,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         journal.set_state("locking",
                           lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
-        lockfile.write_lock(target, after, results, [f for _, f in ready])
+        out.lock = lockfile.write_lock(target, after, results, [f for _, f in ready])
         crash_point("locked")
         journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
@@ -363,7 +391,8 @@ def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journ
             journal.add(n, installed, own_sites(target))
         run_uv(["pip", "install", "--python", target.executable, "--no-deps", "--only-binary",
                 ":all:", "--constraint", str(constraint),
-                *uv_index_args(list(opts.index_urls), list(opts.find_links)), *missing], log)
+                *uv_index_args(list(opts.index_urls), list(opts.find_links)), *missing], log,
+               passthrough=opts.uv_passthrough)
         installed = read_installed(target.site_dirs)
         missing = []
         for n in names:
@@ -381,7 +410,8 @@ def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journ
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
 
 
-def _obtain(c: Candidate, backend: str, ctx: _Context) -> tuple[Fetched, list[str]] | Failure:
+def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | None = None
+            ) -> tuple[Fetched, list[str]] | Failure:
     """(the wheel on disk, requirements to add) or why this candidate cannot be used."""
     dist = bk.BACKENDS[backend].dist
     if project_of(c.filename) != dist:
@@ -393,7 +423,7 @@ def _obtain(c: Candidate, backend: str, ctx: _Context) -> tuple[Fetched, list[st
         if needs.refused:
             return Failure(needs.refused[0], refused=True)
     try:
-        fetched = fetch_wheel(c, log)
+        fetched = fetch_wheel(c, log, meter=meter)
         needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)))
         if needs.refused:
             return Failure(needs.refused[0], refused=True)
@@ -408,7 +438,8 @@ def _obtain(c: Candidate, backend: str, ctx: _Context) -> tuple[Fetched, list[st
     return fetched, needs.missing
 
 
-def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path) -> None:
+def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path, *,
+                passthrough: bool = False) -> None:
     req = tmp / "attention.txt"
     req.write_text("".join(f"{bk.BACKENDS[b].dist} @ {f.path.resolve().as_uri()} "
                            f"--hash=sha256:{f.sha256}\n" for b, f in items), encoding="utf-8")
@@ -417,7 +448,7 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path) -> 
             "--no-index", "--require-hashes", "--only-binary", ":all:", "-r", str(req)]
     for n in names:
         args += ["--reinstall-package", n]
-    run_uv(args, log)
+    run_uv(args, log, passthrough=passthrough)
 
 
 def _version_of(filename: str) -> str:
@@ -438,6 +469,10 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
                      opts: Options | None) -> dict[str, Result]:
     """Verify every installed backend (opts None: skip, the lock marks them unverified)."""
     names = installed_backends(installed)
+    for n in names:
+        row = out.row(n)
+        if not row.action:
+            row.action, row.version = "present", installed[bk.BACKENDS[n].dist].version
     if opts is None:
         for n in names:
             out.row(n).verified = "skipped (--no-verify)"
@@ -445,6 +480,7 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
     results = verify(target.executable, names, opts, progress=log)
     for n, r in results.items():
         out.row(n).verified = r.summary()
+        out.row(n).result = r
         if not r.passed and n in names:
             out.ok = False
     if not results["sdpa"].passed:
@@ -461,5 +497,124 @@ def reverify(target: Target, opts: Options) -> tuple[Outcome, bool]:
     installed = read_installed(target.site_dirs)
     out = Outcome()
     results = verify_installed(target, installed, out, opts)
-    lockfile.write_lock(target, installed, results, [])
+    out.lock = lockfile.write_lock(target, installed, results, [])
     return out, all(results[n].passed for n in installed_backends(installed))
+
+
+# -- uninstall ------------------------------------------------------------------------------
+
+def uninstall_targets(target: Target, backends: list[str] | None) -> list[str]:
+    """What `uninstall` removes: the backends named, or else those the lock records as
+    installed by this tool."""
+    if backends is not None:
+        return backends
+    path = lockfile.lock_path(target.prefix)
+    try:
+        doc = lockfile.read(path)
+    except AttnError as e:
+        raise InstallError(f"cannot tell what comfy-env-attn installed ({e}): name the "
+                           "backends to remove with --backends") from None
+    return list(dict.fromkeys(w.backend for w in lockfile.wheels_of(doc)
+                              if w.backend in bk.BACKENDS))
+
+
+def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
+                  passthrough: bool = False) -> None:
+    """Remove these backends' distributions from the target's own site-packages, journalled
+    like an install (a failure or a kill midway puts them back), never a file of torch,
+    its closure or another distribution; then rewrite the lock without them."""
+    ctx = _Context(target)
+    installed, own = ctx.installed, own_sites(target)
+    remove: list[str] = []
+    for b in backends:
+        row = out.row(b)
+        dist = bk.BACKENDS[b].dist
+        inst = installed.get(dist) if dist else None
+        if not dist:
+            row.action, row.note = "builtin", "part of torch: nothing to remove"
+        elif inst is None:
+            row.action, row.note = "absent", "not installed"
+        elif inst.location not in own:
+            row.action, row.version = "absent", inst.version
+            row.note = f"installed outside the target's own site-packages ({inst.location}): " \
+                       "left alone"
+        else:
+            row.version, row.installed = inst.version, inst.version
+            remove.append(b)
+    if not remove:
+        return
+    before_files = ctx.protected_state(installed)
+    before_problems = set(torch_file_problems(target.site_dirs, cache=cache_dir()))
+    dists = [bk.BACKENDS[b].dist for b in remove]
+    # files any other distribution (torch's closure included) lists: never deleted
+    foreign = protected_files(target) | {
+        guard.norm(os.path.join(i.location, rel)) for n, i in installed.items()
+        if n not in dists for rel in record_paths(i)}
+    journal = Journal(target.prefix)
+    journal.begin({"python": target.executable, "backends": remove, "action": "uninstall"})
+    uninstall = uninstaller(target, passthrough=passthrough)
+    try:
+        for d in dists:
+            journal.add(d, installed, own)
+        journal.set_state("installing")
+        for b, d in zip(remove, dists, strict=True):
+            kept = keep_foreign(installed[d].location, d, foreign)
+            uninstall(d)
+            row = out.row(b)
+            row.action, row.installed, row.version = "removed", "removed", None
+            if kept:
+                row.note = f"left {len(kept)} file(s) other distributions own ({kept[0]})"
+            crash_point("uninstalling")
+        after = read_installed(target.site_dirs)
+        _check_untouched(ctx, before_files, before_problems, after, [])
+        journal.set_state("locking",
+                          lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
+        crash_point("locking")
+        out.lock = _lock_without(target, remove, after)
+        journal.commit()
+    except (AttnError, KeyboardInterrupt, OSError) as e:
+        if journal.state == "locking" and _file_sha256(
+                lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
+            journal.meta["state"] = "committed"  # the new lock is in place: keep it
+        done = journal.rollback(uninstall, protected_files(target))
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        if journal.meta.get("state") == "committed":
+            raise InstallError(f"{e}\nthe uninstall itself had completed and was kept") \
+                from None
+        raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
+
+
+def _lock_without(target: Target, removed: list[str], after: dict[str, Installed]
+                  ) -> Path | None:
+    """The target's lock rewritten without these backends: their packages, records and
+    fingerprint entries go, the rest (and what verification proved of it) stays."""
+    import time
+    from dataclasses import replace
+
+    from comfy_env_attn.core.backends import normalize_dist
+    from comfy_env_attn.core.lockmodel import tool_table
+
+    path = lockfile.lock_path(target.prefix)
+    if not path.exists():
+        return None
+    try:
+        doc = lockfile.read(path)
+        tool = tool_table(doc)
+    except AttnError as e:  # unreadable: what is installed now, unverified
+        log(f"the lock {path} could not be read ({e}): writing a new one")
+        return lockfile.write_lock(target, after, {}, [])
+    gone = {bk.BACKENDS[b].dist for b in removed}
+    doc["packages"] = [p for p in doc.get("packages", [])
+                       if normalize_dist(str(p.get("name", ""))) not in gone]
+    tool = replace(tool,
+                   backends={n: r for n, r in tool.backends.items() if n not in removed},
+                   fingerprint=replace(tool.fingerprint, backends={
+                       n: d for n, d in tool.fingerprint.backends.items() if n not in removed}),
+                   auto=tuple(n for n in tool.auto if n not in removed),
+                   exact=tuple(n for n in tool.exact if n not in removed),
+                   written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    doc["tool"]["comfy-env-attn"] = tool.to_dict()
+    lockfile.write(path, doc)
+    log(f"wrote {path}")
+    return path

@@ -288,6 +288,13 @@ class Journal:
         return out
 
 
+def keep_foreign(site: str, name: str, foreign: Collection[str]) -> list[str]:
+    """Before uninstalling `name`: drop from its RECORD the files that belong to others
+    (`foreign`, absolute and normalised), so that uninstalling it leaves them; returns
+    those files."""
+    return _unlist(site, name, foreign)
+
+
 def _unlist(site: str, name: str, foreign: Collection[str]) -> list[str]:
     """Drop from `name`'s RECORD in `site` the files in `foreign`, so that uninstalling it
     leaves them; returns those files."""

@@ -18,7 +18,7 @@ import os
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -231,10 +231,19 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
     order = ["sdpa"] + [b for b in backends if b != "sdpa"]
     if progress:
         progress(f"verifying {', '.join(order)} ...")
+    t0 = time.monotonic()
+    results: dict[str, Result] = {}
+
+    def done(name: str, parts: list[Result]) -> None:
+        # one line per backend as it finishes, with the time since verification began
+        results[name] = _merge(name, parts)
+        if progress:
+            progress(f"  {name}: {results[name].summary()} ({time.monotonic() - t0:.1f} s)")
+
     with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
         futures = {name: [pool.submit(run_one, python, name, o) for o in _shards(name, opts)]
                    for name in order}
-        results = {"sdpa": _merge("sdpa", [f.result() for f in futures["sdpa"]])}
+        done("sdpa", [f.result() for f in futures["sdpa"]])
         # plugins from entry points, as SDPA's process found them in the target: proven
         # like the rest (shipped plugins, such as taylor, only when named)
         found = (results["sdpa"].data.get("live") or {}).get("plugins") or []
@@ -243,11 +252,14 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
             progress(f"verifying plugins {', '.join(extra)} ...")
         futures.update({name: [pool.submit(run_one, python, name, opts)] for name in extra})
         order += extra
-        results.update({name: _merge(name, [f.result() for f in futures[name]])
-                        for name in order[1:]})
-    for name in order:
-        if progress:
-            progress(f"  {name}: {results[name].summary()}")
+        owner = {f: name for name in order[1:] for f in futures[name]}
+        left = {name: len(futures[name]) for name in order[1:]}
+        for f in as_completed(owner):
+            name = owner[f]
+            left[name] -= 1
+            if left[name] == 0:
+                done(name, [g.result() for g in futures[name]])
+    results = {name: results[name] for name in order}
     passed = [n for n in order if results[n].passed]
     if not opts.bench or len(passed) < 2:
         return results  # nothing to choose between
