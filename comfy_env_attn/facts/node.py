@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from comfy_env_attn.facts.locate import is_comfyui_dir
+
 NODE_DIR = "comfy_env_attn"  # the folder `node install` places in custom_nodes/
 MARK = "# comfy-env-attn node loader"
 REPO_HEADER = "# comfy-env-attn as a ComfyUI custom node (a copy of its repository).\n"
@@ -69,10 +71,7 @@ def loader_text(version: str | None) -> str:
 def comfyui_root(path: Path) -> Path | None:
     """The ComfyUI folder `path` names: itself, or ComfyUI/ inside it (Windows portable's
     ComfyUI_windows_portable)."""
-    for p in (path, path / "ComfyUI"):
-        if (p / "main.py").is_file() and (p / "comfy").is_dir():
-            return p
-    return None
+    return next((p for p in (path, path / "ComfyUI") if is_comfyui_dir(p)), None)
 
 
 def node_file(comfyui: PurePath) -> PurePath:
