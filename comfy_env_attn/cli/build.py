@@ -74,8 +74,11 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
             if selected is None:
                 log(f"--build: no source is pinned for {bp.backend}; buildable: "
                     f"{', '.join(recipes)}")
-        elif wants_build(r, selected):
-            if selected:
+        elif args.source or wants_build(r, selected):
+            if selected and args.source and not wants_build(r, selected):
+                log(f"--build: {bp.backend}: --source given: building it here instead of "
+                    f"{name}")
+            elif selected:
                 log(f"--build: {bp.backend}: the plan selects {name}, an "
                     f"older major line than the source ({r.dist} {r.version}): building it")
             todo.append(r)
