@@ -293,3 +293,20 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert not (venv / ".comfy-env-attn" / "journal.json").exists()
     assert not os.listdir(venv / ".comfy-env-attn" / "backup") if \
         (venv / ".comfy-env-attn" / "backup").exists() else True
+
+
+def test_a_folder_of_wheels_installs_offline_dependencies_included(
+        tmp_path: Path, venv: Path, profile: Path) -> None:
+    """Every source local (--find-links FOLDER): the requirements come from the folder, uv is
+    told not to ask an index (here uv's default index is a dead address, as offline)."""
+    folder = tmp_path / "carried"
+    sage_wheel(folder, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "sage-helper>=1"])
+    build_wheel(folder, "sage-helper", "1.0", {"sage_helper/__init__.py": ""})
+    r = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+            "--find-links", str(folder), "--no-embedded-index", "--backends", "sage",
+            "--no-verify", env={"UV_DEFAULT_INDEX": "http://127.0.0.1:9/simple",
+                                "UV_INDEX_URL": "http://127.0.0.1:9/simple"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--no-index --offline" in r.stderr
+    have = installed_in(venv)
+    assert have["sageattention"] == f"2.2.0+{LABEL}" and have["sage-helper"] == "1.0"

@@ -149,7 +149,7 @@ def _check_described(args: argparse.Namespace, exe: str, target: Target,
 
 def install_options(args: argparse.Namespace) -> InstallOptions:
     return InstallOptions(index_urls=tuple(args.index_url), find_links=tuple(args.find_links),
-                          keep_failed=args.keep_failed,
+                          keep_failed=args.keep_failed, pypi=args.pypi,
                           verify=None if args.no_verify else verify_options(args),
                           meter=DownloadProgress(), uv_passthrough=uv_passthrough())
 

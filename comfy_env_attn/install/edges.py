@@ -28,7 +28,13 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion
 
-from comfy_env_attn.candidates.sources import Candidate, Limits, limits_from_env, read_bounded
+from comfy_env_attn.candidates.sources import (
+    PYPI_SIMPLE,
+    Candidate,
+    Limits,
+    limits_from_env,
+    read_bounded,
+)
 from comfy_env_attn.candidates.wheelname import (
     InvalidWheelName,
     bounded_version,
@@ -515,6 +521,31 @@ def uv_index_args(index_urls: Sequence[str], find_links: Sequence[str]) -> list[
     for f in find_links:
         args += ["--find-links", f]
     return args
+
+
+def offline_args(index_urls: Sequence[str], find_links: Sequence[str], *, pypi: bool,
+                 log: Callable[[str], None]) -> list[str]:
+    """What tells uv to stay off the network for requirements: when every source given is
+    local (find-links folders, no index) it must not ask PyPI; when the index it would ask
+    cannot be reached, it must not wait on it either (its cache and the folders serve)."""
+    remote_links = [f for f in find_links if urlsplit(f).scheme in ("http", "https")]
+    if find_links and not (index_urls or remote_links or pypi):
+        return ["--no-index", "--offline"]
+    index = (index_urls[0] if index_urls else os.environ.get("UV_DEFAULT_INDEX")
+             or os.environ.get("UV_INDEX_URL") or PYPI_SIMPLE)
+    parts = urlsplit(index)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return []
+    import socket
+
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=3).close()
+    except OSError as e:
+        log(f"{parts.hostname} cannot be reached ({e.strerror or e}): requirements come from "
+            "uv's cache and the --find-links folders only (uv --offline)")
+        return ["--offline"]
+    return []
 
 
 def constraint_file(pins: Mapping[str, str], folder: Path) -> Path:

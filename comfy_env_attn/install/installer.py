@@ -40,6 +40,7 @@ from comfy_env_attn.install.edges import (
     constraint_file,
     fetch_metadata,
     fetch_wheel,
+    offline_args,
     requirements,
     root_is_purelib,
     run_uv,
@@ -161,6 +162,7 @@ class InstallOptions:
     find_links: tuple[str, ...] = ()
     keep_failed: bool = False
     verify: Options | None = field(default_factory=Options)  # None: --no-verify
+    pypi: bool = False  # --pypi: PyPI is one of the sources
     meter: DownloadMeter | None = None  # download progress
     uv_passthrough: bool = False  # uv's own progress to our stderr (a terminal)
 
@@ -384,6 +386,7 @@ def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journ
     requirement is checked against what the target really has, torch's closure first."""
     target = ctx.target
     constraint = constraint_file(ctx.protect, tmp)
+    offline = offline_args(opts.index_urls, opts.find_links, pypi=opts.pypi, log=log)
     for _round in range(12):
         names = sorted({_req_name(d) for d in missing})
         installed = read_installed(target.site_dirs)
@@ -391,8 +394,8 @@ def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journ
             journal.add(n, installed, own_sites(target))
         run_uv(["pip", "install", "--python", target.executable, "--no-deps", "--only-binary",
                 ":all:", "--constraint", str(constraint),
-                *uv_index_args(list(opts.index_urls), list(opts.find_links)), *missing], log,
-               passthrough=opts.uv_passthrough)
+                *uv_index_args(list(opts.index_urls), list(opts.find_links)), *offline,
+                *missing], log, passthrough=opts.uv_passthrough)
         installed = read_installed(target.site_dirs)
         missing = []
         for n in names:
