@@ -223,16 +223,18 @@ def _num(x: Any) -> float | None:
 
 def tool_table_from(results: dict[str, Result], *, python: str,
                     python_version: str | None = None,
-                    installed: list[str] | None = None) -> ToolTable:
+                    installed: list[str] | None = None, live: Live | None = None) -> ToolTable:
     """What verification proved in the interpreter `python`, as the lock records it:
     a record for SDPA, each backend verified and each backend `installed`."""
     sdpa = results.get("sdpa")
     live_data = sdpa.data.get("live") if sdpa else None
-    if live_data is None:  # nothing verified (--no-verify): the files as they are now
+    if live_data is None and live is None:  # nothing verified (--no-verify): the files now
         from comfy_env_attn.verify.run import live_facts
 
         live_data = live_facts(python)
-    live = Live.from_dict(live_data)
+    if live_data is not None:
+        live = Live.from_dict(live_data)
+    assert live is not None
     device = (sdpa.data.get("device") if sdpa and sdpa.passed else None) or {}
     names = ["sdpa", *[n for n in BACKENDS if n in results or n in (installed or [])],
              *results]
@@ -251,7 +253,9 @@ def tool_table_from(results: dict[str, Result], *, python: str,
 
 
 def write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
-               fetched: list[Fetched]) -> Path:
+               fetched: list[Fetched], *, live: Live | None = None) -> Path:
+    """`live`: the target's facts when nothing was verified (learned without starting its
+    torch); otherwise verification's."""
     path = lock_path(target.prefix)
     previous: list[LockedWheel] = []
     with contextlib.suppress(AttnError):
@@ -272,7 +276,7 @@ def write_lock(target: Target, installed: dict[str, Installed], results: dict[st
     doc = build(list(wheels.values()),
                 tool_table_from(results, python=target.executable,
                                 python_version=target.facts.get("python"),
-                                installed=installed_backends(installed)))
+                                installed=installed_backends(installed), live=live))
     write(path, doc)
     log(f"wrote {path}")
     return path

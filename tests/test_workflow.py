@@ -127,6 +127,16 @@ def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
     assert sage["verification"] is None and sage["wheel"] == w.name
     assert doc["ok"] is True and Path(doc["lock"]).is_file()
     assert doc["plan"]["backends"][1]["selected"]["filename"] == w.name
+    # the lock of an unverified install learns the target's facts without starting its
+    # torch: the same facts the target itself reports
+    from comfy_env_attn.core.lockmodel import Live
+    from comfy_env_attn.verify.run import live_facts
+
+    fp = read_lock(Path(doc["lock"]))["fingerprint"]
+    live = Live.from_dict(live_facts(py))
+    assert (fp["torch"], fp.get("torch_cuda"), fp["adapters_sha256"]) == \
+        (live.torch, live.torch_cuda, live.adapters_sha256)
+    assert fp["backends"]["sage"]["files_sha256"] == live.dists["sageattention"][1]  # type: ignore[index]
     # not a terminal: a line where the download starts and one when it ends, and uv's
     # messages summarised in one line
     assert f"downloading {w.name}" in r.stderr and f"downloaded {w.name}: " in r.stderr

@@ -252,8 +252,6 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def print_summary(out: Outcome, target: Target) -> None:
     import sys
 
-    from rich.table import Table
-
     if not sys.stdout.isatty():  # logs and pipes: one line per backend, nothing folded
         print(f"comfy-env-attn: {target.executable}")
         for r in out.rows.values():
@@ -262,6 +260,8 @@ def print_summary(out: Outcome, target: Target) -> None:
                      r.note]
             print(f"{r.backend}: " + "; ".join(p for p in parts if p))
         return
+    from rich.table import Table
+
     t = Table(title=f"comfy-env-attn: {target.executable}")
     for col in ("backend", "wheel", "installed", "verification", "note"):
         t.add_column(col, overflow="fold")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -131,21 +132,47 @@ def record_lines(inst: Installed) -> list[tuple[str, str, str]]:
     """(path relative to the site dir, hash as written, size) for each RECORD line."""
     if not inst.dist_info:
         return []
+    record = os.path.join(inst.dist_info, "RECORD")
     try:
-        text = Path(inst.dist_info, "RECORD").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        st = os.stat(record)
+    except OSError:
         return []
+    # one install reads torch's RECORD (20,000 lines) several times: parse it once per
+    # version of the file
+    return list(_parse_record(record, st.st_mtime_ns, st.st_size, st.st_ino))
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_record(record: str, _mtime: int, _size: int, _ino: int
+                  ) -> tuple[tuple[str, str, str], ...]:
+    try:
+        text = Path(record).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ()
     out: list[tuple[str, str, str]] = []
     for row in csv.reader(text.splitlines()):
         if row and row[0]:
             out.append((row[0], row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else ""))
-    return out
+    return tuple(out)
 
 
 def record_paths(inst: Installed) -> list[str]:
     """Every path a distribution's RECORD lists (relative to its site dir; scripts and data
     files outside it start with '..')."""
-    return [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
+    if not inst.dist_info:
+        return []
+    record = os.path.join(inst.dist_info, "RECORD")
+    try:
+        st = os.stat(record)
+    except OSError:
+        return []
+    return list(_record_paths(record, st.st_mtime_ns, st.st_size, st.st_ino))
+
+
+@functools.lru_cache(maxsize=512)
+def _record_paths(record: str, mtime: int, size: int, ino: int) -> tuple[str, ...]:
+    return tuple(p for p, _, _ in _parse_record(record, mtime, size, ino)
+                 if not os.path.isabs(p))
 
 
 def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:

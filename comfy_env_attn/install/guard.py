@@ -74,8 +74,12 @@ def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owne
     versions: dict[str, str] = {}
     for dist, version, site, paths in records:
         versions.setdefault(dist, version)
+        base = norm(site) + os.sep
         for rel in paths:
-            files.setdefault(norm(os.path.join(site, rel)), dist)
+            # most RECORD paths are already plain: join them without normpath (70,000 of
+            # them in an environment with torch; this was most of an install's own time)
+            files.setdefault(base + rel if _is_plain(rel) else norm(os.path.join(site, rel)),
+                             dist)
             top = rel.replace("\\", "/").split("/", 1)[0]
             if top and top not in ("..", ".") and not top.endswith(".pth"):
                 tops.setdefault(top, set()).add(dist)
@@ -84,6 +88,14 @@ def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owne
 
 def norm(path: str) -> str:
     return os.path.normcase(os.path.normpath(path))
+
+
+def _is_plain(rel: str) -> bool:
+    """Whether normpath would leave site + "/" + rel as it is (POSIX; on Windows normcase
+    changes every path)."""
+    return os.name != "nt" and bool(rel) and not rel.startswith(("/", "./", "../")) \
+        and rel not in (".", "..") and "//" not in rel \
+        and "/./" not in rel and "/../" not in rel and not rel.endswith(("/", "/.", "/.."))
 
 
 @dataclass(frozen=True)

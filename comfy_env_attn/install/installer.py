@@ -15,6 +15,8 @@ from comfy_env_attn import lockfile
 from comfy_env_attn.candidates.sources import Candidate, project_of
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, InstallError
+from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts
+from comfy_env_attn.core.lockmodel import Live
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import (
     Installed,
@@ -283,7 +285,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         # nothing to change: still verify what is there and write the lock (SDPA alone when
         # nothing fits), so that the dispatcher finds one
         results = verify_installed(target, installed, out, opts.verify)
-        out.lock = lockfile.write_lock(target, installed, results, [])
+        out.lock = _write_lock(target, installed, results, [])
         return
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
@@ -307,7 +309,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             row.installed = row.version = _version_of(f.candidate.filename)
             row.action = "installed"
         after = read_installed(target.site_dirs)
-        _check_untouched(ctx, before_files, before_problems, after,
+        _check_untouched(ctx, before_files, after,
                          [bk.BACKENDS[b].dist for b, _ in to_install])
         journal.set_state("verifying")
         crash_point("verifying")
@@ -332,7 +334,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         journal.set_state("locking",
                           lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
-        out.lock = lockfile.write_lock(target, after, results, [f for _, f in ready])
+        out.lock = _write_lock(target, after, results, [f for _, f in ready])
         crash_point("locked")
         journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
@@ -352,7 +354,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
 
 
-def _check_untouched(ctx: _Context, before: dict[str, Stat | None], before_problems: set[str],
+def _check_untouched(ctx: _Context, before: dict[str, Stat | None],
                      after: dict[str, Installed], new: list[str]) -> None:
     """InstallError when torch, its family or anything it requires changed (a file written,
     a version replaced, a package hidden by a new one earlier on sys.path), or when a
@@ -364,9 +366,9 @@ def _check_untouched(ctx: _Context, before: dict[str, Stat | None], before_probl
                 if n not in after or after[n].version != v
                 or after[n].location != ctx.installed[n].location]
     problems += [f"{p} changed" for p in changed_files(before, ctx.protected_state(after))]
+    # torch's files need no second pass against their RECORD here: every one of them is in
+    # the stats compared above (any write changes its stat)
     problems += shadowing(after, site_dirs, ctx.protect)
-    problems += [p for p in torch_file_problems(site_dirs, cache=cache_dir())
-                 if p not in before_problems]
     if problems:
         raise InstallError("the install changed torch or a package torch needs: "
                            + "; ".join(dict.fromkeys(problems[:8]))
@@ -443,12 +445,14 @@ def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | No
 
 def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path, *,
                 passthrough: bool = False) -> None:
+    # Each wheel is hashed once: by us, as it downloaded (or once on disk), and checked
+    # against its source's hash before it got here; uv is not asked to hash it again.
     req = tmp / "attention.txt"
-    req.write_text("".join(f"{bk.BACKENDS[b].dist} @ {f.path.resolve().as_uri()} "
-                           f"--hash=sha256:{f.sha256}\n" for b, f in items), encoding="utf-8")
+    req.write_text("".join(f"{bk.BACKENDS[b].dist} @ {f.path.resolve().as_uri()}\n"
+                           for b, f in items), encoding="utf-8")
     names = [bk.BACKENDS[b].dist for b, _ in items]
     args = ["pip", "install", "--python", target.executable, "--no-deps", "--offline",
-            "--no-index", "--require-hashes", "--only-binary", ":all:", "-r", str(req)]
+            "--no-index", "--only-binary", ":all:", "-r", str(req)]
     for n in names:
         args += ["--reinstall-package", n]
     run_uv(args, log, passthrough=passthrough)
@@ -494,13 +498,31 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
 
 
 
+def _write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
+                fetched: list[Fetched]) -> Path:
+    """The lock; when nothing was verified, with the target's facts learned here, from its
+    files, rather than by starting its torch (seconds, most of an install's own time)."""
+    return lockfile.write_lock(target, installed, results, fetched,
+                               live=None if results else static_live(target))
+
+
+def static_live(target: Target) -> Live:
+    """What the fingerprint of a lock written without verification holds: torch's version and
+    CUDA (the probe read them), the adapters' digest and each backend's files."""
+    f = target.facts
+    return Live(torch=f.get("torch"), torch_cuda=f.get("torch_cuda"), device="unverified",
+                capability=None, adapters_sha256=adapters_sha256(),
+                dists={b.dist: dist_facts(b.dist, target.site_dirs)
+                       for b in bk.BACKENDS.values() if b.dist})
+
+
 def reverify(target: Target, opts: Options) -> tuple[Outcome, bool]:
     """Verify what is installed and rewrite the lock (call with the target lock held)."""
     recover(target)
     installed = read_installed(target.site_dirs)
     out = Outcome()
     results = verify_installed(target, installed, out, opts)
-    out.lock = lockfile.write_lock(target, installed, results, [])
+    out.lock = _write_lock(target, installed, results, [])
     return out, all(results[n].passed for n in installed_backends(installed))
 
 
@@ -547,7 +569,6 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
     if not remove:
         return
     before_files = ctx.protected_state(installed)
-    before_problems = set(torch_file_problems(target.site_dirs, cache=cache_dir()))
     dists = [bk.BACKENDS[b].dist for b in remove]
     # files any other distribution (torch's closure included) lists: never deleted
     foreign = protected_files(target) | {
@@ -569,7 +590,7 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
                 row.note = f"left {len(kept)} file(s) other distributions own ({kept[0]})"
             crash_point("uninstalling")
         after = read_installed(target.site_dirs)
-        _check_untouched(ctx, before_files, before_problems, after, [])
+        _check_untouched(ctx, before_files, after, [])
         journal.set_state("locking",
                           lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
@@ -606,7 +627,7 @@ def _lock_without(target: Target, removed: list[str], after: dict[str, Installed
         tool = tool_table(doc)
     except AttnError as e:  # unreadable: what is installed now, unverified
         log(f"the lock {path} could not be read ({e}): writing a new one")
-        return lockfile.write_lock(target, after, {}, [])
+        return _write_lock(target, after, {}, [])
     gone = {bk.BACKENDS[b].dist for b in removed}
     doc["packages"] = [p for p in doc.get("packages", [])
                        if normalize_dist(str(p.get("name", ""))) not in gone]

@@ -17,33 +17,20 @@ What each backend takes is declared in core/backends.py (`Backend.caps`);
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from comfy_env_attn.core.backends import BACKENDS, Backend, Call, Capabilities
+from comfy_env_attn.core.fingerprint import adapters_sha256  # noqa: F401 (its home was here)
 
 Tensor = torch.Tensor
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-
-
-def adapters_sha256() -> str:
-    """The code verification proves: the adapters, the capability claims they read, and the
-    plugins that ship with comfy-env-attn."""
-    h = hashlib.sha256()
-    here = Path(__file__).resolve()
-    for p in (here, here.parent.parent / "core" / "backends.py", here.with_name("plugins.py"),
-              here.with_name("taylor.py")):  # the plugin machinery and the shipped plugin
-        if p.exists():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def describe(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
