@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, make_venv, venv_python, venv_site
+from conftest import cli, make_system, make_venv, venv_python, venv_site
 
 H100 = """python = "3.12.3"
 platform = "linux"
@@ -203,7 +203,6 @@ def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path) -> None:
 
 
 def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
-    from conftest import make_system
 
     from comfy_env_attn.doctor import diagnose
     from comfy_env_attn.facts.installed import Installed
@@ -217,3 +216,24 @@ def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
                     python="py")
     (f,) = [f for f in diag.findings if "flash_attn_interface" in f.message]
     assert f.subject == "xformers" and f.next_step == "Run: comfy-env-attn verify"
+
+
+def test_doctor_prints_toml_table_names_as_text(tmp_path: Path) -> None:
+    """Found by the hostile-input review: rich read `[tool.comfy-env-attn]` in a message as
+    markup and printed "no  table"."""
+    from comfy_env_attn.cli.commands import print_diagnosis
+    from comfy_env_attn.doctor import Diagnosis, Finding
+
+    class Target:
+        executable = "/x/[bold]python"
+
+    import contextlib
+    import io
+
+    diag = Diagnosis(make_system(), (Finding("problem", "lock", "no [tool.comfy-env-attn] table",
+                                             "Run: comfy-env-attn verify"),))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_diagnosis(diag, Target())
+    text = out.getvalue()
+    assert "no [tool.comfy-env-attn] table" in text and "/x/[bold]python" in text

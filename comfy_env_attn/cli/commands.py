@@ -170,7 +170,7 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     from rich.table import Table
 
     con = console()
-    con.print(f"[bold]Plan for[/bold] {plan.system.describe()}", highlight=False)
+    con.print(f"[bold]Plan for[/bold] {escape(plan.system.describe())}", highlight=False)
     t = Table(show_lines=False)
     t.add_column("backend", style="bold")
     t.add_column("version / why none")
@@ -238,16 +238,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def print_diagnosis(diag: Any, target: Target) -> None:
+    from rich.markup import escape
 
     con = console()
-    con.print(f"[bold]Target[/bold] {target.executable}")
-    con.print(f"        {diag.system.describe()}")
+    con.print(f"[bold]Target[/bold] {escape(target.executable)}")
+    con.print(f"        {escape(diag.system.describe())}")
     for f in diag.findings:
         mark = {"problem": "[red]PROBLEM[/red]", "ok": "[green]ok[/green]  "}.get(
             f.severity, "[blue]info[/blue] ")
-        con.print(f"{mark} [bold]{f.subject}[/bold]: {f.message}", highlight=False)
+        # messages quote TOML tables ([tool.comfy-env-attn]): never read as rich markup
+        con.print(f"{mark} [bold]{escape(f.subject)}[/bold]: {escape(f.message)}",
+                  highlight=False)
         if f.next_step:
-            con.print(f"        next: {f.next_step}", highlight=False)
+            con.print(f"        next: {escape(f.next_step)}", highlight=False)
     con.print("[green]healthy[/green]" if diag.healthy
                   else "[red]problems found[/red] (exit 1)")
 
