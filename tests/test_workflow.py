@@ -245,9 +245,12 @@ def test_progress_on_a_terminal(tmp_path: Path, venv: Path, profile: Path,
 
 def _serve_two(server, folder: Path) -> str:
     sage = sage_wheel(folder, "ok", f"2.2.0+{LABEL}")
+    # a requirement the index serves itself: the test must not depend on what the runner's
+    # environment happens to have (a fresh CI venv has no numpy)
     xf = build_wheel(folder, "xformers", "0.0.32.post2",
-                     {"xformers/__init__.py": "VERSION = 'fake'\n"}, requires=["numpy"])
-    for project, w in (("sageattention", sage), ("xformers", xf)):
+                     {"xformers/__init__.py": "VERSION = 'fake'\n"}, requires=["xf-helper"])
+    helper = build_wheel(folder, "xf-helper", "1.0", {"xf_helper/__init__.py": ""})
+    for project, w in (("sageattention", sage), ("xformers", xf), ("xf-helper", helper)):
         url = server.add_file(f"/files/{w.name.replace('+', '%2B')}", w)
         sha = hashlib.sha256(w.read_bytes()).hexdigest()
         server.add(f"/simple/{project}/", f'<a href="{url}#sha256={sha}">{w.name}</a>')
@@ -266,7 +269,8 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert r.returncode == 0, r.stdout + r.stderr
     have = installed_in(venv)
     assert {"sageattention", "xformers"} <= set(have)
-    numpy_before = have.get("numpy")
+    helper_before = have.get("xf-helper")
+    assert helper_before == "1.0"  # pulled in by xformers
     lock = venv / "pylock.comfy-env-attn.toml"
     lock_before = lock.read_bytes()
 
@@ -283,7 +287,7 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sage", "removed")]
     have = installed_in(venv)
     assert "sageattention" not in have and have["xformers"] == "0.0.32.post2"
-    assert have.get("numpy") == numpy_before  # what it pulled in stays
+    assert have.get("xf-helper") == helper_before  # what it pulled in stays
     check_import = subprocess.run([py, "-c", "import xformers; print(xformers.VERSION)"],
                                   capture_output=True, text=True)
     assert check_import.stdout.strip() == "fake"  # xformers' files were restored whole
