@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, venv_python
+from conftest import cli, make_venv, venv_python, venv_site
 from untouched import baseline
 from wheels import (
     build_wheel,
@@ -39,22 +39,7 @@ def torch_and_sympy_untouched():
     assert base.problems() == []
 
 
-def make_venv(path: Path, uv_bin: str, *, torch: bool = True) -> Path:
-    """A venv of this interpreter; with torch, a .pth names the folder holding this torch
-    (it is seen, not copied: uv makes the venv in milliseconds)."""
-    subprocess.run([uv_bin, "venv", "-q", "--python", sys.executable, str(path)], check=True)
-    if torch:
-        holder = Path(torch_module_file()).resolve().parent.parent
-        (site(path) / "_running_torch.pth").write_text(f"{holder}\n")
-    return path
-
-
-def torch_module_file() -> str:
-    return str(torch.__file__)
-
-
-def site(venv: Path) -> Path:
-    return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+site = venv_site
 
 
 def installed_in(venv: Path) -> dict[str, str]:
@@ -62,8 +47,8 @@ def installed_in(venv: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def venv(tmp_path: Path, uv_bin: str) -> Path:
-    return make_venv(tmp_path / "venv", uv_bin)
+def venv(tmp_path: Path) -> Path:
+    return make_venv(tmp_path / "venv", torch=True)
 
 
 @pytest.fixture
@@ -143,7 +128,7 @@ def fake_torch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fake_torch_venv(path: Path, uv_bin: str, fake_torch: Path) -> Path:
-    make_venv(path, uv_bin, torch=False)
+    make_venv(path, torch=False)
     subprocess.run([uv_bin, "pip", "install", "-q", "--python", str(venv_python(path)),
                     "--no-deps", str(fake_torch)], check=True)
     return path
@@ -225,7 +210,7 @@ def test_from_lock_names_are_checked(tmp_path, venv, profile, http_server, uv_bi
     r = install(venv, profile, "--index-url", index)
     assert r.returncode == 0, r.stdout + r.stderr
     lock = (venv / "pylock.comfy-env-attn.toml").read_text()
-    fresh = make_venv(tmp_path / "fresh", uv_bin)
+    fresh = make_venv(tmp_path / "fresh", torch=True)
     cache = tmp_path / "x" / "y" / "cache"
     bad = tmp_path / "bad.toml"
     # packaging.pylock takes this name: its build tag only has to start with a digit
