@@ -9,7 +9,6 @@ atomically and validated with packaging.pylock on write and on read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -60,14 +59,6 @@ class LockedWheel:
     sha256: str
     # built on this machine (install --build): source, its hash, SM archs ([packages.tool])
     built: dict[str, Any] | None = None
-
-
-def record_sha256(dist_info: str) -> str | None:
-    """Fingerprint of a distribution's files: the hash of its RECORD (which hashes each file)."""
-    try:
-        return hashlib.sha256(Path(dist_info, "RECORD").read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def speed_score(bench: tuple[BenchRow, ...], baseline: dict[str, float]) -> float | None:

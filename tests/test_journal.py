@@ -57,7 +57,7 @@ class Scene:
     at the same path."""
 
     def __init__(self, root: Path, uv_bin: str, server, profile: Path) -> None:
-        self.venv = make_venv(root / "venv", uv_bin)
+        self.venv = make_venv(root / "venv", torch=True)
         self.template = root / "template"
         self.profile = profile
         w = root / "wheels"
@@ -233,7 +233,7 @@ def test_a_truncated_journal_is_reported_never_a_crash(scene: Scene) -> None:
 
 
 def test_a_read_only_target_is_one_line(tmp_path, uv_bin, scene: Scene) -> None:
-    venv = make_venv(tmp_path / "ro", uv_bin)
+    venv = make_venv(tmp_path / "ro", torch=True)
     if subprocess.run(["chattr", "+i", str(venv)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here")
     try:

@@ -159,20 +159,7 @@ def _parse_record(record: str, _mtime: int, _size: int, _ino: int
 def record_paths(inst: Installed) -> list[str]:
     """Every path a distribution's RECORD lists (relative to its site dir; scripts and data
     files outside it start with '..')."""
-    if not inst.dist_info:
-        return []
-    record = os.path.join(inst.dist_info, "RECORD")
-    try:
-        st = os.stat(record)
-    except OSError:
-        return []
-    return list(_record_paths(record, st.st_mtime_ns, st.st_size, st.st_ino))
-
-
-@functools.lru_cache(maxsize=512)
-def _record_paths(record: str, mtime: int, size: int, ino: int) -> tuple[str, ...]:
-    return tuple(p for p, _, _ in _parse_record(record, mtime, size, ino)
-                 if not os.path.isabs(p))
+    return [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
 
 
 def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:
