@@ -32,6 +32,7 @@ from comfy_env_attn.facts.node import (
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "ComfyEnvAttnBackend"
+NODES = [NODE, "ComfyEnvAttnTaylor"]  # the router, and the approximate Taylor node
 
 
 def fake_comfyui(where: Path) -> Path:
@@ -197,8 +198,9 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_clone_loads_the_installed_package_first(clone: Path, tmp_path: Path) -> None:
     got, err = load_like_comfyui(sys.executable, clone, tmp_path)
-    assert got["nodes"] == [NODE], err
-    assert got["names"] == {NODE: "Attention Backend (comfy-env-attn)"}
+    assert got["nodes"] == NODES, err
+    assert got["names"] == {NODE: "Attention Backend (comfy-env-attn)",
+                            "ComfyEnvAttnTaylor": "Taylor Attention (approximate)"}
     assert not str(got["package"]).startswith(str(clone))  # the pip-installed one
     assert got["torch"] is False  # the node's import needs no torch, nor the tool side
     assert {str(m).split(".")[1] for m in got["ours"]} == {"core", "runtime"}, got["ours"]
@@ -207,7 +209,7 @@ def test_a_clone_loads_the_installed_package_first(clone: Path, tmp_path: Path) 
 def test_a_clone_without_the_package_installed_loads_its_own(clone: Path, bare_venv: Path,
                                                              tmp_path: Path) -> None:
     got, err = load_like_comfyui(bare_venv, clone, tmp_path)
-    assert got["nodes"] == [NODE], err
+    assert got["nodes"] == NODES, err
     assert str(got["package"]).startswith(str(clone / "comfy_env_attn"))
     assert err == ""
 

@@ -72,3 +72,34 @@ def test_what_it_cannot_route_goes_to_comfyui_unchanged(override) -> None:
     assert override(comfy, q, k, v) == "comfy's answer"  # no heads at all
     assert override(comfy, q, k, v, 5) == "comfy's answer"  # 5 does not divide 128
     assert len(seen) == 2 and seen[1][0][3] == 5
+
+
+def test_the_taylor_node_routes_through_taylor_attention_with_its_parameters() -> None:
+    from comfy_env_attn.runtime.comfyui import TAYLOR_PARAMS, TaylorAttention
+    from comfy_env_attn.runtime.taylor import reset_taylor_stats, taylor_attention, taylor_stats
+
+    class Model:  # ComfyUI's ModelPatcher, as far as a node uses it
+        def __init__(self) -> None:
+            self.model_options: dict = {}
+
+        def clone(self) -> Model:
+            return Model()
+
+    original = Model()
+    params = {name: spec[1]["default"] for name, spec in TAYLOR_PARAMS.items()}
+    params.update(P=2, sub_head_blocks=1, min_tokens=16, quality_check=False)
+    patched, label = TaylorAttention().apply(original, **params)
+    assert original.model_options == {} and "Taylor attention (approximate; P=2" in label
+    override = patched.model_options["transformer_options"]["optimized_attention_override"]
+    q, k, v = (t * 0.3 for t in flat(n=64))
+    reset_taylor_stats()
+    out = override(must_not_run, q, k, v, 4)
+    assert taylor_stats()["taylor_calls"] == 1  # the series ran, not a fallback
+    qs, ks, vs = (split(t, 4) for t in (q, k, v))
+    direct = taylor_attention(qs, ks, vs, P=2, sub_head_blocks=1, min_tokens=16,
+                              quality_check=False)
+    torch.testing.assert_close(out, direct.transpose(1, 2).reshape(2, 64, 128))
+    exact = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(2, 64, 128)
+    assert 0 < float((out - exact).abs().max()) < 0.1  # approximate, and close here
+    assert override(lambda *a, **kw: "comfy's", q, k, v) == "comfy's"  # no heads
+    assert override(lambda *a, **kw: "comfy's", q, k, v, 5) == "comfy's"  # unroutable

@@ -319,5 +319,70 @@ class AttentionBackend:
         return (m, label)
 
 
-NODE_CLASS_MAPPINGS = {"ComfyEnvAttnBackend": AttentionBackend}
-NODE_DISPLAY_NAME_MAPPINGS = {"ComfyEnvAttnBackend": "Attention Backend (comfy-env-attn)"}
+# The Taylor node's main parameters (runtime/taylor.py has them all, with these defaults).
+TAYLOR_PARAMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "P": ("INT", {"default": 4, "min": 1, "max": 8,
+                  "tooltip": "terms of the exp series; more is closer and slower"}),
+    "min_tokens": ("INT", {"default": 100, "min": 0, "max": 1 << 20,
+                           "tooltip": "below this many tokens, exact attention"}),
+    "sub_head_blocks": ("INT", {"default": 4, "min": 1, "max": 64,
+                                "tooltip": "blocks per head, to keep the feature size "
+                                           "under the cap (each attends on its own)"}),
+    "qk_normalize": ("BOOLEAN", {"default": False}),
+    "scale_mul": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01}),
+    "quality_check": ("BOOLEAN", {"default": True,
+                                  "tooltip": "compare sampled rows with exact attention and "
+                                             "log the error"}),
+}
+
+
+def make_taylor_override(params: dict[str, Any]) -> Callable[..., Any]:
+    """The override that runs ComfyUI's attention calls through taylor_attention with these
+    parameters (it falls back to exact attention where its probe or a mask says so)."""
+
+    def override(func: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            q, k, v, mask, scale, layout = prepare(bind(args, kwargs), kwargs)
+            from comfy_env_attn.runtime.taylor import taylor_attention
+
+            return layout(taylor_attention(q, k, v, mask, False, scale, **params))
+        except Unroutable as e:
+            _tell(e.kind, f"an attention call with {e} is not routed")
+        except Exception as e:  # never an exception of ours inside a sampling run
+            _tell("taylor:" + type(e).__name__,
+                  f"Taylor attention failed ({type(e).__name__}: {str(e)[:200]})",
+                  logging.WARNING)
+        return func(*args, **kwargs)
+
+    return override
+
+
+class TaylorAttention:
+    """The approximate Taylor backend, chosen by hand: never by auto (see
+    docs/approximate.md: on every input measured it was slower and less accurate than
+    exact attention)."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # ComfyUI's API
+        return {"required": {"model": ("MODEL",), **TAYLOR_PARAMS}}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "label")
+    FUNCTION = "apply"
+    CATEGORY = "advanced/attention"
+    DESCRIPTION = ("Approximate attention by a truncated Taylor series of exp (experimental: "
+                   "measured slower and less accurate than exact attention; see the label).")
+
+    def apply(self, model: Any, **params: Any) -> tuple[Any, str]:
+        m = model.clone()
+        opts = m.model_options.setdefault("transformer_options", {})
+        opts["optimized_attention_override"] = make_taylor_override(dict(params))
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        return (m, f"Taylor attention (approximate; {shown}); exact attention below "
+                   f"{params.get('min_tokens', 100)} tokens and wherever its probe fails")
+
+
+NODE_CLASS_MAPPINGS = {"ComfyEnvAttnBackend": AttentionBackend,
+                       "ComfyEnvAttnTaylor": TaylorAttention}
+NODE_DISPLAY_NAME_MAPPINGS = {"ComfyEnvAttnBackend": "Attention Backend (comfy-env-attn)",
+                              "ComfyEnvAttnTaylor": "Taylor Attention (approximate)"}
