@@ -62,6 +62,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.facts.system import System, cc_tuple
+from comfy_env_attn.install.edges import sha256_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -649,14 +650,6 @@ def build_hint(backend: str, system: System, cores: int, *, selected: str | None
 
 # -- the source -------------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def git_tree_of_archive(path: Path, *, gitlinks: Mapping[str, str] | None = None) -> str:
     """The git tree id of an archive's files (one top folder stripped): equal to the commit's
     tree when the archive holds exactly that commit, whatever compressed it."""
@@ -714,7 +707,7 @@ def tree_sha256(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(_source_files(folder)):
         rel = p.relative_to(folder).as_posix()
-        h.update(rel.encode() + b"\0" + bytes.fromhex(_sha256_file(p)) + b"\n")
+        h.update(rel.encode() + b"\0" + bytes.fromhex(sha256_file(p)) + b"\n")
     return h.hexdigest()
 
 
@@ -784,7 +777,7 @@ def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], Non
         name = unquote(parts.path.rsplit("/", 1)[-1]) or "source.tar.gz"
         folder = cache_dir() / "sources" / (expect or hashlib.sha256(base.encode()).hexdigest())
         path = folder / name
-        if not (expect and path.is_file() and _sha256_file(path) == expect):
+        if not (expect and path.is_file() and sha256_file(path) == expect):
             _download(base, path, log)
     else:
         path = Path(unquote(parts.path) if parts.scheme == "file" else base).expanduser()
@@ -796,7 +789,7 @@ def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], Non
         log(f"{recipe.backend}: building from the folder {path}; the sha256 of its files, "
             f"{digest}, is recorded")
         return Source(path, SourceFacts(str(path.resolve()), digest, "directory"))
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     if expect and sha != expect.lower():
         if parts.scheme in ("http", "https"):
             path.unlink(missing_ok=True)
@@ -1173,7 +1166,7 @@ def build(target: Target, system: System, plan: Plan, wheelhouse: Path, *,
         c = plan.facts.compiler
         record = BuildRecord(
             backend=recipe.backend, dist=recipe.dist, filename=final.name,
-            sha256=_sha256_file(final), version=final.name.split("-")[1],
+            sha256=sha256_file(final), version=final.name.split("-")[1],
             upstream_version=upstream.raw_version,
             torch=target.facts.get("torch") or system.torch or "",
             torch_cuda=system.torch_cuda if recipe.cuda else None,

@@ -114,7 +114,7 @@ class Fetched:
     hash_source: str  # "index" when the source published it, "computed" otherwise
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -153,7 +153,7 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
         path = Path(unquote(parts.path) if parts.scheme == "file" else c.url)
         if not path.is_file():
             raise InstallError(f"{c.filename}: no such file {path}")
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
     elif parts.scheme in ("http", "https"):
         _clean_partials(dest_dir)
         path, sha = _download(c, dest_dir, log, limits or limits_from_env(), meter)
@@ -190,7 +190,7 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], limits: 
     from comfy_env_attn.candidates.sources import http_client
 
     final = dest_dir / (c.sha256 or "unhashed") / c.filename
-    if c.sha256 and final.is_file() and _sha256_file(final) == c.sha256.lower():
+    if c.sha256 and final.is_file() and sha256_file(final) == c.sha256.lower():
         return final, c.sha256.lower()
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f"{os.getpid()}.",
@@ -301,6 +301,28 @@ def _metadata_cache(c: Candidate) -> Path | None:
     return cache_dir() / "metadata" / f"{c.sha256.lower()}.METADATA"
 
 
+def _read_cached(cached: Path | None) -> str | None:
+    if cached is None:
+        return None
+    try:
+        return cached.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_cached(cached: Path | None, text: str) -> None:
+    """Atomically; a cache that cannot be written is only slower."""
+    if cached is None:
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{os.getpid()}.{cached.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+
+
 def fetch_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
     """PEP 658 metadata where the index serves it (small, before the big download); None
     when it cannot be had (the wheel's own METADATA is read after the download anyway).
@@ -308,20 +330,12 @@ def fetch_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
     if not c.metadata_url or urlsplit(c.metadata_url).scheme not in ("http", "https"):
         return None
     cached = _metadata_cache(c)
-    if cached is not None:
-        try:
-            return cached.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            pass
+    hit = _read_cached(cached)
+    if hit is not None:
+        return hit
     text = _fetch_metadata(c, limits)
-    if text is not None and cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{os.getpid()}.{cached.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, cached)
-        except OSError:
-            pass  # a cache that cannot be written is only slower
+    if text is not None:
+        _write_cached(cached, text)
     return text
 
 
@@ -355,11 +369,9 @@ def remote_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
     if urlsplit(c.url).scheme not in ("http", "https"):
         return None
     cached = _metadata_cache(c)
-    if cached is not None:
-        try:
-            return cached.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            pass
+    hit = _read_cached(cached)
+    if hit is not None:
+        return hit
     import httpx
 
     lim = limits or limits_from_env()
@@ -372,14 +384,7 @@ def remote_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
             text = z.read(name).decode("utf-8", errors="replace")
     except (httpx.HTTPError, zipfile.BadZipFile, OSError, ValueError, EOFError):
         return None
-    if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{os.getpid()}.{cached.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, cached)
-        except OSError:
-            pass
+    _write_cached(cached, text)
     return text
 
 
