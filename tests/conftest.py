@@ -167,3 +167,22 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300
 
 def have_uv() -> bool:
     return shutil.which("uv") is not None
+
+
+def write_gpu_profile(folder: Path, *, glibc: str = "2.36", gpu: str = "8.9") -> Path:
+    """A System profile of a Linux GPU machine with this interpreter's Python and torch's
+    version, built for CUDA 12.8: the target the install tests resolve for."""
+    import torch
+
+    p = folder / "gpu.toml"
+    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
+                 f'glibc = "{glibc}"\ntorch = "{torch.__version__.split("+")[0]}+cu128"\n'
+                 'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
+                 f'driver_cuda = "12.8"\ngpus = ["{gpu}"]\n')
+    return p
+
+
+@pytest.fixture
+def venv(tmp_path: Path) -> Path:
+    """A fresh venv that sees this interpreter's torch (no torch copy: made in milliseconds)."""
+    return make_venv(tmp_path / "venv", torch=True)

@@ -14,12 +14,11 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, make_system, make_venv, venv_python, venv_site
+from conftest import ROOT, cli, make_system, make_venv, venv_python, venv_site, write_gpu_profile
 from wheels import sage_wheel
 
 from comfy_env_attn.core.errors import UsageError
@@ -216,12 +215,7 @@ def sources_file(folder: Path, url: str, sha256: str) -> Path:
 
 @pytest.fixture
 def profile(tmp_path: Path) -> Path:
-    p = tmp_path / "gpu.toml"
-    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
-                 f'glibc = "2.36"\ntorch = "{TORCH}+cu128"\ntorch_cuda = "12.8"\n'
-                 'cxx11abi = true\ndriver = "570.124.06"\ndriver_cuda = "12.8"\n'
-                 'gpus = ["9.0"]\n')
-    return p
+    return write_gpu_profile(tmp_path, gpu="9.0")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, make_venv, venv_python, venv_site
+from conftest import cli, make_venv, venv_python, venv_site, write_gpu_profile
 from untouched import baseline
 from wheels import (
     build_wheel,
@@ -46,19 +46,10 @@ def installed_in(venv: Path) -> dict[str, str]:
     return {k: v.version for k, v in read_installed([str(site(venv))]).items()}
 
 
-@pytest.fixture
-def venv(tmp_path: Path) -> Path:
-    return make_venv(tmp_path / "venv", torch=True)
-
 
 @pytest.fixture
 def profile(tmp_path: Path) -> Path:
-    p = tmp_path / "gpu.toml"
-    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
-                 f'glibc = "2.28"\ntorch = "{TORCH.split("+")[0]}+cu128"\n'
-                 'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
-                 'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
-    return p
+    return write_gpu_profile(tmp_path, glibc="2.28")
 
 
 def serve(server, projects: dict[str, list[Path]], *, names: dict[Path, str] | None = None

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, make_venv, venv_python
+from conftest import ROOT, cli, make_venv, venv_python, write_gpu_profile
 from wheels import sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
@@ -30,18 +30,8 @@ SHAPES = ["--shapes", "1x2x128x64"]
 
 @pytest.fixture
 def profile(tmp_path: Path) -> Path:
-    p = tmp_path / "gpu.toml"
-    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
-                 f'glibc = "2.36"\ntorch = "{torch.__version__.split("+")[0]}+cu128"\n'
-                 'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
-                 'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
-    return p
+    return write_gpu_profile(tmp_path)
 
-
-@pytest.fixture
-def venv(tmp_path: Path) -> Path:
-    """A fresh venv that sees this interpreter's torch (no torch copy: made in milliseconds)."""
-    return make_venv(tmp_path / "venv", torch=True)
 
 
 def serve_index(server, wheels: list[Path], *, bad_hash: bool = False,

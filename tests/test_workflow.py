@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, make_venv, venv_python, venv_site
+from conftest import ROOT, cli, venv_python, venv_site, write_gpu_profile
 from wheels import SAGE_OK, build_wheel, sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
@@ -37,17 +37,8 @@ def torch_and_sympy_untouched():
 
 @pytest.fixture
 def profile(tmp_path: Path) -> Path:
-    p = tmp_path / "gpu.toml"
-    p.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\narch = "x86_64"\n'
-                 f'glibc = "2.36"\ntorch = "{TORCH.split("+")[0]}+cu128"\n'
-                 'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
-                 'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
-    return p
+    return write_gpu_profile(tmp_path)
 
-
-@pytest.fixture
-def venv(tmp_path: Path) -> Path:
-    return make_venv(tmp_path / "venv", torch=True)
 
 
 def serve(server, wheels: list[Path]) -> str:
