@@ -16,6 +16,7 @@ import pytest
 from conftest import cli, make_venv, venv_python, venv_site, write_gpu_profile
 from untouched import baseline
 from wheels import (
+    SAGE_OK,
     build_wheel,
     hostile_wheel,
     sage_wheel,
@@ -152,6 +153,72 @@ def test_a_wheel_cannot_overwrite_torch_in_its_own_site(tmp_path, uv_bin, fake_t
     bad = [f for f in doc["findings"] if f["subject"] == "torch" and f["severity"] == "problem"
            and "torch/__init__.py (modified)" in f["message"]]
     assert r.returncode == 1 and bad, doc
+
+
+def test_entry_point_launchers_and_module_files_are_refused(tmp_path, venv, profile,
+                                                           http_server) -> None:
+    """What a wheel writes beyond its zip listing counts too: a console script named python
+    would replace the venv's interpreter; a top-level torch.py earlier on sys.path hides
+    torch as surely as a torch/ folder. Both are refused before install, the clean wheel
+    goes in, and its own launcher is allowed."""
+    w = tmp_path / "w"
+    info = f"sageattention-2.2.7+{LABEL}.dist-info"
+    launcher = build_wheel(w, "sageattention", f"2.2.7+{LABEL}", {
+        "sageattention/__init__.py": SAGE_OK + "def main():\n    print('pwned')\n",
+        f"{info}/entry_points.txt": "[console_scripts]\npython = sageattention:main\n"},
+        requires=["torch>=2.0"])
+    module = build_wheel(w, "sageattention", f"2.2.6+{LABEL}", {
+        "sageattention/__init__.py": SAGE_OK, "torch.py": "PWNED = True\n"},
+        requires=["torch>=2.0"])
+    info = f"sageattention-2.2.0+{LABEL}.dist-info"
+    clean = build_wheel(w, "sageattention", f"2.2.0+{LABEL}", {
+        "sageattention/__init__.py": SAGE_OK + "def main():\n    print('sage')\n",
+        f"{info}/entry_points.txt": "[console_scripts]\nsage-info = sageattention:main\n"},
+        requires=["torch>=2.0"])
+    python = venv / "bin" / "python"
+    before = (os.path.realpath(python), python.read_bytes())
+    r = install(venv, profile, "--index-url",
+                serve(http_server, {"sageattention": [clean, launcher, module]}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert f"[console_scripts] python would replace {python}, which is already there" in out
+    assert "torch.py would be imported as torch, which belongs to torch" in out
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    assert (os.path.realpath(python), python.read_bytes()) == before
+    assert not (site(venv) / "torch.py").exists()
+    assert (venv / "bin" / "sage-info").exists()  # its own launcher: a new file, no owner
+
+
+def test_after_install_uvs_record_must_match_what_the_guard_saw(tmp_path, venv, profile,
+                                                               http_server) -> None:
+    """uv writes RECORD from what it really installed. After the install, each file it lists
+    must be one the guard approved (or the installer's own .dist-info files) and be there
+    at its recorded size; anything else fails the install. Shown on a real install whose
+    RECORD is then made to name the venv's python, and to miss a file."""
+    from comfy_env_attn.candidates.sources import Candidate
+    from comfy_env_attn.core.errors import InstallError
+    from comfy_env_attn.facts.probe import probe_interpreter
+    from comfy_env_attn.install.edges import Fetched
+    from comfy_env_attn.install.installer import _check_untouched, _Context
+
+    wheel = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    r = install(venv, profile, "--index-url", serve(http_server, {"sageattention": [wheel]}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ctx = _Context(probe_interpreter(str(venv_python(venv)), use_cache=False))
+    cand = Candidate(filename=wheel.name, url=wheel.as_uri(), source="test")
+    assert ctx.inspect(Fetched(cand, wheel, "0" * 64, "computed"), "sageattention") == []
+    after = read_installed(ctx.target.site_dirs)
+    _check_untouched(ctx, None, after, ["sageattention"])  # as installed: fine
+    record = Path(after["sageattention"].dist_info) / "RECORD"
+    record.write_text(record.read_text() + "../../../bin/python,,\n")
+    with pytest.raises(InstallError, match=r"does not match what its wheel showed: "
+                                           r"\.\./\.\./\.\./bin/python \(not in the wheel\)"):
+        _check_untouched(ctx, None, read_installed(ctx.target.site_dirs), ["sageattention"])
+    record.write_text("".join(line for line in record.read_text().splitlines(True)
+                              if "bin/python" not in line))
+    (site(venv) / "sageattention" / "__init__.py").unlink()
+    with pytest.raises(InstallError, match=r"sageattention/__init__\.py \(missing\)"):
+        _check_untouched(ctx, None, read_installed(ctx.target.site_dirs), ["sageattention"])
 
 
 def test_a_dependency_that_needs_another_sympy_is_refused(tmp_path, venv, profile,
@@ -308,7 +375,7 @@ def test_a_dependency_overwriting_torch_fails_and_torch_is_not_deleted(tmp_path,
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
     assert "the install changed torch or a package torch needs" in out
-    assert "torch/__init__.py (modified)" in out and "the target was restored" in out
+    assert "torch/__init__.py changed" in out and "the target was restored" in out
     assert torch_init.exists() and installed_in(venv) == {"torch": "2.13.0"}
 
 
@@ -361,3 +428,31 @@ def test_guard_a_platlib_wheel_lands_in_platlib() -> None:
     entries, _ = guard.destinations("x.whl", "x-1", ["x/_C.so", "x-1.data/purelib/y.py"],
                                     layout, dist="x", purelib=False)
     assert [e.dest for e in entries] == ["/v/lib64/site/x/_C.so", "/v/lib/site/y.py"]
+
+
+def test_guard_entry_point_launchers_per_platform_and_module_names() -> None:
+    """Launchers land in the scripts folder, with .exe on Windows (uv's launchers); a
+    script name that is a path, or an entry_points.txt that cannot be parsed, is refused.
+    torch.py, torch/ and torch.cpython-311-x86_64-linux-gnu.so are all imported as torch."""
+    text = "[console_scripts]\nsage-info = sageattention:main\n[gui_scripts]\nsage-gui = s:g\n"
+    win = guard.Layout(site="/p/Lib/site-packages", scripts="/p/Scripts", data="/p",
+                       headers="/p/include/site/p", exe=".exe")
+    entries, refused = guard.script_entries("x.whl", "sageattention-2.2.0", text, win)
+    assert refused == [] and [(e.dest, e.kind) for e in entries] == [
+        ("/p/Scripts/sage-info.exe", "scripts"), ("/p/Scripts/sage-gui.exe", "scripts")]
+    entries, _ = guard.script_entries("x.whl", "sageattention-2.2.0", text, LAYOUT)
+    assert [e.dest for e in entries] == ["/v/bin/sage-info", "/v/bin/sage-gui"]
+    _, refused = guard.script_entries("x.whl", "d-1", "[console_scripts]\n../../x = a:b\n",
+                                      LAYOUT)
+    assert refused == ["x.whl: the script '../../x' in d-1.dist-info/entry_points.txt is not "
+                       "a plain file name"]
+    _, refused = guard.script_entries("x.whl", "d-1", "no section header\n", LAYOUT)
+    assert refused and "d-1.dist-info/entry_points.txt cannot be read" in refused[0]
+    assert {guard.module_key(t) for t in ("torch", "torch.py",
+                                          "torch.cpython-311-x86_64-linux-gnu.so",
+                                          "torch.pyd")} == {"torch"}
+    assert guard.module_key("torch-2.9.1.dist-info") == "torch-2.9.1.dist-info"
+    owners = guard.build_owners([("torch", "2.9.1", "/v/site", ["torch/__init__.py"])])
+    a, _ = guard.destinations("a.whl", "evil-1", ["torch.py"], LAYOUT, dist="evil")
+    assert guard.problems("a.whl", "evil", "evil-1", a, owners, ()) == [
+        "a.whl: torch.py would be imported as torch, which belongs to torch 2.9.1"]

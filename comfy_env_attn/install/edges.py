@@ -268,6 +268,17 @@ def wheel_listing(path: Path) -> list[str]:
         raise InstallError(f"{path.name} is not a valid wheel ({e})") from None
 
 
+def wheel_member(path: Path, name: str) -> str:
+    """One file of a wheel as text; "" when the wheel has none by that name."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.read(name).decode("utf-8", errors="replace")
+    except KeyError:
+        return ""
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InstallError(f"{path.name} is not a valid wheel ({e})") from None
+
+
 def root_is_purelib(path: Path, dist_dir: str) -> bool:
     """The wheel's WHEEL file says where its root goes: purelib (the default) or platlib."""
     try:

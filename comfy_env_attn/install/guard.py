@@ -10,6 +10,7 @@ or when it is not a plain relative path.
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -40,6 +41,7 @@ class Layout:
     data: str  # the prefix
     headers: str  # include/site/pythonX.Y (the dist's own folder is added per wheel)
     platlib: str = ""  # where it differs from purelib (lib64 on some distributions)
+    exe: str = ""  # what an entry-point script's file name ends with (".exe" on Windows)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class Owners:
     """Who owns what in the target, from the installed distributions' RECORD files."""
 
     files: Mapping[str, str]  # absolute normalised path -> distribution
-    tops: Mapping[str, frozenset[str]]  # top-level name in any site dir -> distributions
+    # importable top-level name in any site dir (module_key) -> distributions
+    tops: Mapping[str, frozenset[str]]
     versions: Mapping[str, str] = field(default_factory=dict)  # distribution -> version
 
     def describe(self, dist: str) -> str:
@@ -62,7 +65,7 @@ class Owners:
         for e in entries:
             files.setdefault(e.dest, dist)
             if e.kind == "site":
-                tops.setdefault(e.rel.split("/", 1)[0], set()).add(dist)
+                tops.setdefault(module_key(e.rel.split("/", 1)[0]), set()).add(dist)
         return Owners(files, {k: frozenset(v) for k, v in tops.items()},
                       {**self.versions, dist: version})
 
@@ -82,8 +85,32 @@ def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owne
                              dist)
             top = rel.replace("\\", "/").split("/", 1)[0]
             if top and top not in ("..", ".") and not top.endswith(".pth"):
-                tops.setdefault(top, set()).add(dist)
+                tops.setdefault(module_key(top), set()).add(dist)
     return Owners(files, {k: frozenset(v) for k, v in tops.items()}, versions)
+
+
+_EXT_MODULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.(?:[^/]*\.)?(?:py|pyc|so|pyd)$")
+
+
+def module_key(top: str) -> str:
+    """The name a top-level site entry is imported as: torch/, torch.py and
+    torch.cpython-312-x86_64-linux-gnu.so all hide or replace `torch`."""
+    m = _EXT_MODULE.match(top)
+    return m.group(1) if m else top
+
+
+def tokens(entries: Iterable[Entry]) -> set[str]:
+    """Strings that any RECORD listing one of these destinations must contain: the
+    importable name of each top-level site entry, the file name of each other entry. Which
+    installed distributions could own something the wheel writes is decided from these
+    without reading every RECORD in full."""
+    out: set[str] = set()
+    for e in entries:
+        if e.kind == "site":
+            out.add(module_key(e.rel.split("/", 1)[0]))
+        else:
+            out.add(e.rel.rsplit("/", 1)[-1])
+    return out
 
 
 def norm(path: str) -> str:
@@ -154,6 +181,34 @@ def destinations(wheel: str, dist_dir: str, names: Iterable[str], layout: Layout
     return entries, refused
 
 
+def script_entries(wheel: str, dist_dir: str, entry_points: str, layout: Layout
+                   ) -> tuple[list[Entry], list[str]]:
+    """The launchers an installer writes into the scripts folder for the wheel's
+    console_scripts and gui_scripts (entry_points.txt): files it writes although the zip
+    does not list them (a script named pip would replace bin/pip)."""
+    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    source = f"{dist_dir}.dist-info/entry_points.txt"
+    try:
+        parser.read_string(entry_points, source=source)
+    except configparser.Error as e:
+        return [], [f"{wheel}: {source} cannot be read ({str(e).splitlines()[0]})"]
+    entries: list[Entry] = []
+    refused: list[str] = []
+    for group in ("console_scripts", "gui_scripts"):
+        if not parser.has_section(group):
+            continue
+        for script in parser.options(group):
+            name = f"{source} [{group}] {script}"
+            if not script or _plain(script) or "/" in script:
+                refused.append(f"{wheel}: the script {script!r} in {source} is not a plain "
+                               "file name")
+                continue
+            entries.append(Entry(name, norm(os.path.join(layout.scripts, script + layout.exe)),
+                                 "scripts", script + layout.exe))
+    return entries, refused
+
+
 def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], owners: Owners,
              existing: Iterable[str], *, replacing: Iterable[str] = ()) -> list[str]:
     """Every reason this wheel may not be installed, each naming the wheel, the path and
@@ -188,10 +243,13 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             continue
         if top in refused_tops or top in _COMMON_TOPS:
             continue
-        others = owners.tops.get(top, frozenset()) - mine
-        shared = SHARED_TOPS.get(top)
+        others = owners.tops.get(module_key(top), frozenset()) - mine
+        shared = SHARED_TOPS.get(module_key(top))
         if others and not (shared and dist in shared and others <= shared):
             names = ", ".join(owners.describe(o) for o in sorted(others))
-            out.append(f"{wheel}: {e.name} would go into {top}, which belongs to {names}")
+            key = module_key(top)
+            out.append(f"{wheel}: {e.name} would go into {top}, which belongs to {names}"
+                       if key == top else
+                       f"{wheel}: {e.name} would be imported as {key}, which belongs to {names}")
             refused_tops.add(top)  # one line per package, not one per file
     return out

@@ -21,17 +21,18 @@ from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import (
     Installed,
     Stat,
+    _derived,
+    _stat,
     changed_files,
     file_stats,
     installed_backends,
     protected,
     read_installed,
+    record_lines,
     record_paths,
-    record_problems,
     shadowing,
-    torch_file_problems,
 )
-from comfy_env_attn.facts.probe import Target, cache_dir
+from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.install import guard
 from comfy_env_attn.install.edges import (
     DownloadMeter,
@@ -48,6 +49,7 @@ from comfy_env_attn.install.edges import (
     run_uv,
     uv_index_args,
     wheel_listing,
+    wheel_member,
     wheel_metadata,
 )
 from comfy_env_attn.install.journal import Journal, crash_point, keep_foreign
@@ -186,15 +188,26 @@ class _Context:
         self.installed = read_installed(target.site_dirs)
         self.markers: dict[str, str] = target.facts.get("markers") or {}
         self.protect = protected(self.installed, self.markers)
-        self._owners: guard.Owners | None = None
+        # the wheels this run will install, as the guard saw them: two wheels of one run
+        # may not overwrite each other, and uv may write nothing else
+        self.claims: dict[str, tuple[str, list[guard.Entry]]] = {}
+
+    def owners(self, entries: list[guard.Entry]) -> guard.Owners:
+        """Who owns what among the installed distributions that could own one of these
+        destinations: only RECORDs that mention one of their names are parsed (an
+        environment with torch has some 70,000 RECORD lines, nearly all irrelevant)."""
+        fold = self._windows
+        toks = {t.lower() if fold else t for t in guard.tokens(entries)}
+        owners = guard.build_owners(
+            (i.name, i.version, i.location, record_paths(i))
+            for i in self.installed.values() if _mentions(i, toks, fold))
+        for dist, (version, claimed) in self.claims.items():
+            owners = owners.claim(dist, version, claimed)
+        return owners
 
     @property
-    def owners(self) -> guard.Owners:
-        if self._owners is None:
-            self._owners = guard.build_owners(
-                (i.name, i.version, i.location, record_paths(i))
-                for i in self.installed.values())
-        return self._owners
+    def _windows(self) -> bool:
+        return str(self.target.facts.get("platform", "")).startswith("win") or os.name == "nt"
 
     @property
     def layout(self) -> guard.Layout:
@@ -205,15 +218,17 @@ class _Context:
             site=guard.norm(f["purelib"]),
             platlib=guard.norm(f.get("platlib") or f["purelib"]),
             scripts=guard.norm(f.get("scripts") or os.path.join(
-                prefix, "Scripts" if os.name == "nt" else "bin")),
+                prefix, "Scripts" if self._windows else "bin")),
             data=guard.norm(f.get("data") or prefix),
-            headers=guard.norm(os.path.join(prefix, "include", "site", f"python{py}")))
+            headers=guard.norm(os.path.join(prefix, "include", "site", f"python{py}")),
+            exe=".exe" if self._windows else "")
 
     def check(self, filename: str, reqs: list[str]) -> Needs:
         return check_requirements(filename, reqs, self.installed, self.markers, self.protect)
 
     def inspect(self, fetched: Fetched, dist: str) -> list[str]:
-        """Why this wheel may not go in (guard.py), from its own zip directory."""
+        """Why this wheel may not go in (guard.py), from its own zip directory and the
+        launchers its entry points would add."""
         name = fetched.candidate.filename
         names = wheel_listing(fetched.path)
         infos = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
@@ -221,26 +236,41 @@ class _Context:
         if not own:
             return [f"{name} has no .dist-info folder for {dist}: not a {dist} wheel"]
         dist_dir = own[0][:-len(".dist-info")]
-        entries, refused = guard.destinations(name, dist_dir, names, self.layout, dist=dist,
+        layout = self.layout
+        entries, refused = guard.destinations(name, dist_dir, names, layout, dist=dist,
                                               purelib=root_is_purelib(fetched.path, dist_dir))
+        scripts, bad_scripts = guard.script_entries(
+            name, dist_dir, wheel_member(fetched.path, f"{dist_dir}.dist-info/entry_points.txt"),
+            layout)
+        entries += scripts
         existing = [e.dest for e in entries if os.path.lexists(e.dest)]
-        found = refused + guard.problems(name, dist, dist_dir, entries, self.owners, existing)
+        found = refused + bad_scripts + guard.problems(name, dist, dist_dir, entries,
+                                                       self.owners(entries), existing)
         if not found:
-            self._owners = self.owners.claim(dist, _version_of(name), entries)
+            self.claims[dist] = (_version_of(name), entries)
         return found
 
     def protected_state(self, installed: dict[str, Installed]) -> dict[str, Stat | None]:
         return file_stats(installed[n] for n in self.protect if n in installed)
 
 
+def _mentions(inst: Installed, toks: set[str], fold: bool) -> bool:
+    """Whether the distribution's RECORD contains one of these strings at all."""
+    if not inst.dist_info or not toks:
+        return False
+    try:
+        data = Path(inst.dist_info, "RECORD").read_bytes()
+    except OSError:
+        return False
+    if fold:
+        data = data.lower()
+    return any(t.encode("utf-8") in data for t in toks)
+
+
 def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: Outcome,
                 opts: InstallOptions) -> None:
     ctx = _Context(target)
     installed = ctx.installed
-    before_files = ctx.protected_state(installed)
-    before_problems = set(torch_file_problems(target.site_dirs, cache=cache_dir()))
-    for p in sorted(before_problems):
-        log(f"warning: torch is already modified: {p}")
     ready: list[tuple[str, Fetched]] = []
     deps: dict[str, list[str]] = {}
     # 1. read metadata, fetch and inspect, before anything changes; a wheel that cannot be
@@ -290,6 +320,10 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
     dep_names = sorted({_req_name(d) for b, _ in to_install for d in deps[b]})
+    # The guard saw every file the backend wheels write. Requirements are fetched by uv and
+    # not seen beforehand: when there are any, every file of torch's closure is compared
+    # before and after.
+    before_files = ctx.protected_state(installed) if dep_names else None
     journal.begin({"python": target.executable, "backends": [b for b, _ in to_install]})
     uninstall = uninstaller(target, passthrough=opts.uv_passthrough)
     try:
@@ -354,31 +388,57 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
 
 
-def _check_untouched(ctx: _Context, before: dict[str, Stat | None],
+def _check_untouched(ctx: _Context, before: dict[str, Stat | None] | None,
                      after: dict[str, Installed], new: list[str]) -> None:
-    """InstallError when torch, its family or anything it requires changed (a file written,
-    a version replaced, a package hidden by a new one earlier on sys.path), or when a
-    backend just installed does not match its own RECORD."""
+    """InstallError when torch, its family or anything it requires changed (a version
+    replaced or moved; with `before`, a file written or a package hidden by a new one earlier
+    on sys.path), or when a backend just installed wrote anything its wheel did not show the
+    guard."""
     site_dirs = ctx.target.site_dirs
     problems = [f"{n} is now {after[n].version if n in after else 'gone'} "
                 f"(was {v}{'' if n not in after else ' at ' + ctx.installed[n].location})"
                 for n, v in ctx.protect.items()
                 if n not in after or after[n].version != v
                 or after[n].location != ctx.installed[n].location]
-    problems += [f"{p} changed" for p in changed_files(before, ctx.protected_state(after))]
-    # torch's files need no second pass against their RECORD here: every one of them is in
-    # the stats compared above (any write changes its stat)
-    problems += shadowing(after, site_dirs, ctx.protect)
+    if before is not None:
+        problems += [f"{p} changed" for p in changed_files(before, ctx.protected_state(after))]
+        problems += shadowing(after, site_dirs, ctx.protect)
     if problems:
         raise InstallError("the install changed torch or a package torch needs: "
                            + "; ".join(dict.fromkeys(problems[:8]))
                            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
     for dist in new:
         inst = after.get(dist)
-        bad = record_problems(inst) if inst is not None else [f"{dist} is not installed"]
+        bad = _unexpected_files(ctx, dist, inst) if inst is not None else \
+            [f"{dist} is not installed"]
         if bad:
-            raise InstallError(f"{dist} as installed does not match its RECORD: "
+            raise InstallError(f"{dist} as installed does not match what its wheel showed: "
                                + "; ".join(bad[:5]))
+
+
+def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
+    """What uv's RECORD of a new distribution lists beyond the destinations the guard
+    approved (and the installer's own files in its .dist-info), and listed files that are
+    missing or of another size. The wheel's bytes were hashed as they arrived: sizes are
+    enough here, no second hash of every file."""
+    claimed = ctx.claims.get(dist)
+    approved = {e.dest for e in claimed[1]} if claimed else set()
+    tops = {e.rel.split("/", 1)[0] for e in claimed[1] if e.kind == "site"} if claimed \
+        else set()
+    info = guard.norm(inst.dist_info) + os.sep
+    out: list[str] = []
+    for rel, _digest, size in record_lines(inst):
+        path = guard.norm(os.path.join(inst.location, rel))
+        if path not in approved and not path.startswith(info) and \
+                not (_derived(rel) and rel.split("/", 1)[0] in tops):
+            out.append(f"{rel} (not in the wheel)")
+            continue
+        st = _stat(path)
+        if st is None:
+            out.append(f"{rel} (missing)")
+        elif size.isdigit() and int(size) != st[0]:
+            out.append(f"{rel} (size {st[0]}, RECORD says {size})")
+    return out
 
 
 def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journal: Journal,
