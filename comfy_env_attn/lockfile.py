@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from comfy_env_attn.candidates.sources import project_of
 from comfy_env_attn.candidates.wheelhouse import record_beside
-from comfy_env_attn.core.backends import BACKENDS, BY_DIST, normalize_dist
+from comfy_env_attn.core.backends import BACKENDS, BY_DIST, normalize_dist, primary
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import (
     LOCK_NAME,
@@ -172,8 +172,11 @@ def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
 
 
 def _fingerprint(live: Live, device: dict[str, Any], python: str | None) -> Fingerprint:
+    """Each installed distribution once, under the backend that installs it: a variant
+    (sage_fp16) is covered by its primary's entry (ToolTable.verified)."""
     locked = {}
-    dists = {**{b.name: b.dist for b in BACKENDS.values()}, **live.plugins}
+    dists = {**{b.name: b.dist for b in BACKENDS.values() if primary(b.name) == b.name},
+             **live.plugins}
     for name, dist in dists.items():
         have = live.dists.get(dist) if dist else None
         if have is not None:

@@ -25,7 +25,7 @@ from comfy_env_attn.candidates.wheelname import (
     bounded_version,
     parse_wheel_name,
 )
-from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist
+from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist, primary
 from comfy_env_attn.facts.system import System, cc_tuple
 
 PLAN_SCHEMA = 1
@@ -489,7 +489,8 @@ def merge_facts(first: Candidate, other: Candidate) -> Candidate:
 
 def resolve(system: System, candidates: Iterable[Candidate],
             backends: Sequence[str], *, pins: Mapping[str, Pin] | None = None) -> Plan:
-    """The Plan: for each requested backend the best fitting wheel and why the others lost;
+    """The Plan: for each requested backend the best fitting wheel and why the others lost,
+    one row per distribution (a variant, such as sage_fp16, is its primary's row);
     `pins` (backend -> Pin) narrows the versions a backend may have."""
     by_file: dict[str, Candidate] = {}
     for c in candidates:
@@ -503,7 +504,7 @@ def resolve(system: System, candidates: Iterable[Candidate],
     plans = [BackendPlan("sdpa", "", None, builtin=True,
                          reason=None if system.torch else "torch is not installed in the target")]
     warnings: list[str] = []
-    for name in backends:
+    for name in dict.fromkeys(primary(n) for n in backends):  # a variant: its package's row
         if name == "sdpa":
             continue
         backend = BACKENDS[name]

@@ -78,7 +78,7 @@ def requests(args: argparse.Namespace, cfg: ComfyEnvConfig | None, base: System
 
 def make_plan(request: Request, sources: Sources) -> Plan:
     names = request.backends
-    projects = [bk.BACKENDS[n].dist for n in names if bk.BACKENDS[n].dist]
+    projects = list(dict.fromkeys(bk.BACKENDS[n].dist for n in names if bk.BACKENDS[n].dist))
     return checked_plan(request.system, gather(sources, projects), names, request.pins)
 
 

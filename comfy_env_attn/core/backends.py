@@ -105,6 +105,19 @@ class Backend:
     # all its code ships with comfy-env-attn, no outside package: the lock's adapters_sha256
     # covers it (a shipped plugin such as taylor)
     shipped: bool = False
+    # another kernel of the backend named here, from the same distribution: planned,
+    # installed and fingerprinted as that backend's package, verified and locked on its own
+    # (primary(), variants())
+    variant_of: str = ""
+    # quantized in Q.K^T only, with P.V in fp16 and fp32 accumulation: what safe mode
+    # allows among quantized kernels (fp8 P.V, as sageattn runs on sm89/90/120, and fp4 are
+    # the ones that turn some models' images black or noisy)
+    fp16_pv: bool = False
+
+    @property
+    def safe(self) -> bool:
+        """Allowed by safe mode: neither approximate nor quantized below fp16 in P.V."""
+        return not self.approximate and (not self.quantized or self.fp16_pv)
 
     def thresholds(self) -> dict[str, dict[str, float]]:
         """Per dtype: the largest max abs error and smallest cosine similarity against
@@ -199,6 +212,15 @@ BACKENDS: dict[str, Backend] = {
         Backend("sage", "sageattention", "SageAttention", "sageattention", "sageattn",
                 quantized=True, min_sm=(8, 0), excluded_sm=((10, 0), (10, 3)),
                 caps=Capabilities(HALF, _UP_TO_128, varlen=True)),
+        # SageAttention 2's int8-QK, fp16-PV kernel, fp32 accumulation (what sageattn itself
+        # runs on sm80): the safer one where sageattn's fp8 PV (sm89/90/120) renders black
+        # or noisy images. Built into _qattn_sm80 for every arch the source builds
+        # (sm80/86/89/90a/120a/121a, and 100a since late 2025; verification decides);
+        # SageAttention 1.x has no such function. No mask argument, no varlen.
+        Backend("sage_fp16", "sageattention", "SageAttention (int8 QK, fp16 PV)",
+                "sageattention", "sageattn_qk_int8_pv_fp16_cuda", quantized=True,
+                fp16_pv=True, variant_of="sage", min_sm=(8, 0), max_sm=(12, 1),
+                excluded_sm=((10, 3), (11, 0)), caps=Capabilities(HALF, _UP_TO_128)),
         Backend("sage3", "sageattn3", "SageAttention3", "sageattn3", "sageattn3_blackwell",
                 quantized=True, min_sm=(10, 0), max_sm=(12, 1), excluded_sm=((11, 0),),
                 caps=Capabilities(HALF, (64, 128), scale=False, gqa=False), min_cuda=(12, 8)),
@@ -241,6 +263,9 @@ def register(backend: Backend) -> None:
 
 ALIASES: dict[str, str] = {
     "sage2": "sage", "sageattention": "sage", "sageattn": "sage",
+    "sage_safe": "sage_fp16", "sage-safe": "sage_fp16", "sage-fp16": "sage_fp16",
+    "sage_fp16pv": "sage_fp16", "sage-fp16pv": "sage_fp16",
+    "sageattn_qk_int8_pv_fp16_cuda": "sage_fp16",
     "sageattn3": "sage3",
     "flash_attn": "flash", "flash2": "flash", "flash-attn": "flash", "fa2": "flash",
     "fa3": "flash3", "flash_attn_3": "flash3", "flash-attn-3": "flash3",
@@ -248,8 +273,21 @@ ALIASES: dict[str, str] = {
     "pytorch": "sdpa", "torch": "sdpa",
 }
 
-# Distribution name (normalized) -> backend name.
-BY_DIST: dict[str, str] = {b.dist: b.name for b in BACKENDS.values() if b.dist}
+# Distribution name (normalized) -> the backend that installs it (never a variant).
+BY_DIST: dict[str, str] = {b.dist: b.name for b in BACKENDS.values()
+                           if b.dist and not b.variant_of}
+
+
+def primary(name: str) -> str:
+    """The backend whose distribution ships `name`'s kernel: itself, or what it is a
+    variant of. Plans, installs and fingerprints go by this name, one per distribution."""
+    b = BACKENDS.get(name)
+    return b.variant_of if b is not None and b.variant_of else name
+
+
+def variants(name: str) -> list[str]:
+    """The variants of a backend: other kernels of its distribution, verified with it."""
+    return [b.name for b in BACKENDS.values() if b.variant_of == name != ""]
 
 
 def canonical(name: str) -> str:
@@ -268,14 +306,16 @@ def canonical(name: str) -> str:
 
 
 def parse_list(text: str | None) -> list[str]:
-    """Backends from a comma-separated list; all installable ones when text is None or 'all'."""
+    """The backends to plan, install or remove, from a comma-separated list (all installable
+    ones when text is None or 'all'): one per distribution, so a variant names the backend
+    that installs it (`sage_fp16` -> `sage`; verification proves each variant with it)."""
     if text is None or text.strip().lower() == "all":
-        return [n for n in BACKENDS if n != "sdpa"]
+        return [n for n in BACKENDS if n != "sdpa" and primary(n) == n]
     out: list[str] = []
     for part in text.split(","):
         if not part.strip():
             continue
-        n = canonical(part)
+        n = primary(canonical(part))
         if n not in out:
             out.append(n)
     if not out:

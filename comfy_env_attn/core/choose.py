@@ -6,6 +6,17 @@ A backend is a candidate for a call only when the lock proves every variant the 
 allow it (GPU, causal alignment). Candidates are ordered by the throughput the lock measured
 at the nearest shape of the same head dim (nearest in log-tokens, cross-attention against
 cross-attention). SDPA is always the last resort.
+
+Modes narrow the candidates (`mode_reason`):
+- default: every verified backend except approximate ones;
+- `approximate=True`: approximate ones too (plugins such as taylor);
+- `safe=True`: no kernel quantized below fp16 in P.V: exact backends, and quantized ones
+  only where they keep P.V in fp16 (SageAttention's int8-QK/fp16-PV kernel, sage_fp16),
+  never sageattn's fp8 P.V (sage) or fp4 (sage3), the ones that turn some models' images
+  black or noisy. So where sage fails or is left out, sage_fp16 serves the call if it
+  passed there and is faster than the exact backends;
+- `exact=True`: no quantized or approximate backend at all (sage_fp16 quantizes Q and K
+  to int8: it is out too).
 """
 
 from __future__ import annotations
@@ -44,17 +55,27 @@ def verified_caps(name: str, record: BackendRecord) -> Capabilities:
     return replace(caps, masks=masks)
 
 
+def mode_reason(name: str, record: BackendRecord, *, exact: bool = False, safe: bool = False,
+                approximate: bool = False) -> str | None:
+    """Why the mode leaves this backend out (None: it does not); see the module's doc."""
+    b = BACKENDS[name]
+    if exact and record.quantized:
+        return f"{b.title} is quantized and exact mode is on"
+    if safe and record.quantized and not b.fp16_pv:
+        return f"{b.title} quantizes P.V below fp16 and safe mode is on"
+    if record.approximate and (exact or safe or not approximate):
+        return f"{b.title} is approximate: " + (
+            "exact mode is on" if exact else "safe mode is on" if safe else
+            "auto uses it only with set_backend('auto', approximate=True)")
+    return None
+
+
 def reasons(name: str, record: BackendRecord, call: Call, *, exact: bool = False,
-            approximate: bool = False) -> list[str]:
+            safe: bool = False, approximate: bool = False) -> list[str]:
     """Every reason this verified backend may not take the call (empty: it may).
     `approximate`: the caller opted in to approximate backends."""
-    out = []
-    if exact and record.quantized:
-        out.append(f"{BACKENDS[name].title} is quantized and exact mode is on")
-    if record.approximate and (exact or not approximate):
-        out.append(f"{BACKENDS[name].title} is approximate: "
-                   + ("exact mode is on" if exact else
-                      "auto uses it only with set_backend('auto', approximate=True)"))
+    why = mode_reason(name, record, exact=exact, safe=safe, approximate=approximate)
+    out = [why] if why else []
     out += BACKENDS[name].not_supported_reasons(call, verified_caps(name, record))
     if not out:
         out += record.unproven(call.variants(), call.head_dim, call.dtype)
@@ -78,13 +99,14 @@ def _nearest(bench: tuple[BenchRow, ...], call: Call) -> BenchRow | None:
 
 
 def choose(backends: Mapping[str, BackendRecord], call: Call, *,
-           exact: bool = False, approximate: bool = False) -> Choice:
+           exact: bool = False, safe: bool = False, approximate: bool = False) -> Choice:
     rows: list[tuple[float, str, Ranked]] = []
     passed_over = []
     for name, record in backends.items():
         if not record.verified or name not in BACKENDS:
             continue
-        why_not = reasons(name, record, call, exact=exact, approximate=approximate)
+        why_not = reasons(name, record, call, exact=exact, safe=safe,
+                          approximate=approximate)
         if why_not:
             if name != "sdpa":
                 passed_over.append((name, tuple(why_not)))

@@ -120,10 +120,14 @@ def torch_family(installed: dict[str, Installed]) -> dict[str, str]:
 
 
 def installed_backends(installed: dict[str, Installed]) -> list[str]:
-    """The attention backends whose distributions are installed, in the registry's order."""
-    from comfy_env_attn.core.backends import BACKENDS
+    """The attention backends whose distributions are installed, in the registry's order:
+    one per distribution (core.backends.primary), the backend that installs it. Its
+    variants (sage_fp16 of sageattention) are verified and locked with it by verify(),
+    like plugins: their failure never fails an install or rolls the package back."""
+    from comfy_env_attn.core.backends import BACKENDS, primary
 
-    return [b.name for b in BACKENDS.values() if b.dist and b.dist in installed]
+    return [b.name for b in BACKENDS.values()
+            if b.dist and b.dist in installed and primary(b.name) == b.name]
 
 
 # -- what a distribution's RECORD says, and whether the files still match it --------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -119,21 +119,29 @@ class _Imported(Adapter):
 
 
 class Sage(_Imported):
+    """sageattn, which picks its kernel by GPU (fp8 P.V on sm89/90/120); its variants are
+    other kernels of the same package, called the same way with their own options."""
+
     name, module = "sage", "sageattention"
+    options: ClassVar[dict[str, Any]] = {}  # the kernel's own keywords, on every call
 
     def load(self) -> None:
         mod = self._import()
-        self._fn = mod.sageattn
-        self._varlen = getattr(mod, "sageattn_varlen", None)
-        params = inspect.signature(self._fn).parameters
+        fn = getattr(mod, self.backend.kernel, None)
+        if fn is None:  # SageAttention 1.x has sageattn only
+            have = f"{self.backend.dist} {self.version}" if self.version else self.backend.dist
+            raise ImportError(f"{have} has no {self.backend.kernel}")
+        self._fn = fn
+        self._varlen = getattr(mod, "sageattn_varlen", None) if self.caps.varlen else None
+        params = inspect.signature(fn).parameters
         # SageAttention 2 has no mask argument (its **kwargs swallows one silently): claim
-        # masks only where the installed sageattn names attn_mask
+        # masks only where the installed kernel names attn_mask
         masks = frozenset({"bool", "additive"}) if "attn_mask" in params else frozenset()
         self.caps = replace(self.caps, masks=masks, varlen=self._varlen is not None)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
                  scale: float | None) -> Tensor:
-        kw: dict[str, Any] = {"tensor_layout": "HND", "is_causal": causal}
+        kw: dict[str, Any] = {"tensor_layout": "HND", "is_causal": causal, **self.options}
         if scale is not None:
             kw["sm_scale"] = scale
         if mask is not None:
@@ -145,6 +153,14 @@ class Sage(_Imported):
         assert self._varlen is not None
         return _first(self._varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=causal,
                                    sm_scale=scale))
+
+
+class SageFp16(Sage):
+    """sageattn_qk_int8_pv_fp16_cuda: int8 Q.K^T, fp16 P.V accumulated in fp32 (the most
+    accurate of its pv_accum_dtype choices)."""
+
+    name = "sage_fp16"
+    options: ClassVar[dict[str, Any]] = {"pv_accum_dtype": "fp32"}
 
 
 class Sage3(_Imported):
@@ -244,8 +260,8 @@ class Xformers(_Imported):
         return out[0]  # type: ignore[no-any-return]
 
 
-ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (Adapter, Sage, Sage3, Flash, Flash3,
-                                                           Flash4, Xformers)}
+ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (Adapter, Sage, SageFp16, Sage3, Flash,
+                                                           Flash3, Flash4, Xformers)}
 
 
 def adapter(name: str) -> Adapter:

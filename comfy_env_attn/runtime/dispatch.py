@@ -8,7 +8,7 @@ uses (core.lockmodel.stale_reasons). A missing, stale or invalid lock gives one 
 SDPA.
 
     from comfy_env_attn import set_backend, dispatch_attention
-    set_backend("auto")                 # or "sage", "flash", "xformers", "sdpa", "auto" + exact
+    set_backend("auto")                 # or "sage", "flash", "sdpa", ...; safe=, exact=
     out = dispatch_attention(q, k, v)   # [B, H, N, D] -> [B, H, N, D]
 """
 
@@ -62,6 +62,7 @@ _ENV_NAMES = {"auto": "auto", "flash2": "flash", "pytorch": "sdpa", "split": "sd
 class _State:
     mode: str = "auto"
     exact: bool = False
+    safe: bool = False  # no fp8/fp4 P.V (core.choose's modes)
     approximate: bool = False  # auto may choose approximate backends
     label: str = ""
     table: ToolTable | None = None  # the fresh lock
@@ -178,11 +179,14 @@ def _available(name: str) -> bool:
     return name == "sdpa" or importlib.util.find_spec(root) is not None
 
 
-def set_backend(name: str = "auto", *, exact: bool = False, approximate: bool = False,
-                allow_unverified: bool | None = None) -> str:
+def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
+                approximate: bool = False, allow_unverified: bool | None = None) -> str:
     """Choose the backend ("auto", a name or an alias); returns a readable label.
-    exact: no quantized or approximate backend; approximate: auto may choose approximate
-    ones (plugins such as taylor), which it never does otherwise."""
+    exact: no quantized or approximate backend; safe: no kernel quantized below fp16 in
+    P.V (SageAttention's fp16-PV kernel, sage_fp16, instead of sageattn's fp8 one, where it
+    passed: for models whose images turn black or noisy with sage); approximate: auto may
+    choose approximate ones (plugins such as taylor), which it never does otherwise. The
+    rule is core.choose's (mode_reason)."""
     load_plugins()
     key = name.strip().lower()
     mode = "auto" if key == "auto" else ALIASES.get(key, key)
@@ -190,7 +194,8 @@ def set_backend(name: str = "auto", *, exact: bool = False, approximate: bool = 
         raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     with _LOCK:
         mode = _env_override() or mode
-        _S.mode, _S.exact, _S.approximate = mode, exact, approximate and not exact
+        _S.mode, _S.exact, _S.safe = mode, exact, safe and not exact
+        _S.approximate = approximate and not (exact or safe)
         _S.routes, _S.failed, _S.said = {}, {}, set()
         _ROUTES.clear()
         if allow_unverified is None:
@@ -235,7 +240,8 @@ def _describe() -> str:
         return "auto: PyTorch SDPA (no verified lock)"
     best = None
     for name, rec in _S.backends.items():
-        if (_S.exact and rec.quantized) or (rec.approximate and not _S.approximate):
+        if name not in BACKENDS or choose.mode_reason(name, rec, exact=_S.exact, safe=_S.safe,
+                                                      approximate=_S.approximate):
             continue
         for row in rec.bench:
             if row.tflops is not None and (best is None or row.tflops > best[1]):
@@ -243,7 +249,8 @@ def _describe() -> str:
     if best is None:
         return f"auto: {', '.join(_S.backends)} (verified){tail}"
     rec = _S.backends[best[0]]
-    return (f"auto{' (exact)' if _S.exact else ''}: {BACKENDS[best[0]].title} "
+    kind = " (exact)" if _S.exact else " (safe)" if _S.safe else ""
+    return (f"auto{kind}: {BACKENDS[best[0]].title} "
             f"{rec.version or ''}, verified, {best[1]:.3g} TFLOP/s at {best[2]}; "
             f"chosen per input among {', '.join(_S.backends)}{tail}")
 
@@ -261,6 +268,7 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
         order = [n for n in UNVERIFIED_ORDER if _available(n)
                  and not BACKENDS[n].not_supported_reasons(call)
                  and not (_S.exact and BACKENDS[n].quantized)
+                 and not (_S.safe and not BACKENDS[n].safe)
                  and (_S.mode in ("auto", n) or n == "sdpa")
                  and (n == "sdpa" or call.device == "cuda")]
     elif _S.table is None or call.device != _S.device:
@@ -276,7 +284,7 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
         else:
             order = [_S.mode, "sdpa"]
     else:
-        order = choose.choose(_S.backends, call, exact=_S.exact,
+        order = choose.choose(_S.backends, call, exact=_S.exact, safe=_S.safe,
                               approximate=_S.approximate).names
         settled = _S.settled.get(repr(rkey))
         if settled:
@@ -308,7 +316,8 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
     the gap between the two fastest backends. Each is timed in rounds of back-to-back calls,
     the order rotating (CUDA events on a GPU), as a model calls it; the result is kept in the
     per-machine cache, so the next start does not time again."""
-    choice = choose.choose(_S.backends, call, exact=_S.exact, approximate=_S.approximate)
+    choice = choose.choose(_S.backends, call, exact=_S.exact, safe=_S.safe,
+                           approximate=_S.approximate)
     close = [n for n in choose.close_call(choice.order, settle_margin()) if n in route]
     if len(close) < 2 or os.environ.get("COMFY_ENV_ATTN_SETTLE") == "0":
         return route
@@ -580,7 +589,8 @@ def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     if not _S.ready:
         set_backend("auto")
     call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device.type))
-    c = choose.choose(_S.backends, call, exact=_S.exact, approximate=_S.approximate)
+    c = choose.choose(_S.backends, call, exact=_S.exact, safe=_S.safe,
+                           approximate=_S.approximate)
     return c.names, list(c.passed_over)
 
 

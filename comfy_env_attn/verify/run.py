@@ -6,6 +6,10 @@ keys, bool and additive masks, GQA) at every head dim it claims among those real
 The lock records which (variant, head dim, dtype) passed; the dispatcher routes only those.
 Then the backends that passed are timed together at the shapes that decide a choice.
 
+Besides the backends named: each one's variants (other kernels of its distribution, such as
+sage_fp16 of sageattention) and the entry-point plugins the target has, each proven on its
+own; a shipped plugin (taylor) only when named, or in `Options.include`.
+
 The accuracy limits per kind of backend are core.backends' `Backend.thresholds()`: exact
 kernels within bf16/fp16 rounding, quantized ones within 0.1 max abs error and cosine 0.99,
 approximate plugins within the limits they register with.
@@ -23,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.core.backends import BACKENDS, VARIANTS
-from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.backends import BACKENDS, MODEL_HEAD_DIMS, VARIANTS, variants
+from comfy_env_attn.core.errors import AttnError, UsageError
 
 SCRIPT = Path(__file__).with_name("_target.py")
 MARK = "@@RESULT@@"
@@ -43,6 +47,25 @@ GPU_SHAPES = [[2, 8, 4096, 40], [2, 20, 1024, 64], [2, 10, 4096, 64], [2, 10, 40
 CPU_SHAPES = [[1, 4, 256, 64], [1, 4, 1024, 64], [1, 4, 512, 128]]
 
 
+HEAD_DIMS_ENV = "COMFY_ENV_ATTN_VERIFY_HEAD_DIMS"
+
+
+def head_dims_from_env() -> tuple[int, ...] | None:
+    """COMFY_ENV_ATTN_VERIFY_HEAD_DIMS=64,128: prove only these of the model head dims (a
+    quicker verification, e.g. of taylor on a CPU; calls at the others go to SDPA)."""
+    raw = os.environ.get(HEAD_DIMS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        dims = tuple(dict.fromkeys(int(x) for x in raw.split(",") if x.strip()))
+    except ValueError:
+        dims = ()
+    if not dims or any(d not in MODEL_HEAD_DIMS for d in dims):
+        raise UsageError(f"{HEAD_DIMS_ENV}={raw!r}: give head dims among "
+                         f"{', '.join(map(str, MODEL_HEAD_DIMS))}, comma-separated")
+    return dims
+
+
 @dataclass(frozen=True)
 class Options:
     device: str | None = None  # None: cuda when torch sees a GPU, else cpu
@@ -50,7 +73,8 @@ class Options:
     timeout: float = float(os.environ.get("COMFY_ENV_ATTN_VERIFY_TIMEOUT", "600"))
     min_time: float = 0.5
     bench: bool = True
-    head_dims: tuple[int, ...] | None = None  # None: every head dim the backend claims
+    # None: every head dim the backend claims (or COMFY_ENV_ATTN_VERIFY_HEAD_DIMS's)
+    head_dims: tuple[int, ...] | None = field(default_factory=head_dims_from_env)
     dtypes: tuple[str, ...] | None = None  # None: float16 and bfloat16 (GPU), float32 and
     #                                        bfloat16 (CPU)
     # processes proving at once; each backend's head dims are split across `shards`
@@ -59,6 +83,9 @@ class Options:
     parallel: int = max(2, (os.cpu_count() or 2) // 2)
     shards: int = max(1, (os.cpu_count() or 2) // 4)
     env: dict[str, str] = field(default_factory=dict)
+    # also prove these, which verification leaves out unless named (SHIPPED_PLUGINS):
+    # `verify --include taylor`, through installer.reverify's fixed list of what is installed
+    include: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,13 @@ def run_one(python: str, backend: str, opts: Options) -> Result:
 
 
 SHIPPED_PLUGINS = frozenset({"taylor"})  # approximate: verified when asked for by name
+
+
+def _order(backends: list[str], opts: Options) -> list[str]:
+    """SDPA, the backends named, each one's variants and opts.include, once each."""
+    named = [b for b in backends if b != "sdpa"]
+    return list(dict.fromkeys(["sdpa", *[n for b in named for n in (b, *variants(b))],
+                               *opts.include]))
 
 
 def _shards(backend: str, opts: Options) -> list[Options]:
@@ -231,7 +265,7 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
     was proven for, so that the numbers `auto` compares come from the same clocks. If that
     process fails, each is timed alone."""
     opts = opts or Options()
-    order = ["sdpa"] + [b for b in backends if b != "sdpa"]
+    order = _order(backends, opts)
     if progress:
         progress(f"verifying {', '.join(order)} ...")
     t0 = time.monotonic()
