@@ -140,6 +140,9 @@ def _workflow_parsers(sub: Any) -> None:
 
     p = sub.add_parser("verify", help="prove the installed backends and rewrite the lock")
     _target_args(p)
+    p.add_argument("--include", metavar="LIST",
+                   help="also prove and lock these, which verification leaves out unless "
+                        "asked: the approximate taylor plugin (later verify runs keep them)")
     _verify_opts(p)
     p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
     _common(p)

@@ -12,7 +12,7 @@ from comfy_env_attn.candidates.sources import Sources
 from comfy_env_attn.cli import planning
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
-from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.errors import AttnError, UsageError
 from comfy_env_attn.facts.locate import find_python_auto
 from comfy_env_attn.facts.probe import GpuFacts, Target, probe, probe_interpreter, system_from
 from comfy_env_attn.facts.system import System, load_profile
@@ -255,7 +255,70 @@ def print_diagnosis(diag: Any, target: Target) -> None:
                   else "[red]problems found[/red] (exit 1)")
 
 
-COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor}
+# -- verify -------------------------------------------------------------------------------
+
+def included(text: str | None) -> list[str]:
+    """--include: the backends verification leaves out unless asked (shipped plugins)."""
+    from comfy_env_attn.verify.run import SHIPPED_PLUGINS
+
+    out: list[str] = []
+    for part in (text or "").split(","):
+        name = part.strip().lower()
+        if not name or name in out:
+            continue
+        if name not in SHIPPED_PLUGINS:
+            try:
+                known = f"{bk.canonical(name)} is verified whenever its package is installed"
+            except UsageError:
+                known = f"unknown backend {name!r}"
+            raise UsageError(f"--include {name}: {known}; --include names what verification "
+                             f"leaves out unless asked: {', '.join(sorted(SHIPPED_PLUGINS))}")
+        out.append(name)
+    return out
+
+
+def locked_plugins(target: Target) -> list[str]:
+    """The shipped plugins the target's lock records: proven once on request, kept."""
+    from comfy_env_attn import lockfile
+    from comfy_env_attn.core.lockmodel import tool_table
+    from comfy_env_attn.verify.run import SHIPPED_PLUGINS
+
+    try:
+        names = tool_table(lockfile.read(lockfile.lock_path(target.prefix))).backends
+    except AttnError:
+        return []
+    return [n for n in names if n in SHIPPED_PLUGINS]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Prove what is installed (each backend's variants too) and rewrite the lock; plus the
+    backends --include names, and those a previous --include put in the lock."""
+    from comfy_env_attn.cli.install import install_json, print_summary, verify_options
+    from comfy_env_attn.core.progress import log
+    from comfy_env_attn.install.installer import recover, reverify
+    from comfy_env_attn.install.journal import target_lock
+
+    asked = included(getattr(args, "include", None))
+    exe, _ = locate(args)
+    target = probe_interpreter(exe)
+    with target_lock(target.prefix, log):
+        recover(target)
+        target = probe_interpreter(exe)
+        include = list(dict.fromkeys([*asked, *locked_plugins(target)]))
+        out, ok = reverify(target, replace(verify_options(args), include=tuple(include)))
+    for name in include:
+        row = out.row(name)
+        row.action = "included"
+        ok = ok and row.result is not None and row.result.passed
+    out.ok = ok
+    if getattr(args, "json", False):
+        dump_json(install_json(out, target.executable, command="verify"))
+    else:
+        print_summary(out, target)
+    return 0 if ok else 1
+
+
+COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor, "verify": cmd_verify}
 
 
 def run(args: argparse.Namespace) -> int:
