@@ -41,6 +41,10 @@ def serve(directory: Path) -> tuple[str, ThreadingHTTPServer]:
         def log_message(self, *args: object) -> None:
             pass
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+            pass  # a client that hangs up early (uv, once it has what it needs) is no news
+
+    srv = Server(("127.0.0.1", 0), Quiet)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{srv.server_address[1]}", srv

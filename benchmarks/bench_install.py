@@ -1,8 +1,10 @@
 """Install time against a raw `uv pip install` of the same wheel from the same local index,
 and verification time per backend against a bare `python -c "import torch"` in the target.
 
-    python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60]
+    python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60] [--source index folder]
 
+`index`: both install from a PEP 503 index served over loopback (our download, then uv from
+the file; uv downloads it itself). `folder`: a local wheel, `--find-links FOLDER` for both.
 Each run gets a fresh venv that sees this interpreter's torch (tests/conftest.py's make_venv:
 a .pth file names the folder holding it; not timed). The wheel is a working CPU sageattention built here; --size-mb adds an incompressible
 payload so that a realistic wheel size (SageAttention 2 builds are 20-100 MB) can be compared.
@@ -50,6 +52,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--size-mb", type=int, nargs="*", default=[0, 60])
+    ap.add_argument("--source", nargs="*", choices=["index", "folder"],
+                    default=["index", "folder"])
     args = ap.parse_args()
     import torch
 
@@ -62,8 +66,8 @@ def main() -> int:
                         f'glibc = "2.36"\ntorch = "{torch.__version__.split("+")[0]}+cu128"\n'
                         'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
                         'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
-        print(f"{'wheel':>10}  {'comfy-env-attn install':>24}  {'raw uv pip install':>20}  "
-              f"{'ratio':>6}")
+        print(f"{'source':>6}  {'wheel':>10}  {'comfy-env-attn install':>24}  "
+              f"{'raw uv pip install':>20}  {'ratio':>6}  {'difference':>10}")
         for size in args.size_mb:
             files = {"sageattention/__init__.py": SAGE_OK}
             if size:
@@ -76,24 +80,29 @@ def main() -> int:
             base, srv = serve(site)
             (site / "simple" / "sageattention" / "index.html").write_text(
                 f'<a href="{base}/files/{w.name.replace("+", "%2B")}#sha256={sha}">{w.name}</a>')
-            ours, raw = [], []
-            try:
+            for source in args.source:
+                if source == "index":
+                    ours_src = ["--index-url", f"{base}/simple"]
+                    uv_src = ["--index-url", f"{base}/simple"]
+                else:
+                    ours_src = ["--find-links", str(site / "files")]
+                    uv_src = ["--no-index", "--find-links", str(site / "files")]
+                ours, raw = [], []
                 for i in range(args.runs):
-                    py = fresh_venv(d / f"a{size}-{i}")
+                    py = fresh_venv(d / f"a{size}-{source}-{i}")
                     ours.append(timed([*CLI, "install", "--python", str(py), "--system",
-                                       str(prof), "--index-url", f"{base}/simple",
-                                       "--no-embedded-index", "--backends", "sage",
-                                       "--no-verify"]))
-                    py = fresh_venv(d / f"b{size}-{i}")
+                                       str(prof), *ours_src, "--no-embedded-index",
+                                       "--backends", "sage", "--no-verify"]))
+                    py = fresh_venv(d / f"b{size}-{source}-{i}")
                     raw.append(timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
-                                      "--index-url", f"{base}/simple", "--no-cache",
+                                      *uv_src, "--no-cache",
                                       "--no-deps",  # uv does not see torch through a .pth
                                       f"sageattention=={version}"]))
-            finally:
-                srv.shutdown()
-            a, b = statistics.median(ours), statistics.median(raw)
-            label = f"{w.stat().st_size / 1e6:.1f} MB"
-            print(f"{label:>10}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}")
+                a, b = statistics.median(ours), statistics.median(raw)
+                label = f"{w.stat().st_size / 1e6:.1f} MB"
+                print(f"{source:>6}  {label:>10}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}  "
+                      f"{a - b:>+8.3f} s", flush=True)
+            srv.shutdown()
         # verification time per backend against a bare import torch in the target
         py = fresh_venv(d / "verify")
         imp = statistics.median(timed([str(py), "-c", "import torch"])

@@ -223,8 +223,9 @@ def test_after_install_uvs_record_must_match_what_the_guard_saw(tmp_path, venv, 
 
 def test_a_dependency_that_needs_another_sympy_is_refused(tmp_path, venv, profile,
                                                           http_server) -> None:
-    """Two levels down: sageattention needs sage-helper, which needs sympy==0.0.1. The
-    helper installs, its requirement is refused, and the whole install is undone."""
+    """Two levels down: sageattention needs sage-helper, which needs sympy==0.0.1. Each
+    requirement's wheel is fetched and read before anything is installed: the helper's own
+    requirement is refused, and nothing goes in."""
     w = tmp_path / "w"
     sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "sage-helper"])
     helper = build_wheel(w, "sage-helper", "1.0", {"sage_helper.py": "X = 1\n"},
@@ -233,8 +234,9 @@ def test_a_dependency_that_needs_another_sympy_is_refused(tmp_path, venv, profil
                                 "sympy": [sympy_impostor(w)]})
     r = install(venv, profile, "--index-url", index)
     assert r.returncode == 1
-    assert "sage-helper requires sympy==0.0.1" in r.stderr and \
+    assert "sage_helper-1.0-py3-none-any.whl requires sympy==0.0.1" in r.stderr and \
         "would replace sympy, which torch needs" in r.stderr
+    assert "nothing was installed" in r.stderr and " pip install " not in r.stderr
     assert installed_in(venv) == {}
 
 
@@ -353,14 +355,15 @@ def test_guard_reads_the_zip_not_the_record(tmp_path) -> None:
     assert [e.rel for e in entries if e.rel.startswith("torch")] == ["torch/__init__.py"]
 
 
-def test_a_dependency_overwriting_torch_fails_and_torch_is_not_deleted(tmp_path, uv_bin,
+def test_a_dependency_overwriting_torch_is_refused_before_install(tmp_path, uv_bin,
                                                                        fake_torch,
                                                                        http_server) -> None:
-    """A requirement installed by uv is not inspected beforehand (uv fetches it): the check
-    after the install finds torch's file changed, fails, and the rollback leaves torch's
-    file in place instead of deleting it with the dependency (then doctor flags torch)."""
+    """A requirement is inspected like a backend wheel, before anything is installed (uv
+    resolves it, this tool fetches and reads it): one that ships torch/__init__.py is
+    refused, and torch's file is never written."""
     venv = fake_torch_venv(tmp_path / "v", uv_bin, fake_torch)
     torch_init = site(venv) / "torch" / "__init__.py"
+    before = torch_init.read_bytes()
     w = tmp_path / "w"
     sage = sage_wheel(w, "ok", "2.2.0+cu128torch2.13", requires=["torch>=2.0", "sage-helper"])
     helper = build_wheel(w, "sage-helper", "1.0", {"sage_helper.py": "X = 1\n",
@@ -374,9 +377,10 @@ def test_a_dependency_overwriting_torch_fails_and_torch_is_not_deleted(tmp_path,
                 serve(http_server, {"sageattention": [sage], "sage-helper": [helper]}))
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
-    assert "the install changed torch or a package torch needs" in out
-    assert "torch/__init__.py changed" in out and "the target was restored" in out
-    assert torch_init.exists() and installed_in(venv) == {"torch": "2.13.0"}
+    assert f"sage_helper-1.0-py3-none-any.whl: torch/__init__.py would overwrite {torch_init}, " \
+        "which belongs to torch 2.13.0: refusing this requirement of the backends" in out
+    assert "nothing was installed" in out and " pip install " not in out
+    assert torch_init.read_bytes() == before and installed_in(venv) == {"torch": "2.13.0"}
 
 
 def test_guard_two_wheels_of_one_run_may_not_overwrite_each_other() -> None:

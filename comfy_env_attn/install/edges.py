@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -40,6 +41,7 @@ from comfy_env_attn.candidates.wheelname import (
     bounded_version,
     safe_wheel_filename,
 )
+from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.facts.probe import cache_dir
@@ -86,6 +88,39 @@ def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = 
     if summary:
         log(f"uv: {summary}")
     return r.stderr + r.stdout
+
+
+def uv_compile(python: str, requirements: Sequence[str], args: Sequence[str],
+               log: Callable[[str], None]) -> list[tuple[str, str, str, str | None]]:
+    """What uv would install for these requirements alone (no dependencies) into this
+    interpreter: (canonical name, version, wheel URL, sha256 or None) per package, from the
+    PEP 751 lock `uv pip compile --format pylock.toml` writes. Nothing is installed."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "requirements.in")
+        src.write_text("".join(f"{r}\n" for r in requirements), encoding="utf-8")
+        out = Path(tmp, "pylock.toml")
+        run_uv(["pip", "compile", str(src), "--format", "pylock.toml", "--no-deps",
+                "--no-header", "--quiet", "--python", python, "-o", str(out), *args], log)
+        try:
+            doc = tomllib.loads(out.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InstallError(f"uv pip compile wrote no readable lock ({e})") from None
+    pins: list[tuple[str, str, str, str | None]] = []
+    for pkg in doc.get("packages", []):
+        name, version = str(pkg.get("name", "")), str(pkg.get("version", ""))
+        wheels = [w for w in pkg.get("wheels", []) if isinstance(w, dict) and w.get("url")]
+        if not name or not wheels:
+            raise InstallError(f"uv resolved {name or 'a requirement'} {version} to no wheel "
+                               "(a source distribution is never built here)")
+        w = wheels[0]
+        sha = w.get("hashes", {}).get("sha256") if isinstance(w.get("hashes"), dict) else None
+        pins.append((normalize_dist(name), version, str(w["url"]), sha))
+    return pins
 
 
 _UV_STEP = re.compile(r"^(Resolved|Prepared|Installed|Uninstalled|Audited|Built|Downloaded) ")

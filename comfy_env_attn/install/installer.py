@@ -47,6 +47,7 @@ from comfy_env_attn.install.edges import (
     requirements,
     root_is_purelib,
     run_uv,
+    uv_compile,
     uv_index_args,
     wheel_listing,
     wheel_member,
@@ -317,13 +318,16 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         results = verify_installed(target, installed, out, opts.verify)
         out.lock = _write_lock(target, installed, results, [])
         return
+    missing = sorted({d for b, _ in to_install for d in deps[b]})
+    extra: list[tuple[str, Fetched]] = []
+    if missing:
+        try:
+            extra = _requirements(opts, ctx, missing)
+        except (AttnError, OSError) as e:
+            raise InstallError(f"{e}\nnothing was installed") from None
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
-    dep_names = sorted({_req_name(d) for b, _ in to_install for d in deps[b]})
-    # The guard saw every file the backend wheels write. Requirements are fetched by uv and
-    # not seen beforehand: when there are any, every file of torch's closure is compared
-    # before and after.
-    before_files = ctx.protected_state(installed) if dep_names else None
+    dep_names = [name for name, _ in extra]
     journal.begin({"python": target.executable, "backends": [b for b, _ in to_install]})
     uninstall = uninstaller(target, passthrough=opts.uv_passthrough)
     try:
@@ -332,19 +336,15 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         journal.set_state("installing")
         crash_point("backed-up")
         with tempfile.TemporaryDirectory() as tmp:
-            if to_install:
-                _uv_install(target, to_install, Path(tmp), passthrough=opts.uv_passthrough)
+            _uv_install(target, [(bk.BACKENDS[b].dist, f) for b, f in to_install] + extra,
+                        Path(tmp), passthrough=opts.uv_passthrough)
             crash_point("installed")
-            missing = sorted({d for b, _ in to_install for d in deps[b]})
-            if missing:
-                _install_deps(opts, ctx, missing, journal, Path(tmp))
         for b, f in to_install:
             row = out.row(b)
             row.installed = row.version = _version_of(f.candidate.filename)
             row.action = "installed"
         after = read_installed(target.site_dirs)
-        _check_untouched(ctx, before_files, after,
-                         [bk.BACKENDS[b].dist for b, _ in to_install])
+        _check_untouched(ctx, None, after, touched + dep_names)
         journal.set_state("verifying")
         crash_point("verifying")
         results = verify_installed(target, after, out, opts.verify)
@@ -441,38 +441,75 @@ def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
     return out
 
 
-def _install_deps(opts: InstallOptions, ctx: _Context, missing: list[str], journal: Journal,
-                  tmp: Path) -> None:
-    """Install requirements round by round with --no-deps: uv does not see a venv's
-    system-site-packages torch as installed and would fetch another one; here every
-    requirement is checked against what the target really has, torch's closure first."""
+def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
+                  ) -> list[tuple[str, Fetched]]:
+    """The wheels that satisfy what the backends require and the target lacks, each fetched,
+    hash-checked, its own requirements checked and its files inspected by the guard, before
+    anything is installed. uv resolves each round (`uv pip compile --no-deps` to a PEP 751
+    lock: the wheel URL and sha256 it would install); round by round, because uv does not see
+    a venv's system-site-packages torch as installed and would fetch another one. Every
+    requirement is checked against what the target really has, torch's closure first, and
+    against the wheels already chosen."""
     target = ctx.target
-    constraint = constraint_file(ctx.protect, tmp)
-    offline = offline_args(opts.index_urls, opts.find_links, pypi=opts.pypi, log=log)
-    for _round in range(12):
-        names = sorted({_req_name(d) for d in missing})
-        installed = read_installed(target.site_dirs)
-        for n in names:
-            journal.add(n, installed, own_sites(target))
-        run_uv(["pip", "install", "--python", target.executable, "--no-deps", "--only-binary",
-                ":all:", "--constraint", str(constraint),
-                *uv_index_args(list(opts.index_urls), list(opts.find_links)), *offline,
-                *missing], log, passthrough=opts.uv_passthrough)
-        installed = read_installed(target.site_dirs)
-        missing = []
-        for n in names:
-            inst = installed.get(n)
-            if inst is None:
-                continue
-            needs = check_requirements(n, list(inst.requires), installed, ctx.markers,
-                                       ctx.protect)
-            if needs.refused:
-                raise InstallError(needs.refused[0])
-            missing += needs.missing
-        missing = sorted(set(missing))
-        if not missing:
-            return
+    chosen: dict[str, tuple[str, Fetched]] = {}  # name -> (version, wheel)
+    with tempfile.TemporaryDirectory() as tmp:
+        constraint = constraint_file(ctx.protect, Path(tmp))
+        offline = offline_args(opts.index_urls, opts.find_links, pypi=opts.pypi, log=log)
+        for _round in range(12):
+            if not missing:
+                return [(name, f) for name, (_v, f) in chosen.items()]
+            pinned = uv_compile(target.executable, missing, [
+                "--only-binary", ":all:", "--constraint", str(constraint),
+                *uv_index_args(list(opts.index_urls), list(opts.find_links)), *offline], log)
+            needed: list[str] = []
+            for name, version, url, sha in pinned:
+                if name in chosen:
+                    continue
+                c = Candidate(filename=_wheel_filename(url), url=url,
+                              source=_source_of(url, opts.find_links), sha256=sha)
+                fetched = fetch_wheel(c, log, meter=opts.meter)
+                needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)))
+                if needs.refused:
+                    raise InstallError(f"{needs.refused[0]} (a requirement of the backends)")
+                problems = ctx.inspect(fetched, name)
+                if problems:
+                    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                    raise InstallError(f"{problems[0]}{more}: refusing this requirement of "
+                                       "the backends")
+                chosen[name] = (version, fetched)
+                needed += needs.missing
+            pending = {n: v for n, (v, _f) in chosen.items()}
+            missing = sorted({r for r in needed if not _pending_satisfies(r, pending)})
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
+
+
+def _wheel_filename(url: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+
+
+def _source_of(url: str, find_links: tuple[str, ...]) -> str:
+    """How fetch_wheel judges the link uv resolved: a local file is accepted only inside a
+    local --find-links folder; anything else counts as an index's link."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        from urllib.parse import unquote
+
+        path = os.path.realpath(unquote(parts.path))
+        for f in find_links:
+            if urlsplit(f).scheme in ("", "file") and os.path.isdir(f) and \
+                    path.startswith(os.path.realpath(f) + os.sep):
+                return f"find-links:{f}"
+    return "index:uv"
+
+
+def _pending_satisfies(text: str, pending: dict[str, str]) -> bool:
+    from packaging.requirements import Requirement
+
+    req = Requirement(text)
+    name = _req_name(text)
+    return name in pending and req.specifier.contains(pending[name], prereleases=True)
 
 
 def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | None = None
@@ -505,16 +542,16 @@ def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | No
 
 def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path, *,
                 passthrough: bool = False) -> None:
-    # Each wheel is hashed once: by us, as it downloaded (or once on disk), and checked
-    # against its source's hash before it got here; uv is not asked to hash it again.
+    """One uv run for every wheel, each from its file on disk, nothing resolved or fetched
+    by uv. Each wheel is hashed once: by us, as it downloaded (or once on disk), and checked
+    against its source's hash before it got here; uv is not asked to hash it again."""
     req = tmp / "attention.txt"
-    req.write_text("".join(f"{bk.BACKENDS[b].dist} @ {f.path.resolve().as_uri()}\n"
-                           for b, f in items), encoding="utf-8")
-    names = [bk.BACKENDS[b].dist for b, _ in items]
+    req.write_text("".join(f"{dist} @ {f.path.resolve().as_uri()}\n" for dist, f in items),
+                   encoding="utf-8")
     args = ["pip", "install", "--python", target.executable, "--no-deps", "--offline",
             "--no-index", "--only-binary", ":all:", "-r", str(req)]
-    for n in names:
-        args += ["--reinstall-package", n]
+    for dist, _f in items:
+        args += ["--reinstall-package", dist]
     run_uv(args, log, passthrough=passthrough)
 
 
