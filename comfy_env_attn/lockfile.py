@@ -221,14 +221,13 @@ def tool_table_from(results: dict[str, Result], *, python: str,
     """What verification proved in the interpreter `python`, as the lock records it:
     a record for SDPA, each backend verified and each backend `installed`."""
     sdpa = results.get("sdpa")
-    live_data = sdpa.data.get("live") if sdpa else None
-    if live_data is None and live is None:  # nothing verified (--no-verify): the files now
-        from comfy_env_attn.verify.run import live_facts
+    if live is None:  # verification's facts, or (nothing verified) the files now
+        live_data = sdpa.data.get("live") if sdpa else None
+        if live_data is None:
+            from comfy_env_attn.verify.run import live_facts
 
-        live_data = live_facts(python)
-    if live_data is not None:
+            live_data = live_facts(python)
         live = Live.from_dict(live_data)
-    assert live is not None
     device = (sdpa.data.get("device") if sdpa and sdpa.passed else None) or {}
     names = ["sdpa", *[n for n in BACKENDS if n in results or n in (installed or [])],
              *results]
@@ -248,8 +247,9 @@ def tool_table_from(results: dict[str, Result], *, python: str,
 
 def write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
                fetched: list[Fetched], *, live: Live | None = None) -> Path:
-    """`live`: the target's facts when nothing was verified (learned without starting its
-    torch); otherwise verification's."""
+    """`live`: the target's facts where the caller knows them (nothing verified: learned
+    without starting its torch; after a rollback: the files as they are now); otherwise
+    verification's."""
     path = lock_path(target.prefix)
     previous: list[LockedWheel] = []
     with contextlib.suppress(AttnError):

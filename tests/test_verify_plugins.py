@@ -15,6 +15,7 @@ from comfy_env_attn import lockfile
 from comfy_env_attn.core.lockmodel import tool_table
 
 torch = pytest.importorskip("torch")
+TORCH_MINOR = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 
 # taylor's head dim 256 cross-attention checks alone take minutes on a CPU
 FAST = {"COMFY_ENV_ATTN_VERIFY_HEAD_DIMS": "64"}
@@ -98,3 +99,27 @@ def test_include_takes_only_what_verification_leaves_out() -> None:
     r = cli("verify", "--python", sys.executable, env={
         "COMFY_ENV_ATTN_VERIFY_HEAD_DIMS": "65"})
     assert r.returncode == 2 and "COMFY_ENV_ATTN_VERIFY_HEAD_DIMS='65'" in r.stderr
+
+
+def test_install_proves_a_locked_plugin_again_and_keeps_it(tmp_path: Path) -> None:
+    """A later install rewrites the lock: the shipped plugin an earlier verify --include put
+    there is proven again, not dropped (installer.locked_plugins, the rule verify uses)."""
+    from conftest import make_venv, write_gpu_profile
+    from wheels import SAGE_OK, build_wheel
+
+    venv = make_venv(tmp_path / "venv", torch=True)
+    py = str(venv_python(venv))
+    r = cli("verify", "--python", py, "--include", "taylor", *SHAPES, env=FAST)
+    assert r.returncode == 0, r.stdout + r.stderr
+    folder = tmp_path / "wheels"
+    build_wheel(folder, "sageattention", f"2.2.0+cu128torch{TORCH_MINOR}",
+                {"sageattention/__init__.py": SAGE_OK}, requires=["torch>=2.0"])
+    r = cli("install", "--python", py, "--system", str(write_gpu_profile(tmp_path)),
+            "--find-links", str(folder), "--no-embedded-index", "--backends", "sage",
+            *SHAPES, "--json", env=FAST)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {b["backend"]: b for b in json.loads(r.stdout)["backends"]}
+    assert rows["taylor"]["action"] == "included"
+    assert rows["taylor"]["verification"]["passed"] is True
+    table = tool_table(lockfile.read(venv / lockfile.LOCK_NAME))
+    assert table.backends["taylor"].verified and table.backends["sage"].verified

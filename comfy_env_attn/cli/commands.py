@@ -277,22 +277,10 @@ def included(text: str | None) -> list[str]:
     return out
 
 
-def locked_plugins(target: Target) -> list[str]:
-    """The shipped plugins the target's lock records: proven once on request, kept."""
-    from comfy_env_attn import lockfile
-    from comfy_env_attn.core.lockmodel import tool_table
-    from comfy_env_attn.verify.run import SHIPPED_PLUGINS
-
-    try:
-        names = tool_table(lockfile.read(lockfile.lock_path(target.prefix))).backends
-    except AttnError:
-        return []
-    return [n for n in names if n in SHIPPED_PLUGINS]
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     """Prove what is installed (each backend's variants too) and rewrite the lock; plus the
-    backends --include names, and those a previous --include put in the lock."""
+    backends --include names, and those a previous --include put in the lock
+    (installer.locked_plugins)."""
     from comfy_env_attn.cli.install import install_json, print_summary, verify_options
     from comfy_env_attn.core.progress import log
     from comfy_env_attn.install.installer import recover, reverify
@@ -304,11 +292,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with target_lock(target.prefix, log):
         recover(target)
         target = probe_interpreter(exe)
-        include = list(dict.fromkeys([*asked, *locked_plugins(target)]))
-        out, ok = reverify(target, replace(verify_options(args), include=tuple(include)))
-    for name in include:
+        out, ok = reverify(target, replace(verify_options(args), include=tuple(asked)))
+    for name in asked:  # named now: its failure is the command's (a locked one's is not)
         row = out.row(name)
-        row.action = "included"
         ok = ok and row.result is not None and row.result.passed
     out.ok = ok
     if getattr(args, "json", False):

@@ -28,7 +28,6 @@ from comfy_env_attn.install.installer import (
     Outcome,
     Row,
     recover,
-    reverify,
     run_install,
     run_uninstall,
     uninstall_targets,
@@ -168,21 +167,6 @@ def verify_options(args: argparse.Namespace) -> Options:
                    timeout=getattr(args, "timeout", None) or Options().timeout)
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    exe, _ = locate(args)
-    target = probe_interpreter(exe)
-    with target_lock(target.prefix, log):
-        recover(target)
-        target = probe_interpreter(exe)
-        out, ok = reverify(target, verify_options(args))
-    if getattr(args, "json", False):
-        out.ok = ok
-        dump_json(install_json(out, target.executable, command="verify"))
-    else:
-        print_summary(out, target)
-    return 0 if ok else 1
-
-
 # -- --json (docs/json.md) ------------------------------------------------------------------
 
 JSON_SCHEMA = 1
@@ -270,4 +254,4 @@ def print_summary(out: Outcome, target: Target) -> None:
     console().print(t)
 
 
-COMMANDS = {"install": cmd_install, "verify": cmd_verify, "uninstall": cmd_uninstall}
+COMMANDS = {"install": cmd_install, "uninstall": cmd_uninstall}

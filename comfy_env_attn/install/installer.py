@@ -7,7 +7,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -359,16 +359,19 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             out.row(b).action = "rolled-back"
             before = journal.touched.get(bk.BACKENDS[b].dist)
             out.row(b).version = before.before if before is not None else None
+        live = None
         if failed:
             out.ok = False
             after = read_installed(target.site_dirs)
-            results = {k: v for k, v in results.items()
-                       if k not in failed or opts.keep_failed}
+            if not opts.keep_failed:  # what was rolled back, its variants too, is not locked
+                results = {k: v for k, v in results.items() if bk.primary(k) not in failed}
+                ready = [(b, f) for b, f in ready if b not in failed]
+                live = _files_now(results, target, [bk.BACKENDS[b].dist for b in failed])
         crash_point("verified")
         journal.set_state("locking",
                           lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
-        out.lock = _write_lock(target, after, results, [f for _, f in ready])
+        out.lock = _write_lock(target, after, results, [f for _, f in ready], live=live)
         crash_point("locked")
         journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
@@ -569,6 +572,19 @@ def _req_name(text: str) -> str:
 # -- verify and lock ----------------------------------------------------------------------
 
 
+def locked_plugins(target: Target) -> list[str]:
+    """The shipped plugins the target's lock records: proven once on request (`verify
+    --include`), then proven again by every verify and install, never dropped silently."""
+    from comfy_env_attn.core.lockmodel import tool_table
+    from comfy_env_attn.verify.run import SHIPPED_PLUGINS
+
+    try:
+        names = tool_table(lockfile.read(lockfile.lock_path(target.prefix))).backends
+    except AttnError:
+        return []
+    return [n for n in names if n in SHIPPED_PLUGINS]
+
+
 def verify_installed(target: Target, installed: dict[str, Installed], out: Outcome,
                      opts: Options | None) -> dict[str, Result]:
     """Verify every installed backend (opts None: skip, the lock marks them unverified)."""
@@ -581,10 +597,16 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
         for n in names:
             out.row(n).verified = "skipped (--no-verify)"
         return {}
+    # shipped plugins an earlier `verify --include` put in the lock are proven again
+    locked = [n for n in locked_plugins(target) if n not in opts.include]
+    if locked:
+        opts = replace(opts, include=(*opts.include, *locked))
     results = verify(target.executable, names, opts, progress=log)
     for n, r in results.items():
         out.row(n).verified = r.summary()
         out.row(n).result = r
+        if n in opts.include and not out.row(n).action:
+            out.row(n).action = "included"
         if not r.passed and n in names:
             out.ok = False
     if not results["sdpa"].passed:
@@ -596,11 +618,23 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
 
 
 def _write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
-                fetched: list[Fetched]) -> Path:
+                fetched: list[Fetched], *, live: Live | None = None) -> Path:
     """The lock; when nothing was verified, with the target's facts learned here, from its
     files, rather than by starting its torch (seconds, most of an install's own time)."""
     return lockfile.write_lock(target, installed, results, fetched,
-                               live=None if results else static_live(target))
+                               live=live or (None if results else static_live(target)))
+
+
+def _files_now(results: dict[str, Result], target: Target, dists: list[str]) -> Live | None:
+    """Verification's facts with these distributions' files as they are now (after a
+    rollback put an older version back, or removed them)."""
+    sdpa = results.get("sdpa")
+    data = sdpa.data.get("live") if sdpa is not None else None
+    if not data:
+        return None
+    live = Live.from_dict(data)
+    return replace(live, dists={**live.dists,
+                                **{d: dist_facts(d, target.site_dirs) for d in dists}})
 
 
 def static_live(target: Target) -> Live:
@@ -711,7 +745,6 @@ def _lock_without(target: Target, removed: list[str], after: dict[str, Installed
     """The target's lock rewritten without these backends: their packages, records and
     fingerprint entries go, the rest (and what verification proved of it) stays."""
     import time
-    from dataclasses import replace
 
     from comfy_env_attn.core.backends import normalize_dist
     from comfy_env_attn.core.lockmodel import tool_table
@@ -729,11 +762,13 @@ def _lock_without(target: Target, removed: list[str], after: dict[str, Installed
     doc["packages"] = [p for p in doc.get("packages", [])
                        if normalize_dist(str(p.get("name", ""))) not in gone]
     tool = replace(tool,
-                   backends={n: r for n, r in tool.backends.items() if n not in removed},
+                   backends={n: r for n, r in tool.backends.items()
+                             if bk.primary(n) not in removed},
                    fingerprint=replace(tool.fingerprint, backends={
-                       n: d for n, d in tool.fingerprint.backends.items() if n not in removed}),
-                   auto=tuple(n for n in tool.auto if n not in removed),
-                   exact=tuple(n for n in tool.exact if n not in removed),
+                       n: d for n, d in tool.fingerprint.backends.items()
+                       if bk.primary(n) not in removed}),
+                   auto=tuple(n for n in tool.auto if bk.primary(n) not in removed),
+                   exact=tuple(n for n in tool.exact if bk.primary(n) not in removed),
                    written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     doc["tool"]["comfy-env-attn"] = tool.to_dict()
     lockfile.write(path, doc)
