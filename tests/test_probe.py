@@ -64,6 +64,32 @@ def test_cache_hits_and_is_invalidated_by_a_changed_torch(plain_venv: Path) -> N
     assert probe_interpreter(py).facts["torch"] == "2.10.0+cu128"
 
 
+def test_a_probe_started_early_is_the_one_that_answers(plain_venv: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI starts the target's probe before its own imports (start_probe); the probe
+    that follows reads that process instead of starting another, with the same facts. A
+    cached target, or a path that is no file, starts nothing; a broken interpreter started
+    early fails the same way as one probed late."""
+    monkeypatch.setenv("COMFY_ENV_ATTN_CACHE_DIR", str(tmp_path / "cache"))
+    py = os.path.abspath(str(venv_python(plain_venv)))
+    probe_mod.start_probe(py)
+    proc = probe_mod._PENDING[py]
+    target = probe_interpreter(py)
+    assert py not in probe_mod._PENDING and proc.returncode == 0 and not target.cached
+    assert target.facts == probe_interpreter(py, use_cache=False).facts
+    probe_mod.start_probe(py)  # cached now
+    probe_mod.start_probe(str(tmp_path / "nope"))
+    assert probe_mod._PENDING == {}
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    probe_mod.start_probe(str(fake))
+    assert str(fake) in probe_mod._PENDING
+    with pytest.raises(ProbeError, match=r"failed the probe \(exit 1\): Fatal Python error"):
+        probe_interpreter(str(fake))
+    assert probe_mod._PENDING == {}
+
+
 def test_a_python_that_does_not_run(tmp_path: Path) -> None:
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")

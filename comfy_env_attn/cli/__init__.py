@@ -199,6 +199,24 @@ def _verify_opts(p: argparse.ArgumentParser) -> None:
 
 
 
+def _start_probe(args: argparse.Namespace) -> None:
+    """Start probing the target now, so that its Python starting up overlaps the commands'
+    imports (most of a quick install's own time). A target that cannot be found is left
+    for the command to report."""
+    if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
+        return
+    from comfy_env_attn.facts.locate import find_python_auto
+    from comfy_env_attn.facts.probe import start_probe
+
+    try:
+        exe, _how = find_python_auto(python=getattr(args, "python", None),
+                                     comfyui=getattr(args, "comfyui", None),
+                                     use_workspace=getattr(args, "comfy_cli", False))
+    except (AttnError, OSError):
+        return
+    start_probe(exe)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
@@ -210,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from comfy_env_attn.cli.progress import set_quiet
 
         set_quiet(bool(args.quiet))
+        _start_probe(args)
         from comfy_env_attn.cli.commands import run
 
         return int(run(args))

@@ -6,6 +6,7 @@ The tool's own process never imports torch.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -213,11 +214,50 @@ def _cache_file(executable: str) -> Path:
     return cache_dir() / f"interp-{key}.json"
 
 
-def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
+# fast probes started early (start_probe) and not yet read: executable -> process
+_PENDING: dict[str, subprocess.Popen[str]] = {}
+
+
+def _start(executable: str, import_torch: bool) -> subprocess.Popen[str]:
     env = {**os.environ, "COMFY_ENV_ATTN_PROBE_NO_IMPORT": "0" if import_torch else "1"}
+    return subprocess.Popen([executable, str(_SCRIPT)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def start_probe(executable: str) -> None:
+    """Start the target's fast probe in the background when its cache cannot answer, so
+    that starting the target's Python overlaps this tool's own imports (the CLI calls this
+    first). Whatever goes wrong here is left for the real probe to report."""
+    exe = os.path.abspath(executable)
+    if exe in _PENDING or not os.path.isfile(exe) or _cached(exe) is not None:
+        return
     try:
-        r = subprocess.run([executable, str(_SCRIPT)], capture_output=True, text=True,
-                           timeout=120, env=env)
+        _PENDING[exe] = _start(exe, import_torch=False)
+    except OSError:
+        return
+    if len(_PENDING) == 1:
+        atexit.register(_reap)
+
+
+def _reap() -> None:
+    for proc in _PENDING.values():
+        proc.kill()
+        proc.wait()
+    _PENDING.clear()
+
+
+def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
+    proc = None if import_torch else _PENDING.pop(executable, None)
+    try:
+        if proc is None:
+            proc = _start(executable, import_torch)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     except FileNotFoundError:
         raise ProbeError(f"Python {executable!r} does not exist") from None
     except PermissionError:
@@ -305,20 +345,28 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
     """The target's facts; cached per interpreter until it, torch or its site dirs change."""
     exe = os.path.abspath(executable)
-    cfile = _cache_file(exe)
     if use_cache:
-        try:
-            doc = json.loads(cfile.read_text(encoding="utf-8"))
-            if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
-                    doc.get("witnesses") == {p: _stat(p) for p in doc.get("witnesses", {})}:
-                return Target(exe, doc["facts"], cached=True)
-        except (OSError, ValueError, AttributeError):
-            pass
+        facts = _cached(exe)
+        if facts is not None:
+            return Target(exe, facts, cached=True)
     facts = _interpreter_facts(exe, use_cache)
     if use_cache:
-        _write_json(cfile, {"schema": CACHE_SCHEMA, "executable": exe, "facts": facts,
-                            "witnesses": _witnesses(exe, facts)})
+        _write_json(_cache_file(exe), {"schema": CACHE_SCHEMA, "executable": exe,
+                                       "facts": facts, "witnesses": _witnesses(exe, facts)})
     return Target(exe, facts)
+
+
+def _cached(exe: str) -> dict[str, Any] | None:
+    """The cached facts of this interpreter while none of their witnesses changed."""
+    try:
+        doc = json.loads(_cache_file(exe).read_text(encoding="utf-8"))
+        if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
+                doc.get("witnesses") == {p: _stat(p) for p in doc.get("witnesses", {})}:
+            facts: dict[str, Any] = doc["facts"]
+            return facts
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass
+    return None
 
 
 def system_from(target: Target, gpus: GpuFacts) -> System:
