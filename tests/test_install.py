@@ -318,3 +318,22 @@ def torch_and_sympy_files_are_untouched():
     base = baseline()
     yield
     assert base.problems() == []
+
+
+def test_metadata_headers_as_email_parser_reads_them() -> None:
+    """Requirements are read from METADATA without the email package: folded fields
+    (whitespace-only continuation lines included) stay one field, and the description after
+    the first empty line is not read, even where it looks like a header."""
+    from email.parser import HeaderParser
+
+    from comfy_env_attn.facts.installed import metadata_headers
+
+    text = ("Metadata-Version: 2.1\nName: scipy\nVersion: 1.17.1\n"
+            "License: Copyright (c) 2001\n         All rights reserved.\n         \n"
+            "         Redistribution and use\nRequires-Python: >=3.11\n"
+            "Requires-Dist: numpy<2.7,>=1.26.4\nRequires-Dist: pytest; extra == \"test\"\n"
+            "\nRequires-Dist: not-a-requirement\nLong description.\n")
+    got = metadata_headers(text)
+    assert got == [(k, v.strip()) for k, v in HeaderParser().parsestr(text).items()]
+    assert [v for k, v in got if k == "Requires-Dist"] == [
+        "numpy<2.7,>=1.26.4", "pytest; extra == \"test\""]

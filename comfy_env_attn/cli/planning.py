@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
@@ -127,8 +126,13 @@ def checked_plan(system: System, candidates: Sequence[Candidate], names: Sequenc
                 and (c.metadata_url or c.url.startswith(("http:", "https:")))]
         if not todo:
             break
-        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-            metas = list(pool.map(fetch, todo))
+        if len(todo) == 1:  # no thread pool for one request (its import alone: ~10 ms)
+            metas = [fetch(todo[0])]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+                metas = list(pool.map(fetch, todo))
         learned: dict[tuple[str, str], Candidate] = {}
         for c, meta in zip(todo, metas, strict=True):
             read.add((c.filename, c.url))

@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
@@ -28,6 +27,24 @@ from packaging.utils import canonicalize_name
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
 
 _DIST_INFO = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)\.dist-info$")
+
+
+def metadata_headers(text: str) -> list[tuple[str, str]]:
+    """The header fields of a METADATA file (RFC 822 style, up to the first empty line; a
+    line starting with whitespace, blank or not, continues the field before it), in order. What
+    email.parser's HeaderParser returns for these files, without importing the email
+    package at every start."""
+    out: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line:
+            break
+        if line[0] in " \t" and out:
+            name, value = out[-1]
+            out[-1] = (name, f"{value}\n{line}")
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            out.append((name.strip(), value.strip()))
+    return out
 
 
 @dataclass
@@ -44,8 +61,8 @@ class Installed:
             for fname in ("METADATA", "PKG-INFO"):
                 p = Path(self.dist_info, fname)
                 if p.is_file():
-                    msg = HeaderParser().parsestr(p.read_text(encoding="utf-8", errors="replace"))
-                    for k, v in msg.items():
+                    for k, v in metadata_headers(p.read_text(encoding="utf-8",
+                                                             errors="replace")):
                         meta.setdefault(k.lower(), []).append(v)
                     break
             self._meta = meta
