@@ -39,7 +39,7 @@ def main() -> None:
 
     print("ComfyUI's default attention:", attention.optimized_attention.__name__)
     print("dispatcher:", dispatch.set_backend("auto"))
-    opts = {"optimized_attention_override": make_override("auto", False)}
+    opts = {"optimized_attention_override": make_override("auto")}
     sage = getattr(attention, "attention_sage", None) if attention.SAGE_ATTENTION_IS_AVAILABLE \
         else None
     results: list[dict[str, Any]] = []

@@ -506,7 +506,7 @@ def conventions(node: Any, counter: Counter) -> dict[str, Any]:
                 return pt(*a, **kw)
 
             counter.n = 0
-            got = node.make_override("sdpa", False)(
+            got = node.make_override("sdpa")(
                 comfy_func, *args, **dict(kwargs, _inside_attn_wrapper=True))
             res["shape_ok"] = tuple(got.shape) == tuple(ref.shape)
             res["max_diff"] = float((got - ref).abs().max()) if res["shape_ok"] else None
@@ -549,7 +549,7 @@ def fallbacks(node: Any, counter: Counter, dispatch: Any) -> dict[str, Any]:
 
         try:
             counter.n = 0
-            got = node.make_override("sdpa", False)(comfy_func, *args, **kwargs)
+            got = node.make_override("sdpa")(comfy_func, *args, **kwargs)
             res["returned_comfy_result"] = got is sentinel
             res["same_args"] = len(seen) == 1 and len(seen[0][0]) == len(args) and all(
                 x is y for x, y in zip(seen[0][0], args, strict=True)) and seen[0][1] == kwargs
@@ -571,7 +571,7 @@ def fallbacks(node: Any, counter: Counter, dispatch: Any) -> dict[str, Any]:
         return sentinel
 
     try:
-        got = node.make_override("sdpa", False)(comfy_func2, q, q, q, h)
+        got = node.make_override("sdpa")(comfy_func2, q, q, q, h)
         out["the dispatcher raising"] = {"returned_comfy_result": got is sentinel,
                                          "same_args": seen2 == [1], "dispatch_calls": 0}
     except Exception as e:

@@ -230,7 +230,8 @@ def test_the_cloned_node_loads_and_appears_in_object_info(comfyui) -> None:
     assert info["display_name"] == "Attention Backend (comfy-env-attn)"
     assert info["output"] == ["MODEL", "STRING"]
     choices = info["input"]["required"]["backend"][0]
-    assert choices[:3] == ["auto", "auto (exact)", "sdpa (always available)"], choices
+    assert choices[:4] == ["auto", "auto (exact)", "auto (safe)", "sdpa (always available)"], \
+        choices
     assert "sage (not verified here)" in choices
     log = server.log.read_text()
     clone = str(base / "custom_nodes" / "comfy-env-attn")

@@ -51,8 +51,8 @@ def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_without_a_lock_only_auto_and_sdpa_are_unmarked_as_unverified(fresh) -> None:
     got = choices()
-    assert got[:3] == ["auto", "auto (exact)", "sdpa (always available)"]
-    assert got[3:] == [f"{n} (not verified here)" for n in BACKENDS if n != "sdpa"]
+    assert got[:4] == ["auto", "auto (exact)", "auto (safe)", "sdpa (always available)"]
+    assert got[4:] == [f"{n} (not verified here)" for n in BACKENDS if n != "sdpa"]
     assert "sage (not verified here)" in got and "flash (not verified here)" in got
 
 
@@ -80,15 +80,18 @@ def test_what_the_lock_verified_comes_first_and_runs(fresh, tmp_path, monkeypatc
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(write_lock(
         tmp_path / "l.toml", sage=sage_record(), sage_dir=tmp_path)))
     got = choices()
-    assert got[:4] == ["auto", "auto (exact)", "sdpa (verified)", "sage (verified)"]
-    assert "flash (not verified here)" in got[4:]
-    assert [c for c in got[4:] if parse_choice(c)[0] in ("sage", "sdpa")] == []
+    assert got[:5] == ["auto", "auto (exact)", "auto (safe)", "sdpa (verified)",
+                       "sage (verified)"]
+    assert "flash (not verified here)" in got[5:]
+    assert [c for c in got[5:] if parse_choice(c)[0] in ("sage", "sdpa")] == []
     with caplog.at_level(logging.WARNING, "comfy_env_attn"):
         _, label = AttentionBackend().apply(Patcher(), "sage (verified)")
     assert warnings(caplog) == []
     assert label.startswith("SageAttention 2.2.0, verified"), label
     _, label = AttentionBackend().apply(Patcher(), "auto (exact)")
     assert label.startswith("auto (exact): PyTorch SDPA"), label  # sage is quantized
+    _, label = AttentionBackend().apply(Patcher(), "auto (safe)")
+    assert label.startswith("auto (safe): PyTorch SDPA"), label  # sage's P.V is fp8
     with caplog.at_level(logging.WARNING, "comfy_env_attn"):
         _, label = AttentionBackend().apply(Patcher(), "xformers (not verified here)")
     (said,) = warnings(caplog)
@@ -103,12 +106,13 @@ def test_the_model_comes_first_then_the_label() -> None:
 
 
 @pytest.mark.parametrize("choice, parsed", [
-    ("auto", ("auto", False)), ("auto (exact)", ("auto", True)),
-    ("sage (verified)", ("sage", False)), ("sage (not verified here)", ("sage", False)),
-    ("sage", ("sage", False)), ("fa4", ("flash4", False)), ("Flash (verified)", ("flash", False)),
+    ("auto", ("auto", "")), ("auto (exact)", ("auto", "exact")),
+    ("auto (safe)", ("auto", "safe")), ("sage_safe", ("sage_fp16", "")),
+    ("sage (verified)", ("sage", "")), ("sage (not verified here)", ("sage", "")),
+    ("sage", ("sage", "")), ("fa4", ("flash4", "")), ("Flash (verified)", ("flash", "")),
 ])
 def test_a_workflow_saved_elsewhere_still_validates(choice: str,
-                                                    parsed: tuple[str, bool]) -> None:
+                                                    parsed: tuple[str, str]) -> None:
     assert parse_choice(choice) == parsed
     assert AttentionBackend.VALIDATE_INPUTS(choice) is True
 

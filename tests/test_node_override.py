@@ -18,7 +18,7 @@ from comfy_env_attn.runtime.comfyui import make_override
 def override(tmp_path, monkeypatch):
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
     dispatch._reset_for_tests()
-    yield make_override("auto", False)
+    yield make_override("auto")
     dispatch._reset_for_tests()
 
 

@@ -44,8 +44,8 @@ _PARAMS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape",
            "skip_output_reshape")
 _ALIASES = {"query": "q", "key": "k", "value": "v"}
 
-# What the dispatcher was last set to by this node: (backend, exact, the dispatcher's state
-# object and the mode/exact it reported right after). Compared per call, so that the
+# What the dispatcher was last set to by this node: (backend, its mode, the dispatcher's
+# state object and the mode/exact/safe it reported right after). Compared per call, so that the
 # dispatcher is reconfigured only when another node or caller changed it.
 _applied: list[Any] = [None]
 _told: set[str] = set()
@@ -71,7 +71,7 @@ def choices() -> list[str]:
         verified = dict(_dispatch()._S.backends)
     except Exception:  # no torch, a broken plugin: offer the names, none verified
         verified = {}
-    out = ["auto", "auto (exact)"]
+    out = ["auto", "auto (exact)", "auto (safe)"]
     for name, rec in verified.items():
         out.append(f"{name} ({VERIFIED}{', approximate' if rec.approximate else ''})")
     if "sdpa" not in verified:
@@ -80,27 +80,31 @@ def choices() -> list[str]:
                   and n != "sdpa"]
 
 
-def parse_choice(choice: str) -> tuple[str, bool]:
-    """(backend name or "auto", exact) for an entry of the list, with or without its marker,
-    so that a workflow saved on another machine (or before the lock changed) still loads.
-    Raises ValueError for a name this tool does not know."""
+MODES = ("", "exact", "safe")  # auto's modes (dispatch.set_backend's exact= and safe=)
+
+
+def parse_choice(choice: str) -> tuple[str, str]:
+    """(backend name or "auto", mode: "", "exact" or "safe") for an entry of the list, with
+    or without its marker, so that a workflow saved on another machine (or before the lock
+    changed) still loads. Raises ValueError for a name this tool does not know."""
     text = choice.strip().lower()
-    if text == "auto (exact)":
-        return "auto", True
+    for mode in MODES[1:]:
+        if text == f"auto ({mode})":
+            return "auto", mode
     name = text.split(" (", 1)[0].strip()
     if name == "auto":
-        return "auto", False
+        return "auto", ""
     name = ALIASES.get(name, name)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {choice!r}; valid: auto, {', '.join(BACKENDS)}")
-    return name, False
+    return name, ""
 
 
-def announce(backend: str, exact: bool) -> str:
+def announce(backend: str, mode: str) -> str:
     """Set the dispatcher to the choice and say what will run: the dispatcher's own label.
     A forced backend the lock did not verify logs one line naming what runs instead."""
     dispatch = _dispatch()
-    _use_backend(dispatch, backend, exact)
+    _use_backend(dispatch, backend, mode)
     state = dispatch._S
     label = str(state.label)
     mode = state.mode  # COMFY_ENV_ATTN_BACKEND or COMFYUI_ATTENTION_MECHANISM may override
@@ -231,16 +235,18 @@ def prepare(bound: dict[str, Any], kwargs: dict[str, Any]
     return q4, k4, v4, mask, scale, layout
 
 
-def _use_backend(dispatch: Any, backend: str, exact: bool) -> None:
+def _applied_now(dispatch: Any, backend: str, mode: str) -> tuple[Any, ...]:
     state = getattr(dispatch, "_S", None)
-    now = (backend, exact, id(state), getattr(state, "mode", None),
-           getattr(state, "exact", None), getattr(state, "ready", True))
-    if _applied[0] == now:
+    return (backend, mode, id(state), getattr(state, "mode", None),
+            getattr(state, "exact", None), getattr(state, "safe", None),
+            getattr(state, "ready", True))
+
+
+def _use_backend(dispatch: Any, backend: str, mode: str) -> None:
+    if _applied[0] == _applied_now(dispatch, backend, mode):
         return
-    dispatch.set_backend(backend, exact=exact)
-    state = getattr(dispatch, "_S", None)
-    _applied[0] = (backend, exact, id(state), getattr(state, "mode", None),
-                   getattr(state, "exact", None), getattr(state, "ready", True))
+    dispatch.set_backend(backend, exact=mode == "exact", safe=mode == "safe")
+    _applied[0] = _applied_now(dispatch, backend, mode)
 
 
 def _tell(reason: str, detail: str, level: int = logging.INFO) -> None:
@@ -251,14 +257,14 @@ def _tell(reason: str, detail: str, level: int = logging.INFO) -> None:
                 "calls", detail)
 
 
-def make_override(backend: str, exact: bool) -> Callable[..., Any]:
+def make_override(backend: str, mode: str = "") -> Callable[..., Any]:
     """The transformer_options["optimized_attention_override"] for one backend choice."""
     from comfy_env_attn.runtime import dispatch
 
     def override(func: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             q, k, v, mask, scale, layout = prepare(bind(args, kwargs), kwargs)
-            _use_backend(dispatch, backend, exact)
+            _use_backend(dispatch, backend, mode)
         except Unroutable as e:
             _tell(e.kind, f"an attention call with {e} is not routed")
             return func(*args, **kwargs)
@@ -284,8 +290,10 @@ class AttentionBackend:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # ComfyUI's API
         return {"required": {"model": ("MODEL",), "backend": (choices(), {
             "tooltip": "auto: the fastest backend verified here for each kind of call; "
-                       "auto (exact): the same without quantized backends. A backend not "
-                       "verified here runs PyTorch SDPA."})}}
+                       "auto (exact): the same without quantized backends; auto (safe): "
+                       "without kernels quantized below fp16 in P.V (SageAttention's fp8 "
+                       "kernel: try it where sage renders black or noisy images). A "
+                       "backend not verified here runs PyTorch SDPA."})}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, backend: str) -> bool | str:  # ComfyUI's API
@@ -307,12 +315,12 @@ class AttentionBackend:
                    "verified on this machine (auto), or to one verified backend.")
 
     def apply(self, model: Any, backend: str) -> tuple[Any, str]:
-        name, exact = parse_choice(backend)
+        name, mode = parse_choice(backend)
         m = model.clone()  # ModelPatcher.clone deep-copies model_options: the input is kept
         opts = m.model_options.setdefault("transformer_options", {})
-        opts["optimized_attention_override"] = make_override(name, exact)
+        opts["optimized_attention_override"] = make_override(name, mode)
         try:
-            label = announce(name, exact)
+            label = announce(name, mode)
         except Exception as e:  # the override then hands every call to ComfyUI's function
             label = f"ComfyUI's own attention (the dispatcher did not start: {e})"
             log.warning("comfy-env-attn: %s", label)
