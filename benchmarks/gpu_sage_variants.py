@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NAMES = ("sdpa", "sage", "sage_fp16")
+NAMES = ("sdpa", "sage", "sage_fp16", "flash4")  # those not installed are left out
 
 
 def lock_summary() -> dict[str, Any]:

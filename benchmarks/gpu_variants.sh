@@ -5,7 +5,10 @@
 #
 #   SAGE_SRC=/path/to/SageAttention OUT=/path/to/results bash benchmarks/gpu_variants.sh
 #
-# SAGE_SRC is a source tree (or a .tar of one). CEA runs the tool (default: this checkout
+# SAGE_SRC is a source tree (or a .tar of one). With WHEELS=FOLDER (carried wheels, e.g.
+# flash-attn-4 and its requirements) the same install also takes EXTRA (default flash4) from
+# there, its requirements resolved offline from the folder; with COMFYUI_DIR, the node runs
+# at Flux and Wan sizes afterwards (gpu_node.py). CEA runs the tool (default: this checkout
 # with `python3 -m comfy_env_attn`; its interpreter needs the tool's requirements).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,12 +45,19 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   echo "$base" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/base-env.pth"
 fi
 t0=$(date +%s)
-$CEA install --python "$VENV/bin/python" --find-links "$WORK/wheel" --no-embedded-index \
-  --backends sage --json > "$OUT/install.json"; echo "exit $? in $(( $(date +%s) - t0 )) s"
+links=(--find-links "$WORK/wheel"); backends=sage
+if [ -n "${WHEELS:-}" ]; then links+=(--find-links "$WHEELS"); backends="sage,${EXTRA:-flash4}"; fi
+$CEA install --python "$VENV/bin/python" "${links[@]}" --no-embedded-index \
+  --backends "$backends" --json > "$OUT/install.json"; echo "exit $? in $(( $(date +%s) - t0 )) s"
 python3 -c "import json; d=json.load(open('$OUT/install.json')); print('ok', d['ok']); [print(r['backend'], r['action'], r['version'], json.dumps(r['verification'])[:300], r['note']) for r in d['backends']]" || head -c 3000 "$OUT/install.json"
 cp "$VENV/pylock.comfy-env-attn.toml" "$OUT/" 2>/dev/null
 $CEA lock --python "$VENV/bin/python" | head -40
 
 step "the two kernels side by side"
 PYTHONPATH=$PWD "$VENV/bin/python" benchmarks/gpu_sage_variants.py --json "$OUT/variants.json"
+if [ -n "${COMFYUI_DIR:-}" ]; then
+  step "the node at Flux and Wan sizes"
+  PYTHONPATH=$PWD COMFY_ENV_ATTN_LOCK="$VENV/pylock.comfy-env-attn.toml" \
+    "$VENV/bin/python" benchmarks/gpu_node.py --json "$OUT/node.json"
+fi
 step "done"
