@@ -55,6 +55,9 @@ $CEA lock --python "$VENV/bin/python" | head -40
 
 step "the two kernels side by side"
 PYTHONPATH=$PWD "$VENV/bin/python" benchmarks/gpu_sage_variants.py --json "$OUT/variants.json"
+step "which SDPA kernel each path runs (no lock: the dispatcher's plain SDPA)"
+PYTHONPATH=$PWD COMFY_ENV_ATTN_LOCK=/nonexistent "$VENV/bin/python" \
+  benchmarks/gpu_sdpa_paths.py --json "$OUT/sdpa_paths.json"
 if [ -n "${COMFYUI_DIR:-}" ]; then
   step "the node at Flux and Wan sizes"
   PYTHONPATH=$PWD COMFY_ENV_ATTN_LOCK="$VENV/pylock.comfy-env-attn.toml" \

@@ -460,3 +460,32 @@ def test_guard_entry_point_launchers_per_platform_and_module_names() -> None:
     a, _ = guard.destinations("a.whl", "evil-1", ["torch.py"], LAYOUT, dist="evil")
     assert guard.problems("a.whl", "evil", "evil-1", a, owners, ()) == [
         "a.whl: torch.py would be imported as torch, which belongs to torch 2.9.1"]
+
+
+def test_a_known_pth_is_accepted_only_with_its_known_text(tmp_path, venv, profile,
+                                                           http_server) -> None:
+    """flash-attn-4 needs nvidia-cutlass-dsl, whose wheel ships a .pth that puts its
+    dsl_packages folder first on sys.path. That file, with that text, goes in with the
+    requirement; the same name with other code is refused before anything is installed."""
+    text = guard.KNOWN_PTH["nvidia-cutlass-dsl"]["nvidia_cutlass_dsl_packages.pth"]
+    w = tmp_path / "w"
+    sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "nvidia-cutlass-dsl"])
+    good = build_wheel(w / "good", "nvidia-cutlass-dsl", "4.8.1",
+                       {"nvidia_cutlass_dsl_packages.pth": text,
+                        "nvidia_cutlass_dsl/__init__.py": ""}, requires=[])
+    evil = build_wheel(w / "evil", "nvidia-cutlass-dsl", "4.8.1",
+                       {"nvidia_cutlass_dsl_packages.pth": "import os; os.system('echo pwned')",
+                        "nvidia_cutlass_dsl/__init__.py": ""}, requires=[])
+    r = install(venv, profile, "--index-url",
+                serve(http_server, {"sageattention": [sage], "nvidia-cutlass-dsl": [evil]}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "nvidia_cutlass_dsl_packages.pth is a .pth file, run at every start of Python, and " \
+        "its text is not the one nvidia-cutlass-dsl is known to ship" in out
+    assert installed_in(venv) == {}
+    assert not (site(venv) / "nvidia_cutlass_dsl_packages.pth").exists()
+    r = install(venv, profile, "--index-url",
+                serve(http_server, {"sageattention": [sage], "nvidia-cutlass-dsl": [good]}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(venv)["nvidia-cutlass-dsl"] == "4.8.1"
+    assert (site(venv) / "nvidia_cutlass_dsl_packages.pth").read_text() == text

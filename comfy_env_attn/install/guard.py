@@ -23,8 +23,17 @@ SHARED_TOPS: dict[str, frozenset[str]] = {
     "flash_attn": frozenset({"flash-attn", "flash-attn-4"}),
 }
 
-# .pth files a backend is known to ship (none of the supported ones does today).
-KNOWN_PTH: dict[str, frozenset[str]] = {}
+# .pth files a backend or a requirement of one is known to ship, by distribution, file name
+# and exact text: Python runs a .pth's import lines at every start, so one is accepted only
+# as it was read here. nvidia-cutlass-dsl (flash-attn-4 needs it) puts its dsl_packages
+# folder first on sys.path.
+KNOWN_PTH: dict[str, dict[str, str]] = {
+    "nvidia-cutlass-dsl": {
+        "nvidia_cutlass_dsl_packages.pth":
+            "import sys, os, nvidia_cutlass_dsl; sys.path.insert(0, "
+            "os.path.join(nvidia_cutlass_dsl.__path__[0], 'dsl_packages'))",
+    },
+}
 
 # Shared by every distribution that ships top-level modules: only exact files count.
 _COMMON_TOPS = frozenset({"__pycache__"})
@@ -210,11 +219,13 @@ def script_entries(wheel: str, dist_dir: str, entry_points: str, layout: Layout
 
 
 def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], owners: Owners,
-             existing: Iterable[str], *, replacing: Iterable[str] = ()) -> list[str]:
+             existing: Iterable[str], *, replacing: Iterable[str] = (),
+             pth: Mapping[str, str] | None = None) -> list[str]:
     """Every reason this wheel may not be installed, each naming the wheel, the path and
     its owner. `dist` is the wheel's distribution (canonical); `replacing` the
     distributions it may overwrite (itself, always); `existing` the destinations that are
-    already files in the target."""
+    already files in the target; `pth` the text of each .pth entry (by entry name)."""
+    pth = pth or {}
     mine = {dist, *replacing}
     there = set(existing)
     out: list[str] = []
@@ -234,9 +245,13 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             continue
         top = e.rel.split("/", 1)[0]
         if top == e.rel and top.endswith(".pth"):
-            if top not in KNOWN_PTH.get(dist, frozenset()):
+            known = KNOWN_PTH.get(dist, {}).get(top)
+            if known is None:
                 out.append(f"{wheel}: {e.name} is a .pth file, run at every start of Python; "
                            f"{dist} is not known to ship one")
+            elif pth.get(e.name, "").strip() != known:
+                out.append(f"{wheel}: {e.name} is a .pth file, run at every start of Python, "
+                           f"and its text is not the one {dist} is known to ship")
             continue
         if top.endswith((".dist-info", ".egg-info")) and top != f"{dist_dir}.dist-info":
             out.append(f"{wheel}: {e.name} is metadata of another distribution ({top})")

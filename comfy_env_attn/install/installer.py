@@ -245,8 +245,10 @@ class _Context:
             layout)
         entries += scripts
         existing = [e.dest for e in entries if os.path.lexists(e.dest)]
+        pth = {e.name: wheel_member(fetched.path, e.name) for e in entries
+               if e.kind == "site" and e.rel == e.rel.split("/", 1)[0] and e.rel.endswith(".pth")}
         found = refused + bad_scripts + guard.problems(name, dist, dist_dir, entries,
-                                                       self.owners(entries), existing)
+                                                       self.owners(entries), existing, pth=pth)
         if not found:
             self.claims[dist] = (_version_of(name), entries)
         return found
