@@ -489,3 +489,89 @@ def test_a_known_pth_is_accepted_only_with_its_known_text(tmp_path, venv, profil
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed_in(venv)["nvidia-cutlass-dsl"] == "4.8.1"
     assert (site(venv) / "nvidia_cutlass_dsl_packages.pth").read_text() == text
+
+
+def test_guard_namespace_packages_are_shared_regular_packages_are_not() -> None:
+    """nvidia-cutlass-dsl-libs-base, -core and -cu12 all put files in the namespace
+    packages nvidia_cutlass_dsl/ and nvidia_cutlass_dsl/dsl_packages/ (no __init__.py), as
+    torch's CUDA libraries share nvidia/: new files there are fine. A folder with an
+    __init__.py is someone's package: nothing goes in it (nvidia/cudnn/)."""
+    owners = guard.build_owners([
+        ("nvidia-cutlass-dsl-libs-base", "4.8.1", "/v/site",
+         ["nvidia_cutlass_dsl/dsl_packages/cutlass/__init__.py",
+          "nvidia_cutlass_dsl/dsl_packages/cutlass/base.py"]),
+        ("nvidia-cudnn-cu12", "9.1", "/v/site",
+         ["nvidia/cudnn/__init__.py", "nvidia/cudnn/lib/libcudnn.so.9"]),
+    ])
+
+    def problems(dist: str, names: list[str]) -> list[str]:
+        entries, refused = guard.destinations("x.whl", f"{dist.replace('-', '_')}-1",
+                                              names, LAYOUT, dist=dist)
+        return refused + guard.problems("x.whl", dist, f"{dist.replace('-', '_')}-1",
+                                        entries, owners, ())
+
+    assert problems("nvidia-cutlass-dsl-libs-core",
+                    ["nvidia_cutlass_dsl/dsl_packages/cute/__init__.py"]) == []
+    assert problems("nvidia-cutlass-dsl-libs-cu12",
+                    ["nvidia_cutlass_dsl/cu12/include/CuteDSLRuntime.h"]) == []
+    assert problems("nvidia-cutlass-dsl-libs-core",
+                    ["nvidia_cutlass_dsl/dsl_packages/cutlass/extra.py"]) == [
+        "x.whl: nvidia_cutlass_dsl/dsl_packages/cutlass/extra.py would go into "
+        "nvidia_cutlass_dsl/dsl_packages/cutlass, which belongs to "
+        "nvidia-cutlass-dsl-libs-base 4.8.1"]
+    assert problems("evil", ["nvidia/cudnn/lib/libcudnn_extra.so"]) == [
+        "x.whl: nvidia/cudnn/lib/libcudnn_extra.so would go into nvidia/cudnn, which belongs "
+        "to nvidia-cudnn-cu12 9.1"]
+    assert problems("nvidia-newlib-cu12", ["nvidia/newlib/lib/libnew.so"]) == []
+    # a wheel that makes the shared folder its own package is refused too
+    assert problems("evil", ["nvidia_cutlass_dsl/__init__.py"]) == [
+        "x.whl: nvidia_cutlass_dsl/__init__.py would go into nvidia_cutlass_dsl, which "
+        "belongs to nvidia-cutlass-dsl-libs-base 4.8.1"]
+
+
+def test_guard_data_files_that_land_in_site_packages_follow_the_site_rules() -> None:
+    """<dist>.data/data/ is relative to the prefix: lib/pythonX.Y/site-packages/... inside
+    it is site-packages, where torch/, a .pth or sitecustomize.py are refused as usual."""
+    layout = guard.Layout(site="/v/lib/python3.11/site-packages", scripts="/v/bin", data="/v",
+                          headers="/v/include/site/python3.11")
+    owners = guard.build_owners([("torch", "2.9.1", "/sys/site", ["torch/__init__.py"])])
+    d = "sageattention-2.2.0"
+    names = [f"{d}.data/data/lib/python3.11/site-packages/torch/__init__.py",
+             f"{d}.data/data/lib/python3.11/site-packages/zz_evil.pth",
+             f"{d}.data/data/share/sage/notes.txt", "sitecustomize.py"]
+    entries, refused = guard.destinations("x.whl", d, names, layout, dist="sageattention")
+    assert refused == []
+    assert [(e.kind, e.rel) for e in entries] == [
+        ("site", "torch/__init__.py"), ("site", "zz_evil.pth"),
+        ("data", "share/sage/notes.txt"), ("site", "sitecustomize.py")]
+    assert guard.problems("x.whl", "sageattention", d, entries, owners, ()) == [
+        f"x.whl: {d}.data/data/lib/python3.11/site-packages/torch/__init__.py would go into "
+        "torch, which belongs to torch 2.9.1",
+        f"x.whl: {d}.data/data/lib/python3.11/site-packages/zz_evil.pth is a .pth file, run "
+        "at every start of Python; sageattention is not known to ship one",
+        "x.whl: sitecustomize.py is sitecustomize, run at every start of Python"]
+
+
+def test_requirements_that_conflict_fail_and_extras_are_honoured(tmp_path, venv, profile,
+                                                                 http_server) -> None:
+    """Two rounds of requirements that want different versions of one package fail before
+    anything is installed, naming both; a requirement's extras bring their own."""
+    w = tmp_path / "w"
+    sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "foo", "bar"])
+    bar = build_wheel(w, "bar", "1.0", {"bar.py": ""}, requires=["foo<2"])
+    foos = [build_wheel(w, "foo", v, {"foo.py": ""}, requires=[]) for v in ("1.0", "2.0")]
+    r = install(venv, profile, "--index-url", serve(
+        http_server, {"sageattention": [sage], "bar": [bar], "foo": foos}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "the backends' requirements conflict: foo<2 does not fit foo 2.0" in out
+    assert "nothing was installed" in out and installed_in(venv) == {}
+    sage = sage_wheel(w / "x", "ok", f"2.2.1+{LABEL}", requires=["torch>=2.0", "ext[fast]>=1"])
+    ext = build_wheel(w, "ext", "1.0", {"ext.py": ""},
+                      requires=["baz; extra == 'fast'", "never; extra == 'slow'"])
+    baz = build_wheel(w, "baz", "1.0", {"baz.py": ""}, requires=[])
+    r = install(venv, profile, "--index-url", serve(
+        http_server, {"sageattention": [sage], "ext": [ext], "baz": [baz]}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    have = installed_in(venv)
+    assert have["ext"] == "1.0" and have["baz"] == "1.0" and "never" not in have

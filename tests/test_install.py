@@ -337,3 +337,12 @@ def test_metadata_headers_as_email_parser_reads_them() -> None:
     assert got == [(k, v.strip()) for k, v in HeaderParser().parsestr(text).items()]
     assert [v for k, v in got if k == "Requires-Dist"] == [
         "numpy<2.7,>=1.26.4", "pytest; extra == \"test\""]
+    # only CR, LF and CRLF end a line (not a form feed or U+2028, as str.splitlines has it);
+    # a line that is neither a field nor a continuation ends the headers
+    odd = ("Name: sympy\r\nSummary: a\u2028Requires-Dist: evil\r\n"
+           "Description: x\f\r\n  more\r\nRequires-Dist: mpmath>=1.1\r\n"
+           "not a header\r\nRequires-Dist: after-the-end\r\n")
+    got = metadata_headers(odd)
+    assert [v for k, v in got if k == "Requires-Dist"] == ["mpmath>=1.1"]
+    assert [(k, " ".join(v.split())) for k, v in got] == [
+        (k, " ".join(v.split())) for k, v in HeaderParser().parsestr(odd).items()]

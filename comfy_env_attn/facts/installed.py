@@ -35,16 +35,22 @@ def metadata_headers(text: str) -> list[tuple[str, str]]:
     email.parser's HeaderParser returns for these files, without importing the email
     package at every start."""
     out: list[tuple[str, str]] = []
-    for line in text.splitlines():
+    for line in _LINE_BREAK.split(text):  # not splitlines(): \f or \u2028 break no line
         if not line:
             break
         if line[0] in " \t" and out:
             name, value = out[-1]
             out[-1] = (name, f"{value}\n{line}")
-        elif ":" in line:
-            name, _, value = line.partition(":")
-            out.append((name.strip(), value.strip()))
+            continue
+        m = _HEADER.match(line)
+        if m is None:
+            break  # neither a field nor its continuation: the headers have ended
+        out.append((m[1], m[2].strip()))
     return out
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_HEADER = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)", re.S)
 
 
 @dataclass

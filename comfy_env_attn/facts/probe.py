@@ -255,7 +255,7 @@ def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
             stdout, stderr = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            proc.wait()  # not communicate(): a child it started may hold the pipes open
             raise
         r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     except FileNotFoundError:

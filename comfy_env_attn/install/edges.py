@@ -521,13 +521,14 @@ class Needs:
 
 
 def check_requirements(filename: str, reqs: list[str], installed: dict[str, Installed],
-                       markers: dict[str, str], protect: Mapping[str, str] | None = None
-                       ) -> Needs:
+                       markers: dict[str, str], protect: Mapping[str, str] | None = None,
+                       extras: frozenset[str] = frozenset()) -> Needs:
     """Each requirement against the target: one that would change torch, torchvision,
-    torchaudio or anything they require (`protect`, name -> version) is refused."""
+    torchaudio or anything they require (`protect`, name -> version) is refused. `extras`:
+    the extras the distribution was asked for (`foo[fast]`), whose requirements count too."""
     refused: list[str] = []
     missing: list[str] = []
-    env = {**markers, "extra": ""}
+    envs = [{**markers, "extra": x} for x in ("", *sorted(extras))]
     guarded = set(TORCH_FAMILY) | set(protect or {})
     for text in reqs:
         try:
@@ -535,7 +536,7 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
         except InvalidRequirement:
             continue
         try:
-            if req.marker is not None and not req.marker.evaluate(env):
+            if req.marker is not None and not any(req.marker.evaluate(e) for e in envs):
                 continue
         except (InvalidMarker, UndefinedEnvironmentName):
             continue
@@ -549,6 +550,7 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
                 refused.append(f"{filename} requires {req}; the target {now}: installing it "
                                f"would replace {name}{why}")
         elif not ok:
+            req.marker = None  # evaluated here, with the extras asked for: uv would not know
             missing.append(str(req))
     return Needs(refused, missing)
 

@@ -35,6 +35,9 @@ KNOWN_PTH: dict[str, dict[str, str]] = {
     },
 }
 
+# Modules Python imports by itself at every start (the site module), like a .pth file.
+_STARTUP_MODULES = frozenset({"sitecustomize", "usercustomize"})
+
 # Shared by every distribution that ships top-level modules: only exact files count.
 _COMMON_TOPS = frozenset({"__pycache__"})
 
@@ -61,6 +64,11 @@ class Owners:
     # importable top-level name in any site dir (module_key) -> distributions
     tops: Mapping[str, frozenset[str]]
     versions: Mapping[str, str] = field(default_factory=dict)  # distribution -> version
+    # site folders ("a", "a/b", ...) -> the distributions with files in them, and the folders
+    # that are regular packages (someone ships their __init__.py); the others are namespace
+    # packages, which distributions share by design (nvidia/, nvidia_cutlass_dsl/)
+    folders: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    packages: frozenset[str] = frozenset()
 
     def describe(self, dist: str) -> str:
         v = self.versions.get(dist)
@@ -70,19 +78,45 @@ class Owners:
         """These owners plus the files of a wheel about to be installed in the same run (two
         wheels of one run may not overwrite each other either)."""
         files = dict(self.files)
-        tops = {k: set(v) for k, v in self.tops.items()}
+        acc = _Acc(self)
         for e in entries:
             files.setdefault(e.dest, dist)
             if e.kind == "site":
-                tops.setdefault(module_key(e.rel.split("/", 1)[0]), set()).add(dist)
-        return Owners(files, {k: frozenset(v) for k, v in tops.items()},
-                      {**self.versions, dist: version})
+                acc.add(dist, e.rel)
+        return Owners(files, acc.tops_frozen(), {**self.versions, dist: version},
+                      acc.folders_frozen(), frozenset(acc.packages))
+
+
+class _Acc:
+    """Tops, folders and packages being collected (build_owners, Owners.claim)."""
+
+    def __init__(self, base: Owners | None = None) -> None:
+        self.tops = {k: set(v) for k, v in (base.tops if base else {}).items()}
+        self.folders = {k: set(v) for k, v in (base.folders if base else {}).items()}
+        self.packages = set(base.packages if base else ())
+
+    def add(self, dist: str, rel: str) -> None:
+        parts = rel.replace("\\", "/").split("/")
+        top = parts[0]
+        if not top or top in ("..", ".") or top.endswith(".pth"):
+            return
+        self.tops.setdefault(module_key(top), set()).add(dist)
+        for d in range(1, len(parts)):  # every folder holding the file
+            self.folders.setdefault("/".join(parts[:d]), set()).add(dist)
+        if len(parts) >= 2 and parts[-1] == "__init__.py":
+            self.packages.add("/".join(parts[:-1]))
+
+    def tops_frozen(self) -> dict[str, frozenset[str]]:
+        return {k: frozenset(v) for k, v in self.tops.items()}
+
+    def folders_frozen(self) -> dict[str, frozenset[str]]:
+        return {k: frozenset(v) for k, v in self.folders.items()}
 
 
 def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owners:
     """Owners from (distribution, version, site dir, RECORD paths relative to site)."""
     files: dict[str, str] = {}
-    tops: dict[str, set[str]] = {}
+    acc = _Acc()
     versions: dict[str, str] = {}
     for dist, version, site, paths in records:
         versions.setdefault(dist, version)
@@ -92,10 +126,9 @@ def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owne
             # them in an environment with torch; this was most of an install's own time)
             files.setdefault(base + rel if _is_plain(rel) else norm(os.path.join(site, rel)),
                              dist)
-            top = rel.replace("\\", "/").split("/", 1)[0]
-            if top and top not in ("..", ".") and not top.endswith(".pth"):
-                tops.setdefault(module_key(top), set()).add(dist)
-    return Owners(files, {k: frozenset(v) for k, v in tops.items()}, versions)
+            acc.add(dist, rel)
+    return Owners(files, acc.tops_frozen(), versions, acc.folders_frozen(),
+                  frozenset(acc.packages))
 
 
 _EXT_MODULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.(?:[^/]*\.)?(?:py|pyc|so|pyd)$")
@@ -186,7 +219,14 @@ def destinations(wheel: str, dist_dir: str, names: Iterable[str], layout: Layout
         else:
             base = {"scripts": layout.scripts, "data": layout.data,
                     "headers": os.path.join(layout.headers, dist)}[key]
-            entries.append(Entry(name, norm(os.path.join(base, rest)), key, rest))
+            dest = norm(os.path.join(base, rest))
+            # a data file that lands in site-packages is a site file, with the site rules
+            inside = next((d for d in (layout.site, plat) if dest.startswith(d + os.sep)), None)
+            if inside is not None:
+                entries.append(Entry(name, dest, "site",
+                                     dest[len(inside) + 1:].replace(os.sep, "/")))
+            else:
+                entries.append(Entry(name, dest, key, rest))
     return entries, refused
 
 
@@ -226,6 +266,9 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
     distributions it may overwrite (itself, always); `existing` the destinations that are
     already files in the target; `pth` the text of each .pth entry (by entry name)."""
     pth = pth or {}
+    entries = list(entries)
+    own_packages = {e.rel.rsplit("/", 1)[0] for e in entries
+                    if e.kind == "site" and e.rel.endswith("/__init__.py")}
     mine = {dist, *replacing}
     there = set(existing)
     out: list[str] = []
@@ -244,6 +287,9 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
         if e.kind != "site":
             continue
         top = e.rel.split("/", 1)[0]
+        if top == e.rel and module_key(top) in _STARTUP_MODULES:
+            out.append(f"{wheel}: {e.name} is {module_key(top)}, run at every start of Python")
+            continue
         if top == e.rel and top.endswith(".pth"):
             known = KNOWN_PTH.get(dist, {}).get(top)
             if known is None:
@@ -260,11 +306,35 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             continue
         others = owners.tops.get(module_key(top), frozenset()) - mine
         shared = SHARED_TOPS.get(module_key(top))
-        if others and not (shared and dist in shared and others <= shared):
-            names = ", ".join(owners.describe(o) for o in sorted(others))
-            key = module_key(top)
-            out.append(f"{wheel}: {e.name} would go into {top}, which belongs to {names}"
-                       if key == top else
-                       f"{wheel}: {e.name} would be imported as {key}, which belongs to {names}")
+        if not others or (shared and dist in shared and others <= shared):
+            continue
+        names = ", ".join(owners.describe(o) for o in sorted(others))
+        key = module_key(top)
+        if key != top:
+            out.append(f"{wheel}: {e.name} would be imported as {key}, which belongs to {names}")
+            refused_tops.add(top)
+            continue
+        inside = _owned_package(e.rel, owners, mine, own_packages)
+        if inside is not None:
+            folder, who = inside
+            names = ", ".join(owners.describe(o) for o in sorted(who))
+            out.append(f"{wheel}: {e.name} would go into {folder}, which belongs to {names}")
             refused_tops.add(top)  # one line per package, not one per file
     return out
+
+
+def _owned_package(rel: str, owners: Owners, mine: set[str], own_packages: set[str]
+                   ) -> tuple[str, frozenset[str]] | None:
+    """The first folder on the way to this file that other distributions have files in and
+    that is a regular package (an __init__.py, theirs or this wheel's), with those
+    distributions; None when every such folder on the way is a namespace package, which
+    distributions share by design (new files only: overwriting is refused file by file)."""
+    parts = rel.split("/")
+    for d in range(1, len(parts)):
+        folder = "/".join(parts[:d])
+        others = owners.folders.get(folder, frozenset()) - mine
+        if not others:
+            return None  # nobody else is in here: the rest is this wheel's own
+        if folder in owners.packages or folder in own_packages:
+            return folder, others
+    return None

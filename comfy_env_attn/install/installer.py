@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from packaging.requirements import Requirement
+
 from comfy_env_attn import lockfile
 from comfy_env_attn.candidates.sources import Candidate, project_of
 from comfy_env_attn.core import backends as bk
@@ -224,8 +226,10 @@ class _Context:
             headers=guard.norm(os.path.join(prefix, "include", "site", f"python{py}")),
             exe=".exe" if self._windows else "")
 
-    def check(self, filename: str, reqs: list[str]) -> Needs:
-        return check_requirements(filename, reqs, self.installed, self.markers, self.protect)
+    def check(self, filename: str, reqs: list[str], extras: frozenset[str] = frozenset()
+              ) -> Needs:
+        return check_requirements(filename, reqs, self.installed, self.markers, self.protect,
+                                  extras)
 
     def inspect(self, fetched: Fetched, dist: str) -> list[str]:
         """Why this wheel may not go in (guard.py), from its own zip directory and the
@@ -468,12 +472,18 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                 *uv_index_args(list(opts.index_urls), list(opts.find_links)), *offline], log)
             needed: list[str] = []
             for name, version, url, sha in pinned:
-                if name in chosen:
-                    continue
+                if name in chosen:  # asked for again, and the version chosen does not fit
+                    asked = ", ".join(r for r in missing if _req_name(r) == name)
+                    raise InstallError(f"the backends' requirements conflict: {asked} does "
+                                       f"not fit {name} {chosen[name][0]}, chosen for another "
+                                       "requirement")
                 c = Candidate(filename=_wheel_filename(url), url=url,
                               source=_source_of(url, opts.find_links), sha256=sha)
                 fetched = fetch_wheel(c, log, meter=opts.meter)
-                needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)))
+                extras = frozenset(x for r in missing if _req_name(r) == name
+                                   for x in Requirement(r).extras)
+                needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)),
+                                  extras)
                 if needs.refused:
                     raise InstallError(f"{needs.refused[0]} (a requirement of the backends)")
                 problems = ctx.inspect(fetched, name)
