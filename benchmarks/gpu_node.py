@@ -63,6 +63,10 @@ def main() -> None:
 
         fns = {"comfyui default": call(attention.optimized_attention),
                "node (auto)": call(attention.optimized_attention, transformer_options=opts)}
+        if layout == "bhnd":  # the dispatcher alone, and torch's own SDPA, on the same inputs
+            fns["dispatch_attention"] = lambda q=q, k=k, v=v: dispatch.dispatch_attention(q, k, v)
+            fns["F.sdpa"] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v)
         if sage is not None:
             fns["comfyui sage"] = call(sage)
         ref = fns["comfyui default"]().float()
@@ -85,7 +89,14 @@ def main() -> None:
                 e.synchronize()
                 samples[name].append(s.elapsed_time(e) / 10)
         ms = {name: sorted(t)[len(t) // 2] for name, t in samples.items()}
+        sdp = getattr(torch._C, "_get_sdp_priority_order", None)
         row = {"case": label, "ms": {k_: round(v_, 3) for k_, v_ in ms.items()},
+               "sdp_priority": list(sdp()) if sdp else None,
+               "sdp_choice": int(torch._fused_sdp_choice(q if layout == "bhnd" else
+                                                         q.view(b, n, h, d).transpose(1, 2),
+                                                         *(t if layout == "bhnd" else
+                                                           t.view(b, m, h, d).transpose(1, 2)
+                                                           for t in (k, v)))),
                "node_vs_default": round(ms["comfyui default"] / ms["node (auto)"], 3),
                "max_abs_vs_default": errs, "dispatcher_routes": chosen}
         print(json.dumps(row), flush=True)
