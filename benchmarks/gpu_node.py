@@ -64,9 +64,12 @@ def main() -> None:
         fns = {"comfyui default": call(attention.optimized_attention),
                "node (auto)": call(attention.optimized_attention, transformer_options=opts)}
         if layout == "bhnd":  # the dispatcher alone, and torch's own SDPA, on the same inputs
-            fns["dispatch_attention"] = lambda q=q, k=k, v=v: dispatch.dispatch_attention(q, k, v)
-            fns["F.sdpa"] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v)
+            def flat(out: Any, b: int = b, n: int = n, hd: int = h * d) -> Any:
+                return out.transpose(1, 2).reshape(b, n, hd)
+            fns["dispatch_attention"] = \
+                lambda q=q, k=k, v=v: flat(dispatch.dispatch_attention(q, k, v))
+            fns["F.sdpa"] = \
+                lambda q=q, k=k, v=v: flat(torch.nn.functional.scaled_dot_product_attention(q, k, v))
         if sage is not None:
             fns["comfyui sage"] = call(sage)
         ref = fns["comfyui default"]().float()

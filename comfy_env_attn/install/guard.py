@@ -16,11 +16,17 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-# Top-level names that two distributions legitimately share: flash-attn-4 adds
-# flash_attn/cute/ inside flash-attn's flash_attn/. New files only: overwriting a file the
-# other one owns is refused like any other.
+# Top-level names that several distributions legitimately share, packages inside included:
+# flash-attn-4 adds flash_attn/cute/ inside flash-attn's flash_attn/. New files only:
+# overwriting a file another one owns is refused like any other.
 SHARED_TOPS: dict[str, frozenset[str]] = {
     "flash_attn": frozenset({"flash-attn", "flash-attn-4"}),
+    # flash-attn-4's CUTLASS DSL comes in parts that add files to each other's packages
+    # (libs-cu12 puts its compiled module in libs-base's cutlass/_mlir/_mlir_libs/)
+    "nvidia_cutlass_dsl": frozenset({"nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base",
+                                     "nvidia-cutlass-dsl-libs-core",
+                                     "nvidia-cutlass-dsl-libs-cu12",
+                                     "nvidia-cutlass-dsl-libs-cu13"}),
 }
 
 # .pth files a backend or a requirement of one is known to ship, by distribution, file name
