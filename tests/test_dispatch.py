@@ -668,3 +668,40 @@ def test_lock_and_dispatcher_give_the_same_verdict(faulty, tmp_path, monkeypatch
         runtime = stale_reasons(tool_table(lockfile.read(path)), live_facts())
         assert cli == runtime, what
         assert bool(cli) == (what != "fresh"), (what, cli)
+
+
+def test_sdpa_runs_with_cudnn_first_and_leaves_the_order_as_it_found_it(monkeypatch) -> None:
+    """SDPA's kernel order is process-wide state that other code (ComfyUI's context manager
+    around its first call) can leave flash-first, half cuDNN's speed on an H100. The
+    dispatcher's SDPA puts cuDNN first for its own call and restores the order; on the CPU
+    nothing changes. (The GPU run measures the speed: docs/gpu-validation.md.)"""
+    from comfy_env_attn.runtime import adapters
+
+    get, set_ = torch._C._get_sdp_priority_order, torch._C._set_sdp_priority_order
+    before = list(get())
+    seen: list[list[int]] = []
+
+    def fake_sdpa(q, k, v, **kw):  # the kernel: only the order it ran under matters here
+        seen.append(list(get()))
+        return q
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self) -> bool:  # type: ignore[override]
+            return True
+
+    monkeypatch.setattr(adapters.F, "scaled_dot_product_attention", fake_sdpa)
+    q = torch.zeros(1, 1, 4, 8).as_subclass(OnCuda)
+    try:
+        set_([1, 2, 0, 3, 4])  # flash first, as ComfyUI's first call can leave it
+        adapters.sdpa(q, q, q)
+        assert seen[-1] == [3, 1, 2, 0, 4] and list(get()) == [1, 2, 0, 3, 4]
+        set_([3, 1, 2, 0, 4])
+        calls: list[list[int]] = []
+        monkeypatch.setattr(adapters, "_SET_ORDER", lambda o: calls.append(o))
+        adapters.sdpa(q, q, q)  # already cuDNN first: the order is not touched
+        assert calls == [] and seen[-1] == [3, 1, 2, 0, 4]
+        adapters.sdpa(torch.zeros(1, 1, 4, 8), q, q)  # CPU tensors: plain SDPA
+        assert calls == []
+    finally:
+        set_(before)

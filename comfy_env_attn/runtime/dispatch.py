@@ -42,7 +42,7 @@ from comfy_env_attn.core.lockmodel import (
 )
 from comfy_env_attn.core.settings import settle_margin
 from comfy_env_attn.runtime import plugins
-from comfy_env_attn.runtime.adapters import Adapter, adapter, describe
+from comfy_env_attn.runtime.adapters import Adapter, adapter, describe, sdpa
 from comfy_env_attn.runtime.link import setup_link
 from comfy_env_attn.runtime.live import live_facts
 from comfy_env_attn.runtime.plugins import load_plugins, register_backend
@@ -365,7 +365,7 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
 # (shape, dtype, k shape, mask dtype, causal, no scale, is_cuda) -> (backend, adapter):
 # the hot path is one tuple, one dict lookup and the adapter call (None: plain SDPA inline).
 _ROUTES: dict[tuple[Any, ...], tuple[str, Adapter | Monitored | None]] = {}
-_plain_sdpa = F.scaled_dot_product_attention
+_plain_sdpa = sdpa  # adapters.sdpa: cuDNN first on CUDA, as ComfyUI runs it
 
 
 def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
