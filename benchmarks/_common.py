@@ -33,13 +33,27 @@ def median_seconds(cmd: Sequence[str], runs: int = 7, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def serve(directory: Path) -> tuple[str, ThreadingHTTPServer]:
+def serve(directory: Path, rate: float | None = None) -> tuple[str, ThreadingHTTPServer]:
+    """A static file server on loopback; `rate` (bytes/s) paces every response, as a real
+    connection would (loopback alone moves a 60 MB wheel in a few hundredths of a second)."""
     class Quiet(SimpleHTTPRequestHandler):
         def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
             super().__init__(*a, directory=str(directory), **kw)
 
         def log_message(self, *args: object) -> None:
             pass
+
+        def copyfile(self, source, outputfile):  # type: ignore[no-untyped-def]
+            if rate is None:
+                return super().copyfile(source, outputfile)
+            t0, sent = time.perf_counter(), 0
+            while chunk := source.read(256 * 1024):
+                outputfile.write(chunk)
+                sent += len(chunk)
+                ahead = sent / rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            return None
 
     class Server(ThreadingHTTPServer):
         def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]

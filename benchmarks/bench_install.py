@@ -2,6 +2,7 @@
 and verification time per backend against a bare `python -c "import torch"` in the target.
 
     python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60] [--source index folder]
+                                       [--rate-mb 50]
 
 `index`: both install from a PEP 503 index served over loopback (our download, then uv from
 the file; uv downloads it itself). `folder`: a local wheel, `--find-links FOLDER` for both.
@@ -54,6 +55,8 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, nargs="*", default=[0, 60])
     ap.add_argument("--source", nargs="*", choices=["index", "folder"],
                     default=["index", "folder"])
+    ap.add_argument("--rate-mb", type=float, default=None,
+                    help="pace the index server at this many MB/s (default: loopback speed)")
     args = ap.parse_args()
     import torch
 
@@ -77,7 +80,7 @@ def main() -> int:
                             requires=["torch>=2.0"])
             sha = hashlib.sha256(w.read_bytes()).hexdigest()
             (site / "simple" / "sageattention").mkdir(parents=True)
-            base, srv = serve(site)
+            base, srv = serve(site, args.rate_mb * 1e6 if args.rate_mb else None)
             (site / "simple" / "sageattention" / "index.html").write_text(
                 f'<a href="{base}/files/{w.name.replace("+", "%2B")}#sha256={sha}">{w.name}</a>')
             for source in args.source:
