@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 from _common import CLI, ENV, ROOT, serve
+
+from comfy_env_attn.core.paths import cache_dir
 
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_venv, venv_python
@@ -93,6 +96,10 @@ def main() -> int:
                 ours, raw = [], []
                 for i in range(args.runs):
                     py = fresh_venv(d / f"a{size}-{source}-{i}")
+                    # like uv --no-cache: no wheel or metadata downloaded by an earlier run
+                    # (the probe's cache of torch's facts stays, as on a user's machine)
+                    for sub in ("wheels", "metadata"):
+                        shutil.rmtree(cache_dir() / sub, ignore_errors=True)
                     ours.append(timed([*CLI, "install", "--python", str(py), "--system",
                                        str(prof), *ours_src, "--no-embedded-index",
                                        "--backends", "sage", "--no-verify"]))
