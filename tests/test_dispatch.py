@@ -4,7 +4,6 @@ the typed lock model, and the command line's verdict on the same locks."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F
+from wheels import installed_sage
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.core import choose
@@ -73,22 +73,12 @@ def fake_sage(folder: Path, *, takes_mask: bool = False, ignore_causal: bool = F
               sleep: float = 0.0, version: str = "2.2.0") -> Path:
     """sageattention/__init__.py and its dist-info in `folder` (importable and 'installed'
     once `folder` is on sys.path)."""
-    pkg = folder / "sageattention"
-    pkg.mkdir(parents=True, exist_ok=True)
     src = FAKE_SAGE.format(
         ignore_causal=ignore_causal, ignore_scale=ignore_scale, garbage_at=garbage_at,
         sleep=sleep, mask_param=", attn_mask=None" if takes_mask else "",
         mask_value="attn_mask is not None" if takes_mask else "False",
         mask_arg=", attn_mask=attn_mask" if takes_mask else "")
-    (pkg / "__init__.py").write_text(src)
-    info = folder / f"sageattention-{version}.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sageattention\n"
-                                   f"Version: {version}\n")
-    digest = hashlib.sha256(src.encode()).hexdigest()
-    (info / "RECORD").write_text(f"sageattention/__init__.py,sha256={digest},{len(src)}\n"
-                                 f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
-    return folder
+    return installed_sage(folder, src, version)
 
 
 def record_hash(folder: Path) -> str:

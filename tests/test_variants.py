@@ -6,7 +6,6 @@ fake sageattention packages computed on the CPU through SDPA."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import replace
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli, make_system, venv_python, venv_site, write_gpu_profile
-from wheels import build_wheel
+from wheels import build_wheel, installed_sage
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.core import backends as bk
@@ -74,17 +73,7 @@ def source(*, fp16: str | None = "ok", sage: str = "ok") -> str:
 
 def fake_sage(folder: Path, version: str = "2.2.0", **kw: str | None) -> Path:
     """sageattention and its dist-info in `folder`, as an install leaves them."""
-    src = source(**kw)
-    (folder / "sageattention").mkdir(parents=True)
-    (folder / "sageattention" / "__init__.py").write_text(src)
-    info = folder / f"sageattention-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sageattention\n"
-                                   f"Version: {version}\n")
-    digest = hashlib.sha256(src.encode()).hexdigest()
-    (info / "RECORD").write_text(f"sageattention/__init__.py,sha256={digest},{len(src)}\n"
-                                 f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
-    return folder
+    return installed_sage(folder, source(**kw), version)
 
 
 def proven(folder: Path) -> tuple[dict, Path]:

@@ -126,3 +126,19 @@ def data_wheel(folder: Path, version: str, *, script: str, data: str) -> Path:
         f"{dist_dir}.data/scripts/sage-info": f"#!/bin/sh\necho {script}\n",
         f"{dist_dir}.data/data/share/sageattention/notes.txt": data,
     }, requires=["torch>=2.0"])
+
+
+def installed_sage(folder: Path, src: str, version: str = "2.2.0") -> Path:
+    """sageattention/__init__.py (`src`) and its dist-info in `folder`, as an install leaves
+    them: importable and 'installed' once `folder` is on sys.path."""
+    pkg = folder / "sageattention"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(src)
+    info = folder / f"sageattention-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sageattention\n"
+                                   f"Version: {version}\n")
+    digest = hashlib.sha256(src.encode()).hexdigest()
+    (info / "RECORD").write_text(f"sageattention/__init__.py,sha256={digest},{len(src)}\n"
+                                 f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+    return folder
