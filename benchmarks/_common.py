@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -62,3 +62,37 @@ def serve(directory: Path, rate: float | None = None) -> tuple[str, ThreadingHTT
     srv = Server(("127.0.0.1", 0), Quiet)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{srv.server_address[1]}", srv
+
+
+def rotated_ms(fns: dict[str, Callable[[], object]], rounds: int = 12, calls: int = 10,
+               warmup: int = 3) -> dict[str, float]:
+    """Median ms per call of each function: `rounds` rounds of `calls` back-to-back calls,
+    the order rotated each round so that no function always runs first. CUDA events on a
+    GPU (the kernels' time, the host's included when it is the bottleneck); the wall clock
+    on a CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    if cuda:
+        torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                for _ in range(calls):
+                    fns[n]()
+                e.record()
+                e.synchronize()
+                samples[n].append(s.elapsed_time(e) / calls)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fns[n]()
+                samples[n].append((time.perf_counter() - t0) * 1e3 / calls)
+    return {n: sorted(t)[len(t) // 2] for n, t in samples.items()}

@@ -19,10 +19,12 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import rotated_ms  # noqa: E402
 
 SHAPES = {40: [2, 8, 4096, 40], 64: [2, 10, 4096, 64], 80: [2, 8, 1024, 80],
           128: [1, 24, 4608, 128]}
@@ -100,22 +102,8 @@ def per_head_dim() -> dict[str, dict[str, object]]:
         dispatch.dispatch_attention(q, k, v)  # auto's first call (settles if close)
         chosen = dispatch._ROUTES[(q.shape, q.dtype, k.shape, None, False, True, True)][0]
         fns["auto"] = lambda q, k, v, m, c, s: dispatch.dispatch_attention(q, k, v)
-        for f in fns.values():
-            for _ in range(3):
-                f(q, k, v, None, False, None)
-        torch.cuda.synchronize()
-        samples: dict[str, list[float]] = {n: [] for n in fns}
-        order = list(fns)
-        for r in range(12):
-            for n in order[r % len(order):] + order[:r % len(order)]:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(20):
-                    fns[n](q, k, v, None, False, None)
-                e.record()
-                e.synchronize()
-                samples[n].append(s.elapsed_time(e) / 20)
-        med = {n: sorted(t)[len(t) // 2] for n, t in samples.items()}
+        med = rotated_ms({n: partial(f, q, k, v, None, False, None) for n, f in fns.items()},
+                         rounds=12, calls=20)
         best = min((m for n, m in med.items() if n != "auto"))
         out[str(hd)] = {"shape": shape, "ms": {n: round(m, 4) for n, m in med.items()},
                         "auto_chose": chosen, "auto_vs_best": round(best / med["auto"], 3)}

@@ -18,6 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import rotated_ms  # noqa: E402
 
 # (label, batch, query tokens, key tokens, heads, head dim, layout as the model calls it)
 CASES = (("Flux 1024x1024 (joint, [B, H, N, D])", 1, 4608, 4608, 24, 128, "bhnd"),
@@ -75,23 +76,7 @@ def main() -> None:
         ref = fns["comfyui default"]().float()
         errs = {name: float((fn().float() - ref).abs().max()) for name, fn in fns.items()}
         chosen = [r[0] for r in dispatch._S.routes.values()]
-        for fn in fns.values():
-            for _ in range(3):
-                fn()
-        torch.cuda.synchronize()
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        names = list(fns)
-        for r in range(8):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                s = torch.cuda.Event(enable_timing=True)
-                e = torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(10):
-                    fns[name]()
-                e.record()
-                e.synchronize()
-                samples[name].append(s.elapsed_time(e) / 10)
-        ms = {name: sorted(t)[len(t) // 2] for name, t in samples.items()}
+        ms = rotated_ms(fns, rounds=8, calls=10)
         sdp = getattr(torch._C, "_get_sdp_priority_order", None)
         row = {"case": label, "ms": {k_: round(v_, 3) for k_, v_ in ms.items()},
                "sdp_priority": list(sdp()) if sdp else None,

@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import rotated_ms  # noqa: E402
 
 NAMES = ("sdpa", "sage", "sage_fp16", "flash4")  # those not installed are left out
 
@@ -116,24 +118,10 @@ def timings() -> dict[str, Any]:
             except Exception:  # an absent kernel is not timed
                 continue
             fns[n] = a
-        for f in fns.values():
-            for _ in range(3):
-                f(q, k, v, None, causal, None)
-        torch.cuda.synchronize()
-        samples: dict[str, list[float]] = {n: [] for n in fns}
-        order = list(fns)
-        for r in range(12):
-            for n in order[r % len(order):] + order[:r % len(order)]:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(10):
-                    fns[n](q, k, v, None, causal, None)
-                e.record()
-                e.synchronize()
-                samples[n].append(s.elapsed_time(e) / 10)
+        ms = rotated_ms({n: partial(f, q, k, v, None, causal, None) for n, f in fns.items()},
+                        rounds=12, calls=10)
         row: dict[str, Any] = {"shape": shape, "causal": causal,
-                               "ms": {n: round(sorted(t)[len(t) // 2], 4)
-                                      for n, t in samples.items()}}
+                               "ms": {n: round(t, 4) for n, t in ms.items()}}
         for mode, kw in (("auto", {}), ("auto safe", {"safe": True}),
                          ("auto exact", {"exact": True})):
             dispatch._reset_for_tests()

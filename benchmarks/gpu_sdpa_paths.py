@@ -12,11 +12,13 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import rotated_ms  # noqa: E402
 
 SHAPES = {"Flux [1, 24, 4608, 128]": (1, 24, 4608, 4608, 128),
           "Wan cross [1, 40, 32760, 128] x 512": (1, 40, 32760, 512, 128),
@@ -94,19 +96,9 @@ def main() -> None:
                 ok[name] = f
             except RuntimeError as e:
                 out.setdefault("errors", {})[f"{label}: {name}"] = str(e).splitlines()[0][:160]
-        torch.cuda.synchronize()
-        samples: dict[str, list[float]] = {n_: [] for n_ in ok}
-        names = list(ok)
-        for r in range(10):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(5):
-                    ok[name](q, k, v)
-                e.record()
-                e.synchronize()
-                samples[name].append(s.elapsed_time(e) / 5)
-        out[label] = {n_: round(sorted(t)[len(t) // 2], 4) for n_, t in samples.items()}
+        ms = rotated_ms({n_: partial(f, q, k, v) for n_, f in ok.items()}, rounds=10, calls=5,
+                        warmup=0)
+        out[label] = {n_: round(t, 4) for n_, t in ms.items()}
         print(json.dumps({label: out[label]}, indent=1), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
