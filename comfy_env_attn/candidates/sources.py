@@ -136,7 +136,8 @@ def _split_hash(url: str) -> tuple[str, str | None]:
     return base, sha
 
 
-def _filename_of(url: str) -> str:
+def filename_of(url: str) -> str:
+    """The file name a link names (its fragment already split off)."""
     return unquote(url.split("?", 1)[0].rsplit("/", 1)[-1])
 
 
@@ -197,7 +198,7 @@ class LinkScanner:
             href = attrs.get("href")
             if not href:
                 continue
-            filename = _filename_of(_split_hash(href)[0])
+            filename = filename_of(_split_hash(href)[0])
             if not filename.endswith(".whl"):
                 continue
             if self.projects is not None and project_of(filename) not in self.projects:
@@ -211,7 +212,7 @@ class LinkScanner:
         out: list[Candidate] = []
         for a in self._links:
             url, sha = _split_hash(a["href"] or "")
-            filename = _filename_of(url)
+            filename = filename_of(url)
             if not url.startswith(("http://", "https://", "file:")):
                 url = urljoin(base, url)
             why = _refusal(filename, url, self.page_url)

@@ -216,7 +216,7 @@ def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[
 Stat = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode: any write changes one
 
 
-def _stat(path: str) -> Stat | None:
+def stat_of(path: str) -> Stat | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -224,7 +224,7 @@ def _stat(path: str) -> Stat | None:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-def _derived(rel: str) -> bool:
+def is_bytecode(rel: str) -> bool:
     """Bytecode: Python rewrites it when it is stale, so it may differ from RECORD."""
     return rel.endswith((".pyc", ".pyo")) or "__pycache__/" in rel
 
@@ -234,10 +234,10 @@ def file_stats(insts: Iterable[Installed]) -> dict[str, Stat | None]:
     out: dict[str, Stat | None] = {}
     for inst in insts:
         for rel in record_paths(inst):
-            if _derived(rel):
+            if is_bytecode(rel):
                 continue
             path = os.path.normpath(os.path.join(inst.location, rel))
-            out[path] = _stat(path)
+            out[path] = stat_of(path)
     return out
 
 
@@ -278,10 +278,10 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
     bad: list[str] = []
     ok: dict[str, list[int]] = {}
     for rel, digest, _size in lines:
-        if not digest.startswith("sha256=") or _derived(rel):
+        if not digest.startswith("sha256=") or is_bytecode(rel):
             continue  # RECORD itself, a file the installer wrote (INSTALLER), bytecode
         path = os.path.join(inst.location, rel)
-        st = _stat(path)
+        st = stat_of(path)
         if st is None:
             bad.append(f"{rel} (missing)")
             continue

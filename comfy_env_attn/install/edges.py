@@ -542,7 +542,7 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
             continue
         name = str(canonicalize_name(req.name))
         have = installed.get(name)
-        ok = have is not None and _satisfies(have.version, str(req.specifier))
+        ok = have is not None and satisfies(have.version, str(req.specifier))
         if name in guarded:
             if not ok:
                 now = f"has {name} {have.version}" if have else f"has no {name}"
@@ -555,7 +555,8 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
     return Needs(refused, missing)
 
 
-def _satisfies(version: str, spec: str) -> bool:
+def satisfies(version: str, spec: str) -> bool:
+    """Whether a version as installed or chosen is in the specifier (prereleases too)."""
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
     v = bounded_version(version)

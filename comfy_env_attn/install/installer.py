@@ -9,12 +9,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from comfy_env_attn import lockfile
-from comfy_env_attn.candidates.sources import Candidate, project_of
+from comfy_env_attn.candidates.sources import Candidate, filename_of, project_of
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, InstallError
 from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts
@@ -23,16 +24,16 @@ from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import (
     Installed,
     Stat,
-    _derived,
-    _stat,
     changed_files,
     file_stats,
     installed_backends,
+    is_bytecode,
     protected,
     read_installed,
     record_lines,
     record_paths,
     shadowing,
+    stat_of,
 )
 from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.install import guard
@@ -49,6 +50,7 @@ from comfy_env_attn.install.edges import (
     requirements,
     root_is_purelib,
     run_uv,
+    satisfies,
     uv_compile,
     uv_index_args,
     wheel_listing,
@@ -250,7 +252,7 @@ class _Context:
         entries += scripts
         existing = [e.dest for e in entries if os.path.lexists(e.dest)]
         pth = {e.name: wheel_member(fetched.path, e.name) for e in entries
-               if e.kind == "site" and e.rel == e.rel.split("/", 1)[0] and e.rel.endswith(".pth")}
+               if e.kind == "site" and "/" not in e.rel and e.rel.endswith(".pth")}
         found = refused + bad_scripts + guard.problems(name, dist, dist_dir, entries,
                                                        self.owners(entries), existing, pth=pth)
         if not found:
@@ -439,10 +441,10 @@ def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
     for rel, _digest, size in record_lines(inst):
         path = guard.norm(os.path.join(inst.location, rel))
         if path not in approved and not path.startswith(info) and \
-                not (_derived(rel) and rel.split("/", 1)[0] in tops):
+                not (is_bytecode(rel) and rel.split("/", 1)[0] in tops):
             out.append(f"{rel} (not in the wheel)")
             continue
-        st = _stat(path)
+        st = stat_of(path)
         if st is None:
             out.append(f"{rel} (missing)")
         elif size.isdigit() and int(size) != st[0]:
@@ -470,18 +472,20 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
             pinned = uv_compile(target.executable, missing, [
                 "--only-binary", ":all:", "--constraint", str(constraint),
                 *uv_index_args(list(opts.index_urls), list(opts.find_links)), *offline], log)
+            asked: dict[str, list[str]] = {}  # what this round asks of each name
+            for text in missing:
+                asked.setdefault(_req_name(text), []).append(text)
             needed: list[str] = []
             for name, version, url, sha in pinned:
                 if name in chosen:  # asked for again, and the version chosen does not fit
-                    asked = ", ".join(r for r in missing if _req_name(r) == name)
-                    raise InstallError(f"the backends' requirements conflict: {asked} does "
+                    texts = ", ".join(asked.get(name, []))
+                    raise InstallError(f"the backends' requirements conflict: {texts} does "
                                        f"not fit {name} {chosen[name][0]}, chosen for another "
                                        "requirement")
-                c = Candidate(filename=_wheel_filename(url), url=url,
+                c = Candidate(filename=filename_of(url), url=url,
                               source=_source_of(url, opts.find_links), sha256=sha)
                 fetched = fetch_wheel(c, log, meter=opts.meter)
-                extras = frozenset(x for r in missing if _req_name(r) == name
-                                   for x in Requirement(r).extras)
+                extras = frozenset(x for r in asked.get(name, []) for x in Requirement(r).extras)
                 needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)),
                                   extras)
                 if needs.refused:
@@ -498,19 +502,11 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
 
 
-def _wheel_filename(url: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-
-
 def _source_of(url: str, find_links: tuple[str, ...]) -> str:
     """How fetch_wheel judges the link uv resolved: a local file is accepted only inside a
     local --find-links folder; anything else counts as an index's link."""
     parts = urlsplit(url)
     if parts.scheme == "file":
-        from urllib.parse import unquote
-
         path = os.path.realpath(unquote(parts.path))
         for f in find_links:
             if urlsplit(f).scheme in ("", "file") and os.path.isdir(f) and \
@@ -520,11 +516,10 @@ def _source_of(url: str, find_links: tuple[str, ...]) -> str:
 
 
 def _pending_satisfies(text: str, pending: dict[str, str]) -> bool:
-    from packaging.requirements import Requirement
-
+    """Whether a wheel chosen in an earlier round already satisfies this requirement."""
     req = Requirement(text)
-    name = _req_name(text)
-    return name in pending and req.specifier.contains(pending[name], prereleases=True)
+    name = str(canonicalize_name(req.name))
+    return name in pending and satisfies(pending[name], str(req.specifier))
 
 
 def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | None = None
@@ -575,9 +570,6 @@ def _version_of(filename: str) -> str:
 
 
 def _req_name(text: str) -> str:
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
     return str(canonicalize_name(Requirement(text).name))
 
 
