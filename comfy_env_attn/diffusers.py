@@ -221,9 +221,8 @@ class DispatcherAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (_heads(t, batch_size, attn.heads, head_dim)
+                             for t in (query, key, value))
         if self._qk_norm:
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
@@ -249,6 +248,11 @@ class DispatcherAttnProcessor:
         return hidden_states / attn.rescale_output_factor  # type: ignore[no-any-return]
 
 
+def _heads(t: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
+    """[B, N, H*D] -> [B, H, N, D], as diffusers' processors split heads."""
+    return t.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+
 class DispatcherFluxAttnProcessor:
     """diffusers' FluxAttnProcessor2_0 (Flux's processor in diffusers 0.32 to 0.34, [B, H, N,
     D] inside), with the attention through the dispatcher. From 0.35 on, Flux's processor goes
@@ -269,9 +273,8 @@ class DispatcherFluxAttnProcessor:
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (_heads(t, batch_size, attn.heads, head_dim)
+                             for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -281,9 +284,7 @@ class DispatcherFluxAttnProcessor:
             eq = attn.add_q_proj(encoder_hidden_states)
             ek = attn.add_k_proj(encoder_hidden_states)
             ev = attn.add_v_proj(encoder_hidden_states)
-            eq = eq.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ek = ek.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ev = ev.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            eq, ek, ev = (_heads(t, batch_size, attn.heads, head_dim) for t in (eq, ek, ev))
             if attn.norm_added_q is not None:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
