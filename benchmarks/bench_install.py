@@ -29,7 +29,7 @@ from _common import CLI, ENV, ROOT, serve
 from comfy_env_attn.core.paths import cache_dir
 
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_venv, venv_python
+from conftest import make_venv, venv_python, write_gpu_profile
 from wheels import SAGE_OK, build_wheel
 
 
@@ -67,11 +67,7 @@ def main() -> int:
     version = f"2.2.0+cu128torch{minor}"
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        prof = d / "gpu.toml"
-        prof.write_text(f'python = "{sys.version.split()[0]}"\nplatform = "linux"\n'
-                        f'glibc = "2.36"\ntorch = "{torch.__version__.split("+")[0]}+cu128"\n'
-                        'torch_cuda = "12.8"\ncxx11abi = true\ndriver = "570.124.06"\n'
-                        'driver_cuda = "12.8"\ngpus = ["8.9"]\n')
+        prof = write_gpu_profile(d)
         print(f"{'source':>6}  {'wheel':>10}  {'comfy-env-attn install':>24}  "
               f"{'raw uv pip install':>20}  {'ratio':>6}  {'difference':>10}")
         for size in args.size_mb:
