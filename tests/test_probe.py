@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +103,49 @@ def test_a_python_that_does_not_run(tmp_path: Path) -> None:
     notexec.write_text("")
     with pytest.raises(ProbeError, match="not executable"):
         probe_interpreter(str(notexec), use_cache=False)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a /bin/sh fake and POSIX signals")
+@pytest.mark.parametrize("early", [False, True], ids=["late", "started-early"])
+def test_a_python_that_never_answers_times_out_promptly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool) -> None:
+    """A "python" that hangs, and whose own child keeps the pipes open, fails with the
+    timeout that was used, at once: the hung process is killed and reaped and the pipes the
+    grandchild holds are not waited on. The same holds for a probe started early."""
+    fake = tmp_path / "python"
+    self_pid, child_pid = tmp_path / "self.pid", tmp_path / "child.pid"
+    # the grandchild sleeps 30 s, not forever: a regression that waits on it fails, not hangs
+    fake.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > '{child_pid}'\n"
+                    f"echo $$ > '{self_pid}'\nexec sleep 1000\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(probe_mod, "PROBE_TIMEOUT_S", 1)
+    reaped = False
+    try:
+        if early:
+            probe_mod.start_probe(str(fake))
+            proc = probe_mod._PENDING[str(fake)]
+        start = time.monotonic()
+        with pytest.raises(ProbeError, match=r"'.*python' did not answer within 1 s$"):
+            probe_interpreter(str(fake))
+        elapsed = time.monotonic() - start
+        assert 0.9 <= elapsed < 10, elapsed
+        assert probe_mod._PENDING == {}
+        if early:
+            assert proc.returncode == -signal.SIGKILL
+        # killed and reaped: not even a zombie is left of the fake's own process
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(self_pid.read_text()), 0)
+        reaped = True
+        os.kill(int(child_pid.read_text()), 0)  # the grandchild, holding the pipes, lives on
+    finally:
+        # this test's own cleanup: the grandchild always; the fake only if not reaped above
+        for f in (child_pid, self_pid) if not reaped else (child_pid,):
+            try:
+                os.kill(int(f.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+            if f is self_pid:  # our child: reap it
+                os.waitpid(int(f.read_text()), 0)
 
 
 def test_nvidia_smi_parsing(monkeypatch: pytest.MonkeyPatch) -> None:

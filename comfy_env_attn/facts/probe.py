@@ -23,6 +23,7 @@ from comfy_env_attn.facts.system import System, normalize_arch
 
 CACHE_SCHEMA = 5
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")
+PROBE_TIMEOUT_S = 120  # seconds the target's probe may take; read at each call (tests lower it)
 
 
 @dataclass(frozen=True)
@@ -247,12 +248,13 @@ def _reap() -> None:
 
 
 def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
+    timeout = PROBE_TIMEOUT_S
     proc = None if import_torch else _PENDING.pop(executable, None)
     try:
         if proc is None:
             proc = _start(executable, import_torch)
         try:
-            stdout, stderr = proc.communicate(timeout=120)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()  # not communicate(): a child it started may hold the pipes open
@@ -265,7 +267,7 @@ def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
     except OSError as e:
         raise ProbeError(f"Python {executable!r} does not run: {e}") from None
     except subprocess.TimeoutExpired:
-        raise ProbeError(f"Python {executable!r} did not answer within 120 s") from None
+        raise ProbeError(f"Python {executable!r} did not answer within {timeout} s") from None
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise ProbeError(f"Python {executable!r} failed the probe (exit {r.returncode}): "
