@@ -82,9 +82,7 @@ def fake_sage(folder: Path, *, takes_mask: bool = False, ignore_causal: bool = F
 
 
 def record_hash(folder: Path) -> str:
-    from importlib.metadata import PathDistribution
-
-    digest = files_digest(PathDistribution(next(folder.glob("sageattention-*.dist-info"))))
+    digest = files_digest(next(folder.glob("sageattention-*.dist-info")))
     assert digest is not None
     return digest
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
+import sys
 from collections.abc import Sequence
-from importlib.metadata import Distribution, PackageNotFoundError, distribution
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -23,29 +24,65 @@ def dist_facts(dist: str, path: Sequence[str] | None = None
     modification time on disk: a file edited in place or overwritten by another
     distribution changes it, at the cost of one stat per file (no file is read), cheap
     enough for every ComfyUI start."""
-    if path is None:
+    meta = find_metadata_dir(dist, sys.path if path is None else path)
+    if meta is None:
+        return None
+    return (metadata_version(meta), files_digest(meta))
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def find_metadata_dir(dist: str, path: Sequence[str]) -> Path | None:
+    """The first `<name>-<version>.dist-info` (or `.egg-info` folder) of this distribution
+    on `path`, the one `importlib.metadata` finds (name compared normalised: `flash-attn`
+    is `flash_attn-2.8.3.dist-info`). Read directly: importing importlib.metadata costs a
+    start more than the whole search."""
+    want = _normal(dist)
+    for entry in path:
         try:
-            d = distribution(dist)
-        except PackageNotFoundError:
-            return None
-    else:
-        found = next(iter(Distribution.discover(name=dist, path=list(path))), None)
-        if found is None:
-            return None
-        d = found
-    return (d.version, files_digest(d))
+            names = sorted(os.listdir(entry or "."))
+        except OSError:
+            continue
+        for name in names:
+            stem, dot, kind = name.rpartition(".")
+            if dot and kind.lower() in ("dist-info", "egg-info") and \
+                    _normal(stem.partition("-")[0]) == want:
+                folder = Path(entry or ".", name)
+                if folder.is_dir():
+                    return folder
+    return None
 
 
-def files_digest(d: Distribution) -> str | None:
-    record = d.read_text("RECORD")
-    if record is None:
+def metadata_version(meta: Path) -> str:
+    """The Version header of a dist-info's METADATA (an egg-info's PKG-INFO)."""
+    for file in ("METADATA", "PKG-INFO"):
+        try:
+            with open(meta / file, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if not line.strip():
+                        break  # the headers end at the first empty line
+                    key, colon, value = line.partition(":")
+                    if colon and key.strip().lower() == "version":
+                        return value.strip()
+        except OSError:
+            continue
+    return ""
+
+
+def files_digest(meta: Path) -> str | None:
+    """The digest of a dist-info folder's RECORD and the files it lists (None: no RECORD)."""
+    try:
+        record = (meta / "RECORD").read_text(encoding="utf-8")
+    except OSError:
         return None
     h = hashlib.sha256(record.encode())
     for row in csv.reader(record.splitlines()):
         if not row or row[0].endswith(".pyc"):
             continue  # bytecode is rewritten by Python itself
         try:
-            st = os.stat(d.locate_file(row[0]))  # type: ignore[arg-type]
+            st = os.stat(meta.parent / row[0])
             h.update(f"{row[0]}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{row[0]}|missing\n".encode())
