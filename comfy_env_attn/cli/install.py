@@ -189,7 +189,8 @@ def row_json(r: Row) -> dict[str, Any]:
     return {"backend": r.backend,
             "action": r.action or ("builtin" if r.backend == "sdpa" else "none"),
             "wheel": r.wheel or None, "url": c.url if c is not None else None,
-            "sha256": r.sha256 or (c.sha256 if c is not None else None),
+            "sha256": r.fetched.sha256 if r.fetched is not None else
+                      c.sha256 if c is not None else None,
             "version": r.version,
             "verification": verification_json(r.result) if r.result is not None else None,
             "note": r.note or None}

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -145,8 +146,12 @@ def _short(a: str) -> str:
 class Fetched:
     candidate: Candidate
     path: Path
-    sha256: str
+    digest: str | FileDigest  # the sha256, or the hashing of a local file still under way
     hash_source: str  # "index" when the source published it, "computed" otherwise
+
+    @property
+    def sha256(self) -> str:
+        return self.digest if isinstance(self.digest, str) else self.digest.value()
 
 
 def sha256_file(path: Path) -> str:
@@ -155,6 +160,31 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class FileDigest:
+    """The sha256 of a local wheel whose source published none, computed in a thread while
+    the install goes on (hashlib lets go of the GIL on large buffers): inspecting the wheel
+    and uv's run do not wait for it, only the lock does. Nothing is checked against it, and
+    uv reads the same file either way, so computing it earlier would prove nothing more."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._result: str | OSError = OSError("not hashed")
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = sha256_file(self.path)
+        except OSError as e:
+            self._result = e
+
+    def value(self) -> str:
+        self._thread.join()
+        if isinstance(self._result, OSError):
+            raise InstallError(f"cannot read {self.path} to hash it: {self._result}")
+        return self._result
 
 
 class DownloadMeter(Protocol):
@@ -188,6 +218,8 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
         path = Path(unquote(parts.path) if parts.scheme == "file" else c.url)
         if not path.is_file():
             raise InstallError(f"{c.filename}: no such file {path}")
+        if not c.sha256:
+            return Fetched(c, path, FileDigest(path), "computed")
         sha = sha256_file(path)
     elif parts.scheme in ("http", "https"):
         _clean_partials(dest_dir)

@@ -77,7 +77,7 @@ class Row:
     action: str = ""
     version: str | None = None  # what the target has of it after the run
     candidate: Candidate | None = None
-    sha256: str | None = None
+    fetched: Fetched | None = None  # the wheel as it was fetched (its sha256)
     result: Result | None = None  # its verification
 
 
@@ -302,7 +302,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 log(f"{backend}: {got.text}")
                 continue
             fetched, missing = got
-            row.wheel, row.candidate, row.sha256 = c.filename, c, fetched.sha256
+            row.wheel, row.candidate, row.fetched = c.filename, c, fetched
             dist = bk.BACKENDS[backend].dist
             have = installed.get(dist)
             if have is not None and have.version == _version_of(c.filename) and \
