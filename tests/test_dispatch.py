@@ -693,3 +693,39 @@ def test_sdpa_runs_with_cudnn_first_and_leaves_the_order_as_it_found_it(monkeypa
         assert calls == []
     finally:
         set_(before)
+
+
+def test_the_fingerprint_finds_distributions_as_importlib_metadata_does(tmp_path) -> None:
+    """core.fingerprint reads dist-info folders itself (importlib.metadata costs more to
+    import than the search): the same version and digest as importlib.metadata's, for every
+    distribution this interpreter has, and names compared normalised."""
+    import importlib.metadata as md
+
+    from comfy_env_attn.core.fingerprint import dist_facts, find_metadata_dir
+
+    seen = 0
+    for d in md.distributions():
+        name = d.metadata["Name"]
+        first = md.distribution(name)  # the one first on sys.path, as dist_facts looks
+        expect = files_digest(Path(str(first._path)))  # type: ignore[attr-defined]
+        assert dist_facts(name) == (first.version, expect), name
+        seen += 1
+    assert seen > 10
+    # flash-attn is flash_attn-*.dist-info; the first folder on the path wins; an egg-info
+    # folder's version is in PKG-INFO; a dist-info that is a file is not a distribution
+    a, b = tmp_path / "a", tmp_path / "b"
+    for site, version in ((a, "2.8.3"), (b, "2.7.0")):
+        info = site / f"flash_attn-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash_attn\n"
+                                       f"Version: {version}\n\nVersion: 9\n")
+        (info / "RECORD").write_text("flash_attn/__init__.py,,\n")
+    assert dist_facts("Flash-Attn", [str(tmp_path / "none"), str(a), str(b)]) == \
+        ("2.8.3", files_digest(a / "flash_attn-2.8.3.dist-info"))
+    egg = tmp_path / "c" / "xformers-0.0.30-py3.11.egg-info"
+    egg.mkdir(parents=True)
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.30\n")
+    assert dist_facts("xformers", [str(egg.parent)]) == ("0.0.30", None)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "sageattention-2.2.0.dist-info").write_text("not a folder")
+    assert find_metadata_dir("sageattention", [str(tmp_path / "d")]) is None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -237,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except AttnError as e:
         if verbose:
+            import traceback
+
             traceback.print_exc()
         print(f"ERROR {e}", file=sys.stderr)
         return 1
