@@ -24,8 +24,9 @@ from wheels import (
     traversal_name,
 )
 
-from comfy_env_attn.facts.installed import read_installed
+from comfy_env_attn.facts.installed import protected, read_installed
 from comfy_env_attn.install import guard
+from comfy_env_attn.install.edges import Needs, check_requirements
 
 torch = pytest.importorskip("torch")
 TORCH = torch.__version__
@@ -579,3 +580,46 @@ def test_requirements_that_conflict_fail_and_extras_are_honoured(tmp_path, venv,
     assert r.returncode == 0, r.stdout + r.stderr
     have = installed_in(venv)
     assert have["ext"] == "1.0" and have["baz"] == "1.0" and "never" not in have
+
+
+def test_an_extra_asked_in_a_later_round_brings_its_requirements(tmp_path, venv, profile,
+                                                                 http_server) -> None:
+    """`foo` chosen plainly in one round, then `foo[fast]` asked by a requirement found in
+    the next: foo's requirements for `fast` are resolved too, not taken as met by foo."""
+    w = tmp_path / "w"
+    sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "foo", "bar"])
+    bar = build_wheel(w, "bar", "1.0", {"bar.py": ""}, requires=["Foo[Fast]>=1"])
+    foo = build_wheel(w, "foo", "1.0", {"foo.py": ""}, requires=["baz; extra == 'fast'"])
+    baz = build_wheel(w, "baz", "1.0", {"baz.py": ""}, requires=[])
+    r = install(venv, profile, "--index-url", serve(
+        http_server, {"sageattention": [sage], "bar": [bar], "foo": [foo], "baz": [baz]}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(venv) == {"sageattention": f"2.2.0+{LABEL}", "bar": "1.0",
+                                  "foo": "1.0", "baz": "1.0"}
+
+
+def test_an_installed_distribution_asked_with_extras_brings_their_requirements(
+        tmp_path) -> None:
+    """A requirement with extras that an installed distribution satisfies: its requirements
+    for those extras are checked like the wheel's own (missing ones added, one that would
+    change torch's closure refused), once per extra, and its base requirements are its own
+    business."""
+    site = tmp_path / "site"
+    for name, version, requires in (
+            ("foo", "1.0", ["base-only", "baz>=2; extra == 'fast'",
+                            "numpy<1; extra == 'np'", "foo[fast]; extra == 'all'"]),
+            ("numpy", "2.1.0", []), ("torch", "2.9.1", ["numpy"])):
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: "
+                                       f"{version}\n" + "".join(f"Requires-Dist: {r}\n"
+                                                                 for r in requires))
+    have = read_installed([str(site)])
+    protect = protected(have, {})
+    assert protect == {"torch": "2.9.1", "numpy": "2.1.0"}
+    needs = check_requirements("x.whl", ["foo[all]>=1", "foo"], have, {}, protect)
+    assert needs == Needs([], ["baz>=2"])
+    needs = check_requirements("x.whl", ["foo[np,fast]"], have, {}, protect)
+    assert needs.missing == ["baz>=2"]
+    assert needs.refused == ["foo 1.0 requires numpy<1; the target has numpy 2.1.0: "
+                             "installing it would replace numpy, which torch needs"]

@@ -557,34 +557,52 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
                        extras: frozenset[str] = frozenset()) -> Needs:
     """Each requirement against the target: one that would change torch, torchvision,
     torchaudio or anything they require (`protect`, name -> version) is refused. `extras`:
-    the extras the distribution was asked for (`foo[fast]`), whose requirements count too."""
+    the extras the distribution was asked for (`foo[fast]`), whose requirements count too.
+    A requirement with extras that an installed distribution satisfies brings that
+    distribution's requirements for those extras, checked the same way."""
     refused: list[str] = []
     missing: list[str] = []
-    envs = [{**markers, "extra": x} for x in ("", *sorted(extras))]
     guarded = set(TORCH_FAMILY) | set(protect or {})
-    for text in reqs:
+    # (whose requirement, its text, the extras its distribution was asked for)
+    todo = [(filename, text, extras) for text in reqs]
+    expanded: set[tuple[str, str]] = set()  # (installed distribution, extra) already added
+    while todo:
+        who, text, asked = todo.pop(0)
         try:
             req = Requirement(text)
         except InvalidRequirement:
             continue
         try:
-            if req.marker is not None and not any(req.marker.evaluate(e) for e in envs):
+            if req.marker is not None and not any(
+                    req.marker.evaluate({**markers, "extra": x}) for x in ("", *sorted(asked))):
                 continue
         except (InvalidMarker, UndefinedEnvironmentName):
             continue
         name = str(canonicalize_name(req.name))
         have = installed.get(name)
         ok = have is not None and satisfies(have.version, str(req.specifier))
+        if ok and have is not None:
+            new = sorted(x for x in map(canonicalize_name, req.extras)
+                         if (name, x) not in expanded)
+            expanded.update((name, x) for x in new)
+            todo += [(f"{name} {have.version}", r, frozenset(new))
+                     for r in have.requires if new and _for_extras(r)]
+        req.marker = None  # evaluated here, with the extras asked for: uv would not know
         if name in guarded:
             if not ok:
                 now = f"has {name} {have.version}" if have else f"has no {name}"
                 why = "" if name in TORCH_FAMILY else ", which torch needs"
-                refused.append(f"{filename} requires {req}; the target {now}: installing it "
+                refused.append(f"{who} requires {req}; the target {now}: installing it "
                                f"would replace {name}{why}")
         elif not ok:
-            req.marker = None  # evaluated here, with the extras asked for: uv would not know
             missing.append(str(req))
     return Needs(refused, missing)
+
+
+def _for_extras(text: str) -> bool:
+    """Whether a requirement is one of an extra's (its marker names `extra`): the others
+    are the distribution's own, which its installation already answered for."""
+    return "extra" in text.partition(";")[2]
 
 
 def satisfies(version: str, spec: str) -> bool:

@@ -463,6 +463,7 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
     against the wheels already chosen."""
     target = ctx.target
     chosen: dict[str, tuple[str, Fetched]] = {}  # name -> (version, wheel)
+    checked: dict[str, frozenset[str]] = {}  # name -> the extras its wheel was checked with
     with tempfile.TemporaryDirectory() as tmp:
         constraint = constraint_file(ctx.protect, Path(tmp))
         offline = offline_args(opts.index_urls, opts.find_links, pypi=opts.pypi, log=log)
@@ -485,7 +486,8 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                 c = Candidate(filename=filename_of(url), url=url,
                               source=_source_of(url, opts.find_links), sha256=sha)
                 fetched = fetch_wheel(c, log, meter=opts.meter)
-                extras = frozenset(x for r in asked.get(name, []) for x in Requirement(r).extras)
+                extras = frozenset(str(canonicalize_name(x)) for r in asked.get(name, [])
+                                   for x in Requirement(r).extras)
                 needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)),
                                   extras)
                 if needs.refused:
@@ -496,10 +498,37 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                     raise InstallError(f"{problems[0]}{more}: refusing this requirement of "
                                        "the backends")
                 chosen[name] = (version, fetched)
+                checked[name] = extras
                 needed += needs.missing
-            pending = {n: v for n, (v, _f) in chosen.items()}
-            missing = sorted({r for r in needed if not _pending_satisfies(r, pending)})
+            missing = _unmet(needed, chosen, checked, ctx)
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
+
+
+def _unmet(needed: list[str], chosen: dict[str, tuple[str, Fetched]],
+           checked: dict[str, frozenset[str]], ctx: _Context) -> list[str]:
+    """What the next round must resolve: the requirements no wheel chosen so far satisfies.
+    One that a chosen wheel satisfies but with extras it was not checked with brings that
+    wheel's requirements for them (`foo[fast]` after a plain `foo`)."""
+    out: set[str] = set()
+    todo = list(needed)
+    while todo:
+        text = todo.pop()
+        req = Requirement(text)
+        name = str(canonicalize_name(req.name))
+        if name not in chosen or not satisfies(chosen[name][0], str(req.specifier)):
+            out.add(text)
+            continue
+        extras = checked[name] | {str(canonicalize_name(x)) for x in req.extras}
+        if extras == checked[name]:
+            continue
+        checked[name] = frozenset(extras)
+        fetched = chosen[name][1]
+        needs = ctx.check(fetched.candidate.filename,
+                          requirements(wheel_metadata(fetched.path)), checked[name])
+        if needs.refused:
+            raise InstallError(f"{needs.refused[0]} (a requirement of the backends)")
+        todo += needs.missing
+    return sorted(out)
 
 
 def _source_of(url: str, find_links: tuple[str, ...]) -> str:
@@ -513,13 +542,6 @@ def _source_of(url: str, find_links: tuple[str, ...]) -> str:
                     path.startswith(os.path.realpath(f) + os.sep):
                 return f"find-links:{f}"
     return "index:uv"
-
-
-def _pending_satisfies(text: str, pending: dict[str, str]) -> bool:
-    """Whether a wheel chosen in an earlier round already satisfies this requirement."""
-    req = Requirement(text)
-    name = str(canonicalize_name(req.name))
-    return name in pending and satisfies(pending[name], str(req.specifier))
 
 
 def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | None = None
