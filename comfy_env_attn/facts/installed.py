@@ -2,7 +2,8 @@
 
 Names and versions come from the .dist-info folder names (a target has hundreds of
 distributions; parsing every METADATA costs half a second); requirements and tags are read
-only for the distributions a caller asks about.
+only for the distributions a caller asks about. What a distribution owns comes from its
+RECORD, or for a legacy .egg-info (no RECORD) from its installed-files.txt or top_level.txt.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -110,6 +112,9 @@ def _from_folder(site: str, entry: str) -> Installed | None:
     m = _DIST_INFO.match(entry)
     if m is not None:
         return Installed(str(canonicalize_name(m["name"])), m["version"], site, path)
+    # An .egg-info that is a file (distutils' install_egg_info: PKG-INFO alone) is left out:
+    # it names neither files nor top-level names, so nothing it owns could be learned; the
+    # guard still refuses replacing any file already there that no distribution lists.
     if entry.endswith((".dist-info", ".egg-info")) and os.path.isdir(path):
         inst = Installed("", "", site, path)
         headers = inst._headers()
@@ -153,20 +158,52 @@ def installed_backends(installed: dict[str, Installed]) -> list[str]:
             if b.dist and b.dist in installed and primary(b.name) == b.name]
 
 
-# -- what a distribution's RECORD says, and whether the files still match it --------------
+# -- what a distribution owns (its RECORD), and whether the files still match it ----------
 
-def record_lines(inst: Installed) -> list[tuple[str, str, str]]:
-    """(path relative to the site dir, hash as written, size) for each RECORD line."""
-    if not inst.dist_info:
-        return []
-    record = os.path.join(inst.dist_info, "RECORD")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def site_path(path: str) -> str:
+    """A path as a RECORD or installed-files.txt line writes it, in the one form the guard
+    compares: '/'-separated (a RECORD made on Windows has '\\'), without '.' or empty parts
+    and without a trailing '/' ('./a/b.py', 'a/./b.py', 'a//b.py' are all 'a/b.py'),
+    'a/../b' folded; the leading '..' of a script or data file outside the site dir kept."""
+    p = path.replace("\\", "/")
+    if "//" in p or "/." in p or p.startswith(".") or p.endswith("/"):
+        p = posixpath.normpath(p)
+    return p
+
+
+def _is_absolute(rel: str) -> bool:
+    return rel.startswith("/") or _DRIVE.match(rel) is not None  # C:/... from Windows
+
+
+def is_whole_folder(rel: str) -> bool:
+    """Whether a path from record_paths is a folder owned as a whole ('legacy/'), not a file."""
+    return rel.endswith("/")
+
+
+def _is_egg(inst: Installed) -> bool:
+    return inst.dist_info.endswith(".egg-info")
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
     try:
-        st = os.stat(record)
+        st = os.stat(path)
     except OSError:
-        return []
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _record(inst: Installed) -> tuple[tuple[str, str, str], ...]:
+    """The lines of the distribution's RECORD, paths as site_path gives them."""
+    if not inst.dist_info:
+        return ()
+    record = os.path.join(inst.dist_info, "RECORD")
+    key = _stat_key(record)
     # one install reads torch's RECORD (20,000 lines) several times: parse it once per
     # version of the file
-    return list(_parse_record(record, st.st_mtime_ns, st.st_size, st.st_ino))
+    return () if key is None else _parse_record(record, *key)
 
 
 @functools.lru_cache(maxsize=512)
@@ -178,15 +215,120 @@ def _parse_record(record: str, _mtime: int, _size: int, _ino: int
         return ()
     out: list[tuple[str, str, str]] = []
     for row in csv.reader(text.splitlines()):
-        if row and row[0]:
-            out.append((row[0], row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else ""))
+        rel = site_path(row[0]) if row and row[0] else "."
+        if rel != ".":
+            out.append((rel, row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else ""))
     return tuple(out)
 
 
+def _egg_text(inst: Installed, name: str) -> str | None:
+    try:
+        return Path(inst.dist_info, name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _egg_files(inst: Installed) -> tuple[str, ...] | None:
+    """The files an .egg-info's installed-files.txt lists (pip and `setup.py install
+    --record` write it), relative to the site dir: its lines are relative to the .egg-info
+    folder itself ('../legacy/__init__.py', 'PKG-INFO'). None without one."""
+    path = os.path.join(inst.dist_info, "installed-files.txt")
+    key = _stat_key(path)
+    return None if key is None else _parse_installed_files(path, *key)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_installed_files(path: str, _mtime: int, _size: int, _ino: int
+                           ) -> tuple[str, ...] | None:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = os.path.basename(os.path.dirname(path))
+    out: list[str] = []
+    for line in text.splitlines():
+        rel = site_path(line.strip())
+        if rel and not _is_absolute(rel):
+            rel = site_path(f"{folder}/{rel}")
+        if rel and rel not in (".", folder):  # './' is the .egg-info folder itself
+            out.append(rel)
+    return tuple(out)
+
+
+def _egg_tops(inst: Installed) -> list[str]:
+    """What the site dir holds of the top-level names an .egg-info's top_level.txt gives:
+    module files (legacy_mod.py, legacy_mod.cpython-311-x86_64-linux-gnu.so) as themselves,
+    a package as its folder owned whole ('legacy/'; also a name of which nothing is there:
+    the name is still the distribution's). A pkg_resources namespace (namespace_packages.txt)
+    is shared by design and is left out."""
+    spaces = set((_egg_text(inst, "namespace_packages.txt") or "").split())
+    try:
+        entries = sorted(os.listdir(inst.location))
+    except OSError:
+        entries = []
+    out: list[str] = []
+    for name in dict.fromkeys((_egg_text(inst, "top_level.txt") or "").split()):
+        if not name.isidentifier() or name in spaces:
+            continue
+        files = [e for e in entries if e != name and module_key(e) == name
+                 and os.path.isfile(os.path.join(inst.location, e))]
+        out += files
+        if not files or os.path.isdir(os.path.join(inst.location, name)):
+            out.append(f"{name}/")
+    return out
+
+
+def record_lines(inst: Installed) -> list[tuple[str, str, str]]:
+    """(path relative to the site dir, as site_path gives it; hash as written; size) for each
+    file the distribution lists: its RECORD's lines, or an .egg-info's installed-files.txt
+    (no hash, no size)."""
+    if not inst.dist_info:
+        return []
+    if _is_egg(inst):
+        return [(p, "", "") for p in _egg_files(inst) or ()]
+    return list(_record(inst))
+
+
 def record_paths(inst: Installed) -> list[str]:
-    """Every path a distribution's RECORD lists (relative to its site dir; scripts and data
-    files outside it start with '..')."""
-    return [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
+    """Every path a distribution owns, relative to its site dir (scripts and data files
+    outside it start with '..'). An .egg-info without installed-files.txt names only its
+    top-level modules and packages: what the site dir holds of them, each package as a
+    folder owned whole, with a trailing '/' (is_whole_folder; its files are not known)."""
+    if _is_egg(inst) and _egg_files(inst) is None:
+        return _egg_tops(inst)
+    return [p for p, _, _ in record_lines(inst) if not _is_absolute(p)]
+
+
+_OWNERSHIP_FILES = {".dist-info": ("RECORD",),
+                    ".egg-info": ("installed-files.txt", "top_level.txt")}
+
+
+def mentions(inst: Installed, toks: set[str], *, fold: bool = False) -> bool:
+    """Whether what a distribution's ownership is read from (RECORD; an .egg-info's
+    installed-files.txt and top_level.txt) contains one of these strings at all: a cheap
+    test before record_paths parses it. With `fold`, case-insensitively (Windows): the
+    tokens are given lower-case."""
+    if not inst.dist_info or not toks:
+        return False
+    data = b""
+    for name in _OWNERSHIP_FILES[".egg-info" if _is_egg(inst) else ".dist-info"]:
+        try:
+            data += Path(inst.dist_info, name).read_bytes() + b"\n"
+        except OSError:
+            pass
+    if fold:
+        data = data.lower()
+    return any(t.encode("utf-8") in data for t in toks)
+
+
+_EXT_MODULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.(?:[^/]*\.)?(?:py|pyc|so|pyd)$")
+
+
+def module_key(top: str) -> str:
+    """The name a top-level site entry is imported as: torch/, torch.py and
+    torch.cpython-312-x86_64-linux-gnu.so all hide or replace `torch`."""
+    m = _EXT_MODULE.match(top)
+    return m.group(1) if m else top
 
 
 def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:
@@ -234,8 +376,8 @@ def file_stats(insts: Iterable[Installed]) -> dict[str, Stat | None]:
     out: dict[str, Stat | None] = {}
     for inst in insts:
         for rel in record_paths(inst):
-            if is_bytecode(rel):
-                continue
+            if is_bytecode(rel) or is_whole_folder(rel):
+                continue  # a folder's stat changes with every file Python writes in it
             path = os.path.normpath(os.path.join(inst.location, rel))
             out[path] = stat_of(path)
     return out
@@ -260,7 +402,7 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
     """The files of a distribution that differ from its RECORD (missing, or another sha256),
     relative to its site dir. With `cache`, files whose stat is unchanged since they last
     matched are not hashed again (torch is ~700 MB: 3 s to hash)."""
-    lines = record_lines(inst)
+    lines = _record(inst)  # an .egg-info has no hashes to check: it is reported as such
     if not lines:
         return [f"{Path(inst.dist_info).name}/RECORD is missing or unreadable"]
     record_id = hashlib.sha256(Path(inst.dist_info, "RECORD").read_bytes()).hexdigest()
@@ -313,7 +455,7 @@ def shadowing(installed: dict[str, Installed], site_dirs: list[str], names: Iter
         if inst is None or inst.location not in site_dirs:
             continue
         tops = {p.split("/", 1)[0] for p in record_paths(inst) if not p.startswith("..")}
-        tops = {t for t in tops if t and not t.endswith((".dist-info", ".pth"))
+        tops = {t for t in tops if t and not t.endswith((".dist-info", ".egg-info", ".pth"))
                 and t != "__pycache__"}
         for site in site_dirs[:site_dirs.index(inst.location)]:
             for top in sorted(tops):

@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from comfy_env_attn.facts.installed import is_whole_folder, module_key
+
 # Top-level names that several distributions legitimately share, packages inside included:
 # flash-attn-4 adds flash_attn/cute/ inside flash-attn's flash_attn/. New files only:
 # overwriting a file another one owns is refused like any other.
@@ -64,7 +66,9 @@ class Layout:
 
 @dataclass(frozen=True)
 class Owners:
-    """Who owns what in the target, from the installed distributions' RECORD files."""
+    """Who owns what in the target, from what the installed distributions list
+    (facts.installed.record_paths: RECORD, or an .egg-info's installed-files.txt or
+    top_level.txt)."""
 
     files: Mapping[str, str]  # absolute normalised path -> distribution
     # importable top-level name in any site dir (module_key) -> distributions
@@ -75,10 +79,17 @@ class Owners:
     # packages, which distributions share by design (nvidia/, nvidia_cutlass_dsl/)
     folders: Mapping[str, frozenset[str]] = field(default_factory=dict)
     packages: frozenset[str] = frozenset()
+    # folders owned whole (absolute normalised path -> distribution): an .egg-info that
+    # names its top-level packages but not their files
+    wholes: Mapping[str, str] = field(default_factory=dict)
 
     def describe(self, dist: str) -> str:
         v = self.versions.get(dist)
         return f"{dist} {v}" if v else dist
+
+    def whole_owner(self, dest: str) -> str | None:
+        """The distribution owning a folder that holds this path as a whole, if any."""
+        return next((d for f, d in self.wholes.items() if dest.startswith(f + os.sep)), None)
 
     def claim(self, dist: str, version: str, entries: Iterable[Entry]) -> Owners:
         """These owners plus the files of a wheel about to be installed in the same run (two
@@ -90,7 +101,7 @@ class Owners:
             if e.kind == "site":
                 acc.add(dist, e.rel)
         return Owners(files, acc.tops_frozen(), {**self.versions, dist: version},
-                      acc.folders_frozen(), frozenset(acc.packages))
+                      acc.folders_frozen(), frozenset(acc.packages), self.wholes)
 
 
 class _Acc:
@@ -102,14 +113,16 @@ class _Acc:
         self.packages = set(base.packages if base else ())
 
     def add(self, dist: str, rel: str) -> None:
-        parts = rel.replace("\\", "/").split("/")
+        parts = rel.split("/")
         top = parts[0]
         if not top or top in ("..", ".") or top.endswith(".pth"):
             return
         self.tops.setdefault(module_key(top), set()).add(dist)
         for d in range(1, len(parts)):  # every folder holding the file
             self.folders.setdefault("/".join(parts[:d]), set()).add(dist)
-        if len(parts) >= 2 and parts[-1] == "__init__.py":
+        # a folder owned whole ("legacy/": its files are not known) counts as a package:
+        # nothing may be added to it
+        if len(parts) >= 2 and parts[-1] in ("__init__.py", ""):
             self.packages.add("/".join(parts[:-1]))
 
     def tops_frozen(self) -> dict[str, frozenset[str]]:
@@ -120,38 +133,35 @@ class _Acc:
 
 
 def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owners:
-    """Owners from (distribution, version, site dir, RECORD paths relative to site)."""
+    """Owners from (distribution, version, site dir, paths relative to the site dir as
+    facts.installed.record_paths gives them: '/'-separated and normalised; one ending in
+    '/' is a folder owned whole, whose files are not known)."""
     files: dict[str, str] = {}
     acc = _Acc()
     versions: dict[str, str] = {}
+    wholes: dict[str, str] = {}
     for dist, version, site, paths in records:
         versions.setdefault(dist, version)
         base = norm(site) + os.sep
         for rel in paths:
+            acc.add(dist, rel)
+            if is_whole_folder(rel):
+                wholes.setdefault(norm(os.path.join(site, rel)), dist)
+                continue
             # most RECORD paths are already plain: join them without normpath (70,000 of
             # them in an environment with torch; this was most of an install's own time)
             files.setdefault(base + rel if _is_plain(rel) else norm(os.path.join(site, rel)),
                              dist)
-            acc.add(dist, rel)
     return Owners(files, acc.tops_frozen(), versions, acc.folders_frozen(),
-                  frozenset(acc.packages))
-
-
-_EXT_MODULE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.(?:[^/]*\.)?(?:py|pyc|so|pyd)$")
-
-
-def module_key(top: str) -> str:
-    """The name a top-level site entry is imported as: torch/, torch.py and
-    torch.cpython-312-x86_64-linux-gnu.so all hide or replace `torch`."""
-    m = _EXT_MODULE.match(top)
-    return m.group(1) if m else top
+                  frozenset(acc.packages), wholes)
 
 
 def tokens(entries: Iterable[Entry]) -> set[str]:
-    """Strings that any RECORD listing one of these destinations must contain: the
+    """Strings that whatever lists one of these destinations as a distribution's (its
+    RECORD; an .egg-info's installed-files.txt or top_level.txt) must contain: the
     importable name of each top-level site entry, the file name of each other entry. Which
     installed distributions could own something the wheel writes is decided from these
-    without reading every RECORD in full."""
+    (facts.installed.mentions) without reading every RECORD in full."""
     out: set[str] = set()
     for e in entries:
         if e.kind == "site":
@@ -281,6 +291,8 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
     refused_tops: set[str] = set()
     for e in entries:
         owner = owners.files.get(e.dest)
+        if owner is None and e.dest in there:
+            owner = owners.whole_owner(e.dest)
         if owner is not None and owner not in mine:
             out.append(f"{wheel}: {e.name} would overwrite {e.dest}, which belongs to "
                        f"{owners.describe(owner)}")

@@ -28,6 +28,7 @@ from comfy_env_attn.facts.installed import (
     file_stats,
     installed_backends,
     is_bytecode,
+    mentions,
     protected,
     read_installed,
     record_lines,
@@ -205,7 +206,7 @@ class _Context:
         toks = {t.lower() if fold else t for t in guard.tokens(entries)}
         owners = guard.build_owners(
             (i.name, i.version, i.location, record_paths(i))
-            for i in self.installed.values() if _mentions(i, toks, fold))
+            for i in self.installed.values() if mentions(i, toks, fold=fold))
         for dist, (version, claimed) in self.claims.items():
             owners = owners.claim(dist, version, claimed)
         return owners
@@ -261,19 +262,6 @@ class _Context:
 
     def protected_state(self, installed: dict[str, Installed]) -> dict[str, Stat | None]:
         return file_stats(installed[n] for n in self.protect if n in installed)
-
-
-def _mentions(inst: Installed, toks: set[str], fold: bool) -> bool:
-    """Whether the distribution's RECORD contains one of these strings at all."""
-    if not inst.dist_info or not toks:
-        return False
-    try:
-        data = Path(inst.dist_info, "RECORD").read_bytes()
-    except OSError:
-        return False
-    if fold:
-        data = data.lower()
-    return any(t.encode("utf-8") in data for t in toks)
 
 
 def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: Outcome,
