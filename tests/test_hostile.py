@@ -461,6 +461,15 @@ def test_guard_entry_point_launchers_per_platform_and_module_names() -> None:
     a, _ = guard.destinations("a.whl", "evil-1", ["torch.py"], LAYOUT, dist="evil")
     assert guard.problems("a.whl", "evil", "evil-1", a, owners, ()) == [
         "a.whl: torch.py would be imported as torch, which belongs to torch 2.9.1"]
+    # the other way round: a package folder takes precedence over a module of its name
+    owners = guard.build_owners([("six", "1.17.0", "/v/site", ["six.py"]),
+                                 ("opt-einsum", "3.4", "/v/site", ["opt_einsum/__init__.py"])])
+    a, _ = guard.destinations("a.whl", "evil-1", ["six/__init__.py", "six/x.py",
+                                                  "opt_einsum/extra.py"], LAYOUT, dist="evil")
+    assert guard.problems("a.whl", "evil", "evil-1", a, owners, ()) == [
+        "a.whl: six/__init__.py would make six/ a package that hides the module six of six "
+        "1.17.0",
+        "a.whl: opt_einsum/extra.py would go into opt_einsum, which belongs to opt-einsum 3.4"]
 
 
 def test_a_known_pth_is_accepted_only_with_its_known_text(tmp_path, venv, profile,

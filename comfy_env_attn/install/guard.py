@@ -332,6 +332,13 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             out.append(f"{wheel}: {e.name} would be imported as {key}, which belongs to {names}")
             refused_tops.add(top)
             continue
+        modules = others - owners.folders.get(top, frozenset())
+        if modules:  # theirs is a module file (foo.py, foo.*.so): a foo/ folder hides it
+            names = ", ".join(owners.describe(o) for o in sorted(modules))
+            out.append(f"{wheel}: {e.name} would make {top}/ a package that hides the module "
+                       f"{key} of {names}")
+            refused_tops.add(top)
+            continue
         inside = _owned_package(e.rel, owners, mine, own_packages)
         if inside is not None:
             folder, who = inside
