@@ -343,12 +343,13 @@ def limits_from_env(environ: Mapping[str, str] | None = None) -> Limits:
 
 def read_bounded(r: httpx.Response, sink: Callable[[bytes], None], *, what: str,
                  limits: Limits, deadline: float, started: float,
-                 max_bytes: int | None = None, error: type[AttnError] = IndexFetchError
-                 ) -> int:
+                 max_bytes: int | None = None, error: type[AttnError] = IndexFetchError,
+                 raw: bool = False) -> int:
     """Feed a streamed response's bytes to `sink` as they arrive; `error` when the total
-    deadline, the rate floor or the size cap is passed. Returns the byte count."""
+    deadline, the rate floor or the size cap is passed. Returns the byte count. `raw`: the
+    bytes as sent, never decoded (a file download: what the server holds, byte for byte)."""
     got = 0
-    for chunk in r.iter_bytes():
+    for chunk in r.iter_raw() if raw else r.iter_bytes():
         got += len(chunk)
         if max_bytes is not None and got > max_bytes:
             raise error(f"{what} is larger than {max_bytes} bytes "

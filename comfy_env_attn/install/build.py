@@ -41,9 +41,7 @@ from urllib.parse import unquote, urlsplit
 from comfy_env_attn.candidates.sources import (
     Candidate,
     embedded_dir,
-    http_client,
     limits_from_env,
-    read_bounded,
 )
 from comfy_env_attn.candidates.wheelhouse import (
     BuildRecord,
@@ -62,7 +60,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.facts.system import System, cc_tuple
-from comfy_env_attn.install.edges import sha256_file
+from comfy_env_attn.install.edges import download, sha256_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -731,37 +729,17 @@ class Source:
     facts: SourceFacts
 
 
-def _download(url: str, dest: Path, log: Callable[[str], None]) -> Path:
+def _download(url: str, dest: Path, log: Callable[[str], None]) -> str:
+    """The archive at `dest`; its sha256."""
     import httpx
 
-    limits = limits_from_env()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f"{os.getpid()}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        client = http_client(tls=url.startswith("https:"))
-        with os.fdopen(fd, "wb") as out, client.stream("GET", url,
-                                                       timeout=limits.timeout) as r:
-            if r.status_code != 200:
-                raise BuildError(f"download of {url} failed: HTTP {r.status_code}")
-            size = int(r.headers.get("content-length", "0") or 0)
-            log(f"downloading {url}" + (f" ({size / 1e6:.1f} MB)" if size else ""))
-
-            def sink(chunk: bytes) -> None:
-                out.write(chunk)
-
-            read_bounded(r, sink, what=f"the download of {url}", limits=limits,
-                         deadline=limits.download_deadline, started=time.monotonic(),
-                         error=BuildError)
+        _, sha = download(url, url, part_dir=dest.parent, to=lambda _: dest, log=log,
+                          limits=limits_from_env(), error=BuildError)
     except httpx.HTTPError as e:
-        tmp.unlink(missing_ok=True)
         raise BuildError(f"cannot download {url}: {type(e).__name__}: {e}; on an offline "
                          "machine, carry the source and pass --source FILE") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
-    return dest
+    return sha
 
 
 def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], None]) -> Source:
@@ -777,19 +755,21 @@ def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], Non
         name = unquote(parts.path.rsplit("/", 1)[-1]) or "source.tar.gz"
         folder = cache_dir() / "sources" / (expect or hashlib.sha256(base.encode()).hexdigest())
         path = folder / name
-        if not (expect and path.is_file() and sha256_file(path) == expect):
-            _download(base, path, log)
+        sha = sha256_file(path) if expect and path.is_file() else None
+        if sha is None or sha != expect:
+            sha = _download(base, path, log)
     else:
         path = Path(unquote(parts.path) if parts.scheme == "file" else base).expanduser()
         if not path.exists():
             raise BuildError(f"--source {spec}: no such file or folder")
         expect = want
+        sha = None
     if path.is_dir():
         digest = tree_sha256(path)
         log(f"{recipe.backend}: building from the folder {path}; the sha256 of its files, "
             f"{digest}, is recorded")
         return Source(path, SourceFacts(str(path.resolve()), digest, "directory"))
-    sha = sha256_file(path)
+    sha = sha or sha256_file(path)
     if expect and sha != expect.lower():
         if parts.scheme in ("http", "https"):
             path.unlink(missing_ok=True)

@@ -254,31 +254,59 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], limits: 
               meter: DownloadMeter | None = None) -> tuple[Path, str]:
     import httpx
 
+    # the source's hash names a folder only when it is one: an index's `#sha256=../..`
+    # must not choose where files go
+    sha = c.sha256.lower() if c.sha256 and re.fullmatch(r"[0-9a-fA-F]{64}", c.sha256) else None
+    cached = dest_dir / (sha or "unhashed") / c.filename
+    if sha and cached.is_file() and sha256_file(cached) == sha:
+        return cached, sha
+    try:
+        return download(c.url, c.filename, part_dir=cached.parent,
+                        to=lambda digest: dest_dir / digest / c.filename, log=log, limits=limits,
+                        meter=meter)
+    except httpx.HTTPError as e:
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+            raise Unreachable(f"cannot reach {urlsplit(c.url).netloc} to download "
+                              f"{c.filename} ({type(e).__name__}: {e}); on an offline "
+                              "machine, carry the wheels and pass --find-links FOLDER") from None
+        raise InstallError(f"download of {c.filename} from {c.url} failed: "
+                           f"{type(e).__name__}: {e}") from None
+
+
+# pip's choice too: a server that compresses what it sends, or labels a .tar.gz as
+# gzip-encoded, would otherwise hand over bytes other than the file its hash is of
+_AS_STORED = {"Accept-Encoding": "identity"}
+
+
+def download(url: str, name: str, *, part_dir: Path, to: Callable[[str], Path],
+             log: Callable[[str], None], limits: Limits,
+             error: type[InstallError] = InstallError,
+             meter: DownloadMeter | None = None) -> tuple[Path, str]:
+    """Stream `url` into a `<pid>.*.part` file in `part_dir` (what _clean_partials knows
+    for a killed run's), hashing it as it comes, then move it to `to(its sha256)` on the same
+    filesystem. `name` is what messages call it. The limits bound it (read_bounded); a bad
+    status, a cut-off body or a file that cannot be written is `error`; httpx's own errors
+    are left to the caller, which knows what to advise. No .part is left after a failure."""
     from comfy_env_attn.candidates.sources import http_client
 
-    final = dest_dir / (c.sha256 or "unhashed") / c.filename
-    if c.sha256 and final.is_file() and sha256_file(final) == c.sha256.lower():
-        return final, c.sha256.lower()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f"{os.getpid()}.",
-                                    suffix=".part")
-    tmp = Path(tmp_name)
-    h = hashlib.sha256()
-    got = 0
-    started = time.monotonic()
+    tmp: Path | None = None
     try:
-        client = http_client(tls=c.url.startswith("https:"))
+        part_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=part_dir, prefix=f"{os.getpid()}.", suffix=".part")
+        tmp = Path(tmp_name)
+        h = hashlib.sha256()
+        started = time.monotonic()
+        client = http_client(tls=url.startswith("https:"))
         with os.fdopen(fd, "wb") as out, \
-                client.stream("GET", c.url, timeout=limits.timeout) as r:
+                client.stream("GET", url, headers=_AS_STORED, timeout=limits.timeout) as r:
             if r.status_code != 200:
-                raise InstallError(f"download of {c.filename} failed: {c.url} answered "
-                                   f"HTTP {r.status_code}")
+                where = "" if name == url else f"{url} answered "
+                raise error(f"download of {name} failed: {where}HTTP {r.status_code}")
             expected = int(r.headers.get("content-length", "0") or 0)
             if meter is None:
-                log(f"downloading {c.filename}"
-                    + (f" ({expected / 1e6:.1f} MB)" if expected else ""))
+                log(f"downloading {name}" + (f" ({expected / 1e6:.1f} MB)" if expected else ""))
             else:
-                meter.start(c.filename, expected or None)
+                meter.start(name, expected or None)
 
             def sink(chunk: bytes) -> None:
                 out.write(chunk)
@@ -286,38 +314,30 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], limits: 
                 if meter is not None:
                     meter.advance(len(chunk))
 
-            done = False
+            got, done = 0, False
             try:
-                got = read_bounded(r, sink, what=f"the download of {c.filename}",
-                                   limits=limits, deadline=limits.download_deadline,
-                                   started=started, error=InstallError)
+                got = read_bounded(r, sink, what=f"the download of {name}", limits=limits,
+                                   deadline=limits.download_deadline, started=started,
+                                   error=error, raw=True)
                 done = True
             finally:
                 if meter is not None:
                     meter.finish(got, time.monotonic() - started, done)
         if expected and got != expected:
-            raise InstallError(f"download of {c.filename} was cut off: got {got} of "
-                               f"{expected} bytes")
-    except httpx.HTTPError as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
-            raise Unreachable(f"cannot reach {urlsplit(c.url).netloc} to download "
-                              f"{c.filename} ({type(e).__name__}: {e}); on an offline "
-                              "machine, carry the wheels and pass --find-links FOLDER") from None
-        raise InstallError(f"download of {c.filename} from {c.url} failed: "
-                           f"{type(e).__name__}: {e}") from None
+            raise error(f"download of {name} was cut off: got {got} of {expected} bytes")
+        sha = h.hexdigest()
+        final = to(sha)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        return final, sha
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InstallError(f"cannot save {c.filename} to {final.parent}: {e.strerror or e} "
-                           "(disk full?)") from None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise error(f"cannot save {name} to {part_dir}: {e.strerror or e} (disk full?)") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
-    sha = h.hexdigest()
-    final = dest_dir / sha / c.filename
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
-    return final, sha
 
 
 class Unreachable(InstallError):
