@@ -106,9 +106,11 @@ def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
                                        http_server) -> None:
     w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
     py = str(venv_python(venv))
+    # a cache of its own: a wheel of the same bytes downloaded by another test of this
+    # session would be found there, and no download lines written
     r = cli("install", "--python", py, "--system", str(profile), "--index-url",
             serve(http_server, [w]), "--no-embedded-index", "--backends", "sage",
-            "--no-verify", "--json")
+            "--no-verify", "--json", env={"COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(r.stdout)  # nothing but the document on stdout
     check(doc, "outcome")
