@@ -222,7 +222,6 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
             return Fetched(c, path, FileDigest(path), "computed")
         sha = sha256_file(path)
     elif parts.scheme in ("http", "https"):
-        _clean_partials(dest_dir)
         path, sha = _download(c, dest_dir, log, limits or limits_from_env(), meter)
     else:
         raise InstallError(f"{c.filename}: cannot fetch {parts.scheme}: URLs ({c.url[:120]})")
@@ -243,7 +242,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_partials(dest_dir: Path) -> None:
-    """Remove the .part files of downloads whose process is gone (killed midway)."""
+    """Remove the .part files, one folder down, of downloads whose process is gone (killed
+    midway): wheels/<hash>/ and sources/<hash>/ alike."""
     for part in dest_dir.glob("*/*.part"):
         pid = part.name.split(".", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
@@ -290,6 +290,7 @@ def download(url: str, name: str, *, part_dir: Path, to: Callable[[str], Path],
     from comfy_env_attn.candidates.sources import http_client
 
     tmp: Path | None = None
+    _clean_partials(part_dir.parent)  # beside it: the downloads of killed runs
     try:
         part_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=part_dir, prefix=f"{os.getpid()}.", suffix=".part")
