@@ -158,21 +158,21 @@ def test_a_source_archive_lands_where_it_is_asked_with_its_hash(http_server,
 def test_the_part_files_of_killed_downloads_are_removed_by_the_next(http_server,
                                                                    tmp_path: Path) -> None:
     """A download killed midway leaves `<pid>.*.part` beside where it was going; the next
-    download into the same cache (sources/ as wheels/) removes those whose process is gone,
-    and leaves a live process's alone."""
+    fetch of a wheel removes those whose process is gone, and leaves a live process's
+    alone (a build's source download calls the same clean_partials on sources/)."""
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    sources = tmp_path / "sources"
-    killed = sources / "old" / f"{dead}.abc.part"
-    live = sources / "old" / f"{os.getpid()}.def.part"
+    wheels = tmp_path / "cache" / "wheels"
+    killed = wheels / "old" / f"{dead}.abc.part"
+    live = wheels / "old" / f"{os.getpid()}.def.part"
     for f in (killed, live):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"half")
-    url = http_server.add("/archive/s.tar.gz", b"x" * 100, "application/gzip")
-    build._download(url, sources / "new" / "s.tar.gz", lambda _: None)
+    url = http_server.add(f"/files/{NAME}", b"x" * 100, "application/octet-stream")
+    fetch_wheel(Candidate(NAME, url, "index:test"), lambda _: None)
     assert parts(tmp_path) == [live]
 
 

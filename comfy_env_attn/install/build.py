@@ -60,7 +60,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.facts.probe import Target, cache_dir
 from comfy_env_attn.facts.system import System, cc_tuple
-from comfy_env_attn.install.edges import download, sha256_file
+from comfy_env_attn.install.edges import clean_partials, download, sha256_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -753,6 +753,7 @@ def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], Non
         pinned_url = override is None or base == recipe.url
         expect = want or (recipe.sha256 if pinned_url else None)
         name = unquote(parts.path.rsplit("/", 1)[-1]) or "source.tar.gz"
+        clean_partials(cache_dir() / "sources")  # what killed downloads left
         folder = cache_dir() / "sources" / (expect or hashlib.sha256(base.encode()).hexdigest())
         path = folder / name
         sha = sha256_file(path) if expect and path.is_file() else None

@@ -211,6 +211,7 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InstallError(f"cannot create the download folder {dest_dir}: {e}") from None
+    clean_partials(dest_dir)
     if parts.scheme in ("", "file"):
         if c.source.startswith(("index:", "find-links:http:", "find-links:https:")):
             raise InstallError(f"{c.filename}: {c.source} links a local file ({c.url}); a "
@@ -241,7 +242,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_partials(dest_dir: Path) -> None:
+def clean_partials(dest_dir: Path) -> None:
     """Remove the .part files, one folder down, of downloads whose process is gone (killed
     midway): wheels/<hash>/ and sources/<hash>/ alike."""
     for part in dest_dir.glob("*/*.part"):
@@ -282,7 +283,7 @@ def download(url: str, name: str, *, part_dir: Path, to: Callable[[str], Path],
              log: Callable[[str], None], limits: Limits,
              error: type[InstallError] = InstallError,
              meter: DownloadMeter | None = None) -> tuple[Path, str]:
-    """Stream `url` into a `<pid>.*.part` file in `part_dir` (what _clean_partials knows
+    """Stream `url` into a `<pid>.*.part` file in `part_dir` (what clean_partials knows
     for a killed run's), hashing it as it comes, then move it to `to(its sha256)` on the same
     filesystem. `name` is what messages call it. The limits bound it (read_bounded); a bad
     status, a cut-off body or a file that cannot be written is `error`; httpx's own errors
@@ -290,7 +291,6 @@ def download(url: str, name: str, *, part_dir: Path, to: Callable[[str], Path],
     from comfy_env_attn.candidates.sources import http_client
 
     tmp: Path | None = None
-    _clean_partials(part_dir.parent)  # beside it: the downloads of killed runs
     try:
         part_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=part_dir, prefix=f"{os.getpid()}.", suffix=".part")
