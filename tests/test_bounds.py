@@ -4,16 +4,15 @@ line and an exit code, never a traceback, a hang or gigabytes of memory."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli
+from servers import RawServer
 
 from comfy_env_attn.candidates.sources import Sources, gather, limits_from_env, parse_html
 from comfy_env_attn.candidates.wheelname import InvalidWheelName, parse_wheel_name
@@ -207,48 +206,11 @@ def test_a_big_index_page_is_read_in_bounded_memory(http_server) -> None:
 
 # -- servers that trickle ------------------------------------------------------------------
 
-class Trickle:
-    """A server that answers with headers at once, then one byte every `interval` s."""
-
-    def __init__(self, content_type: str, length: int, interval: float = 0.2) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.header = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
-                       f"Content-Length: {length}\r\n\r\n").encode()
-        self.interval = interval
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            conn.recv(65536)
-            conn.sendall(self.header + b"<")
-            while not self.stop.wait(self.interval):
-                conn.sendall(b" ")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
 @pytest.fixture
-def trickle() -> Iterator[Trickle]:
-    t = Trickle("text/html", 10_000_000)
+def trickle() -> Iterator[RawServer]:
+    """Headers at once (10 MB of HTML announced), then one byte every 0.2 s."""
+    t = RawServer("HTTP/1.1 200 OK\nContent-Type: text/html\nContent-Length: 10000000\n",
+                  b"<", trickle=0.2)
     yield t
     t.close()
 
