@@ -2,13 +2,19 @@
 and verification time per backend against a bare `python -c "import torch"` in the target.
 
     python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60] [--source index folder]
-                                       [--rate-mb 50]
+                                       [--rate-mb 50] [--compare DIR]
 
 `index`: both install from a PEP 503 index served over loopback (our download, then uv from
 the file; uv downloads it itself). `folder`: a local wheel, `--find-links FOLDER` for both.
 Each run gets a fresh venv that sees this interpreter's torch (tests/conftest.py's make_venv:
 a .pth file names the folder holding it; not timed). The wheel is a working CPU sageattention built here; --size-mb adds an incompressible
 payload so that a realistic wheel size (SageAttention 2 builds are 20-100 MB) can be compared.
+
+--compare DIR: also time the command line of another checkout (an earlier commit:
+`git worktree add /tmp/before COMMIT`), run by this interpreter. The runs of the three
+commands alternate, and the order turns each round, so that a machine slowing down or
+speeding up during the bench weighs on all three alike (on a shared 2-core machine the
+medians of separate benches can differ by 0.1 s).
 """
 
 from __future__ import annotations
@@ -43,9 +49,12 @@ def fresh_venv(path: Path) -> Path:
     return venv_python(make_venv(path, torch=True))
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], root: Path = ROOT) -> float:
+    """Seconds the command took; run from `root` with `root` first on the import path, so
+    that `python -m comfy_env_attn` is that checkout's."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
+                       env={**ENV, "PYTHONPATH": str(root)})
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
@@ -60,7 +69,10 @@ def main() -> int:
                     default=["index", "folder"])
     ap.add_argument("--rate-mb", type=float, default=None,
                     help="pace the index server at this many MB/s (default: loopback speed)")
+    ap.add_argument("--compare", metavar="DIR", type=Path,
+                    help="also time the command line of this checkout (an earlier commit)")
     args = ap.parse_args()
+    roots = {"ours": ROOT, **({"compare": args.compare.resolve()} if args.compare else {})}
     import torch
 
     minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -69,7 +81,8 @@ def main() -> int:
         d = Path(tmp)
         prof = write_gpu_profile(d)
         print(f"{'source':>6}  {'wheel':>10}  {'comfy-env-attn install':>24}  "
-              f"{'raw uv pip install':>20}  {'ratio':>6}  {'difference':>10}")
+              f"{'raw uv pip install':>20}  {'ratio':>6}  {'difference':>10}"
+              + (f"  {'--compare checkout':>20}" if args.compare else ""))
         for size in args.size_mb:
             files = {"sageattention/__init__.py": SAGE_OK}
             if size:
@@ -89,25 +102,32 @@ def main() -> int:
                 else:
                     ours_src = ["--find-links", str(site / "files")]
                     uv_src = ["--no-index", "--find-links", str(site / "files")]
-                ours, raw = [], []
+                times: dict[str, list[float]] = {k: [] for k in (*roots, "uv")}
                 for i in range(args.runs):
-                    py = fresh_venv(d / f"a{size}-{source}-{i}")
-                    # like uv --no-cache: no wheel or metadata downloaded by an earlier run
-                    # (the probe's cache of torch's facts stays, as on a user's machine)
-                    for sub in ("wheels", "metadata"):
-                        shutil.rmtree(cache_dir() / sub, ignore_errors=True)
-                    ours.append(timed([*CLI, "install", "--python", str(py), "--system",
-                                       str(prof), *ours_src, "--no-embedded-index",
-                                       "--backends", "sage", "--no-verify"]))
-                    py = fresh_venv(d / f"b{size}-{source}-{i}")
-                    raw.append(timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
-                                      *uv_src, "--no-cache",
-                                      "--no-deps",  # uv does not see torch through a .pth
-                                      f"sageattention=={version}"]))
-                a, b = statistics.median(ours), statistics.median(raw)
+                    order = list(times) if i % 2 == 0 else list(times)[::-1]
+                    for who in order:
+                        py = fresh_venv(d / f"{who}{size}-{source}-{i}")
+                        if who == "uv":
+                            times[who].append(timed([
+                                uv_bin(), "pip", "install", "-q", "--python", str(py), *uv_src,
+                                "--no-cache",
+                                "--no-deps",  # uv does not see torch through a .pth
+                                f"sageattention=={version}"]))
+                            continue
+                        # like uv --no-cache: no wheel or metadata downloaded by an earlier
+                        # run (the probe's cache of torch's facts stays, as on a user's
+                        # machine)
+                        for sub in ("wheels", "metadata"):
+                            shutil.rmtree(cache_dir() / sub, ignore_errors=True)
+                        times[who].append(timed(
+                            [*CLI, "install", "--python", str(py), "--system", str(prof),
+                             *ours_src, "--no-embedded-index", "--backends", "sage",
+                             "--no-verify"], roots[who]))
+                a, b = statistics.median(times["ours"]), statistics.median(times["uv"])
                 label = f"{w.stat().st_size / 1e6:.1f} MB"
+                c = f"  {statistics.median(times['compare']):>18.3f} s" if args.compare else ""
                 print(f"{source:>6}  {label:>10}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}  "
-                      f"{a - b:>+8.3f} s", flush=True)
+                      f"{a - b:>+8.3f} s{c}", flush=True)
             srv.shutdown()
         # verification time per backend against a bare import torch in the target
         py = fresh_venv(d / "verify")
