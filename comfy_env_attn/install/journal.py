@@ -55,12 +55,6 @@ def crash_point(step: str) -> None:
     time.sleep(5)  # the signal arrives; SIGINT raises KeyboardInterrupt in this frame
 
 
-# The states saved right before the target changes: uv installs after "installing", the lock
-# is replaced after "locking". Recovery reads any earlier state as "nothing changed yet" or
-# as the state before it, and does the right thing from there.
-_DURABLE = frozenset({"installing", "locking"})
-
-
 class JournalError(InstallError):
     """The journal of an interrupted install cannot be read."""
 
@@ -172,10 +166,6 @@ class Journal:
         return self
 
     def save(self) -> None:
-        """Write the journal whole and rename it into place, so that a kill at any moment
-        leaves the old one or the new one. It is forced to disk (fsync) only before the steps
-        that change the target (_DURABLE): a journal lost with the machine's power before
-        those changed nothing that recovery would need to know."""
         doc = {"meta": self.meta, "touched": {k: asdict(v) for k, v in self.touched.items()}}
         tmp = self.dir / "journal.tmp"
         try:
@@ -183,9 +173,8 @@ class Journal:
             self.dir.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps(doc, indent=1))
-                if self.state in _DURABLE:
-                    f.flush()
-                    os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except OSError as e:
             with contextlib.suppress(OSError):
