@@ -11,7 +11,6 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib.metadata import PathDistribution
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,7 +20,7 @@ from comfy_env_attn.runtime.live import files_digest
 SIZES = {"sageattention": 40, "flash_attn_4": 90, "xformers": 1000}
 
 
-def fake(root: Path, name: str, files: int) -> PathDistribution:
+def fake(root: Path, name: str, files: int) -> Path:
     pkg = root / name
     pkg.mkdir()
     rows = []
@@ -31,7 +30,7 @@ def fake(root: Path, name: str, files: int) -> PathDistribution:
     info = root / f"{name}-1.0.dist-info"
     info.mkdir()
     (info / "RECORD").write_text("\n".join(rows) + "\n")
-    return PathDistribution(info)
+    return info  # what files_digest reads: the dist-info folder
 
 
 def main() -> None:

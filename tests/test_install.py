@@ -326,7 +326,7 @@ def test_metadata_headers_as_email_parser_reads_them() -> None:
     the first empty line is not read, even where it looks like a header."""
     from email.parser import HeaderParser
 
-    from comfy_env_attn.facts.installed import metadata_headers
+    from comfy_env_attn.core.fingerprint import metadata_headers
 
     text = ("Metadata-Version: 2.1\nName: scipy\nVersion: 1.17.1\n"
             "License: Copyright (c) 2001\n         All rights reserved.\n         \n"

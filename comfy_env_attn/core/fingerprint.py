@@ -56,19 +56,42 @@ def find_metadata_dir(dist: str, path: Sequence[str]) -> Path | None:
 
 
 def metadata_version(meta: Path) -> str:
-    """The Version header of a dist-info's METADATA (an egg-info's PKG-INFO)."""
+    """The Version field of a dist-info's METADATA (an egg-info's PKG-INFO), as
+    importlib.metadata reads it (email's header rules: metadata_headers)."""
     for file in ("METADATA", "PKG-INFO"):
         try:
-            with open(meta / file, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if not line.strip():
-                        break  # the headers end at the first empty line
-                    key, colon, value = line.partition(":")
-                    if colon and key.strip().lower() == "version":
-                        return value.strip()
+            text = (meta / file).read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
+        for key, value in metadata_headers(text):
+            if key.lower() == "version":
+                return value
+        return ""
     return ""
+
+
+def metadata_headers(text: str) -> list[tuple[str, str]]:
+    """The header fields of a METADATA file (RFC 822 style, up to the first empty line; a
+    line starting with whitespace, blank or not, continues the field before it), in order. What
+    email.parser's HeaderParser returns for these files, without importing the email
+    package at every start."""
+    out: list[tuple[str, str]] = []
+    for line in _LINE_BREAK.split(text):  # not splitlines(): \f or \u2028 break no line
+        if not line:
+            break
+        if line[0] in " \t" and out:
+            name, value = out[-1]
+            out[-1] = (name, f"{value}\n{line}")
+            continue
+        m = _HEADER.match(line)
+        if m is None:
+            break  # neither a field nor its continuation: the headers have ended
+        out.append((m[1], m[2].strip()))
+    return out
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_HEADER = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)", re.S)
 
 
 def files_digest(meta: Path) -> str | None:

@@ -25,34 +25,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
 
+from comfy_env_attn.core.fingerprint import metadata_headers
+
 # Never replaced by an install: the constraint pins them and a wheel needing others is refused.
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
 
 _DIST_INFO = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)\.dist-info$")
-
-
-def metadata_headers(text: str) -> list[tuple[str, str]]:
-    """The header fields of a METADATA file (RFC 822 style, up to the first empty line; a
-    line starting with whitespace, blank or not, continues the field before it), in order. What
-    email.parser's HeaderParser returns for these files, without importing the email
-    package at every start."""
-    out: list[tuple[str, str]] = []
-    for line in _LINE_BREAK.split(text):  # not splitlines(): \f or \u2028 break no line
-        if not line:
-            break
-        if line[0] in " \t" and out:
-            name, value = out[-1]
-            out[-1] = (name, f"{value}\n{line}")
-            continue
-        m = _HEADER.match(line)
-        if m is None:
-            break  # neither a field nor its continuation: the headers have ended
-        out.append((m[1], m[2].strip()))
-    return out
-
-
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_HEADER = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)", re.S)
 
 
 @dataclass
