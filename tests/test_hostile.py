@@ -607,6 +607,27 @@ def test_an_extra_asked_in_a_later_round_brings_its_requirements(tmp_path, venv,
                                   "foo": "1.0", "baz": "1.0"}
 
 
+
+def test_a_distribution_this_run_replaces_does_not_answer_with_its_old_version(
+        tmp_path, venv, profile, http_server, uv_bin) -> None:
+    """dep 1.0 is installed; the backend needs dep[all]>=2, and dep 2.0's `all` asks for
+    its own `fast`, which needs baz. What dep 1.0's metadata says of `fast` (here: a sympy
+    that would replace torch's) does not count: dep 2.0's does, and baz goes in."""
+    w = tmp_path / "w"
+    old = build_wheel(w / "old", "dep", "1.0", {"dep.py": ""},
+                      requires=["sympy==0.0.1; extra == 'fast'"])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", str(venv_python(venv)),
+                    "--no-deps", str(old)], check=True)
+    sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "dep[all]>=2"])
+    dep = build_wheel(w, "dep", "2.0", {"dep.py": ""},
+                      requires=["dep[fast]; extra == 'all'", "baz; extra == 'fast'"])
+    baz = build_wheel(w, "baz", "1.0", {"baz.py": ""}, requires=[])
+    r = install(venv, profile, "--index-url", serve(
+        http_server, {"sageattention": [sage], "dep": [dep], "baz": [baz]}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(venv) == {"sageattention": f"2.2.0+{LABEL}", "dep": "2.0",
+                                  "baz": "1.0"}
+
 def test_an_installed_distribution_asked_with_extras_brings_their_requirements(
         tmp_path) -> None:
     """A requirement with extras that an installed distribution satisfies: its requirements

@@ -231,8 +231,12 @@ class _Context:
 
     def check(self, filename: str, reqs: list[str], extras: frozenset[str] = frozenset()
               ) -> Needs:
-        return check_requirements(filename, reqs, self.installed, self.markers, self.protect,
-                                  extras)
+        """The wheel's requirements against the target as it will be: what this run
+        replaces (the wheel's own distribution, the wheels chosen so far) does not answer
+        for them with its old version (`dep[fast]` from dep 2.0 is not met by dep 1.0)."""
+        going = {project_of(filename), *self.claims}
+        have = {n: i for n, i in self.installed.items() if n not in going}
+        return check_requirements(filename, reqs, have, self.markers, self.protect, extras)
 
     def inspect(self, fetched: Fetched, dist: str) -> list[str]:
         """Why this wheel may not go in (guard.py), from its own zip directory and the
@@ -314,7 +318,10 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         results = verify_installed(target, installed, out, opts.verify)
         out.lock = _write_lock(target, installed, results, [])
         return
-    missing = sorted({d for b, _ in to_install for d in deps[b]})
+    # a backend's requirement on a backend of this run (itself with extras, say) is this
+    # run's wheel, not one for uv to resolve again
+    dists = {bk.BACKENDS[b].dist for b, _ in to_install}
+    missing = sorted({d for b, _ in to_install for d in deps[b] if _req_name(d) not in dists})
     extra: list[tuple[str, Fetched]] = []
     if missing:
         try:
