@@ -211,3 +211,27 @@ def test_install_refuses_a_wheel_that_writes_into_an_egg_info_package(tmp_path, 
     assert not (site / "legacy" / "evil.py").exists()
     assert "sageattention" not in installed_in(venv)
     assert base.problems() == []
+
+
+def test_install_refuses_to_replace_an_egg_info_distribution(tmp_path, venv) -> None:
+    """A backend that needs legacy-pkg>=2 where 1.0 is an .egg-info: its files cannot all
+    be backed up (top_level.txt names no files, installed-files.txt not itself), so a
+    rollback could not put it back. Refused before anything changes, saying what to do."""
+    from test_hostile import LABEL, install, installed_in
+
+    site = venv_site(venv)
+    _legacy(site, **{"top_level.txt": "legacy\nlegacy_mod\n"})
+    before = sorted(p.relative_to(site) for p in site.rglob("*"))
+    w = tmp_path / "w"
+    build_wheel(w, "sageattention", f"2.2.0+{LABEL}", {"sageattention/__init__.py": SAGE_OK},
+                requires=["torch>=2.0", "legacy-pkg>=2"])
+    build_wheel(w, "legacy-pkg", "2.0", {"legacy/__init__.py": ""}, requires=[])
+    r = install(venv, write_gpu_profile(tmp_path, glibc="2.28"), "--find-links", str(w))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "legacy_pkg-2.0-py3-none-any.whl would replace legacy-pkg 1.0, installed as a " \
+        "legacy .egg-info" in out
+    assert "uninstall it first (python -m pip uninstall legacy-pkg)" in out
+    assert "nothing was installed" in out
+    assert sorted(p.relative_to(site) for p in site.rglob("*")) == before
+    assert "sageattention" not in installed_in(venv)

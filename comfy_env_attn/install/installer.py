@@ -242,6 +242,13 @@ class _Context:
         """Why this wheel may not go in (guard.py), from its own zip directory and the
         launchers its entry points would add."""
         name = fetched.candidate.filename
+        have = self.installed.get(dist)
+        if have is not None and have.dist_info.endswith(".egg-info"):
+            # the journal backs up what a distribution lists as its own; an .egg-info lists
+            # its files incompletely or not at all, so a rollback could not put it back
+            return [f"{name} would replace {dist} {have.version}, installed as a legacy "
+                    f".egg-info ({have.dist_info}) whose files cannot all be backed up and "
+                    f"restored; uninstall it first (python -m pip uninstall {dist})"]
         names = wheel_listing(fetched.path)
         infos = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
         own = sorted(i for i in infos if project_of(i) == dist)
