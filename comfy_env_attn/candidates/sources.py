@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 from urllib.parse import unquote, urljoin, urlsplit
 
 from comfy_env_attn.candidates.wheelname import InvalidWheelName, safe_wheel_filename
@@ -128,6 +128,15 @@ def _anchor_attrs(inner: str) -> dict[str, str | None]:
         value = a[2] if a[2] is not None else a[3] if a[3] is not None else a[4]
         attrs[a[1].lower()] = None if value is None else html.unescape(value)
     return attrs
+
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def is_sha256(text: object) -> TypeGuard[str]:
+    """Whether this is a sha256 as hex: what a source's hash must be before it is trusted to
+    check a file, or to name a folder or file in the cache."""
+    return isinstance(text, str) and _SHA256.fullmatch(text) is not None
 
 
 def _split_hash(url: str) -> tuple[str, str | None]:
@@ -269,7 +278,7 @@ def parse_json(doc: Any, page_url: str, *, source: str,
         url = urljoin(page_url, raw_url)
         hashes = _typed(f, "hashes", dict, where) or {}
         sha = hashes.get("sha256")
-        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        if sha is not None and not is_sha256(sha):
             raise ValueError(f"{where}.hashes.sha256 is not a sha256: {str(sha)[:80]!r}")
         meta = f.get("core-metadata", f.get("dist-info-metadata"))
         yanked = _typed(f, "yanked", (bool, str), where)

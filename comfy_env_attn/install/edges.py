@@ -34,6 +34,7 @@ from comfy_env_attn.candidates.sources import (
     PYPI_SIMPLE,
     Candidate,
     Limits,
+    is_sha256,
     limits_from_env,
     read_bounded,
 )
@@ -257,7 +258,7 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], limits: 
 
     # the source's hash names a folder only when it is one: an index's `#sha256=../..`
     # must not choose where files go
-    sha = c.sha256.lower() if c.sha256 and re.fullmatch(r"[0-9a-fA-F]{64}", c.sha256) else None
+    sha = c.sha256.lower() if is_sha256(c.sha256) else None
     cached = dest_dir / (sha or "unhashed") / c.filename
     if sha and cached.is_file() and sha256_file(cached) == sha:
         return cached, sha
@@ -395,7 +396,7 @@ METADATA_MAX_BYTES = 1 << 20
 def _metadata_cache(c: Candidate) -> Path | None:
     """Where a wheel's metadata is kept between runs: only for a wheel whose source gives its
     sha256 (that file's metadata never changes)."""
-    if not c.sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", c.sha256):
+    if not is_sha256(c.sha256):
         return None
     return cache_dir() / "metadata" / f"{c.sha256.lower()}.METADATA"
 
