@@ -161,7 +161,9 @@ def is_whole_folder(rel: str) -> bool:
     return rel.endswith("/")
 
 
-def _is_egg(inst: Installed) -> bool:
+def is_egg(inst: Installed) -> bool:
+    """Whether it is installed as a legacy .egg-info (no RECORD: its files are listed
+    incompletely, or not at all)."""
     return inst.dist_info.endswith(".egg-info")
 
 
@@ -262,7 +264,7 @@ def record_lines(inst: Installed) -> list[tuple[str, str, str]]:
     (no hash, no size)."""
     if not inst.dist_info:
         return []
-    if _is_egg(inst):
+    if is_egg(inst):
         return [(p, "", "") for p in _egg_files(inst) or ()]
     return list(_record(inst))
 
@@ -272,7 +274,7 @@ def record_paths(inst: Installed) -> list[str]:
     outside it start with '..'). An .egg-info without installed-files.txt names only its
     top-level modules and packages: what the site dir holds of them, each package as a
     folder owned whole, with a trailing '/' (is_whole_folder; its files are not known)."""
-    if _is_egg(inst) and _egg_files(inst) is None:
+    if is_egg(inst) and _egg_files(inst) is None:
         return _egg_tops(inst)
     return [p for p, _, _ in record_lines(inst) if not _is_absolute(p)]
 
@@ -289,7 +291,7 @@ def mentions(inst: Installed, toks: set[str], *, fold: bool = False) -> bool:
     if not inst.dist_info or not toks:
         return False
     data = b""
-    for name in _OWNERSHIP_FILES[".egg-info" if _is_egg(inst) else ".dist-info"]:
+    for name in _OWNERSHIP_FILES[".egg-info" if is_egg(inst) else ".dist-info"]:
         try:
             data += Path(inst.dist_info, name).read_bytes() + b"\n"
         except OSError:

@@ -604,8 +604,7 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
         have = installed.get(name)
         ok = have is not None and satisfies(have.version, str(req.specifier))
         if ok and have is not None:
-            new = sorted(x for x in map(canonicalize_name, req.extras)
-                         if (name, x) not in expanded)
+            new = sorted(x for x in requested_extras(req) if (name, x) not in expanded)
             expanded.update((name, x) for x in new)
             todo += [(f"{name} {have.version}", r, frozenset(new))
                      for r in have.requires if new and _for_extras(r)]
@@ -619,6 +618,11 @@ def check_requirements(filename: str, reqs: list[str], installed: dict[str, Inst
         elif not ok:
             missing.append(str(req))
     return Needs(refused, missing)
+
+
+def requested_extras(req: Requirement) -> frozenset[str]:
+    """The extras a requirement asks for, normalised as markers compare them (PEP 685)."""
+    return frozenset(str(canonicalize_name(x)) for x in req.extras)
 
 
 def _for_extras(text: str) -> bool:

@@ -28,6 +28,7 @@ from comfy_env_attn.facts.installed import (
     file_stats,
     installed_backends,
     is_bytecode,
+    is_egg,
     mentions,
     protected,
     read_installed,
@@ -48,6 +49,7 @@ from comfy_env_attn.install.edges import (
     fetch_metadata,
     fetch_wheel,
     offline_args,
+    requested_extras,
     requirements,
     root_is_purelib,
     run_uv,
@@ -243,7 +245,7 @@ class _Context:
         launchers its entry points would add."""
         name = fetched.candidate.filename
         have = self.installed.get(dist)
-        if have is not None and have.dist_info.endswith(".egg-info"):
+        if have is not None and is_egg(have):
             # the journal backs up what a distribution lists as its own; an .egg-info lists
             # its files incompletely or not at all, so a rollback could not put it back
             return [f"{name} would replace {dist} {have.version}, installed as a legacy "
@@ -488,12 +490,9 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                 c = Candidate(filename=filename_of(url), url=url,
                               source=_source_of(url, opts.find_links), sha256=sha)
                 fetched = fetch_wheel(c, log, meter=opts.meter)
-                extras = frozenset(str(canonicalize_name(x)) for r in asked.get(name, [])
-                                   for x in Requirement(r).extras)
-                needs = ctx.check(c.filename, requirements(wheel_metadata(fetched.path)),
-                                  extras)
-                if needs.refused:
-                    raise InstallError(f"{needs.refused[0]} (a requirement of the backends)")
+                extras = frozenset(x for r in asked.get(name, [])
+                                   for x in requested_extras(Requirement(r)))
+                also = _requirement_needs(ctx, fetched, extras)
                 problems = ctx.inspect(fetched, name)
                 if problems:
                     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -501,7 +500,7 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                                        "the backends")
                 chosen[name] = (version, fetched)
                 checked[name] = extras
-                needed += needs.missing
+                needed += also
             missing = _unmet(needed, chosen, checked, ctx)
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
 
@@ -520,17 +519,22 @@ def _unmet(needed: list[str], chosen: dict[str, tuple[str, Fetched]],
         if name not in chosen or not satisfies(chosen[name][0], str(req.specifier)):
             out.add(text)
             continue
-        extras = checked[name] | {str(canonicalize_name(x)) for x in req.extras}
+        extras = checked[name] | requested_extras(req)
         if extras == checked[name]:
             continue
-        checked[name] = frozenset(extras)
-        fetched = chosen[name][1]
-        needs = ctx.check(fetched.candidate.filename,
-                          requirements(wheel_metadata(fetched.path)), checked[name])
-        if needs.refused:
-            raise InstallError(f"{needs.refused[0]} (a requirement of the backends)")
-        todo += needs.missing
+        checked[name] = extras
+        todo += _requirement_needs(ctx, chosen[name][1], extras)
     return sorted(out)
+
+
+def _requirement_needs(ctx: _Context, fetched: Fetched, extras: frozenset[str]) -> list[str]:
+    """What a wheel chosen for the backends' requirements needs in turn, asked with these
+    extras; InstallError when one of those would change torch's closure."""
+    needs = ctx.check(fetched.candidate.filename, requirements(wheel_metadata(fetched.path)),
+                      extras)
+    if needs.refused:
+        raise InstallError(f"{needs.refused[0]} (a requirement of the backends)")
+    return needs.missing
 
 
 def _source_of(url: str, find_links: tuple[str, ...]) -> str:
