@@ -87,6 +87,9 @@ class Owners:
         v = self.versions.get(dist)
         return f"{dist} {v}" if v else dist
 
+    def describe_all(self, dists: Iterable[str]) -> str:
+        return ", ".join(self.describe(d) for d in sorted(dists))
+
     def whole_owner(self, dest: str) -> str | None:
         """The distribution owning a folder that holds this path as a whole, if any."""
         return next((d for f, d in self.wholes.items() if dest.startswith(f + os.sep)), None)
@@ -322,28 +325,27 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             continue
         if top in refused_tops or top in _COMMON_TOPS:
             continue
-        others = owners.tops.get(module_key(top), frozenset()) - mine
-        shared = SHARED_TOPS.get(module_key(top))
+        key = module_key(top)
+        others = owners.tops.get(key, frozenset()) - mine
+        shared = SHARED_TOPS.get(key)
         if not others or (shared and dist in shared and others <= shared):
             continue
-        names = ", ".join(owners.describe(o) for o in sorted(others))
-        key = module_key(top)
         if key != top:
-            out.append(f"{wheel}: {e.name} would be imported as {key}, which belongs to {names}")
+            out.append(f"{wheel}: {e.name} would be imported as {key}, which belongs to "
+                       f"{owners.describe_all(others)}")
             refused_tops.add(top)
             continue
         modules = others - owners.folders.get(top, frozenset())
         if modules:  # theirs is a module file (foo.py, foo.*.so): a foo/ folder hides it
-            names = ", ".join(owners.describe(o) for o in sorted(modules))
             out.append(f"{wheel}: {e.name} would make {top}/ a package that hides the module "
-                       f"{key} of {names}")
+                       f"{key} of {owners.describe_all(modules)}")
             refused_tops.add(top)
             continue
         inside = _owned_package(e.rel, owners, mine, own_packages)
         if inside is not None:
             folder, who = inside
-            names = ", ".join(owners.describe(o) for o in sorted(who))
-            out.append(f"{wheel}: {e.name} would go into {folder}, which belongs to {names}")
+            out.append(f"{wheel}: {e.name} would go into {folder}, which belongs to "
+                       f"{owners.describe_all(who)}")
             refused_tops.add(top)  # one line per package, not one per file
     return out
 
