@@ -607,7 +607,6 @@ def test_an_extra_asked_in_a_later_round_brings_its_requirements(tmp_path, venv,
                                   "foo": "1.0", "baz": "1.0"}
 
 
-
 def test_a_distribution_this_run_replaces_does_not_answer_with_its_old_version(
         tmp_path, venv, profile, http_server, uv_bin) -> None:
     """dep 1.0 is installed; the backend needs dep[all]>=2, and dep 2.0's `all` asks for
@@ -627,6 +626,7 @@ def test_a_distribution_this_run_replaces_does_not_answer_with_its_old_version(
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed_in(venv) == {"sageattention": f"2.2.0+{LABEL}", "dep": "2.0",
                                   "baz": "1.0"}
+
 
 def test_an_installed_distribution_asked_with_extras_brings_their_requirements(
         tmp_path) -> None:
