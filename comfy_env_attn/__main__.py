@@ -1,5 +1,5 @@
 import sys
 
-from comfy_env_attn.cli import main
+from comfy_env_attn.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -36,6 +36,34 @@ def test_console_script_entry_point_imports() -> None:
     assert callable(ep.load())
 
 
+def test_the_command_runs_with_the_garbage_collector_on_and_main_leaves_it_alone(
+        h100: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gc
+    import subprocess
+
+    # the console script: collector off while the modules load, on (load-time objects
+    # frozen) while the command runs
+    code = ("import gc, sys\n"
+            "from comfy_env_attn import cli\n"
+            "from comfy_env_attn.cli import commands\n"
+            "seen = []\n"
+            "commands.COMMANDS['probe'] = lambda a: seen.append("
+            "(gc.isenabled(), gc.get_freeze_count())) or 0\n"
+            "sys.argv = ['comfy-env-attn', 'probe']\n"
+            "assert cli.entry() == 0\n"
+            "print(seen[0][0], seen[0][1] > 1000)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"]
+    # main, called in a long-lived process (tests, embedders), changes nothing
+    frozen = gc.get_freeze_count()
+    from comfy_env_attn.cli import main
+
+    assert main(["plan", "--system", str(h100), "--backends", "sage", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backends"]
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
 def test_plan_json_for_a_system_file(h100: Path) -> None:
     r = cli("plan", "--system", str(h100), "--json", "--backends", "sage,flash,fa4,xformers")
     assert r.returncode == 0, r.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -307,21 +308,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
 COMMANDS = {"probe": cmd_probe, "plan": cmd_plan, "doctor": cmd_doctor, "verify": cmd_verify}
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.command in COMMANDS:
-        return COMMANDS[args.command](args)
-    if args.command == "build":
+def handler(command: str) -> Callable[[argparse.Namespace], int]:
+    """The function of a command, its module imported: the install machinery, the source
+    build and the node's setup load only for the commands that use them."""
+    if command in COMMANDS:
+        return COMMANDS[command]
+    if command == "build":
         from comfy_env_attn.cli.build import cmd_build
 
-        return cmd_build(args)
-    if args.command == "node":
+        return cmd_build
+    if command == "node":
         from comfy_env_attn.cli.node import cmd_node
 
-        return cmd_node(args)
-    if args.command in ("install", "verify", "uninstall"):
-        from comfy_env_attn.cli import install  # imported when used: the install machinery
+        return cmd_node
+    if command in ("install", "uninstall"):
+        from comfy_env_attn.cli import install
 
-        return install.COMMANDS[args.command](args)
+        return install.COMMANDS[command]
     from comfy_env_attn.cli import lock
 
-    return lock.COMMANDS[args.command](args)
+    return lock.COMMANDS[command]
