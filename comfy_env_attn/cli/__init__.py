@@ -206,7 +206,7 @@ def _start_probe(args: argparse.Namespace) -> None:
     if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
         return
     from comfy_env_attn.facts.locate import find_python_auto
-    from comfy_env_attn.facts.probe import start_probe
+    from comfy_env_attn.facts.probe_start import start_probe
 
     try:
         exe, _how = find_python_auto(python=getattr(args, "python", None),

@@ -6,7 +6,6 @@ The tool's own process never imports torch.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
@@ -19,10 +18,17 @@ from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
+from comfy_env_attn.facts.probe_start import (  # re-exported: the CLI's early start
+    _PENDING,
+    _SCRIPT,
+    CACHE_SCHEMA,
+    _cache_file,
+    _cached,
+    _start,
+    _stat,
+)
 from comfy_env_attn.facts.system import System, normalize_arch
 
-CACHE_SCHEMA = 5
-_SCRIPT = Path(__file__).with_name("_interp_probe.py")
 PROBE_TIMEOUT_S = 120  # seconds the target's probe may take; read at each call (tests lower it)
 
 
@@ -187,14 +193,6 @@ def probe_gpus() -> GpuFacts:
 
 # -- the interpreter ----------------------------------------------------------------------
 
-def _stat(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_mtime_ns, st.st_size]
-
-
 def _witnesses(executable: str, facts: dict[str, Any]) -> dict[str, list[int] | None]:
     """Files whose change invalidates cached facts: the interpreter, torch's version.py and
     the site directories (installing or removing a distribution changes their mtime)."""
@@ -208,43 +206,6 @@ def _witnesses(executable: str, facts: dict[str, Any]) -> dict[str, list[int] | 
         if "site-packages" in p or "dist-packages" in p:
             paths.append(p)
     return {p: _stat(p) for p in dict.fromkeys(paths)}
-
-
-def _cache_file(executable: str) -> Path:
-    key = hashlib.sha256(os.path.abspath(executable).encode()).hexdigest()[:20]
-    return cache_dir() / f"interp-{key}.json"
-
-
-# fast probes started early (start_probe) and not yet read: executable -> process
-_PENDING: dict[str, subprocess.Popen[str]] = {}
-
-
-def _start(executable: str, import_torch: bool) -> subprocess.Popen[str]:
-    env = {**os.environ, "COMFY_ENV_ATTN_PROBE_NO_IMPORT": "0" if import_torch else "1"}
-    return subprocess.Popen([executable, str(_SCRIPT)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def start_probe(executable: str) -> None:
-    """Start the target's fast probe in the background when its cache cannot answer, so
-    that starting the target's Python overlaps this tool's own imports (the CLI calls this
-    first). Whatever goes wrong here is left for the real probe to report."""
-    exe = os.path.abspath(executable)
-    if exe in _PENDING or not os.path.isfile(exe) or _cached(exe) is not None:
-        return
-    try:
-        _PENDING[exe] = _start(exe, import_torch=False)
-    except OSError:
-        return
-    if len(_PENDING) == 1:
-        atexit.register(_reap)
-
-
-def _reap() -> None:
-    for proc in _PENDING.values():
-        proc.kill()
-        proc.wait()
-    _PENDING.clear()
 
 
 def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
@@ -356,19 +317,6 @@ def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
         _write_json(_cache_file(exe), {"schema": CACHE_SCHEMA, "executable": exe,
                                        "facts": facts, "witnesses": _witnesses(exe, facts)})
     return Target(exe, facts)
-
-
-def _cached(exe: str) -> dict[str, Any] | None:
-    """The cached facts of this interpreter while none of their witnesses changed."""
-    try:
-        doc = json.loads(_cache_file(exe).read_text(encoding="utf-8"))
-        if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
-                doc.get("witnesses") == {p: _stat(p) for p in doc.get("witnesses", {})}:
-            facts: dict[str, Any] = doc["facts"]
-            return facts
-    except (OSError, ValueError, AttributeError, KeyError):
-        pass
-    return None
 
 
 def system_from(target: Target, gpus: GpuFacts) -> System:
