@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,6 +119,23 @@ def build(wheels: list[LockedWheel], tool: ToolTable) -> dict[str, Any]:
                                   "packages": packages,
                                   "tool": {"comfy-env-attn": tool.to_dict()}})
     return doc
+
+
+def load_in_background() -> None:
+    """Load what writing a lock imports (packaging.pylock and tomli_w: about 10 ms, a
+    twentieth of a quick install's own time) in a thread, for a caller about to wait on
+    something else: uv installing. `write` imports them as usual; Python's import lock
+    makes it wait for a load still under way, and a load that failed is tried again there,
+    where its error is reported."""
+    threading.Thread(target=_load_writer, name="load-lock-writer", daemon=True).start()
+
+
+def _load_writer() -> None:
+    try:
+        import tomli_w  # noqa: F401
+        from packaging import pylock  # noqa: F401
+    except ImportError:
+        pass  # write() imports them again and reports it
 
 
 def validate(doc: dict[str, Any], where: str) -> None:

@@ -590,6 +590,7 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path, *,
             "--no-index", "--only-binary", ":all:", "-r", str(req)]
     for dist, _f in items:
         args += ["--reinstall-package", dist]
+    lockfile.load_in_background()  # while uv works
     run_uv(args, log, passthrough=passthrough)
 
 
