@@ -64,6 +64,21 @@ def test_the_command_runs_with_the_garbage_collector_on_and_main_leaves_it_alone
     assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
+def test_one_commands_parser_reads_its_arguments_as_the_whole_command_line_does() -> None:
+    from comfy_env_attn.cli import _command_of, build_parser
+
+    for argv in (["-v", "install", "--python", "p", "--backends", "sage", "--no-verify", "-q"],
+                 ["plan", "--system", "s.toml", "--json", "-v"],
+                 ["-q", "node", "install", "--comfyui", "c"],
+                 ["uninstall", "--backends", "sage", "--yes"],
+                 ["launch-args", "--exact"]):
+        assert _command_of(argv) == next(a for a in argv if not a.startswith("-"))
+        assert vars(build_parser(_command_of(argv)).parse_args(argv)) == \
+            vars(build_parser().parse_args(argv)), argv
+    assert _command_of(["instal"]) is None and _command_of(["-v"]) is None
+    assert _command_of(["--", "install"]) is None
+
+
 def test_plan_json_for_a_system_file(h100: Path) -> None:
     r = cli("plan", "--system", str(h100), "--json", "--backends", "sage,flash,fa4,xformers")
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from comfy_env_attn import __version__
@@ -58,15 +58,34 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="no progress lines (results and errors only)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `command` only that command's part (what a run
+    parses: building all twelve is a few milliseconds of every start)."""
     parser = _Parser(prog="comfy-env-attn", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress lines (results and errors only)")
     parser.add_argument("--version", action="version", version=f"comfy-env-attn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, add in _COMMANDS.items():
+        if command is None or name == command:
+            add(sub, name)
+    return parser
 
-    p = sub.add_parser("probe", help="what the target machine and interpreter are")
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list names when it names a known one: its first argument
+    that is not an option (the top-level options take no value)."""
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in _COMMANDS else None
+        if a == "--":
+            return None
+    return None
+
+
+def _probe(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="what the target machine and interpreter are")
     _target_args(p)
     _common(p)
     fmt = p.add_mutually_exclusive_group()
@@ -74,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--toml", action="store_true", help="a System profile for --system")
     p.add_argument("--no-cache", action="store_true", help="re-run the interpreter probe")
 
-    p = sub.add_parser("plan", help="which wheel fits, and why the others do not")
+
+def _plan(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="which wheel fits, and why the others do not")
     _target_args(p)
     p.add_argument("--system", metavar="FILE", help="resolve for a System profile (TOML)")
     _index_args(p)
@@ -83,19 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
 
-    p = sub.add_parser("doctor", help="what is wrong with the target and what to do")
+
+def _doctor(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="what is wrong with the target and what to do")
     _target_args(p)
     _index_args(p)
     p.add_argument("--json", action="store_true")
     _common(p)
 
-    _workflow_parsers(sub)
-    _node_parsers(sub)
-    return parser
 
-
-def _workflow_parsers(sub: Any) -> None:
-    p = sub.add_parser("install", help="install the fitting wheels with uv, verify, lock")
+def _install(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="install the fitting wheels with uv, verify, lock")
     _target_args(p)
     _index_args(p)
     p.add_argument("--backends", metavar="LIST")
@@ -117,8 +136,10 @@ def _workflow_parsers(sub: Any) -> None:
     _verify_opts(p)
     _common(p)
 
-    p = sub.add_parser("build", help="compile a backend from source for this machine's GPU "
-                                     "into the wheelhouse")
+
+def _build(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="compile a backend from source for this machine's GPU "
+                                  "into the wheelhouse")
     _target_args(p)
     p.add_argument("--backends", metavar="LIST", required=True)
     p.add_argument("--system", metavar="FILE",
@@ -128,8 +149,10 @@ def _workflow_parsers(sub: Any) -> None:
     _build_args(p, None)
     _common(p)
 
-    p = sub.add_parser("uninstall", help="remove what install put in (torch and the rest "
-                                         "stay), rewrite the lock")
+
+def _uninstall(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="remove what install put in (torch and the rest stay), "
+                                  "rewrite the lock")
     _target_args(p)
     p.add_argument("--backends", metavar="LIST",
                    help="these backends (default: the ones the lock records)")
@@ -138,7 +161,9 @@ def _workflow_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
     _common(p)
 
-    p = sub.add_parser("verify", help="prove the installed backends and rewrite the lock")
+
+def _verify(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="prove the installed backends and rewrite the lock")
     _target_args(p)
     p.add_argument("--include", metavar="LIST",
                    help="also prove and lock these, which verification leaves out unless "
@@ -147,18 +172,24 @@ def _workflow_parsers(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
     _common(p)
 
-    p = sub.add_parser("lock", help="show the lock and whether it matches this machine")
+
+def _lock(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="show the lock and whether it matches this machine")
     _target_args(p)
     p.add_argument("--file", metavar="PATH", help="a lock file other than the target's")
     p.add_argument("--json", action="store_true")
     _common(p)
 
-    p = sub.add_parser("launch-args", help="the ComfyUI flag for the verified best backend")
+
+def _launch_args(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="the ComfyUI flag for the verified best backend")
     _target_args(p)
     p.add_argument("--exact", action="store_true", help="non-quantized backends only")
     _common(p)
 
-    p = sub.add_parser("bench", help="time the installed backends against SDPA")
+
+def _bench(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="time the installed backends against SDPA")
     _target_args(p)
     p.add_argument("--backends", metavar="LIST")
     p.add_argument("--json", action="store_true", help="the timings as JSON (docs/json.md)")
@@ -166,8 +197,8 @@ def _workflow_parsers(sub: Any) -> None:
     _common(p)
 
 
-def _node_parsers(sub: Any) -> None:
-    p = sub.add_parser("node", help="place or remove the Attention Backend node in a ComfyUI")
+def _node(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="place or remove the Attention Backend node in a ComfyUI")
     nodes = p.add_subparsers(dest="node_command", metavar="ACTION", required=True,
                              parser_class=_Parser)
     for action, text in (("install", "copy the node into DIR/custom_nodes/comfy_env_attn/"),
@@ -179,6 +210,13 @@ def _node_parsers(sub: Any) -> None:
                        help="use comfy-cli's configured workspace")
         _common(q)
     _common(p)
+
+
+# The commands in the order --help lists them.
+_COMMANDS: dict[str, Callable[[Any, str], None]] = {
+    "probe": _probe, "plan": _plan, "doctor": _doctor, "install": _install, "build": _build,
+    "uninstall": _uninstall, "verify": _verify, "lock": _lock, "launch-args": _launch_args,
+    "bench": _bench, "node": _node}
 
 
 def _build_args(p: argparse.ArgumentParser, when: str | None) -> None:
@@ -237,7 +275,7 @@ def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command_of(argv)).parse_args(argv)
         if not args.command:
             build_parser().print_help(sys.stderr)
             return 2
