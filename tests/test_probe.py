@@ -12,6 +12,7 @@ from conftest import venv_python, venv_site
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.facts import probe as probe_mod
+from comfy_env_attn.facts import probe_start
 from comfy_env_attn.facts.locate import find_python, find_python_auto
 from comfy_env_attn.facts.probe import parse_nvidia_smi, probe, probe_interpreter
 
@@ -73,22 +74,22 @@ def test_a_probe_started_early_is_the_one_that_answers(plain_venv: Path, tmp_pat
     early fails the same way as one probed late."""
     monkeypatch.setenv("COMFY_ENV_ATTN_CACHE_DIR", str(tmp_path / "cache"))
     py = os.path.abspath(str(venv_python(plain_venv)))
-    probe_mod.start_probe(py)
-    proc = probe_mod._PENDING[py]
+    probe_start.start_probe(py)
+    proc = probe_start._PENDING[py]
     target = probe_interpreter(py)
-    assert py not in probe_mod._PENDING and proc.returncode == 0 and not target.cached
+    assert py not in probe_start._PENDING and proc.returncode == 0 and not target.cached
     assert target.facts == probe_interpreter(py, use_cache=False).facts
-    probe_mod.start_probe(py)  # cached now
-    probe_mod.start_probe(str(tmp_path / "nope"))
-    assert probe_mod._PENDING == {}
+    probe_start.start_probe(py)  # cached now
+    probe_start.start_probe(str(tmp_path / "nope"))
+    assert probe_start._PENDING == {}
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
     fake.chmod(0o755)
-    probe_mod.start_probe(str(fake))
-    assert str(fake) in probe_mod._PENDING
+    probe_start.start_probe(str(fake))
+    assert str(fake) in probe_start._PENDING
     with pytest.raises(ProbeError, match=r"failed the probe \(exit 1\): Fatal Python error"):
         probe_interpreter(str(fake))
-    assert probe_mod._PENDING == {}
+    assert probe_start._PENDING == {}
 
 
 def test_a_python_that_does_not_run(tmp_path: Path) -> None:
@@ -122,14 +123,14 @@ def test_a_python_that_never_answers_times_out_promptly(
     reaped = False
     try:
         if early:
-            probe_mod.start_probe(str(fake))
-            proc = probe_mod._PENDING[str(fake)]
+            probe_start.start_probe(str(fake))
+            proc = probe_start._PENDING[str(fake)]
         start = time.monotonic()
         with pytest.raises(ProbeError, match=r"'.*python' did not answer within 1 s$"):
             probe_interpreter(str(fake))
         elapsed = time.monotonic() - start
         assert 0.9 <= elapsed < 10, elapsed
-        assert probe_mod._PENDING == {}
+        assert probe_start._PENDING == {}
         if early:
             assert proc.returncode == -signal.SIGKILL
         # killed and reaped: not even a zombie is left of the fake's own process

@@ -7,7 +7,6 @@ fetching with httpx happens only in fetch_* functions.
 from __future__ import annotations
 
 import codecs
-import html
 import json
 import math
 import os
@@ -122,11 +121,20 @@ _BASE = re.compile(r"<base\s[^>]*href\s*=\s*[\"']([^\"']*)[\"']", re.IGNORECASE)
 _ATTR = re.compile(r"""([a-zA-Z_:][-a-zA-Z0-9_:.]*)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""")
 
 
+def _unescape(text: str) -> str:
+    """html.unescape, its module loaded only for a page that has an entity (few do)."""
+    if "&" not in text:
+        return text
+    import html
+
+    return html.unescape(text)
+
+
 def _anchor_attrs(inner: str) -> dict[str, str | None]:
     attrs: dict[str, str | None] = {}
     for a in _ATTR.finditer(inner):
         value = a[2] if a[2] is not None else a[3] if a[3] is not None else a[4]
-        attrs[a[1].lower()] = None if value is None else html.unescape(value)
+        attrs[a[1].lower()] = None if value is None else _unescape(value)
     return attrs
 
 
@@ -201,7 +209,7 @@ class LinkScanner:
         if self._base is None:
             m = _BASE.search(text)
             if m:
-                self._base = urljoin(self.page_url, html.unescape(m[1]))
+                self._base = urljoin(self.page_url, _unescape(m[1]))
         for m in _ANCHOR.finditer(text):
             attrs = _anchor_attrs(m[1])
             href = attrs.get("href")

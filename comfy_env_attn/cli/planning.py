@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement, Requirement
@@ -15,9 +16,11 @@ from packaging.utils import canonicalize_name
 from comfy_env_attn.candidates.sources import EMBEDDED, Candidate, Sources, gather
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.progress import log
-from comfy_env_attn.facts.config import ComfyEnvConfig, Environment, marker_env, read_config
-from comfy_env_attn.facts.system import System, disagreements
+from comfy_env_attn.facts.system import System, disagreements, marker_env
 from comfy_env_attn.resolve import Pin, Plan, resolve
+
+if TYPE_CHECKING:  # loaded with --config only
+    from comfy_env_attn.facts.config import ComfyEnvConfig, Environment
 
 # Rounds of reading metadata: each round reads the wheels the plan would now choose, so a
 # backend whose newest releases all need another torch (xformers pins torch exactly, one
@@ -49,6 +52,8 @@ def load_config(args: argparse.Namespace) -> ComfyEnvConfig | None:
 
             raise UsageError("--env picks an environment of a comfy-env.toml: give --config")
         return None
+    from comfy_env_attn.facts.config import read_config
+
     return read_config(args.config)
 
 

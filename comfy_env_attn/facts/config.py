@@ -27,7 +27,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from comfy_env_attn.core.backends import BY_DIST, normalize_dist
 from comfy_env_attn.core.errors import ProfileError, UsageError
-from comfy_env_attn.facts.system import System, read_toml
+from comfy_env_attn.facts.system import System, marker_env, read_toml
 
 # Keys of an environment table that make it one (comfy-env's own test).
 _ENV_KEYS = ("python", "cuda", "pytorch", "cuda_version", "pytorch_version")
@@ -137,21 +137,6 @@ class ComfyEnvConfig:
         tail = f" ({', '.join(others)} left to comfy-env)" if others else ""
         return (f"{self.path}: no attention package{scope}{tail}; nothing to do (known: "
                 f"{', '.join(BY_DIST)})")
-
-
-def marker_env(system: System) -> dict[str, str]:
-    """PEP 508 marker variables of a (possibly described) target."""
-    sys_platform = {"linux": "linux", "windows": "win32", "macos": "darwin"}[system.platform]
-    return {"sys_platform": sys_platform,
-            "platform_system": {"linux": "Linux", "windows": "Windows",
-                                "macos": "Darwin"}[system.platform],
-            "os_name": "nt" if system.platform == "windows" else "posix",
-            "platform_machine": ("AMD64" if system.arch == "x86_64" else "ARM64")
-            if system.platform == "windows" else system.arch,
-            "python_version": "%d.%d" % system.python_tuple,
-            "python_full_version": system.python,
-            "implementation_name": "cpython", "platform_python_implementation": "CPython",
-            "extra": ""}
 
 
 def _version(value: Any, where: str, kind: str) -> str | None:

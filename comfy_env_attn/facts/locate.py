@@ -6,7 +6,6 @@ Windows layout on Linux.
 
 from __future__ import annotations
 
-import configparser
 import os
 import sys
 from collections.abc import Mapping
@@ -128,6 +127,8 @@ def comfy_cli_workspace(os_name: str | None = None, env: Mapping[str, str] | Non
     cfg = comfy_cli_config(os_name, home or Path.home(), env)
     if not cfg.is_file():
         raise ProbeError(f"--comfy-cli: no comfy-cli configuration; tried: {cfg} (no such file)")
+    import configparser  # here: every start locates the target, few through comfy-cli
+
     parser = configparser.ConfigParser()
     try:
         parser.read(cfg, encoding="utf-8")

@@ -18,7 +18,7 @@ from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
-from comfy_env_attn.facts.probe_start import (  # re-exported: the CLI's early start
+from comfy_env_attn.facts.probe_start import (
     _PENDING,
     _SCRIPT,
     CACHE_SCHEMA,

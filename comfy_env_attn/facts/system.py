@@ -239,3 +239,17 @@ def read_toml(path: str | Path, *, what: str,
 def load_profile(path: str | Path) -> System:
     return from_dict(read_toml(path, what="System profile"), where=str(path))
 
+
+def marker_env(system: System) -> dict[str, str]:
+    """PEP 508 marker variables of a (possibly described) target."""
+    sys_platform = {"linux": "linux", "windows": "win32", "macos": "darwin"}[system.platform]
+    return {"sys_platform": sys_platform,
+            "platform_system": {"linux": "Linux", "windows": "Windows",
+                                "macos": "Darwin"}[system.platform],
+            "os_name": "nt" if system.platform == "windows" else "posix",
+            "platform_machine": ("AMD64" if system.arch == "x86_64" else "ARM64")
+            if system.platform == "windows" else system.arch,
+            "python_version": "%d.%d" % system.python_tuple,
+            "python_full_version": system.python,
+            "implementation_name": "cpython", "platform_python_implementation": "CPython",
+            "extra": ""}
