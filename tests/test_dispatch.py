@@ -712,7 +712,8 @@ def test_the_fingerprint_finds_distributions_as_importlib_metadata_does(tmp_path
         seen += 1
     assert seen > 10
     # flash-attn is flash_attn-*.dist-info; the first folder on the path wins; an egg-info
-    # folder's version is in PKG-INFO; a dist-info that is a file is not a distribution
+    # folder's version is in PKG-INFO; a dist-info that is a file is a distribution, as
+    # importlib.metadata has it (its own text is the metadata; more: tests/test_fingerprint.py)
     a, b = tmp_path / "a", tmp_path / "b"
     for site, version in ((a, "2.8.3"), (b, "2.7.0")):
         info = site / f"flash_attn-{version}.dist-info"
@@ -728,4 +729,6 @@ def test_the_fingerprint_finds_distributions_as_importlib_metadata_does(tmp_path
     assert dist_facts("xformers", [str(egg.parent)]) == ("0.0.30", None)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "sageattention-2.2.0.dist-info").write_text("not a folder")
-    assert find_metadata_dir("sageattention", [str(tmp_path / "d")]) is None
+    assert find_metadata_dir("sageattention", [str(tmp_path / "d")]) == \
+        tmp_path / "d" / "sageattention-2.2.0.dist-info"
+    assert dist_facts("sageattention", [str(tmp_path / "d")]) == ("", None)

@@ -1,6 +1,45 @@
 """The digests a lock's fingerprint holds, standard library only: the dispatcher (inside
 ComfyUI, runtime/live.py) and the command line (a lock written without verification, which
-need not start the target's torch to learn them) compute them with this one code."""
+need not start the target's torch to learn them) compute them with this one code.
+
+Which distribution of a name counts is the one `importlib.metadata.distribution(name)`
+returns for the same path list: its path finder (MetadataPathFinder: FastPath and Lookup in
+importlib/metadata/__init__.py, the same in Python 3.10 to 3.13), reproduced here because
+importing importlib.metadata costs a start more than the whole search. Matched exactly:
+
+- path entries in order, the first match wins; an entry "" is the current folder;
+- a folder's children in `os.listdir` order (not sorted: of two `foo-*.dist-info` left by
+  a broken install, the one the folder lists first);
+- a child is a candidate when its name, lower-cased, ends in `.dist-info` or `.egg-info`,
+  a folder or a file alike (a legacy `foo-1.0-py3.11.egg-info` file holds PKG-INFO's text
+  itself); its name is the part before the first "-", compared normalised
+  (`[-_.]+` as "_", lower case: `flash-attn` is `flash_attn-2.8.3.dist-info`);
+- an entry whose base name ends in `.egg` (`foo-1.0-py3.11.egg`, a folder or a zip) also
+  offers its `EGG-INFO` child (any case), after all of its `*.dist-info`/`*.egg-info`,
+  named by that base name: the part before the first "-", compared by importlib's legacy
+  rule (lower case, "-" as "_", dots kept: `foo.bar` is not `foo_bar-1.0-py3.11.egg`);
+- an entry that is a file is read as a zip (an `.egg` zip, or any zip on sys.path such as
+  ComfyUI portable's python311.zip): its top-level names in the order of the archive's
+  central directory, as zipfile lists them; entries inside a zip (`a.zip/sub`) are not
+  searched, by either.
+
+The version is METADATA's Version field, else PKG-INFO's, else that of the candidate itself
+when it is a file (importlib's `read_text('METADATA') or read_text('PKG-INFO') or
+read_text('')`: an empty file counts as absent). Not matched: distributions offered by other
+finders on sys.meta_path (none by default); importlib's per-process cache of a folder's
+listing (kept until the folder's mtime changes; this code lists again every time); a
+missing Version (importlib: None, here "") and undecodable METADATA (importlib raises, here
+replaced characters).
+
+The digest (files_digest) needs a RECORD: an egg, an egg-info and a legacy egg-info file
+have none (None, as before). A dist-info in a zip is digested from the zip's directory: its
+RECORD and each listed file's size and CRC-32.
+
+Speed (the search runs at every ComfyUI start): a folder costs one listdir and a string test
+per child; a zip file costs one read of its central directory, which is searched for
+"-info" (which every candidate's name holds) before zipfile parses it: a zip of the
+standard library ahead of site-packages (ComfyUI portable's python311.zip) costs 0.15 ms
+once a process, then a stat while its size and mtime stay."""
 
 from __future__ import annotations
 
@@ -11,19 +50,34 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 _PACKAGE = Path(__file__).resolve().parent.parent
+
+
+class InZip(NamedTuple):
+    """A distribution's metadata inside a zip file on the path (an `.egg` zip, or a zip of
+    a site): the archive as the path names it, and the metadata's top-level name in it
+    (`foo-1.0.dist-info`, `EGG-INFO`)."""
+
+    archive: str
+    member: str
+
+
+Meta = Path | InZip
+"""Where a distribution's metadata is: a folder (or a legacy egg-info file), or in a zip."""
 
 
 def dist_facts(dist: str, path: Sequence[str] | None = None
                ) -> tuple[str, str | None] | None:
     """(version, digest of its files) of an installed distribution, None when absent: the
-    first one on `path` (default: this process's sys.path).
+    one `importlib.metadata` finds first on `path` (default: this process's sys.path).
 
     The digest covers its RECORD and, for each file RECORD lists, the path, size and
     modification time on disk: a file edited in place or overwritten by another
     distribution changes it, at the cost of one stat per file (no file is read), cheap
-    enough for every ComfyUI start."""
+    enough for every ComfyUI start. In a zip: each file's size and CRC-32 from the zip's
+    directory. None: no RECORD (an egg, an egg-info)."""
     meta = find_metadata_dir(dist, sys.path if path is None else path)
     if meta is None:
         return None
@@ -34,40 +88,137 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def find_metadata_dir(dist: str, path: Sequence[str]) -> Path | None:
-    """The first `<name>-<version>.dist-info` (or `.egg-info` folder) of this distribution
-    on `path`, the one `importlib.metadata` finds (name compared normalised: `flash-attn`
-    is `flash_attn-2.8.3.dist-info`). Read directly: importing importlib.metadata costs a
-    start more than the whole search."""
+_INFO = (".dist-info", ".egg-info")
+
+
+def find_metadata_dir(dist: str, path: Sequence[str]) -> Meta | None:
+    """The metadata of this distribution that importlib.metadata finds first on `path`
+    (the rules: this module's docstring): a `<name>-<version>.dist-info` or `.egg-info`
+    folder (or egg-info file), an egg's `EGG-INFO`, or either of these in a zip."""
     want = _normal(dist)
+    legacy = dist.lower().replace("-", "_")
     for entry in path:
+        archive: str | None = None
         try:
-            names = sorted(os.listdir(entry or "."))
-        except OSError:
-            continue
+            names: Sequence[str] = os.listdir(entry or ".")
+        except (OSError, TypeError, ValueError):
+            zipped = _zip_children(entry)
+            if not zipped:
+                continue
+            archive, names = entry, zipped
+        base = os.path.basename(entry).lower()  # an egg of this name: its EGG-INFO counts
+        is_egg = base.endswith(".egg") and \
+            base.rpartition(".")[0].partition("-")[0].replace("-", "_") == legacy
+        egg_info: str | None = None
         for name in names:
-            stem, dot, kind = name.rpartition(".")
-            if dot and kind.lower() in ("dist-info", "egg-info") and \
-                    _normal(stem.partition("-")[0]) == want:
-                folder = Path(entry or ".", name)
-                if folder.is_dir():
-                    return folder
+            low = name.lower()
+            if low.endswith(_INFO):
+                stem = low.rpartition(".")[0].partition("-")[0]
+                # the common case first: a name already normal ("flash_attn")
+                if stem == want or (("." in stem or "__" in stem) and _normal(stem) == want):
+                    return Path(entry or ".", name) if archive is None else InZip(archive, name)
+            elif is_egg and egg_info is None and low == "egg-info":
+                egg_info = name  # after every dist-info of the folder, as importlib
+        if egg_info is not None:
+            return Path(entry, egg_info) if archive is None else InZip(archive, egg_info)
     return None
 
 
-def metadata_version(meta: Path) -> str:
-    """The Version field of a dist-info's METADATA (an egg-info's PKG-INFO), as
-    importlib.metadata reads it (email's header rules: metadata_headers)."""
-    for file in ("METADATA", "PKG-INFO"):
-        try:
-            text = (meta / file).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        for key, value in metadata_headers(text):
-            if key.lower() == "version":
-                return value
-        return ""
+_NO_METADATA: set[tuple[str, int, int]] = set()
+"""Zips found to hold no metadata, as (path, size, mtime_ns): read once a process."""
+
+
+def _zip_children(entry: str) -> list[str]:
+    """The top-level names in a zip file, in the order zipfile lists them; [] for what is
+    no zip, or holds no name with "-info" (the cheap test most zips end at, remembered
+    while the file's size and mtime stay)."""
+    try:
+        st = os.stat(entry)
+        key = (entry, st.st_size, st.st_mtime_ns)
+        if key in _NO_METADATA:
+            return []
+        with open(entry, "rb") as f:
+            if not _may_hold_metadata(f):
+                _NO_METADATA.add(key)
+                return []
+            import zipfile
+
+            with zipfile.ZipFile(f) as zf:
+                return list(dict.fromkeys(n.split("/", 1)[0] for n in zf.namelist()))
+    except Exception:  # importlib's FastPath too: whatever fails to read holds nothing
+        return []
+
+
+_EOCD, _EOCD64, _LOCATOR64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
+
+
+def _may_hold_metadata(f: BinaryIO) -> bool:
+    """False only when `f` is a zip whose central directory holds no "-info" (any case):
+    no `*.dist-info`, `*.egg-info` or `EGG-INFO` in it. Finds the directory as zipfile
+    does (its end record: at the very end, else the last one in the last 64 KiB; a zip64
+    end record before it; the directory right before those, whatever data precedes the
+    zip); anything not understood is left to zipfile (True)."""
+    size = f.seek(0, os.SEEK_END)
+    if size < 22:
+        return True
+    f.seek(size - 22)
+    tail = f.read(22)
+    at = size - 22
+    if not (tail.startswith(_EOCD) and tail.endswith(b"\0\0")):  # no comment
+        start = max(0, size - 22 - 0xFFFF)
+        f.seek(start)
+        tail = f.read()
+        found = tail.rfind(_EOCD)
+        if found < 0 or len(tail) - found < 22:
+            return True
+        at = start + found
+        tail = tail[found:found + 22]
+    cd_size, end = int.from_bytes(tail[12:16], "little"), at
+    if at >= 20 + 56:
+        f.seek(at - 20)
+        if f.read(4) == _LOCATOR64:
+            f.seek(at - 20 - 56)
+            rec = f.read(56)
+            if not rec.startswith(_EOCD64):
+                return True
+            cd_size, end = int.from_bytes(rec[40:48], "little"), at - 20 - 56
+    if cd_size > end:
+        return True
+    f.seek(end - cd_size)
+    directory = f.read(cd_size)
+    return len(directory) != cd_size or b"-info" in directory.lower()
+
+
+def metadata_version(meta: Meta) -> str:
+    """The Version field of a dist-info's METADATA (an egg-info's PKG-INFO, a legacy
+    egg-info file's own text), as importlib.metadata reads it (email's header rules:
+    metadata_headers)."""
+    for file in ("METADATA", "PKG-INFO", ""):
+        text = _read_text(meta, file)
+        if text:  # importlib: read_text(...) or the next; an empty file is no metadata
+            for key, value in metadata_headers(text):
+                if key.lower() == "version":
+                    return value
+            return ""
     return ""
+
+
+def _read_text(meta: Meta, file: str) -> str | None:
+    """A metadata file's text (`file` "": the metadata itself, when it is a file)."""
+    if isinstance(meta, Path):
+        try:
+            return (meta / file).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    if not file:
+        return None  # a member of a zip is read as a folder (zipfile.Path) only
+    try:
+        import zipfile
+
+        with zipfile.ZipFile(meta.archive) as zf:
+            return zf.read(f"{meta.member}/{file}").decode("utf-8", errors="replace")
+    except Exception:
+        return None
 
 
 def metadata_headers(text: str) -> list[tuple[str, str]]:
@@ -94,8 +245,10 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _HEADER = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)", re.S)
 
 
-def files_digest(meta: Path) -> str | None:
+def files_digest(meta: Meta) -> str | None:
     """The digest of a dist-info folder's RECORD and the files it lists (None: no RECORD)."""
+    if not isinstance(meta, Path):
+        return _zip_digest(meta)
     try:
         record = (meta / "RECORD").read_text(encoding="utf-8")
     except OSError:
@@ -109,6 +262,29 @@ def files_digest(meta: Path) -> str | None:
             h.update(f"{row[0]}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{row[0]}|missing\n".encode())
+    return h.hexdigest()
+
+
+def _zip_digest(meta: InZip) -> str | None:
+    """files_digest of a dist-info in a zip: RECORD, and each file's size and CRC-32 as the
+    zip's directory has them (paths relative to the zip's top, as importlib's locate_file;
+    a path out of the zip counts as missing)."""
+    try:
+        import zipfile
+
+        with zipfile.ZipFile(meta.archive) as zf:
+            record = zf.read(f"{meta.member}/RECORD").decode("utf-8")
+            h = hashlib.sha256(record.encode())
+            for row in csv.reader(record.splitlines()):
+                if not row or row[0].endswith(".pyc"):
+                    continue
+                try:
+                    info = zf.getinfo(row[0])
+                    h.update(f"{row[0]}|{info.file_size}|{info.CRC}\n".encode())
+                except KeyError:
+                    h.update(f"{row[0]}|missing\n".encode())
+    except Exception:  # no RECORD, or no zip to read any more
+        return None
     return h.hexdigest()
 
 
