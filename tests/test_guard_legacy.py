@@ -8,16 +8,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import venv_site, write_gpu_profile
-from wheels import SAGE_OK, build_wheel
+from conftest import cli, venv_python, venv_site, write_gpu_profile
+from wheels import SAGE_OK, build_wheel, sage_wheel
 
 from comfy_env_attn.facts.installed import (
     file_stats,
     mentions,
+    owned_files,
     read_installed,
     record_lines,
     record_paths,
@@ -110,8 +112,19 @@ def test_an_egg_info_without_a_file_list_owns_its_top_level_names(tmp_path) -> N
     inst = read_installed([str(site)])["legacy-pkg"]
     assert record_paths(inst) == ["legacy/", "legacy_mod.py", ext]
     assert record_lines(inst) == []
-    # a folder's stat changes with every file written in it: only files are watched
-    assert sorted(file_stats([inst])) == [str(site / ext), str(site / "legacy_mod.py")]
+    # a folder's stat changes with every file written in it: the files in it are watched,
+    # as those a RECORD lists (bytecode aside)
+    _write(site, {"legacy/__pycache__/core.cpython-311.pyc": "bytecode"})
+    assert sorted(file_stats([inst])) == [
+        str(site / "legacy/__init__.py"), str(site / "legacy/core.py"), str(site / ext),
+        str(site / "legacy_mod.py")]
+    assert sorted(owned_files(inst)) == [
+        ("legacy/__init__.py", str(site / "legacy/__init__.py")),
+        ("legacy/__pycache__/core.cpython-311.pyc",
+         str(site / "legacy/__pycache__/core.cpython-311.pyc")),
+        ("legacy/core.py", str(site / "legacy/core.py")),
+        ("legacy_ext.cpython-311-x86_64-linux-gnu.so", str(site / ext)),
+        ("legacy_mod.py", str(site / "legacy_mod.py"))]
     assert _problems(site, ["sageattention/__init__.py", "legacy/__init__.py",
                             "legacy/sub/evil.py", "legacy_mod.py", "legacy_mod.pyd", ext,
                             "legacy_ext.py", "ns/mine/__init__.py"]) == [
@@ -235,3 +248,78 @@ def test_install_refuses_to_replace_an_egg_info_distribution(tmp_path, venv) -> 
     assert "nothing was installed" in out
     assert sorted(p.relative_to(site) for p in site.rglob("*")) == before
     assert "sageattention" not in installed_in(venv)
+
+
+def _egg_over_an_old_backend(tmp_path: Path, venv: Path, uv_bin: str) -> Path:
+    """sageattention 2.1.0 installed by uv from a wheel that also shipped pkg/x.py (its RECORD
+    lists that file), then legacy-pkg installed over it as `setup.py install` leaves it: pkg/
+    is its package, named by top_level.txt alone (a folder owned whole), pkg/x.py its file.
+    Returns site-packages."""
+    from test_hostile import LABEL
+
+    site = venv_site(venv)
+    old = build_wheel(tmp_path / "old", "sageattention", f"2.1.0+{LABEL}",
+                      {"sageattention/__init__.py": SAGE_OK, "pkg/x.py": "OLD = 1\n"},
+                      requires=["torch>=2.0"])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", str(venv_python(venv)),
+                    "--no-deps", str(old)], check=True)
+    _write(site, {"pkg/__init__.py": "", "pkg/x.py": "LEGACY = 'x'\n",
+                  f"{EGG}/PKG-INFO": "Metadata-Version: 1.1\nName: legacy-pkg\nVersion: 1.0\n",
+                  f"{EGG}/top_level.txt": "pkg\n"})
+    inst = read_installed([str(site)])
+    assert record_paths(inst["legacy-pkg"]) == ["pkg/"]
+    assert "pkg/x.py" in record_paths(inst["sageattention"])
+    return site
+
+
+def test_uninstall_keeps_a_file_of_a_folder_an_egg_info_owns_whole(tmp_path, venv,
+                                                                    uv_bin) -> None:
+    """`comfy-env-attn uninstall` of a backend whose RECORD lists pkg/x.py, where pkg/ is
+    legacy-pkg's (top_level.txt): the backend goes, pkg/x.py stays byte for byte, and the
+    row says which file was left to its owner."""
+    site = _egg_over_an_old_backend(tmp_path, venv, uv_bin)
+    x = site / "pkg" / "x.py"
+    before = x.read_bytes()
+    r = cli("uninstall", "--python", str(venv_python(venv)), "--backends", "sage")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "left 1 file(s) other distributions own (pkg/x.py)" in r.stdout
+    assert "sageattention" not in read_installed([str(site)])
+    assert x.read_bytes() == before and (site / "pkg" / "__init__.py").exists()
+    assert not (site / "sageattention").exists()
+
+
+def test_an_install_that_fails_or_succeeds_keeps_a_file_of_a_folder_an_egg_info_owns_whole(
+        tmp_path, venv, uv_bin) -> None:
+    """Installing sageattention 2.2.0 over that 2.1.0: uv removes what the old RECORD lists,
+    and pkg/x.py is legacy-pkg's. Killed once uv has installed, the file is still there
+    (nothing waits on the next run to put it back), and the next run's rollback leaves it
+    byte for byte; a failure the run undoes itself, likewise; then an install that
+    completes keeps it too."""
+    from test_hostile import LABEL, install, installed_in
+
+    site = _egg_over_an_old_backend(tmp_path, venv, uv_bin)
+    x = site / "pkg" / "x.py"
+    before = x.read_bytes()
+    new = sage_wheel(tmp_path / "new", "ok", f"2.2.0+{LABEL}")
+    profile = write_gpu_profile(tmp_path, glibc="2.28")
+
+    def run(crash: str | None = None):
+        return install(venv, profile, "--find-links", str(new.parent),
+                       env={"COMFY_ENV_ATTN_TEST_CRASH_AT": crash} if crash else None)
+
+    r = run("installed:kill")
+    assert r.returncode == -9, r.stdout + r.stderr
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"  # killed midway
+    assert x.read_bytes() == before
+    r = cli("doctor", "--python", str(venv_python(venv)))
+    assert "found an interrupted install" in r.stderr and "undone" in r.stderr, r.stderr
+    assert installed_in(venv)["sageattention"] == f"2.1.0+{LABEL}"
+    assert x.read_bytes() == before
+    r = run("save-verifying:enospc")
+    assert r.returncode == 1 and "the target was restored" in r.stdout + r.stderr
+    assert installed_in(venv)["sageattention"] == f"2.1.0+{LABEL}"
+    assert x.read_bytes() == before
+    r = run()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    assert x.read_bytes() == before and (site / "pkg" / "__init__.py").exists()

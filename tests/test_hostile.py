@@ -543,6 +543,94 @@ def test_guard_namespace_packages_are_shared_regular_packages_are_not() -> None:
         "belongs to nvidia-cutlass-dsl-libs-base 4.8.1"]
 
 
+def test_guard_a_package_and_a_module_of_one_name_at_any_depth() -> None:
+    """A package folder takes precedence over a module of its name, and a module over a
+    namespace folder: one rule at every depth, inside a namespace package (ns/, shared by
+    design) as at the top. a/b/c/ over another's a/b/c.py hides that module; a new a/b/c.py
+    (or a/b/c.*.so) beside another's a/b/c/ or a/b/c.py is imported as a.b.c, which is
+    theirs. One line per folder, naming every owner; bytecode and new names stay free."""
+    owners = guard.build_owners([
+        ("six", "1.17.0", "/v/site", ["six.py"]),
+        ("ns-mod", "1.0", "/v/site", ["ns/mod.py", "ns/both.py",
+                                      "ns/deep/er/core.cpython-311-x86_64-linux-gnu.so"]),
+        ("ns-pkg", "1.0", "/v/site", ["ns/pkg/__init__.py", "ns/pkg/x.py",
+                                      "ns/both/data.txt", "ns/__pycache__/mod.cpython-311.pyc"]),
+    ])
+
+    def problems(names: list[str], owned: guard.Owners = owners) -> list[str]:
+        entries, refused = guard.destinations("x.whl", "evil-1", names, LAYOUT, dist="evil")
+        return refused + guard.problems("x.whl", "evil", "evil-1", entries, owned, ())
+
+    assert problems(["six/__init__.py", "six/x.py"]) == [
+        "x.whl: six/__init__.py would make six/ a package that hides the module six of six "
+        "1.17.0"]
+    assert problems(["ns/mod/__init__.py", "ns/mod/x.py", "ns/deep/er/core/__init__.py",
+                     "ns/both/__init__.py"]) == [
+        "x.whl: ns/mod/__init__.py would make ns/mod/ a package that hides the module ns.mod "
+        "of ns-mod 1.0",
+        "x.whl: ns/deep/er/core/__init__.py would make ns/deep/er/core/ a package that hides "
+        "the module ns.deep.er.core of ns-mod 1.0",
+        "x.whl: ns/both/__init__.py would make ns/both/ a package that hides the module "
+        "ns.both of ns-mod 1.0"]
+    # the reverse: a module beside another's package, namespace folder or module of its name
+    assert problems(["ns/pkg.py", "ns/both.cpython-311-x86_64-linux-gnu.so",
+                     "ns/mod.pyd"]) == [
+        "x.whl: ns/pkg.py would be imported as ns.pkg, which belongs to ns-pkg 1.0",
+        "x.whl: ns/both.cpython-311-x86_64-linux-gnu.so would be imported as ns.both, which "
+        "belongs to ns-mod 1.0, ns-pkg 1.0",
+        "x.whl: ns/mod.pyd would be imported as ns.mod, which belongs to ns-mod 1.0"]
+    assert problems(["ns/new.py", "ns/newer/__init__.py", "ns/deep/er/other.py",
+                     "ns/__pycache__/new.cpython-311.pyc", "ns/mod.txt"]) == []
+    # two wheels of one run: the second may not hide the first's module either
+    a, _ = guard.destinations("a.whl", "ns_a-1", ["ns/fresh.py"], LAYOUT, dist="ns-a")
+    assert problems(["ns/fresh/__init__.py"], owners.claim("ns-a", "1", a)) == [
+        "x.whl: ns/fresh/__init__.py would make ns/fresh/ a package that hides the module "
+        "ns.fresh of ns-a 1"]
+
+
+def test_a_package_or_module_of_another_ones_name_in_a_namespace_package_is_refused(
+        tmp_path, venv, profile, http_server, uv_bin) -> None:
+    """A real install into a venv where ns-mod ships the module ns/mod.py and ns-pkg the
+    package ns/pkg/, both in the namespace package ns/. A sageattention wheel that would make
+    ns/mod/ a package (hiding ns.mod), and one that would add ns/pkg.py (imported as ns.pkg,
+    ns-pkg's), are refused before anything is installed, naming the wheel, the path and the
+    owner; the next one, which adds a new module to ns/, goes in and all three import."""
+    py = str(venv_python(venv))
+    w = tmp_path / "w"
+    for name, files in (("ns-mod", {"ns/mod.py": "WHO = 'ns-mod'\n"}),
+                        ("ns-pkg", {"ns/pkg/__init__.py": "WHO = 'ns-pkg'\n"})):
+        subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps",
+                        str(build_wheel(w / name, name, "1.0", files, requires=[]))],
+                       check=True)
+    ns = site(venv) / "ns"
+    before = {p: p.read_bytes() for p in ns.rglob("*") if p.is_file()}
+    hides = build_wheel(w, "sageattention", f"2.2.2+{LABEL}", {
+        "sageattention/__init__.py": SAGE_OK, "ns/mod/__init__.py": "WHO = 'sage'\n",
+        "ns/mod/extra.py": ""}, requires=["torch>=2.0"])
+    hidden = build_wheel(w, "sageattention", f"2.2.1+{LABEL}", {
+        "sageattention/__init__.py": SAGE_OK, "ns/pkg.py": "WHO = 'sage'\n"},
+        requires=["torch>=2.0"])
+    clean = build_wheel(w, "sageattention", f"2.2.0+{LABEL}", {
+        "sageattention/__init__.py": SAGE_OK, "ns/sage_ext.py": "WHO = 'sage'\n"},
+        requires=["torch>=2.0"])
+    r = install(venv, profile, "--index-url",
+                serve(http_server, {"sageattention": [clean, hides, hidden]}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert f"{hides.name}: ns/mod/__init__.py would make ns/mod/ a package that hides the " \
+        "module ns.mod of ns-mod 1.0" in out
+    assert f"{hidden.name}: ns/pkg.py would be imported as ns.pkg, which belongs to ns-pkg " \
+        "1.0" in out
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    assert not (ns / "mod").exists() and not (ns / "pkg.py").exists()
+    assert {p: p.read_bytes() for p in ns.rglob("*") if p.is_file()
+            and p.name != "sage_ext.py" and "__pycache__" not in p.parts} == before
+    check = subprocess.run([py, "-c", "import ns.mod, ns.pkg, ns.sage_ext as s; "
+                            "print(ns.mod.WHO, ns.pkg.WHO, s.WHO)"],
+                           capture_output=True, text=True)
+    assert check.stdout.split() == ["ns-mod", "ns-pkg", "sage"], check.stderr
+
+
 def test_guard_data_files_that_land_in_site_packages_follow_the_site_rules() -> None:
     """<dist>.data/data/ is relative to the prefix: lib/pythonX.Y/site-packages/... inside
     it is site-packages, where torch/, a .pth or sitecustomize.py are refused as usual."""

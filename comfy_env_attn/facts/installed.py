@@ -16,7 +16,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,11 @@ def _is_absolute(rel: str) -> bool:
 def is_whole_folder(rel: str) -> bool:
     """Whether a path from record_paths is a folder owned as a whole ('legacy/'), not a file."""
     return rel.endswith("/")
+
+
+def norm(path: str) -> str:
+    """A path in the one form paths are compared in (normalised; case-folded on Windows)."""
+    return os.path.normcase(os.path.normpath(path))
 
 
 def is_egg(inst: Installed) -> bool:
@@ -351,15 +356,51 @@ def is_bytecode(rel: str) -> bool:
     return rel.endswith((".pyc", ".pyo")) or "__pycache__/" in rel
 
 
+def owned_files(inst: Installed) -> Iterator[tuple[str, str]]:
+    """(path relative to the site dir, '/'-separated; absolute path, norm) of each file the
+    distribution owns: each path record_paths gives, and each file now inside a folder it
+    owns whole (is_whole_folder: an .egg-info that names its package, not its files). The
+    one answer to "does this distribution own that file?", wherever it is asked."""
+    for rel in record_paths(inst):
+        if not is_whole_folder(rel):
+            yield rel, norm(os.path.join(inst.location, rel))
+            continue
+        for root, _dirs, files in os.walk(os.path.join(inst.location, rel)):
+            for name in files:
+                path = os.path.join(root, name)
+                yield os.path.relpath(path, inst.location).replace(os.sep, "/"), norm(path)
+
+
+def shared_files(installed: Mapping[str, Installed], names: Collection[str], *,
+                 fold: bool = False) -> set[str]:
+    """The files these distributions own (owned_files) that another installed distribution
+    owns too, absolute (norm): removing them (an uninstall; uv replacing an old version)
+    must leave these. Only the others whose ownership files mention the top-level name of
+    one of those files (its file name outside the site dir or in the __pycache__ every
+    distribution shares) are read (mentions; `fold` on Windows)."""
+    listed: set[str] = set()
+    toks: set[str] = set()
+    for name in names:
+        inst = installed.get(name)
+        for rel, path in owned_files(inst) if inst is not None else ():
+            listed.add(path)
+            top = rel.split("/", 1)[0]
+            tok = rel.rsplit("/", 1)[-1] if top in ("..", "__pycache__") else module_key(top)
+            toks.add(tok.lower() if fold else tok)
+    return {path for n, inst in installed.items()
+            if n not in names and mentions(inst, toks, fold=fold)
+            for _rel, path in owned_files(inst) if path in listed}
+
+
 def file_stats(insts: Iterable[Installed]) -> dict[str, Stat | None]:
-    """The stat of every file the distributions' RECORDs list (bytecode aside)."""
+    """The stat of every file the distributions own (owned_files: what their RECORDs list,
+    and each file in a folder one owns whole; a folder's own stat changes with every file
+    Python writes in it), bytecode aside."""
     out: dict[str, Stat | None] = {}
     for inst in insts:
-        for rel in record_paths(inst):
-            if is_bytecode(rel) or is_whole_folder(rel):
-                continue  # a folder's stat changes with every file Python writes in it
-            path = os.path.normpath(os.path.join(inst.location, rel))
-            out[path] = stat_of(path)
+        for rel, path in owned_files(inst):
+            if not is_bytecode(rel):
+                out[path] = stat_of(path)
     return out
 
 

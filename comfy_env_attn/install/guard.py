@@ -2,10 +2,12 @@
 
 The wheel's own zip directory decides (not its RECORD, which it may fill with anything):
 each entry is mapped to the path it would take in the target, and refused when that path
-belongs to another installed distribution, when it lands inside a top-level package another
-distribution owns (torch/, sympy/, nvidia/, ...), when a script or data file would replace a
-file already there (bin/pip, bin/activate), when it is a .pth file (code run at every start),
-or when it is not a plain relative path.
+belongs to another installed distribution, when it lands inside a package another
+distribution owns (torch/, sympy/, nvidia/cudnn/, ...), when it would hide or be hidden by
+another's module or package of the same import name at any depth (six/ over six.py,
+ns/mod/ over ns/mod.py in a namespace package, and the reverse), when a script or data file
+would replace a file already there (bin/pip, bin/activate), when it is a .pth file (code run
+at every start), or when it is not a plain relative path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from comfy_env_attn.facts.installed import is_whole_folder, module_key
+from comfy_env_attn.facts.installed import norm as norm  # guard.norm: the same one form
 
 # Top-level names that several distributions legitimately share, packages inside included:
 # flash-attn-4 adds flash_attn/cute/ inside flash-attn's flash_attn/. New files only:
@@ -71,8 +74,10 @@ class Owners:
     top_level.txt)."""
 
     files: Mapping[str, str]  # absolute normalised path -> distribution
-    # importable top-level name in any site dir (module_key) -> distributions
-    tops: Mapping[str, frozenset[str]]
+    # module files in any site dir by the name they are imported as, '/'-separated
+    # ("six" for six.py, "ns/mod" for ns/mod.py or ns/mod.cpython-311-x86_64-linux-gnu.so;
+    # bytecode in __pycache__ aside) -> distributions
+    modules: Mapping[str, frozenset[str]]
     versions: Mapping[str, str] = field(default_factory=dict)  # distribution -> version
     # site folders ("a", "a/b", ...) -> the distributions with files in them, and the folders
     # that are regular packages (someone ships their __init__.py); the others are namespace
@@ -103,15 +108,19 @@ class Owners:
             files.setdefault(e.dest, dist)
             if e.kind == "site":
                 acc.add(dist, e.rel)
-        return Owners(files, acc.tops_frozen(), {**self.versions, dist: version},
+        return Owners(files, acc.modules_frozen(), {**self.versions, dist: version},
                       acc.folders_frozen(), frozenset(acc.packages), self.wholes)
 
 
+# What a module file's name ends with (module_key): only such a file can be imported.
+_MODULE_ENDS = (".py", ".pyc", ".so", ".pyd")
+
+
 class _Acc:
-    """Tops, folders and packages being collected (build_owners, Owners.claim)."""
+    """Modules, folders and packages being collected (build_owners, Owners.claim)."""
 
     def __init__(self, base: Owners | None = None) -> None:
-        self.tops = {k: set(v) for k, v in (base.tops if base else {}).items()}
+        self.modules = {k: set(v) for k, v in (base.modules if base else {}).items()}
         self.folders = {k: set(v) for k, v in (base.folders if base else {}).items()}
         self.packages = set(base.packages if base else ())
 
@@ -120,7 +129,11 @@ class _Acc:
         top = parts[0]
         if not top or top in ("..", ".") or top.endswith(".pth"):
             return
-        self.tops.setdefault(module_key(top), set()).add(dist)
+        leaf = parts[-1]
+        if leaf.endswith(_MODULE_ENDS) and (len(parts) < 2 or parts[-2] != "__pycache__"):
+            key = module_key(leaf)
+            if key != leaf:
+                self.modules.setdefault(rel[:len(rel) - len(leaf)] + key, set()).add(dist)
         for d in range(1, len(parts)):  # every folder holding the file
             self.folders.setdefault("/".join(parts[:d]), set()).add(dist)
         # a folder owned whole ("legacy/": its files are not known) counts as a package:
@@ -128,8 +141,8 @@ class _Acc:
         if len(parts) >= 2 and parts[-1] in ("__init__.py", ""):
             self.packages.add("/".join(parts[:-1]))
 
-    def tops_frozen(self) -> dict[str, frozenset[str]]:
-        return {k: frozenset(v) for k, v in self.tops.items()}
+    def modules_frozen(self) -> dict[str, frozenset[str]]:
+        return {k: frozenset(v) for k, v in self.modules.items()}
 
     def folders_frozen(self) -> dict[str, frozenset[str]]:
         return {k: frozenset(v) for k, v in self.folders.items()}
@@ -155,7 +168,7 @@ def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owne
             # them in an environment with torch; this was most of an install's own time)
             files.setdefault(base + rel if _is_plain(rel) else norm(os.path.join(site, rel)),
                              dist)
-    return Owners(files, acc.tops_frozen(), versions, acc.folders_frozen(),
+    return Owners(files, acc.modules_frozen(), versions, acc.folders_frozen(),
                   frozenset(acc.packages), wholes)
 
 
@@ -172,10 +185,6 @@ def tokens(entries: Iterable[Entry]) -> set[str]:
         else:
             out.add(e.rel.rsplit("/", 1)[-1])
     return out
-
-
-def norm(path: str) -> str:
-    return os.path.normcase(os.path.normpath(path))
 
 
 def _is_plain(rel: str) -> bool:
@@ -291,7 +300,7 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
     mine = {dist, *replacing}
     there = set(existing)
     out: list[str] = []
-    refused_tops: set[str] = set()
+    refused: set[str] = set()  # folders (and files) already refused: one line for each
     for e in entries:
         owner = owners.files.get(e.dest)
         if owner is None and e.dest in there:
@@ -323,45 +332,59 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
         if top.endswith((".dist-info", ".egg-info")) and top != f"{dist_dir}.dist-info":
             out.append(f"{wheel}: {e.name} is metadata of another distribution ({top})")
             continue
-        if top in refused_tops or top in _COMMON_TOPS:
+        if top in _COMMON_TOPS:
             continue
-        key = module_key(top)
-        others = owners.tops.get(key, frozenset()) - mine
-        shared = SHARED_TOPS.get(key)
-        if not others or (shared and dist in shared and others <= shared):
+        parts = e.rel.split("/")
+        if refused and any("/".join(parts[:d]) in refused for d in range(1, len(parts) + 1)):
             continue
-        if key != top:
-            out.append(f"{wheel}: {e.name} would be imported as {key}, which belongs to "
-                       f"{owners.describe_all(others)}")
-            refused_tops.add(top)
-            continue
-        modules = others - owners.folders.get(top, frozenset())
-        if modules:  # theirs is a module file (foo.py, foo.*.so): a foo/ folder hides it
-            out.append(f"{wheel}: {e.name} would make {top}/ a package that hides the module "
-                       f"{key} of {owners.describe_all(modules)}")
-            refused_tops.add(top)
-            continue
-        inside = _owned_package(e.rel, owners, mine, own_packages)
-        if inside is not None:
-            folder, who = inside
-            out.append(f"{wheel}: {e.name} would go into {folder}, which belongs to "
-                       f"{owners.describe_all(who)}")
-            refused_tops.add(top)  # one line per package, not one per file
+        shared = SHARED_TOPS.get(module_key(top))
+        if shared and dist in shared and _named(owners, module_key(top)) - mine <= shared:
+            continue  # a family that shares its packages by design
+        found = _in_the_way(parts, owners, mine, own_packages)
+        if found is not None:
+            where, why = found
+            out.append(f"{wheel}: {e.name} {why}")
+            refused.add(where)
     return out
 
 
-def _owned_package(rel: str, owners: Owners, mine: set[str], own_packages: set[str]
-                   ) -> tuple[str, frozenset[str]] | None:
-    """The first folder on the way to this file that other distributions have files in and
-    that is a regular package (an __init__.py, theirs or this wheel's), with those
-    distributions; None when every such folder on the way is a namespace package, which
-    distributions share by design (new files only: overwriting is refused file by file)."""
-    parts = rel.split("/")
-    for d in range(1, len(parts)):
-        folder = "/".join(parts[:d])
-        others = owners.folders.get(folder, frozenset()) - mine
+def _named(owners: Owners, name: str) -> frozenset[str]:
+    """The distributions with something imported as this name ('/'-separated): a folder of
+    it (a package, or a namespace portion) or a module file."""
+    return owners.folders.get(name, frozenset()) | owners.modules.get(name, frozenset())
+
+
+def _in_the_way(parts: list[str], owners: Owners, mine: set[str], own_packages: set[str]
+                ) -> tuple[str, str] | None:
+    """(where, why) a site file of the wheel (its path's parts) may not go in, walking from
+    the top folder down, or None. At each step, a name of other distributions: a folder
+    would hide their module of its name (a package is imported before a module, a/b/c/
+    over a/b/c.py), a module file would take the import name of their package, namespace
+    folder or other module (a/b/c.py beside a/b/c/ or a/b/c.*.so). Then a folder they have
+    files in that is a regular package (an __init__.py, theirs or this wheel's) may not be
+    gone into; the walk ends at a folder nobody else is in (the rest is this wheel's own).
+    Namespace packages are shared by design: new files only, overwriting is refused file by
+    file."""
+    path = ""
+    for d, name in enumerate(parts, 1):
+        parent, path = path, f"{path}/{name}" if path else name
+        key = module_key(name)
+        if key != name:  # a module file (or a folder named like one)
+            named = f"{parent}/{key}" if parent else key
+            who = _named(owners, named) - mine
+            if who:
+                return path, (f"would be imported as {named.replace('/', '.')}, which "
+                              f"belongs to {owners.describe_all(who)}")
+        elif d < len(parts):
+            who = owners.modules.get(path, frozenset()) - mine
+            if who:  # theirs is a module file (foo.py, foo.*.so): a foo/ folder hides it
+                return path, (f"would make {path}/ a package that hides the module "
+                              f"{path.replace('/', '.')} of {owners.describe_all(who)}")
+        if d == len(parts):
+            return None
+        others = owners.folders.get(path, frozenset()) - mine
         if not others:
             return None  # nobody else is in here: the rest is this wheel's own
-        if folder in owners.packages or folder in own_packages:
-            return folder, others
+        if path in owners.packages or path in own_packages:
+            return path, f"would go into {path}, which belongs to {owners.describe_all(others)}"
     return None

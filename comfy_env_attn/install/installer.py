@@ -30,11 +30,13 @@ from comfy_env_attn.facts.installed import (
     is_bytecode,
     is_egg,
     mentions,
+    owned_files,
     protected,
     read_installed,
     record_lines,
     record_paths,
     shadowing,
+    shared_files,
     stat_of,
 )
 from comfy_env_attn.facts.probe import Target
@@ -109,12 +111,11 @@ def uninstaller(target: Target, *, passthrough: bool = False) -> Callable[[str],
 
 
 def protected_files(target: Target) -> set[str]:
-    """Files of torch's family and of everything it requires, as installed now: a rollback
-    never deletes them."""
+    """Files of torch's family and of everything it requires, as installed now (owned_files:
+    a folder an .egg-info owns whole included): a rollback never deletes them."""
     installed = read_installed(target.site_dirs)
     names = protected(installed, target.facts.get("markers") or {})
-    return {guard.norm(os.path.join(installed[n].location, rel))
-            for n in names for rel in record_paths(installed[n])}
+    return {path for n in names for _rel, path in owned_files(installed[n])}
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -346,6 +347,14 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         for name in touched + dep_names:
             journal.add(name, installed, own_sites(target))
         journal.set_state("installing")
+        # uv removes the files the old versions' RECORDs list: not those others own
+        replaced = [n for n in touched + dep_names
+                    if n in installed and installed[n].location in own_sites(target)]
+        foreign = shared_files(installed, replaced, fold=ctx._windows)
+        for name in replaced:
+            kept = keep_foreign(installed[name].location, name, foreign)
+            if kept:
+                log(f"{name}: leaving {len(kept)} file(s) other distributions own ({kept[0]})")
         crash_point("backed-up")
         with tempfile.TemporaryDirectory() as tmp:
             _uv_install(target, [(bk.BACKENDS[b].dist, f) for b, f in to_install] + extra,
@@ -734,10 +743,8 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         return
     before_files = ctx.protected_state(installed)
     dists = [bk.BACKENDS[b].dist for b in remove]
-    # files any other distribution (torch's closure included) lists: never deleted
-    foreign = protected_files(target) | {
-        guard.norm(os.path.join(i.location, rel)) for n, i in installed.items()
-        if n not in dists for rel in record_paths(i)}
+    # files any other distribution (torch's closure included) owns: never deleted
+    foreign = protected_files(target) | shared_files(installed, dists, fold=ctx._windows)
     journal = Journal(target.prefix)
     journal.begin({"python": target.executable, "backends": remove, "action": "uninstall"})
     uninstall = uninstaller(target, passthrough=passthrough)

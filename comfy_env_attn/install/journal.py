@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from comfy_env_attn.core.errors import InstallError
-from comfy_env_attn.facts.installed import Installed, read_installed, record_lines
+from comfy_env_attn.facts.installed import (
+    Installed,
+    norm,
+    read_installed,
+    record_lines,
+    site_path,
+)
 
 CRASH_ENV = "COMFY_ENV_ATTN_TEST_CRASH_AT"
 _FIRED: set[str] = set()
@@ -221,8 +227,9 @@ class Journal:
     def restore(self, name: str, uninstall: Callable[[str], None],
                 foreign: Collection[str] = ()) -> str:
         """Put one distribution back as it was; returns what was done. `foreign`: files
-        (absolute, normalised) that belong to other distributions: never deleted, even when
-        the distribution being undone lists them in its RECORD."""
+        (absolute, facts.installed.norm) that belong to other distributions (as
+        facts.installed.owned_files tells, a folder owned whole included): never deleted,
+        even when the distribution being undone lists them in its RECORD."""
         t = self.touched.get(name)
         if t is None:
             return f"{name}: nothing recorded"
@@ -289,9 +296,9 @@ class Journal:
 
 
 def keep_foreign(site: str, name: str, foreign: Collection[str]) -> list[str]:
-    """Before uninstalling `name`: drop from its RECORD the files that belong to others
-    (`foreign`, absolute and normalised), so that uninstalling it leaves them; returns
-    those files."""
+    """Before uninstalling `name` (or uv replacing it): drop from its RECORD the files that
+    belong to others (`foreign`, absolute, facts.installed.norm: see Journal.restore), so
+    that uninstalling it leaves them; returns those files."""
     return _unlist(site, name, foreign)
 
 
@@ -311,7 +318,8 @@ def _unlist(site: str, name: str, foreign: Collection[str]) -> list[str]:
     keep, kept = [], []
     for line in lines:
         rel = line.rsplit(",", 2)[0].strip('"') if line.count(",") >= 2 else line.strip()
-        path = os.path.normcase(os.path.normpath(os.path.join(site, rel)))
+        # in the form owned_files gives ('./a', 'a\\b' from a RECORD made on Windows)
+        path = norm(os.path.join(site, site_path(rel)))
         if path in foreign:
             kept.append(rel)
         else:
