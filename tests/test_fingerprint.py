@@ -313,3 +313,27 @@ def test_random_layouts_choose_as_importlib_metadata(tmp_path) -> None:
             path.append(str(entry))
         for name in ("foo-bar", "Foo.Bar", "foo", "foo_bar_baz", "FOO_BAR"):
             assert ours(name, path) == importlib_choice(name, path), (case, name, path)
+
+
+def test_a_lock_written_without_verification_reads_the_target_s_import_path(
+        tmp_path: Path) -> None:
+    """static_live (the lock of `install --no-verify`) takes each backend's distribution
+    from the target's sys.path in order, as the runtime's fingerprint does: an egg folder
+    ahead of site-packages wins there, not the site dir's copy."""
+    from comfy_env_attn.facts.probe import Target
+    from comfy_env_attn.install.installer import static_live
+
+    site, egg = tmp_path / "site-packages", tmp_path / "sageattention-2.2.0-py3.11.egg"
+    info = site / "sageattention-1.0.6.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sageattention\n"
+                                   "Version: 1.0.6\n\n")
+    (info / "RECORD").write_text("")
+    (egg / "EGG-INFO").mkdir(parents=True)
+    (egg / "EGG-INFO" / "PKG-INFO").write_text("Metadata-Version: 1.1\nName: sageattention\n"
+                                               "Version: 2.2.0\n\n")
+    path = [str(egg), str(site)]
+    target = Target("python", {"purelib": str(site), "platlib": str(site), "sys_path": path})
+    assert target.import_path == path
+    assert importlib_choice("sageattention", path)[1] == "2.2.0"  # type: ignore[index]
+    assert static_live(target).dists["sageattention"] == ("2.2.0", None)

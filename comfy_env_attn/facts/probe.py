@@ -78,6 +78,14 @@ class Target:
                 seen.append(p)
         return seen
 
+    @property
+    def import_path(self) -> list[str]:
+        """The target's sys.path as its Python starts (the probe script's folder aside), in
+        order, zips included: where importlib.metadata, and so the lock's fingerprint, finds
+        a distribution first."""
+        path = self.facts.get("sys_path")
+        return list(path) if path else self.site_dirs
+
 
 def environment_kind(facts: dict[str, Any]) -> str:
     """venv, conda, embedded (a ._pth file beside the interpreter) or system."""

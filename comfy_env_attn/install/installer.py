@@ -676,7 +676,7 @@ def _files_now(results: dict[str, Result], target: Target, dists: list[str]) -> 
         return None
     live = Live.from_dict(data)
     return replace(live, dists={**live.dists,
-                                **{d: dist_facts(d, target.site_dirs) for d in dists}})
+                                **{d: dist_facts(d, target.import_path) for d in dists}})
 
 
 def static_live(target: Target) -> Live:
@@ -685,7 +685,7 @@ def static_live(target: Target) -> Live:
     f = target.facts
     return Live(torch=f.get("torch"), torch_cuda=f.get("torch_cuda"), device="unverified",
                 capability=None, adapters_sha256=adapters_sha256(),
-                dists={b.dist: dist_facts(b.dist, target.site_dirs)
+                dists={b.dist: dist_facts(b.dist, target.import_path)
                        for b in bk.BACKENDS.values() if b.dist})
 
 
