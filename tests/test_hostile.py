@@ -716,6 +716,26 @@ def test_a_distribution_this_run_replaces_does_not_answer_with_its_old_version(
                                   "baz": "1.0"}
 
 
+def test_torch_s_closure_reads_each_requirement_marker(tmp_path) -> None:
+    """protected(): a requirement for an extra alone is not followed (it skips those without
+    parsing them), one whose marker also holds for the target is, spelled any way."""
+    site = tmp_path / "site"
+    for name, requires in (
+            ("torch", ['only-extra; extra == "x"', "only-extra2 ;extra=='y'  ",
+                       'either; extra == "x" or python_version >= "3"',
+                       "platform; sys_platform == 'linux'", 'not-here; sys_platform == "win32"',
+                       'url @ https://h/x;y.whl ; extra == "x"', "plain"]),
+            ("only-extra", []), ("only-extra2", []), ("either", []), ("platform", []),
+            ("not-here", []), ("url", []), ("plain", [])):
+        info = site / f"{name}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    protect = protected(read_installed([str(site)]), {"sys_platform": "linux",
+                                                      "python_version": "3.11"})
+    assert set(protect) == {"torch", "either", "platform", "plain"}
+
+
 def test_an_installed_distribution_asked_with_extras_brings_their_requirements(
         tmp_path) -> None:
     """A requirement with extras that an installed distribution satisfies: its requirements

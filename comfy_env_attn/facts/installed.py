@@ -316,6 +316,12 @@ def module_key(top: str) -> str:
     return m.group(1) if m else top
 
 
+# A requirement whose marker is one `extra == "name"` and nothing else (fsspec, sympy and
+# jinja2 list some two hundred of them): not needed unless that extra is asked for, which
+# costs no Requirement parse to tell.
+_ONLY_AN_EXTRA = re.compile(r"""^[^;]*;\s*extra\s*==\s*(["'])[^"']+\1\s*$""")
+
+
 def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:
     """torch, torchvision, torchaudio and everything they require, transitively, as
     installed: name -> version. None of these may change during an install."""
@@ -328,6 +334,8 @@ def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[
             continue
         out[name] = installed[name].version
         for text in installed[name].requires:
+            if _ONLY_AN_EXTRA.match(text):
+                continue  # false with no extra asked: most of torch's closure's lines
             try:
                 req = Requirement(text)
                 if req.marker is not None and not req.marker.evaluate(env):
