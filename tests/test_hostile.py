@@ -581,6 +581,15 @@ def test_guard_a_package_and_a_module_of_one_name_at_any_depth() -> None:
         "x.whl: ns/mod.pyd would be imported as ns.mod, which belongs to ns-mod 1.0"]
     assert problems(["ns/new.py", "ns/newer/__init__.py", "ns/deep/er/other.py",
                      "ns/__pycache__/new.cpython-311.pyc", "ns/mod.txt"]) == []
+    # bytecode of a module the wheel does not ship (another's, at any depth, or torch's
+    # requirements at the top): Python would run it instead of that module's source
+    assert problems(["ns/__pycache__/mod.cpython-311.opt-1.pyc",
+                     "__pycache__/typing_extensions.cpython-311.pyc"]) == [
+        "x.whl: ns/__pycache__/mod.cpython-311.opt-1.pyc is bytecode of ns/mod.py, which it "
+        "does not ship: Python could run it in place of that module",
+        "x.whl: __pycache__/typing_extensions.cpython-311.pyc is bytecode of "
+        "typing_extensions.py, which it does not ship: Python could run it in place of that "
+        "module"]
     # two wheels of one run: the second may not hide the first's module either
     a, _ = guard.destinations("a.whl", "ns_a-1", ["ns/fresh.py"], LAYOUT, dist="ns-a")
     assert problems(["ns/fresh/__init__.py"], owners.claim("ns-a", "1", a)) == [
@@ -724,16 +733,18 @@ def test_torch_s_closure_reads_each_requirement_marker(tmp_path) -> None:
             ("torch", ['only-extra; extra == "x"', "only-extra2 ;extra=='y'  ",
                        'either; extra == "x" or python_version >= "3"',
                        "platform; sys_platform == 'linux'", 'not-here; sys_platform == "win32"',
-                       'url @ https://h/x;y.whl ; extra == "x"', "plain"]),
+                       'url @ https://h/x;y.whl ; extra == "x"', 'url2 @ file:///a;extra=="x"',
+                       "plain"]),
             ("only-extra", []), ("only-extra2", []), ("either", []), ("platform", []),
-            ("not-here", []), ("url", []), ("plain", [])):
+            ("not-here", []), ("url", []), ("url2", []), ("plain", [])):
         info = site / f"{name}-1.0.dist-info"
         info.mkdir(parents=True)
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
                                        + "".join(f"Requires-Dist: {r}\n" for r in requires))
     protect = protected(read_installed([str(site)]), {"sys_platform": "linux",
                                                       "python_version": "3.11"})
-    assert set(protect) == {"torch", "either", "platform", "plain"}
+    # url2's ";extra==..." is part of its URL: no marker, always required
+    assert set(protect) == {"torch", "either", "platform", "url2", "plain"}
 
 
 def test_an_installed_distribution_asked_with_extras_brings_their_requirements(

@@ -297,6 +297,7 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
     entries = list(entries)
     own_packages = {e.rel.rsplit("/", 1)[0] for e in entries
                     if e.kind == "site" and e.rel.endswith("/__init__.py")}
+    own_sources = {e.rel for e in entries if e.kind == "site" and e.rel.endswith(".py")}
     mine = {dist, *replacing}
     there = set(existing)
     out: list[str] = []
@@ -332,6 +333,11 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
         if top.endswith((".dist-info", ".egg-info")) and top != f"{dist_dir}.dist-info":
             out.append(f"{wheel}: {e.name} is metadata of another distribution ({top})")
             continue
+        source = _bytecode_source(e.rel)
+        if source is not None and source not in own_sources:
+            out.append(f"{wheel}: {e.name} is bytecode of {source}, which it does not ship: "
+                       "Python could run it in place of that module")
+            continue
         if top in _COMMON_TOPS:
             continue
         parts = e.rel.split("/")
@@ -346,6 +352,17 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             out.append(f"{wheel}: {e.name} {why}")
             refused.add(where)
     return out
+
+
+def _bytecode_source(rel: str) -> str | None:
+    """The module file a `__pycache__/<name>.<tag>[.opt-N].pyc` is the bytecode of
+    ('a/__pycache__/b.cpython-311.pyc' -> 'a/b.py'), None for any other path. Python runs
+    such bytecode instead of that source when it is newer, or unchecked (PEP 552): a wheel
+    may ship it only beside its own source."""
+    parts = rel.split("/")
+    if len(parts) < 2 or parts[-2] != "__pycache__" or not parts[-1].endswith(".pyc"):
+        return None
+    return "/".join([*parts[:-2], parts[-1].split(".", 1)[0] + ".py"])
 
 
 def _named(owners: Owners, name: str) -> frozenset[str]:
