@@ -177,14 +177,8 @@ class Journal:
         try:
             crash_point(f"save-{self.state}")
             self.dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(doc, indent=1))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            _replace_file(self.path, json.dumps(doc, indent=1), tmp)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise InstallError(f"cannot write the install journal {self.path}: "
                                f"{e.strerror or e} (disk full or read-only?)") from None
 
@@ -325,8 +319,25 @@ def _unlist(site: str, name: str, foreign: Collection[str]) -> list[str]:
         else:
             keep.append(line)
     if kept:
-        record.write_text("".join(keep), encoding="utf-8")
+        _replace_file(record, "".join(keep))
     return kept
+
+
+def _replace_file(path: Path, text: str, tmp: Path | None = None) -> None:
+    """Write a file whole or not at all (a copy forced to disk, then renamed over it): a
+    journal or a RECORD cut off midway would leave the rollback stuck (uv cannot uninstall
+    a distribution whose RECORD is torn)."""
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def file_sha256(path: Path) -> str | None:
