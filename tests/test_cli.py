@@ -77,6 +77,7 @@ def test_one_commands_parser_reads_its_arguments_as_the_whole_command_line_does(
             vars(build_parser().parse_args(argv)), argv
     assert _command_of(["instal"]) is None and _command_of(["-v"]) is None
     assert _command_of(["--", "install"]) is None
+    assert _command_of(["-h", "install"]) is None and _command_of(["--help", "plan"]) is None
 
 
 def test_plan_json_for_a_system_file(h100: Path) -> None:

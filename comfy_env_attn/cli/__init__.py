@@ -75,12 +75,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _command_of(argv: Sequence[str]) -> str | None:
     """The command an argument list names when it names a known one: its first argument
-    that is not an option (the top-level options take no value)."""
+    that is not an option (the top-level options take no value); None after a top-level
+    -h, whose help lists every command."""
     for a in argv:
         if not a.startswith("-"):
             return a if a in _COMMANDS else None
-        if a == "--":
-            return None
+        if a in ("--", "-h", "--help"):
+            return None  # the top-level help lists every command
     return None
 
 
