@@ -134,12 +134,20 @@ def _load_writer() -> None:
     try:
         import tomli_w  # noqa: F401
         from packaging import pylock  # noqa: F401
-    except ImportError:
-        pass  # write() imports them again and reports it
+    except Exception:  # write() imports them again and reports it
+        pass
 
 
 def validate(doc: dict[str, Any], where: str) -> None:
-    from packaging.pylock import Pylock, PylockUnsupportedVersionError, PylockValidationError
+    try:
+        from packaging.pylock import (
+            Pylock,
+            PylockUnsupportedVersionError,
+            PylockValidationError,
+        )
+    except Exception as e:  # a broken install of the tool itself: an error, not a traceback
+        raise LockError(f"{where}: cannot load packaging.pylock ({type(e).__name__}: {e}): "
+                        "reinstall comfy-env-attn") from None
 
     try:
         Pylock.from_dict(doc)
@@ -152,7 +160,11 @@ def validate(doc: dict[str, Any], where: str) -> None:
 
 
 def write(path: Path, doc: dict[str, Any]) -> None:
-    import tomli_w
+    try:
+        import tomli_w
+    except Exception as e:
+        raise LockError(f"cannot write the lock {path}: cannot load tomli_w "
+                        f"({type(e).__name__}: {e}): reinstall comfy-env-attn") from None
 
     validate(doc, str(path))
     text = tomli_w.dumps(doc)
