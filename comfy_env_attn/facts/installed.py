@@ -318,8 +318,9 @@ def module_key(top: str) -> str:
 
 # A requirement whose marker is one `extra == "name"` and nothing else (fsspec, sympy and
 # jinja2 list some two hundred of them): not needed unless that extra is asked for, which
-# costs no Requirement parse to tell.
-_ONLY_AN_EXTRA = re.compile(r"""^[^;]*;\s*extra\s*==\s*(["'])[^"']+\1\s*$""")
+# costs no Requirement parse to tell. Not a URL requirement (`x @ file:///a;extra=="x"`:
+# the ";" may be the URL's).
+_ONLY_AN_EXTRA = re.compile(r"""^[^;@]*;\s*extra\s*==\s*(["'])[^"']+\1\s*$""")
 
 
 def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:
