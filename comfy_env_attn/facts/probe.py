@@ -224,7 +224,7 @@ def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
             proc = _start(executable, import_torch)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # the timeout, or Ctrl-C / SIGINT: no probe left running
             proc.kill()
             proc.wait()  # not communicate(): a child it started may hold the pipes open
             raise
