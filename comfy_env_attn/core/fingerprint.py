@@ -124,22 +124,28 @@ def find_metadata_dir(dist: str, path: Sequence[str]) -> Meta | None:
     return None
 
 
-_NO_METADATA: set[tuple[str, int, int]] = set()
-"""Zips found to hold no metadata, as (path, size, mtime_ns): read once a process."""
+_ZIP_CHILDREN: dict[tuple[str, int, int], list[str]] = {}
+"""Each zip's top-level names ([] for one with no metadata), by (path, size, mtime_ns):
+read once a process while the file stays, as importlib caches a path entry."""
 
 
 def _zip_children(entry: str) -> list[str]:
     """The top-level names in a zip file, in the order zipfile lists them; [] for what is
-    no zip, or holds no name with "-info" (the cheap test most zips end at, remembered
-    while the file's size and mtime stay)."""
+    no zip, or holds no name with "-info" (the cheap test most zips end at)."""
     try:
         st = os.stat(entry)
-        key = (entry, st.st_size, st.st_mtime_ns)
-        if key in _NO_METADATA:
-            return []
+    except (OSError, TypeError, ValueError):
+        return []
+    key = (entry, st.st_size, st.st_mtime_ns)
+    if key not in _ZIP_CHILDREN:
+        _ZIP_CHILDREN[key] = _read_zip_children(entry)
+    return _ZIP_CHILDREN[key]
+
+
+def _read_zip_children(entry: str) -> list[str]:
+    try:
         with open(entry, "rb") as f:
             if not _may_hold_metadata(f):
-                _NO_METADATA.add(key)
                 return []
             import zipfile
 
