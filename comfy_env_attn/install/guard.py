@@ -345,7 +345,9 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
             continue
         shared = SHARED_TOPS.get(module_key(top))
         if shared and dist in shared and _named(owners, module_key(top)) - mine <= shared:
-            continue  # a family that shares its packages by design
+            # a family that shares its packages, and import names, by design: flash-attn-4's
+            # libs-cu12 puts _cutlass_ir.cu12.*.so beside libs-base's _cutlass_ir/ package
+            continue
         found = _in_the_way(parts, owners, mine, own_packages)
         if found is not None:
             where, why = found
