@@ -317,3 +317,20 @@ def test_a_folder_of_wheels_installs_offline_dependencies_included(
     assert "--no-index --offline" in r.stderr
     have = installed_in(venv)
     assert have["sageattention"] == f"2.2.0+{LABEL}" and have["sage-helper"] == "1.0"
+
+
+@pytest.mark.parametrize("broken", ["tomli_w", "packaging.pylock"])
+def test_a_lock_writer_module_that_does_not_load_is_an_error_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    """A broken install of the tool itself (a module the lock writer needs fails to load,
+    in the background thread or in write): a LockError naming it, which the install's
+    rollback catches like any other, and no lock file left half-written."""
+    from comfy_env_attn import lockfile
+    from comfy_env_attn.core.errors import AttnError
+
+    monkeypatch.setitem(sys.modules, broken, None)  # any import of it raises ImportError
+    lockfile.load_in_background()  # swallows it; write() reports it
+    path = tmp_path / "pylock.comfy-env-attn.toml"
+    with pytest.raises(AttnError, match=re.escape(broken.split(".")[-1]) + ".*reinstall"):
+        lockfile.write(path, {"lock-version": "1.0", "created-by": "test", "packages": []})
+    assert list(tmp_path.iterdir()) == []
