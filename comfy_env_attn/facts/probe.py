@@ -6,7 +6,6 @@ The tool's own process never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -271,11 +270,6 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _torch_cache_file(torch_dir: str) -> Path:
-    key = hashlib.sha256(os.path.abspath(torch_dir).encode()).hexdigest()[:20]
-    return cache_dir() / f"torch-{key}.json"
-
-
 def _interpreter_facts(exe: str, use_cache: bool) -> dict[str, Any]:
     """Two steps: a fast pass that reads torch's version.py, then `import torch` (seconds)
     only for what that cannot tell (the C++ ABI flag, whether it imports), cached per torch
@@ -285,7 +279,7 @@ def _interpreter_facts(exe: str, use_cache: bool) -> dict[str, Any]:
     if not torch_dir:
         return facts
     witness = _stat(os.path.join(torch_dir, "version.py"))
-    tfile = _torch_cache_file(torch_dir)
+    tfile = _cache_file("torch", torch_dir)
     if use_cache:
         try:
             doc = json.loads(tfile.read_text(encoding="utf-8"))
@@ -322,7 +316,7 @@ def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
             return Target(exe, facts, cached=True)
     facts = _interpreter_facts(exe, use_cache)
     if use_cache:
-        _write_json(_cache_file(exe), {"schema": CACHE_SCHEMA, "executable": exe,
+        _write_json(_cache_file("interp", exe), {"schema": CACHE_SCHEMA, "executable": exe,
                                        "facts": facts, "witnesses": _witnesses(exe, facts)})
     return Target(exe, facts)
 

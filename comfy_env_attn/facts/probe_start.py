@@ -26,15 +26,17 @@ def _stat(path: str) -> list[int] | None:
     return [st.st_mtime_ns, st.st_size]
 
 
-def _cache_file(executable: str) -> Path:
-    key = hashlib.sha256(os.path.abspath(executable).encode()).hexdigest()[:20]
-    return cache_dir() / f"interp-{key}.json"
+def _cache_file(kind: str, path: str) -> Path:
+    """Where facts of one file or folder are cached: `interp` an interpreter's, `torch` a
+    torch install's (shared by the venvs that see it)."""
+    key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:20]
+    return cache_dir() / f"{kind}-{key}.json"
 
 
 def _cached(exe: str) -> dict[str, Any] | None:
     """The cached facts of this interpreter while none of their witnesses changed."""
     try:
-        doc = json.loads(_cache_file(exe).read_text(encoding="utf-8"))
+        doc = json.loads(_cache_file("interp", exe).read_text(encoding="utf-8"))
         if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
                 doc.get("witnesses") == {p: _stat(p) for p in doc.get("witnesses", {})}:
             facts: dict[str, Any] = doc["facts"]
