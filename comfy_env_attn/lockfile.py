@@ -9,6 +9,7 @@ atomically and validated with packaging.pylock on write and on read.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import threading
@@ -121,37 +122,40 @@ def build(wheels: list[LockedWheel], tool: ToolTable) -> dict[str, Any]:
     return doc
 
 
+# What writing a lock imports beyond this module (reading one: packaging.pylock).
+_WRITER_MODULES = ("tomli_w", "packaging.pylock")
+
+
 def load_in_background() -> None:
-    """Load what writing a lock imports (packaging.pylock and tomli_w: about 10 ms, a
-    twentieth of a quick install's own time) in a thread, for a caller about to wait on
-    something else: uv installing. `write` imports them as usual; Python's import lock
-    makes it wait for a load still under way, and a load that failed is tried again there,
-    where its error is reported."""
+    """Load what writing a lock imports (_WRITER_MODULES: about 10 ms, a twentieth of a
+    quick install's own time) in a thread, for a caller about to wait on something else:
+    uv installing. `write` imports them as usual; Python's import lock makes it wait for a
+    load still under way, and a load that failed is tried again there, where its error is
+    reported."""
     threading.Thread(target=_load_writer, name="load-lock-writer", daemon=True).start()
 
 
 def _load_writer() -> None:
+    for name in _WRITER_MODULES:
+        with contextlib.suppress(Exception):  # _load reports it, in write()
+            importlib.import_module(name)
+
+
+def _load(name: str, where: str) -> Any:
+    """A module the lock needs. One that does not load is a broken install of the tool
+    itself: a LockError saying so, not a traceback."""
     try:
-        import tomli_w  # noqa: F401
-        from packaging import pylock  # noqa: F401
-    except Exception:  # write() imports them again and reports it
-        pass
+        return importlib.import_module(name)
+    except Exception as e:
+        raise LockError(f"{where}: cannot load {name} ({type(e).__name__}: {e}): "
+                        "reinstall comfy-env-attn") from None
 
 
 def validate(doc: dict[str, Any], where: str) -> None:
+    pylock = _load("packaging.pylock", where)
     try:
-        from packaging.pylock import (
-            Pylock,
-            PylockUnsupportedVersionError,
-            PylockValidationError,
-        )
-    except Exception as e:  # a broken install of the tool itself: an error, not a traceback
-        raise LockError(f"{where}: cannot load packaging.pylock ({type(e).__name__}: {e}): "
-                        "reinstall comfy-env-attn") from None
-
-    try:
-        Pylock.from_dict(doc)
-    except (PylockValidationError, PylockUnsupportedVersionError) as e:
+        pylock.Pylock.from_dict(doc)
+    except (pylock.PylockValidationError, pylock.PylockUnsupportedVersionError) as e:
         raise LockError(f"{where}: not a valid PEP 751 lock: {e}") from None
     try:
         tool_table(doc)
@@ -160,12 +164,7 @@ def validate(doc: dict[str, Any], where: str) -> None:
 
 
 def write(path: Path, doc: dict[str, Any]) -> None:
-    try:
-        import tomli_w
-    except Exception as e:
-        raise LockError(f"cannot write the lock {path}: cannot load tomli_w "
-                        f"({type(e).__name__}: {e}): reinstall comfy-env-attn") from None
-
+    tomli_w = _load("tomli_w", f"cannot write the lock {path}")
     validate(doc, str(path))
     text = tomli_w.dumps(doc)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
