@@ -49,12 +49,12 @@ def fresh_venv(path: Path) -> Path:
     return venv_python(make_venv(path, torch=True))
 
 
-def timed(cmd: list[str], root: Path = ROOT) -> float:
+def timed(cmd: list[str], root: Path = ROOT, env: dict[str, str] | None = None) -> float:
     """Seconds the command took; run from `root` with `root` first on the import path, so
     that `python -m comfy_env_attn` is that checkout's."""
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
-                       env={**ENV, "PYTHONPATH": str(root)})
+                       env={**ENV, "PYTHONPATH": str(root), **(env or {})})
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
@@ -116,13 +116,16 @@ def main() -> int:
                             continue
                         # like uv --no-cache: no wheel or metadata downloaded by an earlier
                         # run (the probe's cache of torch's facts stays, as on a user's
-                        # machine)
+                        # machine), and an empty uv cache of its own: uv learns the fresh
+                        # venv's interpreter and unpacks the wheel within the timed run
                         for sub in ("wheels", "metadata"):
                             shutil.rmtree(cache_dir() / sub, ignore_errors=True)
+                        uv_cache = d / f"uv-cache-{who}{size}-{source}-{i}"
                         times[who].append(timed(
                             [*CLI, "install", "--python", str(py), "--system", str(prof),
                              *ours_src, "--no-embedded-index", "--backends", "sage",
-                             "--no-verify"], roots[who]))
+                             "--no-verify"], roots[who], {"UV_CACHE_DIR": str(uv_cache)}))
+                        shutil.rmtree(uv_cache, ignore_errors=True)
                 a, b = statistics.median(times["ours"]), statistics.median(times["uv"])
                 label = f"{w.stat().st_size / 1e6:.1f} MB"
                 c = f"  {statistics.median(times['compare']):>18.3f} s" if args.compare else ""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli, make_venv, venv_python, write_gpu_profile
-from wheels import sage_wheel
+from wheels import SAGE_WRONG, sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
 from comfy_env_attn.lockfile import LOCK_NAME, read
@@ -346,3 +346,72 @@ def test_metadata_headers_as_email_parser_reads_them() -> None:
     assert [v for k, v in got if k == "Requires-Dist"] == ["mpmath>=1.1"]
     assert [(k, " ".join(v.split())) for k, v in got] == [
         (k, " ".join(v.split())) for k, v in HeaderParser().parsestr(odd).items()]
+
+
+def _install_from_folder(venv: Path, profile: Path, folder: Path, uv_cache: Path):
+    return cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+               "--find-links", str(folder), "--no-embedded-index", "--backends", "sage",
+               "--no-verify", "-v", env={"UV_CACHE_DIR": str(uv_cache)})
+
+
+def _uv_command(r) -> str:
+    return next(line for line in r.stderr.splitlines() if line.startswith("$ "))
+
+
+def test_uv_answers_from_its_cache_yet_installs_exactly_the_inspected_wheel(
+        tmp_path, profile) -> None:
+    """Into a target that lacks the distribution, uv runs without --reinstall-package (which
+    would make it query the interpreter again), its query of the target made beside the
+    tool's imports. uv may then take a wheel's files from its cache of that path (keyed by
+    ctime on Linux, by mtime on Windows, where a copy that keeps the mtime fools it): files
+    of another wheel are caught by their RECORD's hashes and rolled back, with the way
+    out. The target has the distribution: --reinstall-package, and uv reads the file."""
+    import shutil
+    import zipfile
+
+    from comfy_env_attn.facts.probe_start import uv_binary
+
+    uv_cache = tmp_path / "uv-cache"
+    uv_env = {**os.environ, "UV_CACHE_DIR": str(uv_cache)}
+    folder = tmp_path / "w"
+    first = make_venv(tmp_path / "first", torch=True)
+    sage_wheel(folder, "ok", f"2.2.0+{LABEL}")
+    r = _install_from_folder(first, profile, folder, uv_cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " pip install " in _uv_command(r) and "--reinstall-package" not in _uv_command(r)
+    # uv's query of `first` was cached before uv installed: uv answers from it now
+    q = subprocess.run([str(uv_binary()), "-vv", "pip", "list", "--python",
+                        str(venv_python(first))], capture_output=True, text=True, env=uv_env)
+    assert "Found cached interpreter info" in q.stderr, q.stderr[-2000:]
+
+    # uv's cache of that path now holds another wheel's files (what a copy that kept the
+    # mtime leaves on Windows): made here by writing that wheel over uv's unpacked copy
+    unpacked = [d for d in (uv_cache / "archive-v0").iterdir() if (d / "sageattention").is_dir()]
+    assert len(unpacked) == 1, list((uv_cache / "archive-v0").iterdir())  # uv's layout
+    other = sage_wheel(tmp_path / "other", "wrong", f"2.2.0+{LABEL}")
+    with zipfile.ZipFile(other) as z:
+        for name in z.namelist():
+            (unpacked[0] / name).write_bytes(z.read(name))
+    second = make_venv(tmp_path / "second", torch=True)
+    r = _install_from_folder(second, profile, folder, uv_cache)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "does not match what its wheel showed: sageattention/__init__.py (uv's RECORD" in out
+    assert "uv cache clean sageattention" in out and "the target was restored" in out
+    assert installed_in(second) == {}
+
+    # once cleaned, the same install works; into a target that has it, uv reinstalls
+    shutil.rmtree(unpacked[0])
+    subprocess.run([str(uv_binary()), "cache", "clean", "sageattention"], check=True,
+                   capture_output=True, env=uv_env)
+    r = _install_from_folder(second, profile, folder, uv_cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    newer = sage_wheel(tmp_path / "newer", "wrong", f"2.2.1+{LABEL}")
+    r = _install_from_folder(second, profile, newer.parent, uv_cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--reinstall-package sageattention" in _uv_command(r), r.stdout + r.stderr
+    assert (site(second) / "sageattention" / "__init__.py").read_text() == SAGE_WRONG
+    # and again: nothing to change, uv is not run at all
+    r = _install_from_folder(second, profile, newer.parent, uv_cache)
+    assert r.returncode == 0 and "already 2.2.1" in r.stdout, r.stdout + r.stderr
+    assert "$ " not in r.stderr, r.stderr

@@ -238,14 +238,19 @@ def _verify_opts(p: argparse.ArgumentParser) -> None:
 
 
 
+# The commands that run `uv pip ... --python TARGET`, unless they only plan.
+_RUN_UV = ("install", "uninstall")
+
+
 def _start_probe(args: argparse.Namespace) -> None:
-    """Start probing the target now, so that its Python starting up overlaps the commands'
-    imports (most of a quick install's own time). A target that cannot be found is left
-    for the command to report."""
+    """Start probing the target now, and for a command that will run uv, uv's own query of
+    it, so that the target's Python starting up overlaps the command's imports (most of a
+    quick install's own time). A target that cannot be found is left for the command to
+    report."""
     if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
         return
     from comfy_env_attn.facts.locate import find_python_auto
-    from comfy_env_attn.facts.probe_start import start_probe
+    from comfy_env_attn.facts.probe_start import start_probe, warm_uv
 
     try:
         exe, _how = find_python_auto(python=getattr(args, "python", None),
@@ -254,6 +259,8 @@ def _start_probe(args: argparse.Namespace) -> None:
     except (AttnError, OSError):
         return
     start_probe(exe)
+    if args.command in _RUN_UV and not getattr(args, "dry_run", False):
+        warm_uv(exe)
 
 
 def entry() -> int:

@@ -198,12 +198,15 @@ def _parse_record(record: str, _mtime: int, _size: int, _ino: int
         text = Path(record).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return ()
-    out: list[tuple[str, str, str]] = []
+    rows = ((site_path(path), digest, size) for path, digest, size in record_rows(text))
+    return tuple(row for row in rows if row[0] != ".")
+
+
+def record_rows(text: str) -> Iterator[tuple[str, str, str]]:
+    """(path as written, hash, size) for each line of a RECORD's text."""
     for row in csv.reader(text.splitlines()):
-        rel = site_path(row[0]) if row and row[0] else "."
-        if rel != ".":
-            out.append((rel, row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else ""))
-    return tuple(out)
+        if row and row[0]:
+            yield row[0], row[1] if len(row) > 1 else "", row[2] if len(row) > 2 else ""
 
 
 def _egg_text(inst: Installed, name: str) -> str | None:

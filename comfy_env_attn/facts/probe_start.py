@@ -1,6 +1,7 @@
-"""The target's probe, started before the command's own imports, and its cache: the
-standard library alone, so that the target's Python starts within milliseconds of this tool's
-(facts.probe reads the answer)."""
+"""What starts before the command's own imports, in other processes: the target's probe
+(facts.probe reads the answer, or this module's cache of it) and uv's own query of the target.
+The standard library alone, so that the target's Python starts within milliseconds of this
+tool's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -67,12 +69,82 @@ def start_probe(executable: str) -> None:
         _PENDING[exe] = _start(exe, import_torch=False)
     except OSError:
         return
-    if len(_PENDING) == 1:
+    _reap_at_exit()
+
+
+def _reap_at_exit() -> None:
+    """Processes started here and never waited for are stopped when this tool exits."""
+    if not _REAPING:
+        _REAPING.append(True)
         atexit.register(_reap)
 
 
+_REAPING: list[bool] = []
+
+
 def _reap() -> None:
-    for proc in _PENDING.values():
+    procs: list[subprocess.Popen[Any]] = [*_PENDING.values(), *_UV_WARMING.values()]
+    for proc in procs:
         proc.kill()
         proc.wait()
     _PENDING.clear()
+    _UV_WARMING.clear()
+
+
+# -- uv --------------------------------------------------------------------------------------
+
+_UV: list[str | None] = []  # the binary, once looked for
+
+
+def uv_binary() -> str | None:
+    """The uv binary: the `uv` package's, then $UV, then PATH (as pypa/build finds it);
+    None where there is none. Looked for once a process."""
+    if not _UV:
+        found: str | None = None
+        try:
+            from uv import find_uv_bin
+
+            found = str(find_uv_bin())
+        except (ImportError, FileNotFoundError):
+            env = os.environ.get("UV")
+            found = env if env and os.path.isfile(env) else shutil.which("uv")
+        _UV.append(found)
+    return _UV[0]
+
+
+# uv's query of a target started early (warm_uv): executable -> process
+_UV_WARMING: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def warm_uv(executable: str) -> None:
+    """Have uv learn the target interpreter now, beside this tool's imports, for a command
+    that is about to run `uv pip ... --python EXE`. Before uv installs anything it runs the
+    interpreter to query it, about 60 ms of the 90 a small install takes, and caches the
+    answer (keyed by the interpreter's path and mtime): `uv python find EXE` fills that
+    cache, and the install's own uv call then skips the query. Nothing depends on it:
+    whatever goes wrong leaves uv to query as it always does."""
+    exe = os.path.abspath(executable)
+    uv = uv_binary()
+    if uv is None or exe in _UV_WARMING or not os.path.isfile(exe):
+        return
+    try:
+        _UV_WARMING[exe] = subprocess.Popen(
+            [uv, "python", "find", "--no-project", "--no-python-downloads", "--offline",
+             "--quiet", exe], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+    except OSError:
+        return
+    _reap_at_exit()
+
+
+def uv_warmed(executable: str, timeout: float = 5.0) -> None:
+    """Let uv's early query of this interpreter finish (it is the work uv would otherwise
+    repeat), for at most `timeout` seconds; one still running then is stopped."""
+    proc = _UV_WARMING.pop(os.path.abspath(executable), None)
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

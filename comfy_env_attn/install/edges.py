@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,24 +46,16 @@ from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.facts.probe import cache_dir
+from comfy_env_attn.facts.probe_start import uv_binary, uv_warmed
 
 # -- uv -----------------------------------------------------------------------------------
 
 def find_uv() -> str:
-    """The uv binary: the `uv` package's, then $UV, then PATH (as pypa/build finds it)."""
-    try:
-        from uv import find_uv_bin
-
-        return str(find_uv_bin())
-    except (ImportError, FileNotFoundError):
-        pass
-    env = os.environ.get("UV")
-    if env and Path(env).is_file():
-        return env
-    found = shutil.which("uv")
-    if found:
-        return found
-    raise InstallError("uv not found: install it with `python -m pip install uv` (or set $UV)")
+    """The uv binary (facts.probe_start.uv_binary says where it is looked for)."""
+    found = uv_binary()
+    if found is None:
+        raise InstallError("uv not found: install it with `python -m pip install uv` (or set $UV)")
+    return found
 
 
 def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = None,
@@ -74,6 +65,8 @@ def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = 
     fails."""
     exe = uv or find_uv()
     cmd = [exe, *args]
+    if "--python" in args[:-1]:
+        uv_warmed(args[args.index("--python") + 1])
     log("$ " + " ".join(_short(a) for a in cmd))
     what = f"uv {args[0]} {args[1] if len(args) > 1 else ''}".strip()
     if passthrough:

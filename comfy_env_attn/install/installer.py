@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -35,6 +35,7 @@ from comfy_env_attn.facts.installed import (
     read_installed,
     record_lines,
     record_paths,
+    record_rows,
     shadowing,
     shared_files,
     stat_of,
@@ -200,6 +201,9 @@ class _Context:
         # the wheels this run will install, as the guard saw them: two wheels of one run
         # may not overwrite each other, and uv may write nothing else
         self.claims: dict[str, tuple[str, list[guard.Entry]]] = {}
+        # and what each wheel's RECORD says its files in the site dir hash to: dist ->
+        # {destination: hash}, for _unexpected_files to compare with what uv installed
+        self.hashes: dict[str, dict[str, str]] = {}
 
     def owners(self, entries: list[guard.Entry]) -> guard.Owners:
         """Who owns what among the installed distributions that could own one of these
@@ -272,6 +276,10 @@ class _Context:
                                                        self.owners(entries), existing, pth=pth)
         if not found:
             self.claims[dist] = (_version_of(name), entries)
+            listed = {path: digest for path, digest, _size in record_rows(
+                wheel_member(fetched.path, f"{dist_dir}.dist-info/RECORD")) if digest}
+            self.hashes[dist] = {e.dest: listed[e.name] for e in entries
+                                 if e.kind == "site" and e.name in listed}
         return found
 
     def protected_state(self, installed: dict[str, Installed]) -> dict[str, Stat | None]:
@@ -322,11 +330,11 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             row.note = " | ".join(f.text for f in failures)
             out.ok = False
     to_install = [(b, f) for b, f in ready if out.row(b).action != "already"]
-    if not to_install and not ready:
+    if not to_install:
         # nothing to change: still verify what is there and write the lock (SDPA alone when
         # nothing fits), so that the dispatcher finds one
         results = verify_installed(target, installed, out, opts.verify)
-        out.lock = _write_lock(target, installed, results, [])
+        out.lock = _write_lock(target, installed, results, [f for _, f in ready])
         return
     # a backend's requirement on a backend of this run (itself with extras, say) is this
     # run's wheel, not one for uv to resolve again
@@ -358,7 +366,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         crash_point("backed-up")
         with tempfile.TemporaryDirectory() as tmp:
             _uv_install(target, [(bk.BACKENDS[b].dist, f) for b, f in to_install] + extra,
-                        Path(tmp), passthrough=opts.uv_passthrough)
+                        Path(tmp), installed, passthrough=opts.uv_passthrough)
             crash_point("installed")
         for b, f in to_install:
             row = out.row(b)
@@ -443,15 +451,18 @@ def _check_untouched(ctx: _Context, before: dict[str, Stat | None] | None,
 def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
     """What uv's RECORD of a new distribution lists beyond the destinations the guard
     approved (and the installer's own files in its .dist-info), and listed files that are
-    missing or of another size. The wheel's bytes were hashed as they arrived: sizes are
-    enough here, no second hash of every file."""
+    missing or of another size, and files whose hash in that RECORD is not the one the
+    inspected wheel's RECORD gives (uv copies those lines: another hash means other bytes,
+    say from uv's cache of an earlier file at that path and mtime). The wheel's bytes were
+    hashed as they arrived: no second hash of every file."""
     claimed = ctx.claims.get(dist)
+    expected = ctx.hashes.get(dist, {})
     approved = {e.dest for e in claimed[1]} if claimed else set()
     tops = {e.rel.split("/", 1)[0] for e in claimed[1] if e.kind == "site"} if claimed \
         else set()
     info = guard.norm(inst.dist_info) + os.sep
     out: list[str] = []
-    for rel, _digest, size in record_lines(inst):
+    for rel, digest, size in record_lines(inst):
         path = guard.norm(os.path.join(inst.location, rel))
         if path not in approved and not path.startswith(info) and \
                 not (is_bytecode(rel) and rel.split("/", 1)[0] in tops):
@@ -462,6 +473,10 @@ def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
             out.append(f"{rel} (missing)")
         elif size.isdigit() and int(size) != st[0]:
             out.append(f"{rel} (size {st[0]}, RECORD says {size})")
+        elif digest and expected.get(path, digest) != digest:
+            out.append(f"{rel} (uv's RECORD says {digest}, the inspected wheel's "
+                       f"{expected[path]}: other bytes, from uv's cache? `uv cache clean "
+                       f"{dist}` clears it)")
     return out
 
 
@@ -587,18 +602,26 @@ def _obtain(c: Candidate, backend: str, ctx: _Context, meter: DownloadMeter | No
     return fetched, needs.missing
 
 
-def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path, *,
-                passthrough: bool = False) -> None:
+def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
+                installed: Mapping[str, Installed], *, passthrough: bool = False) -> None:
     """One uv run for every wheel, each from its file on disk, nothing resolved or fetched
     by uv. Each wheel is hashed once: by us, as it downloaded (or once on disk), and checked
-    against its source's hash before it got here; uv is not asked to hash it again."""
+    against its source's hash before it got here; uv is not asked to hash it again.
+
+    `--reinstall-package` only for a distribution the target has (uv would keep that
+    one). It also makes uv refresh its cache, its query of the interpreter included: 90 ms
+    of a small install's 120 (or 35 with that query answered from uv's cache, which
+    facts.probe_start.warm_uv filled meanwhile). Without it, uv may take the wheel's files
+    from its cache of that path and mtime: _unexpected_files then compares what uv
+    installed with the wheel's RECORD, hash by hash."""
     req = tmp / "attention.txt"
     req.write_text("".join(f"{dist} @ {f.path.resolve().as_uri()}\n" for dist, f in items),
                    encoding="utf-8")
     args = ["pip", "install", "--python", target.executable, "--no-deps", "--offline",
             "--no-index", "--only-binary", ":all:", "-r", str(req)]
     for dist, _f in items:
-        args += ["--reinstall-package", dist]
+        if dist in installed:
+            args += ["--reinstall-package", dist]
     lockfile.load_in_background()  # while uv works
     run_uv(args, log, passthrough=passthrough)
 
