@@ -42,6 +42,7 @@ CONSEQUENCE = {
 
 @dataclass(frozen=True)
 class Finding:
+    """One thing doctor found, how bad it is and what to do next."""
     severity: str  # "problem", "ok" or "info"
     subject: str
     message: str
@@ -60,6 +61,7 @@ class Finding:
 
 @dataclass(frozen=True)
 class Diagnosis:
+    """What doctor found about one target."""
     system: System
     findings: tuple[Finding, ...] = field(default=())
 

@@ -53,6 +53,7 @@ class LockError(AttnError):
 
 @dataclass(frozen=True)
 class LockedWheel:
+    """One wheel a lock records (a [[packages]] entry)."""
     backend: str
     name: str  # distribution name
     version: str

@@ -40,6 +40,7 @@ DRIVER_MIN = {
 
 @dataclass(frozen=True)
 class Reason:
+    """Why a candidate was rejected or ranked lower, with the kind of rule."""
     kind: str  # filename, python, platform, torch, cuda, driver, cxx11abi, gpu, yanked, label,
     #            pin, ranked
     text: str
@@ -70,12 +71,14 @@ class Pin:
 
 @dataclass(frozen=True)
 class Rejected:
+    """A candidate the resolver turned down, with every reason."""
     candidate: Candidate
     reasons: tuple[Reason, ...]
 
 
 @dataclass(frozen=True)
 class BackendPlan:
+    """What the resolver chose for one backend, what it rejected, and notes."""
     backend: str
     package: str
     selected: Candidate | None
@@ -106,6 +109,7 @@ class BackendPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """The resolver's answer for a System: one BackendPlan per backend."""
     system: System
     backends: tuple[BackendPlan, ...]
     warnings: tuple[str, ...] = field(default=())
@@ -158,6 +162,7 @@ def _glibc(system: System) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class TargetTags:
+    """The wheel tags a target accepts, ranked, as pip ranks them."""
     ranks: dict[Tag, int]  # tag -> rank, lower is better
     interp_abis: frozenset[tuple[str, str]]
     platforms: frozenset[str]

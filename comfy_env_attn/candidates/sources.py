@@ -531,6 +531,7 @@ def fetch_find_links(client: httpx.Client | None, location: str,
 
 @dataclass(frozen=True)
 class Sources:
+    """Where candidate wheels come from: indexes, find-links, the embedded index, PyPI."""
     index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
     embedded: bool = True

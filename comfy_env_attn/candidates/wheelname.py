@@ -147,6 +147,7 @@ def safe_wheel_filename(filename: str) -> str:
 
 @dataclass(frozen=True)
 class WheelName:
+    """A wheel filename, parsed (safe_wheel_filename checks it first)."""
     filename: str
     project: str  # canonical (PEP 503) name
     version: Version  # the public version (local labels are in `label`)

@@ -85,6 +85,7 @@ class Call:
 
 @dataclass(frozen=True)
 class Backend:
+    """One attention backend: its distribution, import name, kernel and what it can do."""
     name: str
     dist: str  # normalized distribution name; "" for sdpa
     title: str

@@ -31,6 +31,7 @@ from comfy_env_attn.core.lockmodel import BackendRecord, BenchRow
 
 @dataclass(frozen=True)
 class Ranked:
+    """A backend in a choice's order, with its measured speed and why it stands there."""
     name: str
     tflops: float | None  # measured at the nearest shape; None: not timed
     why: str
@@ -38,6 +39,7 @@ class Ranked:
 
 @dataclass(frozen=True)
 class Choice:
+    """The backends for one kind of call, best first, and those passed over with why."""
     order: tuple[Ranked, ...]  # best first; SDPA always present
     passed_over: tuple[tuple[str, tuple[str, ...]], ...]  # (backend, every reason)
 

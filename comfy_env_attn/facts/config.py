@@ -112,6 +112,7 @@ class Environment:
 
 @dataclass(frozen=True)
 class ComfyEnvConfig:
+    """A comfy-env.toml as this tool reads it: its environments' attention packages."""
     path: Path
     environments: tuple[Environment, ...]
     left_to_comfy_env: tuple[str, ...]  # tables, keys and packages that are comfy-env's

@@ -35,6 +35,7 @@ _DIST_INFO = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)\.dist-info$")
 
 @dataclass
 class Installed:
+    """One installed distribution, found as importlib.metadata finds it."""
     name: str  # canonical
     version: str
     location: str  # the site dir holding it

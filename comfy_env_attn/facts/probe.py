@@ -33,6 +33,7 @@ PROBE_TIMEOUT_S = 120  # seconds the target's probe may take; read at each call 
 
 @dataclass(frozen=True)
 class GpuFacts:
+    """The driver and GPUs, as nvidia-smi or NVML reported them, and what could not be read."""
     driver: str | None = None
     driver_cuda: str | None = None
     gpus: tuple[str, ...] = ()

@@ -26,6 +26,7 @@ _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "x86_64
 
 @dataclass(frozen=True)
 class System:
+    """The machine a plan is for: Python, platform, torch, CUDA, driver and GPUs."""
     python: str
     platform: str
     arch: str = "x86_64"

@@ -82,6 +82,7 @@ class BuildError(InstallError):
 
 @dataclass(frozen=True)
 class Recipe:
+    """How to build one backend from source: pinned source, version and build settings."""
     backend: str
     dist: str
     version: str
@@ -173,6 +174,7 @@ def load_recipes(path: Path | None = None) -> dict[str, Recipe]:
 
 @dataclass(frozen=True)
 class Nvcc:
+    """The CUDA compiler found (or not), its release and the host compilers it accepts."""
     path: str | None
     looked: str  # where it was looked for / found, for the message
     release: str | None = None  # "12.8"
@@ -184,6 +186,7 @@ class Nvcc:
 
 @dataclass(frozen=True)
 class Compiler:
+    """The host C++ compiler found (or not)."""
     path: str | None
     kind: str | None = None  # gcc | clang | msvc
     version: str | None = None  # "12.2.0"
@@ -441,6 +444,7 @@ def gather_facts(target: Target, recipe: Recipe, work: Path,
 
 @dataclass(frozen=True)
 class Problem:
+    """A build prerequisite that is missing, and how to fix it."""
     what: str
     fix: str
 
@@ -1109,6 +1113,7 @@ def relabel(wheel: Path, label: str, dest: Path) -> Path:
 
 @dataclass(frozen=True)
 class Built:
+    """A wheel built on this machine: its candidate, its build record and the file."""
     candidate: Candidate
     record: BuildRecord
     wheel: Path

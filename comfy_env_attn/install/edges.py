@@ -138,6 +138,7 @@ def _short(a: str) -> str:
 
 @dataclass(frozen=True)
 class Fetched:
+    """A wheel on local disk and its sha256 (or the hashing of it still under way)."""
     candidate: Candidate
     path: Path
     digest: str | FileDigest  # the sha256, or the hashing of a local file still under way
@@ -563,6 +564,7 @@ def requirements(metadata: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Needs:
+    """What a wheel's requirements ask of the target: refusals, and what uv must add."""
     refused: list[str]  # reasons this wheel cannot go in without replacing a protected one
     missing: list[str]  # other requirements the target lacks (installed through uv)
 

@@ -12,7 +12,6 @@ at every start), or when it is not a plain relative path.
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -197,6 +196,7 @@ def _is_plain(rel: str) -> bool:
 
 @dataclass(frozen=True)
 class Entry:
+    """One file a wheel would write, and where in the target it would go."""
     name: str  # as listed in the zip
     dest: str  # absolute normalised path in the target
     kind: str  # "site", "scripts", "data" or "headers"
@@ -263,6 +263,10 @@ def script_entries(wheel: str, dist_dir: str, entry_points: str, layout: Layout
     """The launchers an installer writes into the scripts folder for the wheel's
     console_scripts and gui_scripts (entry_points.txt): files it writes although the zip
     does not list them (a script named pip would replace bin/pip)."""
+    if not entry_points.strip():
+        return [], []
+    import configparser  # only for a wheel that has entry points
+
     parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     source = f"{dist_dir}.dist-info/entry_points.txt"

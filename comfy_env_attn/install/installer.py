@@ -89,6 +89,7 @@ class Row:
 
 @dataclass
 class Outcome:
+    """What install did, row by row, whether all went well, and the lock it wrote."""
     rows: dict[str, Row] = field(default_factory=dict)
     ok: bool = True
     lock: Path | None = None  # the lock written
@@ -172,6 +173,7 @@ def recover(target: Target) -> Recovery:
 
 @dataclass(frozen=True)
 class InstallOptions:
+    """How install fetches, verifies and reports (the command line's flags)."""
     index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
     keep_failed: bool = False

@@ -118,6 +118,7 @@ def target_lock(prefix: Path, log: Callable[[str], None]) -> Iterator[None]:
 
 @dataclass
 class Touched:
+    """A distribution an install changes: its version before and where its files are kept."""
     name: str
     before: str | None  # version installed in the target's own site dir, None if absent
     backup: str | None  # folder holding its files, file i of `files` as <backup>/<i>

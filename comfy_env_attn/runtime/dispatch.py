@@ -60,6 +60,7 @@ _ENV_NAMES = {"auto": "auto", "flash2": "flash", "pytorch": "sdpa", "split": "sd
 
 @dataclass
 class _State:
+    """The dispatcher's settings and the backends the lock lets it use."""
     mode: str = "auto"
     exact: bool = False
     safe: bool = False  # no fp8/fp4 P.V (core.choose's modes)

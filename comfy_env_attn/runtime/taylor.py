@@ -59,6 +59,7 @@ __all__ = ["feature_dim", "plan_blocks", "reset_taylor_stats", "taylor_attention
 
 @dataclass
 class _Stats:
+    """Counts of taylor_attention's calls, fallbacks and quality checks."""
     calls: int = 0
     taylor_calls: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
@@ -125,6 +126,7 @@ def plan_blocks(D: int, P: int, sub_head_blocks: int, max_feature_dim_R: int) ->
 
 @dataclass(frozen=True)
 class _FeatureMap:
+    """The monomial feature map of one head dim and degree, built once."""
     d: int
     prefix: list[list[int]]  # prefix[p-1][j]: degree p-1 monomials whose last index <= j
     coef: Tensor             # 1 / sqrt(a!) for every monomial, in the order _phi builds them

@@ -67,6 +67,7 @@ def head_dims_from_env() -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class Options:
+    """How to verify: the device, shapes, time limits and whether to benchmark."""
     device: str | None = None  # None: cuda when torch sees a GPU, else cpu
     shapes: list[list[int]] | None = None  # None: GPU_SHAPES or CPU_SHAPES
     timeout: float = float(os.environ.get("COMFY_ENV_ATTN_VERIFY_TIMEOUT", "600"))
@@ -89,6 +90,7 @@ class Options:
 
 @dataclass(frozen=True)
 class Result:
+    """One backend's verification: passed or not, its checks and timings, or the error."""
     backend: str
     passed: bool
     data: dict[str, Any]
