@@ -7,8 +7,11 @@ and verification time per backend against a bare `python -c "import torch"` in t
 `index`: both install from a PEP 503 index served over loopback (our download, then uv from
 the file; uv downloads it itself). `folder`: a local wheel, `--find-links FOLDER` for both.
 Each run gets a fresh venv that sees this interpreter's torch (tests/conftest.py's make_venv:
-a .pth file names the folder holding it; not timed). The wheel is a working CPU sageattention built here; --size-mb adds an incompressible
-payload so that a realistic wheel size (SageAttention 2 builds are 20-100 MB) can be compared.
+a .pth file names the folder holding it; not timed). raw uv runs with --no-cache; each run of
+comfy-env-attn gets an empty UV_CACHE_DIR, so that uv learns the fresh venv's interpreter and
+unpacks the wheel within the timed run for both. The wheel is a working CPU sageattention built
+here; --size-mb adds an incompressible payload so that a realistic wheel size (SageAttention 2
+builds are 20-100 MB) can be compared.
 
 --compare DIR: also time the command line of another checkout (an earlier commit:
 `git worktree add /tmp/before COMMIT`), run by this interpreter. The runs of the three
