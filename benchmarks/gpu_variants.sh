@@ -53,6 +53,10 @@ python3 -c "import json; d=json.load(open('$OUT/install.json')); print('ok', d['
 cp "$VENV/pylock.comfy-env-attn.toml" "$OUT/" 2>/dev/null
 $CEA lock --python "$VENV/bin/python" | head -40
 
+step "install overhead with the built wheel (fresh venvs, against raw uv --no-cache)"
+python3 benchmarks/gpu_install_overhead.py "$WORK/wheel" --runs "${RUNS:-9}" \
+  --json "$OUT/install_overhead.json"
+
 step "the two kernels side by side"
 PYTHONPATH=$PWD "$VENV/bin/python" benchmarks/gpu_sage_variants.py --json "$OUT/variants.json"
 step "which SDPA kernel each path runs (no lock: the dispatcher's plain SDPA)"

@@ -1,0 +1,78 @@
+"""Install overhead with a real wheel on the GPU machine (gpu_variants.sh runs it after the
+build): `comfy-env-attn install --no-verify` of the built SageAttention wheel against a raw
+`uv pip install --no-cache` of the same file, each into a fresh venv that sees the base torch.
+
+    python3 benchmarks/gpu_install_overhead.py WHEEL_DIR [--runs 9] [--json FILE] [--system F]
+
+The two commands alternate, the order turning each round; each run of ours gets an empty
+UV_CACHE_DIR (as raw uv has --no-cache), so both learn the fresh venv's interpreter and
+unpack the wheel within the timed run. The tool runs as CEA says (default `python3 -m
+comfy_env_attn`), uv as found on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("wheels", type=Path, help="the folder holding the built wheel")
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--system", type=Path,
+                    help="resolve for this System profile (to try the script off a GPU)")
+    args = ap.parse_args()
+    cea = os.environ.get("CEA", "python3 -m comfy_env_attn").split()
+    uv = shutil.which("uv")
+    if uv is None:
+        raise SystemExit("uv is not on PATH")
+    wheel = next(args.wheels.glob("sageattention-*.whl"))
+    times: dict[str, list[float]] = {"ours": [], "uv": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            for who in (("ours", "uv") if i % 2 == 0 else ("uv", "ours")):
+                venv = Path(tmp) / f"{who}-{i}"
+                subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                                "--system-site-packages", str(venv)], check=True)
+                py = str(venv / "bin" / "python")
+                env = dict(os.environ)
+                if who == "uv":
+                    cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache",
+                           "--no-deps", "--no-index", "--find-links", str(args.wheels),
+                           "sageattention"]
+                else:
+                    cmd = [*cea, "install", "--python", py, "--find-links", str(args.wheels),
+                           "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
+                           *(["--system", str(args.system)] if args.system else [])]
+                    env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                dt = time.perf_counter() - t0
+                if r.returncode != 0:
+                    raise SystemExit(f"{who} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
+                times[who].append(dt)
+                shutil.rmtree(venv)
+                shutil.rmtree(Path(tmp) / f"uv-cache-{i}", ignore_errors=True)
+    ours, raw = statistics.median(times["ours"]), statistics.median(times["uv"])
+    size = wheel.stat().st_size / 1e6
+    print(f"{wheel.name} ({size:.1f} MB), medians of {args.runs}: comfy-env-attn install "
+          f"{ours:.3f} s, raw uv pip install {raw:.3f} s, ratio {ours / raw:.2f}, "
+          f"difference {ours - raw:+.3f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"wheel": wheel.name, "mb": size, "runs": times,
+                                         "ours": ours, "uv": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
