@@ -351,7 +351,85 @@ def test_metadata_headers_as_email_parser_reads_them() -> None:
 def _install_from_folder(venv: Path, profile: Path, folder: Path, uv_cache: Path):
     return cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
                "--find-links", str(folder), "--no-embedded-index", "--backends", "sage",
-               "--no-verify", "-v", env={"UV_CACHE_DIR": str(uv_cache)})
+               "--no-verify", "-v", env={"UV_CACHE_DIR": str(uv_cache), "UV_NO_CACHE": "0"})
+
+
+def _uv_unpacked(uv_cache: Path) -> Path:
+    """uv's unpacked copy of the one sageattention wheel it has cached (uv's own layout:
+    archive-v0/<id>/; the tests that poison it skip where uv lays it out otherwise)."""
+    found = [d for d in (uv_cache / "archive-v0").glob("*") if (d / "sageattention").is_dir()]
+    if len(found) != 1:
+        pytest.skip(f"uv's cache is not laid out as archive-v0/<id>/ here: {found}")
+    return found[0]
+
+
+def _record_hash(data: bytes) -> str:
+    import base64
+
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _sage_files(folder: Path, files: dict[str, bytes], *, hashes: bool = True,
+                prefix: str = "") -> Path:
+    """A sageattention wheel of these files whose RECORD may give no hashes, or write its
+    paths with a prefix ('./')."""
+    import zipfile
+
+    version = f"2.2.0+{LABEL}"
+    info = f"sageattention-{version}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: sageattention\n"
+                                          f"Version: {version}\n".encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\n"
+                              b"Tag: py3-none-any\n"}
+    rows = [f"{prefix}{path},{_record_hash(data) if hashes else ''},{len(data)}"
+            for path, data in files.items()] + [f"{info}/RECORD,,"]
+    folder.mkdir(parents=True, exist_ok=True)
+    w = folder / f"sageattention-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(w, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+        z.writestr(f"{info}/RECORD", "\n".join(rows) + "\n")
+    return w
+
+
+@pytest.mark.parametrize("case", ["file-missing", "no-hashes", "dot-slash-paths"])
+def test_every_way_uvs_cached_copy_can_differ_is_caught(tmp_path, profile, case) -> None:
+    """uv's cached copy of a wheel path holds another wheel: one that lacks a file the
+    inspected wheel has; one whose RECORD gives no hashes (its file of the same size, other
+    bytes: hashed here); the inspected wheel's RECORD writing './' paths. Each is rolled
+    back."""
+    import shutil
+    import zipfile
+
+    from wheels import SAGE_OK
+
+    ok = SAGE_OK.encode()
+    bad = ok.replace(b"q.float()", b"q.half() ")
+    assert len(bad) == len(ok)
+    inspected = {"sageattention/__init__.py": ok, "sageattention/extra.py": b"NEEDED = 1\n"}
+    cached, kw = {"sageattention/__init__.py": bad, "sageattention/extra.py": b"NEEDED = 1\n"}, {}
+    if case == "file-missing":
+        cached = {"sageattention/__init__.py": ok}
+    elif case == "no-hashes":
+        kw = {"hashes": False}
+    _sage_files(tmp_path / "w", inspected, prefix="./" if case == "dot-slash-paths" else "")
+    other = _sage_files(tmp_path / "other", cached, **kw)
+    uv_cache = tmp_path / "uv-cache"
+    first = make_venv(tmp_path / "first", torch=True)
+    r = _install_from_folder(first, profile, tmp_path / "w", uv_cache)
+    assert r.returncode == 0, r.stdout + r.stderr
+    unpacked = _uv_unpacked(uv_cache)
+    shutil.rmtree(unpacked)
+    with zipfile.ZipFile(other) as z:
+        z.extractall(unpacked)
+    second = make_venv(tmp_path / "second", torch=True)
+    r = _install_from_folder(second, profile, tmp_path / "w", uv_cache)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    what = "sageattention/extra.py (in the wheel, not installed" if case == "file-missing" \
+        else "sageattention/__init__.py (hash sha256="
+    assert what in out and "uv cache clean sageattention" in out, out
+    assert installed_in(second) == {}
 
 
 def _uv_command(r) -> str:
@@ -366,13 +444,12 @@ def test_uv_answers_from_its_cache_yet_installs_exactly_the_inspected_wheel(
     ctime on Linux, by mtime on Windows, where a copy that keeps the mtime fools it): files
     of another wheel are caught by their RECORD's hashes and rolled back, with the way
     out. The target has the distribution: --reinstall-package, and uv reads the file."""
-    import shutil
     import zipfile
 
     from comfy_env_attn.facts.probe_start import uv_binary
 
     uv_cache = tmp_path / "uv-cache"
-    uv_env = {**os.environ, "UV_CACHE_DIR": str(uv_cache)}
+    uv_env = {**os.environ, "UV_CACHE_DIR": str(uv_cache), "UV_NO_CACHE": "0"}
     folder = tmp_path / "w"
     first = make_venv(tmp_path / "first", torch=True)
     sage_wheel(folder, "ok", f"2.2.0+{LABEL}")
@@ -386,22 +463,20 @@ def test_uv_answers_from_its_cache_yet_installs_exactly_the_inspected_wheel(
 
     # uv's cache of that path now holds another wheel's files (what a copy that kept the
     # mtime leaves on Windows): made here by writing that wheel over uv's unpacked copy
-    unpacked = [d for d in (uv_cache / "archive-v0").iterdir() if (d / "sageattention").is_dir()]
-    assert len(unpacked) == 1, list((uv_cache / "archive-v0").iterdir())  # uv's layout
+    unpacked = _uv_unpacked(uv_cache)
     other = sage_wheel(tmp_path / "other", "wrong", f"2.2.0+{LABEL}")
     with zipfile.ZipFile(other) as z:
         for name in z.namelist():
-            (unpacked[0] / name).write_bytes(z.read(name))
+            (unpacked / name).write_bytes(z.read(name))
     second = make_venv(tmp_path / "second", torch=True)
     r = _install_from_folder(second, profile, folder, uv_cache)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
-    assert "does not match what its wheel showed: sageattention/__init__.py (uv's RECORD" in out
+    assert "does not match what its wheel showed: sageattention/__init__.py (hash sha256=" in out
     assert "uv cache clean sageattention" in out and "the target was restored" in out
     assert installed_in(second) == {}
 
     # once cleaned, the same install works; into a target that has it, uv reinstalls
-    shutil.rmtree(unpacked[0])
     subprocess.run([str(uv_binary()), "cache", "clean", "sageattention"], check=True,
                    capture_output=True, env=uv_env)
     r = _install_from_folder(second, profile, folder, uv_cache)

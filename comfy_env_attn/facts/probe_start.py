@@ -83,12 +83,26 @@ _REAPING: list[bool] = []
 
 
 def _reap() -> None:
-    procs: list[subprocess.Popen[Any]] = [*_PENDING.values(), *_UV_WARMING.values()]
-    for proc in procs:
-        proc.kill()
-        proc.wait()
+    for probe in _PENDING.values():
+        probe.kill()
+        probe.wait()
+    for uv in _UV_WARMING.values():
+        _kill_group(uv)
+        uv.wait()
     _PENDING.clear()
     _UV_WARMING.clear()
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process started in a session of its own, and what it started (uv runs the
+    interpreter it queries); on Windows, the process alone."""
+    if os.name == "nt" or proc.poll() is not None:
+        proc.kill()
+        return
+    try:
+        os.killpg(proc.pid, 9)
+    except OSError:
+        proc.kill()
 
 
 # -- uv --------------------------------------------------------------------------------------
@@ -131,20 +145,18 @@ def warm_uv(executable: str) -> None:
         _UV_WARMING[exe] = subprocess.Popen(
             [uv, "python", "find", "--no-project", "--no-python-downloads", "--offline",
              "--quiet", exe], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            stderr=subprocess.DEVNULL, start_new_session=os.name != "nt")
     except OSError:
         return
     _reap_at_exit()
 
 
-def uv_warmed(executable: str, timeout: float = 5.0) -> None:
-    """Let uv's early query of this interpreter finish (it is the work uv would otherwise
-    repeat), for at most `timeout` seconds; one still running then is stopped."""
-    proc = _UV_WARMING.pop(os.path.abspath(executable), None)
-    if proc is None:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def uv_warmed(executable: str) -> None:
+    """Let uv's early query of this interpreter finish: it is the query uv would otherwise
+    make again, and stopping it midway would only repeat it (a target slow to start was
+    probed before this, with a time limit). Interrupted meanwhile, it is stopped at exit."""
+    exe = os.path.abspath(executable)
+    proc = _UV_WARMING.get(exe)
+    if proc is not None:
         proc.wait()
+        del _UV_WARMING[exe]

@@ -38,6 +38,7 @@ from comfy_env_attn.facts.installed import (
     record_rows,
     shadowing,
     shared_files,
+    site_path,
     stat_of,
 )
 from comfy_env_attn.facts.probe import Target
@@ -203,9 +204,10 @@ class _Context:
         # the wheels this run will install, as the guard saw them: two wheels of one run
         # may not overwrite each other, and uv may write nothing else
         self.claims: dict[str, tuple[str, list[guard.Entry]]] = {}
-        # and what each wheel's RECORD says its files in the site dir hash to: dist ->
-        # {destination: hash}, for _unexpected_files to compare with what uv installed
-        self.hashes: dict[str, dict[str, str]] = {}
+        # and what each wheel's RECORD says its files in the site dir hash to, its
+        # .dist-info aside (uv writes files of its own there): dist -> {destination: the
+        # hashes its lines give}, for _unexpected_files to compare with what uv installed
+        self.hashes: dict[str, dict[str, set[str]]] = {}
 
     def owners(self, entries: list[guard.Entry]) -> guard.Owners:
         """Who owns what among the installed distributions that could own one of these
@@ -278,10 +280,15 @@ class _Context:
                                                        self.owners(entries), existing, pth=pth)
         if not found:
             self.claims[dist] = (_version_of(name), entries)
-            listed = {path: digest for path, digest, _size in record_rows(
-                wheel_member(fetched.path, f"{dist_dir}.dist-info/RECORD")) if digest}
-            self.hashes[dist] = {e.dest: listed[e.name] for e in entries
-                                 if e.kind == "site" and e.name in listed}
+            listed: dict[str, set[str]] = {}
+            for path, digest, _size in record_rows(
+                    wheel_member(fetched.path, f"{dist_dir}.dist-info/RECORD")):
+                if digest:
+                    listed.setdefault(site_path(path), set()).add(digest)
+            info = f"{dist_dir}.dist-info/"
+            self.hashes[dist] = {e.dest: listed[site_path(e.name)] for e in entries
+                                 if e.kind == "site" and not e.name.startswith(info)
+                                 and site_path(e.name) in listed}
         return found
 
     def protected_state(self, installed: dict[str, Installed]) -> dict[str, Stat | None]:
@@ -453,19 +460,23 @@ def _check_untouched(ctx: _Context, before: dict[str, Stat | None] | None,
 def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
     """What uv's RECORD of a new distribution lists beyond the destinations the guard
     approved (and the installer's own files in its .dist-info), and listed files that are
-    missing or of another size, and files whose hash in that RECORD is not the one the
-    inspected wheel's RECORD gives (uv copies those lines: another hash means other bytes,
-    say from uv's cache of an earlier file at that path and mtime). The wheel's bytes were
-    hashed as they arrived: no second hash of every file."""
+    missing or of another size; then the files the inspected wheel's RECORD gives a hash
+    for: each must be installed with that hash (uv copies those lines, so another hash
+    means other bytes, say from uv's cache of an earlier file at that path and mtime; a
+    line uv left without one, the file is hashed here). The wheel's bytes were hashed as
+    they arrived: no second hash of every file."""
     claimed = ctx.claims.get(dist)
     expected = ctx.hashes.get(dist, {})
+    stale = f"from uv's cache? `uv cache clean {dist}` clears it"
     approved = {e.dest for e in claimed[1]} if claimed else set()
     tops = {e.rel.split("/", 1)[0] for e in claimed[1] if e.kind == "site"} if claimed \
         else set()
     info = guard.norm(inst.dist_info) + os.sep
     out: list[str] = []
+    listed: set[str] = set()
     for rel, digest, size in record_lines(inst):
         path = guard.norm(os.path.join(inst.location, rel))
+        listed.add(path)
         if path not in approved and not path.startswith(info) and \
                 not (is_bytecode(rel) and rel.split("/", 1)[0] in tops):
             out.append(f"{rel} (not in the wheel)")
@@ -475,11 +486,30 @@ def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
             out.append(f"{rel} (missing)")
         elif size.isdigit() and int(size) != st[0]:
             out.append(f"{rel} (size {st[0]}, RECORD says {size})")
-        elif digest and expected.get(path, digest) != digest:
-            out.append(f"{rel} (uv's RECORD says {digest}, the inspected wheel's "
-                       f"{expected[path]}: other bytes, from uv's cache? `uv cache clean "
-                       f"{dist}` clears it)")
+        elif path in expected and \
+                (digest or _record_hash(path, expected[path])) not in expected[path]:
+            out.append(f"{rel} (hash {digest or _record_hash(path, expected[path])}, the "
+                       f"inspected wheel's RECORD says {min(expected[path])}: other bytes, "
+                       f"{stale})")
+    out += [f"{os.path.relpath(p, inst.location)} (in the wheel, not installed: {stale})"
+            for p in sorted(expected.keys() - listed)]
     return out
+
+
+def _record_hash(path: str, like: set[str]) -> str:
+    """A file's hash as a RECORD line writes it, in the algorithm of `like` (a RECORD's
+    hashes of it); "" when it cannot be read."""
+    import base64
+
+    algorithm = min(like).partition("=")[0].lower()
+    try:
+        h = hashlib.new(algorithm)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, ValueError):
+        return ""
+    return f"{algorithm}=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
 
 
 def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
