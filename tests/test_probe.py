@@ -159,6 +159,42 @@ def test_nvidia_smi_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_nvidia_smi(q, banner).gpus == ("8.9",)
 
 
+def test_nvml_read_from_the_start_answers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line asks NVML in a thread from its start; probe_gpus takes that answer
+    once, and only while CUDA_VISIBLE_DEVICES is as it was read under. (NVML stands in for
+    the GPU this machine lacks: each answer says which call it came from.)"""
+    calls: list[str] = []
+
+    def nvml() -> dict[str, object]:
+        calls.append("call")
+        return {"gpus": ("9.0",), "source": f"nvml call {len(calls)}"}
+
+    monkeypatch.setattr(probe_start, "_nvml", nvml)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    probe_start.start_gpu_probe()
+    probe_start.start_gpu_probe()  # already under way: not a second thread
+    assert probe_mod.probe_gpus().source == "nvml call 1"
+    assert probe_mod.probe_gpus().source == "nvml call 2"  # asked again, not kept
+    probe_start.start_gpu_probe()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert probe_mod.probe_gpus().source == "nvml call 4"  # read under another setting
+    assert probe_start._GPUS == {} and len(calls) == 4
+
+
+def test_the_command_line_reads_nvml_early_only_where_it_will_ask(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from comfy_env_attn.cli import _start_probe, build_parser
+
+    started: list[str] = []
+    monkeypatch.setattr(probe_start, "start_gpu_probe", lambda: started.append("nvml"))
+    profile = tmp_path / "gpu.toml"
+    for argv, want in ((["plan"], ["nvml"]), (["plan", "--system", str(profile)], []),
+                       (["lock"], []), (["doctor"], ["nvml"])):
+        started.clear()
+        _start_probe(build_parser().parse_args(argv))
+        assert started == want, argv
+
+
 def test_no_nvml_is_a_reason_not_a_crash() -> None:
     f = probe_mod.probe_gpus()
     if f.gpus:

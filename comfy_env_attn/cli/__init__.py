@@ -240,17 +240,22 @@ def _verify_opts(p: argparse.ArgumentParser) -> None:
 
 # The commands that run `uv pip ... --python TARGET`, unless they only plan.
 _RUN_UV = ("install", "uninstall")
+# The commands that ask NVML about the GPUs, unless given a System profile (--system).
+_READ_GPUS = ("probe", "plan", "doctor", "install", "build")
 
 
 def _start_probe(args: argparse.Namespace) -> None:
-    """Start probing the target now, and for a command that will run uv, uv's own query of
-    it, so that the target's Python starting up overlaps the command's imports (most of a
-    quick install's own time). A target that cannot be found is left for the command to
-    report."""
+    """Start probing the target now, for a command that will run uv uv's own query of it,
+    and for one that reads the GPUs NVML's, so that the target's Python starting up and
+    NVML's start overlap the command's imports (most of a quick install's own time). A
+    target that cannot be found is left for the command to report."""
+    from comfy_env_attn.facts.probe_start import start_gpu_probe, start_probe, warm_uv
+
+    if args.command in _READ_GPUS and not getattr(args, "system", None):
+        start_gpu_probe()
     if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
         return
     from comfy_env_attn.facts.locate import find_python_auto
-    from comfy_env_attn.facts.probe_start import start_probe, warm_uv
 
     try:
         exe, _how = find_python_auto(python=getattr(args, "python", None),

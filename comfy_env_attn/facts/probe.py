@@ -25,6 +25,8 @@ from comfy_env_attn.facts.probe_start import (
     _cached,
     _start,
     _stat,
+    _visible,
+    nvml_facts,
 )
 from comfy_env_attn.facts.system import System, normalize_arch
 
@@ -100,58 +102,10 @@ def environment_kind(facts: dict[str, Any]) -> str:
 
 # -- GPUs ---------------------------------------------------------------------------------
 
-def _visible(indices: list[int]) -> list[int]:
-    """Apply CUDA_VISIBLE_DEVICES when it lists integer indices (NVML ignores it)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is None or not env.strip():
-        return indices if env is None else []
-    picked: list[int] = []
-    for part in env.split(","):
-        part = part.strip()
-        if not part.isdigit():
-            return indices  # UUIDs or MIG names: keep all
-        if int(part) in indices:
-            picked.append(int(part))
-    return picked
-
-
 def probe_gpus_nvml() -> GpuFacts:
-    try:
-        import pynvml
-    except ImportError as e:
-        return GpuFacts(absent={"gpus": f"pynvml is not importable ({e})"})
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return GpuFacts(absent={"gpus": f"NVML: {e}", "driver": f"NVML: {e}"})
-    try:
-        driver = _text(pynvml.nvmlSystemGetDriverVersion())
-        try:
-            v = int(pynvml.nvmlSystemGetCudaDriverVersion())
-            driver_cuda: str | None = f"{v // 1000}.{(v % 1000) // 10}"
-        except Exception:
-            driver_cuda = None
-        count = int(pynvml.nvmlDeviceGetCount())
-        gpus: list[str] = []
-        names: list[str] = []
-        for i in _visible(list(range(count))):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(f"{major}.{minor}")
-            names.append(_text(pynvml.nvmlDeviceGetName(h)))
-        absent = {} if gpus else {"gpus": "NVML found no visible GPU"}
-        return GpuFacts(driver, driver_cuda, tuple(gpus), tuple(names), "nvml", absent)
-    except Exception as e:
-        return GpuFacts(absent={"gpus": f"NVML query failed: {e}"})
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    """What NVML says, read in the background from the start where the command line asked
+    for it (probe_start.start_gpu_probe: NVML's start-up is 75-135 ms on an H100 machine)."""
+    return GpuFacts(**nvml_facts())
 
 
 def parse_nvidia_smi(query_csv: str, header: str) -> GpuFacts:

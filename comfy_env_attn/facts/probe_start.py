@@ -1,7 +1,7 @@
 """What starts before the command's own imports, in other processes: the target's probe
-(facts.probe reads the answer, or this module's cache of it) and uv's own query of the target.
-The standard library alone, so that the target's Python starts within milliseconds of this
-tool's."""
+(facts.probe reads the answer, or this module's cache of it) and uv's own query of the target;
+and in a thread, NVML's answer about the GPUs. The standard library alone (and pynvml, in that
+thread), so that all three start within milliseconds of this tool."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,89 @@ def uv_warmed(executable: str) -> None:
     if proc is not None:
         proc.wait()
         del _UV_WARMING[exe]
+
+
+# -- GPUs ------------------------------------------------------------------------------------
+
+def _visible(indices: list[int]) -> list[int]:
+    """Apply CUDA_VISIBLE_DEVICES when it lists integer indices (NVML ignores it)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None or not env.strip():
+        return indices if env is None else []
+    picked: list[int] = []
+    for part in env.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            return indices  # UUIDs or MIG names: keep all
+        if int(part) in indices:
+            picked.append(int(part))
+    return picked
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _nvml() -> dict[str, Any]:
+    """The driver and the visible GPUs as NVML reports them, as facts.probe.GpuFacts'
+    fields; what it cannot tell, in `absent`, with the reason."""
+    try:
+        import pynvml
+    except ImportError as e:
+        return {"absent": {"gpus": f"pynvml is not importable ({e})"}}
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return {"absent": {"gpus": f"NVML: {e}", "driver": f"NVML: {e}"}}
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        try:
+            v = int(pynvml.nvmlSystemGetCudaDriverVersion())
+            driver_cuda: str | None = f"{v // 1000}.{(v % 1000) // 10}"
+        except Exception:
+            driver_cuda = None
+        gpus: list[str] = []
+        names: list[str] = []
+        for i in _visible(list(range(int(pynvml.nvmlDeviceGetCount())))):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(f"{major}.{minor}")
+            names.append(_text(pynvml.nvmlDeviceGetName(h)))
+        return {"driver": driver, "driver_cuda": driver_cuda, "gpus": tuple(gpus),
+                "names": tuple(names), "source": "nvml",
+                "absent": {} if gpus else {"gpus": "NVML found no visible GPU"}}
+    except Exception as e:
+        return {"absent": {"gpus": f"NVML query failed: {e}"}}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+# NVML's answer read early (start_gpu_probe): "thread" while it runs, then "facts"
+_GPUS: dict[str, Any] = {}
+
+
+def start_gpu_probe() -> None:
+    """Ask NVML in a thread now, for a command that will want the GPUs: its start-up (75-135
+    ms on an H100 machine) runs in C with the GIL released, beside this tool's imports."""
+    if "thread" in _GPUS:
+        return
+    thread = threading.Thread(target=lambda: _GPUS.__setitem__("facts", _nvml()),
+                              name="nvml", daemon=True)
+    _GPUS.update(thread=thread, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    thread.start()
+
+
+def nvml_facts() -> dict[str, Any]:
+    """NVML's answer: the early one, once, while CUDA_VISIBLE_DEVICES is as it was read
+    under; else asked now."""
+    thread = _GPUS.pop("thread", None)
+    visible = _GPUS.pop("visible", None)
+    if thread is not None:
+        thread.join()
+        facts: dict[str, Any] | None = _GPUS.pop("facts", None)
+        if facts is not None and visible == os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return facts
+    return _nvml()
