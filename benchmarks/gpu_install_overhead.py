@@ -1,6 +1,7 @@
 """Install overhead with a real wheel on the GPU machine (gpu_variants.sh runs it after the
 build): `comfy-env-attn install --no-verify` of the built SageAttention wheel against a raw
-`uv pip install --no-cache` of the same file, each into a fresh venv that sees the base torch.
+`uv pip install --no-cache` of the same file, each into a fresh venv that sees the base torch
+and its packages (--system-site-packages, and a .pth file naming torch's folder).
 
     python3 benchmarks/gpu_install_overhead.py WHEEL_DIR [--runs 9] [--json FILE] [--system F]
 
@@ -37,6 +38,12 @@ def main() -> int:
     if uv is None:
         raise SystemExit("uv is not on PATH")
     wheel = next(args.wheels.glob("sageattention-*.whl"))
+    # the folder holding the base torch, named in each venv by a .pth file (as gpu_variants.sh
+    # does where --system-site-packages does not show it)
+    holder = subprocess.run([sys.executable, "-c", "import os, torch; print(os.path.dirname("
+                             "os.path.dirname(torch.__file__)))"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    purelib = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
     times: dict[str, list[float]] = {"ours": [], "uv": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
@@ -44,6 +51,7 @@ def main() -> int:
                 venv = Path(tmp) / f"{who}-{i}"
                 subprocess.run([sys.executable, "-m", "venv", "--without-pip",
                                 "--system-site-packages", str(venv)], check=True)
+                (venv / purelib / "base-env.pth").write_text(holder + "\n")
                 py = str(venv / "bin" / "python")
                 env = dict(os.environ)
                 if who == "uv":
