@@ -200,6 +200,20 @@ def test_no_nvml_is_a_reason_not_a_crash() -> None:
     if f.gpus:
         pytest.skip("this machine has a GPU")
     assert f.absent["gpus"] and f.driver is None
+    if os.name != "nt":  # the library NVML lives in, and why it did not load
+        assert "NVML not found: libnvidia-ml.so.1" in f.absent["gpus"], f.absent
+
+
+def test_nvml_on_windows_is_looked_for_where_drivers_put_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(probe_start.os, "name", "nt")
+    monkeypatch.setenv("WINDIR", str(tmp_path / "Windows"))
+    monkeypatch.setenv("PROGRAMFILES", str(tmp_path / "Program Files"))
+    with pytest.raises(OSError) as e:
+        probe_start._nvml_library()
+    assert str(tmp_path / "Windows" / "System32" / "nvml.dll") in str(e.value)
+    assert str(tmp_path / "Program Files" / "NVIDIA Corporation" / "NVSMI" / "nvml.dll") \
+        in str(e.value)
 
 
 # -- finding ComfyUI's Python --------------------------------------------------------------

@@ -103,8 +103,8 @@ def environment_kind(facts: dict[str, Any]) -> str:
 # -- GPUs ---------------------------------------------------------------------------------
 
 def probe_gpus_nvml() -> GpuFacts:
-    """What NVML says, read in the background from the start where the command line asked
-    for it (probe_start.start_gpu_probe: NVML's start-up is 75-135 ms on an H100 machine)."""
+    """What NVML says (probe_start._nvml), read in the background from the start where the
+    command line asked for it (probe_start.start_gpu_probe)."""
     return GpuFacts(**nvml_facts())
 
 

@@ -1,7 +1,7 @@
 """What starts before the command's own imports, in other processes: the target's probe
 (facts.probe reads the answer, or this module's cache of it) and uv's own query of the target;
-and in a thread, NVML's answer about the GPUs. The standard library alone (and pynvml, in that
-thread), so that all three start within milliseconds of this tool."""
+and in a thread, NVML's answer about the GPUs. The standard library alone, so that all three
+start within milliseconds of this tool."""
 
 from __future__ import annotations
 
@@ -180,45 +180,82 @@ def _visible(indices: list[int]) -> list[int]:
     return picked
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+def _nvml_library() -> Any:
+    """NVML, the driver's own library, where the driver puts it: libnvidia-ml.so.1 on Linux;
+    on Windows nvml.dll in System32 (DCH drivers), else in NVSMI."""
+    import ctypes
+
+    if os.name != "nt":
+        return ctypes.CDLL("libnvidia-ml.so.1")
+    places = [os.path.join(os.environ.get("WINDIR", r"C:\Windows"), "System32", "nvml.dll"),
+              os.path.join(os.environ.get("PROGRAMFILES", r"C:\Program Files"),
+                           "NVIDIA Corporation", "NVSMI", "nvml.dll")]
+    for place in places:
+        if os.path.isfile(place):
+            return ctypes.CDLL(place)
+    raise OSError(f"nvml.dll is in neither {places[0]} nor {places[1]}")
+
+
+class _NvmlError(Exception):
+    pass
 
 
 def _nvml() -> dict[str, Any]:
     """The driver and the visible GPUs as NVML reports them, as facts.probe.GpuFacts'
-    fields; what it cannot tell, in `absent`, with the reason."""
+    fields; what it cannot tell, in `absent`, with the reason. NVML's C API through ctypes:
+    eight calls, where loading pynvml's bindings of all of NVML took 114 ms on the H100
+    machine (NVML's own start-up, 15 ms)."""
+    import ctypes
+
     try:
-        import pynvml
-    except ImportError as e:
-        return {"absent": {"gpus": f"pynvml is not importable ({e})"}}
+        lib = _nvml_library()
+    except OSError as e:
+        return {"absent": {"gpus": f"NVML not found: {e}", "driver": f"NVML not found: {e}"}}
+
+    def call(fn: str, *args: Any) -> None:
+        ret = getattr(lib, fn)(*args)
+        if ret != 0:
+            lib.nvmlErrorString.restype = ctypes.c_char_p
+            text = lib.nvmlErrorString(ret) or b""
+            raise _NvmlError(f"{fn}: {text.decode(errors='replace') or 'error'} ({ret})")
+
+    def text(fn: str, *args: Any) -> str:
+        buf = ctypes.create_string_buffer(256)
+        call(fn, *args, buf, ctypes.c_uint(len(buf)))
+        return buf.value.decode(errors="replace")
+
     try:
-        pynvml.nvmlInit()
-    except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        call("nvmlInit_v2")
+    except (_NvmlError, AttributeError) as e:  # no driver loaded, no GPU, an old library
         return {"absent": {"gpus": f"NVML: {e}", "driver": f"NVML: {e}"}}
     try:
-        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        driver = text("nvmlSystemGetDriverVersion")
+        version = ctypes.c_int()
         try:
-            v = int(pynvml.nvmlSystemGetCudaDriverVersion())
+            call("nvmlSystemGetCudaDriverVersion", ctypes.byref(version))
+            v = version.value
             driver_cuda: str | None = f"{v // 1000}.{(v % 1000) // 10}"
-        except Exception:
+        except (_NvmlError, AttributeError):
             driver_cuda = None
+        count = ctypes.c_uint()
+        call("nvmlDeviceGetCount_v2", ctypes.byref(count))
         gpus: list[str] = []
         names: list[str] = []
-        for i in _visible(list(range(int(pynvml.nvmlDeviceGetCount())))):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(f"{major}.{minor}")
-            names.append(_text(pynvml.nvmlDeviceGetName(h)))
+        for i in _visible(list(range(count.value))):
+            handle = ctypes.c_void_p()
+            call("nvmlDeviceGetHandleByIndex_v2", ctypes.c_uint(i), ctypes.byref(handle))
+            major, minor = ctypes.c_int(), ctypes.c_int()
+            call("nvmlDeviceGetCudaComputeCapability", handle, ctypes.byref(major),
+                 ctypes.byref(minor))
+            gpus.append(f"{major.value}.{minor.value}")
+            names.append(text("nvmlDeviceGetName", handle))
         return {"driver": driver, "driver_cuda": driver_cuda, "gpus": tuple(gpus),
                 "names": tuple(names), "source": "nvml",
                 "absent": {} if gpus else {"gpus": "NVML found no visible GPU"}}
-    except Exception as e:
+    except (_NvmlError, AttributeError) as e:
         return {"absent": {"gpus": f"NVML query failed: {e}"}}
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        lib.nvmlShutdown()
 
 
 # NVML's answer read early (start_gpu_probe): "thread" while it runs, then "facts"
@@ -226,8 +263,8 @@ _GPUS: dict[str, Any] = {}
 
 
 def start_gpu_probe() -> None:
-    """Ask NVML in a thread now, for a command that will want the GPUs: its start-up (75-135
-    ms on an H100 machine) runs in C with the GIL released, beside this tool's imports."""
+    """Ask NVML in a thread now, for a command that will want the GPUs: its start-up runs in
+    C with the GIL released, beside this tool's imports."""
     if "thread" in _GPUS:
         return
     thread = threading.Thread(target=lambda: _GPUS.__setitem__("facts", _nvml()),
