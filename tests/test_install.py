@@ -223,6 +223,12 @@ def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_serve
     tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
     assert tool["backends"]["sage"]["status"] == "verified"
     assert tool["fingerprint"]["device"] == "cpu"
+    # nothing to install and nothing verified: the lock's proof stands, byte for byte
+    proven = (venv / LOCK_NAME).read_bytes()
+    r = install(venv, profile, serve_index(http_server, [w]), "--no-verify", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["lock"] is None and "kept as it was" in r.stderr
+    assert (venv / LOCK_NAME).read_bytes() == proven
     # a fresh venv reproduces exactly what the lock records
     fresh = make_venv(tmp_path / "fresh", torch=True)
     r = cli("install", "--python", str(venv_python(fresh)), "--from-lock",

@@ -341,7 +341,14 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
     to_install = [(b, f) for b, f in ready if out.row(b).action != "already"]
     if not to_install:
         # nothing to change: still verify what is there and write the lock (SDPA alone when
-        # nothing fits), so that the dispatcher finds one
+        # nothing fits), so that the dispatcher finds one; unless nothing is verified either
+        # and a lock is there: what it proved still stands (marking it unverified would
+        # take its backends from the dispatcher)
+        lock = lockfile.lock_path(target.prefix)
+        if opts.verify is None and _readable_lock(lock):
+            verify_installed(target, installed, out, None)
+            log(f"nothing to install: {lock} kept as it was (`verify` proves it again)")
+            return
         results = verify_installed(target, installed, out, opts.verify)
         out.lock = _write_lock(target, installed, results, [f for _, f in ready])
         return
@@ -427,6 +434,14 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         if journal.meta.get("state") == "committed":
             raise InstallError(f"{e}\nthe install itself had completed and was kept") from None
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
+
+
+def _readable_lock(path: Path) -> bool:
+    try:
+        lockfile.read(path)
+    except AttnError:
+        return False
+    return True
 
 
 def _check_untouched(ctx: _Context, before: dict[str, Stat | None] | None,
