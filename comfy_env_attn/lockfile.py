@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from comfy_env_attn.core.lockmodel import (
     stale_reasons,
     tool_table,
 )
+from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import Installed, installed_backends
 
@@ -168,12 +168,9 @@ def write(path: Path, doc: dict[str, Any]) -> None:
     tomli_w = _load("tomli_w", f"cannot write the lock {path}")
     validate(doc, str(path))
     text = tomli_w.dumps(doc)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LockError(f"cannot write the lock {path}: {e}") from None
 
 

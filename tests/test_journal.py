@@ -244,3 +244,20 @@ def test_a_read_only_target_is_one_line(tmp_path, uv_bin, scene: Scene) -> None:
     assert "read-only" in r.stderr and "Traceback" not in r.stderr
     assert not (venv / STATE).exists() and "sageattention" not in \
         read_installed([str(site(venv))])
+
+
+def test_every_file_the_tool_rewrites_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """core.paths.replace_file, the one writer of the journal, RECORDs, the lock, the node's
+    loader and the caches: text that cannot be written (here, a lone surrogate) leaves the
+    old file as it was and no temporary file; a durable write lands like any other."""
+    from comfy_env_attn.core.paths import replace_file
+
+    target = tmp_path / "journal.json"
+    target.write_text("old\n", encoding="utf-8")
+    with pytest.raises(UnicodeEncodeError):
+        replace_file(target, "new \ud800 half", durable=True)
+    assert target.read_text(encoding="utf-8") == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.json"]
+    replace_file(target, "new\n", durable=True, newline="\n")
+    assert target.read_bytes() == b"new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.json"]

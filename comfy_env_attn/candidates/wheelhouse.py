@@ -22,7 +22,7 @@ from typing import Any
 from comfy_env_attn.candidates.sources import Candidate
 from comfy_env_attn.candidates.wheelname import InvalidWheelName, parse_wheel_name
 from comfy_env_attn.core.backends import normalize_dist
-from comfy_env_attn.core.paths import cache_dir
+from comfy_env_attn.core.paths import cache_dir, replace_file
 from comfy_env_attn.core.progress import log
 
 WHEELHOUSE_ENV = "COMFY_ENV_ATTN_WHEELHOUSE"
@@ -145,9 +145,7 @@ def record_beside(wheel: Path) -> BuildRecord | None:
 
 def write_record(folder: Path, record: BuildRecord) -> Path:
     path = folder / RECORD_NAME
-    tmp = folder / f".{RECORD_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(record.to_dict(), indent=2) + "\n")
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from comfy_env_attn import __version__
 from comfy_env_attn.cli.output import console
 from comfy_env_attn.core.errors import AttnError, UsageError
+from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.facts.locate import comfy_cli_workspace
 from comfy_env_attn.facts.node import (
     comfyui_root,
@@ -66,9 +67,7 @@ def install_node(comfyui: Path, version: str = __version__) -> str:
     if old == text:
         return f"the node is already in {file.parent} (comfy-env-attn {version})"
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, file)
+    replace_file(file, text, newline="\n")
     shutil.rmtree(file.parent / "__pycache__", ignore_errors=True)  # the old loader's bytecode
     verb = "updated" if old is not None else "placed"
     return f"{verb} the node in {file.parent} (comfy-env-attn {version})"

@@ -26,6 +26,7 @@ from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
 
 from comfy_env_attn.core.fingerprint import metadata_headers
+from comfy_env_attn.core.paths import replace_file
 
 # Never replaced by an install: the constraint pins them and a wheel needing others is refused.
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
@@ -471,9 +472,7 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
     if cfile is not None and ok != seen:
         try:
             cfile.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cfile.with_name(f"{cfile.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"record": record_id, "ok": ok}), encoding="utf-8")
-            os.replace(tmp, cfile)
+            replace_file(cfile, json.dumps({"record": record_id, "ok": ok}))
         except OSError:
             pass  # a cache we cannot write is only slower
     return bad

@@ -17,6 +17,7 @@ from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
+from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.facts.probe_start import (
     _PENDING,
     _SCRIPT,
@@ -255,9 +256,7 @@ def _interpreter_facts(exe: str, use_cache: bool) -> dict[str, Any]:
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(path, json.dumps(doc))
     except OSError:
         pass  # a cache we cannot write is only slower
 

@@ -44,6 +44,7 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
+from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.facts.probe import cache_dir
 from comfy_env_attn.facts.probe_start import uv_binary, uv_warmed
@@ -410,9 +411,7 @@ def _write_cached(cached: Path | None, text: str) -> None:
         return
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{os.getpid()}.{cached.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, cached)
+        replace_file(cached, text)
     except OSError:
         pass
 

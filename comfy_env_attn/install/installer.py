@@ -342,10 +342,10 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
     if not to_install:
         # nothing to change: still verify what is there and write the lock (SDPA alone when
         # nothing fits), so that the dispatcher finds one; unless nothing is verified either
-        # and a lock is there: what it proved still stands (marking it unverified would
-        # take its backends from the dispatcher)
+        # and the lock records what is installed: what it proved still stands (marking it
+        # unverified would take its backends from the dispatcher)
         lock = lockfile.lock_path(target.prefix)
-        if opts.verify is None and _readable_lock(lock):
+        if opts.verify is None and _lock_records(lock, installed):
             verify_installed(target, installed, out, None)
             log(f"nothing to install: {lock} kept as it was (`verify` proves it again)")
             return
@@ -436,12 +436,18 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
 
 
-def _readable_lock(path: Path) -> bool:
+def _lock_records(path: Path, installed: dict[str, Installed]) -> bool:
+    """Whether the lock reads, and records the backends' distributions installed now, each
+    at its installed version, and no other (a run killed before it locked leaves another
+    version installed than the lock names)."""
     try:
-        lockfile.read(path)
+        wheels = lockfile.wheels_of(lockfile.read(path))
     except AttnError:
         return False
-    return True
+    dists = {bk.BACKENDS[b].dist for b in installed_backends(installed)}
+    locked = {(canonicalize_name(w.name), w.version) for w in wheels
+              if canonicalize_name(w.name) in bk.BY_DIST}
+    return locked == {(d, installed[d].version) for d in dists}
 
 
 def _check_untouched(ctx: _Context, before: dict[str, Stat | None] | None,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from comfy_env_attn.core.errors import InstallError
+from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.facts.installed import (
     Installed,
     norm,
@@ -178,7 +179,7 @@ class Journal:
         try:
             crash_point(f"save-{self.state}")
             self.dir.mkdir(parents=True, exist_ok=True)
-            _replace_file(self.path, json.dumps(doc, indent=1), tmp)
+            replace_file(self.path, json.dumps(doc, indent=1), durable=True, tmp=tmp)
         except OSError as e:
             raise InstallError(f"cannot write the install journal {self.path}: "
                                f"{e.strerror or e} (disk full or read-only?)") from None
@@ -320,25 +321,8 @@ def _unlist(site: str, name: str, foreign: Collection[str]) -> list[str]:
         else:
             keep.append(line)
     if kept:
-        _replace_file(record, "".join(keep))
+        replace_file(record, "".join(keep), durable=True)
     return kept
-
-
-def _replace_file(path: Path, text: str, tmp: Path | None = None) -> None:
-    """Write a file whole or not at all (a copy forced to disk, then renamed over it): a
-    journal or a RECORD cut off midway would leave the rollback stuck (uv cannot uninstall
-    a distribution whose RECORD is torn)."""
-    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def file_sha256(path: Path) -> str | None:

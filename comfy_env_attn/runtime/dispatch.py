@@ -40,6 +40,7 @@ from comfy_env_attn.core.lockmodel import (
     stale_reasons,
     tool_table,
 )
+from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.core.settings import settle_margin
 from comfy_env_attn.runtime import plugins
 from comfy_env_attn.runtime.adapters import Adapter, adapter, describe, sdpa
@@ -149,14 +150,11 @@ def _read_settled() -> dict[str, list[str]]:
 
 
 def _write_settled() -> None:
-    path = _settle_file()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"lock_sha256": _lock_digest(), "choices": _S.settled}),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(_settle_file(), json.dumps({"lock_sha256": _lock_digest(),
+                                                 "choices": _S.settled}))
     except OSError:  # a read-only environment: settle again next start
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 # -- choosing -----------------------------------------------------------------------------
