@@ -369,33 +369,12 @@ def _uv_unpacked(uv_cache: Path) -> Path:
     return found[0]
 
 
-def _record_hash(data: bytes) -> str:
-    import base64
-
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-
-def _sage_files(folder: Path, files: dict[str, bytes], *, hashes: bool = True,
+def _sage_files(folder: Path, files: dict[str, str | bytes], *, hashes: bool = True,
                 prefix: str = "") -> Path:
-    """A sageattention wheel of these files whose RECORD may give no hashes, or write its
-    paths with a prefix ('./')."""
-    import zipfile
+    from wheels import build_wheel
 
-    version = f"2.2.0+{LABEL}"
-    info = f"sageattention-{version}.dist-info"
-    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: sageattention\n"
-                                          f"Version: {version}\n".encode(),
-             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\n"
-                              b"Tag: py3-none-any\n"}
-    rows = [f"{prefix}{path},{_record_hash(data) if hashes else ''},{len(data)}"
-            for path, data in files.items()] + [f"{info}/RECORD,,"]
-    folder.mkdir(parents=True, exist_ok=True)
-    w = folder / f"sageattention-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(w, "w") as z:
-        for path, data in files.items():
-            z.writestr(path, data)
-        z.writestr(f"{info}/RECORD", "\n".join(rows) + "\n")
-    return w
+    return build_wheel(folder, "sageattention", f"2.2.0+{LABEL}", files,
+                       record_hashes=hashes, record_prefix=prefix)
 
 
 @pytest.mark.parametrize("case", ["file-missing", "no-hashes", "dot-slash-paths"])

@@ -8,24 +8,30 @@ import zipfile
 from pathlib import Path
 
 
-def build_wheel(folder: Path, name: str, version: str, files: dict[str, str], *,
-                requires: list[str] | None = None, tag: str = "py3-none-any") -> Path:
+def build_wheel(folder: Path, name: str, version: str, files: dict[str, str | bytes], *,
+                requires: list[str] | None = None, tag: str = "py3-none-any",
+                record_hashes: bool = True, record_prefix: str = "") -> Path:
+    """A wheel of these files; its RECORD may give no hashes, or write its paths with a
+    prefix ('./'), as some real wheels do."""
     dist = name.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
     meta = (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
             + "".join(f"Requires-Dist: {r}\n" for r in requires or []))
     wheel = f"Wheel-Version: 1.0\nGenerator: comfy-env-attn-tests\nRoot-Is-Purelib: true\nTag: {tag}\n"
-    entries = {**files, f"{info}/METADATA": meta, f"{info}/WHEEL": wheel}
+    entries = {path: text.encode() if isinstance(text, str) else text
+               for path, text in {**files, f"{info}/METADATA": meta,
+                                  f"{info}/WHEEL": wheel}.items()}
     record = []
-    for path, text in entries.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
-        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    for path, data in entries.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+        record.append(f"{record_prefix}{path},"
+                      f"{'sha256=' + digest.decode() if record_hashes else ''},{len(data)}")
     record.append(f"{info}/RECORD,,")
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{dist}-{version}-{tag}.whl"
     with zipfile.ZipFile(out, "w") as z:
-        for path, text in entries.items():
-            z.writestr(path, text)
+        for path, data in entries.items():
+            z.writestr(path, data)
         z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
     return out
 
