@@ -347,6 +347,9 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         lock = lockfile.lock_path(target.prefix)
         if opts.verify is None and _lock_records(lock, installed):
             verify_installed(target, installed, out, None)
+            for row in out.rows.values():
+                if row.verified:
+                    row.verified = "as the lock records it (nothing installed, --no-verify)"
             log(f"nothing to install: {lock} kept as it was (`verify` proves it again)")
             return
         results = verify_installed(target, installed, out, opts.verify)
