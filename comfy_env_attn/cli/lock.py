@@ -36,9 +36,12 @@ def cmd_lock(args: argparse.Namespace) -> int:
         t = Table(title=str(path))
         for col in ("backend", "status", "version", "checks passed", "speed vs SDPA", "note"):
             t.add_column(col)
+        # a backend not verified has no version of its own in the tool table: its wheel's
+        wheel_versions = {w.backend: w.version for w in lockfile.wheels_of(doc)}
         for name, rec in tool.backends.items():
             passed = sum(c.passed for c in rec.checks)
-            t.add_row(name, rec.status, rec.version or "",
+            version = rec.version or wheel_versions.get(bk.primary(name), "")
+            t.add_row(name, rec.status, version,
                       f"{passed}/{len(rec.checks)}" if rec.checks else "",
                       f"{rec.speed_vs_sdpa:.2f}x" if rec.speed_vs_sdpa is not None else "",
                       (rec.error or "")[:80], )
