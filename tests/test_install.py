@@ -479,3 +479,48 @@ def test_uv_answers_from_its_cache_yet_installs_exactly_the_inspected_wheel(
     r = _install_from_folder(second, profile, newer.parent, uv_cache)
     assert r.returncode == 0 and "already 2.2.1" in r.stdout, r.stdout + r.stderr
     assert "$ " not in r.stderr, r.stderr
+
+
+def _processes_naming(text: str) -> list[str]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and d.name != str(os.getpid()):
+            out.append(f"{d.name}: {cmd}")
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile) -> None:
+    """uv's early query of the target runs in a session of its own; the tool interrupted
+    (SIGINT to it alone, as a terminal's Ctrl-C is not: that reaches the whole group) while
+    it waits for a target that starts slowly under uv stops uv and the interpreter uv
+    started, and the target is as it was."""
+    venv = make_venv(tmp_path / "slow", torch=True)
+    (site(venv) / "zz_slow_under_uv.pth").write_text(
+        "import os, time; exec(\"try:\\n c = open('/proc/%d/cmdline' % os.getppid(), 'rb')"
+        ".read().split(b'\\\\0')[0]\\nexcept OSError:\\n c = b''\\nif c.endswith(b'/uv') and "
+        "os.environ.get('SLOW_UNDER_UV'):\\n time.sleep(60)\")\n")
+    sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "comfy_env_attn", "install", "--python", str(venv_python(venv)),
+         "--system", str(profile), "--find-links", str(tmp_path / "w"), "--no-embedded-index",
+         "--backends", "sage", "--no-verify"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SLOW_UNDER_UV": "1", "UV_CACHE_DIR": str(tmp_path / "uv-cache")})
+    deadline = time.time() + 60
+    while not any(" python find " in c for c in _processes_naming(str(venv))):
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # the tool is waiting for it now
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "ERROR interrupted" in err, err
+    deadline = time.time() + 10
+    while _processes_naming(str(venv)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_naming(str(venv)) == []
+    assert installed_in(venv) == {} and not (venv / ".comfy-env-attn" / "journal.json").exists()
