@@ -312,6 +312,24 @@ def test_comfy_cli_without_a_workspace_fails_and_says_where_it_looked(tmp_path: 
     assert f"no Python found for ComfyUI in {ws}" in str(e.value)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="a POSIX executable bit")
+def test_python_flag_accepts_a_command_on_path(tmp_path: Path) -> None:
+    """`--python python3` is the command on PATH, as uv reads it; a name that is on neither
+    says both."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "python3.99"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    env = {"PATH": str(bin_dir)}
+    assert find_python(python="python3.99", env=env) == \
+        (str(exe), [f"--python python3.99: {exe} on PATH"])
+    with pytest.raises(ProbeError, match="no such file, and no command of that name on PATH"):
+        find_python(python="python3.98", env=env)
+    with pytest.raises(ProbeError, match=r"no such file$"):  # a path is not looked up
+        find_python(python="./python3.99", env=env)
+
+
 def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:
     assert find_python(python=str(plain_venv), os_name="linux")[0].startswith(str(plain_venv))
     with pytest.raises(ProbeError, match="no such file"):

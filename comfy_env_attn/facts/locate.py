@@ -7,6 +7,7 @@ Windows layout on Linux.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,7 +72,13 @@ def find_python(*, python: str | None = None, comfyui: str | None = None,
             raise ProbeError(f"--python {python} is a folder with no interpreter; tried: "
                              + ", ".join(str(c) for c in env_python(p, os_name)))
         if not p.exists():
-            raise ProbeError(f"--python {python}: no such file")
+            # a bare name (`python3`, `python3.12`) is a command on PATH, as uv reads it
+            bare = not any(sep in python for sep in ("/", "\\"))
+            found = shutil.which(python, path=env.get("PATH")) if bare else None
+            if found is None:
+                raise ProbeError(f"--python {python}: no such file"
+                                 + (", and no command of that name on PATH" if bare else ""))
+            return found, [f"--python {python}: {found} on PATH"]
         return str(p), [f"--python {python}"]
     if comfyui:
         return comfyui_python(Path(comfyui), f"--comfyui {comfyui}", os_name, env)
