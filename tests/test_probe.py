@@ -181,6 +181,22 @@ def test_nvml_read_from_the_start_answers_once(monkeypatch: pytest.MonkeyPatch) 
     assert probe_start._GPUS == {} and len(calls) == 4
 
 
+def test_nvml_that_hangs_is_a_reason_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver in a bad state can hang NVML's start-up: after NVML_TIMEOUT_S it is a
+    reason, and nvidia-smi (with its own limit) is asked next."""
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(probe_start, "_nvml", lambda: release.wait(30) and {})
+    monkeypatch.setattr(probe_start, "NVML_TIMEOUT_S", 0.2)
+    t0 = time.perf_counter()
+    f = probe_mod.probe_gpus()
+    release.set()
+    assert time.perf_counter() - t0 < 20  # not the hang's 30 s
+    if not f.gpus:  # this machine's nvidia-smi, if any, answered instead
+        assert "NVML did not answer within 0.2 s" in f.absent["gpus"], f.absent
+
+
 def test_the_command_line_reads_nvml_early_only_where_it_will_ask(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from comfy_env_attn.cli import _start_probe, build_parser

@@ -258,8 +258,10 @@ def _nvml() -> dict[str, Any]:
         lib.nvmlShutdown()
 
 
-# NVML's answer read early (start_gpu_probe): "thread" while it runs, then "facts"
+# NVML's answer read early (start_gpu_probe): the thread, the box it answers into, and the
+# CUDA_VISIBLE_DEVICES it read under
 _GPUS: dict[str, Any] = {}
+NVML_TIMEOUT_S = 30.0  # a driver in a bad state can hang NVML: then it is a reason, not a hang
 
 
 def start_gpu_probe() -> None:
@@ -267,20 +269,26 @@ def start_gpu_probe() -> None:
     C with the GIL released, beside this tool's imports."""
     if "thread" in _GPUS:
         return
-    thread = threading.Thread(target=lambda: _GPUS.__setitem__("facts", _nvml()),
-                              name="nvml", daemon=True)
-    _GPUS.update(thread=thread, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    box: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: box.update(facts=_nvml()), name="nvml",
+                              daemon=True)
+    _GPUS.update(thread=thread, box=box, visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
     thread.start()
 
 
 def nvml_facts() -> dict[str, Any]:
     """NVML's answer: the early one, once, while CUDA_VISIBLE_DEVICES is as it was read
-    under; else asked now."""
-    thread = _GPUS.pop("thread", None)
-    visible = _GPUS.pop("visible", None)
-    if thread is not None:
-        thread.join()
-        facts: dict[str, Any] | None = _GPUS.pop("facts", None)
-        if facts is not None and visible == os.environ.get("CUDA_VISIBLE_DEVICES"):
-            return facts
-    return _nvml()
+    under; else asked now. One that does not come within NVML_TIMEOUT_S is a reason (the
+    caller asks nvidia-smi next, with its own limit)."""
+    if _GPUS and _GPUS["visible"] != os.environ.get("CUDA_VISIBLE_DEVICES"):
+        _GPUS.clear()  # that thread answers into its own box, read by no one
+    start_gpu_probe()
+    thread, box = _GPUS["thread"], _GPUS["box"]
+    _GPUS.clear()
+    thread.join(NVML_TIMEOUT_S)
+    if "facts" in box:
+        facts: dict[str, Any] = box["facts"]
+        return facts
+    why = f"NVML did not answer within {NVML_TIMEOUT_S:g} s" if thread.is_alive() else \
+        "NVML failed without a reason"
+    return {"absent": {"gpus": why, "driver": why}}
