@@ -422,15 +422,17 @@ def changed_files(before: dict[str, Stat | None], after: dict[str, Stat | None])
     return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
 
 
-def _b64_sha256(path: str) -> str | None:
-    h = hashlib.sha256()
+def record_hash(path: str, algorithm: str = "sha256") -> str | None:
+    """A file's hash as a RECORD line writes it ('sha256=<urlsafe base64, unpadded>');
+    None when the file cannot be read or the algorithm is unknown."""
     try:
+        h = hashlib.new(algorithm)
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    except OSError:
+    except (OSError, ValueError):
         return None
-    return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+    return f"{algorithm}=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
 
 
 def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
@@ -465,7 +467,7 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
         if seen.get(rel) == list(st):
             ok[rel] = list(st)
             continue
-        if _b64_sha256(path) != digest[len("sha256="):]:
+        if record_hash(path) != digest:
             bad.append(f"{rel} (modified)")
         else:
             ok[rel] = list(st)

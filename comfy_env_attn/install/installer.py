@@ -33,6 +33,7 @@ from comfy_env_attn.facts.installed import (
     owned_files,
     protected,
     read_installed,
+    record_hash,
     record_lines,
     record_paths,
     record_rows,
@@ -510,30 +511,15 @@ def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
             out.append(f"{rel} (missing)")
         elif size.isdigit() and int(size) != st[0]:
             out.append(f"{rel} (size {st[0]}, RECORD says {size})")
-        elif path in expected and \
-                (digest or _record_hash(path, expected[path])) not in expected[path]:
-            out.append(f"{rel} (hash {digest or _record_hash(path, expected[path])}, the "
-                       f"inspected wheel's RECORD says {min(expected[path])}: other bytes, "
-                       f"{stale})")
+        elif path in expected:
+            # a line uv left without a hash: the file's own, in the wheel RECORD's algorithm
+            got = digest or record_hash(path, min(expected[path]).partition("=")[0].lower())
+            if got not in expected[path]:
+                out.append(f"{rel} (hash {got or 'unreadable'}, the inspected wheel's RECORD "
+                           f"says {min(expected[path])}: other bytes, {stale})")
     out += [f"{os.path.relpath(p, inst.location)} (in the wheel, not installed: {stale})"
             for p in sorted(expected.keys() - listed)]
     return out
-
-
-def _record_hash(path: str, like: set[str]) -> str:
-    """A file's hash as a RECORD line writes it, in the algorithm of `like` (a RECORD's
-    hashes of it); "" when it cannot be read."""
-    import base64
-
-    algorithm = min(like).partition("=")[0].lower()
-    try:
-        h = hashlib.new(algorithm)
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except (OSError, ValueError):
-        return ""
-    return f"{algorithm}=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
 
 
 def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
