@@ -42,3 +42,13 @@ def replace_file(path: Path, text: str, *, durable: bool = False, tmp: Path | No
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_cache(path: Path, text: str) -> None:
+    """A cache file written whole (replace_file), its folder made; one that cannot be
+    written is passed over: a cache is only ever faster."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(path, text)
+    except OSError:
+        pass

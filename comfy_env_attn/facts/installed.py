@@ -26,7 +26,7 @@ from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
 
 from comfy_env_attn.core.fingerprint import metadata_headers
-from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.paths import write_cache
 
 # Never replaced by an install: the constraint pins them and a wheel needing others is refused.
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
@@ -472,11 +472,7 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
         else:
             ok[rel] = list(st)
     if cfile is not None and ok != seen:
-        try:
-            cfile.parent.mkdir(parents=True, exist_ok=True)
-            replace_file(cfile, json.dumps({"record": record_id, "ok": ok}))
-        except OSError:
-            pass  # a cache we cannot write is only slower
+        write_cache(cfile, json.dumps({"record": record_id, "ok": ok}))
     return bad
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
-from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.paths import write_cache
 from comfy_env_attn.facts.probe_start import (
     _PENDING,
     _SCRIPT,
@@ -249,16 +249,9 @@ def _interpreter_facts(exe: str, use_cache: bool) -> dict[str, Any]:
     tfacts = {k: full.get(k) for k in keys}
     facts.update(tfacts)
     if use_cache and not full.get("torch_error"):
-        _write_json(tfile, {"witness": witness, "torch": full.get("torch"), "facts": tfacts})
+        write_cache(tfile, json.dumps({"witness": witness, "torch": full.get("torch"),
+                                       "facts": tfacts}))
     return facts
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        replace_file(path, json.dumps(doc))
-    except OSError:
-        pass  # a cache we cannot write is only slower
 
 
 def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
@@ -270,8 +263,9 @@ def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
             return Target(exe, facts, cached=True)
     facts = _interpreter_facts(exe, use_cache)
     if use_cache:
-        _write_json(_cache_file("interp", exe), {"schema": CACHE_SCHEMA, "executable": exe,
-                                       "facts": facts, "witnesses": _witnesses(exe, facts)})
+        write_cache(_cache_file("interp", exe), json.dumps({
+            "schema": CACHE_SCHEMA, "executable": exe, "facts": facts,
+            "witnesses": _witnesses(exe, facts)}))
     return Target(exe, facts)
 
 

@@ -44,7 +44,7 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
-from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.paths import write_cache
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.facts.probe import cache_dir
 from comfy_env_attn.facts.probe_start import uv_binary, uv_warmed
@@ -406,14 +406,8 @@ def _read_cached(cached: Path | None) -> str | None:
 
 
 def _write_cached(cached: Path | None, text: str) -> None:
-    """Atomically; a cache that cannot be written is only slower."""
-    if cached is None:
-        return
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        replace_file(cached, text)
-    except OSError:
-        pass
+    if cached is not None:
+        write_cache(cached, text)
 
 
 def fetch_metadata(c: Candidate, limits: Limits | None = None) -> str | None:
