@@ -245,9 +245,9 @@ _READ_GPUS = ("probe", "plan", "doctor", "install", "build")
 
 
 def _start_probe(args: argparse.Namespace) -> None:
-    """Start probing the target now, for a command that will run uv uv's own query of it,
-    and for one that reads the GPUs NVML's, so that the target's Python starting up and
-    NVML's start overlap the command's imports (most of a quick install's own time). A
+    """Start now what the command will wait for: the target's probe; uv's own query of the
+    target, for a command that runs uv; NVML's answer, for one that reads the GPUs. Their
+    start-up then overlaps the command's imports (most of a quick install's own time). A
     target that cannot be found is left for the command to report."""
     from comfy_env_attn.facts.probe_start import start_gpu_probe, start_probe, warm_uv
 

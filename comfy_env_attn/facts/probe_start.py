@@ -134,9 +134,10 @@ _UV_WARMING: dict[str, subprocess.Popen[bytes]] = {}
 def warm_uv(executable: str) -> None:
     """Have uv learn the target interpreter now, beside this tool's imports, for a command
     that is about to run `uv pip ... --python EXE`. Before uv installs anything it runs the
-    interpreter to query it, about 60 ms of the 90 a small install takes, and caches the
-    answer (keyed by the interpreter's path and mtime): `uv python find EXE` fills that
-    cache, and the install's own uv call then skips the query. Nothing depends on it:
+    interpreter to query it (most of uv's time in a small install: installer._uv_install
+    has the figures) and caches the answer, keyed by the interpreter's path and mtime:
+    `uv python find EXE` fills that cache, and the install's own uv call then skips the
+    query. Nothing depends on it:
     whatever goes wrong leaves uv to query as it always does."""
     exe = os.path.abspath(executable)
     uv = uv_binary()
