@@ -20,17 +20,35 @@ CLI = [sys.executable, "-m", "comfy_env_attn"]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
+def timed(cmd: Sequence[str], *, cwd: Path = ROOT, env: dict[str, str] | None = None
+          ) -> float:
+    """Seconds the command took; SystemExit with the tail of its output when it fails."""
+    t0 = time.perf_counter()
+    r = subprocess.run(list(cmd), capture_output=True, text=True, cwd=cwd,
+                       env=ENV if env is None else env)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
+    return dt
+
+
+def alternating(runs: int, who: Sequence[str], run: Callable[[str, int], float]
+                ) -> dict[str, list[float]]:
+    """`run(name, i)`'s seconds for each name, `runs` rounds; the names alternate within a
+    round and the order turns each round, so that a machine slowing down or speeding up
+    during the bench weighs on all alike (on a shared 2-core machine the medians of
+    separate benches can differ by 0.1 s)."""
+    times: dict[str, list[float]] = {n: [] for n in who}
+    for i in range(runs):
+        for name in (list(who) if i % 2 == 0 else list(who)[::-1]):
+            times[name].append(run(name, i))
+    return times
+
+
 def median_seconds(cmd: Sequence[str], runs: int = 7, warmup: int = 1) -> float:
-    times = []
-    for i in range(warmup + runs):
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV)
-        dt = time.perf_counter() - t0
-        if r.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr[-400:]}")
-        if i >= warmup:
-            times.append(dt)
-    return statistics.median(times)
+    for _ in range(warmup):
+        timed(cmd)
+    return statistics.median(timed(cmd) for _ in range(runs))
 
 
 def serve(directory: Path, rate: float | None = None) -> tuple[str, ThreadingHTTPServer]:

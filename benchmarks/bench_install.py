@@ -27,13 +27,13 @@ import hashlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import CLI, ENV, ROOT, serve
+from _common import CLI, ENV, ROOT, alternating, serve
+from _common import timed as run_timed
 
 from comfy_env_attn.core.paths import cache_dir
 
@@ -55,13 +55,7 @@ def fresh_venv(path: Path) -> Path:
 def timed(cmd: list[str], root: Path = ROOT, env: dict[str, str] | None = None) -> float:
     """Seconds the command took; run from `root` with `root` first on the import path, so
     that `python -m comfy_env_attn` is that checkout's."""
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root,
-                       env={**ENV, "PYTHONPATH": str(root), **(env or {})})
-    dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
-    return dt
+    return run_timed(cmd, cwd=root, env={**ENV, "PYTHONPATH": str(root), **(env or {})})
 
 
 def main() -> int:
@@ -105,30 +99,31 @@ def main() -> int:
                 else:
                     ours_src = ["--find-links", str(site / "files")]
                     uv_src = ["--no-index", "--find-links", str(site / "files")]
-                times: dict[str, list[float]] = {k: [] for k in (*roots, "uv")}
-                for i in range(args.runs):
-                    order = list(times) if i % 2 == 0 else list(times)[::-1]
-                    for who in order:
-                        py = fresh_venv(d / f"{who}{size}-{source}-{i}")
-                        if who == "uv":
-                            times[who].append(timed([
-                                uv_bin(), "pip", "install", "-q", "--python", str(py), *uv_src,
-                                "--no-cache",
-                                "--no-deps",  # uv does not see torch through a .pth
-                                f"sageattention=={version}"]))
-                            continue
-                        # like uv --no-cache: no wheel or metadata downloaded by an earlier
-                        # run (the probe's cache of torch's facts stays, as on a user's
-                        # machine), and an empty uv cache of its own: uv learns the fresh
-                        # venv's interpreter and unpacks the wheel within the timed run
-                        for sub in ("wheels", "metadata"):
-                            shutil.rmtree(cache_dir() / sub, ignore_errors=True)
-                        uv_cache = d / f"uv-cache-{who}{size}-{source}-{i}"
-                        times[who].append(timed(
+
+                def run(who: str, i: int, size: int = size, source: str = source,
+                        ours_src: list[str] = ours_src, uv_src: list[str] = uv_src) -> float:
+                    py = fresh_venv(d / f"{who}{size}-{source}-{i}")
+                    if who == "uv":
+                        return timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
+                                      *uv_src, "--no-cache",
+                                      "--no-deps",  # uv does not see torch through a .pth
+                                      f"sageattention=={version}"])
+                    # like uv --no-cache: no wheel or metadata downloaded by an earlier run
+                    # (the probe's cache of torch's facts stays, as on a user's machine), and
+                    # an empty uv cache of its own: uv learns the fresh venv's interpreter
+                    # and unpacks the wheel within the timed run
+                    for sub in ("wheels", "metadata"):
+                        shutil.rmtree(cache_dir() / sub, ignore_errors=True)
+                    uv_cache = d / f"uv-cache-{who}{size}-{source}-{i}"
+                    try:
+                        return timed(
                             [*CLI, "install", "--python", str(py), "--system", str(prof),
                              *ours_src, "--no-embedded-index", "--backends", "sage",
-                             "--no-verify"], roots[who], {"UV_CACHE_DIR": str(uv_cache)}))
+                             "--no-verify"], roots[who], {"UV_CACHE_DIR": str(uv_cache)})
+                    finally:
                         shutil.rmtree(uv_cache, ignore_errors=True)
+
+                times = alternating(args.runs, (*roots, "uv"), run)
                 a, b = statistics.median(times["ours"]), statistics.median(times["uv"])
                 label = f"{w.stat().st_size / 1e6:.1f} MB"
                 c = f"  {statistics.median(times['compare']):>18.3f} s" if args.compare else ""

@@ -21,8 +21,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import ENV, alternating, timed
 
 
 def main() -> int:
@@ -44,33 +45,30 @@ def main() -> int:
                              "os.path.dirname(torch.__file__)))"], capture_output=True,
                             text=True, check=True).stdout.strip()
     purelib = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
-    times: dict[str, list[float]] = {"ours": [], "uv": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.runs):
-            for who in (("ours", "uv") if i % 2 == 0 else ("uv", "ours")):
-                venv = Path(tmp) / f"{who}-{i}"
-                subprocess.run([sys.executable, "-m", "venv", "--without-pip",
-                                "--system-site-packages", str(venv)], check=True)
-                (venv / purelib / "base-env.pth").write_text(holder + "\n")
-                py = str(venv / "bin" / "python")
-                env = dict(os.environ)
-                if who == "uv":
-                    cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache",
-                           "--no-deps", "--no-index", "--find-links", str(args.wheels),
-                           "sageattention"]
-                else:
-                    cmd = [*cea, "install", "--python", py, "--find-links", str(args.wheels),
-                           "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
-                           *(["--system", str(args.system)] if args.system else [])]
-                    env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
-                t0 = time.perf_counter()
-                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                dt = time.perf_counter() - t0
-                if r.returncode != 0:
-                    raise SystemExit(f"{who} failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
-                times[who].append(dt)
+
+        def run(who: str, i: int) -> float:
+            venv = Path(tmp) / f"{who}-{i}"
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                            "--system-site-packages", str(venv)], check=True)
+            (venv / purelib / "base-env.pth").write_text(holder + "\n")
+            py = str(venv / "bin" / "python")
+            env = dict(ENV)
+            if who == "uv":
+                cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache", "--no-deps",
+                       "--no-index", "--find-links", str(args.wheels), "sageattention"]
+            else:
+                cmd = [*cea, "install", "--python", py, "--find-links", str(args.wheels),
+                       "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
+                       *(["--system", str(args.system)] if args.system else [])]
+                env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
+            try:
+                return timed(cmd, cwd=Path.cwd(), env=env)
+            finally:
                 shutil.rmtree(venv)
                 shutil.rmtree(Path(tmp) / f"uv-cache-{i}", ignore_errors=True)
+
+        times = alternating(args.runs, ("ours", "uv"), run)
     ours, raw = statistics.median(times["ours"]), statistics.median(times["uv"])
     size = wheel.stat().st_size / 1e6
     print(f"{wheel.name} ({size:.1f} MB), medians of {args.runs}: comfy-env-attn install "
