@@ -42,6 +42,9 @@ class Installed:
     location: str  # the site dir holding it
     dist_info: str  # path of its .dist-info (or .egg-info) folder
     _meta: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+    # what its ownership is read from, as read once (mentions): an install asks it of every
+    # distribution twice, for the guard and for the files an upgrade must leave
+    _owning: bytes | None = field(default=None, repr=False, compare=False)
 
     def _headers(self) -> dict[str, list[str]]:
         if self._meta is None:
@@ -300,12 +303,15 @@ def mentions(inst: Installed, toks: set[str], *, fold: bool = False) -> bool:
     tokens are given lower-case."""
     if not inst.dist_info or not toks:
         return False
-    data = b""
-    for name in _OWNERSHIP_FILES[".egg-info" if is_egg(inst) else ".dist-info"]:
-        try:
-            data += Path(inst.dist_info, name).read_bytes() + b"\n"
-        except OSError:
-            pass
+    if inst._owning is None:
+        data = b""
+        for name in _OWNERSHIP_FILES[".egg-info" if is_egg(inst) else ".dist-info"]:
+            try:
+                data += Path(inst.dist_info, name).read_bytes() + b"\n"
+            except OSError:
+                pass
+        inst._owning = data
+    data = inst._owning
     if fold:
         data = data.lower()
     return any(t.encode("utf-8") in data for t in toks)
