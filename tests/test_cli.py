@@ -80,6 +80,19 @@ def test_one_commands_parser_reads_its_arguments_as_the_whole_command_line_does(
     assert _command_of(["-h", "install"]) is None and _command_of(["--help", "plan"]) is None
 
 
+def test_top_level_help_names_every_command_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from comfy_env_attn.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert parser.description == "comfy-env-attn: " + " | ".join(commands)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for name in commands:
+        assert f"    {name} " in out, name
+
+
 def test_plan_json_for_a_system_file(h100: Path) -> None:
     r = cli("plan", "--system", str(h100), "--json", "--backends", "sage,flash,fa4,xformers")
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""comfy-env-attn: probe | plan | doctor | install | verify | lock | bench | launch-args | node | uninstall.
+"""The command line of comfy-env-attn (its commands: _COMMANDS).
 
 Results go to stdout (--json where a machine reads them), progress and logs to stderr.
 Exit 0 success, 1 a failure the message explains, 2 bad usage.
@@ -60,8 +60,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with `command` only that command's part (what a run
-    parses: building all twelve is a few milliseconds of every start)."""
-    parser = _Parser(prog="comfy-env-attn", description=__doc__.splitlines()[0])
+    parses: building all eleven is a few milliseconds of every start)."""
+    parser = _Parser(prog="comfy-env-attn",
+                     description="comfy-env-attn: " + " | ".join(_COMMANDS))
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress lines (results and errors only)")
