@@ -44,9 +44,9 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
-from comfy_env_attn.core.paths import write_cache
+from comfy_env_attn.core.paths import cache_part, write_cache
+from comfy_env_attn.core.process import pid_alive
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
-from comfy_env_attn.facts.probe import cache_dir
 from comfy_env_attn.facts.probe_start import uv_binary, uv_warmed
 
 # -- uv -----------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
     except InvalidWheelName as e:
         raise InstallError(f"refusing a wheel from {c.source}: {e}") from None
     parts = urlsplit(c.url)
-    dest_dir = cache_dir() / "wheels"
+    dest_dir = cache_part("downloads")
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -228,22 +228,12 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
     return Fetched(c, path, sha, "index" if c.sha256 else "computed")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def clean_partials(dest_dir: Path) -> None:
     """Remove the .part files, one folder down, of downloads whose process is gone (killed
     midway): wheels/<hash>/ and sources/<hash>/ alike."""
     for part in dest_dir.glob("*/*.part"):
         pid = part.name.split(".", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             part.unlink(missing_ok=True)
 
 
@@ -393,7 +383,7 @@ def _metadata_cache(c: Candidate) -> Path | None:
     sha256 (that file's metadata never changes)."""
     if not is_sha256(c.sha256):
         return None
-    return cache_dir() / "metadata" / f"{c.sha256.lower()}.METADATA"
+    return cache_part("metadata") / f"{c.sha256.lower()}.METADATA"
 
 
 def _read_cached(cached: Path | None) -> str | None:
