@@ -60,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with `command` only that command's part (what a run
-    parses: building all eleven is a few milliseconds of every start)."""
+    parses: building all twelve is a few milliseconds of every start)."""
     parser = _Parser(prog="comfy-env-attn",
                      description="comfy-env-attn: " + " | ".join(_COMMANDS))
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
@@ -214,11 +214,21 @@ def _node(sub: Any, name: str) -> None:
     _common(p)
 
 
+def _cache(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="what the tool's cache folder holds; clean removes it")
+    p.add_argument("cache_command", nargs="?", choices=("info", "clean"), default="info",
+                   metavar="info|clean", help="info (the default) or clean")
+    p.add_argument("--wheelhouse", action="store_true",
+                   help="clean the wheels built for this GPU too (kept by default)")
+    p.add_argument("--json", action="store_true", help="the parts as JSON (docs/json.md)")
+    _common(p)
+
+
 # The commands in the order --help lists them.
 _COMMANDS: dict[str, Callable[[Any, str], None]] = {
     "probe": _probe, "plan": _plan, "doctor": _doctor, "install": _install, "build": _build,
     "uninstall": _uninstall, "verify": _verify, "lock": _lock, "launch-args": _launch_args,
-    "bench": _bench, "node": _node}
+    "bench": _bench, "node": _node, "cache": _cache}
 
 
 def _build_args(p: argparse.ArgumentParser, when: str | None) -> None:

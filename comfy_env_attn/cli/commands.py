@@ -321,6 +321,10 @@ def handler(command: str) -> Callable[[argparse.Namespace], int]:
         from comfy_env_attn.cli.node import cmd_node
 
         return cmd_node
+    if command == "cache":
+        from comfy_env_attn.cli.cache import cmd_cache
+
+        return cmd_cache
     if command in ("install", "uninstall"):
         from comfy_env_attn.cli import install
 

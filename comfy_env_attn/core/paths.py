@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,38 @@ def cache_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "comfy-env-attn"
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comfy-env-attn"
+
+
+# The parts of the cache folder: name -> (its folder, or the patterns of its file names;
+# what it holds). Each part is written in one place (named beside it) and listed and
+# cleaned by `comfy-env-attn cache` (cli.cache). The wheelhouse (candidates.wheelhouse) is
+# apart: it may be a folder of the user's own.
+ANSWER_KINDS = ("interp", "torch", "files")  # answer_file
+CACHE_PARTS: dict[str, tuple[str, str]] = {
+    "downloads": ("wheels/", "wheels downloaded from indexes, reused by the next install"
+                  ),  # install.edges
+    "metadata": ("metadata/", "wheel metadata read when planning (PEP 658)"),  # install.edges
+    "probes": (" ".join(f"{k}-*.json" for k in ANSWER_KINDS),
+               "answers about interpreters, torch installs and installed files, asked again "
+               "when what they describe changes"),  # answer_file
+    "sources": ("sources/", "source archives fetched to build from"),  # install.build
+    "build": ("build/", "build folders (a killed build's, or one running now)"),  # install.build
+    "build logs": ("build-logs/", "the compiler's output of each build"),  # install.build
+}
+
+
+def cache_part(name: str) -> Path:
+    """The folder of a part of the cache (CACHE_PARTS)."""
+    return cache_dir() / CACHE_PARTS[name][0].rstrip("/")
+
+
+def answer_file(kind: str, path: str, root: Path | None = None) -> Path:
+    """Where an answer about one file or folder is cached (in `root`, else the cache folder):
+    `interp` an interpreter's facts, `torch` a torch install's (shared by the venvs that see
+    it), `files` which files of a distribution matched its RECORD."""
+    assert kind in ANSWER_KINDS, kind
+    key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:20]
+    return (cache_dir() if root is None else root) / f"{kind}-{key}.json"
 
 
 def replace_file(path: Path, text: str, *, durable: bool = False, tmp: Path | None = None,

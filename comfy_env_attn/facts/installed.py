@@ -26,7 +26,7 @@ from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
 
 from comfy_env_attn.core.fingerprint import metadata_headers
-from comfy_env_attn.core.paths import write_cache
+from comfy_env_attn.core.paths import answer_file, write_cache
 
 # Never replaced by an install: the constraint pins them and a wheel needing others is refused.
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
@@ -452,8 +452,7 @@ def record_problems(inst: Installed, *, cache: Path | None = None) -> list[str]:
     seen: dict[str, list[int]] = {}
     cfile = None
     if cache is not None:
-        key = hashlib.sha256(os.path.abspath(inst.dist_info).encode()).hexdigest()[:20]
-        cfile = cache / f"files-{key}.json"
+        cfile = answer_file("files", inst.dist_info, cache)
         try:
             doc = json.loads(cfile.read_text(encoding="utf-8"))
             if doc.get("record") == record_id and isinstance(doc.get("ok"), dict):

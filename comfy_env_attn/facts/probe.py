@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
+from comfy_env_attn.core.paths import answer_file, write_cache
 from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
-from comfy_env_attn.core.paths import write_cache
 from comfy_env_attn.facts.probe_start import (
     _PENDING,
     _SCRIPT,
     CACHE_SCHEMA,
-    _cache_file,
     _cached,
     _start,
     _stat,
@@ -235,7 +234,7 @@ def _interpreter_facts(exe: str, use_cache: bool) -> dict[str, Any]:
     if not torch_dir:
         return facts
     witness = _stat(os.path.join(torch_dir, "version.py"))
-    tfile = _cache_file("torch", torch_dir)
+    tfile = answer_file("torch", torch_dir)
     if use_cache:
         try:
             doc = json.loads(tfile.read_text(encoding="utf-8"))
@@ -263,7 +262,7 @@ def probe_interpreter(executable: str, *, use_cache: bool = True) -> Target:
             return Target(exe, facts, cached=True)
     facts = _interpreter_facts(exe, use_cache)
     if use_cache:
-        write_cache(_cache_file("interp", exe), json.dumps({
+        write_cache(answer_file("interp", exe), json.dumps({
             "schema": CACHE_SCHEMA, "executable": exe, "facts": facts,
             "witnesses": _witnesses(exe, facts)}))
     return Target(exe, facts)

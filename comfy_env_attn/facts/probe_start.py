@@ -6,7 +6,6 @@ start within milliseconds of this tool."""
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.core.paths import cache_dir
+from comfy_env_attn.core.paths import answer_file
 
 CACHE_SCHEMA = 5
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")
@@ -29,17 +28,10 @@ def _stat(path: str) -> list[int] | None:
     return [st.st_mtime_ns, st.st_size]
 
 
-def _cache_file(kind: str, path: str) -> Path:
-    """Where facts of one file or folder are cached: `interp` an interpreter's, `torch` a
-    torch install's (shared by the venvs that see it)."""
-    key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:20]
-    return cache_dir() / f"{kind}-{key}.json"
-
-
 def _cached(exe: str) -> dict[str, Any] | None:
     """The cached facts of this interpreter while none of their witnesses changed."""
     try:
-        doc = json.loads(_cache_file("interp", exe).read_text(encoding="utf-8"))
+        doc = json.loads(answer_file("interp", exe).read_text(encoding="utf-8"))
         if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
                 doc.get("witnesses") == {p: _stat(p) for p in doc.get("witnesses", {})}:
             facts: dict[str, Any] = doc["facts"]

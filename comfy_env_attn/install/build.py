@@ -58,7 +58,8 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
-from comfy_env_attn.facts.probe import Target, cache_dir
+from comfy_env_attn.core.paths import cache_part
+from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.facts.system import System, cc_tuple
 from comfy_env_attn.install.edges import clean_partials, download, sha256_file
 
@@ -757,8 +758,8 @@ def obtain_source(recipe: Recipe, override: str | None, log: Callable[[str], Non
         pinned_url = override is None or base == recipe.url
         expect = want or (recipe.sha256 if pinned_url else None)
         name = unquote(parts.path.rsplit("/", 1)[-1]) or "source.tar.gz"
-        clean_partials(cache_dir() / "sources")  # what killed downloads left
-        folder = cache_dir() / "sources" / (expect or hashlib.sha256(base.encode()).hexdigest())
+        clean_partials(cache_part("sources"))  # what killed downloads left
+        folder = cache_part("sources") / (expect or hashlib.sha256(base.encode()).hexdigest())
         path = folder / name
         sha = sha256_file(path) if expect and path.is_file() else None
         if sha is None or sha != expect:
@@ -907,7 +908,7 @@ def plan_build(target: Target, system: System, recipe: Recipe,
                environ: Mapping[str, str] | None = None) -> Plan:
     """Facts and checks: BuildError listing every problem (with its fix) before anything is
     downloaded or compiled."""
-    facts = gather_facts(target, recipe, cache_dir() / "build", environ)
+    facts = gather_facts(target, recipe, cache_part("build"), environ)
     problems = check(recipe, system, facts)
     if problems:
         raise BuildError(f"cannot build {recipe.title} here (nothing was downloaded or "
@@ -1125,12 +1126,13 @@ def build(target: Target, system: System, plan: Plan, wheelhouse: Path, *,
     """Fetch and check the source, compile it as `plan` (from plan_build) says, label the
     wheel, and keep it in the wheelhouse with its build facts."""
     recipe = plan.recipe
-    work_root = cache_dir() / "build"
+    work_root = cache_part("build")
     src = obtain_source(recipe, source, log)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_path = cache_dir() / "build-logs" / f"{recipe.dist}-{recipe.version}-{stamp}.log"
+    log_path = cache_part("build logs") / f"{recipe.dist}-{recipe.version}-{stamp}.log"
     work_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"{recipe.backend}-", dir=work_root))
+    # named by this process (`cache clean` leaves a running build's folder alone)
+    work = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.{recipe.backend}-", dir=work_root))
     try:
         root = unpack(src, work / "src", recipe.subdirectory)
         out_dir = work / "dist"

@@ -1,0 +1,210 @@
+"""`comfy-env-attn cache [clean [--wheelhouse]] [--json]`: what the tool keeps in its cache
+folder (core.paths.cache_dir), and removing it.
+
+Nothing there is needed by an installed backend, the lock or ComfyUI: downloads are fetched
+again, probe answers asked again. The wheelhouse is the exception worth keeping (wheels
+compiled here for this GPU, minutes each): `clean` leaves it unless `--wheelhouse` is given,
+and never removes a wheelhouse outside the cache folder (COMFY_ENV_ATTN_WHEELHOUSE names the
+user's own folder). What a running install or build still uses (a download's `<pid>.*.part`,
+a build's `<pid>.<backend>-*` folder, its process alive) stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from comfy_env_attn.candidates.wheelhouse import wheelhouse_dir
+from comfy_env_attn.cli.output import console, dump_json
+from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.paths import CACHE_PARTS, cache_dir
+from comfy_env_attn.core.process import pid_alive
+from comfy_env_attn.core.progress import log
+
+
+@dataclass
+class Part:
+    """One part of the cache: its files now, and what clean removed and kept of it."""
+    name: str
+    what: str
+    where: list[str]  # its folders, or the patterns of its file names, absolute
+    paths: list[Path]  # what is there now
+    files: int = 0
+    bytes: int = 0
+    removed: int = 0  # bytes
+    kept: list[str] | None = None  # why something stays
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "what": self.what, "where": self.where,
+                "files": self.files, "bytes": self.bytes, "removed_bytes": self.removed,
+                "kept": self.kept or []}
+
+
+def _entries(root: Path, spec: str) -> list[Path]:
+    out: list[Path] = []
+    for pattern in spec.split():
+        if pattern.endswith("/"):
+            if (root / pattern[:-1]).exists():
+                out.append(root / pattern[:-1])
+        else:
+            out += sorted(root.glob(pattern))
+    return out
+
+
+def parts(root: Path, wheelhouse: Path) -> list[Part]:
+    """The cache folder's parts as they are now, the wheelhouse last (when it is there)."""
+    found = [Part(name, what, [str(root / w.rstrip("/")) for w in spec.split()],
+                  _entries(root, spec)) for name, (spec, what) in CACHE_PARTS.items()]
+    inside = _is_within(wheelhouse, root)
+    found.append(Part("wheelhouse", "wheels built here for this machine's GPU (kept unless "
+                      "--wheelhouse)" if inside else "wheels built here for this machine's "
+                      "GPU, in a folder of your own (COMFY_ENV_ATTN_WHEELHOUSE): never "
+                      "removed", [str(wheelhouse)], [wheelhouse] if wheelhouse.exists() else []))
+    for part in found:
+        for path in part.paths:
+            for _f, size in _files(path):
+                part.files += 1
+                part.bytes += size
+    return found
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+    except ValueError:
+        return False
+    return True
+
+
+def _files(path: Path) -> Iterator[tuple[Path, int]]:
+    """Each file under `path` (itself, if a file) and its size; links are not followed."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        yield path, st.st_size
+        return
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                yield Path(root, name), os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+
+
+def _in_use(name: str) -> int | None:
+    """The pid a leftover's name gives (`<pid>.…`) while that process runs, else None."""
+    head = name.split(".", 1)[0]
+    return int(head) if head.isdigit() and pid_alive(int(head)) else None
+
+
+def _writable(func: Callable[..., Any], path: str, _exc: Any) -> None:
+    """rmtree's retry for a read-only file or folder (Windows will not delete a read-only
+    file; a git checkout's objects are read-only): make it and its folder writable, again."""
+    for p in (os.path.dirname(path), path):
+        try:
+            os.chmod(p, os.stat(p).st_mode | stat.S_IWRITE | stat.S_IREAD | stat.S_IEXEC)
+        except OSError:
+            pass
+    func(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=_writable)
+        else:
+            shutil.rmtree(path, onerror=_writable)
+    else:
+        try:
+            path.unlink()
+        except PermissionError:
+            _writable(os.unlink, str(path), None)
+
+
+def clean(part: Part) -> list[str]:
+    """Remove the part's files but what a live process uses; the errors, one per path."""
+    errors: list[str] = []
+    kept: list[str] = []
+    for path in part.paths:
+        # downloads and sources: <hash>/<pid>.*.part; build: <pid>.<backend>-*/
+        children = [c for c in path.iterdir()] if path.is_dir() and part.name in (
+            "downloads", "sources", "build") else [path]
+        for child in children:
+            busy = [p for p in ([child] if part.name == "build" else
+                                [f for f, _ in _files(child) if f.name.endswith(".part")])
+                    if _in_use(p.name) is not None]
+            if busy:
+                kept.append(f"{child} (in use by process {_in_use(busy[0].name)})")
+                continue
+            size = sum(s for _, s in _files(child))
+            try:
+                _remove(child)
+            except OSError as e:
+                errors.append(f"{child}: {e.strerror or e}")
+                continue
+            part.removed += size
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    part.kept = kept
+    return errors
+
+
+def _size(n: int) -> str:
+    if n < 1000:
+        return f"{n} B"
+    for unit, scale in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if n < scale * 1000 or unit == "GB":
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    root = cache_dir()
+    wheelhouse = wheelhouse_dir()
+    found = parts(root, wheelhouse)
+    errors: list[str] = []
+    if args.cache_command == "clean":
+        for part in found:
+            if part.name == "wheelhouse" and not (args.wheelhouse and
+                                                  _is_within(wheelhouse, root)):
+                if part.paths:
+                    part.kept = [f"{wheelhouse} ("
+                                 + ("--wheelhouse removes it" if _is_within(wheelhouse, root)
+                                    else "a folder of your own: remove it yourself") + ")"]
+                continue
+            errors += clean(part)
+        for line in errors:
+            log(f"cannot remove {line}")
+    if args.json:
+        dump_json({"schema": 1, "command": "cache", "folder": str(root), "cleaned": args.cache_command == "clean",
+                   "parts": [p.as_json() for p in found], "errors": errors})
+    else:
+        _table(root, found, cleaned=args.cache_command == "clean")
+    if errors:
+        raise AttnError(f"{len(errors)} path(s) in {root} could not be removed: {errors[0]}")
+    return 0
+
+
+def _table(root: Path, found: list[Part], *, cleaned: bool) -> None:
+    from rich.table import Table
+
+    t = Table(title=str(root))
+    for col in ("part", "files", "size", *(["removed"] if cleaned else []), "what"):
+        t.add_column(col, justify="right" if col in ("files", "size", "removed") else "left")
+    for p in found:
+        note = p.what + "".join(f"; kept: {k}" for k in p.kept or [])
+        t.add_row(p.name, str(p.files), _size(p.bytes),
+                  *([_size(p.removed)] if cleaned else []), note)
+    console().print(t)
+    if cleaned:
+        total = sum(p.removed for p in found)
+        console().print(f"removed {_size(total)}")

@@ -1,0 +1,193 @@
+"""`comfy-env-attn cache` and `cache clean`: what the cache folder holds, what clean removes,
+and what it keeps (the wheelhouse, a folder of the user's own, what a live process uses)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli, venv_python
+from test_workflow import check
+
+from comfy_env_attn.core.paths import CACHE_PARTS
+from comfy_env_attn.core.process import alive_on_windows, pid_alive
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _write(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    return path
+
+
+def _parts(r: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
+    """The parts of a `cache --json` document, checked against docs/json.md's schema."""
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "cache")
+    return {p["name"]: p for p in doc["parts"]}
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> tuple[Path, dict[str, str], int]:
+    """A cache folder with something in each part, a download and a build folder of this
+    (live) process, leftovers of a dead one, a read-only source tree, and a file of no part."""
+    cache = tmp_path / "cache"
+    live, dead = os.getpid(), _dead_pid()
+    _write(cache / "wheels" / "a" / "sageattention-2.2.0-py3-none-any.whl", 1000)
+    _write(cache / "wheels" / "b" / f"{live}.xyz.part", 300)
+    _write(cache / "wheels" / "c" / f"{dead}.xyz.part", 200)
+    _write(cache / "metadata" / "abc.METADATA", 50)
+    for kind in ("interp", "torch", "files"):
+        _write(cache / f"{kind}-0123456789abcdef0123.json", 10)
+    src = _write(cache / "sources" / "d" / "sage" / ".git" / "objects" / "pack", 400)
+    src.chmod(0o444)
+    src.parent.chmod(0o555)  # a git checkout's objects: read-only (Windows: undeletable)
+    _write(cache / "build" / f"{live}.sage-running" / "setup.py", 20)
+    _write(cache / "build" / f"{dead}.sage-killed" / "setup.py", 30)
+    _write(cache / "build-logs" / "sageattention-2.2.0.log", 70)
+    _write(cache / "wheelhouse" / "sageattention" / "w.whl", 5000)
+    _write(cache / "notes.txt", 5)
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(cache), "COMFY_ENV_ATTN_WHEELHOUSE": ""}
+    return cache, env, live
+
+
+def test_cache_lists_each_part_with_its_files_and_size(filled: tuple[Path, dict[str, str], int]
+                                                      ) -> None:
+    cache, env, _live = filled
+    parts = _parts(cli("cache", "--json", env=env))
+    assert list(parts) == [*CACHE_PARTS, "wheelhouse"]
+    assert (parts["downloads"]["files"], parts["downloads"]["bytes"]) == (3, 1500)
+    assert (parts["probes"]["files"], parts["probes"]["bytes"]) == (3, 30)
+    assert (parts["build"]["files"], parts["build"]["bytes"]) == (2, 50)
+    assert (parts["wheelhouse"]["files"], parts["wheelhouse"]["bytes"]) == (1, 5000)
+    assert parts["downloads"]["where"] == [str(cache / "wheels")]
+    assert all(p["removed_bytes"] == 0 for p in parts.values())
+    table = cli("cache", env=env)
+    assert table.returncode == 0, table.stderr
+    assert str(cache) in table.stdout and "1.5 KB" in table.stdout  # the downloads
+    assert cache.joinpath("wheels", "a").exists()  # listing removes nothing
+
+
+def test_clean_removes_all_but_the_wheelhouse_and_what_a_live_process_uses(
+        filled: tuple[Path, dict[str, str], int]) -> None:
+    cache, env, live = filled
+    parts = _parts(cli("cache", "clean", "--json", env=env))
+    assert parts["downloads"]["removed_bytes"] == 1200  # the wheel and the dead .part
+    assert [k for k in parts["downloads"]["kept"]] == [  # type: ignore[attr-defined]
+        f"{cache / 'wheels' / 'b'} (in use by process {live})"]
+    assert parts["build"]["removed_bytes"] == 30
+    assert parts["sources"]["removed_bytes"] == 400  # read-only, removed all the same
+    assert parts["wheelhouse"]["removed_bytes"] == 0 and "--wheelhouse" in \
+        parts["wheelhouse"]["kept"][0]  # type: ignore[index]
+    left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    assert left == sorted([f"build/{live}.sage-running/setup.py", "notes.txt",
+                           f"wheels/b/{live}.xyz.part", "wheelhouse/sageattention/w.whl"])
+    again = _parts(cli("cache", "clean", "--json", env=env))  # nothing more to do: no error
+    assert sum(p["removed_bytes"] for p in again.values()) == 0  # type: ignore[misc]
+
+    gone = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
+    assert gone["wheelhouse"]["removed_bytes"] == 5000
+    assert not (cache / "wheelhouse").exists()
+
+
+def test_a_wheelhouse_of_the_users_own_is_never_removed(tmp_path: Path) -> None:
+    mine = _write(tmp_path / "my-wheels" / "sageattention" / "w.whl", 10)
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "cache"),
+           "COMFY_ENV_ATTN_WHEELHOUSE": str(tmp_path / "my-wheels")}
+    parts = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
+    assert mine.exists() and parts["wheelhouse"]["removed_bytes"] == 0
+    assert "your own" in parts["wheelhouse"]["kept"][0]  # type: ignore[index]
+    assert "never removed" in str(parts["wheelhouse"]["what"])
+
+
+def test_what_the_tool_writes_is_in_a_part_and_cleaned(tmp_path: Path,
+                                                       plain_venv: Path) -> None:
+    """A real probe's answers land where `cache` looks for them (answer_file, CACHE_PARTS)."""
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "cache")}
+    r = cli("probe", "--python", str(venv_python(plain_venv)), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    written = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert any(n.startswith("interp-") for n in written), written
+    parts = _parts(cli("cache", "clean", "--json", env=env))
+    assert parts["probes"]["files"] == len(written) and parts["probes"]["removed_bytes"]
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_pid_alive_on_this_system() -> None:
+    assert pid_alive(os.getpid())
+    assert not pid_alive(_dead_pid())
+    assert not pid_alive(0) and not pid_alive(-1)
+
+
+class _Kernel32:
+    """kernel32's three calls as Windows answers them, for one process table: pid -> exit
+    code (259 while running); `denied` are other users' processes."""
+
+    def __init__(self, procs: dict[int, int], denied: set[int] = frozenset()) -> None:
+        self.procs, self.denied, self.error, self.open = procs, denied, 0, 0
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
+        assert access == 0x1000 and inherit is False
+        if pid in self.denied:
+            self.error = 5
+            return 0
+        if pid not in self.procs:
+            self.error = 87  # ERROR_INVALID_PARAMETER: no such process
+            return 0
+        self.open += 1
+        return 1000 + pid
+
+    def GetExitCodeProcess(self, handle: int, code: object) -> int:
+        ctypes.cast(code, ctypes.POINTER(ctypes.c_ulong)).contents.value = \
+            self.procs[handle - 1000]
+        return 1
+
+    def CloseHandle(self, handle: int) -> int:
+        self.open -= 1
+        return 1
+
+
+def test_pid_alive_on_windows_asks_the_kernel_not_a_signal() -> None:
+    k = _Kernel32({10: 259, 11: 0}, denied={12})
+    assert alive_on_windows(10, k, lambda: k.error)  # running
+    assert not alive_on_windows(11, k, lambda: k.error)  # exited, its handle still held
+    assert alive_on_windows(12, k, lambda: k.error)  # another user's
+    assert not alive_on_windows(13, k, lambda: k.error)  # gone
+    assert k.open == 0  # every handle closed
+
+
+def test_clean_removes_read_only_files_as_windows_refuses_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows will not delete a file without its write bit (a git checkout's objects), where
+    Linux asks only the folder: unlink here refuses such files as Windows does."""
+    from comfy_env_attn.cli import cache as cache_cli
+
+    real = os.unlink
+
+    def unlink(path: str, *, dir_fd: int | None = None) -> None:
+        full = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"),
+                                                        path)
+        if not os.lstat(full).st_mode & stat.S_IWRITE:
+            raise PermissionError(13, "Access is denied", full)
+        real(path, dir_fd=dir_fd)
+
+    tree = tmp_path / "sources" / "d"
+    for f in (_write(tree / "objects" / "pack", 4), _write(tree / "top", 4)):
+        f.chmod(0o444)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(PermissionError):
+        unlink(str(tree / "top"))  # the fake refuses, as Windows would
+    part = cache_cli.Part("sources", "", [], [tmp_path / "sources"])
+    assert cache_cli.clean(part) == [] and not (tmp_path / "sources").exists()
