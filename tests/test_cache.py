@@ -3,7 +3,6 @@ and what it keeps (the wheelhouse, a folder of the user's own, what a live proce
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import stat
@@ -16,7 +15,6 @@ from conftest import cli, venv_python
 from test_workflow import check
 
 from comfy_env_attn.core.paths import CACHE_PARTS
-from comfy_env_attn.core.process import alive_on_windows, pid_alive
 
 
 def _dead_pid() -> int:
@@ -123,49 +121,6 @@ def test_what_the_tool_writes_is_in_a_part_and_cleaned(tmp_path: Path,
     parts = _parts(cli("cache", "clean", "--json", env=env))
     assert parts["probes"]["files"] == len(written) and parts["probes"]["removed_bytes"]
     assert not any((tmp_path / "cache").iterdir())
-
-
-def test_pid_alive_on_this_system() -> None:
-    assert pid_alive(os.getpid())
-    assert not pid_alive(_dead_pid())
-    assert not pid_alive(0) and not pid_alive(-1)
-
-
-class _Kernel32:
-    """kernel32's three calls as Windows answers them, for one process table: pid -> exit
-    code (259 while running); `denied` are other users' processes."""
-
-    def __init__(self, procs: dict[int, int], denied: set[int] = frozenset()) -> None:
-        self.procs, self.denied, self.error, self.open = procs, denied, 0, 0
-
-    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
-        assert access == 0x1000 and inherit is False
-        if pid in self.denied:
-            self.error = 5
-            return 0
-        if pid not in self.procs:
-            self.error = 87  # ERROR_INVALID_PARAMETER: no such process
-            return 0
-        self.open += 1
-        return 1000 + pid
-
-    def GetExitCodeProcess(self, handle: int, code: object) -> int:
-        ctypes.cast(code, ctypes.POINTER(ctypes.c_ulong)).contents.value = \
-            self.procs[handle - 1000]
-        return 1
-
-    def CloseHandle(self, handle: int) -> int:
-        self.open -= 1
-        return 1
-
-
-def test_pid_alive_on_windows_asks_the_kernel_not_a_signal() -> None:
-    k = _Kernel32({10: 259, 11: 0}, denied={12})
-    assert alive_on_windows(10, k, lambda: k.error)  # running
-    assert not alive_on_windows(11, k, lambda: k.error)  # exited, its handle still held
-    assert alive_on_windows(12, k, lambda: k.error)  # another user's
-    assert not alive_on_windows(13, k, lambda: k.error)  # gone
-    assert k.open == 0  # every handle closed
 
 
 def test_clean_removes_read_only_files_as_windows_refuses_them(

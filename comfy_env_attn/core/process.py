@@ -1,11 +1,13 @@
-"""Whether a process still runs: what a killed run left behind (a download's .part file, a
-build folder) carries its pid, and is removed only once that process is gone. Standard
-library only."""
+"""Processes this tool starts and stops, and whether one still runs: what a killed run left
+behind (a download's .part file, a build folder) carries its pid, and is removed only once
+that process is gone. Standard library only."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # Windows: OpenProcess's right to ask for an exit code, GetExitCodeProcess's answer for a
@@ -54,3 +56,48 @@ def alive_on_windows(pid: int, kernel32: Any, last_error: Callable[[], int]) -> 
         return code.value == _STILL_ACTIVE
     finally:
         kernel32.CloseHandle(handle)
+
+
+# -- process trees ---------------------------------------------------------------------------
+
+def own_group() -> dict[str, Any]:
+    """Popen's arguments for a process that stop_tree can stop with all it starts: a
+    session of its own on POSIX; on Windows nothing (taskkill /T follows the parent links)."""
+    return {} if os.name == "nt" else {"start_new_session": True}
+
+
+def _taskkill(pid: int) -> Sequence[str]:
+    root = os.environ.get("SYSTEMROOT") or os.environ.get("WINDIR") or r"C:\Windows"
+    return [os.path.join(root, "System32", "taskkill.exe"), "/T", "/F", "/PID", str(pid)]
+
+
+def stop_tree(proc: subprocess.Popen[Any], *, grace: float = 0.0,
+              run: Callable[..., Any] = subprocess.run) -> None:
+    """Stop a process started with own_group() and every process it started (uv runs the
+    interpreter it queries; a build runs ninja and the compilers), then reap it. POSIX:
+    SIGTERM to its group, SIGKILL after `grace` s (at once without one). Windows: taskkill
+    /T /F, which ends the whole tree (proc.kill() would end the parent alone, leaving its
+    children running and their files locked). `run` runs taskkill (a test's stand-in)."""
+    if os.name == "nt":
+        if proc.poll() is None:
+            try:
+                run(_taskkill(proc.pid), stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            if proc.poll() is None:
+                proc.kill()
+        proc.wait()
+        return
+    try:
+        if grace:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)  # what the SIGTERM left of the group, if any
+    except OSError:  # the group is gone: no process of it is left
+        if proc.poll() is None:
+            proc.kill()
+    proc.wait()

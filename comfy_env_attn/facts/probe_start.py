@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.paths import answer_file
+from comfy_env_attn.core.process import own_group, stop_tree
 
 CACHE_SCHEMA = 5
 _SCRIPT = Path(__file__).with_name("_interp_probe.py")
@@ -80,22 +81,9 @@ def _reap() -> None:
         probe.kill()
         probe.wait()
     for uv in _UV_WARMING.values():
-        _kill_group(uv)
-        uv.wait()
+        stop_tree(uv)
     _PENDING.clear()
     _UV_WARMING.clear()
-
-
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
-    """Stop a process started in a session of its own, and what it started (uv runs the
-    interpreter it queries); on Windows, the process alone."""
-    if os.name == "nt" or proc.poll() is not None:
-        proc.kill()
-        return
-    try:
-        os.killpg(proc.pid, 9)
-    except OSError:
-        proc.kill()
 
 
 # -- uv --------------------------------------------------------------------------------------
@@ -139,7 +127,7 @@ def warm_uv(executable: str) -> None:
         _UV_WARMING[exe] = subprocess.Popen(
             [uv, "python", "find", "--no-project", "--no-python-downloads", "--offline",
              "--quiet", exe], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=os.name != "nt")
+            stderr=subprocess.DEVNULL, **own_group())
     except OSError:
         return
     _reap_at_exit()

@@ -59,6 +59,7 @@ from comfy_env_attn.candidates.wheelname import (
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.core.paths import cache_part
+from comfy_env_attn.core.process import own_group, stop_tree
 from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.facts.system import System, cc_tuple
 from comfy_env_attn.install.edges import clean_partials, download, sha256_file
@@ -974,7 +975,7 @@ def run_build(plan: Plan, root: Path, out_dir: Path, log_path: Path,
                    f"{root}\n")
         logf.flush()
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=os.name != "nt")
+                                stdin=subprocess.DEVNULL, **own_group())
         last = started
         # the compilers run in their own session: a SIGTERM to this process (a timeout, a
         # kill) must stop them too, as Ctrl-C does
@@ -988,7 +989,7 @@ def run_build(plan: Plan, root: Path, out_dir: Path, log_path: Path,
                     log(f"  {plan.recipe.backend}: {_elapsed(now - started)} "
                         f"{progress_line(_tail(log_path, 30))}")
         except BaseException:
-            _stop(proc)
+            stop_tree(proc, grace=10)
             raise
         finally:
             restore()
@@ -1022,17 +1023,6 @@ def _on_sigterm_interrupt() -> Callable[[], None]:
         signal.signal(signal.SIGTERM, previous)
 
     return restore
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    try:
-        if os.name != "nt":
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.terminate()
-        proc.wait(timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        proc.kill()
 
 
 # -- the wheel: labelled with what it was built against ---------------------------------------

@@ -1,0 +1,142 @@
+"""core.process: whether a pid runs, and stopping a process with all it started, on POSIX
+for real and on Windows through stand-ins for kernel32 and taskkill."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfy_env_attn.core import process
+from comfy_env_attn.core.process import alive_on_windows, own_group, pid_alive, stop_tree
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_pid_alive_on_this_system() -> None:
+    assert pid_alive(os.getpid())
+    assert not pid_alive(_dead_pid())
+    assert not pid_alive(0) and not pid_alive(-1)
+
+
+class _Kernel32:
+    """kernel32's three calls as Windows answers them, for one process table: pid -> exit
+    code (259 while running); `denied` are other users' processes."""
+
+    def __init__(self, procs: dict[int, int], denied: set[int] = frozenset()) -> None:
+        self.procs, self.denied, self.error, self.open = procs, denied, 0, 0
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:
+        assert access == 0x1000 and inherit is False
+        if pid in self.denied:
+            self.error = 5
+            return 0
+        if pid not in self.procs:
+            self.error = 87  # ERROR_INVALID_PARAMETER: no such process
+            return 0
+        self.open += 1
+        return 1000 + pid
+
+    def GetExitCodeProcess(self, handle: int, code: object) -> int:
+        ctypes.cast(code, ctypes.POINTER(ctypes.c_ulong)).contents.value = \
+            self.procs[handle - 1000]
+        return 1
+
+    def CloseHandle(self, handle: int) -> int:
+        self.open -= 1
+        return 1
+
+
+def test_pid_alive_on_windows_asks_the_kernel_not_a_signal() -> None:
+    k = _Kernel32({10: 259, 11: 0}, denied={12})
+    assert alive_on_windows(10, k, lambda: k.error)  # running
+    assert not alive_on_windows(11, k, lambda: k.error)  # exited, its handle still held
+    assert alive_on_windows(12, k, lambda: k.error)  # another user's
+    assert not alive_on_windows(13, k, lambda: k.error)  # gone
+    assert k.open == 0  # every handle closed
+
+
+
+_TREE = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(60)
+"""
+
+
+def _tree(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A process that started a child of its own, in a group of its own (own_group)."""
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen([sys.executable, "-c", _TREE, str(pid_file)], **own_group())
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return proc, int(pid_file.read_text())
+
+
+def _gone(pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        try:  # a zombie whose parent is gone waits for init to reap it
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+@pytest.mark.parametrize("grace", [0.0, 5.0])
+def test_stop_tree_stops_the_process_and_what_it_started(tmp_path: Path, grace: float) -> None:
+    proc, child = _tree(tmp_path)
+    stop_tree(proc, grace=grace)
+    assert proc.returncode == (-signal.SIGTERM if grace else -signal.SIGKILL)
+    assert _gone(child), "the child outlived its parent"
+    stop_tree(proc)  # again, the group gone: no error
+
+
+def test_stop_tree_on_windows_ends_the_tree_with_taskkill(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Windows, stop_tree asks taskkill /T /F for the process id; the stand-in does here
+    what taskkill does there (ends the tree)."""
+    proc, child = _tree(tmp_path)
+    asked: list[list[str]] = []
+
+    def taskkill(cmd: list[str], **kw: Any) -> None:
+        asked.append(cmd)
+        os.killpg(int(cmd[-1]), signal.SIGKILL)
+
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setenv("SYSTEMROOT", r"D:\\Win")
+    stop_tree(proc, run=taskkill)
+    monkeypatch.undo()
+    assert asked == [[os.path.join(r"D:\\Win", "System32", "taskkill.exe"), "/T", "/F",
+                      "/PID", str(proc.pid)]]
+    assert proc.returncode is not None and _gone(child)
+    asked.clear()
+    monkeypatch.setattr(os, "name", "nt")
+    stop_tree(proc, run=taskkill)  # already ended: taskkill is not asked again
+    monkeypatch.undo()
+    assert asked == []
+
+
+def test_windows_popen_arguments_start_no_session() -> None:
+    assert own_group() == {"start_new_session": True}
+    assert process.os is os
