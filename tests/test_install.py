@@ -524,3 +524,29 @@ def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile) -> 
         time.sleep(0.1)
     assert _processes_naming(str(venv)) == []
     assert installed_in(venv) == {} and not (venv / ".comfy-env-attn" / "journal.json").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a /bin/sh shim")
+def test_a_shim_installs_into_the_interpreter_it_runs_now(tmp_path, profile) -> None:
+    """`--python python3` where python3 is a pyenv-like shim: probed while it ran venv a,
+    then installed with it running venv b. The install goes into b, the one the shim runs,
+    and is checked there: a stale answer about the shim would have journalled a, let uv
+    install into b, then "restored" a and left b changed."""
+    a, b = make_venv(tmp_path / "a", torch=True), make_venv(tmp_path / "b", torch=True)
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "python3").write_text(f'#!/bin/sh\nexec "{tmp_path}/$SEL/bin/python" "$@"\n')
+    (shims / "python3").chmod(0o755)
+    sage_wheel(tmp_path / "wh", "ok", f"2.2.0+{LABEL}")
+    path = f"{shims}{os.pathsep}{os.environ['PATH']}"
+    r = cli("probe", "--python", "python3", "--json", env={"PATH": path, "SEL": "a"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["executable"] == str(venv_python(a))
+    r = cli("install", "--python", "python3", "--system", str(profile), "--find-links",
+            str(tmp_path / "wh"), "--no-embedded-index", "--backends", "sage", "--no-verify",
+            env={"PATH": path, "SEL": "b"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"is a script that runs {venv_python(b)}" in r.stderr
+    assert installed_in(b)["sageattention"] == f"2.2.0+{LABEL}"
+    assert "sageattention" not in installed_in(a)
+    assert (b / LOCK_NAME).is_file() and not (a / LOCK_NAME).exists()

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import venv_python, venv_site
+from conftest import make_venv, venv_python, venv_site
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.facts import probe as probe_mod
 from comfy_env_attn.facts import probe_start
-from comfy_env_attn.facts.locate import find_python, find_python_auto
+from comfy_env_attn.facts.locate import find_python, find_python_auto, on_path
 from comfy_env_attn.facts.probe import parse_nvidia_smi, probe, probe_interpreter
 
 
@@ -344,6 +344,51 @@ def test_python_flag_accepts_a_command_on_path(tmp_path: Path) -> None:
         find_python(python="python3.98", env=env)
     with pytest.raises(ProbeError, match=r"no such file$"):  # a path is not looked up
         find_python(python="./python3.99", env=env)
+
+
+def test_the_path_lookup_on_windows_skips_the_store_stubs_and_the_current_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows' PATH: PATHEXT extensions, ';' between folders, WindowsApps' python.exe (the
+    Store's stub) passed over, the current folder never searched."""
+    apps = tmp_path / "Users" / "me" / "AppData" / "Local" / "Microsoft" / "WindowsApps"
+    real = tmp_path / "Python312"
+    for folder in (apps, real, tmp_path / "cwd"):
+        folder.mkdir(parents=True)
+        (folder / "python.exe").write_bytes(b"MZ")
+    monkeypatch.chdir(tmp_path / "cwd")
+    path = ";".join([str(apps), "", ".", str(real)])
+    assert on_path("python", path, "windows", ".COM;.EXE") == str(real / "python.exe")
+    assert on_path("python.exe", path, "windows", ".COM;.EXE") == str(real / "python.exe")
+    assert on_path("python", str(apps).upper() + "\\", "windows") is None
+    (real / "python3.cmd").write_text("@echo off")
+    assert on_path("python3", path, "windows", ".COM;.EXE;.BAT;.CMD") == \
+        str(real / "python3.cmd")
+    assert on_path("python", f"{apps}{os.pathsep}{real}", "linux") is None  # not executable
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a /bin/sh shim")
+def test_a_shim_on_path_is_followed_to_the_interpreter_it_runs_now(tmp_path: Path) -> None:
+    """pyenv's and asdf's shims are scripts that run whichever interpreter is selected when
+    started: the target is that interpreter, asked each time (a cached answer about the shim
+    would describe the one selected before)."""
+    a, b = make_venv(tmp_path / "a", torch=False), make_venv(tmp_path / "b", torch=False)
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    shim = shims / "python3"
+    shim.write_text(f'#!/bin/sh\nexec "{tmp_path}/$SEL/bin/python" "$@"\n')
+    shim.chmod(0o755)
+    for sel, venv in (("a", a), ("b", b), ("a", a)):
+        exe, how = find_python(python="python3", env={"PATH": str(shims), "SEL": sel})
+        assert os.path.samefile(exe, venv_python(venv)) and str(venv) in exe
+        assert how == [f"--python python3: {shim} on PATH", f"{shim} is a script that runs {exe}"]
+    exe, how = find_python(python=str(shim), env={"SEL": "b"})  # a path to a shim, too
+    assert str(b) in exe
+    broken = shims / "python"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    assert find_python(python=str(broken)) == (str(broken), [f"--python {broken}"])
+    assert find_python(python=str(venv_python(a))) == \
+        (str(venv_python(a)), [f"--python {venv_python(a)}"])  # a program: not run
 
 
 def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:

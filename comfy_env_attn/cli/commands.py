@@ -14,6 +14,7 @@ from comfy_env_attn.cli import planning
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, UsageError
+from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.locate import find_python_auto
 from comfy_env_attn.facts.probe import GpuFacts, Target, probe, probe_interpreter, system_from
 from comfy_env_attn.facts.system import System, load_profile
@@ -21,9 +22,14 @@ from comfy_env_attn.resolve import Pin, Plan
 
 
 def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
-    return find_python_auto(python=getattr(args, "python", None),
-                            comfyui=getattr(args, "comfyui", None),
-                            use_workspace=getattr(args, "comfy_cli", False))
+    """The target interpreter and how it was found; a script followed to the interpreter it
+    runs (a pyenv shim) is said."""
+    exe, how = find_python_auto(python=getattr(args, "python", None),
+                                comfyui=getattr(args, "comfyui", None),
+                                use_workspace=getattr(args, "comfy_cli", False))
+    for line in how[1:]:
+        log(line)
+    return exe, how
 
 
 def probe_target(args: argparse.Namespace, *, use_cache: bool = True) -> tuple[Target, System]:

@@ -7,7 +7,6 @@ Windows layout on Linux.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,15 +73,87 @@ def find_python(*, python: str | None = None, comfyui: str | None = None,
         if not p.exists():
             # a bare name (`python3`, `python3.12`) is a command on PATH, as uv reads it
             bare = not any(sep in python for sep in ("/", "\\"))
-            found = shutil.which(python, path=env.get("PATH")) if bare else None
+            found = on_path(python, env.get("PATH", ""), os_name,
+                            env.get("PATHEXT", "")) if bare else None
             if found is None:
                 raise ProbeError(f"--python {python}: no such file"
                                  + (", and no command of that name on PATH" if bare else ""))
-            return found, [f"--python {python}: {found} on PATH"]
-        return str(p), [f"--python {python}"]
+            return followed(found, f"--python {python}: {found} on PATH", env)
+        return followed(str(p), f"--python {python}", env)
     if comfyui:
         return comfyui_python(Path(comfyui), f"--comfyui {comfyui}", os_name, env)
     return sys.executable, ["the current environment"]
+
+
+def on_path(name: str, path: str, os_name: str, pathext: str = "") -> str | None:
+    """The command `name` on PATH: the first folder holding it as an executable file (on
+    Windows under a PATHEXT extension, and never the current folder, which shutil.which
+    puts first there on Python 3.11). The WindowsApps folder is passed over: its python.exe
+    and python3.exe are the Store's stubs, which print "Python was not found" (uv skips them
+    too)."""
+    windows = os_name == "windows"
+    exts = [""]
+    if windows and not any(name.lower().endswith(e) for e in (".exe", ".bat", ".cmd")):
+        exts = [e.lower() for e in (pathext or ".COM;.EXE;.BAT;.CMD").split(";") if e]
+    for folder in path.split(";" if windows else os.pathsep):
+        if not folder or folder == "." or (windows and "\\microsoft\\windowsapps" in
+                                           folder.replace("/", "\\").lower().rstrip("\\")
+                                           + "\\"):
+            continue
+        for ext in exts:
+            candidate = os.path.join(folder, name + ext)
+            if os.path.isfile(candidate) and (windows or os.access(candidate, os.X_OK)):
+                return candidate
+    return None
+
+
+# The first bytes of an interpreter that is a program (ELF, PE, Mach-O, fat Mach-O), not a
+# script: what followed() need not run to know what it is
+_NATIVE = (b"\x7fELF", b"MZ", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xca\xfe\xba\xbe")
+FOLLOW_TIMEOUT_S = 30.0
+
+
+def followed(exe: str, how: str, env: Mapping[str, str] | None = None
+             ) -> tuple[str, list[str]]:
+    """The interpreter a --python path runs. A script (pyenv's and asdf's shims, a .bat
+    wrapper) may run another interpreter each time it is started (PYENV_VERSION, a
+    .python-version): the target is the one it runs now, read from its sys.executable, so
+    that the probe, its cache, the journal and uv all name the same interpreter. A script
+    that does not answer is kept as given: the probe then reports why. `env`: the environment
+it is started with (the shim reads its selection there)."""
+    try:
+        with open(exe, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return exe, [how]
+    if head.startswith(_NATIVE):
+        return exe, [how]
+    key = (os.path.abspath(exe), tuple(sorted((os.environ if env is None else env).items())))
+    if key not in _FOLLOWED:  # asked once a process (the early probe asks first)
+        _FOLLOWED[key] = _run_script(exe, env)
+    real = _FOLLOWED[key]
+    return (real, [how, f"{exe} is a script that runs {real}"]) if real else (exe, [how])
+
+
+_FOLLOWED: dict[tuple[str, tuple[tuple[str, str], ...]], str | None] = {}
+
+
+def _run_script(exe: str, env: Mapping[str, str] | None) -> str | None:
+    """The sys.executable a script started as Python reports, None if it does not."""
+    import subprocess
+
+    try:
+        r = subprocess.run([exe, "-c", "import sys; sys.stdout.write(sys.executable or '')"],
+                           capture_output=True, text=True, timeout=FOLLOW_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL,
+                           env=None if env is None else dict(env))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    real = r.stdout.strip()
+    if r.returncode != 0 or not real or not os.path.isfile(real) or \
+            os.path.abspath(real) == os.path.abspath(exe):
+        return None
+    return real
 
 
 def _inside(path: Path, folder: Path) -> bool:
