@@ -242,6 +242,33 @@ def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_serve
     assert read(fresh / LOCK_NAME)["packages"] == read(venv / LOCK_NAME)["packages"]
 
 
+def test_a_lock_verify_wrote_for_a_backend_installed_by_hand_is_kept(
+        tmp_path, venv, profile, uv_bin) -> None:
+    """sageattention put in by uv itself, then `verify`: the lock lists no [[packages]], its
+    fingerprint holds the proof. `install --no-verify` with nothing to install keeps it; once
+    the same version is reinstalled from other bytes, the proof no longer stands."""
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    py = str(venv_python(venv))
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(w)],
+                   check=True)
+    r = cli("verify", "--python", py, *SHAPES)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read(venv / LOCK_NAME)["packages"] == []
+    proven = (venv / LOCK_NAME).read_bytes()
+    args = ("install", "--python", py, "--system", str(profile), "--find-links",
+            str(tmp_path / "w"), "--no-embedded-index", "--backends", "sage", "--no-verify")
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "kept as it was" in r.stderr and (venv / LOCK_NAME).read_bytes() == proven
+    time.sleep(0.01)  # another mtime for the reinstalled files
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps",
+                    "--reinstall", "--no-cache", str(w)], check=True)
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
+    assert tool["backends"]["sage"]["status"] == "unverified"
+
+
 def test_comfy_env_config(tmp_path, venv, profile, http_server) -> None:
     w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
     cfg = tmp_path / "comfy-env.toml"

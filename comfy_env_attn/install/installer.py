@@ -18,8 +18,8 @@ from comfy_env_attn import lockfile
 from comfy_env_attn.candidates.sources import Candidate, filename_of, project_of
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, InstallError
-from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts
-from comfy_env_attn.core.lockmodel import Live
+from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts, files_digest
+from comfy_env_attn.core.lockmodel import Live, tool_table
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import (
     Installed,
@@ -443,15 +443,23 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
 def _lock_records(path: Path, installed: dict[str, Installed]) -> bool:
     """Whether the lock reads, and records the backends' distributions installed now, each
     at its installed version, and no other (a run killed before it locked leaves another
-    version installed than the lock names)."""
+    version installed than the lock names): its [[packages]] (what install put in) and the
+    distributions its fingerprint saw (what verify proved, however it was installed: a
+    `verify` after `pip install` locks no package). A fingerprinted distribution must also
+    have the files it had (the same version rebuilt and reinstalled has others)."""
     try:
-        wheels = lockfile.wheels_of(lockfile.read(path))
+        doc = lockfile.read(path)
+        wheels = lockfile.wheels_of(doc)
+        seen = tool_table(doc).fingerprint.backends.values()
     except AttnError:
         return False
     dists = {bk.BACKENDS[b].dist for b in installed_backends(installed)}
     locked = {(canonicalize_name(w.name), w.version) for w in wheels
               if canonicalize_name(w.name) in bk.BY_DIST}
-    return locked == {(d, installed[d].version) for d in dists}
+    locked |= {(canonicalize_name(d.dist), d.version) for d in seen}
+    return locked == {(d, installed[d].version) for d in dists} and all(
+        files_digest(Path(installed[canonicalize_name(d.dist)].dist_info)) == d.files_sha256
+        for d in seen)
 
 
 def _check_untouched(ctx: _Context, before: dict[str, Stat | None] | None,
