@@ -521,11 +521,13 @@ def _processes_naming(text: str) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
-def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile) -> None:
-    """uv's early query of the target runs in a session of its own; the tool interrupted
-    (SIGINT to it alone, as a terminal's Ctrl-C is not: that reaches the whole group) while
-    it waits for a target that starts slowly under uv stops uv and the interpreter uv
-    started, and the target is as it was."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile, sig) -> None:
+    """uv's early query of the target runs in a session of its own, out of reach of the
+    terminal's signals; the tool interrupted (SIGINT to it alone, as a terminal's Ctrl-C is
+    not: that reaches the whole group; SIGTERM, as `timeout` or a service manager sends;
+    SIGHUP, a closed terminal) while it waits for a target that starts slowly under uv stops
+    uv and the interpreter uv started, and the target is as it was."""
     venv = make_venv(tmp_path / "slow", torch=True)
     (site(venv) / "zz_slow_under_uv.pth").write_text(
         "import os, time; exec(\"try:\\n c = open('/proc/%d/cmdline' % os.getppid(), 'rb')"
@@ -543,7 +545,7 @@ def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile) -> 
         assert time.time() < deadline and p.poll() is None, p.communicate()
         time.sleep(0.05)
     time.sleep(1.0)  # the tool is waiting for it now
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "ERROR interrupted" in err, err
     deadline = time.time() + 10

@@ -289,10 +289,28 @@ def entry() -> int:
     collected. `main` itself leaves the collector alone: tests and embedders call it in
     their own long-lived process."""
     gc.disable()
+    _interrupt_on_termination()
     try:
         return main(short_lived=True)
     finally:
         gc.freeze()
+
+
+def _interrupt_on_termination() -> None:
+    """SIGTERM (`timeout`, a service manager) and SIGHUP (a closed terminal) interrupt the
+    command as Ctrl-C does: an install rolls back at once, and what it started in sessions
+    of its own (uv's early query of the target, a build's compilers) is stopped at exit,
+    which a plain termination would leave running. A signal the caller set to be ignored
+    (nohup) stays ignored."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, interrupt)
 
 
 def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int:
