@@ -246,11 +246,24 @@ def test_a_read_only_target_is_one_line(tmp_path, uv_bin, scene: Scene) -> None:
         read_installed([str(site(venv))])
 
 
-def test_every_file_the_tool_rewrites_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+def test_every_file_the_tool_rewrites_is_replaced_whole_or_not_at_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """core.paths.replace_file, the one writer of the journal, RECORDs, the lock, the node's
     loader and the caches: text that cannot be written (here, a lone surrogate) leaves the
-    old file as it was and no temporary file; a durable write lands like any other."""
+    old file as it was and no temporary file; a durable write lands like any other, the
+    file forced to disk, then (POSIX) its folder, which holds the rename."""
+    import stat
+
     from comfy_env_attn.core.paths import replace_file
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
 
     target = tmp_path / "journal.json"
     target.write_text("old\n", encoding="utf-8")
@@ -258,6 +271,11 @@ def test_every_file_the_tool_rewrites_is_replaced_whole_or_not_at_all(tmp_path: 
         replace_file(target, "new \ud800 half", durable=True)
     assert target.read_text(encoding="utf-8") == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.json"]
+    synced.clear()
     replace_file(target, "new\n", durable=True, newline="\n")
     assert target.read_bytes() == b"new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.json"]
+    assert synced == (["file"] if os.name == "nt" else ["file", "folder"])
+    synced.clear()
+    replace_file(target, "cache\n")  # a cache: nothing forced
+    assert synced == [] and target.read_text(encoding="utf-8") == "cache\n"

@@ -60,7 +60,9 @@ def replace_file(path: Path, text: str, *, durable: bool = False, tmp: Path | No
     """Write a text file whole or not at all: into a temporary file beside it (`tmp`, else
     `.NAME.PID.tmp`), then renamed over it, so that a reader, a kill or a full disk leaves
     the old file or the new one, never half of one. `durable`: forced to disk before the
-    rename (the journal, a RECORD a rollback must read after a power cut). On any failure
+    rename, and the rename itself after it (its folder's entry; POSIX: Windows has no such
+    call and NTFS journals the rename): the journal, a RECORD a rollback must read after a
+    power cut. On any failure
     the temporary file is removed and the error raised, the caller's to report or pass
     over (a cache that cannot be written is only slower)."""
     tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -75,6 +77,12 @@ def replace_file(path: Path, text: str, *, durable: bool = False, tmp: Path | No
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    if durable and os.name != "nt":
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_cache(path: Path, text: str) -> None:
