@@ -37,26 +37,35 @@ def _parts(r: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
     return {p["name"]: p for p in doc["parts"]}
 
 
+H = [c * 64 for c in "abcd"]  # <sha256>/ folders, as downloads and sources are kept
+
+
 @pytest.fixture
 def filled(tmp_path: Path) -> tuple[Path, dict[str, str], int]:
     """A cache folder with something in each part, a download and a build folder of this
-    (live) process, leftovers of a dead one, a read-only source tree, and a file of no part."""
+    (live) process, leftovers of a dead one, a read-only source tree, and entries the tool
+    never writes (in the folder and in its parts' folders)."""
     cache = tmp_path / "cache"
     live, dead = os.getpid(), _dead_pid()
-    _write(cache / "wheels" / "a" / "sageattention-2.2.0-py3-none-any.whl", 1000)
-    _write(cache / "wheels" / "b" / f"{live}.xyz.part", 300)
-    _write(cache / "wheels" / "c" / f"{dead}.xyz.part", 200)
-    _write(cache / "metadata" / "abc.METADATA", 50)
+    _write(cache / "wheels" / H[0] / "sageattention-2.2.0-py3-none-any.whl", 1000)
+    _write(cache / "wheels" / H[1] / f"{live}.xyz.part", 300)
+    _write(cache / "wheels" / "unhashed" / f"{dead}.xyz.part", 200)
+    _write(cache / "metadata" / f"{H[0]}.METADATA", 50)
     for kind in ("interp", "torch", "files"):
         _write(cache / f"{kind}-0123456789abcdef0123.json", 10)
-    src = _write(cache / "sources" / "d" / "sage" / ".git" / "objects" / "pack", 400)
+    src = _write(cache / "sources" / H[3] / "sage" / ".git" / "objects" / "pack", 400)
     src.chmod(0o444)
     src.parent.chmod(0o555)  # a git checkout's objects: read-only (Windows: undeletable)
-    _write(cache / "build" / f"{live}.sage-running" / "setup.py", 20)
-    _write(cache / "build" / f"{dead}.sage-killed" / "setup.py", 30)
+    _write(cache / "build" / f"{live}.sage-abcd1234" / "setup.py", 20)
+    _write(cache / "build" / f"{dead}.sage-efgh5678" / "setup.py", 30)
+    _write(cache / "build" / "sage_fp16-k1l2m3n4" / "setup.py", 40)  # before pids in names
     _write(cache / "build-logs" / "sageattention-2.2.0.log", 70)
-    _write(cache / "wheelhouse" / "sageattention" / "w.whl", 5000)
-    _write(cache / "notes.txt", 5)
+    _write(cache / "wheelhouse" / "sageattention" / "e" / "w.whl", 5000)
+    _write(cache / "wheelhouse" / "sageattention" / "e" / "build.json", 100)
+    _write(cache / "notes.txt", 5)  # the tool never writes these: they stay
+    _write(cache / "files-list.json", 5)
+    _write(cache / "build" / "my-project" / "main.c", 5)
+    _write(cache / "wheelhouse" / "sageattention" / "mine.whl", 5)
     env = {"COMFY_ENV_ATTN_CACHE_DIR": str(cache), "COMFY_ENV_ATTN_WHEELHOUSE": ""}
     return cache, env, live
 
@@ -68,40 +77,47 @@ def test_cache_lists_each_part_with_its_files_and_size(filled: tuple[Path, dict[
     assert list(parts) == [*CACHE_PARTS, "wheelhouse"]
     assert (parts["downloads"]["files"], parts["downloads"]["bytes"]) == (3, 1500)
     assert (parts["probes"]["files"], parts["probes"]["bytes"]) == (3, 30)
-    assert (parts["build"]["files"], parts["build"]["bytes"]) == (2, 50)
-    assert (parts["wheelhouse"]["files"], parts["wheelhouse"]["bytes"]) == (1, 5000)
+    assert (parts["build"]["files"], parts["build"]["bytes"]) == (3, 90)
+    assert (parts["wheelhouse"]["files"], parts["wheelhouse"]["bytes"]) == (2, 5100)
     assert parts["downloads"]["where"] == [str(cache / "wheels")]
     assert all(p["removed_bytes"] == 0 for p in parts.values())
     table = cli("cache", env=env)
     assert table.returncode == 0, table.stderr
     assert str(cache) in table.stdout and "1.5 KB" in table.stdout  # the downloads
-    assert cache.joinpath("wheels", "a").exists()  # listing removes nothing
+    assert cache.joinpath("wheels", H[0]).exists()  # listing removes nothing
 
 
-def test_clean_removes_all_but_the_wheelhouse_and_what_a_live_process_uses(
+def test_clean_removes_what_the_tool_wrote_but_the_wheelhouse_and_what_a_live_process_uses(
         filled: tuple[Path, dict[str, str], int]) -> None:
     cache, env, live = filled
     parts = _parts(cli("cache", "clean", "--json", env=env))
     assert parts["downloads"]["removed_bytes"] == 1200  # the wheel and the dead .part
-    assert [k for k in parts["downloads"]["kept"]] == [  # type: ignore[attr-defined]
-        f"{cache / 'wheels' / 'b'} (in use by process {live})"]
-    assert parts["build"]["removed_bytes"] == 30
+    assert parts["downloads"]["kept"] == [f"{cache / 'wheels' / H[1]} (in use by process {live})"]
+    assert parts["build"]["removed_bytes"] == 70
+    assert parts["build"]["kept"] == [
+        f"{cache / 'build' / f'{live}.sage-abcd1234'} (in use by process {live})",
+        f"1 entry comfy-env-attn did not write ({cache / 'build' / 'my-project'})"]
     assert parts["sources"]["removed_bytes"] == 400  # read-only, removed all the same
     assert parts["wheelhouse"]["removed_bytes"] == 0 and "--wheelhouse" in \
         parts["wheelhouse"]["kept"][0]  # type: ignore[index]
     left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
-    assert left == sorted([f"build/{live}.sage-running/setup.py", "notes.txt",
-                           f"wheels/b/{live}.xyz.part", "wheelhouse/sageattention/w.whl"])
+    assert left == sorted([
+        f"build/{live}.sage-abcd1234/setup.py", "build/my-project/main.c", "notes.txt",
+        "files-list.json", f"wheels/{H[1]}/{live}.xyz.part", "wheelhouse/sageattention/e/w.whl",
+        "wheelhouse/sageattention/e/build.json", "wheelhouse/sageattention/mine.whl"])
+    assert not (cache / "metadata").exists() and not (cache / "build-logs").exists()
     again = _parts(cli("cache", "clean", "--json", env=env))  # nothing more to do: no error
     assert sum(p["removed_bytes"] for p in again.values()) == 0  # type: ignore[misc]
 
     gone = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
-    assert gone["wheelhouse"]["removed_bytes"] == 5000
-    assert not (cache / "wheelhouse").exists()
+    assert gone["wheelhouse"]["removed_bytes"] == 5100
+    assert sorted(p.name for p in (cache / "wheelhouse").rglob("*")) == \
+        ["mine.whl", "sageattention"]  # what it did not build stays
 
 
 def test_a_wheelhouse_of_the_users_own_is_never_removed(tmp_path: Path) -> None:
-    mine = _write(tmp_path / "my-wheels" / "sageattention" / "w.whl", 10)
+    mine = _write(tmp_path / "my-wheels" / "sageattention" / "e" / "w.whl", 10)
+    _write(tmp_path / "my-wheels" / "sageattention" / "e" / "build.json", 10)
     env = {"COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "cache"),
            "COMFY_ENV_ATTN_WHEELHOUSE": str(tmp_path / "my-wheels")}
     parts = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
