@@ -4,6 +4,7 @@ and one next step. Pure: the CLI gathers the facts and prints the result."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,12 @@ def _consequence(reasons: list[Reason]) -> str:
 
 
 def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
-             *, python: str, cores: int | None = None) -> Diagnosis:
+             *, python: str, cores: int | None = None,
+             proven: Mapping[str, str] | None = None) -> Diagnosis:
+    """`proven`: the backends a fresh lock verified on this target, each with what its
+    checks showed. Such a backend ran here whatever its wheel's label says: a label that
+    does not fit is then worth a note, not a predicted failure."""
+    proven = proven or {}
     out: list[Finding] = []
     if system.torch is None:
         out.append(Finding("problem", "torch", f"torch is not installed in {python}: ComfyUI "
@@ -128,12 +134,18 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                                f"{dist} {inst.version} is installed and fits this machine"))
             continue
         head = reasons[0].text
+        if backend_name in proven:
+            out.append(Finding("info", backend_name,
+                               f"{dist} {inst.version}: {head}, yet the lock proves it works "
+                               f"here ({proven[backend_name]})", None,
+                               tuple(r.text for r in reasons)))
+            continue
         msg = f"{dist} {inst.version}: {head}: {_consequence(reasons)}"
         if bp is not None and bp.selected is not None:
             step = f"Run: {fix} (selects {bp.selected.filename})"
         else:
-            step = (f"Run: {python} -m pip uninstall {dist} (no wheel fits this machine; "
-                    "ComfyUI then uses PyTorch attention)")
+            step = (f"Run: comfy-env-attn uninstall --backends {backend_name} (no wheel fits "
+                    "this machine; ComfyUI then uses PyTorch attention)")
         out.append(Finding("problem", backend_name, msg, step,
                            tuple(r.text for r in reasons)))
     if "xformers" in installed and "flash-attn-4" in installed and \
@@ -149,9 +161,11 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
     return Diagnosis(system, tuple(out))
 
 
-def doctor_findings(target: Target, system: System, comfyui: str | None = None) -> list[Any]:
+def doctor_findings(target: Target, system: System, comfyui: str | None = None,
+                    proven: dict[str, str] | None = None) -> list[Any]:
     """An interrupted install undone, the node in ComfyUI (with comfyui), and whether the
-    lock still describes this target."""
+    lock still describes this target; into `proven`, the backends a fresh lock verified
+    (for diagnose), each with its checks' count."""
     found: list[Any] = []
     root = comfyui_root(Path(comfyui)) if comfyui else None
     if root is not None:
@@ -193,6 +207,9 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None) 
                              "Run: comfy-env-attn verify"))
     else:
         tool = tool_table(doc)
+        if proven is not None:
+            proven.update({n: f"verified, {sum(c.passed for c in b.checks)}/{len(b.checks)} "
+                              "checks passed" for n, b in tool.verified().items()})
         found.append(Finding("info", "lock", f"lock {path} is fresh; auto order: "
                              f"{', '.join(tool.auto)}"))
         found += [Finding("info", "dispatch", line) for line in dispatch_preview(tool)]

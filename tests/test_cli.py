@@ -254,7 +254,7 @@ def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path) -> None:
     assert p["subject"] == "flash"
     assert "built for torch 2.8, target has torch 2." in p["message"]
     assert "undefined symbol" in p["message"]
-    assert p["next"].startswith("Run: ") and "pip uninstall flash-attn" in p["next"]
+    assert p["next"].startswith("Run: comfy-env-attn uninstall --backends flash")
     r = cli("doctor", "--python", str(venv_python(venv)))
     assert r.returncode == 1 and "PROBLEM" in r.stdout and "next:" in r.stdout
 

@@ -138,8 +138,12 @@ def test_correct_backend_is_installed_verified_and_locked(tmp_path, venv, profil
     assert lab.startswith(f"SageAttention 2.2.0+{LABEL}, verified") and r1[0] == "sage"
     assert r2[0] in allowed  # the lock's best, or a close call settled by timing it here
     r = cli("doctor", "--python", str(venv_python(venv)))
-    assert "auto for Flux 1024x1024 [1, 24, 4608, 128] kv 4608 float32:" in \
-        r.stdout.replace("\n", " ")
+    out = r.stdout.replace("\n", " ")
+    assert "auto for Flux 1024x1024 [1, 24, 4608, 128] kv 4608 float32:" in out
+    # the wheel's label (CUDA 12.8) does not fit this CPU torch, yet the fresh lock proves
+    # it ran here: a note, not a predicted import failure
+    assert r.returncode == 0 and "PROBLEM" not in r.stdout, r.stdout
+    assert "yet the lock proves it works here (verified, " in out
     r = cli("launch-args", "--python", str(venv_python(venv)))
     assert r.returncode == 0 and r.stdout.strip() in ("--use-sage-attention",
                                                       "--use-pytorch-cross-attention")

@@ -229,10 +229,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     target, system = probe_target(args)
     from comfy_env_attn.doctor import doctor_findings
 
-    extra = doctor_findings(target, system, comfyui=getattr(args, "comfyui", None))
+    proven: dict[str, str] = {}
+    extra = doctor_findings(target, system, comfyui=getattr(args, "comfyui", None),
+                            proven=proven)
     plan = make_plan(system, args)
     installed = read_installed(target.site_dirs)
-    diag = diagnose(system, installed, plan, python=target.executable)
+    diag = diagnose(system, installed, plan, python=target.executable, proven=proven)
     findings = list(diag.findings) + extra
     diag = Diagnosis(system, tuple(findings))
     if args.json:
