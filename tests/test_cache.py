@@ -58,8 +58,12 @@ def filled(tmp_path: Path) -> tuple[Path, dict[str, str], int]:
     src.parent.chmod(0o555)  # a git checkout's objects: read-only (Windows: undeletable)
     _write(cache / "build" / f"{live}.sage-abcd1234" / "setup.py", 20)
     _write(cache / "build" / f"{dead}.sage-efgh5678" / "setup.py", 30)
-    _write(cache / "build" / "sage_fp16-k1l2m3n4" / "setup.py", 40)  # before pids in names
-    _write(cache / "build-logs" / "sageattention-2.2.0.log", 70)
+    _write(cache / "build" / "sage_fp16-k1l2m3n4" / "setup.py", 40)  # no pid: not its name
+    old_log = _write(cache / "build-logs" / "sageattention-2.2.0-1.log", 70)
+    os.utime(old_log, (1e9, 1e9))  # written long before the running build started
+    _write(cache / "build-logs" / "sageattention-2.2.0-2.log", 7)  # the running build's
+    _write(cache / f".interp-{'0' * 20}.json.{dead}.tmp", 3)  # a killed write's
+    _write(cache / f".torch-{'0' * 20}.json.{live}.tmp", 4)  # a write going on
     _write(cache / "wheelhouse" / "sageattention" / "e" / "w.whl", 5000)
     _write(cache / "wheelhouse" / "sageattention" / "e" / "build.json", 100)
     _write(cache / "notes.txt", 5)  # the tool never writes these: they stay
@@ -76,8 +80,9 @@ def test_cache_lists_each_part_with_its_files_and_size(filled: tuple[Path, dict[
     parts = _parts(cli("cache", "--json", env=env))
     assert list(parts) == [*CACHE_PARTS, "wheelhouse"]
     assert (parts["downloads"]["files"], parts["downloads"]["bytes"]) == (3, 1500)
-    assert (parts["probes"]["files"], parts["probes"]["bytes"]) == (3, 30)
-    assert (parts["build"]["files"], parts["build"]["bytes"]) == (3, 90)
+    assert (parts["probes"]["files"], parts["probes"]["bytes"]) == (5, 37)
+    assert (parts["build"]["files"], parts["build"]["bytes"]) == (2, 50)
+    assert (parts["build logs"]["files"], parts["build logs"]["bytes"]) == (2, 77)
     assert (parts["wheelhouse"]["files"], parts["wheelhouse"]["bytes"]) == (2, 5100)
     assert parts["downloads"]["where"] == [str(cache / "wheels")]
     assert all(p["removed_bytes"] == 0 for p in parts.values())
@@ -93,19 +98,24 @@ def test_clean_removes_what_the_tool_wrote_but_the_wheelhouse_and_what_a_live_pr
     parts = _parts(cli("cache", "clean", "--json", env=env))
     assert parts["downloads"]["removed_bytes"] == 1200  # the wheel and the dead .part
     assert parts["downloads"]["kept"] == [f"{cache / 'wheels' / H[1]} (in use by process {live})"]
-    assert parts["build"]["removed_bytes"] == 70
+    assert parts["build"]["removed_bytes"] == 30
     assert parts["build"]["kept"] == [
         f"{cache / 'build' / f'{live}.sage-abcd1234'} (in use by process {live})",
-        f"1 entry comfy-env-attn did not write ({cache / 'build' / 'my-project'})"]
+        "2 entries not named as comfy-env-attn names its own "
+        f"({cache / 'build' / 'my-project'}, ...)"]
+    assert parts["build logs"]["removed_bytes"] == 70  # the running build's log stays
+    assert parts["probes"]["removed_bytes"] == 33  # all but the write going on
     assert parts["sources"]["removed_bytes"] == 400  # read-only, removed all the same
     assert parts["wheelhouse"]["removed_bytes"] == 0 and "--wheelhouse" in \
         parts["wheelhouse"]["kept"][0]  # type: ignore[index]
     left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
     assert left == sorted([
         f"build/{live}.sage-abcd1234/setup.py", "build/my-project/main.c", "notes.txt",
+        "build/sage_fp16-k1l2m3n4/setup.py", "build-logs/sageattention-2.2.0-2.log",
+        f".torch-{'0' * 20}.json.{live}.tmp",
         "files-list.json", f"wheels/{H[1]}/{live}.xyz.part", "wheelhouse/sageattention/e/w.whl",
         "wheelhouse/sageattention/e/build.json", "wheelhouse/sageattention/mine.whl"])
-    assert not (cache / "metadata").exists() and not (cache / "build-logs").exists()
+    assert not (cache / "metadata").exists()
     again = _parts(cli("cache", "clean", "--json", env=env))  # nothing more to do: no error
     assert sum(p["removed_bytes"] for p in again.values()) == 0  # type: ignore[misc]
 
@@ -162,3 +172,65 @@ def test_clean_removes_read_only_files_as_windows_refuses_them(
         unlink(str(tree / "top"))  # the fake refuses, as Windows would
     part = cache_cli.Part("sources", "", [], [tmp_path / "sources"])
     assert cache_cli.clean(part) == [] and not (tmp_path / "sources").exists()
+
+
+def test_a_wheelhouse_that_is_the_cache_or_inside_a_part_is_the_users(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    built = _write(cache / "sageattention" / "e" / "build.json", 10)
+    notes = _write(cache / "notes.txt", 5)
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(cache), "COMFY_ENV_ATTN_WHEELHOUSE": str(cache)}
+    parts = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
+    assert built.exists() and notes.exists() and parts["wheelhouse"]["removed_bytes"] == 0
+    inner = cache / "build" / f"{_dead_pid()}.sage-abcd1234"  # named like a build folder
+    kept = _write(inner / "sageattention" / "e" / "w.whl", 10)
+    env["COMFY_ENV_ATTN_WHEELHOUSE"] = str(inner)
+    parts = _parts(cli("cache", "clean", "--json", env=env))
+    assert kept.exists() and parts["build"]["removed_bytes"] == 0
+
+
+@pytest.mark.skipif(os.name == "nt", reason="making links needs a privilege there")
+def test_a_part_folder_that_is_a_link_is_left_alone(tmp_path: Path) -> None:
+    elsewhere = _write(tmp_path / "elsewhere" / H[0] / "x.whl", 10)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "wheels").symlink_to(tmp_path / "elsewhere")
+    parts = _parts(cli("cache", "clean", "--json",
+                       env={"COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "cache")}))
+    assert elsewhere.exists() and parts["downloads"]["files"] == 0
+    assert (tmp_path / "cache" / "wheels").is_symlink()
+
+
+def test_clean_refuses_a_cache_folder_that_is_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    mine = _write(home / "build" / "1.sage-abcdefgh" / "main.c", 5)
+    r = cli("cache", "clean", env={"HOME": str(home), "COMFY_ENV_ATTN_CACHE_DIR": str(home)})
+    assert r.returncode == 2 and "refusing to clean your home folder" in r.stderr
+    assert mine.exists()
+    rel = cli("cache", "--json", env={"COMFY_ENV_ATTN_CACHE_DIR": "."})  # from the repository
+    assert json.loads(rel.stdout)["folder"] == str(Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="making links needs a privilege there")
+def test_the_read_only_retry_follows_no_link_and_retries_only_removals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from comfy_env_attn.cli import cache as cache_cli
+
+    secret = _write(tmp_path / "secret", 3)
+    secret.chmod(0o444)
+    entry = tmp_path / "cache" / "build" / "1.sage-abcdefgh"
+    entry.mkdir(parents=True)
+    (entry / "lnk").symlink_to(secret)
+    real, refused = os.unlink, []
+
+    def unlink(path: str, *, dir_fd: int | None = None) -> None:
+        if path.endswith("lnk") and not refused:  # refused once, as Windows might
+            refused.append(path)
+            raise PermissionError(13, "Access is denied", path)
+        real(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    cache_cli._remove(entry)
+    monkeypatch.undo()
+    assert refused and not entry.exists()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o444  # the link's target untouched
+    with pytest.raises(PermissionError, match="no listing"):  # not a TypeError
+        cache_cli._writable(os.scandir, str(entry), PermissionError(13, "no listing"))

@@ -4,11 +4,14 @@ cache folder (core.paths.cache_dir), and removing it.
 Nothing there is needed by an installed backend, the lock or ComfyUI: downloads are fetched
 again, probe answers asked again. The wheelhouse is the exception worth keeping (wheels
 compiled here for this GPU, minutes each): `clean` leaves it unless `--wheelhouse` is given,
-and never removes a wheelhouse outside the cache folder (COMFY_ENV_ATTN_WHEELHOUSE names the
-user's own folder). clean removes only entries named as the tool writes them (_OURS; in the
+and never removes one COMFY_ENV_ATTN_WHEELHOUSE puts elsewhere (the user's own folder, kept
+out of the other parts too). It refuses a cache folder that is the home folder or a
+filesystem root. clean removes only entries named as the tool writes them (_OURS; in the
 wheelhouse, a wheel's folder with its build.json), never a link's target, and not what a
 running install or build still uses (a download's `<pid>.*.part`, a build's
-`<pid>.<backend>-*` folder, its process alive).
+`<pid>.<backend>-*` folder and the logs written since it started, their process alive). A
+download a running install has finished but not yet handed to uv is not told apart: clean
+between installs.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from comfy_env_attn.candidates.wheelhouse import RECORD_NAME, wheelhouse_dir
 from comfy_env_attn.cli.output import console, dump_json
-from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.errors import AttnError, UsageError
 from comfy_env_attn.core.paths import ANSWER_KINDS, CACHE_PARTS, cache_dir
 from comfy_env_attn.core.process import pid_alive
 from comfy_env_attn.core.progress import log
@@ -62,9 +65,11 @@ class Part:
 _OURS: dict[str, re.Pattern[str]] = {
     "downloads": re.compile(r"[0-9a-fA-F]{64}|unhashed"),
     "metadata": re.compile(r"[0-9a-fA-F]{64}\.METADATA"),
-    "probes": re.compile("(?:" + "|".join(ANSWER_KINDS) + r")-[0-9a-f]{20}\.json"),
+    # an answer, or what a killed write of one left (core.paths.replace_file: .NAME.PID.tmp)
+    "probes": re.compile(r"\.?(?:" + "|".join(ANSWER_KINDS) + r")-[0-9a-f]{20}\.json"
+                         r"(?:\.\d+\.tmp)?"),
     "sources": re.compile(r"[0-9a-fA-F]{64}"),
-    "build": re.compile(r"(?:\d+\.)?[a-z0-9_]+-[a-z0-9_]{8}"),
+    "build": re.compile(r"\d+\.[a-z0-9_]+-[a-z0-9_]{8}"),
     "build logs": re.compile(r".+\.log"),
 }
 
@@ -100,10 +105,14 @@ def parts(root: Path, wheelhouse: Path) -> list[Part]:
                     (part.paths if _OURS[name].fullmatch(child.name)
                      else part.foreign).append(child)
         else:
-            part.paths = sorted(p for p in root.glob("*-*.json")
+            part.paths = sorted(p for p in root.glob("*-*.json*")
                                 if _OURS[name].fullmatch(p.name)) if root.is_dir() else []
         found.append(part)
-    inside = _is_within(wheelhouse, root)
+    inside = _same(wheelhouse, default_wheelhouse(root))
+    for part in found:  # a wheelhouse of the user's own inside a part is not the part's
+        part.foreign += [e for e in part.paths if _is_within(wheelhouse, e)
+                         or _is_within(e, wheelhouse)]
+        part.paths = [e for e in part.paths if e not in part.foreign]
     entries, folders, foreign = _wheelhouse_entries(wheelhouse)
     found.append(Part("wheelhouse", "wheels built here for this machine's GPU (kept unless "
                       "--wheelhouse)" if inside else "wheels built here for this machine's "
@@ -115,6 +124,15 @@ def parts(root: Path, wheelhouse: Path) -> list[Part]:
                 part.files += 1
                 part.bytes += size
     return found
+
+
+def default_wheelhouse(root: Path) -> Path:
+    """Where the wheelhouse is unless COMFY_ENV_ATTN_WHEELHOUSE says otherwise."""
+    return root / "wheelhouse"
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -143,19 +161,25 @@ def _files(path: Path) -> Iterator[tuple[Path, int]]:
 
 
 def _in_use(name: str) -> int | None:
-    """The pid a leftover's name gives (`<pid>.…`) while that process runs, else None."""
+    """The pid a leftover's name gives (`<pid>.…`, or a temporary file's `….<pid>.tmp`)
+    while that process runs, else None."""
     head = name.split(".", 1)[0]
+    if name.endswith(".tmp"):
+        head = name.rsplit(".", 2)[-2]
     return int(head) if head.isdigit() and pid_alive(int(head)) else None
 
 
-def _writable(func: Callable[..., Any], path: str, _exc: Any) -> None:
+def _writable(func: Callable[..., Any], path: str, exc: Any) -> None:
     """rmtree's retry for a read-only file or folder (Windows will not delete a read-only
-    file; a git checkout's objects are read-only): make it and its folder writable, again."""
+    file; a git checkout's objects are read-only): make it and its folder writable, then
+    remove it again. Only a removal is retried, and no link is followed (a link's target
+    lies outside the cache); anything else is raised as it came."""
+    if func not in (os.unlink, os.remove, os.rmdir):
+        raise exc[1] if isinstance(exc, tuple) else exc
     for p in (os.path.dirname(path), path):
-        try:
-            os.chmod(p, os.stat(p).st_mode | stat.S_IWRITE | stat.S_IREAD | stat.S_IEXEC)
-        except OSError:
-            pass
+        if not os.path.islink(p):
+            with contextlib.suppress(OSError):
+                os.chmod(p, os.stat(p).st_mode | stat.S_IWRITE | stat.S_IREAD | stat.S_IEXEC)
     func(path)
 
 
@@ -168,21 +192,27 @@ def _remove(path: Path) -> None:
     else:
         try:
             path.unlink()
-        except PermissionError:
-            _writable(os.unlink, str(path), None)
+        except PermissionError as e:
+            _writable(os.unlink, str(path), e)
 
 
-def clean(part: Part) -> list[str]:
-    """Remove the part's entries but what a live process uses, then its folders left empty;
-    the errors, one per path."""
+def clean(part: Part, *, building_since: float | None = None) -> list[str]:
+    """Remove the part's entries but what a live process uses (`building_since`: when the
+    oldest build still running started; a log written since may be its log), then its
+    folders left empty; the errors, one per path."""
     errors: list[str] = []
     for entry in part.paths:
-        # a download's or a source's <hash>/<pid>.*.part; a build's <pid>.<backend>-*/
-        busy = [_in_use(entry.name)] if part.name == "build" else [
+        # a download's or a source's <hash>/<pid>.*.part; a build's <pid>.<backend>-*/; a
+        # probe answer's .NAME.<pid>.tmp
+        busy = [_in_use(entry.name)] if part.name in ("build", "probes") else [
             _in_use(f.name) for f, _ in _files(entry) if f.name.endswith(".part")]
         pid = next((b for b in busy if b is not None), None)
         if pid is not None:
             part.kept.append(f"{entry} (in use by process {pid})")
+            continue
+        if part.name == "build logs" and building_since is not None and \
+                _mtime(entry) >= building_since:
+            part.kept.append(f"{entry} (a build is running)")
             continue
         size = sum(s for _, s in _files(entry))
         try:
@@ -193,13 +223,37 @@ def clean(part: Part) -> list[str]:
         part.removed += size
     if part.foreign:
         part.kept.append(f"{len(part.foreign)} entr{'y' if len(part.foreign) == 1 else 'ies'} "
-                         f"comfy-env-attn did not write ({part.foreign[0]}"
+                         f"not named as comfy-env-attn names its own ({part.foreign[0]}"
                          + (", ..." if len(part.foreign) > 1 else "") + ")")
     for folder in part.folders:
         with contextlib.suppress(OSError):
             if not any(folder.iterdir()):
                 folder.rmdir()
     return errors
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _building_since(found: list[Part]) -> float | None:
+    """When the oldest build folder of a running process was made, None if none runs."""
+    times = [_mtime(e) for p in found if p.name == "build" for e in p.paths
+             if _in_use(e.name) is not None]
+    return min(times) - 1.0 if times else None
+
+
+def _refusal(root: Path) -> str | None:
+    """Why a folder may not be cleaned as the cache: the home folder or a filesystem root
+    (COMFY_ENV_ATTN_CACHE_DIR set to one), where other programs' files share the names."""
+    home = Path.home()
+    if _same(root, home) or _same(root, Path(Path(os.path.abspath(root)).anchor or "/")):
+        return (f"the cache folder is {root} (COMFY_ENV_ATTN_CACHE_DIR): refusing to clean "
+                "your home folder or a filesystem root; give the cache a folder of its own")
+    return None
 
 
 def _size(n: int) -> str:
@@ -217,15 +271,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     found = parts(root, wheelhouse)
     errors: list[str] = []
     if args.cache_command == "clean":
+        why = _refusal(root)
+        if why:
+            raise UsageError(why)
+        ours = _same(wheelhouse, default_wheelhouse(root))
+        since = _building_since(found)
         for part in found:
-            if part.name == "wheelhouse" and not (args.wheelhouse and
-                                                  _is_within(wheelhouse, root)):
+            if part.name == "wheelhouse" and not (args.wheelhouse and ours):
                 if part.paths or part.foreign:
                     part.kept = [f"{wheelhouse} ("
-                                 + ("--wheelhouse removes it" if _is_within(wheelhouse, root)
+                                 + ("--wheelhouse removes it" if ours
                                     else "a folder of your own: remove it yourself") + ")"]
                 continue
-            errors += clean(part)
+            errors += clean(part, building_since=since)
         for line in errors:
             log(f"cannot remove {line}")
     if args.json:

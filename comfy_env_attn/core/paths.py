@@ -14,7 +14,7 @@ def cache_dir() -> Path:
     downloads, build logs and the wheelhouse."""
     env = os.environ.get("COMFY_ENV_ATTN_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(os.path.abspath(env))  # one folder, wherever the command runs from
     if sys.platform.startswith("win"):
         base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
         return base / "comfy-env-attn" / "Cache"
