@@ -349,7 +349,8 @@ def test_python_flag_accepts_a_command_on_path(tmp_path: Path) -> None:
 def test_the_path_lookup_on_windows_skips_the_store_stubs_and_the_current_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Windows' PATH: PATHEXT extensions, ';' between folders, WindowsApps' python.exe (the
-    Store's stub) passed over, the current folder never searched."""
+    Store's stub) passed over but not its versioned aliases, the current folder never
+    searched."""
     apps = tmp_path / "Users" / "me" / "AppData" / "Local" / "Microsoft" / "WindowsApps"
     real = tmp_path / "Python312"
     for folder in (apps, real, tmp_path / "cwd"):
@@ -360,6 +361,8 @@ def test_the_path_lookup_on_windows_skips_the_store_stubs_and_the_current_folder
     assert on_path("python", path, "windows", ".COM;.EXE") == str(real / "python.exe")
     assert on_path("python.exe", path, "windows", ".COM;.EXE") == str(real / "python.exe")
     assert on_path("python", str(apps).upper() + "\\", "windows") is None
+    (apps / "python3.12.exe").write_bytes(b"MZ")  # the Store's Python: a real alias
+    assert on_path("python3.12", path, "windows") == str(apps / "python3.12.exe")
     (real / "python3.cmd").write_text("@echo off")
     assert on_path("python3", path, "windows", ".COM;.EXE;.BAT;.CMD") == \
         str(real / "python3.cmd")
@@ -389,6 +392,52 @@ def test_a_shim_on_path_is_followed_to_the_interpreter_it_runs_now(tmp_path: Pat
     assert find_python(python=str(broken)) == (str(broken), [f"--python {broken}"])
     assert find_python(python=str(venv_python(a))) == \
         (str(venv_python(a)), [f"--python {venv_python(a)}"])  # a program: not run
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a /bin/sh script")
+def test_a_script_that_is_no_shim_is_never_started(tmp_path: Path) -> None:
+    """A wrapper that sets up its interpreter's environment, or a launcher (ComfyUI's
+    run_nvidia_gpu.bat), is the target as given: starting it to ask would start whatever it
+    launches (here a 60 s sleep that would be left behind)."""
+    launcher = tmp_path / "run.sh"
+    marker = tmp_path / "started"
+    launcher.write_text(f"#!/bin/sh\ntouch '{marker}'\nsleep 60\n")
+    launcher.chmod(0o755)
+    start = time.monotonic()
+    assert find_python(python=str(launcher)) == (str(launcher), [f"--python {launcher}"])
+    assert time.monotonic() - start < 5 and not marker.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a /bin/sh shim")
+def test_a_shim_that_never_answers_is_stopped_with_what_it_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from comfy_env_attn.facts import locate
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    child = tmp_path / "child.pid"
+    (shims / "python3").write_text(f"#!/bin/sh\nsleep 60 &\necho $! > '{child}'\nwait\n")
+    (shims / "python3").chmod(0o755)
+    monkeypatch.setattr(locate, "FOLLOW_TIMEOUT_S", 1.0)
+    exe, _how = find_python(python=str(shims / "python3"))
+    assert exe == str(shims / "python3")  # kept as given: the probe reports it
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 5
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid), "the shim's child was left running"
+
+
+def _running(pid: int) -> bool:
+    from comfy_env_attn.core.process import pid_alive
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ", 1)[1].startswith("Z"):
+                return False  # a zombie waiting for init
+    except OSError:
+        return False
+    return pid_alive(pid)
 
 
 def test_python_flag_accepts_a_venv_folder(plain_venv: Path) -> None:

@@ -88,19 +88,21 @@ def find_python(*, python: str | None = None, comfyui: str | None = None,
 def on_path(name: str, path: str, os_name: str, pathext: str = "") -> str | None:
     """The command `name` on PATH: the first folder holding it as an executable file (on
     Windows under a PATHEXT extension, and never the current folder, which shutil.which
-    puts first there on Python 3.11). The WindowsApps folder is passed over: its python.exe
-    and python3.exe are the Store's stubs, which print "Python was not found" (uv skips them
-    too)."""
+    puts first there on Python 3.11). In WindowsApps, python.exe and python3.exe are passed
+    over: without the Store's Python they are the stubs that open the Store and print
+    "Python was not found"; the versioned aliases (python3.12.exe) are real ones."""
     windows = os_name == "windows"
     exts = [""]
     if windows and not any(name.lower().endswith(e) for e in (".exe", ".bat", ".cmd")):
         exts = [e.lower() for e in (pathext or ".COM;.EXE;.BAT;.CMD").split(";") if e]
     for folder in path.split(";" if windows else os.pathsep):
-        if not folder or folder == "." or (windows and "\\microsoft\\windowsapps" in
-                                           folder.replace("/", "\\").lower().rstrip("\\")
-                                           + "\\"):
+        if not folder or folder == ".":
             continue
+        apps = windows and folder.replace("/", "\\").lower().rstrip("\\").endswith(
+            "\\microsoft\\windowsapps")
         for ext in exts:
+            if apps and (name + ext).lower() in ("python.exe", "python3.exe"):
+                continue
             candidate = os.path.join(folder, name + ext)
             if os.path.isfile(candidate) and (windows or os.access(candidate, os.X_OK)):
                 return candidate
@@ -113,14 +115,26 @@ _NATIVE = (b"\x7fELF", b"MZ", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xca\x
 FOLLOW_TIMEOUT_S = 30.0
 
 
+def is_shim(exe: str) -> bool:
+    """Whether a --python path is a version manager's shim: a script in a folder named
+    `shims` (pyenv, pyenv-win, asdf, mise), which runs whichever interpreter is selected
+    when it starts."""
+    return os.path.basename(os.path.dirname(os.path.abspath(exe))).lower() == "shims"
+
+
 def followed(exe: str, how: str, env: Mapping[str, str] | None = None
              ) -> tuple[str, list[str]]:
-    """The interpreter a --python path runs. A script (pyenv's and asdf's shims, a .bat
-    wrapper) may run another interpreter each time it is started (PYENV_VERSION, a
-    .python-version): the target is the one it runs now, read from its sys.executable, so
-    that the probe, its cache, the journal and uv all name the same interpreter. A script
-    that does not answer is kept as given: the probe then reports why. `env`: the environment
-it is started with (the shim reads its selection there)."""
+    """The interpreter a --python path runs. A version manager's shim (is_shim) may run
+    another interpreter each time it is started (PYENV_VERSION, a .python-version): the
+    target is the one it runs now, read from its sys.executable, so that the probe, its
+    cache, the journal and uv all name the same interpreter. Any other script is the
+    target as given, never started here: a wrapper may set up the environment its
+    interpreter needs (it is probed through itself), and a launcher (ComfyUI's
+    run_nvidia_gpu.bat) would start far more than Python. A shim that does not answer is
+    kept as given: the probe then reports why. `env`: the environment it is started with
+    (the shim reads its selection there)."""
+    if not is_shim(exe):
+        return exe, [how]
     try:
         with open(exe, "rb") as f:
             head = f.read(4)
@@ -139,18 +153,29 @@ _FOLLOWED: dict[tuple[str, tuple[tuple[str, str], ...]], str | None] = {}
 
 
 def _run_script(exe: str, env: Mapping[str, str] | None) -> str | None:
-    """The sys.executable a script started as Python reports, None if it does not."""
+    """The sys.executable a shim started as Python reports, None if it does not answer
+    within FOLLOW_TIMEOUT_S (then it is stopped with all it started)."""
     import subprocess
 
+    from comfy_env_attn.core.process import own_group, stop_tree
+
     try:
-        r = subprocess.run([exe, "-c", "import sys; sys.stdout.write(sys.executable or '')"],
-                           capture_output=True, text=True, timeout=FOLLOW_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL,
-                           env=None if env is None else dict(env))
-    except (OSError, subprocess.SubprocessError):
+        proc = subprocess.Popen([exe, "-c", "import sys; sys.stdout.write(sys.executable or '')"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, text=True,
+                                env=None if env is None else dict(env), **own_group())
+    except OSError:
         return None
-    real = r.stdout.strip()
-    if r.returncode != 0 or not real or not os.path.isfile(real) or \
+    try:
+        out, _ = proc.communicate(timeout=FOLLOW_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # nothing it started is left running
+        stop_tree(proc)
+        return None
+    except BaseException:  # Ctrl-C: likewise, and the interruption goes on
+        stop_tree(proc)
+        raise
+    real = str(out or "").strip()
+    if proc.returncode != 0 or not real or not os.path.isfile(real) or \
             os.path.abspath(real) == os.path.abspath(exe):
         return None
     return real
