@@ -69,17 +69,22 @@ def test_pid_alive_on_windows_asks_the_kernel_not_a_signal() -> None:
 
 
 _TREE = """
-import subprocess, sys, time
+import signal, subprocess, sys, time
+if len(sys.argv) > 2:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 open(sys.argv[1], "w").write(str(child.pid))
 time.sleep(60)
 """
 
 
-def _tree(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A process that started a child of its own, in a group of its own (own_group)."""
+def _tree(tmp_path: Path, *, ignore_term: bool = False
+          ) -> tuple[subprocess.Popen[bytes], int]:
+    """A process that started a child of its own, in a group of its own (own_group); with
+    ignore_term, both ignore SIGTERM (the child inherits it)."""
     pid_file = tmp_path / "child.pid"
-    proc = subprocess.Popen([sys.executable, "-c", _TREE, str(pid_file)], **own_group())
+    proc = subprocess.Popen([sys.executable, "-c", _TREE, str(pid_file),
+                             *(["ignore"] if ignore_term else [])], **own_group())
     deadline = time.monotonic() + 30
     while not (pid_file.exists() and pid_file.read_text()):
         assert time.monotonic() < deadline and proc.poll() is None
@@ -110,6 +115,21 @@ def test_stop_tree_stops_the_process_and_what_it_started(tmp_path: Path, grace: 
     assert proc.returncode == (-signal.SIGTERM if grace else -signal.SIGKILL)
     assert _gone(child), "the child outlived its parent"
     stop_tree(proc)  # again, the group gone: no error
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_a_second_interrupt_during_the_grace_ends_the_tree_at_once(tmp_path: Path) -> None:
+    """A build given 10 s to stop after SIGTERM, and Ctrl-C pressed again meanwhile: the
+    group is killed now (no compiler left running), then the interruption goes on."""
+    import threading
+
+    proc, child = _tree(tmp_path, ignore_term=True)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        stop_tree(proc, grace=10)
+    assert time.monotonic() - start < 5
+    assert proc.returncode == -signal.SIGKILL and _gone(child)
 
 
 def test_stop_tree_on_windows_ends_the_tree_with_taskkill(

@@ -78,11 +78,14 @@ def replace_file(path: Path, text: str, *, durable: bool = False, tmp: Path | No
             tmp.unlink()
         raise
     if durable and os.name != "nt":
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        # the file is written and renamed: a filesystem that cannot sync a folder (some
+        # network and FUSE ones answer EINVAL) makes it no less written
+        with contextlib.suppress(OSError):
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def write_cache(path: Path, text: str) -> None:

@@ -89,6 +89,7 @@ def stop_tree(proc: subprocess.Popen[Any], *, grace: float = 0.0,
                 proc.kill()
         proc.wait()
         return
+    again: BaseException | None = None
     try:
         if grace:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -96,8 +97,12 @@ def stop_tree(proc: subprocess.Popen[Any], *, grace: float = 0.0,
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
+            except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop it now
+                again = e
         os.killpg(proc.pid, signal.SIGKILL)  # what the SIGTERM left of the group, if any
     except OSError:  # the group is gone: no process of it is left
         if proc.poll() is None:
             proc.kill()
     proc.wait()
+    if again is not None:
+        raise again
