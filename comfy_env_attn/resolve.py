@@ -545,8 +545,10 @@ def resolve(system: System, candidates: Iterable[Candidate],
             notes.append(f"{selected.filename} was built against torch {selected.built_torch}; "
                          f"target has torch {system.torch}: verification decides whether it works")
         if selected is not None and selected.sha256 is None:
-            notes.append("its source publishes no sha256: it is hashed when downloaded and that "
-                         "hash is locked")
+            how = "as it downloads" if selected.url.startswith(("http:", "https:")) else \
+                "from its file"
+            notes.append(f"its source publishes no sha256: it is hashed {how} and that hash "
+                         "is locked")
         if selected is not None and selected.generated:
             notes.append(f"{selected.filename} was not seen in a listing: its name comes from "
                          f"{selected.generated}")

@@ -160,7 +160,11 @@ def test_profile_with_an_unknown_key(tmp_path: Path) -> None:
 def test_unknown_backend_is_bad_usage(h100: Path) -> None:
     r = cli("plan", "--system", str(h100), "--backends", "sage,turbo")
     assert r.returncode == 2
-    assert "unknown backend 'turbo'" in r.stderr and "flash4" in r.stderr
+    assert "unknown backend 'turbo'; valid names:" in r.stderr and "flash4" in r.stderr
+    r = cli("plan", "--system", str(h100), "--backends", "sagee")
+    assert r.returncode == 2 and "unknown backend 'sagee' (did you mean 'sage'?)" in r.stderr
+    r = cli("plan", "--system", str(h100), "--backends", "flash_attn4")  # an alias's typo
+    assert "(did you mean 'flash4'?)" in r.stderr
 
 
 def test_unreachable_index_one_line_exit_1(h100: Path) -> None:

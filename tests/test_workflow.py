@@ -291,10 +291,9 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert [p["name"] for p in read(lock)["packages"]] == ["xformers"]
     assert lock.read_bytes() != lock_before
     # the rest, as the lock records it; then nothing is left to remove
-    r = cli("uninstall", "--python", py, "--json")
+    r = cli("uninstall", "--python", py)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [(b["backend"], b["action"]) for b in json.loads(r.stdout)["backends"]] == \
-        [("xformers", "removed")]
+    assert "xformers: removed (xformers 0.0.32.post2)" in r.stdout, r.stdout
     assert not {"sageattention", "xformers"} & set(installed_in(venv))
     assert read(lock)["packages"] == [] and read_lock(lock)["auto"] == ["sdpa"]
     assert not (venv / ".comfy-env-attn" / "journal.json").exists()

@@ -119,12 +119,15 @@ def _install(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="install the fitting wheels with uv, verify, lock")
     _target_args(p)
     _index_args(p)
-    p.add_argument("--backends", metavar="LIST")
+    p.add_argument("--backends", metavar="LIST",
+                   help="comma-separated, e.g. sage,flash (default: every backend a wheel "
+                        "fits)")
     _config_args(p)
     p.add_argument("--system", metavar="FILE",
                    help="resolve for this System profile; install and verify in the target")
     p.add_argument("--from-lock", metavar="FILE", help="reinstall exactly what a lock records")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be installed, and why; change nothing")
     p.add_argument("--yes", action="store_true",
                    help="allow installing into a Python that is not a venv")
     p.add_argument("--force", action="store_true",
@@ -193,7 +196,8 @@ def _launch_args(sub: Any, name: str) -> None:
 def _bench(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="time the installed backends against SDPA")
     _target_args(p)
-    p.add_argument("--backends", metavar="LIST")
+    p.add_argument("--backends", metavar="LIST",
+                   help="comma-separated (default: every installed backend)")
     p.add_argument("--json", action="store_true", help="the timings as JSON (docs/json.md)")
     _verify_opts(p)
     _common(p)

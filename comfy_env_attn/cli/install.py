@@ -240,8 +240,9 @@ def print_summary(out: Outcome, target: Target) -> None:
     if not sys.stdout.isatty():  # logs and pipes: one line per backend, nothing folded
         print(f"comfy-env-attn: {target.executable}")
         for r in out.rows.values():
-            parts = [f"wheel {r.wheel}" if r.wheel else "", f"installed {r.installed}"
-                     if r.installed else "", f"verification {r.verified}" if r.verified else "",
+            said = r.installed if r.action == "removed" else f"installed {r.installed}"
+            parts = [f"wheel {r.wheel}" if r.wheel else "", said if r.installed else "",
+                     f"verification {r.verified}" if r.verified else "",
                      r.note]
             print(f"{r.backend}: " + "; ".join(p for p in parts if p))
         return

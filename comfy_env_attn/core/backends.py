@@ -301,8 +301,16 @@ def canonical(name: str) -> str:
     key2 = key.replace("_", "-")
     if key2 in BY_DIST:
         return BY_DIST[key2]
+    import difflib
+
+    close = difflib.get_close_matches(key, [*BACKENDS, *ALIASES, *BY_DIST], n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        near = close[0]
+        meant = near if near in BACKENDS else ALIASES.get(near) or BY_DIST[near]
+        hint = f" (did you mean {meant!r}?)"
     valid = ", ".join(BACKENDS)
-    raise UsageError(f"unknown backend {name!r}; valid names: {valid} "
+    raise UsageError(f"unknown backend {name!r}{hint}; valid names: {valid} "
                      f"(aliases: {', '.join(sorted(ALIASES))})")
 
 

@@ -829,7 +829,8 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
             kept = keep_foreign(installed[d].location, d, foreign)
             uninstall(d)
             row = out.row(b)
-            row.action, row.installed, row.version = "removed", "removed", None
+            row.action, row.version = "removed", None
+            row.installed = f"removed ({d} {installed[d].version})"
             if kept:
                 row.note = f"left {len(kept)} file(s) other distributions own ({kept[0]})"
             crash_point("uninstalling")
