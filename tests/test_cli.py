@@ -141,6 +141,21 @@ def test_probe_json() -> None:
     assert doc["system"]["platform"] == "linux" and "executable" in doc
 
 
+def test_no_gpu_is_explained_once_with_the_way_to_plan_for_one(tmp_path: Path) -> None:
+    """On a machine without a GPU (this one), why none is seen is said once, with --system,
+    not in every backend's row."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a machine with an NVIDIA driver")
+    py = str(venv_python(make_venv(tmp_path / "v", torch=False)))
+    r = cli("install", "--python", py, "--dry-run", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("no NVIDIA GPU seen: ") == 1 and "--system FILE" in r.stdout
+    assert r.stdout.count("needs an NVIDIA GPU; target has none") >= 5
+    assert r.stdout.count("nvidia-smi not found") == 1  # the reason, once
+
+
 def test_malformed_toml_names_line_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('python = "3.12"\nplatform = linux\n')

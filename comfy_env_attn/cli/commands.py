@@ -184,7 +184,8 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     t.add_column("build")
     t.add_column("python, platform")
     t.add_column("source")
-    t.add_column("passed over", justify="right")
+    t.add_column("passed over (by rule; a wheel may fail several)", justify="right")
+    no_gpu = None if plan.system.gpus else plan.system.absent.get("gpus")
     for b in plan.backends:
         if b.builtin:
             t.add_row(b.backend, "built into torch" if not b.reason else escape(b.reason), "",
@@ -197,9 +198,15 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
             t.add_row(b.backend, *map(escape, wheel_columns(b.selected.filename)),
                       escape(b.selected.source), summary)
         else:
-            t.add_row(b.backend, f"[red]none[/red]: {escape(b.reason or '')}", "", "", "",
+            # why no GPU is seen is said once, under the table, not in every row
+            reason = (b.reason or "").replace(f" ({no_gpu})", "") if no_gpu else b.reason
+            t.add_row(b.backend, f"[red]none[/red]: {escape(reason or '')}", "", "", "",
                       summary)
     con.print(t)
+    if no_gpu and any(not b.builtin and not b.selected for b in plan.backends):
+        con.print(f"[yellow]no NVIDIA GPU seen[/yellow]: {escape(no_gpu)}. To plan or install "
+                  "for a GPU machine from here, give its profile: --system FILE (written "
+                  "there by `comfy-env-attn probe --toml`)", highlight=False)
     for b in plan.backends:
         for n in b.notes:
             con.print(f"[yellow]note[/yellow] {b.backend}: {escape(n)}", highlight=False)
