@@ -177,6 +177,10 @@ def test_ctrl_c_at_each_step_leaves_old_or_new(scene: Scene, step: str) -> None:
     r = scene.install(f"{step}:int")
     assert r.returncode == 130 and "ERROR interrupted" in r.stderr, r.stdout + r.stderr
     assert scene.state() == INT[step]
+    # said at once, and then what became of the target
+    assert "interrupted: putting the target back as it was ..." in r.stderr
+    assert ("the target was restored: " if INT[step] == "old" else
+            "the run itself had completed and was kept") in r.stderr, r.stderr
     assert scene.recover() == []
 
 

@@ -424,6 +424,8 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         crash_point("locked")
         journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
+        if isinstance(e, KeyboardInterrupt):
+            log("interrupted: putting the target back as it was ...")
         try:
             if journal.state == "locking" and _file_sha256(
                     lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
@@ -434,10 +436,20 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 raise e from None
             raise
         if isinstance(e, KeyboardInterrupt):
+            log(_restored_line(journal, done))
             raise
         if journal.meta.get("state") == "committed":
             raise InstallError(f"{e}\nthe install itself had completed and was kept") from None
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
+
+
+def _restored_line(journal: Journal, done: list[str]) -> str:
+    """What an interrupted run says once it has put the target back (or kept a run that had
+    completed)."""
+    if journal.meta.get("state") == "committed":
+        return "the run itself had completed and was kept"
+    return "the target was restored" + (f": {'; '.join(done)}" if done else " (nothing had "
+                                        "changed)")
 
 
 def _lock_records(path: Path, installed: dict[str, Installed]) -> bool:
@@ -845,8 +857,11 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         if journal.state == "locking" and _file_sha256(
                 lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
             journal.meta["state"] = "committed"  # the new lock is in place: keep it
+        if isinstance(e, KeyboardInterrupt):
+            log("interrupted: putting the target back as it was ...")
         done = journal.rollback(uninstall, protected_files(target))
         if isinstance(e, KeyboardInterrupt):
+            log(_restored_line(journal, done))
             raise
         if journal.meta.get("state") == "committed":
             raise InstallError(f"{e}\nthe uninstall itself had completed and was kept") \
