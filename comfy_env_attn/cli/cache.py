@@ -301,8 +301,10 @@ def _table(root: Path, found: list[Part], *, cleaned: bool) -> None:
     from rich.table import Table
 
     t = Table(title=str(root))
-    for col in ("part", "files", "size", *(["removed"] if cleaned else []), "what"):
-        t.add_column(col, justify="right" if col in ("files", "size", "removed") else "left")
+    cols = ("part", "files before", "size before", "removed", "what") if cleaned else \
+        ("part", "files", "size", "what")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("part", "what") else "right")
     for p in found:
         note = p.what + "".join(f"; kept: {k}" for k in p.kept)
         t.add_row(p.name, str(p.files), _size(p.bytes),

@@ -35,7 +35,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
         t = Table(title=str(path))
         for col in ("backend", "status", "version", "checks passed", "speed vs SDPA", "note"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         # a backend not verified has no version of its own in the tool table: its wheel's
         wheel_versions = {w.backend: w.version for w in lockfile.wheels_of(doc)}
         for name, rec in tool.backends.items():
@@ -44,7 +44,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
             t.add_row(name, rec.status, version,
                       f"{passed}/{len(rec.checks)}" if rec.checks else "",
                       f"{rec.speed_vs_sdpa:.2f}x" if rec.speed_vs_sdpa is not None else "",
-                      (rec.error or "")[:80], )
+                      rec.error or "")
         console().print(t)
         print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else
