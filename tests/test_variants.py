@@ -349,3 +349,14 @@ def test_uninstall_takes_the_variant_out_of_the_lock(tmp_path: Path, venv: Path)
     table = tool_table(lockfile.read(lock))
     assert "sage" not in table.backends and not table.fingerprint.backends
     assert "sage_fp16" not in table.backends
+
+
+def test_a_variant_the_package_lacks_is_said_so_not_failed() -> None:
+    from comfy_env_attn.verify.run import Result
+
+    lacking = Result("sage_fp16", False, {"stage": "import"}, f"ImportError: has no {KERNEL}")
+    assert lacking.summary() == f"not in this package (ImportError: has no {KERNEL})"
+    wrong = Result("sage_fp16", False, {"stage": "accuracy"}, "no plain call passed")
+    assert wrong.summary() == "failed: no plain call passed"  # present, and wrong
+    broken = Result("sage", False, {"stage": "import"}, "ImportError: undefined symbol")
+    assert broken.summary() == "failed: ImportError: undefined symbol"  # the package itself
