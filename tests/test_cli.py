@@ -106,6 +106,15 @@ def test_plan_json_for_a_system_file(h100: Path) -> None:
         assert rej["reasons"], rej
 
 
+def test_plan_for_a_profile_warns_only_about_a_named_target(h100: Path) -> None:
+    """`plan --system FILE` alone plans for another machine: the Python running the tool is
+    no target, so no warning names it; with --python, where the profile contradicts it."""
+    r = cli("plan", "--system", str(h100), "--backends", "sage")
+    assert r.returncode == 0 and "resolving for the profile" not in r.stdout + r.stderr
+    r = cli("plan", "--system", str(h100), "--backends", "sage", "--python", sys.executable)
+    assert "resolving for the profile, not for" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_plan_table_and_verbose_reasons(h100: Path) -> None:
     r = cli("plan", "--system", str(h100), "--backends", "xformers", "-v")
     assert r.returncode == 0, r.stderr

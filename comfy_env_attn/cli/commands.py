@@ -97,7 +97,11 @@ def _system_for(args: argparse.Namespace) -> System:
 
 
 def profile_warnings(args: argparse.Namespace, profile: System) -> list[str]:
-    """Where --system contradicts the real target (nothing when it cannot be probed)."""
+    """Where --system contradicts the real target (nothing when it cannot be probed, or
+    when no target was named: `plan --system FILE` alone describes another machine, and the
+    Python running this tool is no target of it)."""
+    if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
+        return []
     try:
         exe, _how = locate(args)
         real = system_from(probe_interpreter(exe), GpuFacts())
