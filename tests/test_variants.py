@@ -355,7 +355,7 @@ def test_a_variant_the_package_lacks_is_said_so_not_failed() -> None:
     from comfy_env_attn.verify.run import Result
 
     lacking = Result("sage_fp16", False, {"stage": "import"}, f"ImportError: has no {KERNEL}")
-    assert lacking.summary() == f"not in this package (ImportError: has no {KERNEL})"
+    assert lacking.summary() == f"n/a: not in this package (ImportError: has no {KERNEL})"
     wrong = Result("sage_fp16", False, {"stage": "accuracy"}, "no plain call passed")
     assert wrong.summary() == "failed: no plain call passed"  # present, and wrong
     broken = Result("sage", False, {"stage": "import"}, "ImportError: undefined symbol")

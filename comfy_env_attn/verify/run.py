@@ -111,7 +111,7 @@ class Result:
 
             if self.data.get("stage") == "import" and primary(self.backend) != self.backend:
                 # a variant whose kernel this build of the package lacks: nothing failed
-                return f"not in this package ({self.error})"
+                return f"n/a: not in this package ({self.error})"
             return f"failed: {self.error}"
         checks = self.checks
         good = [c for c in checks if c.get("passed")]
