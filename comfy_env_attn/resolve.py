@@ -464,6 +464,13 @@ def gpu_reasons(backend: Backend, system: System, sm: Sequence[str] | None) -> l
     return out
 
 
+# What each place of _sort_key's key says of the wheel that ranks higher, in its order
+_RANK_WHY = ("it was seen in a listing (this one's name was made from a pattern)",
+             "a final release", "a newer version", "a closer CUDA minor",
+             "built for this exact torch", "a later post build",
+             "a more specific platform tag", "its source publishes its hash")
+
+
 def _sort_key(c: Candidate, w: WheelName, rank: int, system: System) -> tuple[Any, ...]:
     wcuda = _wheel_cuda(w, c)
     cuda_minor = -1 if wcuda is None or wcuda[1] is None else wcuda[1]
@@ -533,12 +540,12 @@ def resolve(system: System, candidates: Iterable[Candidate],
         fitting.sort(key=lambda t: t[0], reverse=True)
         notes: list[str] = []
         selected = fitting[0][1] if fitting else None
-        for _, c, _w in fitting[1:]:
+        for key, c, _w in fitting[1:]:
             assert selected is not None
+            why = next((w for w, a, b in zip(_RANK_WHY, fitting[0][0], key, strict=True)
+                        if a != b), "listed first")
             rejected.append(Rejected(c, (Reason(
-                "ranked", f"fits, but {selected.filename} ranks higher (seen in a listing, a "
-                          f"final release, newer version, closer CUDA minor or more specific "
-                          f"platform tag)"),)))
+                "ranked", f"fits, but {selected.filename} ranks higher: {why}"),)))
         if selected is not None and selected.built_torch and system.torch_minor and \
                 selected.built_torch.split("+")[0].rsplit(".", 1)[0] != \
                 f"{system.torch_minor[0]}.{system.torch_minor[1]}":

@@ -236,6 +236,11 @@ def test_ranking_version_then_cuda_minor_then_specific_tag() -> None:
     ranked = {r.candidate.filename for r in bp.rejected}  # type: ignore[union-attr]
     assert ranked == {a, b, c, e}
     assert all(r.reasons[0].kind == "ranked" for r in bp.rejected)  # type: ignore[union-attr]
+    # each says what decided it, not the whole ranking rule
+    why = {r.candidate.filename: r.reasons[0].text.rsplit(": ", 1)[1]
+           for r in bp.rejected}  # type: ignore[union-attr]
+    assert why == {a: "a newer version", b: "a closer CUDA minor",
+                   c: "a more specific platform tag", e: "a more specific platform tag"}
 
 
 def test_plan_json_stable_part() -> None:
