@@ -115,6 +115,13 @@ def test_plan_for_a_profile_warns_only_about_a_named_target(h100: Path) -> None:
     assert "resolving for the profile, not for" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+def test_lock_without_a_lock_says_how_to_make_one_for_that_target(tmp_path: Path) -> None:
+    py = str(venv_python(make_venv(tmp_path / "v", torch=False)))
+    r = cli("lock", "--python", py)
+    assert r.returncode == 1 and f"run comfy-env-attn install --python {py}" in r.stderr, \
+        r.stderr
+
+
 def test_plan_table_and_verbose_reasons(h100: Path) -> None:
     r = cli("plan", "--system", str(h100), "--backends", "xformers", "-v")
     assert r.returncode == 0, r.stderr

@@ -23,6 +23,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
     target = probe_interpreter(exe)
     path = Path(args.file) if args.file else lockfile.lock_path(target.prefix)
+    if not args.file and not path.exists():
+        raise AttnError(f"no lock at {path}: run comfy-env-attn install --python "
+                        f"{target.executable} (or verify, for backends installed otherwise)")
     doc = lockfile.read(path)
     tool = tool_table(doc)
     stale = lockfile.stale(doc, target.executable)
