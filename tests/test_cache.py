@@ -234,3 +234,19 @@ def test_the_read_only_retry_follows_no_link_and_retries_only_removals(
     assert stat.S_IMODE(secret.stat().st_mode) == 0o444  # the link's target untouched
     with pytest.raises(PermissionError, match="no listing"):  # not a TypeError
         cache_cli._writable(os.scandir, str(entry), PermissionError(13, "no listing"))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="making links needs a privilege there")
+def test_odd_layouts_are_counted_or_left_never_a_crash(tmp_path: Path) -> None:
+    """A file where a part's folder should be, a file and a broken link where wheelhouse
+    folders should be: listed as nothing of the tool's, left as they are."""
+    cache = tmp_path / "cache"
+    _write(cache / "wheels", 5)  # a file, not the downloads folder
+    _write(cache / "wheelhouse" / "sageattention", 5)  # a file, not a dist's folder
+    (cache / "wheelhouse" / "flash-attn").mkdir()
+    (cache / "wheelhouse" / "flash-attn" / "e").symlink_to(tmp_path / "gone")
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(cache), "COMFY_ENV_ATTN_WHEELHOUSE": ""}
+    parts = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
+    assert parts["downloads"]["files"] == 0 and parts["wheelhouse"]["files"] == 0
+    assert (cache / "wheels").is_file() and (cache / "wheelhouse" / "sageattention").is_file()
+    assert (cache / "wheelhouse" / "flash-attn" / "e").is_symlink()

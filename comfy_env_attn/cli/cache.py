@@ -74,6 +74,23 @@ _OURS: dict[str, re.Pattern[str]] = {
 }
 
 
+def _children(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; none where it cannot be listed (nothing there is then
+    counted or removed)."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _holds_record(entry: Path) -> bool:
+    """A wheelhouse entry the tool wrote: a folder (not a link) holding its build.json."""
+    try:
+        return not entry.is_symlink() and (entry / RECORD_NAME).is_file()
+    except OSError:  # a folder that cannot be searched
+        return False
+
+
 def _wheelhouse_entries(wheelhouse: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """(each <dist>/<entry>/ holding a build.json, the folders above them, anything else)."""
     entries: list[Path] = []
@@ -81,14 +98,13 @@ def _wheelhouse_entries(wheelhouse: Path) -> tuple[list[Path], list[Path], list[
     foreign: list[Path] = []
     if not wheelhouse.is_dir():
         return entries, folders, foreign
-    for dist in sorted(wheelhouse.iterdir()):
+    for dist in _children(wheelhouse):
         if not dist.is_dir() or dist.is_symlink():
             foreign.append(dist)
             continue
         folders.append(dist)
-        for entry in sorted(dist.iterdir()):
-            (entries if (entry / RECORD_NAME).is_file() and not entry.is_symlink()
-             else foreign).append(entry)
+        for entry in _children(dist):
+            (entries if _holds_record(entry) else foreign).append(entry)
     return entries, [*folders, wheelhouse], foreign
 
 
@@ -101,7 +117,7 @@ def parts(root: Path, wheelhouse: Path) -> list[Part]:
             folder = root / spec.rstrip("/")
             if folder.is_dir() and not folder.is_symlink():
                 part.folders.append(folder)
-                for child in sorted(folder.iterdir()):
+                for child in _children(folder):
                     (part.paths if _OURS[name].fullmatch(child.name)
                      else part.foreign).append(child)
         else:
@@ -268,7 +284,10 @@ def _size(n: int) -> str:
 def cmd_cache(args: argparse.Namespace) -> int:
     root = cache_dir()
     wheelhouse = wheelhouse_dir()
-    found = parts(root, wheelhouse)
+    try:
+        found = parts(root, wheelhouse)
+    except OSError as e:
+        raise AttnError(f"cannot read the cache folder {root}: {e.strerror or e}") from None
     errors: list[str] = []
     if args.cache_command == "clean":
         why = _refusal(root)
