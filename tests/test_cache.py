@@ -250,3 +250,63 @@ def test_odd_layouts_are_counted_or_left_never_a_crash(tmp_path: Path) -> None:
     assert parts["downloads"]["files"] == 0 and parts["wheelhouse"]["files"] == 0
     assert (cache / "wheels").is_file() and (cache / "wheelhouse" / "sageattention").is_file()
     assert (cache / "wheelhouse" / "flash-attn" / "e").is_symlink()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="making links needs a privilege there")
+def test_third_review_layouts(tmp_path: Path) -> None:
+    """Names whose digits are no pid, a default wheelhouse that is a link, a home folder
+    reached through a link, an empty user wheelhouse that is a part's folder, and a cache
+    path that reads as rich markup: each kept or refused, never a traceback."""
+    cache = tmp_path / "c[/y]"
+    big = _write(cache / "build" / f"{'9' * 20}.sage-abcdefgh" / "x", 1)  # no pid: foreign
+    sup = _write(cache / "wheels" / H[0] / "²³.x.part", 1)  # not ASCII digits: no pid
+    outside = _write(tmp_path / "outside" / "sageattention" / "e" / "build.json", 1)
+    (cache / "wheelhouse").symlink_to(tmp_path / "outside")
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(cache), "COMFY_ENV_ATTN_WHEELHOUSE": ""}
+    parts = _parts(cli("cache", "clean", "--wheelhouse", "--json", env=env))
+    assert big.exists() and not sup.exists() and outside.exists()
+    assert parts["wheelhouse"]["removed_bytes"] == 0
+    table = cli("cache", env=env)
+    assert table.returncode == 0 and "c[/y]" in table.stdout, table.stderr
+
+    home = tmp_path / "home"
+    _write(home / "build" / "1.sage-abcdefgh" / "main.c", 1)
+    (tmp_path / "alias").symlink_to(home)
+    r = cli("cache", "clean", env={"HOME": str(home),
+                                   "COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "alias")})
+    assert r.returncode == 2 and "refusing" in r.stderr
+
+    c2 = tmp_path / "c2"
+    (c2 / "wheels").mkdir(parents=True)
+    r = cli("cache", "clean", env={"COMFY_ENV_ATTN_CACHE_DIR": str(c2),
+                                   "COMFY_ENV_ATTN_WHEELHOUSE": str(c2 / "wheels")})
+    assert r.returncode == 0 and (c2 / "wheels").is_dir()  # the user's, though empty
+
+
+def test_a_hard_linked_file_keeps_its_mode(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only file removed from the cache that has another hard link elsewhere: its
+    mode is that other file's too, so the retry leaves it (and says it could not)."""
+    from comfy_env_attn.cli import cache as cache_cli
+
+    outside = _write(tmp_path / "outside" / "f", 3)
+    outside.chmod(0o444)
+    entry = tmp_path / "cache" / "build" / f"{_dead_pid()}.sage-abcdefgh"
+    entry.mkdir(parents=True)
+    os.link(outside, entry / "f")
+    real = os.unlink
+
+    def unlink(path: str, *, dir_fd: int | None = None) -> None:  # Windows' refusal
+        full = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"),
+                                                        path)
+        if not os.lstat(full).st_mode & stat.S_IWRITE:
+            raise PermissionError(13, "Access is denied", full)
+        real(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setenv("COMFY_ENV_ATTN_CACHE_DIR", str(tmp_path / "cache"))
+    part = cache_cli.Part("build", "", [], [entry])
+    errors = cache_cli.clean(part)
+    monkeypatch.undo()
+    assert errors and "Access is denied" in errors[0]
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o444

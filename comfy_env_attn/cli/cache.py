@@ -69,7 +69,7 @@ _OURS: dict[str, re.Pattern[str]] = {
     "probes": re.compile(r"\.?(?:" + "|".join(ANSWER_KINDS) + r")-[0-9a-f]{20}\.json"
                          r"(?:\.\d+\.tmp)?"),
     "sources": re.compile(r"[0-9a-fA-F]{64}"),
-    "build": re.compile(r"\d+\.[a-z0-9_]+-[a-z0-9_]{8}"),
+    "build": re.compile(r"\d{1,10}\.[a-z0-9_]+-[a-z0-9_]{8}"),
     "build logs": re.compile(r".+\.log"),
 }
 
@@ -86,7 +86,7 @@ def _children(folder: Path) -> list[Path]:
 def _holds_record(entry: Path) -> bool:
     """A wheelhouse entry the tool wrote: a folder (not a link) holding its build.json."""
     try:
-        return not entry.is_symlink() and (entry / RECORD_NAME).is_file()
+        return not _is_link(entry) and (entry / RECORD_NAME).is_file()
     except OSError:  # a folder that cannot be searched
         return False
 
@@ -99,7 +99,7 @@ def _wheelhouse_entries(wheelhouse: Path) -> tuple[list[Path], list[Path], list[
     if not wheelhouse.is_dir():
         return entries, folders, foreign
     for dist in _children(wheelhouse):
-        if not dist.is_dir() or dist.is_symlink():
+        if _is_link(dist) or not dist.is_dir():
             foreign.append(dist)
             continue
         folders.append(dist)
@@ -115,7 +115,7 @@ def parts(root: Path, wheelhouse: Path) -> list[Part]:
         part = Part(name, what, [str(root / w.rstrip("/")) for w in spec.split()], [])
         if spec.endswith("/"):
             folder = root / spec.rstrip("/")
-            if folder.is_dir() and not folder.is_symlink():
+            if not _is_link(folder) and folder.is_dir():
                 part.folders.append(folder)
                 for child in _children(folder):
                     (part.paths if _OURS[name].fullmatch(child.name)
@@ -124,7 +124,7 @@ def parts(root: Path, wheelhouse: Path) -> list[Part]:
             part.paths = sorted(p for p in root.glob("*-*.json*")
                                 if _OURS[name].fullmatch(p.name)) if root.is_dir() else []
         found.append(part)
-    inside = _same(wheelhouse, default_wheelhouse(root))
+    inside = _same(wheelhouse, default_wheelhouse(root)) and not _is_link(wheelhouse)
     for part in found:  # a wheelhouse of the user's own inside a part is not the part's
         part.foreign += [e for e in part.paths if _is_within(wheelhouse, e)
                          or _is_within(e, wheelhouse)]
@@ -142,21 +142,42 @@ def parts(root: Path, wheelhouse: Path) -> list[Part]:
     return found
 
 
+def _is_link(path: Path | str) -> bool:
+    """A symbolic link, or on Windows any reparse point (a junction, which is_symlink does
+    not report): its target lies elsewhere, so it is never entered."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISLNK(st.st_mode) or bool(
+        getattr(st, "st_file_attributes", 0) & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0))
+
+
 def default_wheelhouse(root: Path) -> Path:
     """Where the wheelhouse is unless COMFY_ENV_ATTN_WHEELHOUSE says otherwise."""
     return root / "wheelhouse"
 
 
+def _forms(path: Path) -> set[str]:
+    """A path as given and as it really is (links and short names resolved), compared in
+    the platform's case."""
+    return {os.path.normcase(os.path.abspath(path)), os.path.normcase(os.path.realpath(path))}
+
+
 def _same(a: Path, b: Path) -> bool:
-    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+    return bool(_forms(a) & _forms(b))
 
 
 def _is_within(path: Path, root: Path) -> bool:
-    try:
-        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
-    except ValueError:
-        return False
-    return True
+    """Whether path is root or lies in it, either as given or as it really is."""
+    for p in _forms(path):
+        for r in _forms(root):
+            try:
+                Path(p).relative_to(r)
+            except ValueError:
+                continue
+            return True
+    return False
 
 
 def _files(path: Path) -> Iterator[tuple[Path, int]]:
@@ -182,25 +203,33 @@ def _in_use(name: str) -> int | None:
     head = name.split(".", 1)[0]
     if name.endswith(".tmp"):
         head = name.rsplit(".", 2)[-2]
-    return int(head) if head.isdigit() and pid_alive(int(head)) else None
+    if not (head.isascii() and head.isdigit()) or len(head) > 10:
+        return None  # no pid: another process's name (a pid fits in 32 bits)
+    return int(head) if pid_alive(int(head)) else None
 
 
 def _writable(func: Callable[..., Any], path: str, exc: Any) -> None:
     """rmtree's retry for a read-only file or folder (Windows will not delete a read-only
-    file; a git checkout's objects are read-only): make it and its folder writable, then
-    remove it again. Only a removal is retried, and no link is followed (a link's target
-    lies outside the cache); anything else is raised as it came."""
+    file; a git checkout's objects are read-only): make it, and the folder it is removed
+    from, writable (a folder also searchable), then remove it again. Only a removal is
+    retried; nothing reached through a link, a file with other hard links (its mode is
+    theirs too) or the cache folder itself is changed; anything else is raised as it came."""
     if func not in (os.unlink, os.remove, os.rmdir):
         raise exc[1] if isinstance(exc, tuple) else exc
     for p in (os.path.dirname(path), path):
-        if not os.path.islink(p):
-            with contextlib.suppress(OSError):
-                os.chmod(p, os.stat(p).st_mode | stat.S_IWRITE | stat.S_IREAD | stat.S_IEXEC)
+        with contextlib.suppress(OSError):
+            st = os.lstat(p)
+            if _is_link(p) or _same(Path(p), cache_dir()) or (
+                    not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+                continue
+            add = stat.S_IWRITE | (stat.S_IEXEC | stat.S_IREAD if stat.S_ISDIR(st.st_mode)
+                                   else 0)
+            os.chmod(p, st.st_mode | add)
     func(path)
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    if not _is_link(path) and path.is_dir():
         if sys.version_info >= (3, 12):
             shutil.rmtree(path, onexc=_writable)
         else:
@@ -212,7 +241,8 @@ def _remove(path: Path) -> None:
             _writable(os.unlink, str(path), e)
 
 
-def clean(part: Part, *, building_since: float | None = None) -> list[str]:
+def clean(part: Part, *, building_since: float | None = None,
+          keep: Path | None = None) -> list[str]:
     """Remove the part's entries but what a live process uses (`building_since`: when the
     oldest build still running started; a log written since may be its log), then its
     folders left empty; the errors, one per path."""
@@ -242,6 +272,8 @@ def clean(part: Part, *, building_since: float | None = None) -> list[str]:
                          f"not named as comfy-env-attn names its own ({part.foreign[0]}"
                          + (", ..." if len(part.foreign) > 1 else "") + ")")
     for folder in part.folders:
+        if keep is not None and (_is_within(folder, keep) or _is_within(keep, folder)):
+            continue  # the user's wheelhouse, or what holds it, stays even empty
         with contextlib.suppress(OSError):
             if not any(folder.iterdir()):
                 folder.rmdir()
@@ -293,7 +325,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         why = _refusal(root)
         if why:
             raise UsageError(why)
-        ours = _same(wheelhouse, default_wheelhouse(root))
+        ours = _same(wheelhouse, default_wheelhouse(root)) and not _is_link(wheelhouse)
         since = _building_since(found)
         for part in found:
             if part.name == "wheelhouse" and not (args.wheelhouse and ours):
@@ -302,7 +334,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                  + ("--wheelhouse removes it" if ours
                                     else "a folder of your own: remove it yourself") + ")"]
                 continue
-            errors += clean(part, building_since=since)
+            errors += clean(part, building_since=since, keep=None if ours else wheelhouse)
         for line in errors:
             log(f"cannot remove {line}")
     if args.json:
@@ -317,15 +349,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _table(root: Path, found: list[Part], *, cleaned: bool) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=str(root))
+    t = Table(title=escape(str(root)))
     cols = ("part", "files before", "size before", "removed", "what") if cleaned else \
         ("part", "files", "size", "what")
     for col in cols:
         t.add_column(col, justify="left" if col in ("part", "what") else "right")
     for p in found:
-        note = p.what + "".join(f"; kept: {k}" for k in p.kept)
+        note = escape(p.what + "".join(f"; kept: {k}" for k in p.kept))
         t.add_row(p.name, str(p.files), _size(p.bytes),
                   *([_size(p.removed)] if cleaned else []), note)
     console().print(t)

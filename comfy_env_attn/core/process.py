@@ -21,13 +21,14 @@ def pid_alive(pid: int) -> bool:
     """Whether the process `pid` runs; another user's counts as running. Not `os.kill(pid,
     0)` on Windows: signal 0 is CTRL_C_EVENT there, which goes to every process of the
     console instead of asking about one."""
-    if pid <= 0:
+    if not 0 < pid < 2**31:  # no pid (a name's digits may say anything)
         return False
     if os.name == "nt":  # pragma: no cover - Windows; the decision is tested through a fake
         import ctypes
 
         kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
         kernel32.OpenProcess.restype = ctypes.c_void_p
+        kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
         kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
         kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
         return alive_on_windows(pid, kernel32, ctypes.get_last_error)  # type: ignore[attr-defined]
