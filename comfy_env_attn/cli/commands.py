@@ -189,7 +189,7 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     t.add_column("python, platform")
     t.add_column("source")
     t.add_column("passed over (by rule; a wheel may fail several)", justify="right")
-    no_gpu = None if plan.system.gpus else plan.system.absent.get("gpus")
+    no_gpu = planning.no_gpu_reason(plan)
     for b in plan.backends:
         if b.builtin:
             t.add_row(b.backend, "built into torch" if not b.reason else escape(b.reason), "",
@@ -203,14 +203,13 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
                       escape(b.selected.source), summary)
         else:
             # why no GPU is seen is said once, under the table, not in every row
-            reason = (b.reason or "").replace(f" ({no_gpu})", "") if no_gpu else b.reason
-            t.add_row(b.backend, f"[red]none[/red]: {escape(reason or '')}", "", "", "",
-                      summary)
+            t.add_row(b.backend,
+                      f"[red]none[/red]: {escape(planning.short_reason(b.reason, no_gpu))}",
+                      "", "", "", summary)
     con.print(t)
-    if no_gpu and any(not b.builtin and not b.selected for b in plan.backends):
-        con.print(f"[yellow]no NVIDIA GPU seen[/yellow]: {escape(no_gpu)}. To plan or install "
-                  "for a GPU machine from here, give its profile: --system FILE (written "
-                  "there by `comfy-env-attn probe --toml`)", highlight=False)
+    if no_gpu:
+        con.print(f"[yellow]no NVIDIA GPU seen[/yellow]: {escape(no_gpu)}; "
+                  f"{escape(planning.NO_GPU_HINT)}", highlight=False)
     for b in plan.backends:
         for n in b.notes:
             con.print(f"[yellow]note[/yellow] {b.backend}: {escape(n)}", highlight=False)

@@ -81,19 +81,15 @@ def cmd_install(args: argparse.Namespace) -> int:
             plan = build_missing(args, target, req.system, plan,
                                  lambda: planning.make_plan(req, planning.sources_from(args)))
         chosen = []
-        no_gpu = None if req.system.gpus else req.system.absent.get("gpus")
-        if no_gpu and not args.dry_run and any(
-                not bp.builtin and bp.selected is None for bp in plan.backends):
-            log(f"no NVIDIA GPU seen: {no_gpu}; to install for a GPU machine's wheels from "
-                "here, give its profile: --system FILE (`comfy-env-attn probe --toml` there)")
+        no_gpu = planning.no_gpu_reason(plan)
+        if no_gpu and not args.dry_run:  # --dry-run's table says it
+            log(f"no NVIDIA GPU seen: {no_gpu}; {planning.NO_GPU_HINT}")
         for bp in plan.backends:
             if bp.builtin:
                 continue
             if bp.selected is None:
                 # why no GPU is seen is said once (above), not in every row
-                reason = (bp.reason or "").replace(f" ({no_gpu})", "") if no_gpu \
-                    else bp.reason
-                out.row(bp.backend).note = f"no wheel: {reason}"
+                out.row(bp.backend).note = f"no wheel: {planning.short_reason(bp.reason, no_gpu)}"
                 out.row(bp.backend).action = "no-wheel"
                 if args.backends or args.config:
                     out.ok = False  # asked for by name: not having it is a failure
