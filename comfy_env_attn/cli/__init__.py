@@ -259,6 +259,12 @@ _RUN_UV = ("install", "uninstall")
 _READ_GPUS = ("probe", "plan", "doctor", "install", "build")
 
 
+def target_named(args: argparse.Namespace) -> bool:
+    """Whether the command line names a target (--python, --comfyui, --comfy-cli); without
+    one, the Python running this tool stands in."""
+    return any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli"))
+
+
 def _start_probe(args: argparse.Namespace) -> None:
     """Start now what the command will wait for: the target's probe; uv's own query of the
     target, for a command that runs uv; NVML's answer, for one that reads the GPUs. Their
@@ -268,7 +274,7 @@ def _start_probe(args: argparse.Namespace) -> None:
 
     if args.command in _READ_GPUS and not getattr(args, "system", None):
         start_gpu_probe()
-    if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
+    if not target_named(args):
         return
     from comfy_env_attn.facts.locate import find_python_auto
 

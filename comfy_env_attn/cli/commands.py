@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from comfy_env_attn.candidates.sources import Sources
-from comfy_env_attn.cli import planning
+from comfy_env_attn.cli import planning, target_named
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, UsageError
@@ -100,7 +100,7 @@ def profile_warnings(args: argparse.Namespace, profile: System) -> list[str]:
     """Where --system contradicts the real target (nothing when it cannot be probed, or
     when no target was named: `plan --system FILE` alone describes another machine, and the
     Python running this tool is no target of it)."""
-    if not any(getattr(args, a, None) for a in ("python", "comfyui", "comfy_cli")):
+    if not target_named(args):
         return []
     try:
         exe, _how = locate(args)
