@@ -31,7 +31,7 @@ from typing import Any
 from comfy_env_attn.candidates.wheelhouse import RECORD_NAME, wheelhouse_dir
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core.errors import AttnError, UsageError
-from comfy_env_attn.core.paths import ANSWER_KINDS, CACHE_PARTS, cache_dir
+from comfy_env_attn.core.paths import ANSWER_KEY_HEX, ANSWER_KINDS, CACHE_PARTS, cache_dir
 from comfy_env_attn.core.process import pid_alive
 from comfy_env_attn.core.progress import log
 
@@ -66,8 +66,8 @@ _OURS: dict[str, re.Pattern[str]] = {
     "downloads": re.compile(r"[0-9a-fA-F]{64}|unhashed"),
     "metadata": re.compile(r"[0-9a-fA-F]{64}\.METADATA"),
     # an answer, or what a killed write of one left (core.paths.replace_file: .NAME.PID.tmp)
-    "probes": re.compile(r"\.?(?:" + "|".join(ANSWER_KINDS) + r")-[0-9a-f]{20}\.json"
-                         r"(?:\.\d+\.tmp)?"),
+    "probes": re.compile(r"\.?(?:" + "|".join(ANSWER_KINDS) + rf")-[0-9a-f]{{{ANSWER_KEY_HEX}}}"
+                         r"\.json(?:\.\d+\.tmp)?"),
     "sources": re.compile(r"[0-9a-fA-F]{64}"),
     "build": re.compile(r"\d{1,10}\.[a-z0-9_]+-[a-z0-9_]{8}"),
     "build logs": re.compile(r".+\.log"),

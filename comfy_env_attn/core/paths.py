@@ -28,6 +28,7 @@ def cache_dir() -> Path:
 # cleaned by `comfy-env-attn cache` (cli.cache). The wheelhouse (candidates.wheelhouse) is
 # apart: it may be a folder of the user's own.
 ANSWER_KINDS = ("interp", "torch", "files")  # answer_file
+ANSWER_KEY_HEX = 20  # answer_file's key: this many hex digits of the path's sha256
 CACHE_PARTS: dict[str, tuple[str, str]] = {
     "downloads": ("wheels/", "wheels downloaded from indexes, reused by the next install"
                   ),  # install.edges
@@ -51,7 +52,7 @@ def answer_file(kind: str, path: str, root: Path | None = None) -> Path:
     `interp` an interpreter's facts, `torch` a torch install's (shared by the venvs that see
     it), `files` which files of a distribution matched its RECORD."""
     assert kind in ANSWER_KINDS, kind
-    key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:20]
+    key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:ANSWER_KEY_HEX]
     return (cache_dir() if root is None else root) / f"{kind}-{key}.json"
 
 
