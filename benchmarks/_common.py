@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.util
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -80,6 +84,50 @@ def serve(directory: Path, rate: float | None = None) -> tuple[str, ThreadingHTT
     srv = Server(("127.0.0.1", 0), Quiet)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{srv.server_address[1]}", srv
+
+
+def library_bytes() -> Path:
+    """torch's largest shared library (libtorch_cuda.so on a GPU machine, libtorch_cpu.so
+    here), found without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("torch is not importable: no shared library to pad a wheel with")
+    lib = Path(next(iter(spec.submodule_search_locations)), "lib")
+    return max((f for f in lib.iterdir() if ".so" in f.name or f.suffix in (".dll", ".dylib")),
+               key=lambda f: f.stat().st_size)
+
+
+def padded_wheel(wheel: Path, mb: float, out_dir: Path) -> Path:
+    """A copy of `wheel` in `out_dir`, grown to about `mb` MB (1e6 bytes) by one more file of
+    compiled code, deflated as wheels ship it: the leading bytes of torch's largest shared
+    library, whatever they inflate to. A CUDA wheel's bulk is such libraries, which uv
+    inflates as it installs; a stored payload (bench_install's `--payload random`) only has
+    it copy bytes, the cheapest case for uv and so the hardest for the ratio. RECORD lists
+    the new file with its hash, so the wheel installs and checks as any other."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / wheel.name
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w") as dst:
+        names = src.namelist()
+        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        top = next(n.split("/")[0] for n in names if "/" in n and ".dist-info/" not in n
+                   and ".data/" not in n)
+        for info in src.infolist():
+            if info.filename != record:
+                dst.writestr(info, src.read(info))
+        name, digest, size = f"{top}/_padding.so", hashlib.sha256(), 0
+        target = int(mb * 1e6) - 64 * 1024  # RECORD and the central directory come after
+        info = zipfile.ZipInfo(name, (2026, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with library_bytes().open("rb") as lib, dst.open(info, "w", force_zip64=True) as f:
+            while dst.fp is not None and dst.fp.tell() < target and \
+                    (chunk := lib.read(1 << 20)):
+                f.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+        line = (f"{name},sha256="
+                f"{base64.urlsafe_b64encode(digest.digest()).rstrip(b'=').decode()},{size}")
+        dst.writestr(record, src.read(record).decode().rstrip("\n") + "\n" + line + "\n")
+    return out
 
 
 def rotated_ms(fns: dict[str, Callable[[], object]], rounds: int = 12, calls: int = 10,

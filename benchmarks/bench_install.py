@@ -10,8 +10,12 @@ Each run gets a fresh venv that sees this interpreter's torch (tests/conftest.py
 a .pth file names the folder holding it; not timed). raw uv runs with --no-cache; each run of
 comfy-env-attn gets an empty UV_CACHE_DIR, so that uv learns the fresh venv's interpreter and
 unpacks the wheel within the timed run for both. The wheel is a working CPU sageattention built
-here; --size-mb adds an incompressible payload so that a realistic wheel size (SageAttention 2
-builds are 20-100 MB) can be compared.
+here; --size-mb grows it to a realistic wheel size (SageAttention 2 builds are 20-100 MB), with
+a payload of each --payload kind:
+- `library`: compiled code deflated as wheels ship it (torch's largest shared library,
+  _common.padded_wheel), which uv inflates as it installs: what a real CUDA wheel costs;
+- `random`: random hex stored uncompressed, which uv only copies: the cheapest wheel of that
+  size for uv, and so the hardest case for the ratio.
 
 --compare DIR: also time the command line of another checkout (an earlier commit:
 `git worktree add /tmp/before COMMIT`), run by this interpreter. The runs of the three
@@ -32,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CLI, ENV, ROOT, alternating, serve
+from _common import CLI, ENV, ROOT, alternating, padded_wheel, serve
 from _common import timed as run_timed
 
 from comfy_env_attn.core.paths import cache_dir
@@ -64,6 +68,9 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, nargs="*", default=[0, 60])
     ap.add_argument("--source", nargs="*", choices=["index", "folder"],
                     default=["index", "folder"])
+    ap.add_argument("--payload", nargs="*", choices=["library", "random"],
+                    default=["library", "random"],
+                    help="what a wheel of --size-mb above 0 is grown with (see above)")
     ap.add_argument("--rate-mb", type=float, default=None,
                     help="pace the index server at this many MB/s (default: loopback speed)")
     ap.add_argument("--compare", metavar="DIR", type=Path,
@@ -77,16 +84,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         prof = write_gpu_profile(d)
-        print(f"{'source':>6}  {'wheel':>10}  {'comfy-env-attn install':>24}  "
+        print(f"{'source':>6}  {'wheel':>18}  {'comfy-env-attn install':>24}  "
               f"{'raw uv pip install':>20}  {'ratio':>6}  {'difference':>10}"
               + (f"  {'--compare checkout':>20}" if args.compare else ""))
-        for size in args.size_mb:
+        for size, payload in [(mb, kind) for mb in args.size_mb
+                              for kind in (args.payload if mb else [""])]:
             files = {"sageattention/__init__.py": SAGE_OK}
-            if size:
+            if size and payload == "random":
                 files["sageattention/_payload.txt"] = os.urandom(size * 1024 * 512).hex()
-            site = d / f"site{size}"
-            w = build_wheel(site / "files", "sageattention", version, files,
+            site = d / f"site{size}{payload}"
+            w = build_wheel(site / "built", "sageattention", version, files,
                             requires=["torch>=2.0"])
+            if payload == "library":
+                w = padded_wheel(w, size, site / "files")
+            else:
+                (site / "files").mkdir()
+                w = Path(shutil.copy2(w, site / "files"))
             sha = hashlib.sha256(w.read_bytes()).hexdigest()
             (site / "simple" / "sageattention").mkdir(parents=True)
             base, srv = serve(site, args.rate_mb * 1e6 if args.rate_mb else None)
@@ -100,9 +113,9 @@ def main() -> int:
                     ours_src = ["--find-links", str(site / "files")]
                     uv_src = ["--no-index", "--find-links", str(site / "files")]
 
-                def run(who: str, i: int, size: int = size, source: str = source,
+                def run(who: str, i: int, case: str = f"{size}{payload}-{source}",
                         ours_src: list[str] = ours_src, uv_src: list[str] = uv_src) -> float:
-                    py = fresh_venv(d / f"{who}{size}-{source}-{i}")
+                    py = fresh_venv(d / f"{who}{case}-{i}")
                     if who == "uv":
                         return timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
                                       *uv_src, "--no-cache",
@@ -114,7 +127,7 @@ def main() -> int:
                     # and unpacks the wheel within the timed run
                     for sub in ("wheels", "metadata"):
                         shutil.rmtree(cache_dir() / sub, ignore_errors=True)
-                    uv_cache = d / f"uv-cache-{who}{size}-{source}-{i}"
+                    uv_cache = d / f"uv-cache-{who}{case}-{i}"
                     try:
                         return timed(
                             [*CLI, "install", "--python", str(py), "--system", str(prof),
@@ -125,9 +138,9 @@ def main() -> int:
 
                 times = alternating(args.runs, (*roots, "uv"), run)
                 a, b = statistics.median(times["ours"]), statistics.median(times["uv"])
-                label = f"{w.stat().st_size / 1e6:.1f} MB"
+                label = f"{w.stat().st_size / 1e6:.1f} MB" + (f" {payload}" if payload else "")
                 c = f"  {statistics.median(times['compare']):>18.3f} s" if args.compare else ""
-                print(f"{source:>6}  {label:>10}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}  "
+                print(f"{source:>6}  {label:>18}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}  "
                       f"{a - b:>+8.3f} s{c}", flush=True)
             srv.shutdown()
         # verification time per backend against a bare import torch in the target

@@ -3,7 +3,12 @@ build): `comfy-env-attn install --no-verify` of the built SageAttention wheel ag
 `uv pip install --no-cache` of the same file, each into a fresh venv that sees the base torch
 and its packages (--system-site-packages, and a .pth file naming torch's folder).
 
-    python3 benchmarks/gpu_install_overhead.py WHEEL_DIR [--runs 9] [--json FILE] [--system F]
+    python3 benchmarks/gpu_install_overhead.py WHEEL_DIR [--runs 9] [--pad-mb 0 60]
+                                               [--json FILE] [--system F]
+
+--pad-mb: the wheel as built (0), and copies of it grown to about that many MB with compiled
+code deflated as wheels ship it (_common.padded_wheel: torch's largest shared library), for
+the size a goal names.
 
 The two commands alternate, the order turning each round; each run of ours gets an empty
 UV_CACHE_DIR (as raw uv has --no-cache), so both learn the fresh venv's interpreter and
@@ -23,13 +28,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ENV, alternating, timed
+from _common import ENV, alternating, padded_wheel, timed
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("wheels", type=Path, help="the folder holding the built wheel")
     ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--pad-mb", type=float, nargs="*", default=[0],
+                    help="0: the wheel as built; MB: a copy grown to about that size")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--system", type=Path,
                     help="resolve for this System profile (to try the script off a GPU)")
@@ -38,45 +45,53 @@ def main() -> int:
     uv = shutil.which("uv")
     if uv is None:
         raise SystemExit("uv is not on PATH")
-    wheel = next(args.wheels.glob("sageattention-*.whl"))
+    built = next(args.wheels.glob("sageattention-*.whl"))
     # the folder holding the base torch, named in each venv by a .pth file (as gpu_variants.sh
     # does where --system-site-packages does not show it)
     holder = subprocess.run([sys.executable, "-c", "import os, torch; print(os.path.dirname("
                              "os.path.dirname(torch.__file__)))"], capture_output=True,
                             text=True, check=True).stdout.strip()
     purelib = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
+        for pad in args.pad_mb:
+            wheels = args.wheels if not pad else padded_wheel(
+                built, pad, Path(tmp) / f"padded-{pad:g}").parent
+            wheel = next(wheels.glob("sageattention-*.whl"))
 
-        def run(who: str, i: int) -> float:
-            venv = Path(tmp) / f"{who}-{i}"
-            subprocess.run([sys.executable, "-m", "venv", "--without-pip",
-                            "--system-site-packages", str(venv)], check=True)
-            (venv / purelib / "base-env.pth").write_text(holder + "\n")
-            py = str(venv / "bin" / "python")
-            env = dict(ENV)
-            if who == "uv":
-                cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache", "--no-deps",
-                       "--no-index", "--find-links", str(args.wheels), "sageattention"]
-            else:
-                cmd = [*cea, "install", "--python", py, "--find-links", str(args.wheels),
-                       "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
-                       *(["--system", str(args.system)] if args.system else [])]
-                env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
-            try:
-                return timed(cmd, cwd=Path.cwd(), env=env)
-            finally:
-                shutil.rmtree(venv)
-                shutil.rmtree(Path(tmp) / f"uv-cache-{i}", ignore_errors=True)
+            def run(who: str, i: int, wheels: Path = wheels) -> float:
+                venv = Path(tmp) / f"{who}-{i}"
+                subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                                "--system-site-packages", str(venv)], check=True)
+                (venv / purelib / "base-env.pth").write_text(holder + "\n")
+                py = str(venv / "bin" / "python")
+                env = dict(ENV)
+                if who == "uv":
+                    cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache", "--no-deps",
+                           "--no-index", "--find-links", str(wheels), "sageattention"]
+                else:
+                    cmd = [*cea, "install", "--python", py, "--find-links", str(wheels),
+                           "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
+                           *(["--system", str(args.system)] if args.system else [])]
+                    env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
+                try:
+                    return timed(cmd, cwd=Path.cwd(), env=env)
+                finally:
+                    shutil.rmtree(venv)
+                    shutil.rmtree(Path(tmp) / f"uv-cache-{i}", ignore_errors=True)
 
-        times = alternating(args.runs, ("ours", "uv"), run)
-    ours, raw = statistics.median(times["ours"]), statistics.median(times["uv"])
-    size = wheel.stat().st_size / 1e6
-    print(f"{wheel.name} ({size:.1f} MB), medians of {args.runs}: comfy-env-attn install "
-          f"{ours:.3f} s, raw uv pip install {raw:.3f} s, ratio {ours / raw:.2f}, "
-          f"difference {ours - raw:+.3f} s")
+            times = alternating(args.runs, ("ours", "uv"), run)
+            ours, raw = statistics.median(times["ours"]), statistics.median(times["uv"])
+            size = wheel.stat().st_size / 1e6
+            what = "as built" if not pad else "grown with compiled code"
+            print(f"{wheel.name} ({size:.1f} MB, {what}), medians of {args.runs}: "
+                  f"comfy-env-attn install {ours:.3f} s, raw uv pip install {raw:.3f} s, "
+                  f"ratio {ours / raw:.2f}, difference {ours - raw:+.3f} s", flush=True)
+            results.append({"wheel": wheel.name, "mb": size, "padded": bool(pad),
+                            "runs": times, "ours": ours, "uv": raw})
     if args.json:
-        args.json.write_text(json.dumps({"wheel": wheel.name, "mb": size, "runs": times,
-                                         "ours": ours, "uv": raw}, indent=1))
+        # the wheel as built first, as this file held before --pad-mb
+        args.json.write_text(json.dumps({**results[0], "sizes": results}, indent=1))
     return 0
 
 

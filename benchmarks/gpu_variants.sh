@@ -53,8 +53,8 @@ python3 -c "import json; d=json.load(open('$OUT/install.json')); print('ok', d['
 cp "$VENV/pylock.comfy-env-attn.toml" "$OUT/" 2>/dev/null
 $CEA lock --python "$VENV/bin/python" | head -40
 
-step "install overhead with the built wheel (fresh venvs, against raw uv --no-cache)"
-python3 benchmarks/gpu_install_overhead.py "$WORK/wheel" --runs "${RUNS:-9}" \
+step "install overhead with the built wheel, and grown to 60 MB (fresh venvs, against raw uv --no-cache)"
+python3 benchmarks/gpu_install_overhead.py "$WORK/wheel" --runs "${RUNS:-9}" --pad-mb 0 60 \
   --json "$OUT/install_overhead.json"
 
 step "the two kernels side by side"
