@@ -162,6 +162,31 @@ def test_wrong_results_fail_with_numbers_and_are_rolled_back(tmp_path, venv, pro
     assert "sage" not in tool["backends"] and tool["auto"] == ["sdpa"]
 
 
+def test_a_backend_rolled_back_takes_the_requirements_it_brought(tmp_path, venv, profile,
+                                                                 http_server, uv_bin) -> None:
+    """Verification fails: what the backend brought goes with it (bar, and baz through bar),
+    dep, which it upgraded, goes back to the version the target had; nothing else stays."""
+    from test_hostile import serve
+    from wheels import build_wheel
+
+    w = tmp_path / "w"
+    old = build_wheel(w / "old", "dep", "1.0", {"dep.py": ""}, requires=[])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", str(venv_python(venv)),
+                    "--no-deps", str(old)], check=True)
+    before = installed_in(venv)
+    sage = sage_wheel(w, "wrong", f"2.2.1+{LABEL}", requires=["torch>=2.0", "bar", "dep>=2"])
+    bar = build_wheel(w, "bar", "1.0", {"bar.py": ""}, requires=["baz"])
+    baz = build_wheel(w, "baz", "1.0", {"baz.py": ""}, requires=[])
+    dep = build_wheel(w, "dep", "2.0", {"dep.py": ""}, requires=[])
+    r = install(venv, profile, serve(http_server, {"sageattention": [sage], "bar": [bar],
+                                                   "baz": [baz], "dep": [dep]}))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "rolled back" in out, out
+    assert installed_in(venv) == before == {"dep": "1.0"}, out
+    for name in ("bar", "baz", "dep"):
+        assert f"{name}: " in out and "(it came with sage, which was rolled back)" in out
+
+
 def test_keep_failed_keeps_it_and_locks_the_failure(tmp_path, venv, profile,
                                                     http_server) -> None:
     w = sage_wheel(tmp_path / "w", "wrong", f"2.2.1+{LABEL}")

@@ -408,6 +408,11 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             out.row(b).action = "rolled-back"
             before = journal.touched.get(bk.BACKENDS[b].dist)
             out.row(b).version = before.before if before is not None else None
+        if failed and not opts.keep_failed:
+            kept = [b for b, _ in to_install if b not in failed]
+            for name in _orphaned(extra, [d for b in kept for d in deps.get(b, [])]):
+                log(f"{journal.restore(name, uninstall, protected_files(target))} (it came "
+                    f"with {', '.join(failed)}, which was rolled back)")
         live = None
         if failed:
             out.ok = False
@@ -690,6 +695,20 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
 
 def _version_of(filename: str) -> str:
     return filename.split("-")[1]
+
+
+def _orphaned(extra: list[tuple[str, Fetched]], kept_needs: list[str]) -> list[str]:
+    """The requirements this run installed that no kept backend needs, directly or through
+    another of them (markers aside: a requirement a marker might leave out is kept)."""
+    needs = {name: [_req_name(r) for r in requirements(wheel_metadata(f.path))]
+             for name, f in extra}
+    todo, needed = [_req_name(r) for r in kept_needs], set()
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += needs.get(name, [])
+    return [name for name, _ in extra if name not in needed]
 
 
 def _req_name(text: str) -> str:
