@@ -1,8 +1,8 @@
 """comfy-env-attn: fast attention backends for ComfyUI that are proven on this machine.
 
-The runtime API (set_backend, dispatch_attention, dispatch_varlen_attention,
-register_backend, taylor_attention) lives in comfy_env_attn.runtime and is loaded on first use, so that importing the package for
-the command line never imports torch.
+The runtime API (set_backend, dispatch_attention, dispatch_varlen_attention, passed_over,
+register_backend, taylor_attention) lives in comfy_env_attn.runtime and is loaded on first
+use, so that importing the package for the command line never imports torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _DISPATCH = {"set_backend", "get_backend", "dispatch_attention", "dispatch_varlen_attention",
-             "setup_link", "register_backend"}
+             "passed_over", "setup_link", "register_backend"}
 
 
 def __getattr__(name: str) -> Any:

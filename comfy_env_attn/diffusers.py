@@ -411,7 +411,7 @@ def use_dispatcher(pipe_or_model: Any, backend: str | None = None, *,
     routing = Routing()
     swapped: list[tuple[Any, Any]] = []  # (module, its original processor)
     given: dict[int, tuple[Any, Any]] = {}  # id(processor) -> (processor, its own value)
-    previous = (dispatch._S.mode, dispatch._S.exact) if dispatch._S.ready else None
+    previous = dispatch.settings() if dispatch._S.ready else None  # restored whole
     try:
         if backend is not None:
             dispatch.set_backend(backend, exact=exact)
@@ -457,4 +457,4 @@ def use_dispatcher(pipe_or_model: Any, backend: str | None = None, *,
             if previous is None:
                 dispatch.set_backend("auto")
             else:
-                dispatch.set_backend(previous[0], exact=previous[1])
+                dispatch.set_backend(**previous)

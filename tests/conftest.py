@@ -186,3 +186,24 @@ def write_gpu_profile(folder: Path, *, glibc: str = "2.36", gpu: str = "8.9") ->
 def venv(tmp_path: Path) -> Path:
     """A fresh venv that sees this interpreter's torch (no torch copy: made in milliseconds)."""
     return make_venv(tmp_path / "venv", torch=True)
+
+
+# The dispatcher's settings come from these variables; a test sets what it needs.
+DISPATCH_ENV = ("COMFY_ENV_ATTN_BACKEND", "COMFYUI_ATTENTION_MECHANISM",
+                "COMFY_ENV_ATTN_UNVERIFIED", "COMFY_ENV_ATTN_SETTLE_MARGIN")
+FAKE_BACKEND_MODULES = ("sageattention", "rough_attn", "packed_attn")  # the tests' fakes
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The dispatcher as a new process has it (no settings, routes or overrides); the fake
+    backend modules a test imported are forgotten after it."""
+    from comfy_env_attn.runtime import dispatch
+
+    dispatch._reset_for_tests()
+    for var in DISPATCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    yield
+    dispatch._reset_for_tests()
+    for name in FAKE_BACKEND_MODULES:
+        sys.modules.pop(name, None)

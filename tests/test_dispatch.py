@@ -48,9 +48,13 @@ IGNORE_CAUSAL = {ignore_causal}
 IGNORE_SCALE = {ignore_scale}
 GARBAGE_AT = {garbage_at}
 SLEEP = {sleep}
+DROP_MASK_IF_CAUSAL = {drop_mask_if_causal}  # as a kernel that takes one or the other
+OUT_DTYPE = {out_dtype}
 
 def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None{mask_param}):
     CALLS.append((q.shape[-1], q.dtype, is_causal, sm_scale is not None, {mask_value}))
+    if DROP_MASK_IF_CAUSAL and is_causal:
+        attn_mask = None
     if SLEEP:
         import time; time.sleep(SLEEP)
     if q.dtype == torch.float16:
@@ -64,18 +68,21 @@ def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None{mask_p
         scale=None if IGNORE_SCALE else sm_scale{mask_arg}).to(q.dtype)
     if q.shape[-1] in GARBAGE_AT:
         out = out * 0.5
-    return out
+    return out if OUT_DTYPE is None else out.to(OUT_DTYPE)
 '''
 
 
 def fake_sage(folder: Path, *, takes_mask: bool = False, ignore_causal: bool = False,
               ignore_scale: bool = False, garbage_at: tuple[int, ...] = (),
-              sleep: float = 0.0, version: str = "2.2.0") -> Path:
+              sleep: float = 0.0, version: str = "2.2.0", drop_mask_if_causal: bool = False,
+              out_dtype: str | None = None) -> Path:
     """sageattention/__init__.py and its dist-info in `folder` (importable and 'installed'
     once `folder` is on sys.path)."""
     src = FAKE_SAGE.format(
         ignore_causal=ignore_causal, ignore_scale=ignore_scale, garbage_at=garbage_at,
-        sleep=sleep, mask_param=", attn_mask=None" if takes_mask else "",
+        sleep=sleep, drop_mask_if_causal=drop_mask_if_causal,
+        out_dtype=f"torch.{out_dtype}" if out_dtype else None,
+        mask_param=", attn_mask=None" if takes_mask else "",
         mask_value="attn_mask is not None" if takes_mask else "False",
         mask_arg=", attn_mask=attn_mask" if takes_mask else "")
     return installed_sage(folder, src, version)
@@ -124,17 +131,6 @@ def sage_record(ms: float = 1.0, **kw: object) -> BackendRecord:
                          checks=checks(variants=("plain", "causal", "scale", "cross")),
                          bench=bench(ms))
     return replace(base, **kw)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def fresh(monkeypatch):
-    dispatch._reset_for_tests()
-    for var in ("COMFY_ENV_ATTN_BACKEND", "COMFYUI_ATTENTION_MECHANISM",
-                "COMFY_ENV_ATTN_UNVERIFIED", "COMFY_ENV_ATTN_SETTLE_MARGIN"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    dispatch._reset_for_tests()
-    sys.modules.pop("sageattention", None)
 
 
 def qkv(d: int = 64, n: int = 128, dtype=torch.bfloat16, kv: int | None = None,
@@ -503,7 +499,7 @@ def test_close_calls_are_timed_back_to_back_once_and_cached_per_machine(
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
     q, k, v = qkv()
     dispatch.dispatch_attention(q, k, v)
-    key = (q.shape, q.dtype, k.shape, None, False, True, False)
+    key = (q.shape, q.dtype, k.shape, None, False, True, q.device)
     assert dispatch._ROUTES[key][0] == "sdpa"  # timed here: the sleeping sage lost
     import sageattention
 
@@ -678,7 +674,7 @@ def test_sdpa_runs_with_cudnn_first_and_leaves_the_order_as_it_found_it(monkeypa
         def is_cuda(self) -> bool:  # type: ignore[override]
             return True
 
-    monkeypatch.setattr(adapters.F, "scaled_dot_product_attention", fake_sdpa)
+    monkeypatch.setattr(adapters, "_SDPA_OP", fake_sdpa)
     q = torch.zeros(1, 1, 4, 8).as_subclass(OnCuda)
     try:
         set_([1, 2, 0, 3, 4])  # flash first, as ComfyUI's first call can leave it

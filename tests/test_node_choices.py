@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from test_dispatch import fake_sage, sage_record, write_lock
 
 from comfy_env_attn.core.backends import BACKENDS
-from comfy_env_attn.runtime import comfyui, dispatch
+from comfy_env_attn.runtime import comfyui
 from comfy_env_attn.runtime.comfyui import AttentionBackend, choices, parse_choice
 
 
@@ -32,15 +32,10 @@ class Patcher:
 
 
 @pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    for var in ("COMFY_ENV_ATTN_BACKEND", "COMFYUI_ATTENTION_MECHANISM",
-                "COMFY_ENV_ATTN_UNVERIFIED"):
-        monkeypatch.delenv(var, raising=False)
+def fresh(fresh, monkeypatch, tmp_path):  # conftest's, without a lock or an applied node
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "no-lock.toml"))
-    dispatch._reset_for_tests()
     comfyui._applied[0] = None
     yield
-    dispatch._reset_for_tests()
     comfyui._applied[0] = None
 
 

@@ -68,16 +68,6 @@ def approximate_plugin(tmp_path_factory) -> tuple[Path, Path]:
     return folder, lock
 
 
-@pytest.fixture
-def fresh(monkeypatch):
-    dispatch._reset_for_tests()
-    for var in ("COMFY_ENV_ATTN_BACKEND", "COMFYUI_ATTENTION_MECHANISM"):
-        monkeypatch.delenv(var, raising=False)
-    yield
-    dispatch._reset_for_tests()
-    sys.modules.pop("rough_attn", None)
-
-
 def test_a_plugin_from_an_entry_point_is_verified_and_locked(approximate_plugin) -> None:
     _, lock = approximate_plugin
     table = tool_table(lockfile.read(lock))

@@ -16,9 +16,19 @@ MODEL_HEAD_DIMS = (40, 64, 80, 96, 128, 160, 256)
 ALL_DTYPES = frozenset({"float16", "bfloat16", "float32"})
 HALF = frozenset({"float16", "bfloat16"})
 
+# The plugins whose code ships with comfy-env-attn (runtime/<name>.py): the fingerprint's
+# adapters_sha256 covers their code, so a lock trusts them without a distribution of their
+# own. No other backend can claim that.
+SHIPPED_PLUGINS = ("taylor",)
+
 # The call variants verification proves one by one; a call needs "plain" and each variant it
-# uses to have passed at its head dim and dtype.
-VARIANTS = ("plain", "causal", "scale", "cross", "mask_bool", "mask_additive", "gqa", "varlen")
+# uses to have passed at its head dim and dtype. A packed (varlen) call is its own kernel:
+# it needs "varlen" and, for each feature it uses, that feature proven packed ("varlen_causal"
+# ...), not the dense proof of it. A mask together with causal reaches no backend as such:
+# the dispatcher folds the triangle into the mask first (runtime.adapters.merge_causal).
+VARIANTS = ("plain", "causal", "scale", "cross", "mask_bool", "mask_additive", "gqa", "varlen",
+            "varlen_causal", "varlen_scale", "varlen_cross", "varlen_gqa")
+_PACKED = ("causal", "scale", "cross", "gqa")  # the features a varlen call may combine
 
 
 @dataclass(frozen=True)
@@ -38,13 +48,13 @@ class Capabilities:
     cross: bool = True  # key/value length different from the query's
     gqa: bool = True  # fewer key/value heads than query heads
     varlen: bool = False
-    layout: str = "BHND"  # the kernel's native layout: BHND ([B, H, N, D]) or BNHD
 
     def variants(self) -> tuple[str, ...]:
         claims = {"plain": True, "causal": self.causal, "scale": self.scale,
                   "cross": self.cross, "mask_bool": "bool" in self.masks,
                   "mask_additive": "additive" in self.masks, "gqa": self.gqa,
                   "varlen": self.varlen}
+        claims.update({f"varlen_{f}": self.varlen and claims[f] for f in _PACKED})
         return tuple(v for v in VARIANTS if claims[v])
 
 
@@ -64,22 +74,26 @@ class Call:
     device: str = "cuda"
     capability: tuple[int, int] | None = None  # the GPU's, when device is cuda
     varlen: bool = False  # packed sequences ([T, H, D] with cumulative lengths)
+    # varlen: some sequence's key/value length differs from its query length (q_len and
+    # kv_len are the longest ones, which may still be equal)
+    lengths_differ: bool = False
+
+    @property
+    def cross(self) -> bool:
+        """Keys and values of another length than the queries (in some sequence)."""
+        return self.kv_len != self.q_len or self.lengths_differ
 
     def variants(self) -> tuple[str, ...]:
-        """The variants this call uses, "plain" first."""
-        out = ["plain"]
-        if self.causal:
-            out.append("causal")
-        if self.scale:
-            out.append("scale")
-        if self.kv_len != self.q_len:
-            out.append("cross")
+        """The variants this call uses, "plain" (or "varlen") first."""
+        used = {"causal": self.causal, "scale": self.scale, "cross": self.cross,
+                "gqa": self.kv_heads != self.q_heads}
+        if self.varlen:
+            return ("varlen", *(f"varlen_{f}" for f in _PACKED if used[f]))
+        out = ["plain", *(f for f in ("causal", "scale", "cross") if used[f])]
         if self.mask:
             out.append(f"mask_{self.mask}")
-        if self.kv_heads != self.q_heads:
+        if used["gqa"]:
             out.append("gqa")
-        if self.varlen:
-            out.append("varlen")
         return tuple(out)
 
 
@@ -104,7 +118,7 @@ class Backend:
     # accuracy limits against float32 SDPA, for every dtype; None: by kind (thresholds())
     limits: tuple[float, float] | None = None  # (max abs error, min cosine)
     # all its code ships with comfy-env-attn, no outside package: the lock's adapters_sha256
-    # covers it (a shipped plugin such as taylor)
+    # covers it (one of SHIPPED_PLUGINS)
     shipped: bool = False
     # another kernel of the backend named here, from the same distribution: planned,
     # installed and fingerprinted as that backend's package, verified and locked on its own
@@ -129,10 +143,6 @@ class Backend:
         if self.name == "sage3":
             return FP4_LIMITS
         return QUANTIZED_LIMITS if self.quantized else EXACT_LIMITS
-
-    @property
-    def max_head_dim(self) -> int:
-        return max(self.caps.head_dims)
 
     def runs_on_sm(self, cc: tuple[int, int]) -> bool:
         if self.min_sm is None:
@@ -171,13 +181,15 @@ class Backend:
                        f"{self.title} takes no attention mask")
         if call.causal and not c.causal:
             out.append(f"{self.title} has no causal mode")
-        if call.causal and call.kv_len != call.q_len and not c.causal_cross:
-            out.append(f"{self.title} aligns a causal mask bottom-right; with key/value "
-                       f"length {call.kv_len} != query length {call.q_len} that is not "
-                       "SDPA's (top-left) answer")
+        if call.causal and call.cross and not c.causal_cross:
+            lengths = "a sequence's key/value length != its query length" \
+                if call.lengths_differ else \
+                f"key/value length {call.kv_len} != query length {call.q_len}"
+            out.append(f"{self.title} aligns a causal mask bottom-right; with {lengths} "
+                       "that is not SDPA's (top-left) answer")
         if call.scale and not c.scale:
             out.append(f"{self.title} takes no custom scale")
-        if call.kv_len != call.q_len and not c.cross:
+        if call.cross and not c.cross:
             out.append(f"{self.title} needs key/value length = query length")
         if call.varlen and not c.varlen:
             out.append(f"{self.title} takes no packed (varlen) sequences")
@@ -227,13 +239,13 @@ BACKENDS: dict[str, Backend] = {
                 caps=Capabilities(HALF, (64, 128), scale=False, gqa=False), min_cuda=(12, 8)),
         Backend("flash", "flash-attn", "FlashAttention 2", "flash_attn", "flash_attn_func",
                 quantized=False, min_sm=(8, 0),
-                caps=Capabilities(HALF, MODEL_HEAD_DIMS, varlen=True, layout="BNHD")),
+                caps=Capabilities(HALF, MODEL_HEAD_DIMS, varlen=True)),
         Backend("flash3", "flash-attn-3", "FlashAttention 3", "flash_attn_interface",
                 "flash_attn_func", quantized=False, min_sm=(9, 0), max_sm=(9, 0),
-                caps=Capabilities(HALF, MODEL_HEAD_DIMS, layout="BNHD")),
+                caps=Capabilities(HALF, MODEL_HEAD_DIMS)),
         Backend("flash4", "flash-attn-4", "FlashAttention 4", "flash_attn.cute",
                 "flash_attn_func", quantized=False, min_sm=(9, 0), max_sm=(10, 3),
-                caps=Capabilities(HALF, MODEL_HEAD_DIMS, layout="BNHD"),
+                caps=Capabilities(HALF, MODEL_HEAD_DIMS),
                 needs_torch_abi=False),
         # xformers' LowerTriangularMask is top-left aligned, like SDPA; a tensor bias is
         # additive (a bool mask becomes one)
@@ -241,7 +253,7 @@ BACKENDS: dict[str, Backend] = {
                 "memory_efficient_attention", quantized=False, min_sm=(5, 0),
                 caps=Capabilities(ALL_DTYPES, MODEL_HEAD_DIMS,
                                   masks=frozenset({"bool", "additive"}), causal_cross=True,
-                                  gqa=False, varlen=True, layout="BNHD")),
+                                  gqa=False, varlen=True)),
     )
 }
 

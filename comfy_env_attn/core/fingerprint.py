@@ -52,6 +52,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from comfy_env_attn.core.backends import SHIPPED_PLUGINS
+
 _PACKAGE = Path(__file__).resolve().parent.parent
 
 
@@ -300,7 +302,7 @@ def adapters_sha256() -> str:
     h = hashlib.sha256()
     for p in (_PACKAGE / "runtime" / "adapters.py", _PACKAGE / "core" / "backends.py",
               _PACKAGE / "runtime" / "plugins.py",  # the plugin machinery
-              _PACKAGE / "runtime" / "taylor.py"):  # and the shipped plugin
+              *(_PACKAGE / "runtime" / f"{n}.py" for n in SHIPPED_PLUGINS)):
         if p.exists():
             h.update(p.read_bytes())
     return h.hexdigest()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from comfy_env_attn.core.backends import primary
+from comfy_env_attn.core.backends import SHIPPED_PLUGINS, primary
 from comfy_env_attn.core.errors import AttnError
 
 LOCK_NAME = "pylock.comfy-env-attn.toml"
@@ -324,11 +324,13 @@ class ToolTable:
     def verified(self) -> dict[str, BackendRecord]:
         """The verified backends that the fingerprint also covers: a backend verified but
         missing from the fingerprint cannot be checked for changes, so it is not trusted.
-        SDPA is torch's, a shipped plugin's code is covered by adapters_sha256, and a
+        SDPA is torch's, a shipped plugin's code is covered by adapters_sha256 (only the
+        ones that really ship: a plugin of outside code that says so is not trusted), and a
         variant's distribution by its primary's entry (one per distribution)."""
         fp = self.fingerprint.backends
         return {n: b for n, b in self.backends.items()
-                if b.verified and (n == "sdpa" or n in fp or primary(n) in fp or b.shipped)}
+                if b.verified and (n == "sdpa" or n in fp or primary(n) in fp
+                                   or (b.shipped and n in SHIPPED_PLUGINS))}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ToolTable:

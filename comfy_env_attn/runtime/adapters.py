@@ -23,26 +23,35 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from comfy_env_attn.core.backends import BACKENDS, Backend, Call, Capabilities
 from comfy_env_attn.core.fingerprint import adapters_sha256  # noqa: F401 (its home was here)
 
 Tensor = torch.Tensor
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+def dtype_name(t: Tensor) -> str:
+    """"bfloat16" for a torch.bfloat16 tensor: the name the lock's checks use."""
+    return str(t.dtype).removeprefix("torch.")
 
 
 def describe(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, scale: float | None,
              capability: tuple[int, int] | None = None) -> Call:
     """The Call (what the capability rules read) for [B, H, N, D] tensors."""
-    return Call(dtype=DTYPE_NAMES.get(q.dtype, str(q.dtype).replace("torch.", "")),
-                head_dim=q.shape[-1], q_len=q.shape[-2], kv_len=k.shape[-2],
+    return Call(dtype=dtype_name(q), head_dim=q.shape[-1], q_len=q.shape[-2], kv_len=k.shape[-2],
                 q_heads=q.shape[1], kv_heads=k.shape[1],
                 mask=None if mask is None else ("bool" if mask.dtype == torch.bool
                                                 else "additive"),
                 causal=causal, scale=scale is not None, device=q.device.type,
                 capability=capability)
+
+
+def merge_causal(mask: Tensor, q_len: int, kv_len: int) -> Tensor:
+    """A mask with the causal triangle folded in, aligned top-left as SDPA aligns it: what
+    a call with both a mask and causal means here (SDPA itself takes one or the other). The
+    dispatcher folds it before choosing, so that no backend gets the pair, which
+    verification never proves together."""
+    tri = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
+    return mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
 
 
 def _first(out: Any) -> Tensor:
@@ -61,18 +70,21 @@ def _first(out: Any) -> Tensor:
 _GET_ORDER = getattr(torch._C, "_get_sdp_priority_order", None)
 _SET_ORDER = getattr(torch._C, "_set_sdp_priority_order", None)
 _CUDNN = 3  # int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+# PyTorch's own operator, bound once: a node that replaces F.scaled_dot_product_attention
+# (with sageattn, or with dispatch_attention itself) does not change what the fallback runs
+_SDPA_OP = torch._C._nn.scaled_dot_product_attention
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Tensor:
-    """F.scaled_dot_product_attention, on CUDA with cuDNN first in SDPA's priority order."""
+    """PyTorch's SDPA, on CUDA with cuDNN first in its priority order."""
     if not q.is_cuda or _GET_ORDER is None or _SET_ORDER is None:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+        return _SDPA_OP(q, k, v, **kw)
     order = _GET_ORDER()
     if not order or order[0] == _CUDNN:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+        return _SDPA_OP(q, k, v, **kw)
     _SET_ORDER([_CUDNN, *(b for b in order if b != _CUDNN)])
     try:
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+        return _SDPA_OP(q, k, v, **kw)
     finally:
         _SET_ORDER(list(order))
 
@@ -98,14 +110,13 @@ class Adapter:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
                  scale: float | None) -> Tensor:
         if k.shape[1] != q.shape[1]:
+            if q.shape[1] % k.shape[1]:
+                raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} "
+                                 "key/value heads evenly")
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if causal and mask is not None:  # SDPA takes one or the other: merge them
-            tri = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool,
-                             device=q.device).tril()
-            mask = (mask & tri) if mask.dtype == torch.bool else \
-                mask.masked_fill(~tri, float("-inf"))
-            causal = False
+        if causal and mask is not None:  # SDPA takes one or the other
+            mask, causal = merge_causal(mask, q.shape[-2], k.shape[-2]), False
         return sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
     def varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,

@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,20 +44,28 @@ from comfy_env_attn.core.lockmodel import (
 from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.core.settings import settle_margin
 from comfy_env_attn.runtime import plugins
-from comfy_env_attn.runtime.adapters import Adapter, adapter, describe, sdpa
+from comfy_env_attn.runtime.adapters import (
+    Adapter,
+    adapter,
+    describe,
+    dtype_name,
+    merge_causal,
+    sdpa,
+)
 from comfy_env_attn.runtime.link import setup_link
 from comfy_env_attn.runtime.live import live_facts
 from comfy_env_attn.runtime.plugins import load_plugins, register_backend
 
 log = logging.getLogger("comfy_env_attn")
 
-__all__ = ["dispatch_attention", "dispatch_varlen_attention", "get_backend",
+__all__ = ["dispatch_attention", "dispatch_varlen_attention", "get_backend", "passed_over",
            "register_backend", "set_backend", "setup_link"]
 
-# ComfyUI's COMFYUI_ATTENTION_MECHANISM values and our own names. ComfyUI's split, sub-quad
-# and basic are its own memory-saving paths: here the nearest is SDPA.
-_ENV_NAMES = {"auto": "auto", "flash2": "flash", "pytorch": "sdpa", "split": "sdpa",
-              "sub-quad": "sdpa", "sub_quad": "sdpa", "basic": "sdpa", "quad": "sdpa"}
+# Values of COMFYUI_ATTENTION_MECHANISM (set by some cloud templates and launchers; ComfyUI
+# itself reads flags) beyond ALIASES: ComfyUI's split, sub-quad and basic are its own
+# memory-saving paths, and here the nearest is SDPA.
+_ENV_NAMES = {"auto": "auto", "split": "sdpa", "sub-quad": "sdpa", "sub_quad": "sdpa",
+              "basic": "sdpa", "quad": "sdpa"}
 
 
 @dataclass
@@ -74,6 +83,7 @@ class _State:
     adapters: dict[str, Adapter] = field(default_factory=dict)  # loaded
     routes: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
     failed: dict[tuple[str, tuple[Any, ...]], str] = field(default_factory=dict)
+    unloadable: dict[str, str] = field(default_factory=dict)  # import failed: why
     settled: dict[str, list[str]] = field(default_factory=dict)  # from the per-machine cache
     said: set[str] = field(default_factory=set)  # one log line per message
     ready: bool = False
@@ -81,6 +91,9 @@ class _State:
 
 _S = _State()
 _LOCK = threading.Lock()
+# set_backend's count: a route worked out under older settings (a call in flight while the
+# settings changed) is used for that call and never kept
+_GEN = [0]
 _WARNED: set[tuple[str, str]] = set()  # (lock path, message): once per process
 
 
@@ -105,11 +118,11 @@ def _lock_file() -> Path:
 def _load_lock() -> ToolTable | None:
     """The lock's table if it exists, is valid and fresh; None after one warning."""
     path = _lock_file()
-    if not path.exists():
-        _warn_once(str(path), "comfy-env-attn: no lock at %s; using PyTorch SDPA. Run: "
-                   "comfy-env-attn install (or set COMFY_ENV_ATTN_UNVERIFIED=1)", path)
-        return None
     try:
+        if not path.exists():
+            _warn_once(str(path), "comfy-env-attn: no lock at %s; using PyTorch SDPA. Run: "
+                       "comfy-env-attn install (or set COMFY_ENV_ATTN_UNVERIFIED=1)", path)
+            return None
         table = tool_table(read_toml(path))
         stale = stale_reasons(table, live_facts())
     except Exception as e:  # any invalid value: one warning, SDPA, never an exception
@@ -159,7 +172,8 @@ def _write_settled() -> None:
 
 # -- choosing -----------------------------------------------------------------------------
 
-def _env_override() -> str | None:
+def _env_override() -> tuple[str, str] | None:
+    """(the variable, the backend it names), where one is set to a backend."""
     for var in ("COMFY_ENV_ATTN_BACKEND", "COMFYUI_ATTENTION_MECHANISM"):
         v = os.environ.get(var, "").strip().lower()
         if not v:
@@ -169,7 +183,7 @@ def _env_override() -> str | None:
             _warn_once(var, "comfy-env-attn: %s=%r is not a backend (valid: auto, %s); "
                        "ignored", var, v, ", ".join(BACKENDS))
             continue
-        return name
+        return var, name
     return None
 
 
@@ -192,11 +206,16 @@ def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
     if mode != "auto" and mode not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     with _LOCK:
-        mode = _env_override() or mode
+        env = _env_override()
+        if env is not None and env[1] != mode:
+            asked = ", ".join([repr(name), *(f"{k}=True" for k, on in (
+                ("exact", exact), ("safe", safe), ("approximate", approximate)) if on)])
+            _warn_once(env[0], "comfy-env-attn: %s=%s overrides set_backend(%s)",
+                       env[0], env[1], asked)
+            mode = env[1]
         _S.mode, _S.exact, _S.safe = mode, exact, safe and not exact
         _S.approximate = approximate and not (exact or safe)
-        _S.routes, _S.failed, _S.said = {}, {}, set()
-        _ROUTES.clear()
+        _S.failed, _S.unloadable, _S.said = {}, {}, set()
         if allow_unverified is None:
             allow_unverified = os.environ.get("COMFY_ENV_ATTN_UNVERIFIED") == "1"
         table = _load_lock()
@@ -210,7 +229,18 @@ def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
             _S.device = "cuda" if torch.cuda.is_available() else "cpu"
         _S.ready = True
         _S.label = _describe()
+        _GEN[0] += 1  # after the settings: a route begun before is not kept
+        _S.routes = {}
+        _ROUTES.clear()
         return _S.label
+
+
+def settings() -> dict[str, Any]:
+    """The keyword arguments that set_backend would take to choose as it does now."""
+    if not _S.ready:
+        set_backend("auto")
+    return {"name": _S.mode, "exact": _S.exact, "safe": _S.safe,
+            "approximate": _S.approximate, "allow_unverified": _S.unverified}
 
 
 def get_backend() -> str:
@@ -220,7 +250,8 @@ def get_backend() -> str:
 
 
 def _describe() -> str:
-    demoted = sorted({f"{n} ({why})" for (n, _), why in _S.failed.items()})
+    demoted = sorted({f"{n} ({why})" for (n, _), why in _S.failed.items()} |
+                     {f"{n} (cannot be loaded: {why})" for n, why in _S.unloadable.items()})
     tail = f"; demoted after failing: {', '.join(demoted)}" if demoted else ""
     if _S.mode != "auto":
         b = BACKENDS[_S.mode]
@@ -254,11 +285,24 @@ def _describe() -> str:
             f"chosen per input among {', '.join(_S.backends)}{tail}")
 
 
-def _capability(device: str) -> tuple[int, int] | None:
-    if device != "cuda":
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     return (major, minor)
+
+
+def _elsewhere(call: Call) -> str | None:
+    """Why the lock's proofs do not hold on the call's device (another kind, or a GPU of
+    another capability than the one verification ran on)."""
+    if call.device != _S.device:
+        return f"the lock verified on {_S.device}; this call is on {call.device}"
+    fp = _S.table.fingerprint if _S.table is not None else None
+    if fp is not None and call.capability is not None and fp.capability and \
+            "%d.%d" % call.capability != fp.capability:
+        return (f"the lock verified on a GPU of sm {fp.capability}; this call is on one of "
+                f"sm {call.capability[0]}.{call.capability[1]}")
+    return None
 
 
 def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
@@ -270,8 +314,8 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
                  and not (_S.safe and not BACKENDS[n].safe)
                  and (_S.mode in ("auto", n) or n == "sdpa")
                  and (n == "sdpa" or call.device == "cuda")]
-    elif _S.table is None or call.device != _S.device:
-        order = ["sdpa"]
+    elif _S.table is None or _elsewhere(call) or min(call.q_len, call.kv_len) == 0:
+        order = ["sdpa"]  # no proof holds here, or an empty sequence (none proves one)
     elif _S.mode != "auto":
         rec = _S.backends.get(_S.mode)
         why = ["it is not verified on this machine"] if rec is None else \
@@ -288,10 +332,9 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
         settled = _S.settled.get(repr(rkey))
         if settled:
             order = [n for n in settled if n in order] + [n for n in order if n not in settled]
-    out = [n for n in order if (n, rkey) not in _S.failed]
+    out = [n for n in order if (n, rkey) not in _S.failed and n not in _S.unloadable]
     if "sdpa" not in out:
         out.append("sdpa")
-    _S.routes[rkey] = out
     return out
 
 
@@ -300,10 +343,22 @@ def _call_text(call: Call) -> str:
 
 
 def _adapter(name: str) -> Adapter:
+    """The loaded adapter; a backend that fails to load (a package whose import raises, a
+    missing CUDA library) is left out of every route from then on, said once."""
     a = _S.adapters.get(name)
     if a is None:
         a = adapter(name)
-        a.load()
+        try:
+            a.load()
+        except Exception as e:
+            with _LOCK:
+                _S.unloadable[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                _S.routes = {}
+                _ROUTES.clear()
+                _S.label = _describe()
+            _say_once(f"{name} cannot be loaded ({_S.unloadable[name]}); its calls go to "
+                      "the next backend")
+            raise
         _S.adapters[name] = a
     return a
 
@@ -330,9 +385,13 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
                 fns[name](*args)  # warm-up (a JIT backend compiles here)
         except Exception as e:
             fns.pop(name, None)
-            _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
-            _say_once(f"{name} failed while timing it for {_call_text(call)} "
-                      f"({type(e).__name__}: {str(e)[:200]})")
+            if name not in _S.unloadable:
+                _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
+                _say_once(f"{name} failed while timing it for {_call_text(call)} "
+                          f"({type(e).__name__}: {str(e)[:200]})")
+    left = [n for n in route if (n, rkey) not in _S.failed and n not in _S.unloadable]
+    if len(fns) < 2:  # nothing left to time against each other
+        return left if "sdpa" in left else [*left, "sdpa"]
     samples: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
     rounds, calls = (6, 20) if cuda else (3, 3)
@@ -355,46 +414,65 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
                 samples[name].append(time.perf_counter() - t0)
     med = {n: sorted(ts)[len(ts) // 2] for n, ts in samples.items() if ts}
     best = sorted(med, key=lambda n: med[n])
-    order = best + [n for n in route if n not in best and (n, rkey) not in _S.failed]
+    order = best + [n for n in left if n not in best]
     _S.settled[repr(rkey)] = best
     _write_settled()
     return order
 
 
-# (shape, dtype, k shape, mask dtype, causal, no scale, is_cuda) -> (backend, adapter):
+# (shape, dtype, k shape, mask dtype, causal, no scale, device) -> (backend, adapter):
 # the hot path is one tuple, one dict lookup and the adapter call (None: plain SDPA inline).
-_ROUTES: dict[tuple[Any, ...], tuple[str, Adapter | Monitored | None]] = {}
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, bool, float | None],
+                  torch.Tensor]  # an Adapter, a Monitored one, or _other_sdpa
+_ROUTES: dict[tuple[Any, ...], tuple[str, Kernel | None]] = {}
 _plain_sdpa = sdpa  # adapters.sdpa: cuDNN first on CUDA, as ComfyUI runs it
 
 
 def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
     """The hot path's key -> the kind of call the choice is made for."""
-    shape, dtype, kshape, mask_dtype, causal, no_scale, is_cuda = key
+    shape, dtype, kshape, mask_dtype, causal, no_scale, device = key
     return (shape[-1], str(dtype), shape[-2], kshape[-2], shape[1], kshape[1],
             None if mask_dtype is None else str(mask_dtype), causal, not no_scale,
-            "cuda" if is_cuda else "cpu")
+            device.type, device.index)
+
+
+def _other_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
+                scale: float | None) -> torch.Tensor:
+    """SDPA as PyTorch takes it, for inputs that are not [B, H, N, D] (no heads to read)."""
+    return sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
 def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
-           ) -> tuple[str, Adapter | Monitored | None]:
+           ) -> tuple[str, Kernel | None]:
     if not _S.ready:
         set_backend("auto")
+    gen = _GEN[0]
     q, k, _v, mask, causal, scale = args
-    call = describe(q, k, mask, causal, scale, _capability(q.device.type))
+    if q.ndim != 4 or k.ndim != 4:
+        return "sdpa", _other_sdpa  # never kept: such calls are rare and need no choice
+    call = describe(q, k, mask, causal, scale, _capability(q.device))
     rkey = _route_key(key)
     route = _S.routes.get(rkey) or _route(call, rkey)
     if settle and _S.mode == "auto" and _S.table is not None and repr(rkey) not in _S.settled:
         route = _settle(route, call, rkey, args)
-        _S.routes[rkey] = route
-    name = route[0]
     plain = mask is None and not causal and scale is None and k.shape[1] == q.shape[1]
-    kernel: Adapter | Monitored | None = None
-    if name != "sdpa" or not plain:
-        base = _adapter(name)
+    while True:
+        name = route[0]
+        kernel: Kernel | None = None
+        if name == "sdpa" and plain:
+            break
+        try:
+            base = _adapter(name)
+        except Exception:  # said once and left out of every route (_adapter)
+            route = [n for n in route if n != name]
+            continue
         kernel = Monitored(name, base, rkey) if _monitored(name) else base
-    if len(_ROUTES) > 4096:
-        _ROUTES.clear()
-    _ROUTES[key] = (name, kernel)
+        break
+    if gen == _GEN[0]:
+        _S.routes[rkey] = route
+        if len(_ROUTES) > 4096:
+            _ROUTES.clear()
+        _ROUTES[key] = (name, kernel)
     return name, kernel
 
 
@@ -403,9 +481,17 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float | None = None) -> torch.Tensor:
     """Attention over [B, H, N, D] tensors (k and v may have fewer heads, or another
     length) by the fastest backend proven for this kind of call. A mask is bool (True
-    attends) or additive, broadcastable to [B, H, N, M]; it is never dropped."""
+    attends) or additive, broadcastable to [B, H, N, M]; it is never dropped, and with
+    is_causal the triangle (aligned top-left, as SDPA aligns it) is folded into it. The
+    output has q's dtype. Where gradients are wanted, PyTorch SDPA serves: verification
+    proves no backend's backward pass."""
+    if is_causal and attn_mask is not None:
+        attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        return (_SDPA if q.ndim == k.ndim == 4 else _other_sdpa)(q, k, v, attn_mask,
+                                                                is_causal, scale)
     key = (q.shape, q.dtype, k.shape, None if attn_mask is None else attn_mask.dtype,
-           is_causal, scale is None, q.is_cuda)  # is_cuda: a third of device.type's cost
+           is_causal, scale is None, q.device)
     try:
         name, kernel = _ROUTES[key]
     except KeyError:
@@ -413,9 +499,10 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kernel is None:
         return _plain_sdpa(q, k, v)
     try:
-        return kernel(q, k, v, attn_mask, is_causal, scale)
+        out = kernel(q, k, v, attn_mask, is_causal, scale)
     except Exception as e:
         return _after_failure(name, key, e, (q, k, v, attn_mask, is_causal, scale))
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _after_failure(name: str, key: tuple[Any, ...], err: Exception,
@@ -499,10 +586,8 @@ class Monitored:
         n = q.shape[-2]
         rows = torch.linspace(0, n - 1, min(MONITOR_ROWS, n), device=q.device).long()
         m = None if mask is None else mask.expand(*q.shape[:-2], n, k.shape[-2])[..., rows, :]
-        if causal:  # the sampled rows' part of the causal triangle
-            tri = torch.arange(k.shape[-2], device=q.device)[None, :] <= rows[:, None]
-            m = tri if m is None else (m & tri if m.dtype == torch.bool
-                                       else m.masked_fill(~tri, float("-inf")))
+        if causal:  # the sampled rows' part of the triangle (no mask comes with causal)
+            m = torch.arange(k.shape[-2], device=q.device)[None, :] <= rows[:, None]
         exact = _SDPA(q[..., rows, :].float(), k.float(), v.float(),
                       None if m is None else (m if m.dtype == torch.bool else m.float()),
                       False, scale)
@@ -528,7 +613,8 @@ class Monitored:
 
 # -- varlen -------------------------------------------------------------------------------
 
-def _check_cu(cu: torch.Tensor, total: int, max_len: int, what: str) -> None:
+def _check_cu(cu: torch.Tensor, total: int, max_len: int, what: str) -> list[int]:
+    """The sequences' lengths (read on the host once), or ValueError saying what is wrong."""
     if cu.dtype not in (torch.int32, torch.int64) or cu.ndim != 1 or cu.numel() < 2:
         raise ValueError(f"{what} must be a 1-D int32/int64 tensor of at least 2 offsets, "
                          f"got {cu.dtype} of shape {tuple(cu.shape)}")
@@ -541,6 +627,7 @@ def _check_cu(cu: torch.Tensor, total: int, max_len: int, what: str) -> None:
     if max(lens) > max_len:
         raise ValueError(f"max_seqlen for {what} is {max_len}, but a sequence is "
                          f"{max(lens)} long")
+    return lens
 
 
 def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -548,49 +635,88 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               max_seqlen_q: int, max_seqlen_kv: int, *,
                               is_causal: bool = False, scale: float | None = None
                               ) -> torch.Tensor:
-    """Attention over packed sequences, [T, H, D] with cumulative lengths; same dtype out."""
-    _check_cu(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
-    _check_cu(cu_seqlens_kv, k.shape[0], max_seqlen_kv, "cu_seqlens_kv")
-    if cu_seqlens_q.numel() != cu_seqlens_kv.numel():
+    """Attention over packed sequences, [T, H, D] with cumulative lengths; same dtype out.
+    A backend serves it only where verification proved its packed kernel with each feature
+    the call uses (causal, scale, other key lengths, fewer key/value heads)."""
+    lens_q = _check_cu(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+    lens_k = _check_cu(cu_seqlens_kv, k.shape[0], max_seqlen_kv, "cu_seqlens_kv")
+    if len(lens_q) != len(lens_k):
         raise ValueError("cu_seqlens_q and cu_seqlens_kv must describe as many sequences")
     if not _S.ready:
         set_backend("auto")
-    call = Call(dtype=str(q.dtype).replace("torch.", ""), head_dim=q.shape[-1],
-                q_len=max_seqlen_q, kv_len=max_seqlen_kv, q_heads=q.shape[1],
-                kv_heads=k.shape[1], causal=is_causal, scale=scale is not None,
-                device=q.device.type, capability=_capability(q.device.type), varlen=True)
-    rkey = ("varlen", q.shape[-1], q.dtype, max_seqlen_q, max_seqlen_kv, is_causal,
-            scale is not None, q.device.type)
+    gen = _GEN[0]
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
+            scale)
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        return _SDPA.varlen(*args)
+    call = Call(dtype=dtype_name(q), head_dim=q.shape[-1], q_len=max_seqlen_q,
+                kv_len=max_seqlen_kv, q_heads=q.shape[1], kv_heads=k.shape[1],
+                causal=is_causal, scale=scale is not None, device=q.device.type,
+                capability=_capability(q.device), varlen=True,
+                lengths_differ=lens_q != lens_k)
+    rkey = ("varlen", q.shape[-1], q.dtype, max_seqlen_q, max_seqlen_kv, q.shape[1],
+            k.shape[1], lens_q != lens_k, is_causal, scale is not None, q.device)
     route = _S.routes.get(rkey) or _route(call, rkey)
+    if gen == _GEN[0]:
+        _S.routes[rkey] = route
     for name in route:
         if name == "sdpa":
             break
         try:
-            out = _adapter(name).varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q,
-                                        max_seqlen_kv, is_causal, scale)
-            return out.to(q.dtype)
+            out = _adapter(name).varlen(*args)
+            return out if out.dtype == q.dtype else out.to(q.dtype)
         except Exception as e:
             with _LOCK:
-                _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
+                if name not in _S.unloadable:  # that one was said by _adapter
+                    _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
+                    log.warning("comfy-env-attn: %s varlen failed (%s: %s); trying the next "
+                                "backend", name, type(e).__name__, str(e)[:200])
                 _S.routes.pop(rkey, None)
                 _S.label = _describe()
-            log.warning("comfy-env-attn: %s varlen failed (%s: %s); trying the next backend",
-                        name, type(e).__name__, str(e)[:200])
-    return _SDPA.varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv,
-                        is_causal, scale)
+    return _SDPA.varlen(*args)
 
 
 def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False, scale: float | None = None
                 ) -> tuple[list[str], list[tuple[str, tuple[str, ...]]]]:
-    """(the order auto would use for such a call, each verified backend passed over with
-    every reason): what the dispatcher decides, explained."""
+    """(the backends dispatch_attention tries for such a call, best first, ending with
+    SDPA; every other backend the lock verified, or set_backend named, with each reason it
+    is left out): what the dispatcher decides, explained, as it stands now (a backend that
+    failed here, or cannot be loaded, included)."""
     if not _S.ready:
         set_backend("auto")
-    call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device.type))
-    c = choose.choose(_S.backends, call, exact=_S.exact, safe=_S.safe,
-                           approximate=_S.approximate)
-    return c.names, list(c.passed_over)
+    if is_causal and attn_mask is not None:
+        attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
+    call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device))
+    rkey = _route_key((q.shape, q.dtype, k.shape,
+                       None if attn_mask is None else attn_mask.dtype, is_causal,
+                       scale is None, q.device))
+    order = _S.routes.get(rkey) or _route(call, rkey)
+    names = [n for n in _S.backends if n in BACKENDS]
+    if _S.mode not in ("auto", *names):
+        names.append(_S.mode)
+    out = []
+    for name in names:
+        if name in order or name == "sdpa":
+            continue
+        rec = _S.backends.get(name)
+        why = []
+        if name in _S.unloadable:
+            why.append(f"cannot be loaded ({_S.unloadable[name]})")
+        if (name, rkey) in _S.failed:
+            why.append(f"failed on such a call here ({_S.failed[(name, rkey)]})")
+        if _S.mode not in ("auto", name):
+            why.append(f"set_backend({_S.mode!r}) chose another backend")
+        if rec is None:
+            why.append("it is not verified on this machine" if _S.table is not None
+                       else "no fresh lock")
+        else:
+            elsewhere = _elsewhere(call)
+            why += [elsewhere] if elsewhere else []
+            why += choose.reasons(name, rec, call, exact=_S.exact, safe=_S.safe,
+                                  approximate=_S.approximate or _S.mode == name)
+        out.append((name, tuple(why) or ("ranked after the others",)))
+    return order, out
 
 
 def _reset_for_tests() -> None:

@@ -50,15 +50,27 @@ def register_backend(name: str, fn: Kernel, *, capabilities: Capabilities | None
                      approximate: bool = False, quantized: bool = False,
                      title: str | None = None, dist: str = "",
                      varlen: Kernel | None = None,
-                     max_abs: float | None = None, min_cosine: float | None = None,
-                     shipped: bool = False) -> None:
+                     max_abs: float | None = None, min_cosine: float | None = None) -> None:
     """Register `fn(q, k, v, mask, causal, scale) -> out` ([B, H, N, D]) as backend `name`.
 
     `capabilities` says what it takes (default: every dtype and model head dim, no mask,
     causal, custom scale, cross-attention, no GQA); `dist` is the distribution that ships it
-    (its version and files go into the lock's fingerprint); `max_abs`/`min_cosine` are its
-    accuracy limits against float32 SDPA (default: the exact or quantized ones; required
-    for an approximate backend). Registering a name again replaces it."""
+    (its version and files go into the lock's fingerprint); `varlen(q, k, v, cu_q, cu_k,
+    max_q, max_k, causal, scale)` its kernel for packed sequences ([T, H, D]), with
+    `capabilities.varlen`; `max_abs`/`min_cosine` are its accuracy limits against float32
+    SDPA (default: the exact or quantized ones; required for an approximate backend).
+    Registering a name again replaces it."""
+    _register(name, fn, capabilities=capabilities, approximate=approximate,
+              quantized=quantized, title=title, dist=dist, varlen=varlen, max_abs=max_abs,
+              min_cosine=min_cosine, shipped=False)
+
+
+def _register(name: str, fn: Kernel, *, capabilities: Capabilities | None,
+              approximate: bool, quantized: bool, title: str | None, dist: str,
+              varlen: Kernel | None, max_abs: float | None, min_cosine: float | None,
+              shipped: bool) -> None:
+    """register_backend, and for the plugins in SHIPPED_PLUGINS `shipped`: their code is
+    this package's, which the lock's adapters_sha256 covers."""
     if approximate and (max_abs is None or min_cosine is None):
         raise ValueError(f"approximate backend {name!r} needs its accuracy limits "
                          "(max_abs=..., min_cosine=...)")
@@ -131,7 +143,7 @@ def _register_shipped() -> None:
         return
     fn = getattr(taylor, "taylor_attention", None)
     if fn is not None:
-        register_backend("taylor", fn, approximate=True, title="Taylor attention (approximate)",
-                         capabilities=Capabilities(ALL_DTYPES, MODEL_HEAD_DIMS, causal=False,
-                                                   gqa=False),
-                         max_abs=0.1, min_cosine=0.99, shipped=True)
+        _register("taylor", fn, approximate=True, title="Taylor attention (approximate)",
+                  capabilities=Capabilities(ALL_DTYPES, MODEL_HEAD_DIMS, causal=False,
+                                            gqa=False), quantized=False, dist="",
+                  varlen=None, max_abs=0.1, min_cosine=0.99, shipped=True)

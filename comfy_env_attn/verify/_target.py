@@ -80,27 +80,35 @@ def inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
             "scale": 0.5 / math.sqrt(dim) if variant == "scale" else None}
 
 
-def _varlen_inputs(dim: int, device: str, seed: int) -> dict[str, Any]:
-    """Three packed sequences of different lengths, [T, H, D]."""
+def _varlen_inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
+    """Three packed sequences of different lengths, [T, H, D], for one varlen variant:
+    `varlen_cross` gives each sequence keys of another length than its queries (the
+    longest equal, as a call's maxima may be), `varlen_gqa` fewer key/value heads."""
     import itertools
 
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     lens = [100, 256, 37] if device.startswith("cuda") else [40, 96, 17]
-    total = sum(lens)
-    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
-    q, k, v = (torch.randn(total, 4, dim, generator=g) for _ in range(3))
-    return {"q": q, "k": k, "v": v, "cu": cu, "max": max(lens)}
+    lens_k = [lens[0] + 16, lens[1], max(1, lens[2] - 8)] if variant == "varlen_cross" \
+        else lens
+    h, hk = (8, 2) if variant == "varlen_gqa" else (4, 4)
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32)
+                  for x in (lens, lens_k))
+    q = torch.randn(sum(lens), h, dim, generator=g)
+    k, v = (torch.randn(sum(lens_k), hk, dim, generator=g) for _ in range(2))
+    return {"q": q, "k": k, "v": v, "cu_q": cu_q, "cu_k": cu_k, "max_q": max(lens),
+            "max_k": max(lens_k), "causal": variant == "varlen_causal",
+            "scale": 0.5 / math.sqrt(dim) if variant == "varlen_scale" else None}
 
 
 def _call(fn: Any, variant: str, x: dict[str, Any], device: str, dtype: Any) -> Any:
     import torch
 
-    if variant == "varlen":
-        cu = x["cu"].to(device)
+    if variant.startswith("varlen"):
         return fn.varlen(x["q"].to(device, dtype), x["k"].to(device, dtype),
-                         x["v"].to(device, dtype), cu, cu, x["max"], x["max"], False, None)
+                         x["v"].to(device, dtype), x["cu_q"].to(device), x["cu_k"].to(device),
+                         x["max_q"], x["max_k"], x["causal"], x["scale"])
     mask = x["mask"]
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)
@@ -114,8 +122,8 @@ def check(adapter: Any, ref: Any, variant: str, dim: int, dtype_name: str, devic
     import torch.nn.functional as F
 
     dtype = getattr(torch, dtype_name)
-    x = _varlen_inputs(dim, device, 1234 + dim) if variant == "varlen" else \
-        inputs(variant, dim, device, 1234 + dim)
+    x = _varlen_inputs(variant, dim, device, 1234 + dim) if variant.startswith("varlen") \
+        else inputs(variant, dim, device, 1234 + dim)
     res: dict[str, Any] = {"variant": variant, "head_dim": dim, "dtype": dtype_name}
     expected = _call(ref, variant, x, device, torch.float32).float()
     try:
@@ -124,9 +132,12 @@ def check(adapter: Any, ref: Any, variant: str, dim: int, dtype_name: str, devic
     except Exception as e:
         res.update(passed=False, error=_err(e))
         return res
-    if tuple(out.shape) != tuple(expected.shape):
-        res.update(passed=False, error="output shape %s, expected %s"
-                   % (tuple(out.shape), tuple(expected.shape)))
+    if tuple(out.shape) != tuple(expected.shape) or out.dtype != dtype:
+        # the dispatcher hands the output on as the model's next layer takes it: another
+        # dtype (a float32 answer to bfloat16 queries) breaks that layer
+        res.update(passed=False, error="output %s %s, expected %s %s"
+                   % (tuple(out.shape), str(out.dtype).replace("torch.", ""),
+                      tuple(expected.shape), dtype_name))
         return res
     out32 = out.float()
     finite = bool(torch.isfinite(out32).all())
