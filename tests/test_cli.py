@@ -244,7 +244,8 @@ def test_comfy_cli_without_configuration_fails(tmp_path: Path) -> None:
 def test_system_python_is_refused_without_yes(h100: Path) -> None:
     """install refuses a system interpreter without --yes. The interpreter under the runner
     (sys.base_prefix) is one whether or not the runner is a venv. --dry-run: nothing would be
-    installed into it even if the refusal broke."""
+    installed into it even if the refusal broke; it shows the plan and says that the
+    install would stop (so does the profile, which describes another machine: --force)."""
     base = getattr(sys, "_base_executable", None) or sys.executable
     if (Path(sys.base_prefix) / "conda-meta").is_dir():
         pytest.skip(f"the base interpreter {base} is a conda env, which install may change")
@@ -253,9 +254,15 @@ def test_system_python_is_refused_without_yes(h100: Path) -> None:
     r = cli(*args)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{base} is not a virtual environment" in r.stderr and "--yes" in r.stderr
-    r = cli(*args, "--yes")
+    assert "install would refuse: " in r.stderr and "would install sage" in r.stdout
+    r = cli(*args, "--yes", "--force")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "would install sage" in r.stdout
+    assert "would install sage" in r.stdout and "would refuse" not in r.stderr
+    lock = Path(sys.base_prefix) / "pylock.comfy-env-attn.toml"
+    had = lock.exists()
+    r = cli("verify", "--python", base)  # it would write the lock into that prefix
+    assert r.returncode == 1 and f"{base} is not a virtual environment" in r.stderr
+    assert lock.exists() == had
 
 
 def test_bad_usage_exit_2() -> None:

@@ -80,7 +80,9 @@ def test_install_honours_a_comfy_env_pin_and_refuses_one_nothing_fits(
     # an environment whose stated Python is not the target's: comfy-env builds that one
     cfg.write_text('[other]\npython = "3.9"\n[other.cuda]\nsageattention = "*"\n')
     r = cli(*base, "--config", str(cfg), "--dry-run")
-    assert r.returncode == 0, r.stderr  # a dry run only warns
+    # a dry run shows the plan, and says the install would stop there
+    assert r.returncode == 1 and "would install sage" in r.stdout, r.stdout + r.stderr
+    assert "warning: install would refuse: " in r.stderr and "--force" in r.stderr
     r = cli(*base, "--config", str(cfg))
     assert r.returncode == 1
     assert f"it says Python 3.9, the target runs {sys.version.split()[0]}" in r.stderr
@@ -176,6 +178,17 @@ def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: P
     check(doc, "outcome")
     assert doc["command"] == "verify" and doc["lock"] == str(venv / "pylock.comfy-env-attn.toml")
     assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sdpa", "builtin")]
+    # only SDPA passes: bench has nothing to time against it, and says so
+    r = cli("bench", "--python", str(venv_python(venv)), *SHAPES)
+    assert r.returncode == 0 and "nothing to compare" in r.stdout and "only sdpa" in r.stdout
+    r = cli("bench", "--python", str(venv_python(venv)), *SHAPES, "--json")
+    doc = json.loads(r.stdout)
+    check(doc, "bench")
+    assert doc["shapes"] == [] and "nothing to compare" in doc["note"]
+    for command in ("probe", "doctor", "lock"):  # every --json document has its schema
+        r = cli(command, "--python", str(venv_python(venv)), "--json")
+        assert r.returncode in (0, 1), r.stdout + r.stderr  # doctor: 1 when unhealthy
+        check(json.loads(r.stdout), command)
 
 
 def read_lock(path: Path) -> dict:

@@ -173,6 +173,8 @@ def _verify(sub: Any, name: str) -> None:
     p.add_argument("--include", metavar="LIST",
                    help="also prove and lock these, which verification leaves out unless "
                         "asked: the approximate taylor plugin (later verify runs keep them)")
+    p.add_argument("--yes", action="store_true",
+                   help="allow writing the lock into a Python that is not a venv")
     _verify_opts(p)
     p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
     _common(p)

@@ -62,7 +62,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         sys.stdout.write(tomli_w.dumps(doc))
         return 0
     if args.json:
-        dump_json({"system": system.to_dict(), "absent": system.absent,
+        dump_json({"schema": 1, "command": "probe", "system": system.to_dict(),
+                   "absent": system.absent,
                    "executable": target.executable, "prefix": str(target.prefix),
                    "is_venv": target.is_venv, "environment": target.kind,
                    "cached": target.cached})
@@ -248,7 +249,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     findings = list(diag.findings) + extra
     diag = Diagnosis(system, tuple(findings))
     if args.json:
-        dump_json({"healthy": diag.healthy, "python": target.executable,
+        dump_json({"schema": 1, "command": "doctor", "healthy": diag.healthy,
+                   "python": target.executable,
                    "system": system.to_dict(), "absent": system.absent,
                    "findings": [f.to_json() for f in diag.findings]})
     else:
@@ -300,18 +302,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Prove what is installed (each backend's variants too) and rewrite the lock; plus the
     backends --include names, and those a previous --include put in the lock
     (installer.locked_plugins)."""
-    from comfy_env_attn.cli.install import install_json, print_summary, verify_options
+    from comfy_env_attn.cli.install import (
+        install_json,
+        print_summary,
+        refuse_shared,
+        verify_options,
+    )
     from comfy_env_attn.core.progress import log
     from comfy_env_attn.install.installer import recover, reverify
     from comfy_env_attn.install.journal import target_lock
 
     asked = included(getattr(args, "include", None))
+    opts = replace(verify_options(args), include=tuple(asked))
     exe, _ = locate(args)
     target = probe_interpreter(exe)
+    refuse_shared(exe, target, args)  # it rewrites the lock in the target's prefix
     with target_lock(target.prefix, log):
         recover(target)
         target = probe_interpreter(exe)
-        out, ok = reverify(target, replace(verify_options(args), include=tuple(asked)))
+        out, ok = reverify(target, opts)
     for name in asked:  # named now: its failure is the command's (a locked one's is not)
         row = out.row(name)
         ok = ok and row.result is not None and row.result.passed

@@ -41,11 +41,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     exe, _how = locate(args)
     target = probe_interpreter(exe)
     base = load_profile(args.system) if args.system else system_from(target, probe_gpus())
-    if not target.is_dedicated and not args.yes:
-        raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
-                           f"Python (it is the system interpreter at {target.prefix}): "
-                           "refusing to change it; pass --yes to install there anyway")
+    if not args.dry_run:
+        refuse_shared(exe, target, args)
     out = Outcome()
+    refusals = [] if shared_ok(target, args) else [shared_refusal(exe, target)]
     plan = None
     if args.from_lock:
         doc = lockfile.read(Path(args.from_lock))
@@ -73,7 +72,8 @@ def cmd_install(args: argparse.Namespace) -> int:
                              f"packages ({', '.join(r.env.name for r in reqs if r.env)}); "
                              "they are different interpreters: pick one with --env NAME")
         req = reqs[0]
-        described = _check_described(args, exe, target, req)
+        described, refused = _check_described(args, exe, target, req)
+        refusals += refused
         plan = planning.make_plan(req, planning.sources_from(args))
         if args.build:
             from comfy_env_attn.cli.build import build_missing
@@ -100,6 +100,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         for w in [*described, *plan.warnings]:
             log(f"warning: {w}")
     chosen.sort(key=lambda t: t[0] == "flash4")  # flash-attn before flash-attn-4
+    if refusals and not args.dry_run:
+        raise InstallError(refusals[0])
+    for why in refusals:  # a dry run shows the plan, and that the install would stop here
+        log(f"warning: install would refuse: {why}")
+        out.ok = False
     if args.dry_run:
         from comfy_env_attn.cli.commands import print_plan
 
@@ -108,14 +113,14 @@ def cmd_install(args: argparse.Namespace) -> int:
                 row = out.row(b)
                 row.action, row.wheel, row.candidate = "would-install", alts[0].filename, alts[0]
             dump_json(install_json(out, exe, plan=plan, dry_run=True))
-            return 0
+            return 0 if out.ok else 1
         if plan is not None:
             print_plan(plan)
         for b, alts in chosen:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
                   + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
                      if len(alts) > 1 else ""))
-        return 0
+        return 0 if out.ok else 1
     with target_lock(target.prefix, log):
         recover(target)
         target = probe_interpreter(exe)
@@ -127,27 +132,48 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0 if out.ok else 1
 
 
+def shared_ok(target: Target, args: argparse.Namespace) -> bool:
+    """Whether this target may be changed: an environment of its own (a venv, a conda env,
+    an embeddable Python) or one the user said yes to."""
+    return target.is_dedicated or bool(getattr(args, "yes", False))
+
+
+def shared_refusal(exe: str, target: Target) -> str:
+    return (f"{exe} is not a virtual environment, conda env or embeddable Python (it is the "
+            f"system interpreter at {target.prefix}): refusing to change it; pass --yes to "
+            "change it anyway")
+
+
+def refuse_shared(exe: str, target: Target, args: argparse.Namespace) -> None:
+    """The one rule for install, uninstall and verify (which writes the lock): a shared
+    interpreter is changed only with --yes."""
+    if not shared_ok(target, args):
+        raise InstallError(shared_refusal(exe, target))
+
+
 def _check_described(args: argparse.Namespace, exe: str, target: Target,
-                     req: planning.Request) -> list[str]:
+                     req: planning.Request) -> tuple[list[str], list[str]]:
     """A System profile, or an environment of the config with explicit versions, describes
     the machine the wheels are chosen for: where it contradicts the target interpreter,
-    refuse (unless --force or --dry-run); torch's CUDA alone is a warning. Returns the
-    warnings."""
+    the install is refused (unless --force); torch's CUDA alone is a warning. Returns (the
+    warnings, the refusal)."""
     env = req.env if req.env is not None and req.env.explicit else None
     if not args.system and env is None:
-        return []
+        return [], []
     real = system_from(target, GpuFacts())
     found = disagreements(req.system, real)
     what = " and ".join(x for x in (f"the profile {args.system}" if args.system else "",
                                     f"environment {env.describe()} of {args.config}"
                                     if env else "") if x)
-    if found and not (args.force or args.dry_run):
+    refused = []
+    if found and not args.force:
         hint = (" (comfy-env builds that environment itself: pass --python with its "
                 "interpreter)" if env else "")
-        raise InstallError(f"{what} does not describe {exe}: it says {'; '.join(found)}. "
-                           f"Wheels chosen for it may not work there{hint}: pass --force "
-                           "to install them anyway")
-    return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)]
+        refused.append(f"{what} does not describe {exe}: it says {'; '.join(found)}. Wheels "
+                       f"chosen for it may not work there{hint}: pass --force to install "
+                       "them anyway")
+    return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)], \
+        refused
 
 
 def install_options(args: argparse.Namespace) -> InstallOptions:
@@ -217,10 +243,7 @@ def install_json(out: Outcome, python: str, *, command: str = "install",
 def cmd_uninstall(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
     target = probe_interpreter(exe)
-    if not target.is_dedicated and not args.yes:
-        raise InstallError(f"{exe} is not a virtual environment, conda env or embeddable "
-                           f"Python (it is the system interpreter at {target.prefix}): "
-                           "refusing to change it; pass --yes to change it anyway")
+    refuse_shared(exe, target, args)
     out = Outcome()
     with target_lock(target.prefix, log):
         recover(target)

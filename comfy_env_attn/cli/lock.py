@@ -30,7 +30,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
     tool = tool_table(doc)
     stale = lockfile.stale(doc, target.executable)
     if args.json:
-        dump_json({"path": str(path), "fresh": not stale, "stale": stale,
+        dump_json({"schema": 1, "command": "lock", "path": str(path), "fresh": not stale,
+                   "stale": stale,
                    "auto": list(tool.auto),
                    "backends": {n: b.to_dict() for n, b in tool.backends.items()}})
     else:
@@ -62,8 +63,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
     results = verify(target.executable, names, verify_options(args), progress=log)
     base = {_label(b): b for b in results["sdpa"].bench if "tflops" in b}
+    note = None if base else nothing_to_compare(results)
     if getattr(args, "json", False):
-        dump_json(bench_json(target.executable, results, base))
+        dump_json({**bench_json(target.executable, results, base),
+                   **({"note": note} if note else {})})
+        return 0
+    if note:
+        print(note)
         return 0
     from rich.table import Table
 
@@ -83,6 +89,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         t.add_row(key, *cells)
     console().print(t)
     return 0
+
+
+def nothing_to_compare(results: dict[str, Result]) -> str:
+    """Why bench has no table: it times the backends that pass verification against each
+    other, and fewer than two did."""
+    passed = [n for n, r in results.items() if r.passed]
+    failed = [f"{n} ({r.error or 'failed'})" for n, r in results.items() if not r.passed]
+    return ("nothing to compare: bench times the backends that pass verification against "
+            f"each other, and only {', '.join(passed) or 'none'} passed here"
+            + (f"; failed: {'; '.join(failed)}" if failed else
+               "; install a backend first (comfy-env-attn plan shows which fit)"))
 
 
 def bench_json(python: str, results: dict[str, Result], base: dict[str, dict[str, Any]]
