@@ -164,6 +164,9 @@ def test_packed_calls_reach_a_backend_only_as_verification_proved_them(
     assert "varlen_gqa" not in {c.variant for c in table.backends["packed"].checks}
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    # by name: it is SDPA's speed on a CPU, which auto may rank either side of SDPA; a name
+    # goes through the same proof check
+    dispatch.set_backend("packed")
     import packed_attn
 
     g = torch.Generator().manual_seed(5)
