@@ -615,10 +615,8 @@ def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected],
     if pin is not None and pin.specifier:
         if not rejected:
             return f"no {backend.dist} wheel in the sources searched satisfies {pin.written}"
-        kinds = Counter(x.kind for r in rejected for x in r.reasons)
-        top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(4))
         return (f"no {backend.dist} wheel satisfies {pin.written} for {where}: "
-                f"{len(rejected)} candidates rejected (reasons: {top})")
+                f"{len(rejected)} candidates rejected (reasons: {rule_counts(rejected, 4)})")
     if not rejected:
         return f"no {backend.dist} wheel in the sources searched (for {where})"
     if backend.min_sm is not None and not system.gpus:
@@ -627,10 +625,15 @@ def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected],
     gpu_only = [r for r in rejected if all(x.kind == "gpu" for x in r.reasons)]
     if gpu_only and len(gpu_only) == len(rejected):
         return gpu_only[0].reasons[0].text
-    kinds = Counter(x.kind for r in rejected for x in r.reasons)
-    top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(4))
     return (f"no {backend.dist} wheel for {where}: {len(rejected)} candidates rejected "
-            f"(reasons: {top})")
+            f"(reasons: {rule_counts(rejected, 4)})")
+
+
+def rule_counts(rejected: Iterable[Rejected], top: int) -> str:
+    """"torch 67, cuda 40": how many wheels each kind of rule passed over (a wheel that
+    fails two rules of one kind counts once there), the `top` most common kinds."""
+    kinds = Counter(k for r in rejected for k in {x.kind for x in r.reasons})
+    return ", ".join(f"{k} {n}" for k, n in kinds.most_common(top))
 
 
 def installed_reasons(dist_name: str, version: str, tags: Iterable[Tag],

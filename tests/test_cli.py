@@ -268,6 +268,10 @@ def test_system_python_is_refused_without_yes(h100: Path) -> None:
 def test_bad_usage_exit_2() -> None:
     assert cli("plan", "--frobnicate").returncode == 2
     assert cli().returncode == 2
+    r = cli("plan", "--python", sys.executable, "--comfyui", ".")  # one target, not two
+    assert r.returncode == 2 and "not allowed with argument --python" in r.stderr
+    r = cli("install", "--from-lock", "nope.toml")
+    assert r.returncode == 2 and "--from-lock nope.toml: no such file" in r.stderr
 
 
 def _fake_dist(site: Path, name: str, version: str, tag: str, requires: list[str]) -> None:

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path, PureWindowsPath
 
 import pytest
-from conftest import cli, make_venv, venv_python
+from conftest import cli, make_venv, venv_python, venv_site
 from packaging.requirements import Requirement
 
 from comfy_env_attn import __version__
@@ -222,8 +222,16 @@ def test_without_the_package_anywhere_one_line_says_how_to_install(
     placed = Path(node_file(comfy))
     placed.parent.mkdir()
     placed.write_text(loader_text(__version__))
-    for folder in (lone, placed.parent):
-        got, err = load_like_comfyui(bare_venv, folder, tmp_path)
+    # an empty folder a `pip uninstall` of an editable install leaves: no install either
+    leftover = venv_site(bare_venv.parent.parent) / "comfy_env_attn"
+    for folder, empty in ((lone, False), (placed.parent, False), (placed.parent, True)):
+        if empty:
+            leftover.mkdir()
+        try:
+            got, err = load_like_comfyui(bare_venv, folder, tmp_path)
+        finally:
+            if empty:
+                leftover.rmdir()
         assert got["nodes"] == [] and got["names"] == {}
         lines = err.strip().splitlines()
         assert len(lines) == 1, err

@@ -306,3 +306,16 @@ def test_build_facts_of_the_same_file_are_merged_across_sources() -> None:
     other = cand(f, cuda="12.8", sha256="cd" * 32)
     mine = Candidate(filename=f, url="file:///w/" + f, source="x", sha256="ef" * 32)
     assert resolve(sysm, [mine, other], ["xformers"]).get("xformers").selected is not None  # type: ignore[union-attr]
+
+
+def test_rule_counts_count_wheels_not_reasons() -> None:
+    """A wheel built against another torch that also requires another torch is one wheel
+    the torch rules passed over, not two (the plan table's counts never exceed its total)."""
+    from comfy_env_attn.resolve import Reason, Rejected, rule_counts
+
+    def rejected(name: str, *kinds: str) -> Rejected:
+        return Rejected(Candidate(f"{name}-1.0-py3-none-any.whl", "u", "s"),
+                        tuple(Reason(k, f"{k} rule") for k in kinds))
+
+    out = rule_counts([rejected("a", "torch", "torch", "cuda"), rejected("b", "torch")], 4)
+    assert out == "torch 2, cuda 1"

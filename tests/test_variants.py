@@ -353,3 +353,18 @@ def test_a_variant_the_package_lacks_is_said_so_not_failed() -> None:
     assert wrong.summary() == "failed: no plain call passed"  # present, and wrong
     broken = Result("sage", False, {"stage": "import"}, "ImportError: undefined symbol")
     assert broken.summary() == "failed: ImportError: undefined symbol"  # the package itself
+
+
+def test_the_lock_table_says_a_lacking_variant_as_install_does(tmp_path: Path) -> None:
+    from test_dispatch import write_lock
+
+    from comfy_env_attn.core.lockmodel import BackendRecord
+
+    lock = write_lock(tmp_path / "l.toml", sage=None)
+    table = tool_table(lockfile.read(lock))
+    table.backends["sage_fp16"] = BackendRecord("sage_fp16", "failed", stage="import",
+                                                error=f"ImportError: has no {KERNEL}")
+    lockfile.write(lock, lockfile.build([], table))
+    r = cli("lock", "--file", str(lock))
+    row = next(ln for ln in r.stdout.splitlines() if "sage_fp16" in ln)
+    assert "n/a" in row and "failed" not in row and "not in this" in row, r.stdout

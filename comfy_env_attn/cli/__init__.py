@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target")
+    g = p.add_argument_group("target (one of)").add_mutually_exclusive_group()
     g.add_argument("--python", metavar="PATH", help="the interpreter ComfyUI runs with")
     g.add_argument("--comfyui", metavar="DIR",
                    help="a ComfyUI folder (finds python_embeded, .venv, venv, ...)")

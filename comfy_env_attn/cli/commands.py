@@ -176,10 +176,10 @@ def _platform_text(plats: list[str]) -> str:
 
 
 def print_plan(plan: Plan, *, verbose: bool = False) -> None:
-    from collections import Counter
-
     from rich.markup import escape
     from rich.table import Table
+
+    from comfy_env_attn.resolve import rule_counts
 
     con = console()
     con.print(f"[bold]Plan for[/bold] {escape(plan.system.describe())}", highlight=False)
@@ -196,9 +196,8 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
             t.add_row(b.backend, "built into torch" if not b.reason else escape(b.reason), "",
                       "", "torch", "")
             continue
-        kinds = Counter(x.kind for r in b.rejected for x in r.reasons)
-        summary = f"{len(b.rejected)}" + (f" ({', '.join(f'{k} {n}' for k, n in kinds.most_common(3))})"
-                                          if kinds else "")
+        counts = rule_counts(b.rejected, 3)
+        summary = f"{len(b.rejected)}" + (f" ({counts})" if counts else "")
         if b.selected:
             t.add_row(b.backend, *map(escape, wheel_columns(b.selected.filename)),
                       escape(b.selected.source), summary)

@@ -38,6 +38,9 @@ from comfy_env_attn.verify.run import Options, Result
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    if args.from_lock and not Path(args.from_lock).is_file():
+        raise UsageError(f"--from-lock {args.from_lock}: no such file (give the "
+                         "pylock.comfy-env-attn.toml of the machine to reproduce)")
     exe, _how = locate(args)
     target = probe_interpreter(exe)
     base = load_profile(args.system) if args.system else system_from(target, probe_gpus())
@@ -63,7 +66,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         if cfg is not None and not reqs:
             line = cfg.nothing_to_do(cfg.pick(args.env))
             if args.json:
-                dump_json(install_json(Outcome(), exe, nothing_to_do=line))
+                dump_json(install_json(Outcome(), target.executable, nothing_to_do=line))
             else:
                 print(line)
             return 0
@@ -112,7 +115,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             for b, alts in chosen:
                 row = out.row(b)
                 row.action, row.wheel, row.candidate = "would-install", alts[0].filename, alts[0]
-            dump_json(install_json(out, exe, plan=plan, dry_run=True))
+            dump_json(install_json(out, target.executable, plan=plan, dry_run=True))
             return 0 if out.ok else 1
         if plan is not None:
             print_plan(plan)

@@ -45,10 +45,11 @@ def cmd_lock(args: argparse.Namespace) -> int:
         for name, rec in tool.backends.items():
             passed = sum(c.passed for c in rec.checks)
             version = rec.version or wheel_versions.get(bk.primary(name), "")
-            t.add_row(name, rec.status, version,
+            absent = bk.not_in_package(name, rec.stage)
+            t.add_row(name, "n/a" if absent else rec.status, version,
                       f"{passed}/{len(rec.checks)}" if rec.checks else "",
                       f"{rec.speed_vs_sdpa:.2f}x" if rec.speed_vs_sdpa is not None else "",
-                      rec.error or "")
+                      f"not in this package ({rec.error})" if absent else rec.error or "")
         console().print(t)
         print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else

@@ -298,6 +298,13 @@ def primary(name: str) -> str:
     return b.variant_of if b is not None and b.variant_of else name
 
 
+def not_in_package(name: str, stage: str | None) -> bool:
+    """A variant whose verification stopped at import: this build of its package lacks the
+    kernel (SageAttention 1.x has no sageattn_qk_int8_pv_fp16_cuda), which is nothing that
+    failed."""
+    return stage == "import" and primary(name) != name
+
+
 def variants(name: str) -> list[str]:
     """The variants of a backend: other kernels of its distribution, verified with it."""
     return [b.name for b in BACKENDS.values() if b.variant_of == name != ""]

@@ -35,12 +35,17 @@ NODE_CLASS_MAPPINGS: dict[str, Any] = {{}}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {{}}
 
 
+def _installed() -> bool:
+    # an empty folder an uninstall left behind imports as a namespace package: not an install
+    spec = importlib.util.find_spec("{NODE_DIR}")
+    return spec is not None and spec.origin is not None
+
+
 def _load() -> None:
     here = Path(__file__).resolve().parent
-    if importlib.util.find_spec("{NODE_DIR}") is None \\
-            and (here / "{NODE_DIR}" / "runtime" / "comfyui.py").is_file():
+    if not _installed() and (here / "{NODE_DIR}" / "runtime" / "comfyui.py").is_file():
         sys.path.append(str(here))
-    if importlib.util.find_spec("{NODE_DIR}") is None:
+    if not _installed():
         print("comfy-env-attn: the Attention Backend node is not loaded: comfy-env-attn is not "
               "installed in this Python. Install it (torch is left alone): "
               f'"{{sys.executable}}" -m pip install comfy-env-attn', file=sys.stderr)

@@ -107,10 +107,9 @@ class Result:
     def summary(self) -> str:
         """One line: how many checks passed, and which variants failed where."""
         if not self.passed:
-            from comfy_env_attn.core.backends import primary
+            from comfy_env_attn.core.backends import not_in_package
 
-            if self.data.get("stage") == "import" and primary(self.backend) != self.backend:
-                # a variant whose kernel this build of the package lacks: nothing failed
+            if not_in_package(self.backend, self.data.get("stage")):
                 return f"n/a: not in this package ({self.error})"
             return f"failed: {self.error}"
         checks = self.checks
