@@ -167,6 +167,9 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
     lock still describes this target; into `proven`, the backends a fresh lock verified
     (for diagnose), each with its checks' count."""
     found: list[Any] = []
+    # the command that proves this target again (a system interpreter needs --yes to change)
+    verify = f'Run: comfy-env-attn verify --python "{target.executable}"' + \
+        ("" if target.is_dedicated else " --yes")
     root = comfyui_root(Path(comfyui)) if comfyui else None
     if root is not None:
         mine = read_installed(target.site_dirs).get("comfy-env-attn")
@@ -194,17 +197,16 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
     if not path.exists():
         if installed_backends(read_installed(target.site_dirs)):
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher cannot "
-                                 "trust the installed backends", "Run: comfy-env-attn verify"))
+                                 "trust the installed backends", verify))
         return found
     try:
         doc = lockfile.read(path)
         stale = lockfile.stale(doc, target.executable)
     except AttnError as e:
-        return [*found, Finding("problem", "lock", str(e), "Run: comfy-env-attn verify")]
+        return [*found, Finding("problem", "lock", str(e), verify)]
     if stale:
         found.append(Finding("problem", "lock", "the lock is stale: " + "; ".join(stale) +
-                             ": the dispatcher falls back to SDPA",
-                             "Run: comfy-env-attn verify"))
+                             ": the dispatcher falls back to SDPA", verify))
     else:
         tool = tool_table(doc)
         if proven is not None:

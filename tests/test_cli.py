@@ -265,6 +265,17 @@ def test_system_python_is_refused_without_yes(h100: Path) -> None:
     assert lock.exists() == had
 
 
+def test_a_profile_that_does_not_describe_the_target_stops_before_any_work(
+        h100: Path, tmp_path: Path, http_server) -> None:
+    """Refused before an index is read or a backend compiled (a build takes minutes)."""
+    venv = make_venv(tmp_path / "venv", torch=True)
+    r = cli("install", "--python", str(venv_python(venv)), "--system", str(h100),
+            "--backends", "sage", "--index-url", f"{http_server.url}/simple",
+            "--no-embedded-index", "--build")
+    assert r.returncode == 1 and "does not describe" in r.stderr and "--force" in r.stderr
+    assert http_server.hits == [], http_server.hits
+
+
 def test_bad_usage_exit_2() -> None:
     assert cli("plan", "--frobnicate").returncode == 2
     assert cli().returncode == 2

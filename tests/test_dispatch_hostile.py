@@ -193,6 +193,13 @@ def test_packed_calls_reach_a_backend_only_as_verification_proved_them(
     assert len(packed_attn.CALLS) == 2
     call([40, 56], [56, 40])  # other key lengths without causal: proven (varlen_cross)
     assert len(packed_attn.CALLS) == 3
+    call([0, 56], [40, 56])  # an empty sequence: never proven
+    assert len(packed_attn.CALLS) == 3
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32)
+    q = torch.randn(96, 4, 64, generator=g, requires_grad=True)
+    kv = torch.randn(96, 4, 64, generator=g)
+    dispatch.dispatch_varlen_attention(q, kv, kv, cu, cu, 56, 56).sum().backward()
+    assert q.grad is not None and len(packed_attn.CALLS) == 3  # gradients: SDPA's
 
 
 def test_settings_changed_during_a_first_call_are_not_undone_by_it(tmp_path, monkeypatch,
@@ -260,6 +267,8 @@ def test_gradients_empty_sequences_and_other_ranks_go_to_sdpa(tmp_path, monkeypa
     qb.requires_grad_()
     dispatch.dispatch_attention(qb, kb, vb).float().sum().backward()  # SDPA has a backward
     assert qb.grad is not None and sageattention.CALLS == []
+    order, over = dispatch.passed_over(qb, kb)  # says so, as dispatch does
+    assert order == ["sdpa"] and "gradients" in dict(over)["sage"][0]
     with torch.no_grad():
         dispatch.dispatch_attention(qb, kb, vb)
     assert len(sageattention.CALLS) == 1
@@ -269,6 +278,7 @@ def test_gradients_empty_sequences_and_other_ranks_go_to_sdpa(tmp_path, monkeypa
     short = k3[:, :32]
     torch.testing.assert_close(dispatch.dispatch_attention(q3, short, v3[:, :32]),
                                F.scaled_dot_product_attention(q3, short, v3[:, :32]))
+    assert dispatch.passed_over(q3, short)[0] == ["sdpa"]
     with pytest.raises(ValueError, match="cannot share"):  # 2 query heads over 4 k/v heads
         dispatch.dispatch_attention(qb.detach(), *qkv(kv_heads=4)[1:])
 
@@ -282,10 +292,15 @@ def test_overrides_and_the_state_say_what_they_do(tmp_path, monkeypatch, fresh,
     q, k, v = qkv(dtype=torch.float32)
     torch.testing.assert_close(dispatch.dispatch_attention(q, k, v), ref(q, k, v))
     monkeypatch.setenv("COMFYUI_ATTENTION_MECHANISM", "sage")
+    dispatch._reset_for_tests()
     with caplog.at_level(logging.WARNING, "comfy_env_attn"):
+        dispatch.dispatch_attention(q, k, v)  # the first call starts with auto: nothing said
         dispatch.set_backend("auto", exact=True)
-    assert any("COMFYUI_ATTENTION_MECHANISM=sage overrides set_backend('auto', exact=True)"
-               in r.message for r in caplog.records), [r.message for r in caplog.records]
+        dispatch.set_backend("flash")
+    said = [r.message for r in caplog.records if "overrides" in r.message]
+    assert said == ["comfy-env-attn: COMFYUI_ATTENTION_MECHANISM=sage overrides "
+                    "set_backend('auto', exact=True)", "comfy-env-attn: "
+                    "COMFYUI_ATTENTION_MECHANISM=sage overrides set_backend('flash')"], said
     monkeypatch.delenv("COMFYUI_ATTENTION_MECHANISM")
     dispatch.set_backend("auto", safe=True)
     kept = dispatch.settings()

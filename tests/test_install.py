@@ -187,6 +187,26 @@ def test_a_backend_rolled_back_takes_the_requirements_it_brought(tmp_path, venv,
         assert f"{name}: " in out and "(it came with sage, which was rolled back)" in out
 
 
+def test_only_what_the_failed_backend_brought_is_rolled_back(tmp_path) -> None:
+    """_orphaned: x, which a kept backend also needs, stays; z came to the kept backend's x
+    through an installed distribution's extra (y[fast]): this run cannot tell it is not
+    needed, so it stays; w came with the failed backend alone and goes."""
+    from wheels import build_wheel
+
+    from comfy_env_attn.install.edges import Fetched
+    from comfy_env_attn.install.installer import _orphaned
+
+    def wheel(name: str, requires: list[str]) -> tuple[str, Fetched]:
+        from comfy_env_attn.candidates.sources import Candidate
+
+        w = build_wheel(tmp_path, name, "1.0", {f"{name}.py": ""}, requires=requires)
+        return name, Fetched(Candidate(w.name, str(w), "test"), w, "0" * 64, "computed")
+
+    extra = [wheel("x", ["y[fast]"]), wheel("z", []), wheel("w", ["x"])]
+    assert _orphaned(extra, ["w", "x"], ["x"]) == ["w"]
+    assert _orphaned(extra, ["w"], []) == ["x", "w"]  # nothing kept: all it brought
+
+
 def test_keep_failed_keeps_it_and_locks_the_failure(tmp_path, venv, profile,
                                                     http_server) -> None:
     w = sage_wheel(tmp_path / "w", "wrong", f"2.2.1+{LABEL}")

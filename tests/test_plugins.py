@@ -136,6 +136,10 @@ def test_register_backend_refuses_what_it_cannot_prove() -> None:
 
     with pytest.raises(ValueError, match="built-in"):
         register_backend("sage", lambda *a: None)
+    # a shipped plugin's name: a lock trusts that code through the fingerprint, not yours
+    with pytest.raises(ValueError, match="ships with comfy-env-attn"):
+        register_backend("taylor", lambda *a: None, approximate=True, max_abs=1.0,
+                         min_cosine=0.0)
     with pytest.raises(ValueError, match="accuracy limits"):
         register_backend("fuzzy", lambda *a: None, approximate=True)
     with pytest.raises(ValueError, match="lowercase"):

@@ -76,6 +76,8 @@ def cmd_install(args: argparse.Namespace) -> int:
                              "they are different interpreters: pick one with --env NAME")
         req = reqs[0]
         described, refused = _check_described(args, exe, target, req)
+        if refused and not args.dry_run:  # before any index is read or anything built
+            raise InstallError(refused[0])
         refusals += refused
         plan = planning.make_plan(req, planning.sources_from(args))
         if args.build:
@@ -115,7 +117,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             for b, alts in chosen:
                 row = out.row(b)
                 row.action, row.wheel, row.candidate = "would-install", alts[0].filename, alts[0]
-            dump_json(install_json(out, target.executable, plan=plan, dry_run=True))
+            doc = install_json(out, target.executable, plan=plan, dry_run=True)
+            dump_json({**doc, **({"refused": refusals} if refusals else {})})
             return 0 if out.ok else 1
         if plan is not None:
             print_plan(plan)

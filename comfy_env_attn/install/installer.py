@@ -410,7 +410,8 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             out.row(b).version = before.before if before is not None else None
         if failed and not opts.keep_failed:
             kept = [b for b, _ in to_install if b not in failed]
-            for name in _orphaned(extra, [d for b in kept for d in deps.get(b, [])]):
+            for name in _orphaned(extra, [d for b in failed for d in deps.get(b, [])],
+                                  [d for b in kept for d in deps.get(b, [])]):
                 log(f"{journal.restore(name, uninstall, protected_files(target))} (it came "
                     f"with {', '.join(failed)}, which was rolled back)")
         live = None
@@ -697,18 +698,26 @@ def _version_of(filename: str) -> str:
     return filename.split("-")[1]
 
 
-def _orphaned(extra: list[tuple[str, Fetched]], kept_needs: list[str]) -> list[str]:
-    """The requirements this run installed that no kept backend needs, directly or through
-    another of them (markers aside: a requirement a marker might leave out is kept)."""
+def _orphaned(extra: list[tuple[str, Fetched]], failed_needs: list[str],
+              kept_needs: list[str]) -> list[str]:
+    """The requirements this run installed that the rolled-back backends brought, directly
+    or through another of this run's wheels, and no kept backend reaches that way. What
+    came through an installed distribution (its extras) stays: only what is certainly the
+    failed backends' own goes (markers aside: one a marker might leave out counts)."""
     needs = {name: [_req_name(r) for r in requirements(wheel_metadata(f.path))]
              for name, f in extra}
-    todo, needed = [_req_name(r) for r in kept_needs], set()
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo += needs.get(name, [])
-    return [name for name, _ in extra if name not in needed]
+
+    def reach(roots: list[str]) -> set[str]:
+        todo, seen = [_req_name(r) for r in roots], set()
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo += needs.get(name, [])
+        return seen
+
+    theirs, kept = reach(failed_needs), reach(kept_needs)
+    return [name for name, _ in extra if name in theirs and name not in kept]
 
 
 def _req_name(text: str) -> str:

@@ -192,6 +192,13 @@ def _available(name: str) -> bool:
     return name == "sdpa" or importlib.util.find_spec(root) is not None
 
 
+def _ensure() -> None:
+    """The settings a process starts with (auto), on its first call."""
+    if not _S.ready:
+        _apply("auto", exact=False, safe=False, approximate=False, allow_unverified=None,
+               asked=False)
+
+
 def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
                 approximate: bool = False, allow_unverified: bool | None = None) -> str:
     """Choose the backend ("auto", a name or an alias); returns a readable label.
@@ -200,6 +207,14 @@ def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
     passed: for models whose images turn black or noisy with sage); approximate: auto may
     choose approximate ones (plugins such as taylor), which it never does otherwise. The
     rule is core.choose's (mode_reason)."""
+    return _apply(name, exact=exact, safe=safe, approximate=approximate,
+                  allow_unverified=allow_unverified, asked=True)
+
+
+def _apply(name: str, *, exact: bool, safe: bool, approximate: bool,
+           allow_unverified: bool | None, asked: bool) -> str:
+    """set_backend's work; `asked`: the caller asked for these settings (an override by
+    the environment is said), rather than a first call starting with auto."""
     load_plugins()
     key = name.strip().lower()
     mode = "auto" if key == "auto" else ALIASES.get(key, key)
@@ -208,10 +223,11 @@ def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
     with _LOCK:
         env = _env_override()
         if env is not None and env[1] != mode:
-            asked = ", ".join([repr(name), *(f"{k}=True" for k, on in (
-                ("exact", exact), ("safe", safe), ("approximate", approximate)) if on)])
-            _warn_once(env[0], "comfy-env-attn: %s=%s overrides set_backend(%s)",
-                       env[0], env[1], asked)
+            if asked:
+                call = ", ".join([repr(name), *(f"{k}=True" for k, on in (
+                    ("exact", exact), ("safe", safe), ("approximate", approximate)) if on)])
+                _warn_once(f"{env[0]} {call}", "comfy-env-attn: %s=%s overrides "
+                           "set_backend(%s)", env[0], env[1], call)
             mode = env[1]
         _S.mode, _S.exact, _S.safe = mode, exact, safe and not exact
         _S.approximate = approximate and not (exact or safe)
@@ -237,15 +253,13 @@ def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
 
 def settings() -> dict[str, Any]:
     """The keyword arguments that set_backend would take to choose as it does now."""
-    if not _S.ready:
-        set_backend("auto")
+    _ensure()
     return {"name": _S.mode, "exact": _S.exact, "safe": _S.safe,
             "approximate": _S.approximate, "allow_unverified": _S.unverified}
 
 
 def get_backend() -> str:
-    if not _S.ready:
-        set_backend("auto")
+    _ensure()
     return _S.label
 
 
@@ -436,6 +450,21 @@ def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
             device.type, device.index)
 
 
+def _wants_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Gradients will flow back through the call: verification proves no backward pass."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _sdpa_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why a dense call goes to PyTorch SDPA whatever the lock proves (None: the lock
+    decides): gradients, or tensors whose heads cannot be read from [B, H, N, D]."""
+    if _wants_grad(q, k, v):
+        return "it wants gradients, and verification proves no backward pass"
+    if q.ndim != 4 or k.ndim != 4:
+        return "its tensors are not [B, H, N, D]"
+    return None
+
+
 def _other_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, causal: bool,
                 scale: float | None) -> torch.Tensor:
     """SDPA as PyTorch takes it, for inputs that are not [B, H, N, D] (no heads to read)."""
@@ -444,11 +473,10 @@ def _other_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, ca
 
 def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
            ) -> tuple[str, Kernel | None]:
-    if not _S.ready:
-        set_backend("auto")
+    _ensure()
     gen = _GEN[0]
-    q, k, _v, mask, causal, scale = args
-    if q.ndim != 4 or k.ndim != 4:
+    q, k, v, mask, causal, scale = args
+    if _sdpa_only(q, k, v):
         return "sdpa", _other_sdpa  # never kept: such calls are rare and need no choice
     call = describe(q, k, mask, causal, scale, _capability(q.device))
     rkey = _route_key(key)
@@ -468,11 +496,12 @@ def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
             continue
         kernel = Monitored(name, base, rkey) if _monitored(name) else base
         break
-    if gen == _GEN[0]:
-        _S.routes[rkey] = route
-        if len(_ROUTES) > 4096:
-            _ROUTES.clear()
-        _ROUTES[key] = (name, kernel)
+    with _LOCK:  # set_backend moves the generation under the same lock
+        if gen == _GEN[0]:
+            _S.routes[rkey] = route
+            if len(_ROUTES) > 4096:
+                _ROUTES.clear()
+            _ROUTES[key] = (name, kernel)
     return name, kernel
 
 
@@ -487,7 +516,7 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     proves no backend's backward pass."""
     if is_causal and attn_mask is not None:
         attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
-    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _sdpa_only(q, k, v):  # no_grad (ComfyUI): one C call
         return (_SDPA if q.ndim == k.ndim == 4 else _other_sdpa)(q, k, v, attn_mask,
                                                                 is_causal, scale)
     key = (q.shape, q.dtype, k.shape, None if attn_mask is None else attn_mask.dtype,
@@ -642,13 +671,12 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lens_k = _check_cu(cu_seqlens_kv, k.shape[0], max_seqlen_kv, "cu_seqlens_kv")
     if len(lens_q) != len(lens_k):
         raise ValueError("cu_seqlens_q and cu_seqlens_kv must describe as many sequences")
-    if not _S.ready:
-        set_backend("auto")
+    _ensure()
     gen = _GEN[0]
     args = (q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
             scale)
-    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-        return _SDPA.varlen(*args)
+    if 0 in lens_q or 0 in lens_k or _wants_grad(q, k, v):
+        return _SDPA.varlen(*args)  # an empty sequence, or gradients: no proof covers them
     call = Call(dtype=dtype_name(q), head_dim=q.shape[-1], q_len=max_seqlen_q,
                 kv_len=max_seqlen_kv, q_heads=q.shape[1], kv_heads=k.shape[1],
                 causal=is_causal, scale=scale is not None, device=q.device.type,
@@ -657,8 +685,9 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rkey = ("varlen", q.shape[-1], q.dtype, max_seqlen_q, max_seqlen_kv, q.shape[1],
             k.shape[1], lens_q != lens_k, is_causal, scale is not None, q.device)
     route = _S.routes.get(rkey) or _route(call, rkey)
-    if gen == _GEN[0]:
-        _S.routes[rkey] = route
+    with _LOCK:
+        if gen == _GEN[0]:
+            _S.routes[rkey] = route
     for name in route:
         if name == "sdpa":
             break
@@ -683,16 +712,18 @@ def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     SDPA; every other backend the lock verified, or set_backend named, with each reason it
     is left out): what the dispatcher decides, explained, as it stands now (a backend that
     failed here, or cannot be loaded, included)."""
-    if not _S.ready:
-        set_backend("auto")
+    _ensure()
     if is_causal and attn_mask is not None:
         attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
+    names = [n for n in _S.backends if n in BACKENDS]
+    only = _sdpa_only(q, k, k)  # v is not given here: q's and k's say whether grads flow
+    if only:
+        return ["sdpa"], [(n, (only,)) for n in names if n != "sdpa"]
     call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device))
     rkey = _route_key((q.shape, q.dtype, k.shape,
                        None if attn_mask is None else attn_mask.dtype, is_causal,
                        scale is None, q.device))
     order = _S.routes.get(rkey) or _route(call, rkey)
-    names = [n for n in _S.backends if n in BACKENDS]
     if _S.mode not in ("auto", *names):
         names.append(_S.mode)
     out = []

@@ -31,6 +31,7 @@ from comfy_env_attn.core.backends import (
     ALL_DTYPES,
     BACKENDS,
     MODEL_HEAD_DIMS,
+    SHIPPED_PLUGINS,
     Backend,
     Capabilities,
     normalize_dist,
@@ -59,7 +60,11 @@ def register_backend(name: str, fn: Kernel, *, capabilities: Capabilities | None
     max_q, max_k, causal, scale)` its kernel for packed sequences ([T, H, D]), with
     `capabilities.varlen`; `max_abs`/`min_cosine` are its accuracy limits against float32
     SDPA (default: the exact or quantized ones; required for an approximate backend).
-    Registering a name again replaces it."""
+    Registering a name again replaces it; the names of the plugins that ship with
+    comfy-env-attn are theirs (a lock trusts their code through the fingerprint)."""
+    if name in SHIPPED_PLUGINS:
+        raise ValueError(f"{name!r} is a plugin that ships with comfy-env-attn: register "
+                         "yours under another name")
     _register(name, fn, capabilities=capabilities, approximate=approximate,
               quantized=quantized, title=title, dist=dist, varlen=varlen, max_abs=max_abs,
               min_cosine=min_cosine, shipped=False)
