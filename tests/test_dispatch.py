@@ -493,7 +493,7 @@ def test_close_calls_are_timed_back_to_back_once_and_cached_per_machine(
         tmp_path, monkeypatch, fresh) -> None:
     # Found on the H100: FA4 and SDPA within run-to-run spread at Flux 1024; the lock's
     # numbers (another process) kept the one that ran 6% slower in the model.
-    monkeypatch.syspath_prepend(str(fake_sage(tmp_path, sleep=0.003)))
+    monkeypatch.syspath_prepend(str(fake_sage(tmp_path, sleep=0.02)))  # far beyond noise
     lock = write_lock(tmp_path / "l.toml", sage=sage_record(1.0), sage_dir=tmp_path,
                       sdpa_ms=1.04)  # 4% apart: close
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))

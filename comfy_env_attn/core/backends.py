@@ -26,9 +26,12 @@ SHIPPED_PLUGINS = ("taylor",)
 # it needs "varlen" and, for each feature it uses, that feature proven packed ("varlen_causal"
 # ...), not the dense proof of it. A mask together with causal reaches no backend as such:
 # the dispatcher folds the triangle into the mask first (runtime.adapters.merge_causal).
-VARIANTS = ("plain", "causal", "scale", "cross", "mask_bool", "mask_additive", "gqa", "varlen",
-            "varlen_causal", "varlen_scale", "varlen_cross", "varlen_gqa")
-_PACKED = ("causal", "scale", "cross", "gqa")  # the features a varlen call may combine
+VARIANTS = ("plain", "causal", "scale", "cross", "causal_cross", "mask_bool", "mask_additive",
+            "gqa", "varlen", "varlen_causal", "varlen_scale", "varlen_cross", "varlen_gqa",
+            "varlen_causal_cross")
+# the features a varlen call may use, each proven packed; causal_cross is the pair whose
+# answer depends on how the triangle is aligned, proven as a pair
+_PACKED = ("causal", "scale", "cross", "gqa", "causal_cross")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Capabilities:
     causal: bool = True
     # causal with key/value length != query length: SDPA aligns the triangle top-left,
     # flash-attn and sage bottom-right, so only backends that align it like SDPA claim it
+    # (and verification proves the pair: "causal_cross", "varlen_causal_cross")
     causal_cross: bool = False
     scale: bool = True
     cross: bool = True  # key/value length different from the query's
@@ -52,6 +56,7 @@ class Capabilities:
     def variants(self) -> tuple[str, ...]:
         claims = {"plain": True, "causal": self.causal, "scale": self.scale,
                   "cross": self.cross, "mask_bool": "bool" in self.masks,
+                  "causal_cross": self.causal and self.cross and self.causal_cross,
                   "mask_additive": "additive" in self.masks, "gqa": self.gqa,
                   "varlen": self.varlen}
         claims.update({f"varlen_{f}": self.varlen and claims[f] for f in _PACKED})
@@ -86,10 +91,10 @@ class Call:
     def variants(self) -> tuple[str, ...]:
         """The variants this call uses, "plain" (or "varlen") first."""
         used = {"causal": self.causal, "scale": self.scale, "cross": self.cross,
-                "gqa": self.kv_heads != self.q_heads}
+                "gqa": self.kv_heads != self.q_heads, "causal_cross": self.causal and self.cross}
         if self.varlen:
             return ("varlen", *(f"varlen_{f}" for f in _PACKED if used[f]))
-        out = ["plain", *(f for f in ("causal", "scale", "cross") if used[f])]
+        out = ["plain", *(f for f in ("causal", "scale", "cross", "causal_cross") if used[f])]
         if self.mask:
             out.append(f"mask_{self.mask}")
         if used["gqa"]:

@@ -64,7 +64,7 @@ def inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     # smaller on a CPU, where bfloat16 attention is slow: the same variants, fewer tokens
     b, h, n, m, hk = (2, 4, 256, 256, 4) if cuda else (1, 2, 96, 96, 2)
-    if variant == "cross":  # a 64x64 latent against 77 text tokens
+    if variant in ("cross", "causal_cross"):  # a 64x64 latent against 77 text tokens
         b, n, m = 1, (4096 if cuda else 512), 77
     if variant == "gqa":
         h, hk = 8, 2
@@ -76,7 +76,7 @@ def inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
         mask = (torch.rand(b, 1, n, m, generator=g) > 0.25) | torch.eye(n, m, dtype=torch.bool)
     elif variant == "mask_additive":
         mask = -4.0 * torch.rand(b, 1, n, m, generator=g)
-    return {"q": q, "k": k, "v": v, "mask": mask, "causal": variant == "causal",
+    return {"q": q, "k": k, "v": v, "mask": mask, "causal": variant in ("causal", "causal_cross"),
             "scale": 0.5 / math.sqrt(dim) if variant == "scale" else None}
 
 
@@ -90,15 +90,15 @@ def _varlen_inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, 
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     lens = [100, 256, 37] if device.startswith("cuda") else [40, 96, 17]
-    lens_k = [lens[0] + 16, lens[1], max(1, lens[2] - 8)] if variant == "varlen_cross" \
-        else lens
+    lens_k = [lens[0] + 16, lens[1], max(1, lens[2] - 8)] \
+        if variant in ("varlen_cross", "varlen_causal_cross") else lens
     h, hk = (8, 2) if variant == "varlen_gqa" else (4, 4)
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32)
                   for x in (lens, lens_k))
     q = torch.randn(sum(lens), h, dim, generator=g)
     k, v = (torch.randn(sum(lens_k), hk, dim, generator=g) for _ in range(2))
     return {"q": q, "k": k, "v": v, "cu_q": cu_q, "cu_k": cu_k, "max_q": max(lens),
-            "max_k": max(lens_k), "causal": variant == "varlen_causal",
+            "max_k": max(lens_k), "causal": variant in ("varlen_causal", "varlen_causal_cross"),
             "scale": 0.5 / math.sqrt(dim) if variant == "varlen_scale" else None}
 
 
