@@ -307,3 +307,25 @@ def test_overrides_and_the_state_say_what_they_do(tmp_path, monkeypatch, fresh,
     dispatch.set_backend("sdpa")
     dispatch.set_backend(**kept)
     assert dispatch.settings() == kept and kept["safe"] is True
+
+
+def test_causal_with_other_key_lengths_needs_its_own_proof() -> None:
+    """xformers aligns the triangle as SDPA does and claims the pair; proofs of causal and of
+    cross-attention apart do not show the alignment: the pair is proven on its own."""
+    from comfy_env_attn.core import choose
+    from comfy_env_attn.core.backends import BACKENDS, Call
+
+    call = Call("bfloat16", 64, q_len=512, kv_len=77, causal=True)
+    assert "causal_cross" in call.variants()
+    assert "causal_cross" in BACKENDS["xformers"].caps.variants()
+    apart = BackendRecord("xformers", "verified", version="0.0.32",
+                          checks=checks(variants=("plain", "causal", "cross")))
+    assert any("causal_cross at head dim 64 bfloat16 was not verified" in r
+               for r in choose.reasons("xformers", apart, call))
+    paired = BackendRecord("xformers", "verified", version="0.0.32", checks=checks(
+        variants=("plain", "causal", "cross", "causal_cross")))
+    assert choose.reasons("xformers", paired, call) == []
+    packed = Call("bfloat16", 64, q_len=56, kv_len=56, causal=True, varlen=True,
+                  lengths_differ=True)
+    assert packed.variants() == ("varlen", "varlen_causal", "varlen_cross",
+                                 "varlen_causal_cross")
