@@ -178,8 +178,8 @@ def _check_described(args: argparse.Namespace, exe: str, target: Target,
         refused.append(f"{what} does not describe {exe}: it says {'; '.join(found)}. Wheels "
                        f"chosen for it may not work there{hint}: pass --force to install "
                        "them anyway")
-    return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)], \
-        refused
+    return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)
+            if f not in found], refused  # what the refusal says is not said twice
 
 
 def install_options(args: argparse.Namespace) -> InstallOptions:
