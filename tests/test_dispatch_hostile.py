@@ -26,7 +26,7 @@ from test_dispatch import (
     sage_record,
     write_lock,
 )
-from wheels import installed_sage
+from wheels import installed_plugin, installed_sage
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.core.lockmodel import BackendRecord, tool_table
@@ -138,15 +138,7 @@ def register():
 @pytest.fixture(scope="module")
 def packed_plugin(tmp_path_factory) -> tuple[Path, Path]:
     """A plugin with a packed kernel, verified for real and locked."""
-    root = tmp_path_factory.mktemp("packed") / "site"
-    root.mkdir()
-    (root / "packed_attn.py").write_text(PACKED)
-    info = root / "packed_attn-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: packed-attn\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[comfy_env_attn.backends]\n"
-                                           "packed = packed_attn:register\n")
-    (info / "RECORD").write_text("packed_attn.py,,\npacked_attn-1.0.dist-info/METADATA,,\n")
+    root = installed_plugin(tmp_path_factory.mktemp("packed") / "site", "packed_attn", PACKED)
     results = verify(sys.executable, [], Options(shapes=[[1, 2, 128, 64]], head_dims=(64,),
                                                  env={"PYTHONPATH": str(root)}))
     lock = root.parent / "pylock.toml"

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F
+from wheels import installed_plugin
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.core.lockmodel import tool_table
@@ -45,15 +46,7 @@ def register():
 
 def plugin_dir(root: Path, *, approximate: bool) -> Path:
     """A package `rough_attn` and its dist-info with the entry point, as pip leaves them."""
-    root.mkdir(parents=True)
-    (root / "rough_attn.py").write_text(PLUGIN.format(approximate=approximate))
-    info = root / "rough_attn-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rough-attn\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[comfy_env_attn.backends]\n"
-                                           "rough = rough_attn:register\n")
-    (info / "RECORD").write_text("rough_attn.py,,\nrough_attn-1.0.dist-info/METADATA,,\n")
-    return root
+    return installed_plugin(root, "rough_attn", PLUGIN.format(approximate=approximate))
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,22 @@ def data_wheel(folder: Path, version: str, *, script: str, data: str) -> Path:
     }, requires=["torch>=2.0"])
 
 
+def installed_plugin(folder: Path, module: str, src: str) -> Path:
+    """`module`.py (`src`) in `folder` with its dist-info naming `module`:register in the
+    entry point group comfy_env_attn.backends, as pip leaves a plugin (the distribution is
+    the module's name with dashes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{module}.py").write_text(src)
+    dist = module.replace("_", "-")
+    info = folder / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[comfy_env_attn.backends]\n"
+                                           f"{module.split('_')[0]} = {module}:register\n")
+    (info / "RECORD").write_text(f"{module}.py,,\n{info.name}/METADATA,,\n")
+    return folder
+
+
 def installed_sage(folder: Path, src: str, version: str = "2.2.0") -> Path:
     """sageattention/__init__.py (`src`) and its dist-info in `folder`, as an install leaves
     them: importable and 'installed' once `folder` is on sys.path."""
