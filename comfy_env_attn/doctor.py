@@ -71,10 +71,14 @@ class Diagnosis:
         return not any(f.severity == "problem" for f in self.findings)
 
 
-def _consequence(reasons: list[Reason]) -> str:
+def _consequence(reasons: list[Reason], system: System) -> str:
     seen: list[str] = []
     for r in reasons:
-        c = CONSEQUENCE.get(r.kind)
+        # with a CPU build of torch there is no CUDA runtime to mismatch: the kernels
+        # cannot run at all (SageAttention 1.x stops earlier still, at its triton import)
+        c = "its CUDA kernels cannot run on a CPU build of torch" \
+            if r.kind == "cuda" and system.torch is not None and system.torch_cuda is None \
+            else CONSEQUENCE.get(r.kind)
         if c and c not in seen:
             seen.append(c)
     return "; ".join(seen) or "it may not work"
@@ -140,7 +144,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                                f"here ({proven[backend_name]})", None,
                                tuple(r.text for r in reasons)))
             continue
-        msg = f"{dist} {inst.version}: {head}: {_consequence(reasons)}"
+        msg = f"{dist} {inst.version}: {head}: {_consequence(reasons, system)}"
         if bp is not None and bp.selected is not None:
             step = f"Run: {fix} (selects {bp.selected.filename})"
         else:

@@ -332,6 +332,22 @@ def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
     assert f.subject == "xformers" and f.next_step == "Run: comfy-env-attn verify"
 
 
+def test_doctor_on_a_cpu_torch_names_no_cuda_runtime_mismatch() -> None:
+    """A CUDA wheel beside a CPU build of torch: its kernels cannot run at all (there is no
+    CUDA runtime to mismatch), as the new user's SageAttention 1.0.6 showed."""
+    from comfy_env_attn.doctor import diagnose
+    from comfy_env_attn.facts.installed import Installed
+    from comfy_env_attn.resolve import resolve
+
+    system = make_system(torch="2.13.0+cpu", torch_cuda=None, gpus=())
+    installed = {"sageattention": Installed("sageattention", "2.2.0+cu128torch2.13", "/site",
+                                            "/site/none")}
+    diag = diagnose(system, installed, resolve(system, [], ["sage"]), python="py")
+    (f,) = [f for f in diag.findings if f.subject == "sage"]
+    assert "cannot run on a CPU build of torch" in f.message, f.message
+    assert "CUDA runtime mismatch" not in f.message
+
+
 def test_doctor_prints_toml_table_names_as_text(tmp_path: Path) -> None:
     """Found by the hostile-input review: rich read `[tool.comfy-env-attn]` in a message as
     markup and printed "no  table"."""
