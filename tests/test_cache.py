@@ -310,3 +310,25 @@ def test_a_hard_linked_file_keeps_its_mode(tmp_path: Path,
     monkeypatch.undo()
     assert errors and "Access is denied" in errors[0]
     assert stat.S_IMODE(outside.stat().st_mode) == 0o444
+
+
+def test_a_finished_download_a_running_install_holds_is_kept(tmp_path: Path) -> None:
+    """An install marks the wheel it downloaded (`<pid>.inuse`) until it exits: uv may still
+    read it. A mark whose process is gone protects nothing."""
+    from comfy_env_attn.install import edges
+
+    cache = tmp_path / "cache"
+    held = cache / "wheels" / H[0]
+    _write(held / "x-1.0-py3-none-any.whl", 100)
+    edges.mark_in_use(held)  # this process: alive
+    gone = cache / "wheels" / H[1]
+    _write(gone / "y-1.0-py3-none-any.whl", 10)
+    _write(gone / f"{_dead_pid()}.inuse", 0)
+    try:
+        env = {"COMFY_ENV_ATTN_CACHE_DIR": str(cache), "COMFY_ENV_ATTN_WHEELHOUSE": ""}
+        parts = _parts(cli("cache", "clean", "--json", env=env))
+        assert parts["downloads"]["kept"] == [f"{held} (in use by process {os.getpid()})"]
+        assert (held / "x-1.0-py3-none-any.whl").is_file() and not gone.exists()
+    finally:
+        edges.unmark_in_use()
+    assert not (held / f"{os.getpid()}.inuse").exists()

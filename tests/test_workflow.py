@@ -121,6 +121,9 @@ def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
     assert sage["sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
     assert sage["verification"] is None and sage["wheel"] == w.name
     assert doc["ok"] is True and Path(doc["lock"]).is_file()
+    # the downloaded wheel was marked in use while the install ran, and is no longer
+    assert list((tmp_path / "cache").rglob("*.whl")) and \
+        not list((tmp_path / "cache").rglob("*.inuse"))
     assert doc["plan"]["backends"][1]["selected"]["filename"] == w.name
     # the lock of an unverified install learns the target's facts without starting its
     # torch: the same facts the target itself reports

@@ -8,10 +8,9 @@ and never removes one COMFY_ENV_ATTN_WHEELHOUSE puts elsewhere (the user's own f
 out of the other parts too). It refuses a cache folder that is the home folder or a
 filesystem root. clean removes only entries named as the tool writes them (_OURS; in the
 wheelhouse, a wheel's folder with its build.json), never a link's target, and not what a
-running install or build still uses (a download's `<pid>.*.part`, a build's
-`<pid>.<backend>-*` folder and the logs written since it started, their process alive). A
-download a running install has finished but not yet handed to uv is not told apart: clean
-between installs.
+running install or build still uses (a download's `<pid>.*.part`, a finished download's
+`<pid>.inuse` mark, a build's `<pid>.<backend>-*` folder and the logs written since it
+started, their process alive).
 """
 
 from __future__ import annotations
@@ -248,10 +247,10 @@ def clean(part: Part, *, building_since: float | None = None,
     folders left empty; the errors, one per path."""
     errors: list[str] = []
     for entry in part.paths:
-        # a download's or a source's <hash>/<pid>.*.part; a build's <pid>.<backend>-*/; a
-        # probe answer's .NAME.<pid>.tmp
+        # a download's or a source's <hash>/<pid>.*.part, a finished download's
+        # <hash>/<pid>.inuse; a build's <pid>.<backend>-*/; a probe answer's .NAME.<pid>.tmp
         busy = [_in_use(entry.name)] if part.name in ("build", "probes") else [
-            _in_use(f.name) for f, _ in _files(entry) if f.name.endswith(".part")]
+            _in_use(f.name) for f, _ in _files(entry) if f.name.endswith((".part", ".inuse"))]
         pid = next((b for b in busy if b is not None), None)
         if pid is not None:
             part.kept.append(f"{entry} (in use by process {pid})")

@@ -8,6 +8,7 @@ that pins the target's current versions of all of them.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import os
@@ -228,10 +229,34 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
     return Fetched(c, path, sha, "index" if c.sha256 else "computed")
 
 
+_IN_USE: list[Path] = []
+
+
+def mark_in_use(folder: Path) -> None:
+    """`<pid>.inuse` in a downloaded wheel's folder for as long as this process runs: uv may
+    still read the wheel, and `cache clean` (cli.cache) leaves a folder alone while the
+    process its marker names is alive. A killed process's marker names no live process."""
+    mark = folder / f"{os.getpid()}.inuse"
+    if mark in _IN_USE:
+        return
+    try:
+        mark.touch()
+    except OSError:
+        return  # a read-only cache: nothing to protect it from either
+    if not _IN_USE:
+        atexit.register(unmark_in_use)
+    _IN_USE.append(mark)
+
+
+def unmark_in_use() -> None:
+    while _IN_USE:
+        _IN_USE.pop().unlink(missing_ok=True)
+
+
 def clean_partials(dest_dir: Path) -> None:
-    """Remove the .part files, one folder down, of downloads whose process is gone (killed
-    midway): wheels/<hash>/ and sources/<hash>/ alike."""
-    for part in dest_dir.glob("*/*.part"):
+    """Remove the .part files (and .inuse marks), one folder down, of downloads whose process
+    is gone (killed midway): wheels/<hash>/ and sources/<hash>/ alike."""
+    for part in [*dest_dir.glob("*/*.part"), *dest_dir.glob("*/*.inuse")]:
         pid = part.name.split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             part.unlink(missing_ok=True)
@@ -246,11 +271,14 @@ def _download(c: Candidate, dest_dir: Path, log: Callable[[str], None], limits: 
     sha = c.sha256.lower() if is_sha256(c.sha256) else None
     cached = dest_dir / (sha or "unhashed") / c.filename
     if sha and cached.is_file() and sha256_file(cached) == sha:
+        mark_in_use(cached.parent)
         return cached, sha
     try:
-        return download(c.url, c.filename, part_dir=cached.parent,
-                        to=lambda digest: dest_dir / digest / c.filename, log=log, limits=limits,
-                        meter=meter)
+        got = download(c.url, c.filename, part_dir=cached.parent,
+                       to=lambda digest: dest_dir / digest / c.filename, log=log, limits=limits,
+                       meter=meter)
+        mark_in_use(got[0].parent)
+        return got
     except httpx.HTTPError as e:
         if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
             raise Unreachable(f"cannot reach {urlsplit(c.url).netloc} to download "
