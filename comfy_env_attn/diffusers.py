@@ -454,7 +454,4 @@ def use_dispatcher(pipe_or_model: Any, backend: str | None = None, *,
             else:
                 proc._attention_backend = old
         if backend is not None:
-            if previous is None:
-                dispatch.set_backend("auto")
-            else:
-                dispatch.set_backend(**previous)
+            dispatch.restore(previous)

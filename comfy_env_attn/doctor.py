@@ -157,7 +157,8 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
         out.append(Finding("info", "xformers", "xformers and flash-attn-4 are both installed: "
                            "flash-attn-4's 'flash_attn' namespace makes xformers look for "
                            "flash_attn.flash_attn_interface, and xformers 0.0.35 then fails to "
-                           "import (seen on an H100)", "Run: comfy-env-attn verify"))
+                           "import (seen on an H100)",
+                           f'Run: comfy-env-attn verify --python "{python}"'))
     if "flash-attn" in installed and "flash-attn-4" in installed:
         out.append(Finding("info", "flash4", "flash-attn and flash-attn-4 both install the "
                            "'flash_attn' package: reinstalling flash-attn can remove "

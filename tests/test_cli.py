@@ -258,6 +258,7 @@ def test_system_python_is_refused_without_yes(h100: Path) -> None:
     r = cli(*args, "--yes", "--force")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "would install sage" in r.stdout and "would refuse" not in r.stderr
+    assert "says Python 3.12" in r.stderr  # forced, yet the disagreement is said
     lock = Path(sys.base_prefix) / "pylock.comfy-env-attn.toml"
     had = lock.exists()
     r = cli("verify", "--python", base)  # it would write the lock into that prefix
@@ -329,7 +330,7 @@ def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
     diag = diagnose(system, installed, resolve(system, [], ["xformers", "flash4"]),
                     python="py")
     (f,) = [f for f in diag.findings if "flash_attn_interface" in f.message]
-    assert f.subject == "xformers" and f.next_step == "Run: comfy-env-attn verify"
+    assert f.subject == "xformers" and f.next_step == 'Run: comfy-env-attn verify --python "py"'
 
 
 def test_doctor_on_a_cpu_torch_names_no_cuda_runtime_mismatch() -> None:

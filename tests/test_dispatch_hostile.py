@@ -261,6 +261,15 @@ def test_gradients_empty_sequences_and_other_ranks_go_to_sdpa(tmp_path, monkeypa
     assert qb.grad is not None and sageattention.CALLS == []
     order, over = dispatch.passed_over(qb, kb)  # says so, as dispatch does
     assert order == ["sdpa"] and "gradients" in dict(over)["sage"][0]
+    vg = vb.detach().clone().requires_grad_()  # values alone want gradients (a LoRA on v)
+    dispatch.dispatch_attention(qb.detach(), kb, vg).float().sum().backward()
+    assert sageattention.CALLS == [] and vg.grad is not None
+    assert dispatch.passed_over(qb.detach(), kb, v=vg)[0] == ["sdpa"]
+    dispatch.set_backend("flash")  # named, not verified here: still said, with the rest
+    over = dict(dispatch.passed_over(qb, kb)[1])
+    assert over["flash"] == ("it wants gradients, and verification proves no backward pass",
+                             "it is not verified on this machine")
+    dispatch.set_backend("auto")
     with torch.no_grad():
         dispatch.dispatch_attention(qb, kb, vb)
     assert len(sageattention.CALLS) == 1
@@ -293,12 +302,34 @@ def test_overrides_and_the_state_say_what_they_do(tmp_path, monkeypatch, fresh,
     assert said == ["comfy-env-attn: COMFYUI_ATTENTION_MECHANISM=sage overrides "
                     "set_backend('auto', exact=True)", "comfy-env-attn: "
                     "COMFYUI_ATTENTION_MECHANISM=sage overrides set_backend('flash')"], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "comfy_env_attn"):  # putting settings back
+        dispatch.restore({**dispatch.settings(), "name": "flash"})  # asks nothing anew
+    assert not [r for r in caplog.records if "overrides" in r.message]
     monkeypatch.delenv("COMFYUI_ATTENTION_MECHANISM")
     dispatch.set_backend("auto", safe=True)
     kept = dispatch.settings()
     dispatch.set_backend("sdpa")
-    dispatch.set_backend(**kept)
+    dispatch.restore(kept)
     assert dispatch.settings() == kept and kept["safe"] is True
+
+
+def test_a_first_call_does_not_undo_settings_applied_meanwhile(tmp_path, monkeypatch,
+                                                              fresh) -> None:
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
+    slow = dispatch._load_lock
+
+    def load() -> object:
+        time.sleep(0.5)  # set_backend holds the dispatcher's lock here
+        return slow()
+
+    monkeypatch.setattr(dispatch, "_load_lock", load)
+    asked = threading.Thread(target=dispatch.set_backend, args=("sdpa",))
+    asked.start()
+    time.sleep(0.1)
+    dispatch.get_backend()  # a first call: it waits for the lock, then finds sdpa set
+    asked.join()
+    assert dispatch.settings()["name"] == "sdpa"
 
 
 def test_causal_with_other_key_lengths_needs_its_own_proof() -> None:

@@ -188,23 +188,24 @@ def test_a_backend_rolled_back_takes_the_requirements_it_brought(tmp_path, venv,
 
 
 def test_only_what_the_failed_backend_brought_is_rolled_back(tmp_path) -> None:
-    """_orphaned: x, which a kept backend also needs, stays; z came to the kept backend's x
-    through an installed distribution's extra (y[fast]): this run cannot tell it is not
-    needed, so it stays; w came with the failed backend alone and goes."""
-    from wheels import build_wheel
-
+    """_orphaned walks what each wheel of the run needed as the run resolved it, through an
+    installed distribution's extras too: x, which a kept backend needs, stays, and so does
+    z, which x needs through the installed y[fast], even where the failed backend asked for
+    z as well; w came with the failed backend alone and goes."""
     from comfy_env_attn.install.edges import Fetched
     from comfy_env_attn.install.installer import _orphaned
 
-    def wheel(name: str, requires: list[str]) -> tuple[str, Fetched]:
+    def run_wheel(name: str) -> tuple[str, Fetched]:
         from comfy_env_attn.candidates.sources import Candidate
 
-        w = build_wheel(tmp_path, name, "1.0", {f"{name}.py": ""}, requires=requires)
-        return name, Fetched(Candidate(w.name, str(w), "test"), w, "0" * 64, "computed")
+        path = tmp_path / f"{name}-1.0-py3-none-any.whl"
+        return name, Fetched(Candidate(path.name, str(path), "test"), path, "0" * 64,
+                             "computed")
 
-    extra = [wheel("x", ["y[fast]"]), wheel("z", []), wheel("w", ["x"])]
-    assert _orphaned(extra, ["w", "x"], ["x"]) == ["w"]
-    assert _orphaned(extra, ["w"], []) == ["x", "w"]  # nothing kept: all it brought
+    extra = [run_wheel(n) for n in ("x", "z", "w")]
+    brought = {"x": ["z"], "w": ["x"]}  # x -> y[fast] (installed) -> z, as resolved
+    assert _orphaned(extra, brought, ["w", "z"], ["x"]) == ["w"]
+    assert _orphaned(extra, brought, ["W"], []) == ["x", "z", "w"]  # nothing kept
 
 
 def test_keep_failed_keeps_it_and_locks_the_failure(tmp_path, venv, profile,

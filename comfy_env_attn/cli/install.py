@@ -179,7 +179,7 @@ def _check_described(args: argparse.Namespace, exe: str, target: Target,
                        f"chosen for it may not work there{hint}: pass --force to install "
                        "them anyway")
     return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)
-            if f not in found], refused  # what the refusal says is not said twice
+            if not (refused and f in found)], refused  # a refusal's own are not said twice
 
 
 def install_options(args: argparse.Namespace) -> InstallOptions:

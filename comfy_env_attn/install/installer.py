@@ -361,9 +361,10 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
     dists = {bk.BACKENDS[b].dist for b, _ in to_install}
     missing = sorted({d for b, _ in to_install for d in deps[b] if _req_name(d) not in dists})
     extra: list[tuple[str, Fetched]] = []
+    brought: dict[str, list[str]] = {}  # what each of them needs that the target lacked
     if missing:
         try:
-            extra = _requirements(opts, ctx, missing)
+            extra = _requirements(opts, ctx, missing, brought)
         except (AttnError, OSError) as e:
             raise InstallError(f"{e}\nnothing was installed") from None
     journal = Journal(target.prefix)
@@ -410,7 +411,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             out.row(b).version = before.before if before is not None else None
         if failed and not opts.keep_failed:
             kept = [b for b, _ in to_install if b not in failed]
-            for name in _orphaned(extra, [d for b in failed for d in deps.get(b, [])],
+            for name in _orphaned(extra, brought, [d for b in failed for d in deps.get(b, [])],
                                   [d for b in kept for d in deps.get(b, [])]):
                 log(f"{journal.restore(name, uninstall, protected_files(target))} (it came "
                     f"with {', '.join(failed)}, which was rolled back)")
@@ -548,8 +549,8 @@ def _unexpected_files(ctx: _Context, dist: str, inst: Installed) -> list[str]:
     return out
 
 
-def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
-                  ) -> list[tuple[str, Fetched]]:
+def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str],
+                  brought: dict[str, list[str]]) -> list[tuple[str, Fetched]]:
     """The wheels that satisfy what the backends require and the target lacks, each fetched,
     hash-checked, its own requirements checked and its files inspected by the guard, before
     anything is installed. uv resolves each round (`uv pip compile --no-deps` to a PEP 751
@@ -585,6 +586,7 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                 extras = frozenset(x for r in asked.get(name, [])
                                    for x in requested_extras(Requirement(r)))
                 also = _requirement_needs(ctx, fetched, extras)
+                brought.setdefault(name, []).extend(also)
                 problems = ctx.inspect(fetched, name)
                 if problems:
                     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -593,12 +595,13 @@ def _requirements(opts: InstallOptions, ctx: _Context, missing: list[str]
                 chosen[name] = (version, fetched)
                 checked[name] = extras
                 needed += also
-            missing = _unmet(needed, chosen, checked, ctx)
+            missing = _unmet(needed, chosen, checked, ctx, brought)
     raise InstallError(f"requirements still missing after 12 rounds: {', '.join(missing)}")
 
 
 def _unmet(needed: list[str], chosen: dict[str, tuple[str, Fetched]],
-           checked: dict[str, frozenset[str]], ctx: _Context) -> list[str]:
+           checked: dict[str, frozenset[str]], ctx: _Context,
+           brought: dict[str, list[str]]) -> list[str]:
     """What the next round must resolve: the requirements no wheel chosen so far satisfies.
     One that a chosen wheel satisfies but with extras it was not checked with brings that
     wheel's requirements for them (`foo[fast]` after a plain `foo`)."""
@@ -615,7 +618,9 @@ def _unmet(needed: list[str], chosen: dict[str, tuple[str, Fetched]],
         if extras == checked[name]:
             continue
         checked[name] = extras
-        todo += _requirement_needs(ctx, chosen[name][1], extras)
+        more = _requirement_needs(ctx, chosen[name][1], extras)
+        brought.setdefault(name, []).extend(more)
+        todo += more
     return sorted(out)
 
 
@@ -698,14 +703,14 @@ def _version_of(filename: str) -> str:
     return filename.split("-")[1]
 
 
-def _orphaned(extra: list[tuple[str, Fetched]], failed_needs: list[str],
-              kept_needs: list[str]) -> list[str]:
-    """The requirements this run installed that the rolled-back backends brought, directly
-    or through another of this run's wheels, and no kept backend reaches that way. What
-    came through an installed distribution (its extras) stays: only what is certainly the
-    failed backends' own goes (markers aside: one a marker might leave out counts)."""
-    needs = {name: [_req_name(r) for r in requirements(wheel_metadata(f.path))]
-             for name, f in extra}
+def _orphaned(extra: list[tuple[str, Fetched]], brought: Mapping[str, list[str]],
+              failed_needs: list[str], kept_needs: list[str]) -> list[str]:
+    """The requirements this run installed that the rolled-back backends brought and no
+    kept backend reaches. `brought`: what each wheel of the run needed that the target
+    lacked, as the run resolved it (through an installed distribution's extras too); the
+    backends' own needs are the roots (markers aside: one a marker might leave out
+    counts)."""
+    needs = {name: [_req_name(r) for r in brought.get(name, [])] for name, _ in extra}
 
     def reach(roots: list[str]) -> set[str]:
         todo, seen = [_req_name(r) for r in roots], set()

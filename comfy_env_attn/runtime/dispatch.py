@@ -192,11 +192,21 @@ def _available(name: str) -> bool:
     return name == "sdpa" or importlib.util.find_spec(root) is not None
 
 
+# the settings a process starts with (set_backend's defaults)
+DEFAULTS: dict[str, Any] = {"name": "auto", "exact": False, "safe": False,
+                            "approximate": False, "allow_unverified": None}
+
+
 def _ensure() -> None:
-    """The settings a process starts with (auto), on its first call."""
+    """The default settings, on a process's first call."""
     if not _S.ready:
-        _apply("auto", exact=False, safe=False, approximate=False, allow_unverified=None,
-               asked=False)
+        _apply(**DEFAULTS, asked=False, first=True)
+
+
+def restore(previous: dict[str, Any] | None) -> None:
+    """Put back settings taken with settings() (None: the defaults), as they were: nobody
+    asks for them again, so an environment override is not said again."""
+    _apply(**(previous or DEFAULTS), asked=False)
 
 
 def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
@@ -212,15 +222,18 @@ def set_backend(name: str = "auto", *, exact: bool = False, safe: bool = False,
 
 
 def _apply(name: str, *, exact: bool, safe: bool, approximate: bool,
-           allow_unverified: bool | None, asked: bool) -> str:
-    """set_backend's work; `asked`: the caller asked for these settings (an override by
-    the environment is said), rather than a first call starting with auto."""
+           allow_unverified: bool | None, asked: bool, first: bool = False) -> str:
+    """set_backend's work. `asked`: the caller asked for these settings (an override by
+    the environment is said), rather than a first call starting with the defaults or a
+    restore; `first`: only if nothing was applied yet."""
     load_plugins()
     key = name.strip().lower()
     mode = "auto" if key == "auto" else ALIASES.get(key, key)
     if mode != "auto" and mode not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     with _LOCK:
+        if first and _S.ready:  # another thread applied settings meanwhile: they stand
+            return _S.label
         env = _env_override()
         if env is not None and env[1] != mode:
             if asked:
@@ -706,42 +719,46 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False, scale: float | None = None
+                is_causal: bool = False, scale: float | None = None, *,
+                v: torch.Tensor | None = None
                 ) -> tuple[list[str], list[tuple[str, tuple[str, ...]]]]:
     """(the backends dispatch_attention tries for such a call, best first, ending with
     SDPA; every other backend the lock verified, or set_backend named, with each reason it
     is left out): what the dispatcher decides, explained, as it stands now (a backend that
-    failed here, or cannot be loaded, included)."""
+    failed here, or cannot be loaded, included). `v`: the values, where only they may want
+    gradients (without it, q's and k's say)."""
     _ensure()
     if is_causal and attn_mask is not None:
         attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
     names = [n for n in _S.backends if n in BACKENDS]
-    only = _sdpa_only(q, k, k)  # v is not given here: q's and k's say whether grads flow
-    if only:
-        return ["sdpa"], [(n, (only,)) for n in names if n != "sdpa"]
-    call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device))
-    rkey = _route_key((q.shape, q.dtype, k.shape,
-                       None if attn_mask is None else attn_mask.dtype, is_causal,
-                       scale is None, q.device))
-    order = _S.routes.get(rkey) or _route(call, rkey)
     if _S.mode not in ("auto", *names):
         names.append(_S.mode)
+    only = _sdpa_only(q, k, k if v is None else v)
+    call = rkey = None
+    if only:
+        order = ["sdpa"]
+    else:
+        call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device))
+        rkey = _route_key((q.shape, q.dtype, k.shape,
+                           None if attn_mask is None else attn_mask.dtype, is_causal,
+                           scale is None, q.device))
+        order = _S.routes.get(rkey) or _route(call, rkey)
     out = []
     for name in names:
         if name in order or name == "sdpa":
             continue
         rec = _S.backends.get(name)
-        why = []
+        why = [only] if only else []
         if name in _S.unloadable:
             why.append(f"cannot be loaded ({_S.unloadable[name]})")
-        if (name, rkey) in _S.failed:
+        if rkey is not None and (name, rkey) in _S.failed:
             why.append(f"failed on such a call here ({_S.failed[(name, rkey)]})")
         if _S.mode not in ("auto", name):
             why.append(f"set_backend({_S.mode!r}) chose another backend")
         if rec is None:
             why.append("it is not verified on this machine" if _S.table is not None
                        else "no fresh lock")
-        else:
+        elif call is not None:  # the lock's proofs, for a call they can speak of
             elsewhere = _elsewhere(call)
             why += [elsewhere] if elsewhere else []
             why += choose.reasons(name, rec, call, exact=_S.exact, safe=_S.safe,
