@@ -21,6 +21,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+JSON_HELP = "one JSON document on stdout (schemas: docs/json.md)"
+
+
 def _target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target (one of)").add_mutually_exclusive_group()
     g.add_argument("--python", metavar="PATH", help="the interpreter ComfyUI runs with")
@@ -91,7 +94,7 @@ def _probe(sub: Any, name: str) -> None:
     _target_args(p)
     _common(p)
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--json", action="store_true", help=JSON_HELP)
     fmt.add_argument("--toml", action="store_true", help="a System profile for --system")
     p.add_argument("--no-cache", action="store_true", help="re-run the interpreter probe")
 
@@ -103,7 +106,7 @@ def _plan(sub: Any, name: str) -> None:
     _index_args(p)
     p.add_argument("--backends", metavar="LIST", help="comma-separated, e.g. sage,flash")
     _config_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 
 
@@ -111,7 +114,7 @@ def _doctor(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="what is wrong with the target and what to do")
     _target_args(p)
     _index_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 
 
@@ -136,7 +139,7 @@ def _install(sub: Any, name: str) -> None:
                    help="keep a backend that fails verification")
     p.add_argument("--no-verify", action="store_true",
                    help="skip verification: the lock marks backends unverified")
-    p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _build_args(p, "a requested backend with no fitting wheel")
     _verify_opts(p)
     _common(p)
@@ -150,7 +153,7 @@ def _build(sub: Any, name: str) -> None:
     p.add_argument("--system", metavar="FILE",
                    help="build for this System profile's GPUs and torch (against the target)")
     p.add_argument("--dry-run", action="store_true", help="check the prerequisites only")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _build_args(p, None)
     _common(p)
 
@@ -163,7 +166,7 @@ def _uninstall(sub: Any, name: str) -> None:
                    help="these backends (default: the ones the lock records)")
     p.add_argument("--yes", action="store_true",
                    help="allow changing a Python that is not a venv")
-    p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 
 
@@ -176,7 +179,7 @@ def _verify(sub: Any, name: str) -> None:
     p.add_argument("--yes", action="store_true",
                    help="allow writing the lock into a Python that is not a venv")
     _verify_opts(p)
-    p.add_argument("--json", action="store_true", help="the outcome as JSON (docs/json.md)")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 
 
@@ -184,7 +187,7 @@ def _lock(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="show the lock and whether it matches this machine")
     _target_args(p)
     p.add_argument("--file", metavar="PATH", help="a lock file other than the target's")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 
 
