@@ -44,10 +44,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     exe, _how = locate(args)
     target = probe_interpreter(exe)
     base = load_profile(args.system) if args.system else system_from(target, probe_gpus())
-    if not args.dry_run:
-        refuse_shared(exe, target, args)
+    refusals: list[str] = []  # why the install would stop
+
+    def refuse(why: list[str]) -> None:
+        """Stop now; a dry run goes on to show its plan, and says it after it."""
+        if why and not args.dry_run:
+            raise InstallError(why[0])
+        refusals.extend(why)
+
+    refuse([] if shared_ok(target, args) else [shared_refusal(exe, target)])
     out = Outcome()
-    refusals = [] if shared_ok(target, args) else [shared_refusal(exe, target)]
     plan = None
     if args.from_lock:
         doc = lockfile.read(Path(args.from_lock))
@@ -76,9 +82,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                              "they are different interpreters: pick one with --env NAME")
         req = reqs[0]
         described, refused = _check_described(args, exe, target, req)
-        if refused and not args.dry_run:  # before any index is read or anything built
-            raise InstallError(refused[0])
-        refusals += refused
+        refuse(refused)  # before any index is read or anything built
         plan = planning.make_plan(req, planning.sources_from(args))
         if args.build:
             from comfy_env_attn.cli.build import build_missing
@@ -105,9 +109,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         for w in [*described, *plan.warnings]:
             log(f"warning: {w}")
     chosen.sort(key=lambda t: t[0] == "flash4")  # flash-attn before flash-attn-4
-    if refusals and not args.dry_run:
-        raise InstallError(refusals[0])
-    for why in refusals:  # a dry run shows the plan, and that the install would stop here
+    for why in refusals:  # only a dry run gets here with any: its plan, then why it stops
         log(f"warning: install would refuse: {why}")
         out.ok = False
     if args.dry_run:
