@@ -484,13 +484,19 @@ def _other_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, ca
     return sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
+def _sdpa_for(q: torch.Tensor, k: torch.Tensor) -> Kernel:
+    """The SDPA that serves a call _sdpa_only sends there: the adapter (grouped heads,
+    a mask with causal) where heads can be read, else PyTorch's own as it takes them."""
+    return _SDPA if q.ndim == k.ndim == 4 else _other_sdpa
+
+
 def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
            ) -> tuple[str, Kernel | None]:
     _ensure()
     gen = _GEN[0]
     q, k, v, mask, causal, scale = args
     if _sdpa_only(q, k, v):
-        return "sdpa", _other_sdpa  # never kept: such calls are rare and need no choice
+        return "sdpa", _sdpa_for(q, k)  # never kept: such calls are rare and need no choice
     call = describe(q, k, mask, causal, scale, _capability(q.device))
     rkey = _route_key(key)
     route = _S.routes.get(rkey) or _route(call, rkey)
@@ -529,9 +535,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     proves no backend's backward pass."""
     if is_causal and attn_mask is not None:
         attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
-    if torch.is_grad_enabled() and _sdpa_only(q, k, v):  # no_grad (ComfyUI): one C call
-        return (_SDPA if q.ndim == k.ndim == 4 else _other_sdpa)(q, k, v, attn_mask,
-                                                                is_causal, scale)
+    if torch.is_grad_enabled() and _wants_grad(q, k, v):  # no_grad (ComfyUI): one C call
+        return _sdpa_for(q, k)(q, k, v, attn_mask, is_causal, scale)
     key = (q.shape, q.dtype, k.shape, None if attn_mask is None else attn_mask.dtype,
            is_causal, scale is None, q.device)
     try:
