@@ -56,17 +56,24 @@ def _err(e: BaseException) -> str:
 
 # -- accuracy -----------------------------------------------------------------------------
 
+def _features(variant: str) -> set[str]:
+    """The features a variant's name combines (core.backends.VARIANTS): "varlen_causal_cross"
+    is causal and cross, packed."""
+    return set(variant.removeprefix("varlen").strip("_").split("_"))
+
+
 def inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
     """Random inputs for one variant, in float32 on the CPU (cast per dtype by the caller)."""
     import torch
 
+    uses = _features(variant)
     g = torch.Generator(device="cpu").manual_seed(seed)
     cuda = device.startswith("cuda")
     # smaller on a CPU, where bfloat16 attention is slow: the same variants, fewer tokens
     b, h, n, m, hk = (2, 4, 256, 256, 4) if cuda else (1, 2, 96, 96, 2)
-    if variant in ("cross", "causal_cross"):  # a 64x64 latent against 77 text tokens
+    if "cross" in uses:  # a 64x64 latent against 77 text tokens
         b, n, m = 1, (4096 if cuda else 512), 77
-    if variant == "gqa":
+    if "gqa" in uses:
         h, hk = 8, 2
     q = torch.randn(b, h, n, dim, generator=g)
     k = torch.randn(b, hk, m, dim, generator=g)
@@ -76,8 +83,8 @@ def inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
         mask = (torch.rand(b, 1, n, m, generator=g) > 0.25) | torch.eye(n, m, dtype=torch.bool)
     elif variant == "mask_additive":
         mask = -4.0 * torch.rand(b, 1, n, m, generator=g)
-    return {"q": q, "k": k, "v": v, "mask": mask, "causal": variant in ("causal", "causal_cross"),
-            "scale": 0.5 / math.sqrt(dim) if variant == "scale" else None}
+    return {"q": q, "k": k, "v": v, "mask": mask, "causal": "causal" in uses,
+            "scale": 0.5 / math.sqrt(dim) if "scale" in uses else None}
 
 
 def _varlen_inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, Any]:
@@ -88,18 +95,18 @@ def _varlen_inputs(variant: str, dim: int, device: str, seed: int) -> dict[str, 
 
     import torch
 
+    uses = _features(variant)
     g = torch.Generator(device="cpu").manual_seed(seed)
     lens = [100, 256, 37] if device.startswith("cuda") else [40, 96, 17]
-    lens_k = [lens[0] + 16, lens[1], max(1, lens[2] - 8)] \
-        if variant in ("varlen_cross", "varlen_causal_cross") else lens
-    h, hk = (8, 2) if variant == "varlen_gqa" else (4, 4)
+    lens_k = [lens[0] + 16, lens[1], max(1, lens[2] - 8)] if "cross" in uses else lens
+    h, hk = (8, 2) if "gqa" in uses else (4, 4)
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32)
                   for x in (lens, lens_k))
     q = torch.randn(sum(lens), h, dim, generator=g)
     k, v = (torch.randn(sum(lens_k), hk, dim, generator=g) for _ in range(2))
     return {"q": q, "k": k, "v": v, "cu_q": cu_q, "cu_k": cu_k, "max_q": max(lens),
-            "max_k": max(lens_k), "causal": variant in ("varlen_causal", "varlen_causal_cross"),
-            "scale": 0.5 / math.sqrt(dim) if variant == "varlen_scale" else None}
+            "max_k": max(lens_k), "causal": "causal" in uses,
+            "scale": 0.5 / math.sqrt(dim) if "scale" in uses else None}
 
 
 def _call(fn: Any, variant: str, x: dict[str, Any], device: str, dtype: Any) -> Any:
