@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from wheels import installed_sage
 
 from comfy_env_attn import lockfile
+from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core import choose
 from comfy_env_attn.core.backends import Call
 from comfy_env_attn.core.lockmodel import (
@@ -390,6 +391,23 @@ def test_unverified_mode_is_opt_in_and_labelled(tmp_path, monkeypatch, fresh) ->
     q, k, v = qkv(dtype=torch.float32)
     out = dispatch.dispatch_attention(q, k, v)  # CPU: nothing but SDPA qualifies
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_unverified_mode_keeps_the_modes_rules(tmp_path, monkeypatch, fresh) -> None:
+    """Without a lock, exact and safe mode leave out what each backend declares (the rule
+    core.choose.mode_reason states for verified backends too)."""
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
+    monkeypatch.setattr(dispatch, "_available", lambda name: True)  # every package "installed"
+    call = Call("bfloat16", 64, 1024, 1024, capability=(9, 0))
+    routes = {}
+    for kw in ({}, {"safe": True}, {"exact": True}):
+        dispatch.set_backend("auto", allow_unverified=True, **kw)
+        routes[tuple(kw)] = dispatch._route(call, ("key", tuple(kw)))
+    assert "sage" in routes[()] and "sage" not in routes[("safe",)]
+    assert [n for n in routes[("exact",)] if bk.BACKENDS[n].quantized] == []
+    assert routes[("safe",)][-1] == routes[("exact",)][-1] == "sdpa"
+    dispatch.set_backend("sage", allow_unverified=True, exact=True)
+    assert dispatch._route(call, ("forced",)) == ["sdpa"]  # exact mode outranks the name
 
 
 def test_varlen_equals_per_sequence_sdpa_and_checks_offsets(tmp_path, monkeypatch,

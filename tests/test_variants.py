@@ -17,6 +17,7 @@ from wheels import build_wheel, installed_sage
 
 from comfy_env_attn import lockfile
 from comfy_env_attn.core import backends as bk
+from comfy_env_attn.core import choose
 from comfy_env_attn.core.lockmodel import BenchRow, stale_reasons, tool_table
 from comfy_env_attn.facts.installed import installed_backends, read_installed
 
@@ -129,8 +130,12 @@ def test_what_the_variant_claims() -> None:
     b = bk.BACKENDS["sage_fp16"]
     assert (b.dist, b.import_name, b.kernel, b.variant_of) == (
         "sageattention", "sageattention", KERNEL, "sage")
-    assert b.quantized and b.fp16_pv and b.safe and not bk.BACKENDS["sage"].safe
-    assert not bk.BACKENDS["sage3"].safe and bk.BACKENDS["flash"].safe
+    assert b.quantized and b.fp16_pv
+    # safe mode, judged from what each backend declares (the dispatcher's unverified mode)
+    assert [n for n in ("sage_fp16", "sage", "sage3", "flash")
+            if choose.mode_reason(n, None, safe=True) is None] == ["sage_fp16", "flash"]
+    assert [n for n in ("sage_fp16", "sage", "sage3", "flash", "sdpa")
+            if choose.mode_reason(n, None, exact=True) is None] == ["flash", "sdpa"]
     assert b.caps.dtypes == bk.HALF and max(b.caps.head_dims) == 128
     assert b.caps.masks == frozenset() and not b.caps.varlen
     assert b.thresholds() == bk.QUANTIZED_LIMITS

@@ -134,11 +134,6 @@ class Backend:
     # the ones that turn some models' images black or noisy)
     fp16_pv: bool = False
 
-    @property
-    def safe(self) -> bool:
-        """Allowed by safe mode: neither approximate nor quantized below fp16 in P.V."""
-        return not self.approximate and (not self.quantized or self.fp16_pv)
-
     def thresholds(self) -> dict[str, dict[str, float]]:
         """Per dtype: the largest max abs error and smallest cosine similarity against
         float32 SDPA that verification accepts."""

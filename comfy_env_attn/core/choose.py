@@ -57,15 +57,18 @@ def verified_caps(name: str, record: BackendRecord) -> Capabilities:
     return replace(caps, masks=masks)
 
 
-def mode_reason(name: str, record: BackendRecord, *, exact: bool = False, safe: bool = False,
-                approximate: bool = False) -> str | None:
-    """Why the mode leaves this backend out (None: it does not); see the module's doc."""
+def mode_reason(name: str, record: BackendRecord | None, *, exact: bool = False,
+                safe: bool = False, approximate: bool = False) -> str | None:
+    """Why the mode leaves this backend out (None: it does not); see the module's doc. With
+    no record (the dispatcher's unverified mode), what the backend declares of itself."""
     b = BACKENDS[name]
-    if exact and record.quantized:
+    quantized = b.quantized if record is None else record.quantized
+    approx = b.approximate if record is None else record.approximate
+    if exact and quantized:
         return f"{b.title} is quantized and exact mode is on"
-    if safe and record.quantized and not b.fp16_pv:
+    if safe and quantized and not b.fp16_pv:
         return f"{b.title} quantizes P.V below fp16 and safe mode is on"
-    if record.approximate and (exact or safe or not approximate):
+    if approx and (exact or safe or not approximate):
         return f"{b.title} is approximate: " + (
             "exact mode is on" if exact else "safe mode is on" if safe else
             "auto uses it only with set_backend('auto', approximate=True)")

@@ -337,8 +337,8 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
     if _S.unverified:
         order = [n for n in UNVERIFIED_ORDER if _available(n)
                  and not BACKENDS[n].not_supported_reasons(call)
-                 and not (_S.exact and BACKENDS[n].quantized)
-                 and not (_S.safe and not BACKENDS[n].safe)
+                 and choose.mode_reason(n, None, exact=_S.exact, safe=_S.safe,
+                                        approximate=_S.approximate or _S.mode == n) is None
                  and (_S.mode in ("auto", n) or n == "sdpa")
                  and (n == "sdpa" or call.device == "cuda")]
     elif _S.table is None or _elsewhere(call) or min(call.q_len, call.kv_len) == 0:
