@@ -448,10 +448,8 @@ def _check_cached(k: _CheckKey, system: System, backend: Backend
 def gpu_reasons(backend: Backend, system: System, sm: Sequence[str] | None) -> list[Reason]:
     if backend.min_sm is None:
         return []
-    if not system.gpus:
-        why = system.absent.get("gpus")
-        return [Reason("gpu", f"{backend.title} needs an NVIDIA GPU; target has none"
-                              f"{f' ({why})' if why else ''}")]
+    if not system.gpus:  # why none is seen (system.absent) is said once, by the caller
+        return [Reason("gpu", f"{backend.title} needs an NVIDIA GPU; target has none")]
     out: list[Reason] = []
     for g in system.gpus:
         cc = cc_tuple(g)

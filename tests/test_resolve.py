@@ -191,10 +191,11 @@ def test_backend_kernel_support() -> None:
     assert "no kernels for sm 8.9" in reasons_for(make_system(), sage3, "sage3")[0]
 
 
-def test_no_gpu_gives_the_probe_reason() -> None:
+def test_no_gpu_is_a_reason_and_why_none_is_seen_a_fact_of_the_system() -> None:
     s = make_system(gpus=(), absent={"gpus": "NVML: Driver Not Loaded"})
-    assert reasons_for(s, SAGE) == ["SageAttention needs an NVIDIA GPU; target has none "
-                                    "(NVML: Driver Not Loaded)"]
+    assert reasons_for(s, SAGE) == ["SageAttention needs an NVIDIA GPU; target has none"]
+    plan = resolve(s, [cand(SAGE)], ["sage"])
+    assert plan.to_json()["absent"] == {"gpus": "NVML: Driver Not Loaded"}
 
 
 def test_all_reasons_not_only_the_first() -> None:

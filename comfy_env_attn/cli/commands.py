@@ -202,10 +202,8 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
             t.add_row(b.backend, *map(escape, wheel_columns(b.selected.filename)),
                       escape(b.selected.source), summary)
         else:
-            # why no GPU is seen is said once, under the table, not in every row
-            t.add_row(b.backend,
-                      f"[red]none[/red]: {escape(planning.short_reason(b.reason, no_gpu))}",
-                      "", "", "", summary)
+            t.add_row(b.backend, f"[red]none[/red]: {escape(b.reason or '')}", "", "", "",
+                      summary)
     con.print(t)
     if no_gpu:
         con.print(f"[yellow]no NVIDIA GPU seen[/yellow]: {escape(no_gpu)}; "

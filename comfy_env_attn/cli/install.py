@@ -97,8 +97,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             if bp.builtin:
                 continue
             if bp.selected is None:
-                # why no GPU is seen is said once (above), not in every row
-                out.row(bp.backend).note = f"no wheel: {planning.short_reason(bp.reason, no_gpu)}"
+                out.row(bp.backend).note = f"no wheel: {bp.reason or ''}"
                 out.row(bp.backend).action = "no-wheel"
                 if args.backends or args.config:
                     out.ok = False  # asked for by name: not having it is a failure

@@ -172,14 +172,9 @@ NO_GPU_HINT = ("to plan or install for a GPU machine from here, give its profile
 
 def no_gpu_reason(plan: Plan) -> str | None:
     """Why no GPU is seen, when none is and a backend has no wheel for that: plan and
-    install say it once, with NO_GPU_HINT, and leave it out of each backend's reason
-    (short_reason), where resolve.gpu_reasons puts it."""
+    install say it once, with NO_GPU_HINT (each backend's reason says only that the target
+    has none: resolve.gpu_reasons)."""
     why = None if plan.system.gpus else plan.system.absent.get("gpus")
     if why and any(not b.builtin and b.selected is None for b in plan.backends):
         return why
     return None
-
-
-def short_reason(reason: str | None, no_gpu: str | None) -> str:
-    """A backend's reason for having no wheel, without the no-GPU reason said once."""
-    return (reason or "").replace(f" ({no_gpu})", "") if no_gpu else reason or ""
