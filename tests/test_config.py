@@ -93,6 +93,16 @@ def test_flat_form_with_pep508_specifiers(tmp_path: Path) -> None:
     assert cfg.left_to_comfy_env == ("spconv", "nvdiffrast", "cubvh", "[node_reqs]")
 
 
+def test_a_package_in_both_flat_forms_keeps_both_pins(tmp_path: Path) -> None:
+    """`packages = [...]` and `name = "version"` in one [cuda] table: the two pins on one
+    backend combine, whichever line comes first."""
+    for text in ('[cuda]\npackages = ["flash-attn>=2.8"]\nFlash_Attn = "2.7.4"\n',
+                 '[cuda]\nFlash_Attn = "2.7.4"\npackages = ["flash-attn>=2.8"]\n'):
+        (env,) = read_config(write(tmp_path, text)).environments
+        assert [(w.backend, w.specifier) for w in env.wanted] == [("flash", ">=2.8,==2.7.4")]
+        assert env.wanted[0].written == 'flash-attn>=2.8, Flash_Attn = "2.7.4"'
+
+
 def test_older_flat_forms_and_a_top_level_python(tmp_path: Path) -> None:
     cfg = read_config(write(tmp_path, 'python = "3.10"\n[cuda]\nsageattention = "2.2.0"\n'
                                       'torch-scatter = "2.1.2"\n'))
@@ -134,6 +144,10 @@ def test_environments_local_and_unknown_tables(tmp_path: Path) -> None:
     ('[e]\npython = "three"\n[e.cuda]\nsageattention = "*"\n', "[e] python must be"),
     ('[e]\npython = "3.11"\n[e.cuda]\nsageattention = 2\n', "[e.cuda] sageattention must be"),
     ('[e]\npython = "3.11"\n[e.cuda]\nsageattention = "=>2"\n', "is not a version or"),
+    # a TOML number: 3.10 reads as 3.1
+    ('[e]\npython = 3.10\n[e.cuda]\nsageattention = "*"\n', "[e] python must be a string: "
+     'write it in quotes, as "3.1"'),
+    ('python = 3.10\n[cuda]\npackages = ["sageattention"]\n', "python must be a string"),
 ])
 def test_malformed_files_name_the_table_and_key(tmp_path: Path, text: str,
                                                 message: str) -> None:

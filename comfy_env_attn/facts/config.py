@@ -141,8 +141,13 @@ class ComfyEnvConfig:
 
 
 def _version(value: Any, where: str, kind: str) -> str | None:
-    """An environment's python / cuda / pytorch version: None for "auto"."""
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
+    """An environment's python / cuda / pytorch version: None for "auto". A TOML number is
+    refused: 3.10 written without quotes reads as 3.1."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ProfileError(f"{where} must be a string: write it in quotes, as \"{value}\" "
+                           f"if that is what you mean (a TOML number {value} cannot tell "
+                           "3.1 from 3.10)")
+    if not isinstance(value, str):
         raise ProfileError(f"{where} must be \"auto\" or a version string, got {value!r}")
     text = str(value).strip()
     if text.lower() in _AUTO:
@@ -196,12 +201,14 @@ class _Reader:
             wanted[backend] = Wanted(backend, ",".join(s for s in (have.specifier, spec) if s),
                                      f"{have.written}, {written}", have.marker or marker)
 
-    def requirement_list(self, items: Any, where: str) -> list[Wanted]:
-        """`packages = ["sageattention>=2.2", "spconv"]`."""
+    def requirement_list(self, items: Any, where: str,
+                         wanted: dict[str, Wanted] | None = None) -> list[Wanted]:
+        """`packages = ["sageattention>=2.2", "spconv"]`; `wanted`: what other forms of the
+        same environment asked for, which these join."""
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise ProfileError(f"{self.path}: {where} must be a list of strings, got "
                                f"{items!r}")
-        wanted: dict[str, Wanted] = {}
+        wanted = {} if wanted is None else wanted
         for text in items:
             m = _NAME.match(text)
             backend = BY_DIST.get(normalize_dist(m[1])) if m else None
@@ -221,10 +228,11 @@ class _Reader:
                       str(req.marker) if req.marker else None)
         return list(wanted.values())
 
-    def version_table(self, table: dict[str, Any], where: str,
-                      skip: tuple[str, ...] = ()) -> list[Wanted]:
-        """`[myenv.cuda]`: `flash-attn = "2.8.3"`, `sageattention = "*"`."""
-        wanted: dict[str, Wanted] = {}
+    def version_table(self, table: dict[str, Any], where: str, skip: tuple[str, ...] = (),
+                      wanted: dict[str, Wanted] | None = None) -> list[Wanted]:
+        """`[myenv.cuda]`: `flash-attn = "2.8.3"`, `sageattention = "*"`; `wanted` as in
+        requirement_list."""
+        wanted = {} if wanted is None else wanted
         for name, value in table.items():
             if name in skip:
                 continue
@@ -266,11 +274,11 @@ class _Reader:
             return None
         if isinstance(cuda, list):
             table, wanted = "cuda = [...]", self.requirement_list(cuda, "cuda")
-        elif isinstance(cuda, dict):
-            wanted = []
+        elif isinstance(cuda, dict):  # both forms in one table: a backend in both gets both
+            both: dict[str, Wanted] = {}
             if "packages" in cuda:
-                wanted += self.requirement_list(cuda["packages"], "[cuda] packages")
-            wanted += self.version_table(cuda, "[cuda]", skip=("packages",))
+                self.requirement_list(cuda["packages"], "[cuda] packages", both)
+            wanted = self.version_table(cuda, "[cuda]", skip=("packages",), wanted=both)
             table = "[cuda] packages" if "packages" in cuda else "[cuda]"
         else:
             raise ProfileError(f"{self.path}: cuda must be a table or a list of packages, "
