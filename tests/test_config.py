@@ -279,6 +279,10 @@ def test_a_file_with_nothing_to_do_exits_0_with_one_line(tmp_path: Path, profile
             f"{cfg}: no attention package (spconv, nvdiffrast, cumesh left to comfy-env); "
             "nothing to do (known: sageattention, sageattn3, flash-attn, flash-attn-3, "
             "flash-attn-4, xformers)"]
+        code, out, err = run(capsys, command, "--system", str(profile), "--config", str(cfg),
+                             "--python", str(venv_python(torch_venv)), "--json")
+        assert code == 0, err
+        assert "no attention package" in json.loads(out)["nothing_to_do"]
 
 
 def test_plan_system_disagreeing_with_the_target_warns(tmp_path: Path, profile: Path,

@@ -117,7 +117,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     base = _system_for(args)
     requests = planning.requests(args, cfg, base)
     if cfg is not None and not requests:
-        print(cfg.nothing_to_do(cfg.pick(args.env)))
+        line = cfg.nothing_to_do(cfg.pick(args.env))
+        if args.json:
+            from comfy_env_attn.resolve import PLAN_SCHEMA
+
+            dump_json({"schema": PLAN_SCHEMA, "environments": [], "nothing_to_do": line})
+        else:
+            print(line)
         return 0
     warnings = profile_warnings(args, base) if args.system else []
     plans = [planning.make_plan(req, sources_from(args)) for req in requests]
