@@ -190,7 +190,7 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
             found.append(Finding("problem", "install", str(e)))
         else:
             if done:
-                found.append(Finding("info", "install", f"an interrupted install was found "
+                found.append(Finding("info", "install", f"an interrupted {done.action} was found "
                                      f"and {done.verb}: " + "; ".join(done)))
     modified = torch_file_problems(target.site_dirs, cache=cache_dir())
     if modified:

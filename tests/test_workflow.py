@@ -288,11 +288,15 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     assert len({"sageattention", "xformers"} & set(installed_in(venv))) == 1  # half done
     assert (venv / ".comfy-env-attn" / "journal.json").exists()
-    r = cli("uninstall", "--python", py, "--backends", "sage", "--json")
+    r = cli("-q", "uninstall", "--python", py, "--backends", "sage", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
+    # said even with --quiet, and in the document
     assert "found an interrupted uninstall" in r.stderr and "restored" in r.stderr
     doc = json.loads(r.stdout)
     check(doc, "outcome")
+    assert doc["recovered"]["interrupted"] == "uninstall"
+    assert doc["recovered"]["verb"] == "undone"
+    assert any("restored" in line for line in doc["recovered"]["done"])
     assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sage", "removed")]
     have = installed_in(venv)
     assert "sageattention" not in have and have["xformers"] == "0.0.32.post2"

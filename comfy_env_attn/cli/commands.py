@@ -321,7 +321,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     target = probe_interpreter(exe)
     refuse_shared(exe, target, args)  # it rewrites the lock in the target's prefix
     with target_lock(target.prefix, log):
-        recover(target)
+        recovered = recover(target)
         target = probe_interpreter(exe)
         out, ok = reverify(target, opts)
     for name in asked:  # named now: its failure is the command's (a locked one's is not)
@@ -329,7 +329,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ok = ok and row.result is not None and row.result.passed
     out.ok = ok
     if getattr(args, "json", False):
-        dump_json(install_json(out, target.executable, command="verify"))
+        dump_json(install_json(out, target.executable, command="verify",
+                               recovered=recovered))
     else:
         print_summary(out, target)
     return 0 if ok else 1

@@ -26,6 +26,7 @@ from comfy_env_attn.facts.system import disagreements, load_profile
 from comfy_env_attn.install.installer import (
     InstallOptions,
     Outcome,
+    Recovery,
     Row,
     recover,
     run_install,
@@ -129,11 +130,11 @@ def cmd_install(args: argparse.Namespace) -> int:
                      if len(alts) > 1 else ""))
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):
-        recover(target)
+        recovered = recover(target)
         target = probe_interpreter(exe)
         run_install(target, chosen, out, install_options(args))
     if args.json:
-        dump_json(install_json(out, target.executable, plan=plan))
+        dump_json(install_json(out, target.executable, plan=plan, recovered=recovered))
     else:
         print_summary(out, target)
     return 0 if out.ok else 1
@@ -235,10 +236,12 @@ def row_json(r: Row) -> dict[str, Any]:
 
 def install_json(out: Outcome, python: str, *, command: str = "install",
                  plan: Plan | None = None, dry_run: bool = False,
-                 nothing_to_do: str | None = None) -> dict[str, Any]:
+                 nothing_to_do: str | None = None,
+                 recovered: Recovery | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"schema": JSON_SCHEMA, "command": command, "python": python,
                            "ok": out.ok, "lock": str(out.lock) if out.lock else None,
-                           "backends": [row_json(r) for r in out.rows.values()]}
+                           "backends": [row_json(r) for r in out.rows.values()],
+                           "recovered": recovered.to_json() if recovered else None}
     if command == "install":
         doc["dry_run"] = dry_run
         doc["plan"] = plan.to_json() if plan is not None else None
@@ -253,13 +256,14 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     refuse_shared(exe, target, args)
     out = Outcome()
     with target_lock(target.prefix, log):
-        recover(target)
+        recovered = recover(target)
         target = probe_interpreter(exe)
         names = uninstall_targets(target, bk.parse_list(args.backends) if args.backends
                                   else None)
         run_uninstall(target, names, out, passthrough=uv_passthrough())
     if args.json:
-        dump_json(install_json(out, target.executable, command="uninstall"))
+        dump_json(install_json(out, target.executable, command="uninstall",
+                               recovered=recovered))
     elif not out.rows:
         print(f"comfy-env-attn: nothing to remove in {target.executable} (the lock records "
               "no backend)")

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from packaging.requirements import Requirement
@@ -20,7 +21,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, InstallError
 from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts, files_digest
 from comfy_env_attn.core.lockmodel import Live, tool_table
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, notice
 from comfy_env_attn.facts.installed import (
     Installed,
     Stat,
@@ -143,12 +144,17 @@ class Recovery:
 
     verb: str = ""  # "finished" (it had committed) or "undone"
     lines: tuple[str, ...] = ()
+    action: str = "install"  # what was interrupted: "install" or "uninstall"
 
     def __bool__(self) -> bool:
         return bool(self.lines)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.lines)
+
+    def to_json(self) -> dict[str, Any] | None:
+        return {"interrupted": self.action, "verb": self.verb, "done": list(self.lines)} \
+            if self.verb else None
 
 
 def recover(target: Target) -> Recovery:
@@ -165,12 +171,12 @@ def recover(target: Target) -> Recovery:
             _file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):
         j.meta["state"] = "committed"  # the new lock was in place: the install had finished
     verb = "finished" if j.state == "committed" else "undone"
-    log(f"found an interrupted {j.meta.get('action', 'install')} (pid {j.meta.get('pid')}, "
-        f"state {state}): {verb}")
+    action = j.meta.get("action", "install")
+    notice(f"found an interrupted {action} (pid {j.meta.get('pid')}, state {state}): {verb}")
     done = j.rollback(uninstaller(target), protected_files(target))
     for d in done:
-        log(f"  {d}")
-    return Recovery(verb, tuple(done))
+        notice(f"  {d}")
+    return Recovery(verb, tuple(done), str(action))
 
 
 @dataclass(frozen=True)
