@@ -40,6 +40,8 @@ from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.installed import Installed, installed_backends
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from comfy_env_attn.facts.probe import Target
     from comfy_env_attn.install.edges import Fetched
     from comfy_env_attn.verify.run import Result
@@ -62,6 +64,9 @@ class LockedWheel:
     sha256: str
     # built on this machine (install --build): source, its hash, SM archs ([packages.tool])
     built: dict[str, Any] | None = None
+    # a requirement install put in, not a backend: the backends whose wheels needed it
+    # ([packages.tool.comfy-env-attn] brought-by), so that uninstall can take it out again
+    brought_by: tuple[str, ...] = ()
 
 
 def speed_score(bench: tuple[BenchRow, ...], baseline: dict[str, float]) -> float | None:
@@ -112,10 +117,11 @@ def build(wheels: list[LockedWheel], tool: ToolTable) -> dict[str, Any]:
 
     packages = []
     for w in sorted(wheels, key=lambda w: w.name):
+        own = {**(w.built or {}), **({"brought-by": list(w.brought_by)} if w.brought_by else {})}
         packages.append({"name": w.name, "version": w.version,
                          "wheels": [{"name": w.filename, "url": w.url,
                                      "hashes": {"sha256": w.sha256}}],
-                         **({"tool": {"comfy-env-attn": w.built}} if w.built else {})})
+                         **({"tool": {"comfy-env-attn": own}} if own else {})})
     doc: dict[str, Any] = _clean({"lock-version": "1.0",
                                   "created-by": f"comfy-env-attn {__version__}",
                                   "packages": packages,
@@ -191,10 +197,15 @@ def wheels_of(doc: dict[str, Any]) -> list[LockedWheel]:
             sha = (w.get("hashes") or {}).get("sha256")
             if not sha or not w.get("url"):
                 raise LockError(f"lock package {p['name']} has no url and sha256")
-            built = (p.get("tool") or {}).get("comfy-env-attn")
+            own = (p.get("tool") or {}).get("comfy-env-attn")
+            own = dict(own) if isinstance(own, dict) else {}
+            by = own.pop("brought-by", [])
+            if not isinstance(by, list) or not all(isinstance(b, str) for b in by):
+                raise LockError(f"lock package {p['name']}: brought-by must be a list of "
+                                f"backend names, got {by!r}")
             out.append(LockedWheel(BY_DIST.get(normalize_dist(p["name"]), p["name"]),
                                    p["name"], p.get("version", ""), w["name"], w["url"], sha,
-                                   dict(built) if isinstance(built, dict) else None))
+                                   own or None, tuple(by)))
     return out
 
 
@@ -273,10 +284,13 @@ def tool_table_from(results: dict[str, Result], *, python: str,
 
 
 def write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
-               fetched: list[Fetched], *, live: Live | None = None) -> Path:
+               fetched: list[Fetched], *, live: Live | None = None,
+               brought: Mapping[str, tuple[Fetched, tuple[str, ...]]] | None = None) -> Path:
     """`live`: the target's facts where the caller knows them (nothing verified: learned
     without starting its torch; after a rollback: the files as they are now); otherwise
-    verification's."""
+    verification's. `brought`: the requirements this run installed (distribution -> its
+    wheel and the backends that needed it); those the previous lock recorded stay while
+    installed at the version it names."""
     path = lock_path(target.prefix)
     previous: list[LockedWheel] = []
     with contextlib.suppress(AttnError):
@@ -294,6 +308,11 @@ def write_lock(target: Target, installed: dict[str, Installed], results: dict[st
             wheels[dist] = LockedWheel(BY_DIST[dist], dist, inst.version,
                                        f.candidate.filename, f.candidate.url, f.sha256,
                                        built.lock_facts() if built else None)
+    for dist, (f, by) in (brought or {}).items():
+        inst = installed.get(dist)
+        if inst is not None and inst.version == f.candidate.filename.split("-")[1]:
+            wheels[dist] = LockedWheel(dist, dist, inst.version, f.candidate.filename,
+                                       f.candidate.url, f.sha256, brought_by=by)
     doc = build(list(wheels.values()),
                 tool_table_from(results, python=target.executable,
                                 python_version=target.facts.get("python"),

@@ -187,6 +187,60 @@ def test_a_backend_rolled_back_takes_the_requirements_it_brought(tmp_path, venv,
         assert f"{name}: " in out and "(it came with sage, which was rolled back)" in out
 
 
+def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, profile,
+                                                              http_server, uv_bin) -> None:
+    """The lock records what install put in for a backend (bar, and baz through bar), not
+    what it upgraded (dep, the target's before); uninstall takes out what nothing staying
+    needs (bar), and keeps, saying why, what something installed since requires (baz, for
+    qux) and the upgrade; a kill midway puts everything back."""
+    import signal
+
+    from test_hostile import serve
+    from wheels import build_wheel
+
+    w = tmp_path / "w"
+    py = str(venv_python(venv))
+    old = build_wheel(w / "old", "dep", "1.0", {"dep.py": ""}, requires=[])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(old)],
+                   check=True)
+    sage = sage_wheel(w, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "bar", "dep>=2"])
+    bar = build_wheel(w, "bar", "1.0", {"bar.py": ""}, requires=["baz"])
+    baz = build_wheel(w, "baz", "1.0", {"baz.py": ""}, requires=[])
+    dep = build_wheel(w, "dep", "2.0", {"dep.py": ""}, requires=[])
+    r = install(venv, profile, serve(http_server, {"sageattention": [sage], "bar": [bar],
+                                                   "baz": [baz], "dep": [dep]}), "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    packages = {p["name"]: p for p in read(venv / LOCK_NAME)["packages"]}
+    assert set(packages) == {"sageattention", "bar", "baz"}
+    assert packages["bar"]["tool"]["comfy-env-attn"]["brought-by"] == ["sage"]
+    qux = build_wheel(w / "user", "qux", "1.0", {"qux.py": ""}, requires=["baz"])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(qux)],
+                   check=True)
+    before = installed_in(venv)
+    r = cli("uninstall", "--python", py, env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "locking"})
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    r = cli("doctor", "--python", py)
+    assert "interrupted uninstall was found and undone" in r.stdout.replace("\n", " "), r.stdout
+    assert installed_in(venv) == before
+    # a lock edited to say that sage brought qux, which sage does not require: qux stays
+    lock = venv / LOCK_NAME
+    lock.write_text(lock.read_text() + '\n[[packages]]\nname = "qux"\nversion = "1.0"\n'
+                    '[[packages.wheels]]\nname = "qux-1.0-py3-none-any.whl"\n'
+                    'url = "https://example.invalid/qux-1.0-py3-none-any.whl"\n'
+                    f'hashes = {{sha256 = "{"0" * 64}"}}\n'
+                    '[packages.tool.comfy-env-attn]\nbrought-by = ["sage"]\n')
+    r = cli("uninstall", "--python", py, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads(r.stdout)["backends"]
+    assert "left qux 1.0: the lock says it came with sage, which does not require it" in \
+        row["note"], row
+    assert row["action"] == "removed" and "also removed bar 1.0, which came with it" in \
+        row["note"] and "left baz 1.0: qux requires it" in row["note"], row
+    have = installed_in(venv)
+    assert have == {"dep": "2.0", "baz": "1.0", "qux": "1.0"}, have
+    assert "packages" not in read(venv / LOCK_NAME) or not read(venv / LOCK_NAME)["packages"]
+
+
 def test_only_what_the_failed_backend_brought_is_rolled_back(tmp_path) -> None:
     """_orphaned walks what each wheel of the run needed as the run resolved it, through an
     installed distribution's extras too: x, which a kept backend needs, stays, and so does

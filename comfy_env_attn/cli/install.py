@@ -60,6 +60,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         doc = lockfile.read(Path(args.from_lock))
         chosen = []
         for lw in lockfile.wheels_of(doc):
+            if lw.brought_by:  # a backend's requirement: resolved again, as the backend's
+                continue
             if lw.backend not in bk.BACKENDS or not bk.BACKENDS[lw.backend].dist:
                 raise InstallError(f"{args.from_lock} locks {lw.name} {lw.version}, which is "
                                    f"not an attention backend ({', '.join(bk.BY_DIST)}): "

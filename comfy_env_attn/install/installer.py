@@ -3,16 +3,17 @@ target, record what passed in the lock; undo everything on failure."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from comfy_env_attn import lockfile
@@ -433,7 +434,10 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         journal.set_state("locking",
                           lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
-        out.lock = _write_lock(target, after, results, [f for _, f in ready], live=live)
+        staying = [b for b, _ in to_install if opts.keep_failed or b not in failed]
+        out.lock = _write_lock(target, after, results, [f for _, f in ready], live=live,
+                               brought=_brought_by(extra, brought, deps, staying,
+                                                   installed))
         crash_point("locked")
         journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
@@ -716,19 +720,37 @@ def _orphaned(extra: list[tuple[str, Fetched]], brought: Mapping[str, list[str]]
     lacked, as the run resolved it (through an installed distribution's extras too); the
     backends' own needs are the roots (markers aside: one a marker might leave out
     counts)."""
-    needs = {name: [_req_name(r) for r in brought.get(name, [])] for name, _ in extra}
-
-    def reach(roots: list[str]) -> set[str]:
-        todo, seen = [_req_name(r) for r in roots], set()
-        while todo:
-            name = todo.pop()
-            if name not in seen:
-                seen.add(name)
-                todo += needs.get(name, [])
-        return seen
-
-    theirs, kept = reach(failed_needs), reach(kept_needs)
+    needs = _needs(extra, brought)
+    theirs, kept = _reach(needs, failed_needs), _reach(needs, kept_needs)
     return [name for name, _ in extra if name in theirs and name not in kept]
+
+
+def _brought_by(extra: list[tuple[str, Fetched]], brought: Mapping[str, list[str]],
+                deps: Mapping[str, list[str]], backends: list[str],
+                before: Collection[str]) -> dict[str, tuple[Fetched, tuple[str, ...]]]:
+    """Each requirement this run installed new (not one it upgraded: that was the target's
+    before), its wheel and the backends (of these) whose own needs reach it, as `_orphaned`
+    judges reach: what the lock records, for uninstall to take out again."""
+    needs = _needs(extra, brought)
+    reached = {b: _reach(needs, deps.get(b, [])) for b in backends}
+    out = {name: (f, tuple(b for b in backends if name in reached[b])) for name, f in extra
+           if name not in before}
+    return {name: v for name, v in out.items() if v[1]}
+
+
+def _needs(extra: list[tuple[str, Fetched]], brought: Mapping[str, list[str]]
+           ) -> dict[str, list[str]]:
+    return {name: [_req_name(r) for r in brought.get(name, [])] for name, _ in extra}
+
+
+def _reach(needs: Mapping[str, list[str]], roots: list[str]) -> set[str]:
+    todo, seen = [_req_name(r) for r in roots], set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += needs.get(name, [])
+    return seen
 
 
 def _req_name(text: str) -> str:
@@ -784,11 +806,13 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
 
 
 def _write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
-                fetched: list[Fetched], *, live: Live | None = None) -> Path:
+                fetched: list[Fetched], *, live: Live | None = None,
+                brought: Mapping[str, tuple[Fetched, tuple[str, ...]]] | None = None) -> Path:
     """The lock; when nothing was verified, with the target's facts learned here, from its
     files, rather than by starting its torch (seconds, most of an install's own time)."""
     return lockfile.write_lock(target, installed, results, fetched,
-                               live=live or (None if results else static_live(target)))
+                               live=live or (None if results else static_live(target)),
+                               brought=brought)
 
 
 def _files_now(results: dict[str, Result], target: Target, dists: list[str]) -> Live | None:
@@ -867,13 +891,15 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         return
     before_files = ctx.protected_state(installed)
     dists = [bk.BACKENDS[b].dist for b in remove]
+    reqs, released = _requirements_to_remove(ctx, remove, dists, own, out)
+    every = dists + list(reqs)
     # files any other distribution (torch's closure included) owns: never deleted
-    foreign = protected_files(target) | shared_files(installed, dists, fold=ctx._windows)
+    foreign = protected_files(target) | shared_files(installed, every, fold=ctx._windows)
     journal = Journal(target.prefix)
     journal.begin({"python": target.executable, "backends": remove, "action": "uninstall"})
     uninstall = uninstaller(target, passthrough=passthrough)
     try:
-        for d in dists:
+        for d in every:
             journal.add(d, installed, own)
         journal.set_state("installing")
         for b, d in zip(remove, dists, strict=True):
@@ -883,14 +909,21 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
             row.action, row.version = "removed", None
             row.installed = f"removed ({d} {installed[d].version})"
             if kept:
-                row.note = f"left {len(kept)} file(s) other distributions own ({kept[0]})"
+                row.note = _joined(row.note, f"left {len(kept)} file(s) other distributions "
+                                             f"own ({kept[0]})")
             crash_point("uninstalling")
+        for d, by in reqs.items():
+            keep_foreign(installed[d].location, d, foreign)
+            uninstall(d)
+            for b in by:
+                out.row(b).note = _joined(out.row(b).note, f"also removed {d} "
+                                          f"{installed[d].version}, which came with it")
         after = read_installed(target.site_dirs)
         _check_untouched(ctx, before_files, after, [])
         journal.set_state("locking",
                           lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
-        out.lock = _lock_without(target, remove, after)
+        out.lock = _lock_without(target, remove, after, released)
         journal.commit()
     except (AttnError, KeyboardInterrupt, OSError) as e:
         if journal.state == "locking" and _file_sha256(
@@ -908,10 +941,81 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
 
 
-def _lock_without(target: Target, removed: list[str], after: dict[str, Installed]
-                  ) -> Path | None:
+def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
+                            own: Collection[str], out: Outcome
+                            ) -> tuple[dict[str, list[str]], set[str]]:
+    """(the requirements an install put in for these backends, the lock's brought-by, that go
+    with them: distribution -> the backends of `remove` that brought it; every requirement
+    the lock records for them alone, which leaves the lock whether removed or not). One
+    stays, with its reason in those backends' notes, when a backend that stays brought it
+    too, when it is no longer at the version the lock records (changed since), installed
+    elsewhere than the target's own site-packages, in torch's closure, or required by any
+    distribution that stays (markers aside: one a marker might leave out keeps it)."""
+    try:
+        wheels = lockfile.wheels_of(lockfile.read(lockfile.lock_path(ctx.target.prefix)))
+    except AttnError:
+        return {}, set()  # no lock, or unreadable: it cannot say what came with them
+    installed, leaving = ctx.installed, set(remove)
+    # what the leaving backends require as installed, through the distributions installed:
+    # a lock that names anything else as theirs (edited, or corrupt) takes nothing with it
+    reach: set[str] = set()
+    todo = list(dists)
+    while todo:
+        d = todo.pop()
+        if d not in reach and d in installed:
+            reach.add(d)
+            for r in installed[d].requires:
+                with contextlib.suppress(InvalidRequirement):
+                    todo.append(_req_name(r))
+    found: dict[str, list[str]] = {}
+    released = {str(canonicalize_name(w.name)) for w in wheels
+                if w.brought_by and set(w.brought_by) <= leaving}
+    for w in wheels:
+        d = str(canonicalize_name(w.name))
+        inst = installed.get(d)
+        by = [b for b in w.brought_by if b in leaving]
+        if not by or inst is None or d in dists:
+            continue
+        why = None
+        if set(w.brought_by) - leaving:
+            why = f"{', '.join(sorted(set(w.brought_by) - leaving))} brought it too"
+        elif inst.version != w.version:
+            why = f"it is {inst.version} now; the lock recorded {w.version}"
+        elif d not in reach:
+            why = f"the lock says it came with {', '.join(by)}, which does not require it"
+        elif inst.location not in own or d in ctx.protect:
+            why = "torch needs it" if d in ctx.protect else f"it is installed in {inst.location}"
+        if why:
+            for b in by:
+                out.row(b).note = _joined(out.row(b).note, f"left {d} {inst.version}: {why}")
+        else:
+            found[d] = by
+    while True:  # what stays must still have what it requires
+        gone = set(dists) | set(found)
+        needed: dict[str, str] = {}
+        for name, inst in installed.items():
+            if name not in gone:
+                for r in inst.requires:
+                    with contextlib.suppress(InvalidRequirement):
+                        needed.setdefault(_req_name(r), name)
+        still = [d for d in found if d in needed]
+        if not still:
+            return found, released
+        for d in still:
+            for b in found.pop(d):
+                out.row(b).note = _joined(out.row(b).note, f"left {d} "
+                                          f"{installed[d].version}: {needed[d]} requires it")
+
+
+def _joined(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
+def _lock_without(target: Target, removed: list[str], after: dict[str, Installed],
+                  requirements: Collection[str] = ()) -> Path | None:
     """The target's lock rewritten without these backends: their packages, records and
-    fingerprint entries go, the rest (and what verification proved of it) stays."""
+    fingerprint entries go, and the packages of the requirements they alone brought; the
+    rest (and what verification proved of it) stays."""
     import time
 
     from comfy_env_attn.core.backends import normalize_dist
@@ -926,7 +1030,7 @@ def _lock_without(target: Target, removed: list[str], after: dict[str, Installed
     except AttnError as e:  # unreadable: what is installed now, unverified
         log(f"the lock {path} could not be read ({e}): writing a new one")
         return _write_lock(target, after, {}, [])
-    gone = {bk.BACKENDS[b].dist for b in removed}
+    gone = {bk.BACKENDS[b].dist for b in removed} | set(requirements)
     doc["packages"] = [p for p in doc.get("packages", [])
                        if normalize_dist(str(p.get("name", ""))) not in gone]
     tool = replace(tool,
