@@ -241,6 +241,33 @@ def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, pr
     assert "packages" not in read(venv / LOCK_NAME) or not read(venv / LOCK_NAME)["packages"]
 
 
+def test_a_wheel_whose_requirements_cannot_be_had_gives_way_to_the_next(
+        tmp_path, venv, profile) -> None:
+    """The best-ranked wheel needs a package no source has: the install says so, names the
+    wheel, and installs the next fitting one, whose requirements can be had."""
+    folder = tmp_path / "carried"
+    sage_wheel(folder, "ok", f"2.4.0+{LABEL}", requires=["torch>=2.0", "nowhere-pkg>=1"])
+    sage_wheel(folder, "ok", f"2.3.0+{LABEL}")
+    r = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+            "--find-links", str(folder), "--no-embedded-index", "--backends", "sage",
+            "--no-verify", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads(r.stdout)["backends"]
+    assert row["action"] == "installed" and row["version"] == f"2.3.0+{LABEL}", row
+    assert row["note"].startswith(f"passed over sageattention-2.4.0+{LABEL}-py3-none-any.whl: "
+                                  "its requirements cannot be had (Because nowhere-pkg "), row
+    assert installed_in(venv)["sageattention"] == f"2.3.0+{LABEL}"
+    # with no next wheel, the backend is unavailable and the command fails, saying why
+    (folder / f"sageattention-2.3.0+{LABEL}-py3-none-any.whl").unlink()
+    r = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+            "--find-links", str(folder), "--no-embedded-index", "--backends", "sage",
+            "--no-verify", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (row,) = json.loads(r.stdout)["backends"]
+    assert row["action"] == "unavailable" and "nowhere-pkg" in row["note"], row
+    assert installed_in(venv)["sageattention"] == f"2.3.0+{LABEL}"  # as it was
+
+
 def test_only_what_the_failed_backend_brought_is_rolled_back(tmp_path) -> None:
     """_orphaned walks what each wheel of the run needed as the run resolved it, through an
     installed distribution's extras too: x, which a kept backend needs, stays, and so does

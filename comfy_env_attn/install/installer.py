@@ -303,25 +303,33 @@ class _Context:
         return file_stats(installed[n] for n in self.protect if n in installed)
 
 
-def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: Outcome,
-                opts: InstallOptions) -> None:
-    ctx = _Context(target)
-    installed = ctx.installed
+def _pick_wheels(chosen: list[tuple[str, list[Candidate]]], ctx: _Context, out: Outcome,
+                 opts: InstallOptions, passed: Mapping[str, dict[str, str]],
+                 obtained: dict[str, Failure | tuple[Fetched, list[str]]]
+                 ) -> tuple[list[tuple[str, Fetched]], dict[str, list[str]]]:
+    """1. read metadata, fetch and inspect, before anything changes; a wheel that cannot be
+    had (unreachable source, hash mismatch, needs another torch, would overwrite another
+    package, or `passed`: its requirements cannot be had) gives way to the next fitting one
+    in the plan's ranking. `obtained`: what was fetched for a candidate, kept across
+    calls. (the wheels ready, each backend's requirements the target lacks)"""
+    installed, target = ctx.installed, ctx.target
     ready: list[tuple[str, Fetched]] = []
     deps: dict[str, list[str]] = {}
-    # 1. read metadata, fetch and inspect, before anything changes; a wheel that cannot be
-    #    had (unreachable source, hash mismatch, needs another torch, would overwrite
-    #    another package) gives way to the next fitting one in the plan's ranking
     dead_hosts: set[str] = set()
     for backend, alternatives in chosen:
         row = out.row(backend)
         failures: list[Failure] = []
         for c in alternatives[:MAX_ALTERNATIVES]:
             host = urlsplit(c.url).netloc
+            if c.filename in passed.get(backend, {}):
+                failures.append(Failure(f"{c.filename}: {passed[backend][c.filename]}"))
+                continue
             if host and host in dead_hosts:
                 failures.append(Failure(f"{c.filename}: skipped, {host} is unreachable"))
                 continue
-            got = _obtain(c, backend, ctx, opts.meter)
+            got = obtained.get(c.filename)
+            if got is None:
+                got = obtained[c.filename] = _obtain(c, backend, ctx, opts.meter)
             if isinstance(got, Failure):
                 if got.unreachable:
                     dead_hosts.add(host)
@@ -338,6 +346,9 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 row.action, row.version = "already", have.version
             ready.append((backend, fetched))
             deps[backend] = missing
+            for w, why in passed.get(backend, {}).items():
+                if f"passed over {w}: " not in row.note:
+                    row.note = _joined(row.note, f"passed over {w}: {why}")
             break
         else:
             row.wheel = alternatives[0].filename if alternatives else ""
@@ -346,34 +357,84 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             row.action = "refused" if any(f.refused for f in failures) else "unavailable"
             row.note = " | ".join(f.text for f in failures)
             out.ok = False
-    to_install = [(b, f) for b, f in ready if out.row(b).action != "already"]
-    if not to_install:
-        # nothing to change: still verify what is there and write the lock (SDPA alone when
-        # nothing fits), so that the dispatcher finds one; unless nothing is verified either
-        # and the lock records what is installed: what it proved still stands (marking it
-        # unverified would take its backends from the dispatcher)
-        lock = lockfile.lock_path(target.prefix)
-        if opts.verify is None and _lock_records(lock, installed):
-            verify_installed(target, installed, out, None)
-            for row in out.rows.values():
-                if row.verified:
-                    row.verified = "as the lock records it (nothing installed, --no-verify)"
-            log(f"nothing to install: {lock} kept as it was (`verify` proves it again)")
+    return ready, deps
+
+
+def _unmet_backends(opts: InstallOptions, ctx: _Context, to_install: list[tuple[str, Fetched]],
+                    deps: Mapping[str, list[str]], dists: set[str]) -> dict[str, str]:
+    """Each backend of the run whose own requirements cannot be had, tried alone (after
+    all of them together failed), with uv's reason."""
+    out: dict[str, str] = {}
+    for b, _f in to_install:
+        own = sorted(d for d in deps.get(b, []) if _req_name(d) not in dists)
+        if not own:
+            continue
+        try:
+            _requirements(opts, ctx, own, {})
+        except (AttnError, OSError) as e:
+            out[b] = _uv_reason(str(e))
+    return out
+
+
+def _uv_reason(text: str) -> str:
+    """uv's own words from a failed run's message, on one line: its "Because ..." sentence
+    when it gives one (after the line saying which uv command failed)."""
+    lines = [ln.strip(" ×╰─▶│") for ln in text.strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("$ ")]
+    body = lines[1:] if len(lines) > 1 and lines[0].endswith(":") else lines
+    because = next((ln[ln.index("Because"):] for ln in body if "Because" in ln), None)
+    said = because or " ".join(body)
+    return (said[:400] + " ...") if len(said) > 400 else said
+
+
+def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: Outcome,
+                opts: InstallOptions) -> None:
+    ctx = _Context(target)
+    installed = ctx.installed
+    passed: dict[str, dict[str, str]] = {}  # backend -> wheel -> why its requirements fail
+    obtained: dict[str, Failure | tuple[Fetched, list[str]]] = {}
+    while True:
+        ready, deps = _pick_wheels(chosen, ctx, out, opts, passed, obtained)
+        to_install = [(b, f) for b, f in ready if out.row(b).action != "already"]
+        if not to_install:
+            # nothing to change: still verify what is there and write the lock (SDPA alone
+            # when nothing fits), so that the dispatcher finds one; unless nothing is
+            # verified either and the lock records what is installed: what it proved still
+            # stands (marking it unverified would take its backends from the dispatcher)
+            lock = lockfile.lock_path(target.prefix)
+            if opts.verify is None and _lock_records(lock, installed):
+                verify_installed(target, installed, out, None)
+                for row in out.rows.values():
+                    if row.verified:
+                        row.verified = "as the lock records it (nothing installed, --no-verify)"
+                log(f"nothing to install: {lock} kept as it was (`verify` proves it again)")
+                return
+            results = verify_installed(target, installed, out, opts.verify)
+            out.lock = _write_lock(target, installed, results, [f for _, f in ready])
             return
-        results = verify_installed(target, installed, out, opts.verify)
-        out.lock = _write_lock(target, installed, results, [f for _, f in ready])
-        return
-    # a backend's requirement on a backend of this run (itself with extras, say) is this
-    # run's wheel, not one for uv to resolve again
-    dists = {bk.BACKENDS[b].dist for b, _ in to_install}
-    missing = sorted({d for b, _ in to_install for d in deps[b] if _req_name(d) not in dists})
-    extra: list[tuple[str, Fetched]] = []
-    brought: dict[str, list[str]] = {}  # what each of them needs that the target lacked
-    if missing:
+        # a backend's requirement on a backend of this run (itself with extras, say) is this
+        # run's wheel, not one for uv to resolve again
+        dists = {bk.BACKENDS[b].dist for b, _ in to_install}
+        missing = sorted({d for b, _ in to_install for d in deps[b]
+                          if _req_name(d) not in dists})
+        extra: list[tuple[str, Fetched]] = []
+        brought: dict[str, list[str]] = {}  # what each of them needs that the target lacked
+        if not missing:
+            break
         try:
             extra = _requirements(opts, ctx, missing, brought)
+            break
         except (AttnError, OSError) as e:
-            raise InstallError(f"{e}\nnothing was installed") from None
+            # a wheel whose requirements cannot be had gives way to the next fitting one,
+            # as one that cannot be had itself does
+            unmet = _unmet_backends(opts, ctx, to_install, deps, dists)
+            if not unmet:  # each alone resolves: together they conflict
+                raise InstallError(f"{e}\nnothing was installed") from None
+            for name, why in unmet.items():
+                wheel = out.row(name).wheel
+                log(f"{name}: {wheel}: its requirements cannot be had ({why}); trying the "
+                    "next fitting wheel")
+                passed.setdefault(name, {})[wheel] = f"its requirements cannot be had ({why})"
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
     dep_names = [name for name, _ in extra]
