@@ -285,6 +285,20 @@ def test_a_file_with_nothing_to_do_exits_0_with_one_line(tmp_path: Path, profile
         assert "no attention package" in json.loads(out)["nothing_to_do"]
 
 
+def test_nothing_to_do_says_what_left_the_packages_out(tmp_path: Path, profile: Path,
+                                                       capsys) -> None:
+    """A file that does ask for attention packages, all left out on this target: by a
+    marker, or by --backends. The line names them, not "no attention package"."""
+    cfg = write(tmp_path, '[cuda]\npackages = [\'sageattention; sys_platform == "win32"\', '
+                          '"xformers"]\n')
+    code, out, err = run(capsys, "plan", "--system", str(profile), "--config", str(cfg),
+                         "--backends", "flash")
+    assert code == 0, err
+    assert out.strip() == (f'{cfg}: nothing to do: cuda: sageattention; sys_platform == '
+                           '"win32" (the marker leaves it out on this target); cuda asks for '
+                           "xformers, which --backends flash leaves out")
+
+
 def test_plan_system_disagreeing_with_the_target_warns(tmp_path: Path, profile: Path,
                                                        torch_venv: Path, capsys) -> None:
     import torch

@@ -117,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     base = _system_for(args)
     requests = planning.requests(args, cfg, base)
     if cfg is not None and not requests:
-        line = cfg.nothing_to_do(cfg.pick(args.env))
+        line = planning.nothing_to_do(args, cfg, base)
         if args.json:
             from comfy_env_attn.resolve import PLAN_SCHEMA
 
@@ -189,13 +189,15 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
 
     con = console()
     con.print(f"[bold]Plan for[/bold] {escape(plan.system.describe())}", highlight=False)
-    t = Table(show_lines=False)
+    t = Table(show_lines=False, caption="passed over: the wheels rejected, counted by rule "
+                                        "(a wheel may fail several)", caption_justify="left")
     t.add_column("backend", style="bold")
-    t.add_column("version / why none")
-    t.add_column("build")
-    t.add_column("python, platform")
-    t.add_column("source")
-    t.add_column("passed over (by rule; a wheel may fail several)", justify="right")
+    # on a narrow terminal a long version, label or source wraps rather than being cut
+    t.add_column("version / why none", overflow="fold")
+    t.add_column("build", overflow="fold")
+    t.add_column("python, platform", overflow="fold")
+    t.add_column("source", overflow="fold")
+    t.add_column("passed over", justify="right")
     no_gpu = planning.no_gpu_reason(plan)
     for b in plan.backends:
         if b.builtin:

@@ -73,7 +73,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         cfg = planning.load_config(args)
         reqs = planning.requests(args, cfg, base)
         if cfg is not None and not reqs:
-            line = cfg.nothing_to_do(cfg.pick(args.env))
+            line = planning.nothing_to_do(args, cfg, base)
             if args.json:
                 dump_json(install_json(Outcome(), target.executable, nothing_to_do=line))
             else:
@@ -125,12 +125,16 @@ def cmd_install(args: argparse.Namespace) -> int:
             dump_json({**doc, **({"refused": refusals} if refusals else {})})
             return 0 if out.ok else 1
         if plan is not None:
-            print_plan(plan)
+            print_plan(plan, verbose=args.verbose)
         for b, alts in chosen:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
                   + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
                      if len(alts) > 1 else ""))
         return 0 if out.ok else 1
+    if args.verbose and plan is not None and not args.json:  # every wheel passed over, why
+        from comfy_env_attn.cli.commands import print_plan
+
+        print_plan(plan, verbose=True)
     with target_lock(target.prefix, log):
         recovered = recover(target)
         target = probe_interpreter(exe)

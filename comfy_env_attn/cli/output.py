@@ -4,17 +4,21 @@ where a machine reads them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 
 def console() -> Any:
-    """rich's console; in logs and pipes wide and unwrapped, so nothing is cut or folded."""
+    """rich's console; in logs and pipes wide (COLUMNS where it is set) and unwrapped, so
+    nothing is cut or folded."""
     from rich.console import Console
 
     if sys.stdout.isatty():
         return Console()
-    return Console(width=250, soft_wrap=True)
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) >= 40 else 250,
+                   soft_wrap=True)
 
 
 def dump_json(data: Any, *, compact: bool = False) -> None:

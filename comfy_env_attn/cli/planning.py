@@ -80,6 +80,29 @@ def requests(args: argparse.Namespace, cfg: ComfyEnvConfig | None, base: System
     return out
 
 
+def nothing_to_do(args: argparse.Namespace, cfg: ComfyEnvConfig, base: System) -> str:
+    """One line for a config that gives `requests` nothing to plan, saying why: it asks for
+    no attention package, or what it asks for is left out on this target by a marker or by
+    --backends."""
+    narrowed = bk.parse_list(args.backends) if getattr(args, "backends", None) else None
+    envs = cfg.pick(getattr(args, "env", None))
+    why = []
+    for env in envs:
+        system = env.system_for(base)
+        marked = [w.written for w in env.wanted if not w.applies(system)]
+        if marked:
+            why.append(f"{env.name}: {', '.join(marked)} (the marker leaves it out on this "
+                       "target)")
+        left = [w.written for w in env.wanted
+                if w.applies(system) and narrowed is not None and w.backend not in narrowed]
+        if left:
+            why.append(f"{env.name} asks for {', '.join(left)}, which --backends "
+                       f"{args.backends} leaves out")
+    if not why:
+        return cfg.nothing_to_do(envs)
+    return f"{cfg.path}: nothing to do: {'; '.join(why)}"
+
+
 def make_plan(request: Request, sources: Sources) -> Plan:
     names = request.backends
     projects = list(dict.fromkeys(bk.BACKENDS[n].dist for n in names if bk.BACKENDS[n].dist))
