@@ -268,6 +268,22 @@ def test_a_wheel_whose_requirements_cannot_be_had_gives_way_to_the_next(
     assert installed_in(venv)["sageattention"] == f"2.3.0+{LABEL}"  # as it was
 
 
+def test_a_wheel_not_had_leaves_the_installed_version_said_as_kept(tmp_path, venv, profile,
+                                                                   http_server) -> None:
+    """The wheel chosen cannot be had (its hash does not match): the version already
+    installed stays, and the row says that is what it reports, not the wheel's."""
+    ok = sage_wheel(tmp_path / "a", "ok", f"2.2.0+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [ok]), "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    newer = sage_wheel(tmp_path / "b", "ok", f"2.2.1+{LABEL}")
+    r = install(venv, profile, serve_index(http_server, [newer], bad_hash=True), "--no-verify",
+                "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (row,) = json.loads(r.stdout)["backends"]
+    assert row["wheel"] == newer.name and row["version"] == f"2.2.0+{LABEL}", row
+    assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+
+
 def test_only_what_the_failed_backend_brought_is_rolled_back(tmp_path) -> None:
     """_orphaned walks what each wheel of the run needed as the run resolved it, through an
     installed distribution's extras too: x, which a kept backend needs, stays, and so does

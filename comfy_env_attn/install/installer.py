@@ -432,9 +432,13 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 raise InstallError(f"{e}\nnothing was installed") from None
             for name, why in unmet.items():
                 wheel = out.row(name).wheel
-                log(f"{name}: {wheel}: its requirements cannot be had ({why}); trying the "
-                    "next fitting wheel")
                 passed.setdefault(name, {})[wheel] = f"its requirements cannot be had ({why})"
+                alternatives = next(alts for b, alts in chosen if b == name)
+                more = any(c.filename not in passed[name]
+                           for c in alternatives[:MAX_ALTERNATIVES])
+                log(f"{name}: {wheel}: its requirements cannot be had ({why}); " +
+                    ("trying the next fitting wheel" if more else
+                     f"no other wheel fits: nothing was installed for {name}"))
     journal = Journal(target.prefix)
     touched = [bk.BACKENDS[b].dist for b, _ in to_install]
     dep_names = [name for name, _ in extra]
@@ -840,8 +844,13 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
     names = installed_backends(installed)
     for n in names:
         row = out.row(n)
+        have = installed[bk.BACKENDS[n].dist].version
         if not row.action:
-            row.action, row.version = "present", installed[bk.BACKENDS[n].dist].version
+            row.action, row.version = "present", have
+        elif row.action in ("unavailable", "refused", "no-wheel"):
+            # what is verified below is what was there, not the wheel this run wanted
+            row.version = have
+            row.installed = f"kept {have}: what was there (the wheel chosen was not installed)"
     if opts is None:
         for n in names:
             out.row(n).verified = "skipped (--no-verify)"
@@ -862,8 +871,6 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
         raise InstallError(f"the SDPA baseline itself failed in {target.executable}: "
                            f"{results['sdpa'].error}")
     return results
-
-
 
 
 def _write_lock(target: Target, installed: dict[str, Installed], results: dict[str, Result],
