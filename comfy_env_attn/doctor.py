@@ -203,6 +203,11 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
         if installed_backends(read_installed(target.site_dirs)):
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher cannot "
                                  "trust the installed backends", verify))
+        else:  # the dispatcher says so at every start until there is one
+            found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher uses "
+                                 "PyTorch SDPA and warns that it has no lock",
+                                 f'Run: comfy-env-attn install --python "{target.executable}"'
+                                 " (it writes one, SDPA alone when no other backend fits)"))
         return found
     try:
         doc = lockfile.read(path)

@@ -172,6 +172,14 @@ def test_no_gpu_is_explained_once_with_the_way_to_plan_for_one(tmp_path: Path) -
     assert r.stdout.count("nvidia-smi not found") == 1  # the reason, once
 
 
+def test_uninstall_of_a_variant_says_it_would_take_its_package(tmp_path: Path) -> None:
+    py = str(venv_python(make_venv(tmp_path / "v", torch=False)))
+    r = cli("uninstall", "--python", py, "--backends", "sage_fp16")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "sage_fp16 is a kernel inside sageattention, the package of sage" in r.stderr
+    assert "`--backends sage` removes both" in r.stderr
+
+
 def test_malformed_toml_names_line_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('python = "3.12"\nplatform = linux\n')

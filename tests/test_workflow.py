@@ -148,6 +148,8 @@ def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
     (shape,) = doc["shapes"]
     assert shape["shape"] == [1, 2, 128, 64] and shape["results"]["sdpa"]["vs_sdpa"] == 1.0
     assert shape["results"]["sage"]["tflops"] > 0
+    # this sageattention has no fp16-PV kernel: its variant is n/a, not a failure
+    assert shape["results"]["sage_fp16"] == {"error": "not in this package"}
 
 
 def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: Path) -> None:
@@ -210,6 +212,21 @@ def test_version_and_quiet() -> None:
     for argv in (["-q", "plan"], ["plan", "--quiet"], ["--quiet", "install"]):
         assert build_parser().parse_args(argv).quiet is True
     assert build_parser().parse_args(["plan"]).quiet is False
+
+
+def test_an_error_under_json_is_a_json_document(tmp_path: Path) -> None:
+    """Failing, a command given --json still prints a document a script can read."""
+    missing = tmp_path / "none.toml"
+    r = cli("lock", "--file", str(missing), "--json")
+    assert r.returncode == 1 and "ERROR " in r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "error")
+    assert doc["command"] == "lock" and str(missing) in doc["error"]
+    r = cli("plan", "--backends", "nosuch", "--json")
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    check(doc, "error")
+    assert doc["command"] == "plan" and "nosuch" in doc["error"]
 
 
 def test_progress_on_a_terminal(tmp_path: Path, venv: Path, profile: Path,
@@ -288,6 +305,8 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     assert len({"sageattention", "xformers"} & set(installed_in(venv))) == 1  # half done
     assert (venv / ".comfy-env-attn" / "journal.json").exists()
+    r = cli("lock", "--python", py)  # reads the lock, and says what is still to be undone
+    assert "was interrupted and is still to be finished or undone" in r.stderr, r.stderr
     r = cli("-q", "uninstall", "--python", py, "--backends", "sage", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     # said even with --quiet, and in the document

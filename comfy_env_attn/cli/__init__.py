@@ -328,6 +328,16 @@ def _interrupt_on_termination() -> None:
             signal.signal(sig, interrupt)
 
 
+def _json_error(argv: list[str], e: Exception) -> None:
+    """A command asked for --json that fails still prints one JSON document (docs/json.md):
+    a script reads why from stdout, as it reads a result."""
+    if "--json" in argv:
+        import json
+
+        command = next((a for a in argv if not a.startswith("-")), None)
+        print(json.dumps({"schema": 1, "command": command, "ok": False, "error": str(e)}))
+
+
 def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
@@ -349,6 +359,7 @@ def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int
         return int(command(args))
     except UsageError as e:
         print(f"ERROR {e}", file=sys.stderr)
+        _json_error(argv, e)
         return 2
     except AttnError as e:
         if verbose:
@@ -356,6 +367,7 @@ def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int
 
             traceback.print_exc()
         print(f"ERROR {e}", file=sys.stderr)
+        _json_error(argv, e)
         return 1
     except KeyboardInterrupt:
         print("ERROR interrupted", file=sys.stderr)

@@ -264,7 +264,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     with target_lock(target.prefix, log):
         recovered = recover(target)
         target = probe_interpreter(exe)
-        names = uninstall_targets(target, bk.parse_list(args.backends) if args.backends
+        names = uninstall_targets(target, _packages_named(args.backends) if args.backends
                                   else None)
         run_uninstall(target, names, out, passthrough=uv_passthrough())
     if args.json:
@@ -276,6 +276,22 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     else:
         print_summary(out, target)
     return 0
+
+
+def _packages_named(text: str) -> list[str]:
+    """The backends uninstall --backends names, each of which is a package to remove: a
+    variant (sage_fp16, a kernel inside sage's package) is a UsageError, not a silent
+    removal of its primary."""
+    for part in text.split(","):
+        if part.strip():
+            name = bk.canonical(part)
+            if bk.primary(name) != name:
+                raise UsageError(
+                    f"{name} is a kernel inside {bk.BACKENDS[name].dist}, the package of "
+                    f"{bk.primary(name)}: uninstall removes packages, and `--backends "
+                    f"{bk.primary(name)}` removes both (to stop using {name} alone, choose "
+                    "another backend with set_backend or the node)")
+    return bk.parse_list(text)
 
 
 def print_summary(out: Outcome, target: Target) -> None:

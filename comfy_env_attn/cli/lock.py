@@ -26,6 +26,12 @@ def cmd_lock(args: argparse.Namespace) -> int:
     if not args.file and not path.exists():
         raise AttnError(f"no lock at {path}: run comfy-env-attn install --python "
                         f"{target.executable} (or verify, for backends installed otherwise)")
+    from comfy_env_attn.install.journal import Journal
+
+    if Journal(target.prefix).exists():  # what the lock says may be about to change
+        log(f"an install or uninstall in {target.prefix} was interrupted and is still to be "
+            "finished or undone: the next install, verify, uninstall or doctor does it (or "
+            "it is running now)")
     doc = lockfile.read(path)
     tool = tool_table(doc)
     stale = lockfile.stale(doc, target.executable)
@@ -83,7 +89,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for r in results.values():
             b = next((x for x in r.bench if _label(x) == key), None)
             if b is None or "tflops" not in b:
-                cells.append("failed" if not r.passed else (b or {}).get("error", "-")[:20])
+                cells.append("n/a" if r.absent else "failed" if not r.passed else
+                             (b or {}).get("error", "-")[:20])
             else:
                 ratio = b["tflops"] / base[key]["tflops"]
                 cells.append(f"{b['tflops']:.3g} ({ratio:.2f}x)")
@@ -96,7 +103,8 @@ def nothing_to_compare(results: dict[str, Result]) -> str:
     """Why bench has no table: it times the backends that pass verification against each
     other, and fewer than two did."""
     passed = [n for n, r in results.items() if r.passed]
-    failed = [f"{n} ({r.error or 'failed'})" for n, r in results.items() if not r.passed]
+    failed = [f"{n} ({r.error or 'failed'})" for n, r in results.items()
+              if not r.passed and not r.absent]
     return ("nothing to compare: bench times the backends that pass verification against "
             f"each other, and only {', '.join(passed) or 'none'} passed here"
             + (f"; failed: {'; '.join(failed)}" if failed else
@@ -117,7 +125,8 @@ def bench_json(python: str, results: dict[str, Result], base: dict[str, dict[str
                                "vs_sdpa": b["tflops"] / ref["tflops"]}
             else:
                 cells[name] = {"error": (b or {}).get("error") or
-                               ("failed verification" if not r.passed else "not timed")}
+                               ("not in this package" if r.absent else
+                                "failed verification" if not r.passed else "not timed")}
         shapes.append({"shape": ref["shape"], "kv_len": ref.get("kv_len"),
                        "dtype": ref.get("dtype"), "results": cells})
     return {"schema": 1, "command": "bench", "python": python,

@@ -104,13 +104,19 @@ class Result:
     def checks(self) -> list[dict[str, Any]]:
         return list(self.data.get("checks", []))
 
+    @property
+    def absent(self) -> bool:
+        """A variant this build of its package lacks (core.backends.not_in_package): n/a,
+        not a failure."""
+        from comfy_env_attn.core.backends import not_in_package
+
+        return not self.passed and not_in_package(self.backend, self.data.get("stage"))
+
     def summary(self) -> str:
         """One line: how many checks passed, and which variants failed where."""
+        if self.absent:
+            return f"n/a: not in this package ({self.error})"
         if not self.passed:
-            from comfy_env_attn.core.backends import not_in_package
-
-            if not_in_package(self.backend, self.data.get("stage")):
-                return f"n/a: not in this package ({self.error})"
             return f"failed: {self.error}"
         checks = self.checks
         good = [c for c in checks if c.get("passed")]
