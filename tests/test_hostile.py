@@ -663,6 +663,27 @@ def test_guard_data_files_that_land_in_site_packages_follow_the_site_rules() -> 
         "x.whl: sitecustomize.py is sitecustomize, run at every start of Python"]
 
 
+def test_guard_follows_links_on_the_way_to_site_packages(tmp_path) -> None:
+    """A venv on 64-bit Linux has lib64 -> lib: <dist>.data/data/lib64/... lands in
+    site-packages through it, and follows the site rules (a .pth, torch's folder)."""
+    site = tmp_path / "v" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "v" / "lib64").symlink_to("lib")  # as venv makes it
+    layout = guard.Layout(site=str(site), scripts=str(tmp_path / "v" / "bin"),
+                          data=str(tmp_path / "v"), headers=str(tmp_path / "v" / "include"))
+    d = "sageattention-2.2.0"
+    names = [f"{d}.data/data/lib64/python3.11/site-packages/zz_evil.pth",
+             f"{d}.data/data/lib64/python3.11/site-packages/torch/evil.py"]
+    entries, refused = guard.destinations("x.whl", d, names, layout, dist="sageattention")
+    assert refused == []
+    assert [(e.kind, e.rel, e.dest) for e in entries] == [
+        ("site", "zz_evil.pth", guard.norm(str(site / "zz_evil.pth"))),
+        ("site", "torch/evil.py", guard.norm(str(site / "torch" / "evil.py")))]
+    owners = guard.build_owners([("torch", "2.9.1", str(site), ["torch/__init__.py"])])
+    found = guard.problems("x.whl", "sageattention", d, entries, owners, ())
+    assert len(found) == 2 and "is a .pth file" in found[0] and "into torch" in found[1]
+
+
 def test_requirements_that_conflict_fail_and_extras_are_honoured(tmp_path, venv, profile,
                                                                  http_server) -> None:
     """Two rounds of requirements that want different versions of one package fail before

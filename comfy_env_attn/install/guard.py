@@ -248,14 +248,30 @@ def destinations(wheel: str, dist_dir: str, names: Iterable[str], layout: Layout
             base = {"scripts": layout.scripts, "data": layout.data,
                     "headers": os.path.join(layout.headers, dist)}[key]
             dest = norm(os.path.join(base, rest))
-            # a data file that lands in site-packages is a site file, with the site rules
-            inside = next((d for d in (layout.site, plat) if dest.startswith(d + os.sep)), None)
-            if inside is not None:
-                entries.append(Entry(name, dest, "site",
-                                     dest[len(inside) + 1:].replace(os.sep, "/")))
+            # a data file that lands in site-packages is a site file, with the site rules;
+            # also through a link on its way there (a venv's lib64 -> lib)
+            rel = _within(dest, (layout.site, plat))
+            if rel is not None:
+                entries.append(Entry(name, norm(os.path.join(rel[0], rel[1])), "site",
+                                     rel[1].replace(os.sep, "/")))
             else:
                 entries.append(Entry(name, dest, key, rest))
     return entries, refused
+
+
+def _within(dest: str, dirs: tuple[str, ...]) -> tuple[str, str] | None:
+    """(the folder of `dirs` that `dest` lands in, the path below it), as written or once
+    the links on the way are followed (the folders that exist: a layout of another machine
+    has none); None when it lands in none of them."""
+    for d in dirs:
+        if dest.startswith(d + os.sep):
+            return d, dest[len(d) + 1:]
+    real = os.path.realpath(dest)
+    for d in dirs:
+        rd = os.path.realpath(d)
+        if real.startswith(rd + os.sep):
+            return d, real[len(rd) + 1:]
+    return None
 
 
 def script_entries(wheel: str, dist_dir: str, entry_points: str, layout: Layout
