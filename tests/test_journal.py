@@ -237,6 +237,75 @@ def test_a_truncated_journal_is_reported_never_a_crash(scene: Scene) -> None:
     assert scene.state() == "new"
 
 
+@pytest.mark.parametrize("damage", ["cut", "gone", "empty"])
+def test_a_dist_info_a_kill_left_half_written_is_still_undone(scene: Scene,
+                                                              damage: str) -> None:
+    """Killed while uv wrote the new .dist-info (its RECORD cut short, not yet written, or
+    the folder still empty): uv can no longer uninstall it, and the next run removes it as
+    far as its RECORD goes and puts the old version back, byte for byte."""
+    scene.reset()
+    r = scene.install("installed:kill")
+    assert r.returncode == -9, r.stdout + r.stderr
+    info = site(scene.venv) / f"sageattention-{V2}.dist-info"
+    record = info / "RECORD"
+    if damage == "cut":
+        text = record.read_text()
+        record.write_text(text[: text.index("\n", len(text) // 2) + 9])  # mid-line
+    elif damage == "gone":
+        record.unlink()
+    else:
+        for f in info.iterdir():
+            f.unlink()
+    r = cli("doctor", "--python", str(venv_python(scene.venv)))
+    assert "interrupted install was found and undone" in r.stdout.replace("\n", " "), \
+        r.stdout + r.stderr
+    assert scene.state() == "old"
+
+
+def test_a_journal_naming_what_no_install_touches_is_refused(scene: Scene) -> None:
+    """A journal read after a kill may be anything: one naming another environment's
+    folders (copied with a moved environment), torch, a file outside the environment, or
+    of the wrong types is refused, one line, and nothing anywhere is changed."""
+    import json
+
+    scene.reset()
+    r = scene.install("verifying:kill")
+    assert r.returncode == -9, r.stdout + r.stderr
+    journal = scene.venv / STATE / "journal.json"
+    good = json.loads(journal.read_text())
+    (entry,) = good["touched"].values()
+    other = str(scene.venv.parent / "elsewhere" / "lib" / "site-packages")
+    bad = {
+        "another environment's site": {**entry, "site": other},
+        "a backup elsewhere": {**entry, "backup": str(scene.venv.parent / "elsewhere")},
+        "a file outside": {**entry, "files": [*entry["files"], "../../../../../x.py"]},
+        "wrong types": {**entry, "files": 5},
+    }
+    exe = str(venv_python(scene.venv))
+
+    def snapshot() -> dict[str, str]:  # every file of the venv but the tool's own state
+        return {str(f.relative_to(scene.venv)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in scene.venv.rglob("*") if f.is_file() and STATE not in f.parts}
+
+    before = snapshot()
+    for why, edited in bad.items():
+        journal.write_text(json.dumps({**good, "touched": {entry["name"]: edited}}))
+        r = cli("install", "--backends", "sage", "--no-embedded-index", "--python", exe)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")]
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (why, r.stderr)
+        assert errors[0].startswith("ERROR the journal of an interrupted install"), why
+        assert snapshot() == before and not (scene.venv.parent / "elsewhere").exists(), why
+    torch_entry = {**entry, "name": "torch"}
+    journal.write_text(json.dumps({**good, "touched": {"torch": torch_entry}}))
+    r = cli("doctor", "--python", exe)
+    assert "names torch, which is torch or a package torch needs" in r.stdout.replace("\n", " ")
+    assert snapshot() == before
+    journal.write_text(json.dumps(good))  # as it was: recovery goes on
+    r = cli("doctor", "--python", exe)
+    assert "interrupted install was found and undone" in r.stdout.replace("\n", " "), r.stdout
+    assert scene.state() == "old"
+
+
 def test_a_read_only_target_is_one_line(tmp_path, uv_bin, scene: Scene) -> None:
     venv = make_venv(tmp_path / "ro", torch=True)
     if subprocess.run(["chattr", "+i", str(venv)], capture_output=True).returncode != 0:

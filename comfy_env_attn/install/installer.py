@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -108,12 +109,55 @@ def own_sites(target: Target) -> list[str]:
 
 
 def uninstaller(target: Target, *, passthrough: bool = False) -> Callable[[str], None]:
+    """Uninstall one distribution from the target's own site-packages with uv; one that uv
+    cannot uninstall because a kill left its .dist-info half written or half removed (a
+    RECORD cut short, or gone), or that uv does not see at all for that reason, is removed
+    here as far as its RECORD goes, so that a rollback can always put the old one back."""
     def uninstall(name: str) -> None:
         if name in read_installed(own_sites(target)):
-            run_uv(["pip", "uninstall", "--python", target.executable, name], log,
-                   passthrough=passthrough)
+            try:
+                run_uv(["pip", "uninstall", "--python", target.executable, name], log,
+                       passthrough=passthrough)
+            except InstallError as e:
+                if not _dist_infos(target, name):
+                    raise
+                log(f"uv could not uninstall {name} ({_uv_reason(str(e))}): removing the "
+                    "files its RECORD lists, and its .dist-info")
+        for info in _dist_infos(target, name):  # what uv could not remove, or not see
+            _remove_recorded(target, info)
 
     return uninstall
+
+
+def _dist_infos(target: Target, name: str) -> list[Path]:
+    """The .dist-info folders of `name` in the target's own site-packages."""
+    out = []
+    for site in own_sites(target):
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(site):
+                if entry.name.endswith(".dist-info") and entry.is_dir(follow_symlinks=False) \
+                        and canonicalize_name(entry.name.split("-")[0]) == name:
+                    out.append(Path(entry.path))
+    return out
+
+
+def _remove_recorded(target: Target, info: Path) -> None:
+    """Remove the files a (perhaps cut short) RECORD in `info` lists, within the target's
+    prefix and never one of torch's closure, then the folder itself."""
+    try:
+        text = (info / "RECORD").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    prefix = guard.norm(str(Path(target.prefix)))
+    keep = protected_files(target)
+    site = str(info.parent)
+    for rel, _h, _s in record_rows(text):
+        path = guard.norm(os.path.normpath(os.path.join(site, site_path(rel))))
+        if path.startswith(prefix + os.sep) and path not in keep and \
+                not path.startswith(guard.norm(str(info)) + os.sep):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                os.unlink(path)
+    shutil.rmtree(info, ignore_errors=True)
 
 
 def protected_files(target: Target) -> set[str]:
@@ -166,7 +210,8 @@ def recover(target: Target) -> Recovery:
     _clean_lock_temps(target)
     if not j.exists():
         return Recovery()
-    j.load()
+    installed = read_installed(target.site_dirs)
+    j.load(own_sites(target), protected(installed, target.facts.get("markers") or {}))
     state = j.state
     if state == "locking" and \
             _file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -128,6 +129,21 @@ class Touched:
 
 
 STATES = ("backing-up", "installing", "verifying", "locking", "committed")
+_DIST_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,198}[a-z0-9])?$")
+
+
+def _touched(key: str, v: Any) -> Touched:
+    """One entry of a journal, its types checked (a journal is read after a kill, and may
+    be anything)."""
+    t = Touched(**dict(v))
+    if not (t.name == key and isinstance(key, str) and _DIST_NAME.match(key)):
+        raise ValueError(f"entry {str(key)[:60]!r} is not a distribution's name")
+    if not isinstance(t.site, str) or not all(isinstance(x, str | None) for x in
+                                               (t.before, t.backup)):
+        raise ValueError(f"entry {key}: site, before and backup must be strings")
+    if not isinstance(t.files, list) or not all(isinstance(f, str) for f in t.files):
+        raise ValueError(f"entry {key}: files must be a list of paths")
+    return t
 
 
 @dataclass
@@ -157,21 +173,56 @@ class Journal:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def load(self) -> Journal:
+    def load(self, own_sites: Collection[str] = (), protected: Collection[str] = ()
+             ) -> Journal:
+        """Read the journal, and check that it can only touch what an install of this
+        target touches (`own_sites`: the target's own site-packages; `protected`: torch's
+        closure, which no install changes): JournalError otherwise, with nothing done. A
+        journal copied with its environment (a moved ComfyUI folder) names the old one's
+        folders, and is refused rather than followed there."""
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             self.meta = dict(doc["meta"])
-            self.touched = {k: Touched(**v) for k, v in doc["touched"].items()}
+            self.touched = {k: _touched(k, v) for k, v in dict(doc["touched"]).items()}
             if self.state not in STATES:
                 raise ValueError(f"unknown state {self.state!r}")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise JournalError(
                 f"the journal of an interrupted install, {self.path}, cannot be read "
                 f"({type(e).__name__}: {str(e)[:120]}), so what that install changed is "
                 f"unknown. The files it replaced are kept in {self.backup_root}. Check the "
                 f"target (comfy-env-attn doctor; reinstall a backend that is broken), then "
                 f"delete {self.path} and {self.backup_root} to go on") from None
+        if own_sites:
+            why = self._foreign(own_sites, protected)
+            if why:
+                raise JournalError(
+                    f"the journal of an interrupted install, {self.path}, {why}: it is not "
+                    f"this environment's to follow (one moved or copied while an install ran, "
+                    f"or an edited journal), so nothing was done. The files that install "
+                    f"replaced are kept in {self.backup_root}. Check the target "
+                    f"(comfy-env-attn doctor; reinstall a backend that is broken), then "
+                    f"delete {self.path} and {self.backup_root} to go on")
         return self
+
+    def _foreign(self, own_sites: Collection[str], protected: Collection[str]) -> str | None:
+        """Why the journal names what no install of this target touches (None: it does
+        not)."""
+        sites = {norm(s) for s in own_sites}
+        prefix = norm(str(self.prefix))
+        for name, t in self.touched.items():
+            if name in protected:
+                return (f"names {name}, which is torch or a package torch needs: no install "
+                        "changes those")
+            if norm(t.site) not in sites:
+                return f"names {t.site} for {name}, not this environment's site-packages"
+            if t.backup is not None and norm(t.backup) != norm(str(self.backup_root / name)):
+                return f"keeps {name}'s files in {t.backup}, not in {self.backup_root}"
+            for rel in t.files:
+                path = norm(os.path.normpath(os.path.join(t.site, rel)))
+                if os.path.isabs(rel) or not path.startswith(prefix + os.sep):
+                    return f"lists {rel!r} for {name}, outside the environment {self.prefix}"
+        return None
 
     def save(self) -> None:
         doc = {"meta": self.meta, "touched": {k: asdict(v) for k, v in self.touched.items()}}
