@@ -306,6 +306,27 @@ def test_a_journal_naming_what_no_install_touches_is_refused(scene: Scene) -> No
     assert scene.state() == "old"
 
 
+@pytest.mark.parametrize("name", ["install.lock", "backup", "journal.tmp"])
+def test_a_link_in_the_state_folder_is_refused_never_followed(scene: Scene, tmp_path: Path,
+                                                              name: str) -> None:
+    """The tool's state folder holds its own files: a link there (to a file of torch's, a
+    folder elsewhere, a dangling name) is refused before anything is opened through it."""
+    scene.reset()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine\n")
+    (scene.venv / STATE).mkdir(exist_ok=True)
+    (scene.venv / STATE / name).unlink(missing_ok=True)  # the template's own lock file
+    where = {"install.lock": outside / "keep.txt", "backup": outside,
+             "journal.tmp": outside / "new.txt"}[name]
+    (scene.venv / STATE / name).symlink_to(where)
+    r = scene.install("none")
+    assert r.returncode == 1 and f"{name} is a link" in r.stderr, r.stdout + r.stderr
+    assert sorted(os.listdir(outside)) == ["keep.txt"]
+    assert (outside / "keep.txt").read_text() == "mine\n"
+    assert read_installed([str(site(scene.venv))])["sageattention"].version == V1
+
+
 def test_a_read_only_target_is_one_line(tmp_path, uv_bin, scene: Scene) -> None:
     venv = make_venv(tmp_path / "ro", torch=True)
     if subprocess.run(["chattr", "+i", str(venv)], capture_output=True).returncode != 0:

@@ -94,10 +94,16 @@ def target_lock(prefix: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Exclusive per target; a second install waits and says so."""
     d = state_dir(prefix)
     path = d / "install.lock"
+    _refuse_links(d)
     try:
         d.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held across the yield)
+        # never through a link (O_NOFOLLOW where there is one; _refuse_links elsewhere)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        f = os.fdopen(fd, "a+", encoding="utf-8")  # held across the yield
     except OSError as e:
+        if os.path.isdir(d) and not os.path.isfile(path) and os.path.exists(path):
+            raise InstallError(f"{path} is not a file: the folder {d} holds only this "
+                               "tool's own files; remove it to go on") from None
         raise InstallError(f"cannot write to {d}: {e.strerror or e}; the target is "
                            "read-only or not yours: nothing was changed") from None
     with f:
@@ -116,6 +122,20 @@ def target_lock(prefix: Path, log: Callable[[str], None]) -> Iterator[None]:
             f.seek(0)
             f.truncate()
             f.flush()
+
+
+def _refuse_links(d: Path) -> None:
+    """The state folder and what the tool keeps in it are its own files and folders: one
+    that is a link (to torch's __init__.py, say) would have the tool truncate, write or
+    delete where it points. InstallError naming it, before anything is opened."""
+    for p in (d, d / "install.lock", d / "journal.json", d / "journal.tmp", d / "backup"):
+        if os.path.islink(p):
+            raise InstallError(f"{p} is a link ({os.readlink(p)}): the folder {d} holds only "
+                               "this tool's own files, which it never writes through a "
+                               "link; remove the link to go on (nothing was changed)")
+    if d.exists() and not d.is_dir():
+        raise InstallError(f"{d} is not a folder: it holds this tool's own files; remove it "
+                           "to go on (nothing was changed)")
 
 
 @dataclass
