@@ -180,6 +180,17 @@ def test_uninstall_of_a_variant_says_it_would_take_its_package(tmp_path: Path) -
     assert "`--backends sage` removes both" in r.stderr
 
 
+def test_a_lock_or_profile_that_is_no_regular_file_is_refused_not_read(
+        tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for args in (("lock", "--file", str(fifo)), ("plan", "--system", str(fifo))):
+        r = cli(*args, timeout=60)
+        assert r.returncode == 1 and "is not a regular file" in r.stderr, r.stderr
+
+
 def test_malformed_toml_names_line_and_column(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('python = "3.12"\nplatform = linux\n')

@@ -352,3 +352,25 @@ def test_causal_with_other_key_lengths_needs_its_own_proof() -> None:
                   lengths_differ=True)
     assert packed.variants() == ("varlen", "varlen_causal", "varlen_cross",
                                  "varlen_causal_cross")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "nested"])
+def test_a_lock_that_is_no_file_or_too_deep_is_one_warning_never_a_hang(
+        tmp_path, monkeypatch, caplog, fresh, kind) -> None:
+    """A FIFO in the lock's place would block ComfyUI's start on the read; a lock nested
+    past what TOML can read raised RecursionError: each is one warning, then SDPA."""
+    import os
+
+    lock = tmp_path / "pylock.comfy-env-attn.toml"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    q = torch.randn(1, 2, 16, 8)
+    with caplog.at_level(logging.WARNING, "comfy_env_attn"):
+        out = dispatch.dispatch_attention(q, q, q)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+    said = [r.getMessage() for r in caplog.records if "is invalid" in r.getMessage()]
+    assert len(said) == 1 and ("not a regular file" if kind == "fifo" else "Recursion") \
+        in said[0], said

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from comfy_env_attn.core.backends import SHIPPED_PLUGINS, primary
 from comfy_env_attn.core.errors import AttnError
+from comfy_env_attn.core.paths import readable_file
 
 LOCK_NAME = "pylock.comfy-env-attn.toml"
 SCHEMA = 2
@@ -37,7 +38,9 @@ def lock_path(prefix: str | os.PathLike[str]) -> Path:
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """tomllib on 3.11+, tomli before. Raises OSError, UnicodeDecodeError or the TOML error."""
+    """tomllib on 3.11+, tomli before. Raises OSError, UnicodeDecodeError, ValueError (not a
+    regular file: core.paths.readable_file) or the TOML error."""
+    readable_file(Path(path))
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # Python 3.10

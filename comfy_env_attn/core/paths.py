@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -97,3 +98,21 @@ def write_cache(path: Path, text: str) -> None:
         replace_file(path, text)
     except OSError:
         pass
+
+
+FILE_MAX_BYTES = 256 * 10**6  # a lock with thousands of checks is a few MB
+
+
+def readable_file(path: Path) -> None:
+    """ValueError unless `path`, where it exists, is a regular file of a sane size: a FIFO
+    in its place would block the read (ComfyUI's start, where the dispatcher reads the
+    lock), a device would never end. A path that does not exist is left to the reader."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{str(path)!r} is not a regular file")
+    if st.st_size > FILE_MAX_BYTES:
+        raise ValueError(f"{str(path)!r} is {st.st_size / 1e6:.0f} MB, more than any such "
+                         f"file ({FILE_MAX_BYTES // 10**6} MB at most)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.errors import AttnError, ProfileError
+from comfy_env_attn.core.paths import readable_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -221,8 +222,13 @@ def toml_error(where: str, text: str, e: Exception) -> str:
 
 def read_toml(path: str | Path, *, what: str,
               error: type[AttnError] = ProfileError) -> dict[str, Any]:
-    """A TOML file as a dict; `error` naming the file (and line and column) otherwise."""
+    """A TOML file as a dict; `error` naming the file (and line and column) otherwise. Not
+    a regular file (a FIFO would block the read, a device would never end): refused."""
     p = Path(path)
+    try:
+        readable_file(p)
+    except ValueError as e:
+        raise error(f"{what} {e}") from None
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
@@ -234,6 +240,9 @@ def read_toml(path: str | Path, *, what: str,
         doc: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise error(toml_error(str(p), text, e)) from None
+    except RecursionError:
+        raise error(f"{what} {str(p)!r} nests tables or arrays deeper than TOML can be "
+                    "read here") from None
     return doc
 
 

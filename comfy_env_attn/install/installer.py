@@ -4,7 +4,6 @@ target, record what passed in the lock; undo everything on failure."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -68,7 +67,7 @@ from comfy_env_attn.install.edges import (
     wheel_member,
     wheel_metadata,
 )
-from comfy_env_attn.install.journal import Journal, crash_point, keep_foreign
+from comfy_env_attn.install.journal import Journal, crash_point, file_sha256, keep_foreign
 from comfy_env_attn.verify.run import Options, Result, verify
 
 MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
@@ -168,13 +167,6 @@ def protected_files(target: Target) -> set[str]:
     return {path for n in names for _rel, path in owned_files(installed[n])}
 
 
-def _file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def _clean_lock_temps(target: Target) -> None:
     lock = lockfile.lock_path(target.prefix)
     for tmp in lock.parent.glob(f".{lock.name}.*.tmp"):
@@ -214,7 +206,7 @@ def recover(target: Target) -> Recovery:
     j.load(own_sites(target), protected(installed, target.facts.get("markers") or {}))
     state = j.state
     if state == "locking" and \
-            _file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):
+            file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):
         j.meta["state"] = "committed"  # the new lock was in place: the install had finished
     verb = "finished" if j.state == "committed" else "undone"
     action = j.meta.get("action", "install")
@@ -542,7 +534,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 live = _files_now(results, target, [bk.BACKENDS[b].dist for b in failed])
         crash_point("verified")
         journal.set_state("locking",
-                          lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
+                          lock_before=file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
         staying = [b for b, _ in to_install if opts.keep_failed or b not in failed]
         out.lock = _write_lock(target, after, results, [f for _, f in ready], live=live,
@@ -550,11 +542,11 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                                                    installed))
         crash_point("locked")
         journal.commit()
-    except (AttnError, KeyboardInterrupt, OSError) as e:
+    except BaseException as e:  # anything at all, a bug included: the target goes back
         if isinstance(e, KeyboardInterrupt):
             log("interrupted: putting the target back as it was ...")
         try:
-            if journal.state == "locking" and _file_sha256(
+            if journal.state == "locking" and file_sha256(
                     lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
                 journal.meta["state"] = "committed"  # the new lock is in place: keep it
             done = journal.rollback(uninstall, protected_files(target))
@@ -565,6 +557,9 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         if isinstance(e, KeyboardInterrupt):
             log(_restored_line(journal, done))
             raise
+        if not isinstance(e, AttnError | OSError):
+            log(_restored_line(journal, done))
+            raise  # not an error of the target's or the user's: its traceback is the report
         if journal.meta.get("state") == "committed":
             raise InstallError(f"{e}\nthe install itself had completed and was kept") from None
         raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
@@ -1034,18 +1029,18 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         after = read_installed(target.site_dirs)
         _check_untouched(ctx, before_files, after, [])
         journal.set_state("locking",
-                          lock_before=_file_sha256(lockfile.lock_path(target.prefix)))
+                          lock_before=file_sha256(lockfile.lock_path(target.prefix)))
         crash_point("locking")
         out.lock = _lock_without(target, remove, after, released)
         journal.commit()
-    except (AttnError, KeyboardInterrupt, OSError) as e:
-        if journal.state == "locking" and _file_sha256(
+    except BaseException as e:  # anything at all, a bug included: the target goes back
+        if journal.state == "locking" and file_sha256(
                 lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
             journal.meta["state"] = "committed"  # the new lock is in place: keep it
         if isinstance(e, KeyboardInterrupt):
             log("interrupted: putting the target back as it was ...")
         done = journal.rollback(uninstall, protected_files(target))
-        if isinstance(e, KeyboardInterrupt):
+        if not isinstance(e, AttnError | OSError):
             log(_restored_line(journal, done))
             raise
         if journal.meta.get("state") == "committed":

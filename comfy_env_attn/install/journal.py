@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from comfy_env_attn.core.errors import InstallError
-from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.paths import readable_file, replace_file
 from comfy_env_attn.facts.installed import (
     Installed,
     norm,
@@ -397,7 +397,10 @@ def _unlist(site: str, name: str, foreign: Collection[str]) -> list[str]:
 
 
 def file_sha256(path: Path) -> str | None:
+    """The file's sha256; None where there is none, or no regular file (a FIFO in the lock's
+    place would block the read)."""
     try:
+        readable_file(path)
         return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+    except (OSError, ValueError):
         return None
