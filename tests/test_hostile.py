@@ -793,3 +793,30 @@ def test_an_installed_distribution_asked_with_extras_brings_their_requirements(
     assert needs.missing == ["baz>=2"]
     assert needs.refused == ["foo 1.0 requires numpy<1; the target has numpy 2.1.0: "
                              "installing it would replace numpy, which torch needs"]
+
+
+def test_a_decompression_bomb_is_refused_before_anything_inflates(tmp_path) -> None:
+    """A member that inflates 100 times past 64 MB, or a METADATA beyond 1 MB, is refused
+    from the zip directory: neither the tool nor uv inflates it."""
+    import zipfile
+
+    from comfy_env_attn.core.errors import InstallError
+    from comfy_env_attn.install.edges import wheel_bomb, wheel_metadata
+
+    d = "sageattention-2.2.0"
+    bomb = tmp_path / "bomb" / f"{d}-py3-none-any.whl"
+    bomb.parent.mkdir()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{d}.dist-info/METADATA", "Metadata-Version: 2.1\nName: sageattention\n"
+                   "Version: 2.2.0\n" + "X: " + " " * (2 << 20) + "\n")
+        with z.open("sageattention/big.bin", "w", force_zip64=True) as f:
+            for _ in range(70):
+                f.write(b"\0" * (1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    why = wheel_bomb(bomb)
+    assert why is not None and "sageattention/big.bin would inflate" in why and \
+        "a decompression bomb" in why
+    with pytest.raises(InstallError, match="METADATA is 2 MB, more than any such file"):
+        wheel_metadata(bomb)
+    ok = sage_wheel(tmp_path / "ok", "ok", f"2.2.0+{LABEL}")
+    assert wheel_bomb(ok) is None and "Name: sageattention" in wheel_metadata(ok)

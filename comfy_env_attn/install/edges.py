@@ -370,11 +370,52 @@ def wheel_listing(path: Path) -> list[str]:
         raise InstallError(f"{path.name} is not a valid wheel ({e})") from None
 
 
+# What a wheel may unpack to. The largest real attention wheels (flash-attn, xformers, for
+# every SM) inflate to about 1.5 GB, their libraries at most about 5 times their deflated
+# size; a file that inflates 100 times beyond 64 MB, or a wheel beyond 16 GB, is a
+# decompression bomb, which would fill the disk as uv unpacks it.
+UNPACKED_MAX_BYTES = 16 * 10**9
+RATIO_MAX, RATIO_FROM_BYTES = 100, 64 * 10**6
+TEXT_MEMBER_MAX_BYTES = 64 * 10**6  # RECORD, entry_points.txt, a .pth: read whole
+
+
+def wheel_bomb(path: Path) -> str | None:
+    """Why the wheel's zip directory says it would unpack to far more than any wheel does
+    (None: it does not)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{path.name} is not a valid wheel ({e})"
+    total = sum(i.file_size for i in infos)
+    if total > UNPACKED_MAX_BYTES:
+        return (f"{path.name} would unpack to {total / 1e9:.0f} GB (more than "
+                f"{UNPACKED_MAX_BYTES // 10**9} GB): a decompression bomb, not a wheel")
+    for i in infos:
+        if i.file_size > RATIO_FROM_BYTES and i.file_size > RATIO_MAX * max(i.compress_size, 1):
+            return (f"{path.name}: {i.filename} would inflate {i.compress_size} bytes to "
+                    f"{i.file_size / 1e6:.0f} MB, over {RATIO_MAX} times: a decompression "
+                    "bomb")
+    return None
+
+
+def _read_member(z: zipfile.ZipFile, name: str, max_bytes: int, wheel: str) -> str:
+    """One member as text, never more than max_bytes read whatever its header says."""
+    if z.getinfo(name).file_size > max_bytes:
+        raise InstallError(f"{wheel}: {name} is {z.getinfo(name).file_size / 1e6:.0f} MB, "
+                           f"more than any such file ({max_bytes // 10**6 or 1} MB at most)")
+    with z.open(name) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InstallError(f"{wheel}: {name} inflates past its stated size")
+    return data.decode("utf-8", errors="replace")
+
+
 def wheel_member(path: Path, name: str) -> str:
     """One file of a wheel as text; "" when the wheel has none by that name."""
     try:
         with zipfile.ZipFile(path) as z:
-            return z.read(name).decode("utf-8", errors="replace")
+            return _read_member(z, name, TEXT_MEMBER_MAX_BYTES, path.name)
     except KeyError:
         return ""
     except (zipfile.BadZipFile, OSError) as e:
@@ -398,7 +439,7 @@ def wheel_metadata(path: Path) -> str:
                          if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
             if name is None:
                 raise InstallError(f"{path.name} has no .dist-info/METADATA: not a wheel")
-            return z.read(name).decode("utf-8", errors="replace")
+            return _read_member(z, name, METADATA_MAX_BYTES, path.name)
     except zipfile.BadZipFile:
         raise InstallError(f"{path.name} is not a valid wheel (bad zip)") from None
 
