@@ -42,11 +42,12 @@ def torch_and_sympy_untouched():
 
 
 def snapshot(venv: Path) -> dict[str, str]:
-    """Every file of the venv by content (install.lock's holder line aside)."""
+    """Every file of the venv by content, compiled bytecode included (install.lock's holder
+    line aside)."""
     out = {}
     for p in sorted(venv.rglob("*")):
         rel = p.relative_to(venv).as_posix()
-        if p.is_file() and "__pycache__" not in rel and rel != f"{STATE}/install.lock":
+        if p.is_file() and rel != f"{STATE}/install.lock":
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
@@ -65,6 +66,11 @@ class Scene:
         self.index = serve(server, {"sageattention": [v1]})
         r = install(self.venv, profile, "--index-url", self.index)
         assert r.returncode == 0, r.stdout + r.stderr
+        # imported once, as ComfyUI would: its bytecode is part of the state to come back
+        subprocess.run([str(venv_python(self.venv)), "-c", "import sageattention"],
+                       check=True, env={k: v for k, v in os.environ.items()
+                                        if k != "PYTHONDONTWRITEBYTECODE"})
+        assert list((site(self.venv) / "sageattention" / "__pycache__").glob("*.pyc"))
         v2 = data_wheel(w, V2, script="v2", data="notes of v2\n")
         serve(server, {"sageattention": [v1, v2]})
         shutil.copytree(self.venv, self.template, symlinks=True)

@@ -272,6 +272,7 @@ class Journal:
             self.save()
             return
         files = [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
+        files += _bytecode_of(inst.location, files)
         dest = self.backup_root / name
         try:
             if dest.exists():
@@ -360,6 +361,28 @@ class Journal:
             shutil.rmtree(self.backup_root, ignore_errors=True)
             out.append(str(self.backup_root))
         return out
+
+
+def _bytecode_of(site: str, files: list[str]) -> list[str]:
+    """The compiled bytecode Python wrote beside a distribution's modules (__pycache__/
+    <module>.<tag>.pyc), which its RECORD does not list and an uninstall removes with it:
+    backed up too, so that a rollback leaves the environment byte for byte as it was."""
+    listed = set(files)
+    modules: dict[str, set[str]] = {}  # folder -> its modules' names
+    for rel in files:
+        if rel.endswith(".py"):
+            folder, _, module = rel.rpartition("/")
+            modules.setdefault(folder, set()).add(module[:-3])
+    out = []
+    for folder, names in modules.items():
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(os.path.join(site, folder, "__pycache__")):
+                pyc = f"{folder}/__pycache__/{entry.name}" if folder else \
+                    f"__pycache__/{entry.name}"
+                if entry.name.endswith(".pyc") and entry.name.split(".")[0] in names and \
+                        pyc not in listed and entry.is_file(follow_symlinks=False):
+                    out.append(pyc)
+    return sorted(out)
 
 
 def keep_foreign(site: str, name: str, foreign: Collection[str]) -> list[str]:
