@@ -182,7 +182,9 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
                                             installed=mine.version if mine else None,
                                             python=target.executable)
         found.append(Finding(severity, "node", said, step))
-    if Journal(target.prefix).exists():
+    journal = Journal(target.prefix)
+    # a kill just after the journal went leaves its backups: recover removes them too
+    if journal.exists() or journal.backup_root.exists():
         try:
             with target_lock(target.prefix, log):
                 done = recover(target)

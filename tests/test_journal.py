@@ -168,6 +168,18 @@ def test_kill_9_at_each_step_then_recovery(scene: Scene, step: str) -> None:
     assert scene.state() == KILL[step], (done, r.stderr)
 
 
+def test_doctor_removes_the_backups_a_kill_left_after_the_journal(scene: Scene) -> None:
+    """Killed between removing the journal and its backups: the install had finished, and
+    doctor (not only the next install) removes the backup copy, saying so."""
+    scene.reset()
+    r = scene.install("journal-removed:kill")
+    assert r.returncode == -9, r.stdout + r.stderr
+    assert (scene.venv / STATE / "backup").exists()
+    r = cli("doctor", "--python", str(venv_python(scene.venv)))
+    assert "removed what an interrupted run left behind" in r.stderr, r.stdout + r.stderr
+    assert scene.state() == "new"
+
+
 # Ctrl-C: before the lock is in place the run undoes itself; after, it keeps the new state
 INT = {
     "installed": "old",

@@ -199,9 +199,11 @@ def recover(target: Target) -> Recovery:
     """Finish or undo an install that was killed midway (call with the target lock held):
     JournalError when its journal cannot be read."""
     j = Journal(target.prefix)
-    j.clean_leftovers()
+    left = j.clean_leftovers()
     _clean_lock_temps(target)
     if not j.exists():
+        if left:
+            notice(f"removed what an interrupted run left behind: {', '.join(left)}")
         return Recovery()
     installed = read_installed(target.site_dirs)
     j.load(own_sites(target), protected(installed, target.facts.get("markers") or {}))
