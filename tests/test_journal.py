@@ -168,6 +168,20 @@ def test_kill_9_at_each_step_then_recovery(scene: Scene, step: str) -> None:
     assert scene.state() == KILL[step], (done, r.stderr)
 
 
+def test_a_run_killed_while_locking_elsewhere_is_judged_by_that_lock(scene: Scene,
+                                                                     tmp_path: Path) -> None:
+    """An install writing its lock where COMFY_ENV_ATTN_LOCK said, killed before it did,
+    is undone by a run without that variable: the journal names the lock it was replacing
+    (the target's own lock, untouched, says nothing about it)."""
+    scene.reset()
+    r = install(scene.venv, scene.profile, "--index-url", scene.index,
+                env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "locking:kill",
+                     "COMFY_ENV_ATTN_LOCK": str(tmp_path / "elsewhere.toml")})
+    assert r.returncode == -9, r.stdout + r.stderr
+    done = scene.recover()
+    assert scene.state() == "old", done
+
+
 def test_doctor_removes_the_backups_a_kill_left_after_the_journal(scene: Scene) -> None:
     """Killed between removing the journal and its backups: the install had finished, and
     doctor (not only the next install) removes the backup copy, saying so."""

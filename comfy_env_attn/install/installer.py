@@ -195,6 +195,23 @@ class Recovery:
             if self.verb else None
 
 
+def _locking(journal: Journal, target: Target) -> None:
+    """The run is about to replace the lock: the journal records which file (the lock's
+    path depends on COMFY_ENV_ATTN_LOCK, which a later run may not have) and its sha256."""
+    path = lockfile.lock_path(target.prefix)
+    journal.set_state("locking", lock=str(path), lock_before=file_sha256(path))
+
+
+def _lock_replaced(journal: Journal, target: Target) -> bool:
+    """Whether a run stopped at "locking" had already put its new lock in place (then it
+    had finished, and is kept): the file it was replacing no longer has its old sha256."""
+    if journal.state != "locking":
+        return False
+    recorded = journal.meta.get("lock")
+    path = Path(recorded) if isinstance(recorded, str) else lockfile.lock_path(target.prefix)
+    return file_sha256(path) != journal.meta.get("lock_before")
+
+
 def recover(target: Target) -> Recovery:
     """Finish or undo an install that was killed midway (call with the target lock held):
     JournalError when its journal cannot be read."""
@@ -208,8 +225,7 @@ def recover(target: Target) -> Recovery:
     installed = read_installed(target.site_dirs)
     j.load(own_sites(target), protected(installed, target.facts.get("markers") or {}))
     state = j.state
-    if state == "locking" and \
-            file_sha256(lockfile.lock_path(target.prefix)) != j.meta.get("lock_before"):
+    if _lock_replaced(j, target):
         j.meta["state"] = "committed"  # the new lock was in place: the install had finished
     verb = "finished" if j.state == "committed" else "undone"
     action = j.meta.get("action", "install")
@@ -539,8 +555,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 ready = [(b, f) for b, f in ready if b not in failed]
                 live = _files_now(results, target, [bk.BACKENDS[b].dist for b in failed])
         crash_point("verified")
-        journal.set_state("locking",
-                          lock_before=file_sha256(lockfile.lock_path(target.prefix)))
+        _locking(journal, target)
         crash_point("locking")
         staying = [b for b, _ in to_install if opts.keep_failed or b not in failed]
         out.lock = _write_lock(target, after, results, [f for _, f in ready], live=live,
@@ -552,8 +567,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         if isinstance(e, KeyboardInterrupt):
             log("interrupted: putting the target back as it was ...")
         try:
-            if journal.state == "locking" and file_sha256(
-                    lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
+            if _lock_replaced(journal, target):
                 journal.meta["state"] = "committed"  # the new lock is in place: keep it
             done = journal.rollback(uninstall, protected_files(target))
         except BaseException:
@@ -1034,14 +1048,12 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
                                           f"{installed[d].version}, which came with it")
         after = read_installed(target.site_dirs)
         _check_untouched(ctx, before_files, after, [])
-        journal.set_state("locking",
-                          lock_before=file_sha256(lockfile.lock_path(target.prefix)))
+        _locking(journal, target)
         crash_point("locking")
         out.lock = _lock_without(target, remove, after, released)
         journal.commit()
     except BaseException as e:  # anything at all, a bug included: the target goes back
-        if journal.state == "locking" and file_sha256(
-                lockfile.lock_path(target.prefix)) != journal.meta.get("lock_before"):
+        if _lock_replaced(journal, target):
             journal.meta["state"] = "committed"  # the new lock is in place: keep it
         if isinstance(e, KeyboardInterrupt):
             log("interrupted: putting the target back as it was ...")
