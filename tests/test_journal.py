@@ -269,7 +269,7 @@ def test_a_truncated_journal_is_reported_never_a_crash(scene: Scene) -> None:
     assert scene.state() == "new"
 
 
-@pytest.mark.parametrize("damage", ["cut", "gone", "empty"])
+@pytest.mark.parametrize("damage", ["cut", "gone", "empty", "data"])
 def test_a_dist_info_a_kill_left_half_written_is_still_undone(scene: Scene,
                                                               damage: str) -> None:
     """Killed while uv wrote the new .dist-info (its RECORD cut short, not yet written, or
@@ -285,9 +285,13 @@ def test_a_dist_info_a_kill_left_half_written_is_still_undone(scene: Scene,
         record.write_text(text[: text.index("\n", len(text) // 2) + 9])  # mid-line
     elif damage == "gone":
         record.unlink()
-    else:
+    elif damage == "empty":
         for f in info.iterdir():
             f.unlink()
+    else:  # uv killed while it moved the wheel's .data files into place
+        data = site(scene.venv) / f"sageattention-{V2}.data" / "scripts"
+        data.mkdir(parents=True)
+        (data / "sage-info").write_text("half\n")
     r = cli("doctor", "--python", str(venv_python(scene.venv)))
     assert "interrupted install was found and undone" in r.stdout.replace("\n", " "), \
         r.stdout + r.stderr

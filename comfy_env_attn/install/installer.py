@@ -125,17 +125,21 @@ def uninstaller(target: Target, *, passthrough: bool = False) -> Callable[[str],
                     "files its RECORD lists, and its .dist-info")
         for info in _dist_infos(target, name):  # what uv could not remove, or not see
             _remove_recorded(target, info)
+        for data in _dist_infos(target, name, ".data"):  # uv unpacking, killed midway
+            shutil.rmtree(data, ignore_errors=True)
 
     return uninstall
 
 
-def _dist_infos(target: Target, name: str) -> list[Path]:
-    """The .dist-info folders of `name` in the target's own site-packages."""
+def _dist_infos(target: Target, name: str, suffix: str = ".dist-info") -> list[Path]:
+    """The .dist-info folders of `name` in the target's own site-packages (or, suffix
+    ".data", the folders a wheel's .data unpacks to, which an installer empties and removes
+    once it has moved their files)."""
     out = []
     for site in own_sites(target):
         with contextlib.suppress(OSError):
             for entry in os.scandir(site):
-                if entry.name.endswith(".dist-info") and entry.is_dir(follow_symlinks=False) \
+                if entry.name.endswith(suffix) and entry.is_dir(follow_symlinks=False) \
                         and canonicalize_name(entry.name.split("-")[0]) == name:
                     out.append(Path(entry.path))
     return out
