@@ -341,7 +341,11 @@ def test_uninstall_takes_the_variant_out_of_the_lock(tmp_path: Path, venv: Path)
     assert r.returncode == 0, r.stdout + r.stderr
     lock = venv / lockfile.LOCK_NAME
     assert tool_table(lockfile.read(lock)).backends["sage_fp16"].verified
-    r = cli("uninstall", "--python", py, "--backends", "sage_fp16")  # = sage's package
+    # the variant is a kernel of sage's package: naming it alone is refused, saying so
+    r = cli("uninstall", "--python", py, "--backends", "sage_fp16")
+    assert r.returncode == 2 and "`--backends sage` removes both" in r.stderr, r.stderr
+    assert "sageattention" in read_installed([str(venv_site(venv))])
+    r = cli("uninstall", "--python", py, "--backends", "sage")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sageattention" not in read_installed([str(venv_site(venv))])
     table = tool_table(lockfile.read(lock))
