@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli, make_venv, venv_python, write_gpu_profile
-from wheels import SAGE_WRONG, sage_wheel
+from wheels import SAGE_WRONG, build_wheel, sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
 from comfy_env_attn.lockfile import LOCK_NAME, read
@@ -282,6 +282,30 @@ def test_a_wheel_not_had_leaves_the_installed_version_said_as_kept(tmp_path, ven
     (row,) = json.loads(r.stdout)["backends"]
     assert row["wheel"] == newer.name and row["version"] == f"2.2.0+{LABEL}", row
     assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+
+
+@pytest.mark.parametrize("unresolvable", ["dep", "other"])
+def test_a_failed_attempt_leaves_no_claim_on_the_next_wheel(tmp_path, venv, profile, uv_bin,
+                                                            unresolvable: str) -> None:
+    """sage 2.4 needs dep>=2 (and other); dep 2.0 or other needs a package no source has.
+    sage 2.3 needs dep>=1, which the installed dep 1.0 meets: it installs, and dep stays
+    1.0 (what the failed attempt's wheels claimed is forgotten)."""
+    py = str(venv_python(venv))
+    old = build_wheel(tmp_path / "old", "dep", "1.0", {"dep.py": ""}, requires=[])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(old)],
+                   check=True)
+    folder = tmp_path / "links"
+    sage_wheel(folder, "ok", f"2.4.0+{LABEL}", requires=["torch>=2.0", "dep>=2", "other"])
+    sage_wheel(folder, "ok", f"2.3.0+{LABEL}", requires=["torch>=2.0", "dep>=1"])
+    build_wheel(folder, "dep", "2.0", {"dep.py": ""},
+                requires=["nowhere-pkg"] if unresolvable == "dep" else [])
+    build_wheel(folder, "other", "1.0", {"other.py": ""},
+                requires=["nowhere-pkg"] if unresolvable == "other" else [])
+    r = cli("install", "--python", py, "--system", str(profile), "--find-links", str(folder),
+            "--no-embedded-index", "--backends", "sage", "--no-verify", "--json")
+    (row,) = json.loads(r.stdout)["backends"]
+    assert row["action"] == "installed" and row["version"] == f"2.3.0+{LABEL}", row
+    assert installed_in(venv) == {"dep": "1.0", "sageattention": f"2.3.0+{LABEL}"}
 
 
 def test_only_what_the_failed_backend_brought_is_rolled_back(tmp_path) -> None:
@@ -726,3 +750,35 @@ def test_a_shim_installs_into_the_interpreter_it_runs_now(tmp_path, profile) -> 
     assert installed_in(b)["sageattention"] == f"2.2.0+{LABEL}"
     assert "sageattention" not in installed_in(a)
     assert (b / LOCK_NAME).is_file() and not (a / LOCK_NAME).exists()
+
+
+def test_the_uninstall_fallback_takes_only_that_distribution(tmp_path, monkeypatch) -> None:
+    """uv failing on a half-written .dist-info: the fallback removes what that RECORD
+    lists, and never another distribution whose folder name starts alike (bar-baz-1.0)."""
+    from comfy_env_attn.core.errors import InstallError
+    from comfy_env_attn.facts.installed import read_installed
+    from comfy_env_attn.facts.probe import Target
+    from comfy_env_attn.install import installer
+
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    for folder, name, module in (("bar-1.0.dist-info", "bar", "bar.py"),
+                                 ("bar-baz-1.0.dist-info", "bar-baz", "bar_baz.py")):
+        (site / folder).mkdir()
+        (site / folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n"
+                                                "Version: 1.0\n")
+        (site / module).write_text("x")
+        (site / folder / "RECORD").write_text(f"{module},,\n{folder}/RECORD,,\n../../../x,,\n")
+    (tmp_path.parent / "x").write_text("outside the environment")
+    target = Target("/nonexistent/python", {"prefix": str(tmp_path), "purelib": str(site),
+                                            "platlib": str(site), "sys_path": [str(site)]})
+
+    def uv_fails(*args, **kwargs):
+        raise InstallError("uv pip uninstall failed (exit 2):\n  RECORD file is invalid")
+
+    monkeypatch.setattr(installer, "run_uv", uv_fails)
+    monkeypatch.setattr(installer, "protected_files", lambda target: set())
+    installer.uninstaller(target)("bar")
+    assert sorted(read_installed([str(site)])) == ["bar-baz"]
+    assert sorted(p.name for p in site.iterdir()) == ["bar-baz-1.0.dist-info", "bar_baz.py"]
+    assert (tmp_path.parent / "x").read_text() == "outside the environment"

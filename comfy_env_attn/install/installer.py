@@ -139,8 +139,12 @@ def _dist_infos(target: Target, name: str, suffix: str = ".dist-info") -> list[P
     for site in own_sites(target):
         with contextlib.suppress(OSError):
             for entry in os.scandir(site):
-                if entry.name.endswith(suffix) and entry.is_dir(follow_symlinks=False) \
-                        and canonicalize_name(entry.name.split("-")[0]) == name:
+                # <name>-<version><suffix>: the name is all before the last "-" (a
+                # version has none), so that bar's never matches bar-baz's
+                stem = entry.name[:-len(suffix)]
+                if entry.name.endswith(suffix) and "-" in stem and \
+                        canonicalize_name(stem.rsplit("-", 1)[0]) == name and \
+                        entry.is_dir(follow_symlinks=False):
                     out.append(Path(entry.path))
     return out
 
@@ -276,6 +280,25 @@ class _Context:
         # .dist-info aside (uv writes files of its own there): dist -> {destination: the
         # hashes its lines give}, for _unexpected_files to compare with what uv installed
         self.hashes: dict[str, dict[str, set[str]]] = {}
+
+    @contextlib.contextmanager
+    def attempt(self, *, keep: bool = True) -> Iterator[None]:
+        """Requirements resolved on trial: what their wheels claimed is forgotten again when
+        the attempt fails (or, keep False, in any case: a trial only to learn something),
+        so that a later one sees the target as it is."""
+        claims, hashes = dict(self.claims), dict(self.hashes)
+        try:
+            yield
+        except BaseException:
+            self.claims, self.hashes = claims, hashes
+            raise
+        if not keep:
+            self.claims, self.hashes = claims, hashes
+
+    def forget(self, dist: str) -> None:
+        """A wheel passed over: it claims nothing."""
+        self.claims.pop(dist, None)
+        self.hashes.pop(dist, None)
 
     def owners(self, entries: list[guard.Entry]) -> guard.Owners:
         """Who owns what among the installed distributions that could own one of these
@@ -416,6 +439,7 @@ def _pick_wheels(chosen: list[tuple[str, list[Candidate]]], ctx: _Context, out: 
         else:
             row.wheel = alternatives[0].filename if alternatives else ""
             row.candidate = alternatives[0] if alternatives else None
+            row.fetched = None
             row.installed = "refused" if any(f.refused for f in failures) else "none"
             row.action = "refused" if any(f.refused for f in failures) else "unavailable"
             row.note = " | ".join(f.text for f in failures)
@@ -432,10 +456,13 @@ def _unmet_backends(opts: InstallOptions, ctx: _Context, to_install: list[tuple[
         own = sorted(d for d in deps.get(b, []) if _req_name(d) not in dists)
         if not own:
             continue
-        try:
-            _requirements(opts, ctx, own, {})
-        except (AttnError, OSError) as e:
-            out[b] = _uv_reason(str(e))
+        with ctx.attempt(keep=False):
+            try:
+                _requirements(opts, ctx, own, {})
+            except Unreachable:
+                raise  # the network, not the wheel: no other wheel would do better
+            except (AttnError, OSError) as e:
+                out[b] = _uv_reason(str(e))
     return out
 
 
@@ -485,8 +512,11 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         if not missing:
             break
         try:
-            extra = _requirements(opts, ctx, missing, brought)
+            with ctx.attempt():
+                extra = _requirements(opts, ctx, missing, brought)
             break
+        except Unreachable as e:
+            raise InstallError(f"{e}\nnothing was installed") from None
         except (AttnError, OSError) as e:
             # a wheel whose requirements cannot be had gives way to the next fitting one,
             # as one that cannot be had itself does
@@ -496,6 +526,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             for name, why in unmet.items():
                 wheel = out.row(name).wheel
                 passed.setdefault(name, {})[wheel] = f"its requirements cannot be had ({why})"
+                ctx.forget(bk.BACKENDS[name].dist)
                 alternatives = next(alts for b, alts in chosen if b == name)
                 more = any(c.filename not in passed[name]
                            for c in alternatives[:MAX_ALTERNATIVES])
