@@ -410,3 +410,25 @@ def test_every_file_the_tool_rewrites_is_replaced_whole_or_not_at_all(
     synced.clear()
     replace_file(target, "cache\n")  # a cache: nothing forced
     assert synced == [] and target.read_text(encoding="utf-8") == "cache\n"
+
+
+def test_a_journal_is_followed_whichever_path_reaches_the_environment(tmp_path) -> None:
+    """Written by a run that reached the venv by its real path, read by one that reached it
+    through a linked folder: the same environment, followed; a copy elsewhere is not."""
+    from comfy_env_attn.install.journal import Journal, JournalError
+
+    real = tmp_path / "real" / "venv"
+    site = real / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    alias = tmp_path / "alias" / "venv"
+    j = Journal(real)
+    j.begin({"python": str(real / "bin" / "python"), "backends": ["sage"]})
+    j.add("sageattention", {}, [str(site)])
+    j.set_state("installing")
+    seen = Journal(alias).load([str(alias / "lib" / "python3.11" / "site-packages")], ())
+    assert list(seen.touched) == ["sageattention"]
+    copy = tmp_path / "copy" / "venv"
+    shutil.copytree(real, copy)
+    with pytest.raises(JournalError, match="not this environment's site-packages"):
+        Journal(copy).load([str(copy / "lib" / "python3.11" / "site-packages")], ())

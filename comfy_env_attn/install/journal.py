@@ -227,20 +227,25 @@ class Journal:
 
     def _foreign(self, own_sites: Collection[str], protected: Collection[str]) -> str | None:
         """Why the journal names what no install of this target touches (None: it does
-        not)."""
-        sites = {norm(s) for s in own_sites}
-        prefix = norm(str(self.prefix))
+        not). Folders are compared once their links are followed: one environment reached
+        by two paths (a linked folder, a Windows junction) is the same."""
+        def real(path: str) -> str:
+            return norm(os.path.realpath(path))
+
+        sites = {real(s) for s in own_sites}
+        prefix = real(str(self.prefix))
         for name, t in self.touched.items():
             if name in protected:
                 return (f"names {name}, which is torch or a package torch needs: no install "
                         "changes those")
-            if norm(t.site) not in sites:
+            site = real(t.site)
+            if site not in sites:
                 return f"names {t.site} for {name}, not this environment's site-packages"
-            if t.backup is not None and norm(t.backup) != norm(str(self.backup_root / name)):
+            if t.backup is not None and real(t.backup) != real(str(self.backup_root / name)):
                 return f"keeps {name}'s files in {t.backup}, not in {self.backup_root}"
-            for rel in t.files:
-                path = norm(os.path.normpath(os.path.join(t.site, rel)))
-                if os.path.isabs(rel) or not path.startswith(prefix + os.sep):
+            for rel in t.files:  # within the prefix, as written below the site folder
+                path = os.path.normpath(os.path.join(site, rel))
+                if os.path.isabs(rel) or not norm(path).startswith(prefix + os.sep):
                     return f"lists {rel!r} for {name}, outside the environment {self.prefix}"
         return None
 
