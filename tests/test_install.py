@@ -190,9 +190,9 @@ def test_a_backend_rolled_back_takes_the_requirements_it_brought(tmp_path, venv,
 def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, profile,
                                                               http_server, uv_bin) -> None:
     """The lock records what install put in for a backend (bar, and baz through bar), not
-    what it upgraded (dep, the target's before); uninstall takes out what nothing staying
-    needs (bar), and keeps, saying why, what something installed since requires (baz, for
-    qux) and the upgrade; a kill midway puts everything back."""
+    what it upgraded (dep, the target's before); uninstall --with-requirements takes out
+    what nothing staying needs (bar), and keeps, saying why, what something installed since
+    requires (baz, for qux) and the upgrade; a kill midway puts everything back."""
     import signal
 
     from test_hostile import serve
@@ -217,7 +217,8 @@ def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, pr
     subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(qux)],
                    check=True)
     before = installed_in(venv)
-    r = cli("uninstall", "--python", py, env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "locking"})
+    r = cli("uninstall", "--python", py, "--with-requirements",
+            env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "locking"})
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     r = cli("doctor", "--python", py)
     assert "interrupted uninstall was found and undone" in r.stdout.replace("\n", " "), r.stdout
@@ -229,7 +230,7 @@ def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, pr
                     'url = "https://example.invalid/qux-1.0-py3-none-any.whl"\n'
                     f'hashes = {{sha256 = "{"0" * 64}"}}\n'
                     '[packages.tool.comfy-env-attn]\nbrought-by = ["sage"]\n')
-    r = cli("uninstall", "--python", py, "--json")
+    r = cli("uninstall", "--python", py, "--with-requirements", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     (row,) = json.loads(r.stdout)["backends"]
     assert "left qux 1.0: the lock says it came with sage, which does not require it" in \

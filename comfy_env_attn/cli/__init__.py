@@ -164,6 +164,10 @@ def _uninstall(sub: Any, name: str) -> None:
     _target_args(p)
     p.add_argument("--backends", metavar="LIST",
                    help="these backends (default: the ones the lock records)")
+    p.add_argument("--with-requirements", action="store_true",
+                   help="also remove the requirements install put in for them alone, unless "
+                        "an installed package requires one (without it they stay, named; "
+                        "ComfyUI and custom nodes may import one without declaring it)")
     p.add_argument("--yes", action="store_true",
                    help="allow changing a Python that is not a venv")
     p.add_argument("--json", action="store_true", help=JSON_HELP)

@@ -266,7 +266,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         target = probe_interpreter(exe)
         names = uninstall_targets(target, _packages_named(args.backends) if args.backends
                                   else None)
-        run_uninstall(target, names, out, passthrough=uv_passthrough())
+        run_uninstall(target, names, out, passthrough=uv_passthrough(),
+                      with_requirements=args.with_requirements)
     if args.json:
         dump_json(install_json(out, target.executable, command="uninstall",
                                recovered=recovered))

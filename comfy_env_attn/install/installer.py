@@ -1028,7 +1028,7 @@ def uninstall_targets(target: Target, backends: list[str] | None) -> list[str]:
 
 
 def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
-                  passthrough: bool = False) -> None:
+                  passthrough: bool = False, with_requirements: bool = False) -> None:
     """Remove these backends' distributions from the target's own site-packages, journalled
     like an install (a failure or a kill midway puts them back), never a file of torch,
     its closure or another distribution; then rewrite the lock without them."""
@@ -1055,6 +1055,13 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
     before_files = ctx.protected_state(installed)
     dists = [bk.BACKENDS[b].dist for b in remove]
     reqs, released = _requirements_to_remove(ctx, remove, dists, own, out)
+    if not with_requirements:  # ComfyUI and custom nodes import packages they never declare
+        for d, by in reqs.items():
+            for b in by:
+                out.row(b).note = _joined(out.row(b).note, f"left {d} "
+                                          f"{installed[d].version}, which came with it "
+                                          "(--with-requirements takes it out too)")
+        reqs = {}
     every = dists + list(reqs)
     # files any other distribution (torch's closure included) owns: never deleted
     foreign = protected_files(target) | shared_files(installed, every, fold=ctx._windows)
