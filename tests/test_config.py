@@ -101,6 +101,10 @@ def test_a_package_in_both_flat_forms_keeps_both_pins(tmp_path: Path) -> None:
         (env,) = read_config(write(tmp_path, text)).environments
         assert [(w.backend, w.specifier) for w in env.wanted] == [("flash", ">=2.8,==2.7.4")]
         assert env.wanted[0].written == 'flash-attn>=2.8, Flash_Attn = "2.7.4"'
+    # under a marker in one form only: which pin holds where would be a guess
+    with pytest.raises(ProfileError, match="under different environment markers"):
+        read_config(write(tmp_path, '[cuda]\npackages = [\'flash-attn>=2.8; sys_platform == '
+                                    '"linux"\']\nflash-attn = "2.7.4"\n'))
 
 
 def test_older_flat_forms_and_a_top_level_python(tmp_path: Path) -> None:

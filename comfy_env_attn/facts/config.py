@@ -197,9 +197,12 @@ class _Reader:
         have = wanted.get(backend)
         if have is None:
             wanted[backend] = Wanted(backend, spec, written, marker)
+        elif have.marker != marker:  # which pin holds where could only be guessed
+            raise ProfileError(f"{self.path}: {have.written!r} and {written!r} name one "
+                               "package under different environment markers; write it once")
         else:  # named twice (flash_attn and flash-attn==2.8.3): both hold
             wanted[backend] = Wanted(backend, ",".join(s for s in (have.specifier, spec) if s),
-                                     f"{have.written}, {written}", have.marker or marker)
+                                     f"{have.written}, {written}", marker)
 
     def requirement_list(self, items: Any, where: str,
                          wanted: dict[str, Wanted] | None = None) -> list[Wanted]:
