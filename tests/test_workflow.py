@@ -217,7 +217,7 @@ def test_version_and_quiet() -> None:
 def test_an_error_under_json_is_a_json_document(tmp_path: Path) -> None:
     """Failing, a command given --json still prints a document a script can read."""
     missing = tmp_path / "none.toml"
-    r = cli("lock", "--file", str(missing), "--json")
+    r = cli("lock", "--file", str(missing), "--js")  # argparse takes it for --json
     assert r.returncode == 1 and "ERROR " in r.stderr
     doc = json.loads(r.stdout)
     check(doc, "error")

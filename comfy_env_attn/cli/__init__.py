@@ -335,7 +335,7 @@ def _interrupt_on_termination() -> None:
 def _json_error(argv: list[str], e: Exception) -> None:
     """A command asked for --json that fails still prints one JSON document (docs/json.md):
     a script reads why from stdout, as it reads a result."""
-    if "--json" in argv:
+    if any(a.startswith("--j") and "--json".startswith(a) for a in argv):  # --js too
         import json
 
         command = next((a for a in argv if not a.startswith("-")), None)

@@ -87,9 +87,9 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
         return plan
     plans = _plans(target, system, todo, args.source)
     for p in plans:
-        if args.dry_run:
-            print(f"would build {p.recipe.backend}: {p.describe()} from "
-                  f"{args.source or p.recipe.url}")
+        if args.dry_run:  # install --json prints its document on stdout: this is a log line
+            log(f"would build {p.recipe.backend}: {p.describe()} from "
+                f"{args.source or p.recipe.url}")
             continue
         build(target, system, p, wheelhouse_dir(), source=args.source, log=log)
     return plan if args.dry_run else replan()

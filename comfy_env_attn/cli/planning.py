@@ -20,7 +20,7 @@ from comfy_env_attn.facts.system import System, disagreements, marker_env
 from comfy_env_attn.resolve import Pin, Plan, resolve
 
 if TYPE_CHECKING:  # loaded with --config only
-    from comfy_env_attn.facts.config import ComfyEnvConfig, Environment
+    from comfy_env_attn.facts.config import ComfyEnvConfig, Environment, Wanted
 
 # Rounds of reading metadata: each round reads the wheels the plan would now choose, so a
 # backend whose newest releases all need another torch (xformers pins torch exactly, one
@@ -68,8 +68,7 @@ def requests(args: argparse.Namespace, cfg: ComfyEnvConfig | None, base: System
     envs = cfg.pick(getattr(args, "env", None))
     for env in envs:
         system = env.system_for(base)
-        wanted = [w for w in env.wanted if w.applies(system)
-                  and (narrowed is None or w.backend in narrowed)]
+        wanted, _marked, _narrowed = _sorted_out(env, system, narrowed)
         if wanted:
             out.append(Request(system, [w.backend for w in wanted],
                                {w.backend: Pin(w.specifier, f"{w.written} ({env.table} of "
@@ -80,6 +79,16 @@ def requests(args: argparse.Namespace, cfg: ComfyEnvConfig | None, base: System
     return out
 
 
+def _sorted_out(env: Environment, system: System, narrowed: list[str] | None
+                ) -> tuple[list[Wanted], list[Wanted], list[Wanted]]:
+    """An environment's packages: (those planned, those its marker leaves out on this
+    system, those --backends leaves out)."""
+    marked = [w for w in env.wanted if not w.applies(system)]
+    left = [w for w in env.wanted if w.applies(system)
+            and narrowed is not None and w.backend not in narrowed]
+    return [w for w in env.wanted if w not in marked and w not in left], marked, left
+
+
 def nothing_to_do(args: argparse.Namespace, cfg: ComfyEnvConfig, base: System) -> str:
     """One line for a config that gives `requests` nothing to plan, saying why: it asks for
     no attention package, or what it asks for is left out on this target by a marker or by
@@ -88,13 +97,11 @@ def nothing_to_do(args: argparse.Namespace, cfg: ComfyEnvConfig, base: System) -
     envs = cfg.pick(getattr(args, "env", None))
     why = []
     for env in envs:
-        system = env.system_for(base)
-        marked = [w.written for w in env.wanted if not w.applies(system)]
+        _wanted, marked, left = (
+            [w.written for w in ws] for ws in _sorted_out(env, env.system_for(base), narrowed))
         if marked:
             why.append(f"{env.name}: {', '.join(marked)} (the marker leaves it out on this "
                        "target)")
-        left = [w.written for w in env.wanted
-                if w.applies(system) and narrowed is not None and w.backend not in narrowed]
         if left:
             why.append(f"{env.name} asks for {', '.join(left)}, which --backends "
                        f"{args.backends} leaves out")

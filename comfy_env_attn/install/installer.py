@@ -156,13 +156,16 @@ def _remove_recorded(target: Target, info: Path) -> None:
         text = (info / "RECORD").read_text(encoding="utf-8", errors="replace")
     except OSError:
         text = ""
-    prefix = guard.norm(str(Path(target.prefix)))
-    keep = protected_files(target)
+    def real(path: str) -> str:  # a RECORD line may reach a file through a link (lib64)
+        return guard.norm(os.path.realpath(path))
+
+    prefix = real(str(target.prefix))
+    keep = {real(p) for p in protected_files(target)}
     site = str(info.parent)
     for rel, _h, _s in record_rows(text):
-        path = guard.norm(os.path.normpath(os.path.join(site, site_path(rel))))
+        path = real(os.path.join(site, site_path(rel)))
         if path.startswith(prefix + os.sep) and path not in keep and \
-                not path.startswith(guard.norm(str(info)) + os.sep):
+                not path.startswith(real(str(info)) + os.sep):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 os.unlink(path)
     shutil.rmtree(info, ignore_errors=True)
@@ -1201,6 +1204,10 @@ def _lock_without(target: Target, removed: list[str], after: dict[str, Installed
     gone = {bk.BACKENDS[b].dist for b in removed} | set(requirements)
     doc["packages"] = [p for p in doc.get("packages", [])
                        if normalize_dist(str(p.get("name", ""))) not in gone]
+    for p in doc["packages"]:  # a requirement another backend brought too is that one's now
+        own = (p.get("tool") or {}).get("comfy-env-attn")
+        if isinstance(own, dict) and isinstance(own.get("brought-by"), list):
+            own["brought-by"] = [b for b in own["brought-by"] if b not in removed]
     tool = replace(tool,
                    backends={n: r for n, r in tool.backends.items()
                              if bk.primary(n) not in removed},
