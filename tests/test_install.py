@@ -207,12 +207,23 @@ def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, pr
     bar = build_wheel(w, "bar", "1.0", {"bar.py": ""}, requires=["baz"])
     baz = build_wheel(w, "baz", "1.0", {"baz.py": ""}, requires=[])
     dep = build_wheel(w, "dep", "2.0", {"dep.py": ""}, requires=[])
-    r = install(venv, profile, serve(http_server, {"sageattention": [sage], "bar": [bar],
-                                                   "baz": [baz], "dep": [dep]}), "--no-verify")
+    index = serve(http_server, {"sageattention": [sage], "bar": [bar], "baz": [baz],
+                                "dep": [dep]})
+    r = install(venv, profile, index, "--no-verify")
     assert r.returncode == 0, r.stdout + r.stderr
     packages = {p["name"]: p for p in read(venv / LOCK_NAME)["packages"]}
     assert set(packages) == {"sageattention", "bar", "baz"}
     assert packages["bar"]["tool"]["comfy-env-attn"]["brought-by"] == ["sage"]
+    # another venv from that lock: the backend's wheel as locked, its requirements resolved
+    # again (as they were: the lock records them as brought by it)
+    fresh = make_venv(tmp_path / "fresh", torch=True)
+    r = cli("install", "--python", str(venv_python(fresh)), "--from-lock", str(venv / LOCK_NAME),
+            "--index-url", index, "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert installed_in(fresh) == {"sageattention": f"2.2.0+{LABEL}", "bar": "1.0",
+                                   "baz": "1.0", "dep": "2.0"}
+    # dep too, this time: that venv had none, so install brought it
+    assert {p["name"] for p in read(fresh / LOCK_NAME)["packages"]} == {*packages, "dep"}
     qux = build_wheel(w / "user", "qux", "1.0", {"qux.py": ""}, requires=["baz"])
     subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(qux)],
                    check=True)

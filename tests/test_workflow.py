@@ -270,7 +270,8 @@ def test_progress_on_a_terminal(tmp_path: Path, venv: Path, profile: Path,
 # -- uninstall ------------------------------------------------------------------------------
 
 def _serve_two(server, folder: Path) -> str:
-    sage = sage_wheel(folder, "ok", f"2.2.0+{LABEL}")
+    # both need xf-helper: install records it as brought by both
+    sage = sage_wheel(folder, "ok", f"2.2.0+{LABEL}", requires=["torch>=2.0", "xf-helper"])
     # a requirement the index serves itself: the test must not depend on what the runner's
     # environment happens to have (a fresh CI venv has no numpy)
     xf = build_wheel(folder, "xformers", "0.0.32.post2",
@@ -317,6 +318,7 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert doc["recovered"]["verb"] == "undone"
     assert any("restored" in line for line in doc["recovered"]["done"])
     assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sage", "removed")]
+    assert "left xf-helper 1.0: xformers brought it too" in doc["backends"][0]["note"]
     have = installed_in(venv)
     assert "sageattention" not in have and have["xformers"] == "0.0.32.post2"
     assert have.get("xf-helper") == helper_before  # what it pulled in stays
@@ -327,8 +329,10 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     assert "sage" not in tool["backends"] and "sage" not in tool["fingerprint"]["backends"]
     from comfy_env_attn.lockfile import read
 
-    # xformers and what install put in for it
-    assert [p["name"] for p in read(lock)["packages"]] == ["xf-helper", "xformers"]
+    # xformers and what install put in for it, which now only xformers brought
+    packages = read(lock)["packages"]
+    assert [p["name"] for p in packages] == ["xf-helper", "xformers"]
+    assert packages[0]["tool"]["comfy-env-attn"]["brought-by"] == ["xformers"]
     assert lock.read_bytes() != lock_before
     # the rest, as the lock records it; what it brought stays unless asked for (ComfyUI and
     # custom nodes import packages they do not declare), and is named
