@@ -10,6 +10,7 @@ SIGKILL or SIGINT at that step, or a write there fails with ENOSPC.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -363,6 +364,23 @@ def test_a_link_in_the_state_folder_is_refused_never_followed(scene: Scene, tmp_
     assert read_installed([str(site(scene.venv))])["sageattention"].version == V1
 
 
+def test_a_copy_of_an_interrupted_environment_is_recovered_in_itself(scene: Scene,
+                                                                      tmp_path: Path) -> None:
+    """A ComfyUI folder copied while an install in it was killed: doctor on the copy puts
+    the copy back (its own backups), and never touches the original."""
+    scene.reset()
+    r = scene.install("verifying:kill")
+    assert r.returncode == -9, r.stdout + r.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(scene.venv, copy, symlinks=True)
+    original = snapshot(scene.venv)
+    r = cli("doctor", "--python", str(venv_python(copy)))
+    assert "interrupted install was found and undone" in r.stdout.replace("\n", " "), \
+        r.stdout + r.stderr
+    assert read_installed([str(site(copy))])["sageattention"].version == V1
+    assert snapshot(scene.venv) == original
+
+
 def test_a_read_only_target_is_one_line(tmp_path, uv_bin, scene: Scene) -> None:
     venv = make_venv(tmp_path / "ro", torch=True)
     if subprocess.run(["chattr", "+i", str(venv)], capture_output=True).returncode != 0:
@@ -414,7 +432,9 @@ def test_every_file_the_tool_rewrites_is_replaced_whole_or_not_at_all(
 
 def test_a_journal_is_followed_whichever_path_reaches_the_environment(tmp_path) -> None:
     """Written by a run that reached the venv by its real path, read by one that reached it
-    through a linked folder: the same environment, followed; a copy elsewhere is not."""
+    through a linked folder: the same environment, followed. Copied elsewhere (a ComfyUI
+    folder moved while an install ran), it is followed in the copy, its paths moved there;
+    one that does not say which folder it was written in is refused there."""
     from comfy_env_attn.install.journal import Journal, JournalError
 
     real = tmp_path / "real" / "venv"
@@ -430,5 +450,11 @@ def test_a_journal_is_followed_whichever_path_reaches_the_environment(tmp_path) 
     assert list(seen.touched) == ["sageattention"]
     copy = tmp_path / "copy" / "venv"
     shutil.copytree(real, copy)
+    copied = Journal(copy).load([str(copy / "lib" / "python3.11" / "site-packages")], ())
+    t = copied.touched["sageattention"]
+    assert t.site == os.path.realpath(copy / "lib" / "python3.11" / "site-packages")
+    doc = json.loads(copied.path.read_text())
+    del doc["meta"]["prefix"]  # as a journal of an older version, or an edited one
+    copied.path.write_text(json.dumps(doc))
     with pytest.raises(JournalError, match="not this environment's site-packages"):
         Journal(copy).load([str(copy / "lib" / "python3.11" / "site-packages")], ())

@@ -198,8 +198,8 @@ class Journal:
         """Read the journal, and check that it can only touch what an install of this
         target touches (`own_sites`: the target's own site-packages; `protected`: torch's
         closure, which no install changes): JournalError otherwise, with nothing done. A
-        journal copied with its environment (a moved ComfyUI folder) names the old one's
-        folders, and is refused rather than followed there."""
+        journal copied with its environment (a moved ComfyUI folder) is followed in the
+        new folder, never in the old one (_moved)."""
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             self.meta = dict(doc["meta"])
@@ -214,16 +214,41 @@ class Journal:
                 f"target (comfy-env-attn doctor; reinstall a backend that is broken), then "
                 f"delete {self.path} and {self.backup_root} to go on") from None
         if own_sites:
+            self._moved()
             why = self._foreign(own_sites, protected)
             if why:
                 raise JournalError(
                     f"the journal of an interrupted install, {self.path}, {why}: it is not "
-                    f"this environment's to follow (one moved or copied while an install ran, "
-                    f"or an edited journal), so nothing was done. The files that install "
+                    f"this environment's to follow (an edited journal, or one an older version "
+                    f"wrote in an environment since moved), so nothing was done. The files that install "
                     f"replaced are kept in {self.backup_root}. Check the target "
                     f"(comfy-env-attn doctor; reinstall a backend that is broken), then "
                     f"delete {self.path} and {self.backup_root} to go on")
         return self
+
+    def _moved(self) -> None:
+        """A journal copied with its environment (a ComfyUI folder moved or copied while an
+        install ran) names the old folder: its paths below the prefix it records are moved
+        to this one, the environment it was copied with, and then checked as any others.
+        The old folder is never touched."""
+        old = self.meta.get("prefix")
+        if not isinstance(old, str) or not old:
+            return
+        before, now = os.path.realpath(old), os.path.realpath(str(self.prefix))
+        if norm(before) == norm(now):
+            return
+
+        def moved(path: str) -> str:
+            real = os.path.realpath(path)
+            if norm(real).startswith(norm(before) + os.sep):
+                return os.path.join(now, os.path.relpath(real, before))
+            return path  # not below the old prefix: _foreign judges it as it is
+
+        for t in self.touched.values():
+            t.site = moved(t.site)
+            if t.backup is not None:
+                t.backup = moved(t.backup)
+        self.meta["prefix"] = str(self.prefix)
 
     def _foreign(self, own_sites: Collection[str], protected: Collection[str]) -> str | None:
         """Why the journal names what no install of this target touches (None: it does
@@ -263,7 +288,7 @@ class Journal:
     def begin(self, meta: dict[str, Any]) -> None:
         """Say what is about to change, before anything is copied or changed."""
         self.meta = {**meta, "pid": os.getpid(), "started": time.time(),
-                     "state": "backing-up"}
+                     "prefix": str(self.prefix), "state": "backing-up"}
         self.touched = {}
         self.save()
 
