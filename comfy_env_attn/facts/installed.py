@@ -171,6 +171,12 @@ def norm(path: str) -> str:
     return os.path.normcase(os.path.normpath(path))
 
 
+def real(path: str) -> str:
+    """norm, once the links on the way are followed (a venv's lib64 -> lib, a linked folder,
+    a junction): one place reached by two paths compares equal."""
+    return norm(os.path.realpath(path))
+
+
 def is_egg(inst: Installed) -> bool:
     """Whether it is installed as a legacy .egg-info (no RECORD: its files are listed
     incompletely, or not at all)."""

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from comfy_env_attn.facts.installed import is_whole_folder, module_key
+from comfy_env_attn.facts.installed import is_whole_folder, module_key, real
 from comfy_env_attn.facts.installed import norm as norm  # guard.norm: the same one form
 
 # Top-level names that several distributions legitimately share, packages inside included:
@@ -266,11 +266,11 @@ def _within(dest: str, dirs: tuple[str, ...]) -> tuple[str, str] | None:
     for d in dirs:
         if dest.startswith(d + os.sep):
             return d, dest[len(d) + 1:]
-    real = os.path.realpath(dest)
+    followed = real(dest)
     for d in dirs:
-        rd = os.path.realpath(d)
-        if real.startswith(rd + os.sep):
-            return d, real[len(rd) + 1:]
+        rd = real(d)
+        if followed.startswith(rd + os.sep):
+            return d, followed[len(rd) + 1:]
     return None
 
 

@@ -35,6 +35,7 @@ from comfy_env_attn.facts.installed import (
     owned_files,
     protected,
     read_installed,
+    real,
     record_hash,
     record_lines,
     record_paths,
@@ -156,16 +157,14 @@ def _remove_recorded(target: Target, info: Path) -> None:
         text = (info / "RECORD").read_text(encoding="utf-8", errors="replace")
     except OSError:
         text = ""
-    def real(path: str) -> str:  # a RECORD line may reach a file through a link (lib64)
-        return guard.norm(os.path.realpath(path))
-
-    prefix = real(str(target.prefix))
+    # compared once links are followed: a RECORD line may reach a file through lib64
+    prefix, own = real(str(target.prefix)), real(str(info))
     keep = {real(p) for p in protected_files(target)}
     site = str(info.parent)
     for rel, _h, _s in record_rows(text):
         path = real(os.path.join(site, site_path(rel)))
         if path.startswith(prefix + os.sep) and path not in keep and \
-                not path.startswith(real(str(info)) + os.sep):
+                not path.startswith(own + os.sep):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 os.unlink(path)
     shutil.rmtree(info, ignore_errors=True)

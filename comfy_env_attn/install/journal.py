@@ -36,6 +36,7 @@ from comfy_env_attn.facts.installed import (
     Installed,
     norm,
     read_installed,
+    real,
     record_lines,
     site_path,
 )
@@ -219,11 +220,11 @@ class Journal:
             if why:
                 raise JournalError(
                     f"the journal of an interrupted install, {self.path}, {why}: it is not "
-                    f"this environment's to follow (an edited journal, or one an older version "
-                    f"wrote in an environment since moved), so nothing was done. The files that install "
-                    f"replaced are kept in {self.backup_root}. Check the target "
-                    f"(comfy-env-attn doctor; reinstall a backend that is broken), then "
-                    f"delete {self.path} and {self.backup_root} to go on")
+                    f"this environment's to follow (an edited journal, or one an older "
+                    f"version wrote in an environment since moved), so nothing was done. The "
+                    f"files that install replaced are kept in {self.backup_root}. Check the "
+                    f"target (comfy-env-attn doctor; reinstall a backend that is broken), "
+                    f"then delete {self.path} and {self.backup_root} to go on")
         return self
 
     def _moved(self) -> None:
@@ -234,14 +235,14 @@ class Journal:
         old = self.meta.get("prefix")
         if not isinstance(old, str) or not old:
             return
-        before, now = os.path.realpath(old), os.path.realpath(str(self.prefix))
-        if norm(before) == norm(now):
+        before, now = real(old), real(str(self.prefix))
+        if before == now:
             return
 
         def moved(path: str) -> str:
-            real = os.path.realpath(path)
-            if norm(real).startswith(norm(before) + os.sep):
-                return os.path.join(now, os.path.relpath(real, before))
+            followed = real(path)
+            if followed.startswith(before + os.sep):
+                return os.path.join(now, os.path.relpath(followed, before))
             return path  # not below the old prefix: _foreign judges it as it is
 
         for t in self.touched.values():
@@ -254,9 +255,6 @@ class Journal:
         """Why the journal names what no install of this target touches (None: it does
         not). Folders are compared once their links are followed: one environment reached
         by two paths (a linked folder, a Windows junction) is the same."""
-        def real(path: str) -> str:
-            return norm(os.path.realpath(path))
-
         sites = {real(s) for s in own_sites}
         prefix = real(str(self.prefix))
         for name, t in self.touched.items():
