@@ -120,30 +120,31 @@ def uninstaller(target: Target, *, passthrough: bool = False) -> Callable[[str],
                 run_uv(["pip", "uninstall", "--python", target.executable, name], log,
                        passthrough=passthrough)
             except InstallError as e:
-                if not _dist_infos(target, name):
+                if not any(p.suffix == ".dist-info" for p in _leftovers(target, name)):
                     raise
                 log(f"uv could not uninstall {name} ({_uv_reason(str(e))}): removing the "
                     "files its RECORD lists, and its .dist-info")
-        for info in _dist_infos(target, name):  # what uv could not remove, or not see
-            _remove_recorded(target, info)
-        for data in _dist_infos(target, name, ".data"):  # uv unpacking, killed midway
-            shutil.rmtree(data, ignore_errors=True)
+        for folder in _leftovers(target, name):  # what uv could not remove, or not see
+            if folder.suffix == ".dist-info":
+                _remove_recorded(target, folder)
+            else:  # .data: uv unpacking, killed midway
+                shutil.rmtree(folder, ignore_errors=True)
 
     return uninstall
 
 
-def _dist_infos(target: Target, name: str, suffix: str = ".dist-info") -> list[Path]:
-    """The .dist-info folders of `name` in the target's own site-packages (or, suffix
-    ".data", the folders a wheel's .data unpacks to, which an installer empties and removes
-    once it has moved their files)."""
+def _leftovers(target: Target, name: str) -> list[Path]:
+    """The .dist-info folders of `name` in the target's own site-packages, and its .data
+    folders (which an installer empties and removes once it has moved their files): one
+    scan of each site folder."""
     out = []
     for site in own_sites(target):
         with contextlib.suppress(OSError):
             for entry in os.scandir(site):
                 # <name>-<version><suffix>: the name is all before the last "-" (a
                 # version has none), so that bar's never matches bar-baz's
-                stem = entry.name[:-len(suffix)]
-                if entry.name.endswith(suffix) and "-" in stem and \
+                stem, dot, suffix = entry.name.rpartition(".")
+                if dot and suffix in ("dist-info", "data") and "-" in stem and \
                         canonicalize_name(stem.rsplit("-", 1)[0]) == name and \
                         entry.is_dir(follow_symlinks=False):
                     out.append(Path(entry.path))
