@@ -7,7 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -916,6 +916,15 @@ def _reach(needs: Mapping[str, list[str]], roots: list[str]) -> set[str]:
     return seen
 
 
+def _names(requirements: Iterable[str]) -> list[str]:
+    """The names of these requirements, those that do not parse left out."""
+    out = []
+    for r in requirements:
+        with contextlib.suppress(InvalidRequirement):
+            out.append(_req_name(r))
+    return out
+
+
 def _req_name(text: str) -> str:
     return str(canonicalize_name(Requirement(text).name))
 
@@ -1127,17 +1136,10 @@ def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
     except AttnError:
         return {}, set()  # no lock, or unreadable: it cannot say what came with them
     installed, leaving = ctx.installed, set(remove)
+    requires = {name: _names(inst.requires) for name, inst in installed.items()}
     # what the leaving backends require as installed, through the distributions installed:
     # a lock that names anything else as theirs (edited, or corrupt) takes nothing with it
-    reach: set[str] = set()
-    todo = list(dists)
-    while todo:
-        d = todo.pop()
-        if d not in reach and d in installed:
-            reach.add(d)
-            for r in installed[d].requires:
-                with contextlib.suppress(InvalidRequirement):
-                    todo.append(_req_name(r))
+    reach = _reach(requires, dists)
     found: dict[str, list[str]] = {}
     released = {str(canonicalize_name(w.name)) for w in wheels
                 if w.brought_by and set(w.brought_by) <= leaving}
@@ -1164,11 +1166,10 @@ def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
     while True:  # what stays must still have what it requires
         gone = set(dists) | set(found)
         needed: dict[str, str] = {}
-        for name, inst in installed.items():
+        for name, names in requires.items():
             if name not in gone:
-                for r in inst.requires:
-                    with contextlib.suppress(InvalidRequirement):
-                        needed.setdefault(_req_name(r), name)
+                for r in names:
+                    needed.setdefault(r, name)
         still = [d for d in found if d in needed]
         if not still:
             return found, released
