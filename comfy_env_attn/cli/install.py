@@ -114,9 +114,11 @@ def cmd_install(args: argparse.Namespace) -> int:
     for why in refusals:  # only a dry run gets here with any: its plan, then why it stops
         log(f"warning: install would refuse: {why}")
         out.ok = False
-    if args.dry_run:
+    if plan is not None and not args.json and (args.dry_run or args.verbose):
         from comfy_env_attn.cli.commands import print_plan
 
+        print_plan(plan, verbose=args.verbose)  # with -v, every wheel passed over and why
+    if args.dry_run:
         if args.json:
             for b, alts in chosen:
                 row = out.row(b)
@@ -124,17 +126,11 @@ def cmd_install(args: argparse.Namespace) -> int:
             doc = install_json(out, target.executable, plan=plan, dry_run=True)
             dump_json({**doc, **({"refused": refusals} if refusals else {})})
             return 0 if out.ok else 1
-        if plan is not None:
-            print_plan(plan, verbose=args.verbose)
         for b, alts in chosen:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
                   + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
                      if len(alts) > 1 else ""))
         return 0 if out.ok else 1
-    if args.verbose and plan is not None and not args.json:  # every wheel passed over, why
-        from comfy_env_attn.cli.commands import print_plan
-
-        print_plan(plan, verbose=True)
     with target_lock(target.prefix, log):
         recovered = recover(target)
         target = probe_interpreter(exe)
