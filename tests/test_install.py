@@ -764,33 +764,35 @@ def test_a_shim_installs_into_the_interpreter_it_runs_now(tmp_path, profile) -> 
     assert (b / LOCK_NAME).is_file() and not (a / LOCK_NAME).exists()
 
 
-def test_the_uninstall_fallback_takes_only_that_distribution(tmp_path, monkeypatch) -> None:
-    """uv failing on a half-written .dist-info: the fallback removes what that RECORD
-    lists, and never another distribution whose folder name starts alike (bar-baz-1.0)."""
-    from comfy_env_attn.core.errors import InstallError
+def test_the_uninstall_fallback_takes_only_that_distribution(tmp_path) -> None:
+    """After uv's uninstall, what is left of that distribution (a .dist-info uv could not
+    remove, or not see) is removed as far as its RECORD goes, and never another
+    distribution whose folder name starts alike (bar-baz-1.0), nor a file its RECORD puts
+    outside the environment. Real uv, in a real venv."""
     from comfy_env_attn.facts.installed import read_installed
-    from comfy_env_attn.facts.probe import Target
+    from comfy_env_attn.facts.probe import probe_interpreter
     from comfy_env_attn.install import installer
 
-    site = tmp_path / "lib" / "python3.11" / "site-packages"
-    site.mkdir(parents=True)
+    venv = make_venv(tmp_path / "v", torch=False)
+    target = probe_interpreter(str(venv_python(venv)))
+    site = Path(installer.own_sites(target)[0])
     for folder, name, module in (("bar-1.0.dist-info", "bar", "bar.py"),
                                  ("bar-baz-1.0.dist-info", "bar-baz", "bar_baz.py")):
         (site / folder).mkdir()
         (site / folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\n"
                                                 "Version: 1.0\n")
         (site / module).write_text("x")
-        (site / folder / "RECORD").write_text(f"{module},,\n{folder}/RECORD,,\n../../../x,,\n")
-    (tmp_path.parent / "x").write_text("outside the environment")
-    target = Target("/nonexistent/python", {"prefix": str(tmp_path), "purelib": str(site),
-                                            "platlib": str(site), "sys_path": [str(site)]})
-
-    def uv_fails(*args, **kwargs):
-        raise InstallError("uv pip uninstall failed (exit 2):\n  RECORD file is invalid")
-
-    monkeypatch.setattr(installer, "run_uv", uv_fails)
-    monkeypatch.setattr(installer, "protected_files", lambda target: set())
+        (site / folder / "RECORD").write_text(f"{module},,\n{folder}/RECORD,,\n")
+    # a second, broken .dist-info of bar (a kill while writing it): uv does not see it
+    broken = site / "bar-2.0.dist-info"
+    broken.mkdir()
+    (broken / "RECORD").write_text("bar_new.py,,\n../../../../../x,,\nbar_ne")
+    (site / "bar_new.py").write_text("x")
+    outside = tmp_path.parent / "x"
+    outside.write_text("outside the environment")
+    before = {p.name for p in site.iterdir()}
     installer.uninstaller(target)("bar")
     assert sorted(read_installed([str(site)])) == ["bar-baz"]
-    assert sorted(p.name for p in site.iterdir()) == ["bar-baz-1.0.dist-info", "bar_baz.py"]
-    assert (tmp_path.parent / "x").read_text() == "outside the environment"
+    assert {p.name for p in site.iterdir()} == \
+        before - {"bar-1.0.dist-info", "bar.py", "bar-2.0.dist-info", "bar_new.py"}
+    assert outside.read_text() == "outside the environment"
