@@ -47,8 +47,10 @@ import importlib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
+
+from comfy_env_attn.core.records import dataclass
 
 if TYPE_CHECKING:
     import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from comfy_env_attn.core.backends import BACKENDS, BY_DIST
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import ToolTable, tool_table
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import (
     Installed,
     installed_backends,

@@ -13,7 +13,7 @@ import importlib
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from comfy_env_attn.core.lockmodel import (
 )
 from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import Installed, installed_backends
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -26,6 +26,7 @@ from comfy_env_attn.candidates.wheelname import (
     parse_wheel_name,
 )
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist, primary
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.system import System, cc_tuple
 
 PLAN_SCHEMA = 1

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 from urllib.parse import unquote, urljoin, urlsplit
@@ -22,6 +22,7 @@ from comfy_env_attn.candidates.wheelname import InvalidWheelName, safe_wheel_fil
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import AttnError, IndexFetchError, UsageError
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 
 if TYPE_CHECKING:
     import httpx

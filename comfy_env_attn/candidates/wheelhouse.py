@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from comfy_env_attn.candidates.wheelname import InvalidWheelName, parse_wheel_na
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.paths import cache_dir, replace_file
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 
 WHEELHOUSE_ENV = "COMFY_ENV_ATTN_WHEELHOUSE"
 RECORD_NAME = "build.json"

@@ -12,12 +12,13 @@ parse_label and format_label are each other's inverse.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
 from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
+
+from comfy_env_attn.core.records import dataclass
 
 
 class InvalidWheelName(ValueError):

@@ -23,7 +23,7 @@ import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from comfy_env_attn.core.errors import AttnError, UsageError
 from comfy_env_attn.core.paths import ANSWER_KEY_HEX, ANSWER_KINDS, CACHE_PARTS, cache_dir
 from comfy_env_attn.core.process import pid_alive
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import TYPE_CHECKING
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
@@ -16,6 +16,7 @@ from packaging.utils import canonicalize_name
 from comfy_env_attn.candidates.sources import EMBEDDED, Candidate, Sources, gather
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.system import System, disagreements, marker_env
 from comfy_env_attn.resolve import Pin, Plan, resolve
 

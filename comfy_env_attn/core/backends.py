@@ -6,9 +6,9 @@ Pure data. The dispatcher imports this module too, so it must stay standard-libr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from comfy_env_attn.core.errors import UsageError
+from comfy_env_attn.core.records import dataclass
 
 # Head dims real models send (FACTS.md section 7): SD 1.5 40/80/160, SDXL and SD3 64,
 # Lumina 2 96, Flux/Wan/Hunyuan 128, AuraFlow 256.

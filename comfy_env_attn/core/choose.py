@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from comfy_env_attn.core.backends import BACKENDS, Call, Capabilities
 from comfy_env_attn.core.lockmodel import BackendRecord, BenchRow
+from comfy_env_attn.core.records import dataclass
 
 
 @dataclass(frozen=True)

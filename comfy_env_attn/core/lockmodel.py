@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from comfy_env_attn.core.backends import SHIPPED_PLUGINS, primary
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.paths import readable_file
+from comfy_env_attn.core.records import dataclass
 
 LOCK_NAME = "pylock.comfy-env-attn.toml"
 SCHEMA = 2

@@ -17,7 +17,7 @@ caller). Explicit environment versions describe the target the wheels are resolv
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from comfy_env_attn.core.backends import BY_DIST, normalize_dist
 from comfy_env_attn.core.errors import ProfileError, UsageError
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.system import System, marker_env, read_toml
 
 # Keys of an environment table that make it one (comfy-env's own test).

@@ -17,7 +17,7 @@ import os
 import posixpath
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
@@ -27,6 +27,7 @@ from packaging.utils import canonicalize_name
 
 from comfy_env_attn.core.fingerprint import metadata_headers
 from comfy_env_attn.core.paths import answer_file, write_cache
+from comfy_env_attn.core.records import dataclass
 
 # Never replaced by an install: the constraint pins them and a wheel needing others is refused.
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")

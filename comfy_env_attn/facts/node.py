@@ -9,9 +9,9 @@ places in custom_nodes/comfy_env_attn/. Only its first line differs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.locate import is_comfyui_dir
 
 NODE_DIR = "comfy_env_attn"  # the folder `node install` places in custom_nodes/

@@ -11,13 +11,14 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.core.paths import answer_file, write_cache
 from comfy_env_attn.core.paths import cache_dir as cache_dir  # re-exported: callers import it here
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.probe_start import (
     _PENDING,
     _SCRIPT,

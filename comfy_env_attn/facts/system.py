@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.errors import AttnError, ProfileError
 from comfy_env_attn.core.paths import readable_file
+from comfy_env_attn.core.records import dataclass
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -33,7 +33,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -60,6 +60,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.core.paths import cache_part
 from comfy_env_attn.core.process import own_group, stop_tree
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.facts.system import System, cc_tuple
 from comfy_env_attn.install.edges import clean_partials, download, sha256_file

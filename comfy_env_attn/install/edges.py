@@ -20,7 +20,6 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -47,6 +46,7 @@ from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
 from comfy_env_attn.core.paths import cache_part, write_cache
 from comfy_env_attn.core.process import pid_alive
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
 from comfy_env_attn.facts.probe_start import uv_binary, uv_warmed
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import is_whole_folder, module_key, real
 from comfy_env_attn.facts.installed import norm as norm  # guard.norm: the same one form
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,6 +23,7 @@ from comfy_env_attn.core.errors import AttnError, InstallError
 from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts, files_digest
 from comfy_env_attn.core.lockmodel import Live, tool_table
 from comfy_env_attn.core.progress import log, notice
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import (
     Installed,
     Stat,

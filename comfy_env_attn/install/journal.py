@@ -26,12 +26,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import IO, Any
 
 from comfy_env_attn.core.errors import InstallError
 from comfy_env_attn.core.paths import readable_file, replace_file
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import (
     Installed,
     norm,

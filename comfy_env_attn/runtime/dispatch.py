@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from comfy_env_attn.core.lockmodel import (
     tool_table,
 )
 from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.core.settings import settle_margin
 from comfy_env_attn.runtime import plugins
 from comfy_env_attn.runtime.adapters import (

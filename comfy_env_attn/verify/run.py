@@ -22,12 +22,13 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.backends import BACKENDS, MODEL_HEAD_DIMS, VARIANTS, variants
 from comfy_env_attn.core.errors import AttnError, UsageError
+from comfy_env_attn.core.records import dataclass
 
 SCRIPT = Path(__file__).with_name("_target.py")
 MARK = "@@RESULT@@"

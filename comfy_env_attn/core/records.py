@@ -1,0 +1,168 @@
+"""`dataclass`, as the standard library's, made in one pass on Python 3.11 and 3.12.
+
+There the standard library compiles each method it writes for a class in an exec of its own
+(Python 3.13 compiles them together): 258 methods for the 46 classes a quick `install` loads,
+about 40 ms of its 120 ms of imports on a 2-core machine, paid at every start of the command
+line and of ComfyUI. Here the standard library still reads the fields (with init, repr and
+eq off, it writes no method), so that `fields`, `replace` and `asdict` work unchanged. Only
+`__init__`, which runs for every record made, is compiled; `__repr__`, `__eq__`, `__hash__`
+and a frozen class's `__setattr__` and `__delattr__` are closures over the field names, read
+in C by operator.attrgetter. Their meaning is the standard library's (tests/test_records.py
+holds the two side by side). What this does not write (any other option, an InitVar,
+keyword-only fields) goes to the standard library whole.
+
+mypy checks every class as a standard dataclass: under TYPE_CHECKING the name is the
+standard library's own.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING or sys.version_info >= (3, 13):
+    from dataclasses import dataclass as dataclass
+else:
+    import dataclasses
+    import inspect
+    import operator
+    import reprlib
+
+    _standard = dataclasses.dataclass
+
+    def dataclass(cls: Any = None, /, *, frozen: bool = False, **options: Any) -> Any:
+        """@dataclass and @dataclass(frozen=True) (any other option: the standard one)."""
+        def wrap(cls: type) -> type:
+            if options or _unusual(cls):
+                return _standard(cls, frozen=frozen, **options)  # type: ignore[no-any-return,call-overload]
+            return _make(cls, frozen)
+
+        return wrap if cls is None else wrap(cls)
+
+    def _unusual(cls: type) -> bool:
+        """An InitVar or a keyword-only field, which only the standard library writes."""
+        for ann in inspect.get_annotations(cls).values():
+            text = ann if isinstance(ann, str) else repr(ann)
+            if "InitVar" in text or "KW_ONLY" in text:
+                return True
+        return any(isinstance(v, dataclasses.Field) and v.kw_only is True
+                   for v in cls.__dict__.values())
+
+    def _make(cls: type, frozen: bool) -> type:
+        own = dict(cls.__dict__)  # what the class body wrote itself, which stays
+        documented = bool(cls.__doc__)
+        _standard(cls, init=False, repr=False, eq=False)
+        fields = dataclasses.fields(cls)
+        made: dict[str, Any] = {}
+        if "__init__" not in own:
+            made["__init__"] = _init(cls, fields, frozen)
+        if "__repr__" not in own:
+            made["__repr__"] = _repr([f.name for f in fields if f.repr])
+        if "__eq__" not in own:
+            made["__eq__"] = _eq([f.name for f in fields if f.compare])
+        explicit_hash = "__hash__" in own and not (own["__hash__"] is None and "__eq__" in own)
+        if frozen and not explicit_hash:
+            made["__hash__"] = _hash([f.name for f in fields
+                                      if (f.compare if f.hash is None else f.hash)])
+        elif not explicit_hash:
+            made["__hash__"] = None  # eq without frozen: unhashable, as the standard one
+        if frozen:
+            for name in ("__setattr__", "__delattr__"):
+                if name in own:
+                    raise TypeError(f"Cannot overwrite attribute {name} in class "
+                                    f"{cls.__name__}")
+            made.update(_frozen(cls, frozenset(f.name for f in fields)))
+        for name, fn in made.items():
+            if fn is not None:
+                fn.__qualname__ = f"{cls.__qualname__}.{name}"
+            setattr(cls, name, fn)
+        if not documented:
+            cls.__doc__ = cls.__name__ + str(inspect.signature(cls)).replace(" -> None", "")
+        return cls
+
+    def _values(names: list[str]) -> Any:
+        """The fields' values as one tuple, read in C (zero or one field: still a tuple)."""
+        if len(names) > 1:
+            return operator.attrgetter(*names)
+        if names:
+            one = operator.attrgetter(names[0])
+            return lambda obj: (one(obj),)
+        return lambda obj: ()
+
+    def _repr(names: list[str]) -> Any:
+        get = operator.attrgetter(*names) if names else None
+
+        @reprlib.recursive_repr()
+        def __repr__(self: Any) -> str:
+            values = () if get is None else get(self) if len(names) > 1 else (get(self),)
+            shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
+            return f"{self.__class__.__qualname__}({shown})"
+
+        return __repr__
+
+    def _eq(names: list[str]) -> Any:
+        get = _values(names)
+
+        def __eq__(self: Any, other: Any) -> Any:
+            if other.__class__ is self.__class__:
+                return get(self) == get(other)
+            return NotImplemented
+
+        return __eq__
+
+    def _hash(names: list[str]) -> Any:
+        get = _values(names)
+
+        def __hash__(self: Any) -> int:
+            return hash(get(self))
+
+        return __hash__
+
+    def _frozen(cls: type, names: frozenset[str]) -> dict[str, Any]:
+        def __setattr__(self: Any, name: str, value: Any) -> None:
+            if type(self) is cls or name in names:
+                raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+            super(cls, self).__setattr__(name, value)
+
+        def __delattr__(self: Any, name: str) -> None:
+            if type(self) is cls or name in names:
+                raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+            super(cls, self).__delattr__(name)
+
+        return {"__setattr__": __setattr__, "__delattr__": __delattr__}
+
+    def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool) -> Any:
+        """__init__, compiled: it runs for every record made (17,000 in a plan over the
+        embedded index), where a generic one would cost a few microseconds each."""
+        ns: dict[str, Any] = {"_MISSING": dataclasses.MISSING,
+                              "_object_setattr": object.__setattr__}
+        params: list[str] = []
+        body: list[str] = []
+        for f in fields:
+            factory = f.default_factory is not dataclasses.MISSING
+            default = f.default is not dataclasses.MISSING
+            if factory:
+                ns[f"_factory_{f.name}"] = f.default_factory
+            elif default:
+                ns[f"_default_{f.name}"] = f.default
+            if f.init:
+                params.append(f.name + ("=_MISSING" if factory else
+                                        f"=_default_{f.name}" if default else ""))
+                value = f"_factory_{f.name}() if {f.name} is _MISSING else {f.name}" \
+                    if factory else f.name
+            elif factory:
+                value = f"_factory_{f.name}()"
+            elif default:
+                value = f"_default_{f.name}"
+            else:
+                continue  # neither set nor defaulted: as the standard library leaves it
+            body.append(f"  _object_setattr(__self__, {f.name!r}, {value})" if frozen
+                        else f"  __self__.{f.name} = {value}")
+        if hasattr(cls, "__post_init__"):
+            body.append("  __self__.__post_init__()")
+        made: dict[str, Any] = {}
+        exec(f"def __init__({', '.join(['__self__', *params])}):\n"
+             + "\n".join(body or ["  pass"]), ns, made)
+        init = made["__init__"]
+        init.__annotations__ = {**{f.name: f.type for f in fields if f.init}, "return": None}
+        return init
