@@ -2,7 +2,7 @@
 and verification time per backend against a bare `python -c "import torch"` in the target.
 
     python benchmarks/bench_install.py [--runs 5] [--size-mb 0 60] [--source index folder]
-                                       [--rate-mb 50] [--compare DIR]
+                                       [--runner tool target] [--rate-mb 50] [--compare DIR]
 
 `index`: both install from a PEP 503 index served over loopback (our download, then uv from
 the file; uv downloads it itself). `folder`: a local wheel, `--find-links FOLDER` for both.
@@ -16,6 +16,11 @@ a payload of each --payload kind:
   _common.padded_wheel), which uv inflates as it installs: what a real CUDA wheel costs;
 - `random`: random hex stored uncompressed, which uv only copies: the cheapest wheel of that
   size for uv, and so the hardest case for the ratio.
+
+--runner: which Python runs comfy-env-attn. `tool`: this interpreter, the target named with
+--python (the tool in a venv of its own). `target`: the fresh venv's own Python, `python -m
+comfy_env_attn install` as the README has ComfyUI's Python run it; the target's fast probe
+is then read in the running process (facts.probe_start.in_process).
 
 --compare DIR: also time the command line of another checkout (an earlier commit:
 `git worktree add /tmp/before COMMIT`), run by this interpreter. The runs of the three
@@ -71,6 +76,8 @@ def main() -> int:
     ap.add_argument("--payload", nargs="*", choices=["library", "random"],
                     default=["library", "random"],
                     help="what a wheel of --size-mb above 0 is grown with (see above)")
+    ap.add_argument("--runner", nargs="*", choices=["tool", "target"], default=["tool"],
+                    help="which Python runs comfy-env-attn (see above)")
     ap.add_argument("--rate-mb", type=float, default=None,
                     help="pace the index server at this many MB/s (default: loopback speed)")
     ap.add_argument("--compare", metavar="DIR", type=Path,
@@ -84,7 +91,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         prof = write_gpu_profile(d)
-        print(f"{'source':>6}  {'wheel':>18}  {'comfy-env-attn install':>24}  "
+        print(f"{'source':>6}  {'runner':>6}  {'wheel':>18}  {'comfy-env-attn install':>24}  "
               f"{'raw uv pip install':>20}  {'ratio':>6}  {'difference':>10}"
               + (f"  {'--compare checkout':>20}" if args.compare else ""))
         for size, payload in [(mb, kind) for mb in args.size_mb
@@ -105,7 +112,7 @@ def main() -> int:
             base, srv = serve(site, args.rate_mb * 1e6 if args.rate_mb else None)
             (site / "simple" / "sageattention" / "index.html").write_text(
                 f'<a href="{base}/files/{w.name.replace("+", "%2B")}#sha256={sha}">{w.name}</a>')
-            for source in args.source:
+            for source, runner in [(s, r) for s in args.source for r in args.runner]:
                 if source == "index":
                     ours_src = ["--index-url", f"{base}/simple"]
                     uv_src = ["--index-url", f"{base}/simple"]
@@ -113,8 +120,9 @@ def main() -> int:
                     ours_src = ["--find-links", str(site / "files")]
                     uv_src = ["--no-index", "--find-links", str(site / "files")]
 
-                def run(who: str, i: int, case: str = f"{size}{payload}-{source}",
-                        ours_src: list[str] = ours_src, uv_src: list[str] = uv_src) -> float:
+                def run(who: str, i: int, case: str = f"{size}{payload}-{source}-{runner}",
+                        ours_src: list[str] = ours_src, uv_src: list[str] = uv_src,
+                        runner: str = runner) -> float:
                     py = fresh_venv(d / f"{who}{case}-{i}")
                     if who == "uv":
                         return timed([uv_bin(), "pip", "install", "-q", "--python", str(py),
@@ -129,8 +137,9 @@ def main() -> int:
                         shutil.rmtree(cache_dir() / sub, ignore_errors=True)
                     uv_cache = d / f"uv-cache-{who}{case}-{i}"
                     try:
+                        cli = CLI if runner == "tool" else [str(py), "-m", "comfy_env_attn"]
                         return timed(
-                            [*CLI, "install", "--python", str(py), "--system", str(prof),
+                            [*cli, "install", "--python", str(py), "--system", str(prof),
                              *ours_src, "--no-embedded-index", "--backends", "sage",
                              "--no-verify"], roots[who], {"UV_CACHE_DIR": str(uv_cache)})
                     finally:
@@ -140,7 +149,7 @@ def main() -> int:
                 a, b = statistics.median(times["ours"]), statistics.median(times["uv"])
                 label = f"{w.stat().st_size / 1e6:.1f} MB" + (f" {payload}" if payload else "")
                 c = f"  {statistics.median(times['compare']):>18.3f} s" if args.compare else ""
-                print(f"{source:>6}  {label:>18}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}  "
+                print(f"{source:>6}  {runner:>6}  {label:>18}  {a:>22.3f} s  {b:>18.3f} s  {a / b:>6.2f}  "
                       f"{a - b:>+8.3f} s{c}", flush=True)
             srv.shutdown()
         # verification time per backend against a bare import torch in the target

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +91,46 @@ def test_a_probe_started_early_is_the_one_that_answers(plain_venv: Path, tmp_pat
     with pytest.raises(ProbeError, match=r"failed the probe \(exit 1\): Fatal Python error"):
         probe_interpreter(str(fake))
     assert probe_start._PENDING == {}
+
+
+_IN_PROCESS = """
+import json, sys
+from comfy_env_attn.facts import probe, probe_start
+def refuse(*args, **kwargs):
+    raise AssertionError("the target's Python was started")
+started = probe._start
+plain = probe_start.in_process(sys.executable)
+probe_start.running_as_command()
+probe._start = probe_start._start = refuse
+here = probe._run_script(sys.executable, import_torch=False) \\
+    if probe_start.in_process(sys.executable) else None
+other = probe_start.in_process(sys.executable + "3")
+probe_start._COMMAND.clear()
+probe._start = started
+there = probe._run_script(sys.executable, import_torch=False)
+print(json.dumps({"plain": plain, "here": here, "there": there, "other": other}))
+"""
+
+
+def test_the_running_interpreter_is_probed_in_process_with_the_same_facts(
+        torch_venv: Path) -> None:
+    """Run as the target's own command (`python -m comfy_env_attn install` from ComfyUI's
+    Python), the fast probe reads this process's facts instead of starting the target's
+    Python again, and they are the facts a started probe gives. Not in a process that did
+    not start as the command (its sys.path may have changed), not for another interpreter,
+    and not under a flag that changes what the target's sys.path would be."""
+    from conftest import ROOT
+
+    py = str(venv_python(torch_venv))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([py, "-c", _IN_PROCESS], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["here"] == out["there"] and out["here"]["torch"]
+    assert out["plain"] is False and out["other"] is False
+    r = subprocess.run([py, "-s", "-c", _IN_PROCESS], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["here"] is None  # -s: the target would see a user site
 
 
 def test_a_python_that_does_not_run(tmp_path: Path) -> None:

@@ -309,6 +309,9 @@ def entry() -> int:
     their own long-lived process."""
     gc.disable()
     _interrupt_on_termination()
+    from comfy_env_attn.facts.probe_start import running_as_command
+
+    running_as_command()
     try:
         return main(short_lived=True)
     finally:

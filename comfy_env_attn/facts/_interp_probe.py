@@ -1,20 +1,24 @@
 """Run inside the TARGET interpreter (standard library only; it need not have this package).
 
 Prints one JSON object: the interpreter's facts, torch's version/CUDA/ABI, site dirs.
-torch is read from its version.py first, then imported for the C++ ABI flag.
+torch is read from its version.py first, then imported for the C++ ABI flag. Where the
+target is the interpreter running this tool, the command line calls `facts` itself
+(probe_start.in_process says when).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import sysconfig
-from typing import Any
+
+TYPE_CHECKING = False  # typing itself is not imported: 5 ms of every probe's start
+if TYPE_CHECKING:
+    from typing import Any
 
 
-def _torch_facts(out: dict[str, Any]) -> None:
+def _torch_facts(out: dict[str, Any], import_torch: bool) -> None:
     import importlib.util
 
     out.update(torch=None, torch_cuda=None, torch_hip=None, cxx11abi=None)
@@ -49,7 +53,7 @@ def _torch_facts(out: dict[str, Any]) -> None:
     out["torch"] = ns.get("__version__")
     out["torch_cuda"] = ns.get("cuda")
     out["torch_hip"] = ns.get("hip")
-    if os.environ.get("COMFY_ENV_ATTN_PROBE_NO_IMPORT") == "1":
+    if not import_torch:
         return  # the caller knows the rest from its cache, or asks again
     try:
         import torch
@@ -61,7 +65,7 @@ def _torch_facts(out: dict[str, Any]) -> None:
         out["torch_error"] = "import torch failed: %s: %s" % (type(e).__name__, e)
 
 
-def main() -> None:
+def facts(import_torch: bool) -> dict[str, Any]:
     plat = sys.platform
     plat = "windows" if plat.startswith("win") else "macos" if plat == "darwin" else \
         "linux" if plat.startswith("linux") else plat
@@ -110,7 +114,14 @@ def main() -> None:
         "platform_python_implementation": platform.python_implementation(),
         "python_version": "%d.%d" % sys.version_info[:2], "sys_platform": sys.platform,
     }
-    _torch_facts(out)
+    _torch_facts(out, import_torch)
+    return out
+
+
+def main() -> None:
+    import json
+
+    out = facts(import_torch=os.environ.get("COMFY_ENV_ATTN_PROBE_NO_IMPORT") != "1")
     sys.stdout.write(json.dumps(out))
 
 

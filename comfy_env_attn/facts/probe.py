@@ -27,6 +27,7 @@ from comfy_env_attn.facts.probe_start import (
     _start,
     _stat,
     _visible,
+    in_process,
     nvml_facts,
 )
 from comfy_env_attn.facts.system import System, normalize_arch
@@ -172,6 +173,10 @@ def _witnesses(executable: str, facts: dict[str, Any]) -> dict[str, list[int] | 
 
 
 def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
+    if not import_torch and in_process(executable):
+        from comfy_env_attn.facts import _interp_probe
+
+        return _checked(executable, _interp_probe.facts(import_torch=False), "")
     timeout = PROBE_TIMEOUT_S
     proc = None if import_torch else _PENDING.pop(executable, None)
     try:
@@ -201,9 +206,14 @@ def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
     except json.JSONDecodeError:
         raise ProbeError(f"{executable!r} is not a Python this tool can probe: it printed "
                          f"{r.stdout[:80]!r}") from None
+    return _checked(executable, facts, r.stdout)
+
+
+def _checked(executable: str, facts: Any, printed: str) -> dict[str, Any]:
+    """The probe's answer, if it is one."""
     if not isinstance(facts, dict):
         raise ProbeError(f"{executable!r} is not a Python this tool can probe: it printed "
-                         f"{r.stdout[:80]!r}")
+                         f"{printed[:80]!r}")
     if facts.get("implementation") != "cpython":
         raise ProbeError(f"{executable!r} is {str(facts.get('implementation'))[:40]}, "
                          "not CPython")

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,37 @@ def _start(executable: str, import_torch: bool) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
+_COMMAND: list[bool] = []  # set by the command line's own process (running_as_command)
+
+
+def running_as_command() -> None:
+    """This process is the command line's own (cli.entry): its sys.path is the one Python
+    gave it, so that the running interpreter's facts may be read here (in_process). A process
+    that calls cli.main itself (a test, an embedder) may have changed sys.path."""
+    _COMMAND[:] = [True]
+
+
+def in_process(executable: str) -> bool:
+    """Whether the target is the interpreter running this command, started as a plain one
+    would be: then the fast probe runs here (_interp_probe.facts), and the target's Python
+    is not started again (as ComfyUI portable's README usage, `python_embeded\\python.exe -m
+    comfy_env_attn install`, runs it). Not under -I, -S, -s, -E or -P, which change sys.path
+    from what the target sees, nor in a process that did not start as the command."""
+    flags = sys.flags
+    plain = not (flags.isolated or flags.no_site or flags.no_user_site
+                 or flags.ignore_environment or getattr(flags, "safe_path", False))
+    same = os.path.normcase(os.path.abspath(executable)) == \
+        os.path.normcase(os.path.abspath(sys.executable))
+    return bool(_COMMAND) and plain and same
+
+
 def start_probe(executable: str) -> None:
     """Start the target's fast probe in the background when its cache cannot answer, so
     that starting the target's Python overlaps this tool's own imports (the CLI calls this
     first). Whatever goes wrong here is left for the real probe to report."""
     exe = os.path.abspath(executable)
-    if exe in _PENDING or not os.path.isfile(exe) or _cached(exe) is not None:
+    if exe in _PENDING or not os.path.isfile(exe) or in_process(exe) or \
+            _cached(exe) is not None:
         return
     try:
         _PENDING[exe] = _start(exe, import_torch=False)
