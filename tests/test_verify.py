@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
+from comfy_env_attn.core.process import pid_alive
 from comfy_env_attn.verify.run import Options, verify
 
 pytest.importorskip("torch")
@@ -38,3 +44,47 @@ def test_a_python_that_cannot_start_fails_each_backend_with_the_reason(tmp_path:
     res = verify(str(tmp_path / "no-python"), ["sage"], Options(shapes=[[1, 2, 64, 32]]))
     assert not res["sdpa"].passed and not res["sage"].passed
     assert "cannot run" in (res["sage"].error or "")
+
+
+_INTERRUPTED = """
+import signal, sys
+from comfy_env_attn.verify.run import Options, verify
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, interrupt)  # as the command line does
+print("started", flush=True)
+try:
+    verify(sys.argv[1], ["sage", "flash"], Options(shapes=[[1, 2, 64, 32]], parallel=3))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script stands in for Python")
+def test_an_interrupted_verification_stops_its_processes_and_ends_at_once(
+        tmp_path: Path) -> None:
+    """SIGTERM while verification processes run (a stand-in Python that sleeps, and starts a
+    process of its own, as Triton's compilers do): the command ends at once, and leaves none
+    of them running, where it waited for each to end by itself."""
+    pids = tmp_path / "pids"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $$ $! >> {pids}\nwait\n")
+    fake.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(fake)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+    deadline = time.monotonic() + 30
+    while (not pids.exists() or len(pids.read_text().split()) < 6) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) >= 6  # three stand-ins at least, each with a sleep of its own
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert out == "interrupted\n" and time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 10  # killed at once; reaped by init when it comes to them
+    while [p for p in started if pid_alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in started if pid_alive(p)] == []

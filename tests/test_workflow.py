@@ -229,6 +229,36 @@ def test_an_error_under_json_is_a_json_document(tmp_path: Path) -> None:
     assert doc["command"] == "plan" and "nosuch" in doc["error"]
 
 
+def test_an_interrupted_command_under_json_is_a_json_document(tmp_path: Path) -> None:
+    """SIGTERM (as `timeout` sends it) while a command waits on a server that never ends its
+    page: exit 130, the ERROR line, and the error document on stdout."""
+    import os
+    import signal
+    import time
+
+    from servers import RawServer
+
+    server = RawServer("HTTP/1.1 200 OK\nContent-Type: text/html\n", b"<html>", trickle=0.05)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "comfy_env_attn", "plan", "--json", "--no-embedded-index",
+             "--system", str(write_gpu_profile(tmp_path)), "--index-url", server.url + "/"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, "COMFY_ENV_ATTN_CACHE_DIR": str(tmp_path / "cache")})
+        deadline = time.monotonic() + 60
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.requests, "the command never asked the server"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        server.close()
+    assert proc.returncode == 130 and "ERROR interrupted" in err, err
+    doc = json.loads(out)
+    check(doc, "error")
+    assert doc == {"schema": 1, "command": "plan", "ok": False, "error": "interrupted"}
+
+
 def test_progress_on_a_terminal(tmp_path: Path, venv: Path, profile: Path,
                                 http_server) -> None:
     """stderr a terminal: a rich bar for the download (bytes, rate, time left) and uv's own

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from comfy_env_attn.candidates.wheelname import InvalidWheelName, safe_wheel_filename
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import AttnError, IndexFetchError, UsageError
+from comfy_env_attn.core.process import parallel
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.core.records import dataclass
 
@@ -479,13 +480,7 @@ def fetch_index(client: httpx.Client, index_url: str, projects: Sequence[str],
         return fetch_page(client, f"{base}{normalize_dist(project)}/", source=source,
                           projects={normalize_dist(project)}, limits=lim) or []
 
-    if len(projects) <= 1:  # one page: no thread pool (its import alone costs ~20 ms)
-        pages = [one(p) for p in projects]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(6, len(projects))) as pool:
-            pages = list(pool.map(one, projects))
+    pages = parallel(one, list(projects), 6)
     return [c for page in pages for c in page]
 
 

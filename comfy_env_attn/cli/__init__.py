@@ -335,7 +335,7 @@ def _interrupt_on_termination() -> None:
             signal.signal(sig, interrupt)
 
 
-def _json_error(argv: list[str], e: Exception) -> None:
+def _json_error(argv: list[str], e: Exception | str) -> None:
     """A command asked for --json that fails still prints one JSON document (docs/json.md):
     a script reads why from stdout, as it reads a result."""
     if any(a.startswith("--j") and "--json".startswith(a) for a in argv):  # --js too
@@ -378,6 +378,7 @@ def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int
         return 1
     except KeyboardInterrupt:
         print("ERROR interrupted", file=sys.stderr)
+        _json_error(argv, "interrupted")
         return 130
     except BrokenPipeError:
         return 1

@@ -15,6 +15,7 @@ from packaging.utils import canonicalize_name
 
 from comfy_env_attn.candidates.sources import EMBEDDED, Candidate, Sources, gather
 from comfy_env_attn.core import backends as bk
+from comfy_env_attn.core.process import parallel
 from comfy_env_attn.core.progress import log
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.system import System, disagreements, marker_env
@@ -162,13 +163,7 @@ def checked_plan(system: System, candidates: Sequence[Candidate], names: Sequenc
                 and (c.metadata_url or c.url.startswith(("http:", "https:")))]
         if not todo:
             break
-        if len(todo) == 1:  # no thread pool for one request (its import alone: ~10 ms)
-            metas = [fetch(todo[0])]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
-                metas = list(pool.map(fetch, todo))
+        metas = parallel(fetch, todo, 8)
         learned: dict[tuple[str, str], Candidate] = {}
         for c, meta in zip(todo, metas, strict=True):
             read.add((c.filename, c.url))

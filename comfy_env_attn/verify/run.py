@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 from comfy_env_attn.core.backends import BACKENDS, MODEL_HEAD_DIMS, VARIANTS, variants
 from comfy_env_attn.core.errors import AttnError, UsageError
+from comfy_env_attn.core.process import own_group, stop_tree
 from comfy_env_attn.core.records import dataclass
 
 SCRIPT = Path(__file__).with_name("_target.py")
@@ -152,17 +154,51 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+# the verification processes running now, stopped together when the command is interrupted;
+# once stopped, no other starts (a worker thread freed by the stop would take the next job)
+_RUNNING: set[subprocess.Popen[str]] = set()
+_STOPPED: list[bool] = [False]
+_LOCK = threading.Lock()
+
+
 def _run(python: str, cfg: dict[str, Any], opts: Options
          ) -> subprocess.CompletedProcess[str] | str:
-    """The script's run, or why it could not start or answer."""
+    """The script's run, or why it could not start or answer. It runs in a process group of
+    its own, stopped whole on a timeout or an interrupt (_stop_running): kernels compiled on
+    first use (Triton) start processes of their own."""
     env = {**os.environ, **opts.env, "PYTHONFAULTHANDLER": "1"}  # a crash prints its stack
+    with _LOCK:
+        if _STOPPED[0]:
+            return "interrupted"
+        try:
+            proc = subprocess.Popen([python, str(SCRIPT), json.dumps(cfg)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env, **own_group())
+        except OSError as e:
+            return f"cannot run {python}: {e}"
+        _RUNNING.add(proc)
     try:
-        return subprocess.run([python, str(SCRIPT), json.dumps(cfg)], capture_output=True,
-                              text=True, timeout=opts.timeout, env=env)
+        out, err = proc.communicate(timeout=opts.timeout)
     except subprocess.TimeoutExpired:
+        stop_tree(proc)
+        proc.communicate()
         return f"no answer within {opts.timeout:.0f} s (killed)"
-    except OSError as e:
-        return f"cannot run {python}: {e}"
+    except BaseException:  # interrupted while waiting here
+        stop_tree(proc)
+        raise
+    finally:
+        _RUNNING.discard(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stop_running() -> None:
+    """Stop every verification process, for an interrupted command: the threads waiting on
+    them then end at once, where concurrent.futures would hold the exit until each ended."""
+    with _LOCK:
+        _STOPPED[0] = True
+        running = list(_RUNNING)
+    for proc in running:
+        stop_tree(proc)
 
 
 def _result_line(r: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
@@ -291,7 +327,9 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
 
     from concurrent.futures import ThreadPoolExecutor, as_completed  # ~10 ms to import: only here
 
-    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+    _STOPPED[0] = False
+    pool = ThreadPoolExecutor(max_workers=max(1, opts.parallel))
+    try:
         futures = {name: [pool.submit(run_one, python, name, o) for o in _shards(name, opts)]
                    for name in order}
         done("sdpa", [f.result() for f in futures["sdpa"]])
@@ -310,6 +348,11 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
             left[name] -= 1
             if left[name] == 0:
                 done(name, [g.result() for g in futures[name]])
+    except BaseException:  # an interrupt: stop the processes, then the threads end with them
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_running()
+        raise
+    pool.shutdown()
     results = {name: results[name] for name in order}
     passed = [n for n in order if results[n].passed]
     if not opts.bench or len(passed) < 2:
