@@ -160,3 +160,31 @@ def test_stop_tree_on_windows_ends_the_tree_with_taskkill(
 def test_windows_popen_arguments_start_no_session() -> None:
     assert own_group() == {"start_new_session": True}
     assert process.os is os
+
+
+def test_parallel_keeps_the_order_and_raises_the_first_failure_in_it() -> None:
+    import threading
+
+    from comfy_env_attn.core.process import parallel
+
+    seen: set[str] = set()
+
+    def slow_first(i: int) -> int:
+        time.sleep(0.05 * (5 - i))  # the later items finish first
+        seen.add(threading.current_thread().name)
+        return i * 10
+
+    assert parallel(slow_first, list(range(5)), 3) == [0, 10, 20, 30, 40]
+    assert seen == {"parallel"}
+    assert parallel(lambda i: threading.current_thread().name, ["one"], 4) == \
+        [threading.current_thread().name]  # one item: no thread
+    assert parallel(str, [], 4) == []
+
+    def fail(i: int) -> int:
+        if i in (1, 3):
+            time.sleep(0.05 if i == 1 else 0)
+            raise ValueError(f"item {i}")
+        return i
+
+    with pytest.raises(ValueError, match="item 1"):  # the first in order, not in time
+        parallel(fail, list(range(5)), 5)
