@@ -4,13 +4,18 @@ build): `comfy-env-attn install --no-verify` of the built SageAttention wheel ag
 and its packages (--system-site-packages, and a .pth file naming torch's folder).
 
     python3 benchmarks/gpu_install_overhead.py WHEEL_DIR [--runs 9] [--pad-mb 0 60]
-                                               [--json FILE] [--system F]
+                                               [--runner tool target] [--json FILE]
+                                               [--system F]
 
 --pad-mb: the wheel as built (0), and copies of it grown to about that many MB with compiled
 code deflated as wheels ship it (_common.padded_wheel: torch's largest shared library), for
 the size a goal names.
 
-The two commands alternate, the order turning each round; each run of ours gets an empty
+--runner: `tool`, the tool run as CEA says with the venv named by --python; `target`, the
+fresh venv's own Python running `-m comfy_env_attn` (the README's usage, ComfyUI's Python
+running the tool; the tool's modules come from PYTHONPATH), whose probe is read in process.
+
+The commands alternate, the order turning each round; each run of ours gets an empty
 UV_CACHE_DIR (as raw uv has --no-cache), so both learn the fresh venv's interpreter and
 unpack the wheel within the timed run. The tool runs as CEA says (default `python3 -m
 comfy_env_attn`), uv as found on PATH.
@@ -37,6 +42,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--pad-mb", type=float, nargs="*", default=[0],
                     help="0: the wheel as built; MB: a copy grown to about that size")
+    ap.add_argument("--runner", nargs="*", choices=["tool", "target"], default=["tool"])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--system", type=Path,
                     help="resolve for this System profile (to try the script off a GPU)")
@@ -70,7 +76,8 @@ def main() -> int:
                     cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache", "--no-deps",
                            "--no-index", "--find-links", str(wheels), "sageattention"]
                 else:
-                    cmd = [*cea, "install", "--python", py, "--find-links", str(wheels),
+                    runner = cea if who == "tool" else [py, "-m", "comfy_env_attn"]
+                    cmd = [*runner, "install", "--python", py, "--find-links", str(wheels),
                            "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
                            *(["--system", str(args.system)] if args.system else [])]
                     env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
@@ -80,15 +87,20 @@ def main() -> int:
                     shutil.rmtree(venv)
                     shutil.rmtree(Path(tmp) / f"uv-cache-{i}", ignore_errors=True)
 
-            times = alternating(args.runs, ("ours", "uv"), run)
-            ours, raw = statistics.median(times["ours"]), statistics.median(times["uv"])
+            times = alternating(args.runs, (*args.runner, "uv"), run)
+            raw = statistics.median(times["uv"])
             size = wheel.stat().st_size / 1e6
             what = "as built" if not pad else "grown with compiled code"
-            print(f"{wheel.name} ({size:.1f} MB, {what}), medians of {args.runs}: "
-                  f"comfy-env-attn install {ours:.3f} s, raw uv pip install {raw:.3f} s, "
-                  f"ratio {ours / raw:.2f}, difference {ours - raw:+.3f} s", flush=True)
-            results.append({"wheel": wheel.name, "mb": size, "padded": bool(pad),
-                            "runs": times, "ours": ours, "uv": raw})
+            row: dict[str, object] = {"wheel": wheel.name, "mb": size, "padded": bool(pad),
+                                      "runs": times, "uv": raw}
+            for runner in args.runner:
+                ours = statistics.median(times[runner])
+                print(f"{wheel.name} ({size:.1f} MB, {what}), medians of {args.runs}: "
+                      f"comfy-env-attn install run by the {runner}'s Python {ours:.3f} s, "
+                      f"raw uv pip install {raw:.3f} s, ratio {ours / raw:.2f}, "
+                      f"difference {ours - raw:+.3f} s", flush=True)
+                row["ours" if runner == "tool" else runner] = ours
+            results.append(row)
     if args.json:
         # the wheel as built first, as this file held before --pad-mb
         args.json.write_text(json.dumps({**results[0], "sizes": results}, indent=1))

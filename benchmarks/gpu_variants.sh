@@ -55,7 +55,7 @@ $CEA lock --python "$VENV/bin/python" | head -40
 
 step "install overhead with the built wheel, and grown to 60 MB (fresh venvs, against raw uv --no-cache)"
 python3 benchmarks/gpu_install_overhead.py "$WORK/wheel" --runs "${RUNS:-9}" --pad-mb 0 60 \
-  --json "$OUT/install_overhead.json"
+  --runner tool target --json "$OUT/install_overhead.json"
 
 step "the two kernels side by side"
 PYTHONPATH=$PWD "$VENV/bin/python" benchmarks/gpu_sage_variants.py --json "$OUT/variants.json"
