@@ -266,3 +266,72 @@ def test_the_package_makes_its_records_here() -> None:
             if imported or named:
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_what_a_hostile_review_found_is_as_the_standard_one() -> None:
+    """Inheritance between frozen and non-frozen classes, a subclass's own default for a
+    field out of __init__, field names the generated code could meet, a non-default field
+    after a default one, type hints and signatures of __init__, __dataclass_params__."""
+    import inspect
+    import typing
+
+    for make in (dataclasses.dataclass, records.dataclass):
+        @make(frozen=True)
+        class Frozen:
+            """Frozen."""
+            a: int
+
+        @make
+        class Thawed:
+            """Thawed."""
+            a: int
+
+        with pytest.raises(TypeError, match="cannot inherit non-frozen dataclass from a "
+                                            "frozen one"):
+            make(type("Sub", (Frozen,), {"__annotations__": {"b": "int"}}))
+        with pytest.raises(TypeError, match="cannot inherit frozen dataclass from a "
+                                            "non-frozen one"):
+            make(frozen=True)(type("Sub", (Thawed,), {"__annotations__": {"b": "int"}}))
+
+        @make(frozen=True, order=True)
+        class Ordered(Frozen):
+            """Ordered."""
+            b: int = 0
+
+        assert Ordered(1) < Ordered(2)
+        assert Frozen.__dataclass_params__.frozen is True  # type: ignore[attr-defined]
+
+        @make
+        class Kind:
+            """Kind."""
+            kind: str = dataclasses.field(default="a", init=False)
+
+        class Other(Kind):
+            kind = "b"
+
+        assert Other().kind == "b"
+
+        @make
+        class Clash:
+            """Clash."""
+            _MISSING: int = 0
+            __dataclass_self__x: int = 1
+            items: list[int] = dataclasses.field(default_factory=list)
+            _object_setattr: int = 2
+
+        c = Clash()
+        assert (c._MISSING, c.items, c._object_setattr) == (0, [], 2)
+        with pytest.raises(TypeError, match="non-default argument 'y' follows default "
+                                            "argument"):
+            make(type("Bad", (), {"__annotations__": {"x": "int", "y": "int"}, "x": 1}))
+
+        @make
+        class Hinted:
+            """Hinted."""
+            xs: list[int] = dataclasses.field(default_factory=list)
+            n: int = 1
+
+        assert typing.get_type_hints(Hinted.__init__) == \
+            {"xs": list[int], "n": int, "return": type(None)}
+        assert str(inspect.signature(Hinted)) == \
+            "(xs: 'list[int]' = <factory>, n: 'int' = 1) -> None"

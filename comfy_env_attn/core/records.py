@@ -9,7 +9,8 @@ eq off, it writes no method), so that `fields`, `replace` and `asdict` work unch
 and a frozen class's `__setattr__` and `__delattr__` are closures over the field names, read
 in C by operator.attrgetter. Their meaning is the standard library's (tests/test_records.py
 holds the two side by side). What this does not write (any other option, an InitVar,
-keyword-only fields) goes to the standard library whole.
+keyword-only fields, a field out of `__init__`, a dataclass base) goes to the standard
+library whole.
 
 mypy checks every class as a standard dataclass: under TYPE_CHECKING the name is the
 standard library's own.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING or sys.version_info >= (3, 13):
     from dataclasses import dataclass as dataclass
 else:
+    import abc
     import dataclasses
     import inspect
     import operator
@@ -40,18 +42,25 @@ else:
         return wrap if cls is None else wrap(cls)
 
     def _unusual(cls: type) -> bool:
-        """An InitVar or a keyword-only field, which only the standard library writes."""
+        """What only the standard library writes: a dataclass base (its checks of frozen
+        against non-frozen bases, inherited InitVars and keyword-only fields), an InitVar,
+        a keyword-only field, a field out of __init__."""
+        if any(hasattr(base, "__dataclass_fields__") for base in cls.__mro__[1:]):
+            return True
         for ann in inspect.get_annotations(cls).values():
             text = ann if isinstance(ann, str) else repr(ann)
             if "InitVar" in text or "KW_ONLY" in text:
                 return True
-        return any(isinstance(v, dataclasses.Field) and v.kw_only is True
+        return any(isinstance(v, dataclasses.Field) and (v.kw_only is True or not v.init)
                    for v in cls.__dict__.values())
 
     def _make(cls: type, frozen: bool) -> type:
         own = dict(cls.__dict__)  # what the class body wrote itself, which stays
         documented = bool(cls.__doc__)
         _standard(cls, init=False, repr=False, eq=False)
+        params = cls.__dataclass_params__  # type: ignore[attr-defined]
+        params.init = params.repr = params.eq = True  # what this writes (a subclass reads it)
+        params.frozen = frozen
         fields = dataclasses.fields(cls)
         made: dict[str, Any] = {}
         if "__init__" not in own:
@@ -78,6 +87,7 @@ else:
             setattr(cls, name, fn)
         if not documented:
             cls.__doc__ = cls.__name__ + str(inspect.signature(cls)).replace(" -> None", "")
+        abc.update_abstractmethods(cls)
         return cls
 
     def _values(names: list[str]) -> Any:
@@ -131,38 +141,51 @@ else:
 
         return {"__setattr__": __setattr__, "__delattr__": __delattr__}
 
+    class _Factory:
+        def __repr__(self) -> str:
+            return "<factory>"  # in signatures and __doc__, as the standard library shows it
+
+    _FACTORY = _Factory()
+
     def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool) -> Any:
         """__init__, compiled: it runs for every record made (17,000 in a plan over the
-        embedded index), where a generic one would cost a few microseconds each."""
-        ns: dict[str, Any] = {"_MISSING": dataclasses.MISSING,
-                              "_object_setattr": object.__setattr__}
+        embedded index), where a generic one would cost a few microseconds each. As the
+        standard library writes it: in the module's globals, its own names passed in as
+        arguments of a function that makes it, and named so that no field meets them."""
+        names: dict[str, Any] = {"__dataclass_FACTORY__": _FACTORY,
+                                 "__dataclass_setattr__": object.__setattr__}
         params: list[str] = []
         body: list[str] = []
-        for f in fields:
+        defaulted = False
+        for f in fields:  # every field is in __init__ here (_unusual)
             factory = f.default_factory is not dataclasses.MISSING
             default = f.default is not dataclasses.MISSING
             if factory:
-                ns[f"_factory_{f.name}"] = f.default_factory
+                names[f"__dataclass_factory_{f.name}__"] = f.default_factory
+                params.append(f"{f.name}=__dataclass_FACTORY__")
+                value = (f"__dataclass_factory_{f.name}__() if {f.name} is "
+                         f"__dataclass_FACTORY__ else {f.name}")
             elif default:
-                ns[f"_default_{f.name}"] = f.default
-            if f.init:
-                params.append(f.name + ("=_MISSING" if factory else
-                                        f"=_default_{f.name}" if default else ""))
-                value = f"_factory_{f.name}() if {f.name} is _MISSING else {f.name}" \
-                    if factory else f.name
-            elif factory:
-                value = f"_factory_{f.name}()"
-            elif default:
-                value = f"_default_{f.name}"
+                names[f"__dataclass_default_{f.name}__"] = f.default
+                params.append(f"{f.name}=__dataclass_default_{f.name}__")
+                value = f.name
             else:
-                continue  # neither set nor defaulted: as the standard library leaves it
-            body.append(f"  _object_setattr(__self__, {f.name!r}, {value})" if frozen
-                        else f"  __self__.{f.name} = {value}")
+                if defaulted:
+                    raise TypeError(f"non-default argument {f.name!r} follows default "
+                                    "argument")
+                params.append(f.name)
+                value = f.name
+            defaulted = defaulted or factory or default
+            body.append(f"    __dataclass_setattr__(__dataclass_self__, {f.name!r}, {value})"
+                        if frozen else f"    __dataclass_self__.{f.name} = {value}")
         if hasattr(cls, "__post_init__"):
-            body.append("  __self__.__post_init__()")
+            body.append("    __dataclass_self__.__post_init__()")
+        src = (f"def __create_fn__({', '.join(names)}):\n"
+               f"  def __init__({', '.join(['__dataclass_self__', *params])}):\n"
+               + "\n".join(body or ["    pass"]) + "\n  return __init__")
         made: dict[str, Any] = {}
-        exec(f"def __init__({', '.join(['__self__', *params])}):\n"
-             + "\n".join(body or ["  pass"]), ns, made)
-        init = made["__init__"]
-        init.__annotations__ = {**{f.name: f.type for f in fields if f.init}, "return": None}
+        module = sys.modules.get(cls.__module__)
+        exec(src, module.__dict__ if module else {}, made)
+        init = made["__create_fn__"](**names)
+        init.__annotations__ = {**{f.name: f.type for f in fields}, "return": None}
         return init
