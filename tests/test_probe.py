@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_venv, venv_python, venv_site
+from conftest import ROOT, make_venv, venv_python, venv_site
 
 from comfy_env_attn.core.errors import ProbeError
 from comfy_env_attn.facts import probe as probe_mod
@@ -113,24 +113,63 @@ print(json.dumps({"plain": plain, "here": here, "there": there, "other": other})
 
 
 def test_the_running_interpreter_is_probed_in_process_with_the_same_facts(
-        torch_venv: Path) -> None:
+        torch_venv: Path, tmp_path: Path) -> None:
     """Run as the target's own command (`python -m comfy_env_attn install` from ComfyUI's
     Python), the fast probe reads this process's facts instead of starting the target's
     Python again, and they are the facts a started probe gives. Not in a process that did
     not start as the command (its sys.path may have changed), not for another interpreter,
     and not under a flag that changes what the target's sys.path would be."""
-    from conftest import ROOT
-
     py = str(venv_python(torch_venv))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([py, "-c", _IN_PROCESS], capture_output=True, text=True, env=env)
+    # run from a folder holding a torch of its own: the command's current folder (sys.path[0]
+    # for -c and -m) is not the target's, and its torch is not the one the target imports
+    decoy = tmp_path / "torch"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("")
+    (decoy / "version.py").write_text("__version__ = '0.0.1'\n")
+    r = subprocess.run([py, "-c", _IN_PROCESS], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["here"] == out["there"] and out["here"]["torch"]
+    assert out["here"]["torch"] != "0.0.1" and str(tmp_path) not in out["here"]["sys_path"]
     assert out["plain"] is False and out["other"] is False
     r = subprocess.run([py, "-s", "-c", _IN_PROCESS], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["here"] is None  # -s: the target would see a user site
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the interpreter is copied as on Linux")
+def test_an_embeddable_python_is_probed_in_process_with_its_whole_path(tmp_path: Path) -> None:
+    """A ._pth file beside the interpreter (ComfyUI portable's python_embeded; CPython reads
+    it on every OS) makes every start of it isolated, with no script folder in sys.path:
+    the command run by it still probes in process, and neither probe drops the first entry
+    of the path the ._pth file sets."""
+    import shutil
+    import sysconfig
+
+    emb = tmp_path / "python_embeded"
+    emb.mkdir()
+    exe = emb / "python"
+    shutil.copy2(os.path.realpath(sys._base_executable), exe)
+    stdlib = sysconfig.get_path("stdlib")
+    entries = [stdlib, os.path.join(stdlib, "lib-dynload"), str(ROOT)]
+    (emb / "python._pth").write_text("\n".join([*entries, "import site"]) + "\n")
+    script = ("import json, sys; from comfy_env_attn.facts import _interp_probe, probe_start;"
+              "probe_start.running_as_command();"
+              "print(json.dumps([probe_start.in_process(sys.executable), sys.path,"
+              " _interp_probe.facts(import_torch=False)['sys_path']]))")
+    r = subprocess.run([str(exe), "-c", script], capture_output=True, text=True)
+    if r.returncode != 0 and "comfy_env_attn" not in r.stderr:
+        pytest.skip(f"this interpreter does not run copied: {r.stderr[-200:]}")
+    assert r.returncode == 0, r.stderr
+    here, path, facts_path = json.loads(r.stdout)
+    assert here is True and facts_path == path and facts_path[0] == entries[0]
+    script_path = ROOT / "comfy_env_attn" / "facts" / "_interp_probe.py"
+    r = subprocess.run([str(exe), str(script_path)], capture_output=True, text=True,
+                       env={**os.environ, "COMFY_ENV_ATTN_PROBE_NO_IMPORT": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sys_path"][:3] == entries
 
 
 def test_a_python_that_does_not_run(tmp_path: Path) -> None:

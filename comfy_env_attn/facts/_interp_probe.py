@@ -18,13 +18,37 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def _torch_facts(out: dict[str, Any], import_torch: bool) -> None:
-    import importlib.util
+def _import_path() -> list[str]:
+    """sys.path as the target's Python starts, without the folder of what started this one:
+    Python puts this script's folder (or, in process, the command's own: its entry point's
+    folder, or the current one for `python -m`) first, unless it runs isolated (-I, or a
+    ._pth file beside the interpreter, as ComfyUI portable's python_embeded has) or with
+    -P / PYTHONSAFEPATH. Then the first entry is the target's own."""
+    own_first = not (sys.flags.isolated or getattr(sys.flags, "safe_path", False))
+    return [p for p in (sys.path[1:] if own_first else sys.path) if p]
 
+
+def _find_torch(path: list[str]) -> Any:
+    """torch's spec as an import would find it with `path` as sys.path: the path finder on
+    `path`, any other finder (an editable install's) as it is; sys.path itself untouched."""
+    import importlib.machinery
+
+    for finder in sys.meta_path:
+        if finder is importlib.machinery.PathFinder:
+            spec = finder.find_spec("torch", path)
+        else:
+            find = getattr(finder, "find_spec", None)
+            spec = find("torch", None) if find is not None else None
+        if spec is not None:
+            return spec
+    return None
+
+
+def _torch_facts(out: dict[str, Any], path: list[str], import_torch: bool) -> None:
     out.update(torch=None, torch_cuda=None, torch_hip=None, cxx11abi=None)
 
     try:
-        spec = importlib.util.find_spec("torch")
+        spec = _find_torch(path)
     except (ImportError, ValueError) as e:
         out["torch_error"] = "%s: %s" % (type(e).__name__, e)
         return
@@ -81,6 +105,7 @@ def facts(import_torch: bool) -> dict[str, Any]:
             lib, ver = platform.libc_ver()
             glibc = ver if lib == "glibc" and ver else None
     paths = sysconfig.get_paths()
+    path = _import_path()
     out = {
         "python": "%d.%d.%d" % sys.version_info[:3],
         "implementation": sys.implementation.name,
@@ -100,8 +125,7 @@ def facts(import_torch: bool) -> dict[str, Any]:
         "platlib": paths.get("platlib"),
         "scripts": paths.get("scripts"),  # where a wheel's .data/scripts land
         "data": paths.get("data"),
-        # sys.path[0] is this script's folder, not the target's
-        "sys_path": [p for p in sys.path[1:] if p],
+        "sys_path": path,
     }
     impl = sys.implementation
     iv = "%d.%d.%d" % impl.version[:3]
@@ -114,7 +138,7 @@ def facts(import_torch: bool) -> dict[str, Any]:
         "platform_python_implementation": platform.python_implementation(),
         "python_version": "%d.%d" % sys.version_info[:2], "sys_platform": sys.platform,
     }
-    _torch_facts(out, import_torch)
+    _torch_facts(out, path, import_torch)
     return out
 
 

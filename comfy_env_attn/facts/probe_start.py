@@ -68,10 +68,17 @@ def in_process(executable: str) -> bool:
     would be: then the fast probe runs here (_interp_probe.facts), and the target's Python
     is not started again (as ComfyUI portable's README usage, `python_embeded\\python.exe -m
     comfy_env_attn install`, runs it). Not under -I, -S, -s, -E or -P, which change sys.path
-    from what the target sees, nor in a process that did not start as the command."""
+    from what the target sees, nor in a process that did not start as the command. A ._pth
+    file beside the interpreter (python_embeded's) sets those for every start of it: then
+    they are how it starts."""
     flags = sys.flags
-    plain = not (flags.isolated or flags.no_site or flags.no_user_site
-                 or flags.ignore_environment or getattr(flags, "safe_path", False))
+    exe_dir = os.path.dirname(sys.executable) or "."
+    try:
+        pth = any(f.endswith("._pth") for f in os.listdir(exe_dir))
+    except OSError:
+        pth = False
+    plain = pth or not (flags.isolated or flags.no_site or flags.no_user_site
+                        or flags.ignore_environment or getattr(flags, "safe_path", False))
     same = os.path.normcase(os.path.abspath(executable)) == \
         os.path.normcase(os.path.abspath(sys.executable))
     return bool(_COMMAND) and plain and same
