@@ -188,3 +188,44 @@ def test_parallel_keeps_the_order_and_raises_the_first_failure_in_it() -> None:
 
     with pytest.raises(ValueError, match="item 1"):  # the first in order, not in time
         parallel(fail, list(range(5)), 5)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_stop_trees_signals_every_group_before_waiting_and_a_second_interrupt_stops_them_all(
+        tmp_path: Path) -> None:
+    """Three trees that ignore SIGTERM, a 10 s grace, and Ctrl-C again after 0.5 s: all three
+    are killed with their children, none left to the first one's wait."""
+    import threading
+
+    from comfy_env_attn.core.process import stop_trees
+
+    for i in range(3):
+        (tmp_path / str(i)).mkdir()
+    trees = [_tree(tmp_path / str(i), ignore_term=True) for i in range(3)]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        stop_trees([proc for proc, _ in trees], grace=10)
+    assert time.monotonic() - start < 5
+    for proc, child in trees:
+        assert proc.returncode == -signal.SIGKILL and _gone(child)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT sent to this process")
+def test_parallel_interrupted_takes_no_further_item() -> None:
+    import threading
+
+    from comfy_env_attn.core.process import parallel
+
+    started: list[int] = []
+
+    def slow(i: int) -> int:
+        started.append(i)
+        time.sleep(0.3)
+        return i
+
+    threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        parallel(slow, list(range(20)), 2)
+    time.sleep(1.0)  # what a worker had begun ends; no other begins
+    assert len(started) <= 6, started

@@ -88,3 +88,21 @@ def test_an_interrupted_verification_stops_its_processes_and_ends_at_once(
     while [p for p in started if pid_alive(p)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [p for p in started if pid_alive(p)] == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script stands in for Python")
+def test_a_timed_out_verification_is_not_held_by_a_process_it_left_behind(
+        tmp_path: Path) -> None:
+    """A verification process that times out, having started one that left its group (a
+    compile server) and holds its output open: the run still ends soon after its limit."""
+    from comfy_env_attn.verify.run import DRAIN_S, _run
+
+    fake = tmp_path / "python"
+    left = tmp_path / "left.pid"
+    fake.write_text(f"#!/bin/sh\nsetsid sleep 30 &\necho $! > {left}\nsleep 30\n")
+    fake.chmod(0o755)
+    t0 = time.monotonic()
+    r = _run(str(fake), {"backend": "sdpa"}, Options(timeout=1))
+    assert r == "no answer within 1 s (killed)"
+    assert time.monotonic() - t0 < 1 + DRAIN_S + 3
+    os.kill(int(left.read_text()), signal.SIGKILL)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,38 +76,65 @@ def _taskkill(pid: int) -> Sequence[str]:
 def stop_tree(proc: subprocess.Popen[Any], *, grace: float = 0.0,
               run: Callable[..., Any] = subprocess.run) -> None:
     """Stop a process started with own_group() and every process it started (uv runs the
-    interpreter it queries; a build runs ninja and the compilers), then reap it. POSIX:
-    SIGTERM to its group, SIGKILL after `grace` s (at once without one). Windows: taskkill
-    /T /F, which ends the whole tree (proc.kill() would end the parent alone, leaving its
-    children running and their files locked). `run` runs taskkill (a test's stand-in)."""
-    if os.name == "nt":
-        if proc.poll() is None:
-            try:
-                run(_taskkill(proc.pid), stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, timeout=30, check=False)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            if proc.poll() is None:
-                proc.kill()
-        proc.wait()
-        return
+    interpreter it queries; a build runs ninja and the compilers), then reap it: stop_trees
+    with one."""
+    stop_trees([proc], grace=grace, run=run)
+
+
+def stop_trees(procs: Sequence[subprocess.Popen[Any]], *, grace: float = 0.0,
+               run: Callable[..., Any] = subprocess.run) -> None:
+    """Stop processes started with own_group(), each with every process it started, then
+    reap them. POSIX: SIGTERM to every group, SIGKILL after `grace` s (at once without one),
+    each group signalled before any is waited for, so that one slow to die holds no other
+    running. Windows: taskkill /T /F, which ends the whole tree (proc.kill() would end the
+    parent alone, leaving its children running and their files locked). `run` runs taskkill
+    (a test's stand-in). A second interrupt (Ctrl-C, SIGTERM) meanwhile cuts the grace short
+    and stops nothing else from being stopped; it is raised once all are reaped."""
     again: BaseException | None = None
-    try:
+    if os.name == "nt":
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    run(_taskkill(proc.pid), stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, timeout=30, check=False)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+                except KeyboardInterrupt as e:
+                    again = again or e
+                if proc.poll() is None:
+                    proc.kill()
+    else:
         if grace:
-            os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                _signal_group(proc, signal.SIGTERM)
+            deadline = time.monotonic() + grace
             try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-            except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop it now
+                for proc in procs:
+                    try:
+                        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+            except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop them now
                 again = e
-        os.killpg(proc.pid, signal.SIGKILL)  # what the SIGTERM left of the group, if any
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)  # what the SIGTERM left of the group, if any
+    for proc in procs:
+        while True:
+            try:
+                proc.wait()
+                break
+            except KeyboardInterrupt as e:
+                again = again or e
+    if again is not None:
+        raise again
+
+
+def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
     except OSError:  # the group is gone: no process of it is left
         if proc.poll() is None:
             proc.kill()
-    proc.wait()
-    if again is not None:
-        raise again
 
 
 # -- threads ---------------------------------------------------------------------------------
@@ -119,8 +147,9 @@ def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> li
     (Ctrl-C; SIGTERM and SIGHUP, which the command line turns into one) ends the command
     at once. concurrent.futures' threads are joined at exit: a read from a server that
     trickles a byte every few seconds held an interrupted `plan` for 30 s, until its rate
-    floor failed it. What a worker was doing is abandoned there, so this is only for work
-    that leaves nothing half done: reads from servers."""
+    floor failed it. Interrupted, the workers take no further item, and what each is doing
+    is abandoned at exit, so this is only for reads from servers (a cache file they write
+    goes through core.paths.replace_file: a temporary file at worst, never half a file)."""
     import threading
 
     if len(items) <= 1:
@@ -146,9 +175,14 @@ def parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> li
 
     for _ in range(min(workers, len(items))):
         threading.Thread(target=work, name="parallel", daemon=True).start()
-    for _ in items:
-        while not finished.acquire(timeout=0.2):  # steps: Windows wakes for Ctrl-C only so
-            pass
+    try:
+        for _ in items:
+            while not finished.acquire(timeout=0.2):  # steps: Windows wakes for Ctrl-C only so
+                pass
+    except BaseException:  # interrupted: the workers take no further item
+        with lock:
+            todo.clear()
+        raise
     if failures:
         raise failures[min(failures)]
     return results

@@ -29,7 +29,7 @@ from typing import Any
 
 from comfy_env_attn.core.backends import BACKENDS, MODEL_HEAD_DIMS, VARIANTS, variants
 from comfy_env_attn.core.errors import AttnError, UsageError
-from comfy_env_attn.core.process import own_group, stop_tree
+from comfy_env_attn.core.process import own_group, stop_tree, stop_trees
 from comfy_env_attn.core.records import dataclass
 
 SCRIPT = Path(__file__).with_name("_target.py")
@@ -154,51 +154,73 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-# the verification processes running now, stopped together when the command is interrupted;
-# once stopped, no other starts (a worker thread freed by the stop would take the next job)
-_RUNNING: set[subprocess.Popen[str]] = set()
-_STOPPED: list[bool] = [False]
-_LOCK = threading.Lock()
+class _Runs:
+    """The verification processes of one verify() call, stopped together when it is
+    interrupted (the threads waiting on them then end at once, where concurrent.futures
+    would hold the command's exit until each ended by itself); once stopped, none starts (a
+    worker thread the stop frees would take the next job)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen[str]] = set()
+        self.stopped = False
+
+    def start(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[str] | None:
+        with self.lock:
+            if self.stopped:
+                return None
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env, **own_group())
+            self.running.add(proc)
+            return proc
+
+    def done(self, proc: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.running.discard(proc)
+
+    def stop(self) -> None:
+        """Each process a moment to end (Triton's and Inductor's temporary folders), then
+        killed with all it started."""
+        with self.lock:
+            self.stopped = True
+            running = list(self.running)
+        stop_trees(running, grace=STOP_GRACE_S)
 
 
-def _run(python: str, cfg: dict[str, Any], opts: Options
+STOP_GRACE_S = 2.0  # an interrupted verification process's time to end by itself
+DRAIN_S = 2.0  # a stopped process's output, read for no longer (a child it left holds it)
+
+
+def _run(python: str, cfg: dict[str, Any], opts: Options, runs: _Runs | None = None
          ) -> subprocess.CompletedProcess[str] | str:
     """The script's run, or why it could not start or answer. It runs in a process group of
-    its own, stopped whole on a timeout or an interrupt (_stop_running): kernels compiled on
-    first use (Triton) start processes of their own."""
+    its own, stopped whole on a timeout or an interrupt: kernels compiled on first use
+    (Triton) start processes of their own."""
     env = {**os.environ, **opts.env, "PYTHONFAULTHANDLER": "1"}  # a crash prints its stack
-    with _LOCK:
-        if _STOPPED[0]:
-            return "interrupted"
-        try:
-            proc = subprocess.Popen([python, str(SCRIPT), json.dumps(cfg)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=env, **own_group())
-        except OSError as e:
-            return f"cannot run {python}: {e}"
-        _RUNNING.add(proc)
+    runs = runs or _Runs()
+    try:
+        proc = runs.start([python, str(SCRIPT), json.dumps(cfg)], env)
+    except OSError as e:
+        return f"cannot run {python}: {e}"
+    if proc is None:
+        return "interrupted"
     try:
         out, err = proc.communicate(timeout=opts.timeout)
     except subprocess.TimeoutExpired:
         stop_tree(proc)
-        proc.communicate()
+        try:
+            proc.communicate(timeout=DRAIN_S)
+        except subprocess.TimeoutExpired:  # a process that left the group holds the pipes
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         return f"no answer within {opts.timeout:.0f} s (killed)"
     except BaseException:  # interrupted while waiting here
-        stop_tree(proc)
+        stop_trees([proc], grace=STOP_GRACE_S)
         raise
     finally:
-        _RUNNING.discard(proc)
+        runs.done(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _stop_running() -> None:
-    """Stop every verification process, for an interrupted command: the threads waiting on
-    them then end at once, where concurrent.futures would hold the exit until each ended."""
-    with _LOCK:
-        _STOPPED[0] = True
-        running = list(_RUNNING)
-    for proc in running:
-        stop_tree(proc)
 
 
 def _result_line(r: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
@@ -206,9 +228,9 @@ def _result_line(r: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
     return None if line is None else dict(json.loads(line[len(MARK):]))
 
 
-def run_one(python: str, backend: str, opts: Options) -> Result:
+def run_one(python: str, backend: str, opts: Options, runs: _Runs | None = None) -> Result:
     """Prove one backend in its own process."""
-    return _result(backend, _config(backend, opts), python, opts)
+    return _result(backend, _config(backend, opts), python, opts, runs)
 
 
 SHIPPED_PLUGINS = frozenset({"taylor"})  # approximate: verified when asked for by name
@@ -265,11 +287,14 @@ def _merge(backend: str, parts: list[Result]) -> Result:
     return Result(backend, passed, data, error)
 
 
-def _result(backend: str, cfg: dict[str, Any], python: str, opts: Options) -> Result:
+def _result(backend: str, cfg: dict[str, Any], python: str, opts: Options,
+            runs: _Runs | None = None) -> Result:
     t0 = time.monotonic()
-    r = _run(python, cfg, opts)
+    r = _run(python, cfg, opts, runs)
     if isinstance(r, str):
-        return Result(backend, False, {"stage": "start" if "cannot run" in r else "timeout"}, r)
+        stage = "start" if "cannot run" in r else "interrupted" if r == "interrupted" \
+            else "timeout"
+        return Result(backend, False, {"stage": stage}, r)
     data = _result_line(r)
     tail = (r.stderr.strip().splitlines() or [""])[-1][:300]
     if data is None:
@@ -327,10 +352,11 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
 
     from concurrent.futures import ThreadPoolExecutor, as_completed  # ~10 ms to import: only here
 
-    _STOPPED[0] = False
+    runs = _Runs()
     pool = ThreadPoolExecutor(max_workers=max(1, opts.parallel))
     try:
-        futures = {name: [pool.submit(run_one, python, name, o) for o in _shards(name, opts)]
+        futures = {name: [pool.submit(run_one, python, name, o, runs)
+                       for o in _shards(name, opts)]
                    for name in order}
         done("sdpa", [f.result() for f in futures["sdpa"]])
         # plugins from entry points, as SDPA's process found them in the target: proven
@@ -339,7 +365,8 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
         extra = [n for n in found if n not in order and n not in SHIPPED_PLUGINS]
         if extra and progress:
             progress(f"verifying plugins {', '.join(extra)} ...")
-        futures.update({name: [pool.submit(run_one, python, name, opts)] for name in extra})
+        futures.update({name: [pool.submit(run_one, python, name, opts, runs)]
+                        for name in extra})
         order += extra
         owner = {f: name for name in order[1:] for f in futures[name]}
         left = {name: len(futures[name]) for name in order[1:]}
@@ -350,7 +377,7 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
                 done(name, [g.result() for g in futures[name]])
     except BaseException:  # an interrupt: stop the processes, then the threads end with them
         pool.shutdown(wait=False, cancel_futures=True)
-        _stop_running()
+        runs.stop()
         raise
     pool.shutdown()
     results = {name: results[name] for name in order}
