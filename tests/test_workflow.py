@@ -259,6 +259,30 @@ def test_an_interrupted_command_under_json_is_a_json_document(tmp_path: Path) ->
     assert doc == {"schema": 1, "command": "plan", "ok": False, "error": "interrupted"}
 
 
+def test_an_interrupt_at_the_edges_of_a_command_is_still_exit_130_or_its_own_status() -> None:
+    """An interrupt before main's own handling began (the handlers just installed) is still
+    exit 130 with its document; once the command has ended, a late Ctrl-C or SIGTERM (Python's
+    shutdown puts the default handlers back) no longer turns its status into "killed"."""
+    import os
+
+    early = ("import sys, comfy_env_attn.cli as cli\n"
+             "def interrupted():\n    raise KeyboardInterrupt\n"
+             "cli._interrupt_on_termination = interrupted\n"
+             "sys.argv = ['comfy-env-attn', 'plan', '--json']\nsys.exit(cli.entry())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env)
+    assert r.returncode == 130 and "ERROR interrupted" in r.stderr, r.stderr
+    assert json.loads(r.stdout) == {"schema": 1, "command": "plan", "ok": False,
+                                    "error": "interrupted"}
+    late = ("import os, signal, sys, comfy_env_attn.cli as cli\n"
+            "cli.main = lambda short_lived: 0\n"
+            "sys.argv = ['comfy-env-attn', 'doctor']\ncode = cli.entry()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('ended', code)\n")
+    r = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout == "ended 0\n", (r.returncode, r.stderr)
+
+
 def test_progress_on_a_terminal(tmp_path: Path, venv: Path, profile: Path,
                                 http_server) -> None:
     """stderr a terminal: a rich bar for the download (bytes, rate, time left) and uv's own

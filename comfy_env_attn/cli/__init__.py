@@ -308,14 +308,30 @@ def entry() -> int:
     collected. `main` itself leaves the collector alone: tests and embedders call it in
     their own long-lived process."""
     gc.disable()
-    _interrupt_on_termination()
-    from comfy_env_attn.facts.probe_start import running_as_command
-
-    running_as_command()
     try:
+        _interrupt_on_termination()
         return main(short_lived=True)
+    except KeyboardInterrupt:  # in the instant before main's own handling
+        print("ERROR interrupted", file=sys.stderr)
+        _json_error(sys.argv[1:], "interrupted")
+        return 130
     finally:
         gc.freeze()
+        _ignore_late_signals()
+
+
+def _ignore_late_signals() -> None:
+    """The command has ended and said how: a signal from here on is ignored. Python's
+    shutdown puts the default handlers back, so that a Ctrl-C or SIGTERM arriving while the
+    interpreter winds down (a second one, or one sent as the command finished) would kill it,
+    and its exit status say "killed by a signal" after an install that completed, or after
+    the interruption was handled and reported (exit 130)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _interrupt_on_termination() -> None:
@@ -349,6 +365,10 @@ def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
+        if short_lived:
+            from comfy_env_attn.facts.probe_start import running_as_command
+
+            running_as_command()
         args = build_parser(_command_of(argv)).parse_args(argv)
         if not args.command:
             build_parser().print_help(sys.stderr)
