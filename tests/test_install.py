@@ -395,6 +395,23 @@ def test_index_down_leaves_the_venv_unchanged(venv, profile) -> None:
     assert not (venv / LOCK_NAME).exists()
 
 
+def test_a_no_verify_lock_left_with_sdpa_alone_is_not_stale(tmp_path, venv, profile,
+                                                            http_server) -> None:
+    """install --no-verify, then uninstall of all it put in: the lock is SDPA's alone, which
+    has nothing to prove; `lock` and `doctor` do not call it stale."""
+    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    assert install(venv, profile, serve_index(http_server, [w]), "--no-verify").returncode == 0
+    py = str(venv_python(venv))
+    r = cli("uninstall", "--python", py)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
+    assert tool["fingerprint"]["device"] == "unverified" and list(tool["backends"]) == ["sdpa"]
+    r = cli("lock", "--python", py)
+    assert r.returncode == 0 and "stale" not in r.stdout, r.stdout
+    r = cli("doctor", "--python", py)
+    assert "nothing was verified" not in r.stdout, r.stdout
+
+
 def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_server) -> None:
     w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
     r = install(venv, profile, serve_index(http_server, [w]), "--no-verify")

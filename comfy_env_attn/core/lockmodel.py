@@ -412,7 +412,9 @@ def stale_reasons(locked: ToolTable, live: Live) -> list[str]:
     and the command line both decide with this."""
     fp = locked.fingerprint
     out = []
-    if fp.device == "unverified":
+    if fp.device == "unverified" and any(n != "sdpa" for n in locked.backends):
+        # a lock of SDPA alone (nothing else fitted, or all was uninstalled) has nothing to
+        # prove: the dispatcher runs SDPA either way
         out.append("nothing was verified (install --no-verify)")
     if fp.torch != live.torch:
         out.append(f"torch is {live.torch or 'not installed'}, the lock verified {fp.torch}")
