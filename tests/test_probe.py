@@ -104,11 +104,20 @@ probe_start.running_as_command()
 probe._start = probe_start._start = refuse
 here = probe._run_script(sys.executable, import_torch=False) \\
     if probe_start.in_process(sys.executable) else None
-other = probe_start.in_process(sys.executable + "3")
+other = probe_start.in_process(sys.executable + "-other")
+import os
+alias = os.path.join(os.path.dirname(sys.executable), "python-alias")
+os.symlink(os.path.realpath(sys.executable), alias)
+try:
+    alias_facts = probe._run_script(alias, import_torch=False) \\
+        if probe_start.in_process(alias) else None
+finally:
+    os.unlink(alias)
 probe_start._COMMAND.clear()
 probe._start = started
 there = probe._run_script(sys.executable, import_torch=False)
-print(json.dumps({"plain": plain, "here": here, "there": there, "other": other}))
+print(json.dumps({"plain": plain, "here": here, "there": there, "other": other,
+                  "alias": alias_facts}))
 """
 
 
@@ -134,6 +143,10 @@ def test_the_running_interpreter_is_probed_in_process_with_the_same_facts(
     assert out["here"] == out["there"] and out["here"]["torch"]
     assert out["here"]["torch"] != "0.0.1" and str(tmp_path) not in out["here"]["sys_path"]
     assert out["plain"] is False and out["other"] is False
+    # another name for the same binary in the venv's folder (python3 beside python): the
+    # same interpreter, probed in process, its facts naming the path it was given
+    assert out["alias"] == {**out["here"], "executable": out["alias"]["executable"]}
+    assert out["alias"]["executable"].endswith("python-alias")
     r = subprocess.run([py, "-s", "-c", _IN_PROCESS], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["here"] is None  # -s: the target would see a user site

@@ -176,7 +176,9 @@ def _run_script(executable: str, *, import_torch: bool) -> dict[str, Any]:
     if not import_torch and in_process(executable):
         from comfy_env_attn.facts import _interp_probe
 
-        return _checked(executable, _interp_probe.facts(import_torch=False), "")
+        here = _interp_probe.facts(import_torch=False)
+        here["executable"] = os.path.abspath(executable)  # python3 where this runs as python
+        return _checked(executable, here, "")
     timeout = PROBE_TIMEOUT_S
     proc = None if import_torch else _PENDING.pop(executable, None)
     try:

@@ -79,9 +79,18 @@ def in_process(executable: str) -> bool:
         pth = False
     plain = pth or not (flags.isolated or flags.no_site or flags.no_user_site
                         or flags.ignore_environment or getattr(flags, "safe_path", False))
-    same = os.path.normcase(os.path.abspath(executable)) == \
-        os.path.normcase(os.path.abspath(sys.executable))
-    return bool(_COMMAND) and plain and same
+    return bool(_COMMAND) and plain and same_interpreter(executable, sys.executable)
+
+
+def same_interpreter(a: str, b: str) -> bool:
+    """Whether two paths start the same interpreter in the same environment: the same file,
+    or two names in one folder for one binary (a venv's python and python3, links to the
+    base interpreter: Python finds its environment from the folder it was started from)."""
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    if os.path.normcase(a) == os.path.normcase(b):
+        return True
+    return os.path.normcase(os.path.dirname(a)) == os.path.normcase(os.path.dirname(b)) and \
+        os.path.realpath(a) == os.path.realpath(b)
 
 
 def start_probe(executable: str) -> None:
