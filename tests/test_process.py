@@ -229,3 +229,30 @@ def test_parallel_interrupted_takes_no_further_item() -> None:
         parallel(slow, list(range(20)), 2)
     time.sleep(1.0)  # what a worker had begun ends; no other begins
     assert len(started) <= 6, started
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_a_second_interrupt_while_reaping_leaves_the_process(tmp_path: Path) -> None:
+    """A process that is never reaped (stuck in a driver): the first interrupt waits on, a
+    second one gives up on it, where every Ctrl-C was swallowed."""
+    import threading
+
+    from comfy_env_attn.core.process import stop_trees
+
+    proc, child = _tree(tmp_path)
+    real_wait = proc.wait
+
+    def stuck(timeout: float | None = None) -> int:
+        if timeout is None:
+            while True:
+                time.sleep(0.05)
+        return real_wait(timeout)
+
+    proc.wait = stuck  # type: ignore[method-assign]
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        stop_trees([proc])
+    assert 0.6 < time.monotonic() - t0 < 5
+    assert real_wait(timeout=10) == -signal.SIGKILL and _gone(child)

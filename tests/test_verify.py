@@ -106,3 +106,34 @@ def test_a_timed_out_verification_is_not_held_by_a_process_it_left_behind(
     assert r == "no answer within 1 s (killed)"
     assert time.monotonic() - t0 < 1 + DRAIN_S + 3
     os.kill(int(left.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script stands in for Python")
+def test_an_interrupted_verification_is_not_held_by_a_process_that_left_its_group(
+        tmp_path: Path) -> None:
+    """SIGTERM while the stand-ins run, each having started a process of its own session
+    that holds their output open (a compile server): the command still ends within the
+    stop's grace and the drain, not at the verification's time limit."""
+    left = tmp_path / "left"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsetsid sleep 300 &\necho $! >> {left}\nexec sleep 300\n")
+    fake.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(fake)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+        deadline = time.monotonic() + 30
+        while (not left.exists() or len(left.read_text().split()) < 3) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert out == "interrupted\n" and time.monotonic() - t0 < 10
+    finally:
+        for pid in left.read_text().split() if left.exists() else []:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass

@@ -308,29 +308,52 @@ def entry() -> int:
     collected. `main` itself leaves the collector alone: tests and embedders call it in
     their own long-lived process."""
     gc.disable()
+    import atexit
+
+    atexit.register(_ignore_signals)  # the first registered, so run last of all (see below)
+    status = 1  # an exception that escapes: Python's traceback and exit 1
     try:
         _interrupt_on_termination()
-        return main(short_lived=True)
+        status = main(short_lived=True)
     except KeyboardInterrupt:  # in the instant before main's own handling
         print("ERROR interrupted", file=sys.stderr)
         _json_error(sys.argv[1:], "interrupted")
-        return 130
+        status = 130
     finally:
         gc.freeze()
-        _ignore_late_signals()
+        _exit_on_late_signals(status)
+    return status
 
 
-def _ignore_late_signals() -> None:
-    """The command has ended and said how: a signal from here on is ignored. Python's
-    shutdown puts the default handlers back, so that a Ctrl-C or SIGTERM arriving while the
-    interpreter winds down (a second one, or one sent as the command finished) would kill it,
-    and its exit status say "killed by a signal" after an install that completed, or after
-    the interruption was handled and reported (exit 130)."""
+def _exit_on_late_signals(status: int) -> None:
+    """The command has ended and said how: a signal from here on ends the process at once
+    with that status. Python's shutdown puts the default handlers back, so that a Ctrl-C or
+    SIGTERM arriving while the interpreter winds down (a second one, or one sent as the
+    command finished) killed it, its exit status saying "killed by a signal" after an
+    install that completed, or after the interruption was handled and reported (exit 130);
+    and what the shutdown still waits for (the threads of a verification that was stopped)
+    must stay interruptible. After the last exit handler (_ignore_signals) nothing is left to
+    wait for, and a signal is ignored."""
+    import os
     import signal
+
+    def now(signum: int, frame: Any) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            signal.signal(sig, now)
+
+
+def _ignore_signals() -> None:
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
 
 

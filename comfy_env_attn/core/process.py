@@ -88,43 +88,58 @@ def stop_trees(procs: Sequence[subprocess.Popen[Any]], *, grace: float = 0.0,
     each group signalled before any is waited for, so that one slow to die holds no other
     running. Windows: taskkill /T /F, which ends the whole tree (proc.kill() would end the
     parent alone, leaving its children running and their files locked). `run` runs taskkill
-    (a test's stand-in). A second interrupt (Ctrl-C, SIGTERM) meanwhile cuts the grace short
-    and stops nothing else from being stopped; it is raised once all are reaped."""
+    (a test's stand-in). An interrupt (Ctrl-C, SIGTERM) meanwhile cuts the grace short and
+    keeps no process from being signalled; it is raised once all are reaped, or at once if
+    another comes while they are (a process stuck in a driver may never be reaped)."""
     again: BaseException | None = None
-    if os.name == "nt":
+
+    def signal_all(send: Callable[[subprocess.Popen[Any]], None]) -> None:
+        nonlocal again
         for proc in procs:
+            while True:
+                try:
+                    send(proc)
+                    break
+                except KeyboardInterrupt as e:  # the signal still goes out, then this one
+                    again = again or e
+
+    if os.name == "nt":
+        def taskkill(proc: subprocess.Popen[Any]) -> None:
             if proc.poll() is None:
                 try:
                     run(_taskkill(proc.pid), stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL, timeout=30, check=False)
                 except (OSError, subprocess.TimeoutExpired):
                     pass
-                except KeyboardInterrupt as e:
-                    again = again or e
                 if proc.poll() is None:
                     proc.kill()
+
+        signal_all(taskkill)
     else:
         if grace:
-            for proc in procs:
-                _signal_group(proc, signal.SIGTERM)
+            signal_all(lambda proc: _signal_group(proc, signal.SIGTERM))
             deadline = time.monotonic() + grace
             try:
                 for proc in procs:
+                    if again is not None:
+                        break
                     try:
                         proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                     except subprocess.TimeoutExpired:
                         pass
             except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM: stop them now
-                again = e
-        for proc in procs:
-            _signal_group(proc, signal.SIGKILL)  # what the SIGTERM left of the group, if any
+                again = again or e
+        # what the SIGTERM left of each group, if any
+        signal_all(lambda proc: _signal_group(proc, signal.SIGKILL))
     for proc in procs:
         while True:
             try:
                 proc.wait()
                 break
             except KeyboardInterrupt as e:
-                again = again or e
+                if again is not None:
+                    raise e from None  # interrupted again while reaping: leave them
+                again = e
     if again is not None:
         raise again
 

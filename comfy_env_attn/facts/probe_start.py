@@ -73,10 +73,10 @@ def in_process(executable: str) -> bool:
     they are how it starts."""
     flags = sys.flags
     exe_dir = os.path.dirname(sys.executable) or "."
-    try:
-        pth = any(f.endswith("._pth") for f in os.listdir(exe_dir))
-    except OSError:
-        pth = False
+    stem = os.path.splitext(os.path.basename(sys.executable))[0]
+    # the names CPython reads: the interpreter's, and its DLL's on Windows (python312._pth)
+    names = (f"{stem}._pth", "python%d%d._pth" % sys.version_info[:2])
+    pth = any(os.path.isfile(os.path.join(exe_dir, n)) for n in names)
     plain = pth or not (flags.isolated or flags.no_site or flags.no_user_site
                         or flags.ignore_environment or getattr(flags, "safe_path", False))
     return bool(_COMMAND) and plain and same_interpreter(executable, sys.executable)

@@ -204,23 +204,44 @@ def _run(python: str, cfg: dict[str, Any], opts: Options, runs: _Runs | None = N
         return f"cannot run {python}: {e}"
     if proc is None:
         return "interrupted"
+    deadline = time.monotonic() + opts.timeout
     try:
-        out, err = proc.communicate(timeout=opts.timeout)
-    except subprocess.TimeoutExpired:
-        stop_tree(proc)
-        try:
-            proc.communicate(timeout=DRAIN_S)
-        except subprocess.TimeoutExpired:  # a process that left the group holds the pipes
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
-        return f"no answer within {opts.timeout:.0f} s (killed)"
+        while True:  # in steps, so that a stop (runs.stop, another thread) is seen
+            try:
+                out, err = proc.communicate(timeout=min(WAIT_STEP_S,
+                                                        max(0.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if runs.stopped:  # the group was stopped: what it left may hold the pipes
+                    _drain(proc)
+                    return "interrupted"
+                if time.monotonic() >= deadline:
+                    stop_tree(proc)
+                    _drain(proc)
+                    return f"no answer within {opts.timeout:.0f} s (killed)"
     except BaseException:  # interrupted while waiting here
         stop_trees([proc], grace=STOP_GRACE_S)
         raise
     finally:
         runs.done(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+WAIT_STEP_S = 0.5
+
+
+def _drain(proc: subprocess.Popen[str]) -> None:
+    """What a stopped process's output still holds, for no longer than DRAIN_S: a process it
+    started that left its group (a compile server) may hold the pipes open for good. POSIX
+    reads them here, and closes them; Windows reads them in daemon threads, left to end
+    with the process (closing a pipe there waits on the thread's read)."""
+    try:
+        proc.communicate(timeout=DRAIN_S)
+    except subprocess.TimeoutExpired:
+        if os.name != "nt":
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
 
 
 def _result_line(r: subprocess.CompletedProcess[str]) -> dict[str, Any] | None:
@@ -376,8 +397,10 @@ def verify(python: str, backends: list[str], opts: Options | None = None,
             if left[name] == 0:
                 done(name, [g.result() for g in futures[name]])
     except BaseException:  # an interrupt: stop the processes, then the threads end with them
-        pool.shutdown(wait=False, cancel_futures=True)
-        runs.stop()
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            runs.stop()
         raise
     pool.shutdown()
     results = {name: results[name] for name in order}
