@@ -739,7 +739,10 @@ def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile, sig
          "--system", str(profile), "--find-links", str(tmp_path / "w"), "--no-embedded-index",
          "--backends", "sage", "--no-verify"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "SLOW_UNDER_UV": "1", "UV_CACHE_DIR": str(tmp_path / "uv-cache")})
+        env={**os.environ, "SLOW_UNDER_UV": "1", "UV_CACHE_DIR": str(tmp_path / "uv-cache")},
+        # as a terminal starts it: a runner under nohup passes SIGHUP on ignored, and the
+        # tool leaves an ignored signal ignored (cli._interrupt_on_termination)
+        preexec_fn=lambda: signal.signal(getattr(signal, sig), signal.SIG_DFL))
     deadline = time.time() + 60
     while not any(" python find " in c for c in _processes_naming(str(venv))):
         assert time.time() < deadline and p.poll() is None, p.communicate()
