@@ -107,6 +107,15 @@ def _gone(pid: int) -> bool:
     return True
 
 
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here, also where the suite runs with SIGINT ignored
+    (a background job of a shell without job control inherits it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
 @pytest.mark.parametrize("grace", [0.0, 5.0])
 def test_stop_tree_stops_the_process_and_what_it_started(tmp_path: Path, grace: float) -> None:
@@ -118,7 +127,7 @@ def test_stop_tree_stops_the_process_and_what_it_started(tmp_path: Path, grace: 
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
-def test_a_second_interrupt_during_the_grace_ends_the_tree_at_once(tmp_path: Path) -> None:
+def test_a_second_interrupt_during_the_grace_ends_the_tree_at_once(tmp_path: Path, sigint_raises: None) -> None:
     """A build given 10 s to stop after SIGTERM, and Ctrl-C pressed again meanwhile: the
     group is killed now (no compiler left running), then the interruption goes on."""
     import threading
@@ -192,7 +201,7 @@ def test_parallel_keeps_the_order_and_raises_the_first_failure_in_it() -> None:
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
 def test_stop_trees_signals_every_group_before_waiting_and_a_second_interrupt_stops_them_all(
-        tmp_path: Path) -> None:
+        tmp_path: Path, sigint_raises: None) -> None:
     """Three trees that ignore SIGTERM, a 10 s grace, and Ctrl-C again after 0.5 s: all three
     are killed with their children, none left to the first one's wait."""
     import threading
@@ -212,7 +221,7 @@ def test_stop_trees_signals_every_group_before_waiting_and_a_second_interrupt_st
 
 
 @pytest.mark.skipif(os.name == "nt", reason="SIGINT sent to this process")
-def test_parallel_interrupted_takes_no_further_item() -> None:
+def test_parallel_interrupted_takes_no_further_item(sigint_raises: None) -> None:
     import threading
 
     from comfy_env_attn.core.process import parallel
@@ -232,7 +241,7 @@ def test_parallel_interrupted_takes_no_further_item() -> None:
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
-def test_a_second_interrupt_while_reaping_leaves_the_process(tmp_path: Path) -> None:
+def test_a_second_interrupt_while_reaping_leaves_the_process(tmp_path: Path, sigint_raises: None) -> None:
     """A process that is never reaped (stuck in a driver): the first interrupt waits on, a
     second one gives up on it, where every Ctrl-C was swallowed."""
     import threading
