@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,12 +158,25 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory,
                        str(tmp_path_factory.getbasetemp() / "probe-cache"))
 
 
+def as_from_a_terminal() -> None:
+    """A child's Ctrl-C and SIGHUP as a terminal delivers them, also where the suite runs
+    with them ignored (nohup; a background job of a shell without job control), which the
+    tool rightly leaves ignored: for Popen's preexec_fn."""
+    import signal
+
+    for name in ("SIGINT", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
+TERMINAL: dict[str, Any] = {} if os.name == "nt" else {"preexec_fn": as_from_a_terminal}
+
+
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300
         ) -> subprocess.CompletedProcess[str]:
     """Run the real console entry point in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "comfy_env_attn", *args], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
+                          text=True, env=full_env, timeout=timeout, cwd=ROOT, **TERMINAL)
 
 
 def have_uv() -> bool:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, make_venv, venv_python, write_gpu_profile
+from conftest import ROOT, TERMINAL, cli, make_venv, venv_python, write_gpu_profile
 from wheels import SAGE_WRONG, build_wheel, sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
@@ -740,9 +740,7 @@ def test_an_interrupted_install_leaves_no_uv_query_behind(tmp_path, profile, sig
          "--backends", "sage", "--no-verify"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
         env={**os.environ, "SLOW_UNDER_UV": "1", "UV_CACHE_DIR": str(tmp_path / "uv-cache")},
-        # as a terminal starts it: a runner under nohup passes SIGHUP on ignored, and the
-        # tool leaves an ignored signal ignored (cli._interrupt_on_termination)
-        preexec_fn=lambda: signal.signal(getattr(signal, sig), signal.SIG_DFL))
+        **TERMINAL)
     deadline = time.time() + 60
     while not any(" python find " in c for c in _processes_naming(str(venv))):
         assert time.time() < deadline and p.poll() is None, p.communicate()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli, venv_python, venv_site, write_gpu_profile
+from conftest import ROOT, TERMINAL, cli, venv_python, venv_site, write_gpu_profile
 from wheels import SAGE_OK, build_wheel, sage_wheel
 
 from comfy_env_attn.facts.installed import read_installed
@@ -284,8 +284,7 @@ def test_an_interrupt_at_the_edges_of_a_command_is_still_exit_130_or_its_own_sta
             "threading.Thread(target=time.sleep, args=(60,)).start()\n"
             "print('ended', code, flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", late], stdout=subprocess.PIPE, text=True,
-                            env=env,  # Ctrl-C as a terminal delivers it, not ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env=env, **TERMINAL)
     assert proc.stdout is not None and proc.stdout.readline() == "ended 3\n"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
