@@ -160,6 +160,13 @@ def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: P
     r = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
             "--find-links", str(empty), "--no-embedded-index", *SHAPES, "--json")
     assert r.returncode == 0, r.stdout + r.stderr  # nothing asked for by name
+    assert "ERROR" not in r.stderr
+    named = cli("install", "--python", str(venv_python(venv)), "--system", str(profile),
+                "--find-links", str(empty), "--no-embedded-index", "--backends", "sage",
+                "--dry-run")
+    assert named.returncode == 1  # asked for by name: the failure says why in one line
+    assert named.stderr.splitlines()[-1].startswith("ERROR not done as asked: sage (no wheel"), \
+        named.stderr
     doc = json.loads(r.stdout)
     check(doc, "outcome")
     by = {b["backend"]: b for b in doc["backends"]}

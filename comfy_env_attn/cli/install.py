@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
                   + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
                      if len(alts) > 1 else ""))
+        if not out.ok:
+            print(f"ERROR {out.why_not_ok()}", file=sys.stderr)
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):
         recovered = recover(target)
@@ -139,6 +142,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         dump_json(install_json(out, target.executable, plan=plan, recovered=recovered))
     else:
         print_summary(out, target)
+        if not out.ok:
+            print(f"ERROR {out.why_not_ok()}", file=sys.stderr)
     return 0 if out.ok else 1
 
 

@@ -104,6 +104,13 @@ class Outcome:
     def row(self, backend: str) -> Row:
         return self.rows.setdefault(backend, Row(backend))
 
+    def why_not_ok(self) -> str:
+        """One line saying why the run is a failure (exit 1), from the rows that failed."""
+        failed = [f"{r.backend} ({r.note or r.action})" for r in self.rows.values()
+                  if r.action in ("no-wheel", "refused", "unavailable", "rolled-back")]
+        return "not done as asked: " + ("; ".join(failed) if failed else
+                                         "see the rows above")
+
 
 def own_sites(target: Target) -> list[str]:
     return [p for p in dict.fromkeys([target.facts.get("purelib"), target.facts.get("platlib")])
