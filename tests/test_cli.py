@@ -113,6 +113,9 @@ def test_plan_for_a_profile_warns_only_about_a_named_target(h100: Path) -> None:
     assert r.returncode == 0 and "resolving for the profile" not in r.stdout + r.stderr
     r = cli("plan", "--system", str(h100), "--backends", "sage", "--python", sys.executable)
     assert "resolving for the profile, not for" in r.stdout + r.stderr, r.stdout + r.stderr
+    # written as install writes it
+    assert any(line.startswith("warning: the profile")
+               for line in (r.stdout + r.stderr).splitlines()), r.stdout + r.stderr
 
 
 def test_lock_without_a_lock_says_how_to_make_one_for_that_target(tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             highlight=False)
         print_plan(plan, verbose=args.verbose)
     for w in warnings:
-        console().print(f"[yellow]warning[/yellow] {escape(w)}", highlight=False)
+        console().print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     return 0
 
 
@@ -220,7 +220,7 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
         for n in b.notes:
             con.print(f"[yellow]note[/yellow] {b.backend}: {escape(n)}", highlight=False)
     for w in plan.warnings:
-        con.print(f"[yellow]warning[/yellow] {escape(w)}", highlight=False)
+        con.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
     if verbose:
         for b in plan.backends:
             if b.selected is not None:
