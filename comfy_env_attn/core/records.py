@@ -100,12 +100,11 @@ else:
         return lambda obj: ()
 
     def _repr(names: list[str]) -> Any:
-        get = operator.attrgetter(*names) if names else None
+        get = _values(names)
 
         @reprlib.recursive_repr()
         def __repr__(self: Any) -> str:
-            values = () if get is None else get(self) if len(names) > 1 else (get(self),)
-            shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
+            shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, get(self), strict=True))
             return f"{self.__class__.__qualname__}({shown})"
 
         return __repr__
