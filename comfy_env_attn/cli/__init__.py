@@ -335,26 +335,31 @@ def _exit_on_late_signals(status: int) -> None:
     must stay interruptible. After the last exit handler (_ignore_signals) nothing is left to
     wait for, and a signal is ignored."""
     import os
-    import signal
 
     def now(signum: int, frame: Any) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
-            signal.signal(sig, now)
+    _handle_signals(now)
 
 
 def _ignore_signals() -> None:
     import signal
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    _handle_signals(signal.SIG_IGN)
+
+
+def _handle_signals(handler: Any, names: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP")
+                    ) -> None:
+    """Handle these signals so, where the platform has them; one the caller set to be
+    ignored (nohup; SIGINT for a background job of a script) stays ignored."""
+    import signal
+
+    for name in names:
         sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+        if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            signal.signal(sig, handler)
 
 
 def _interrupt_on_termination() -> None:
@@ -363,15 +368,10 @@ def _interrupt_on_termination() -> None:
     of its own (uv's early query of the target, a build's compilers) is stopped at exit,
     which a plain termination would leave running. A signal the caller set to be ignored
     (nohup) stays ignored."""
-    import signal
-
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    for name in ("SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
-            signal.signal(sig, interrupt)
+    _handle_signals(interrupt, ("SIGTERM", "SIGHUP"))
 
 
 def _json_error(argv: list[str], e: Exception | str) -> None:
