@@ -71,15 +71,17 @@ def in_process(executable: str) -> bool:
     from what the target sees, nor in a process that did not start as the command. A ._pth
     file beside the interpreter (python_embeded's) sets those for every start of it: then
     they are how it starts."""
+    if not _COMMAND or not same_interpreter(executable, sys.executable):
+        return False
     flags = sys.flags
+    if not (flags.isolated or flags.no_site or flags.no_user_site or flags.ignore_environment
+            or getattr(flags, "safe_path", False)):
+        return True
     exe_dir = os.path.dirname(sys.executable) or "."
     stem = os.path.splitext(os.path.basename(sys.executable))[0]
     # the names CPython reads: the interpreter's, and its DLL's on Windows (python312._pth)
     names = (f"{stem}._pth", "python%d%d._pth" % sys.version_info[:2])
-    pth = any(os.path.isfile(os.path.join(exe_dir, n)) for n in names)
-    plain = pth or not (flags.isolated or flags.no_site or flags.no_user_site
-                        or flags.ignore_environment or getattr(flags, "safe_path", False))
-    return bool(_COMMAND) and plain and same_interpreter(executable, sys.executable)
+    return any(os.path.isfile(os.path.join(exe_dir, n)) for n in names)
 
 
 def same_interpreter(a: str, b: str) -> bool:

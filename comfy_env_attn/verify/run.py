@@ -189,6 +189,7 @@ class _Runs:
 
 STOP_GRACE_S = 2.0  # an interrupted verification process's time to end by itself
 DRAIN_S = 2.0  # a stopped process's output, read for no longer (a child it left holds it)
+WAIT_STEP_S = 0.5  # how often a wait on a verification process looks for a stop
 
 
 def _run(python: str, cfg: dict[str, Any], opts: Options, runs: _Runs | None = None
@@ -220,14 +221,11 @@ def _run(python: str, cfg: dict[str, Any], opts: Options, runs: _Runs | None = N
                     _drain(proc)
                     return f"no answer within {opts.timeout:.0f} s (killed)"
     except BaseException:  # interrupted while waiting here
-        stop_trees([proc], grace=STOP_GRACE_S)
+        stop_tree(proc, grace=STOP_GRACE_S)
         raise
     finally:
         runs.done(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-WAIT_STEP_S = 0.5
 
 
 def _drain(proc: subprocess.Popen[str]) -> None:
