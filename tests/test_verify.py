@@ -60,6 +60,29 @@ except KeyboardInterrupt:
 """
 
 
+def _sigterm_while_verifying(tmp_path: Path, body: str, pids: Path, least: int
+                             ) -> tuple[str, float]:
+    """verify() in a process of its own, a shell script standing in for the target's Python
+    (`body`, which appends pids to `pids`), sent SIGTERM once `least` pids are written: what
+    it printed, and how long it took to end after the signal."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(fake)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+    deadline = time.monotonic() + 30
+    while (not pids.exists() or len(pids.read_text().split()) < least) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(pids.read_text().split()) >= least
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return out, time.monotonic() - t0
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="a shell script stands in for Python")
 def test_an_interrupted_verification_stops_its_processes_and_ends_at_once(
         tmp_path: Path) -> None:
@@ -67,23 +90,11 @@ def test_an_interrupted_verification_stops_its_processes_and_ends_at_once(
     process of its own, as Triton's compilers do): the command ends at once, and leaves none
     of them running, where it waited for each to end by itself."""
     pids = tmp_path / "pids"
-    fake = tmp_path / "python"
-    fake.write_text(f"#!/bin/sh\nsleep 300 &\necho $$ $! >> {pids}\nwait\n")
-    fake.chmod(0o755)
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(fake)],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
-    deadline = time.monotonic() + 30
-    while (not pids.exists() or len(pids.read_text().split()) < 6) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
+    # three stand-ins at least, each with a sleep of its own
+    out, took = _sigterm_while_verifying(
+        tmp_path, f"sleep 300 &\necho $$ $! >> {pids}\nwait\n", pids, 6)
     started = [int(p) for p in pids.read_text().split()]
-    assert len(started) >= 6  # three stand-ins at least, each with a sleep of its own
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert out == "interrupted\n" and time.monotonic() - t0 < 10
+    assert out == "interrupted\n" and took < 10
     deadline = time.monotonic() + 10  # killed at once; reaped by init when it comes to them
     while [p for p in started if pid_alive(p)] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -115,22 +126,10 @@ def test_an_interrupted_verification_is_not_held_by_a_process_that_left_its_grou
     that holds their output open (a compile server): the command still ends within the
     stop's grace and the drain, not at the verification's time limit."""
     left = tmp_path / "left"
-    fake = tmp_path / "python"
-    fake.write_text(f"#!/bin/sh\nsetsid sleep 300 &\necho $! >> {left}\nexec sleep 300\n")
-    fake.chmod(0o755)
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(fake)],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "started\n"
-        deadline = time.monotonic() + 30
-        while (not left.exists() or len(left.read_text().split()) < 3) and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        assert out == "interrupted\n" and time.monotonic() - t0 < 10
+        out, took = _sigterm_while_verifying(
+            tmp_path, f"setsid sleep 300 &\necho $! >> {left}\nexec sleep 300\n", left, 3)
+        assert out == "interrupted\n" and took < 10
     finally:
         for pid in left.read_text().split() if left.exists() else []:
             try:
