@@ -212,9 +212,7 @@ class Journal:
             raise JournalError(
                 f"the journal of an interrupted install, {self.path}, cannot be read "
                 f"({type(e).__name__}: {str(e)[:120]}), so what that install changed is "
-                f"unknown. The files it replaced are kept in {self.backup_root}. Check the "
-                f"target (comfy-env-attn doctor; reinstall a backend that is broken), then "
-                f"delete {self.path} and {self.backup_root} to go on") from None
+                f"unknown. {self._to_go_on()}") from None
         if own_sites:
             self._moved()
             why = self._foreign(own_sites, protected)
@@ -222,11 +220,15 @@ class Journal:
                 raise JournalError(
                     f"the journal of an interrupted install, {self.path}, {why}: it is not "
                     f"this environment's to follow (an edited journal, or one an older "
-                    f"version wrote in an environment since moved), so nothing was done. The "
-                    f"files that install replaced are kept in {self.backup_root}. Check the "
-                    f"target (comfy-env-attn doctor; reinstall a backend that is broken), "
-                    f"then delete {self.path} and {self.backup_root} to go on")
+                    f"version wrote in an environment since moved), so nothing was done. "
+                    f"{self._to_go_on()}")
         return self
+
+    def _to_go_on(self) -> str:
+        """What a user does with a journal that cannot be followed."""
+        return (f"The files that install replaced are kept in {self.backup_root}. Check the "
+                f"target (comfy-env-attn doctor; reinstall a backend that is broken), then "
+                f"delete {self.path} and {self.backup_root} to go on")
 
     def _moved(self) -> None:
         """A journal copied with its environment (a ComfyUI folder moved or copied while an
