@@ -361,13 +361,18 @@ class Unreachable(InstallError):
 
 # -- metadata -----------------------------------------------------------------------------
 
-def wheel_listing(path: Path) -> list[str]:
-    """The names in a wheel's zip directory: what it will really write."""
+def wheel_directory(path: Path) -> list[zipfile.ZipInfo]:
+    """A wheel's zip directory: what it will really write, and how large."""
     try:
         with zipfile.ZipFile(path) as z:
-            return z.namelist()
+            return z.infolist()
     except (zipfile.BadZipFile, OSError) as e:
         raise InstallError(f"{path.name} is not a valid wheel ({e})") from None
+
+
+def wheel_listing(path: Path) -> list[str]:
+    """The names in a wheel's zip directory."""
+    return [i.filename for i in wheel_directory(path)]
 
 
 # What a wheel may unpack to. The largest real attention wheels (flash-attn, xformers, for
@@ -379,14 +384,14 @@ RATIO_MAX, RATIO_FROM_BYTES = 100, 64 * 10**6
 TEXT_MEMBER_MAX_BYTES = 64 * 10**6  # RECORD, entry_points.txt, a .pth: read whole
 
 
-def wheel_bomb(path: Path) -> str | None:
-    """Why the wheel's zip directory says it would unpack to far more than any wheel does
-    (None: it does not)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
-        return f"{path.name} is not a valid wheel ({e})"
+def wheel_bomb(path: Path, infos: list[zipfile.ZipInfo] | None = None) -> str | None:
+    """Why the wheel's zip directory (`infos`, read here if not given) says it would unpack
+    to far more than any wheel does (None: it does not)."""
+    if infos is None:
+        try:
+            infos = wheel_directory(path)
+        except InstallError as e:
+            return str(e)
     total = sum(i.file_size for i in infos)
     if total > UNPACKED_MAX_BYTES:
         return (f"{path.name} would unpack to {total / 1e9:.0f} GB (more than "

@@ -66,7 +66,7 @@ from comfy_env_attn.install.edges import (
     uv_compile,
     uv_index_args,
     wheel_bomb,
-    wheel_listing,
+    wheel_directory,
     wheel_member,
     wheel_metadata,
 )
@@ -362,10 +362,14 @@ class _Context:
             return [f"{name} would replace {dist} {have.version}, installed as a legacy "
                     f".egg-info ({have.dist_info}) whose files cannot all be backed up and "
                     f"restored; uninstall it first (python -m pip uninstall {dist})"]
-        bomb = wheel_bomb(fetched.path)
+        try:
+            directory = wheel_directory(fetched.path)  # read once, for both checks below
+        except InstallError as e:
+            return [str(e)]
+        bomb = wheel_bomb(fetched.path, directory)
         if bomb:
             return [bomb]
-        names = wheel_listing(fetched.path)
+        names = [i.filename for i in directory]
         infos = {n.split("/", 1)[0] for n in names if n.split("/", 1)[0].endswith(".dist-info")}
         own = sorted(i for i in infos if project_of(i) == dist)
         if not own:
