@@ -335,3 +335,42 @@ def test_what_a_hostile_review_found_is_as_the_standard_one() -> None:
             {"xs": list[int], "n": int, "return": type(None)}
         assert str(inspect.signature(Hinted)) == \
             "(xs: 'list[int]' = <factory>, n: 'int' = 1) -> None"
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="the standard library's own there")
+def test_init_is_compiled_when_first_looked_up() -> None:
+    """A class's __init__ is compiled when it is first needed, and from then on is a plain
+    function in the class: whether a record is made first by a subclass (its own __init__
+    calling super's, or none of its own), or the class's __init__ is read first."""
+    @records.dataclass(frozen=True)
+    class Base:
+        """Base."""
+        a: int
+        b: list[int] = dataclasses.field(default_factory=list)
+
+    class Child(Base):  # no fields of its own: Base's __init__
+        pass
+
+    class Calls(Base):
+        def __init__(self, a: int) -> None:
+            super().__init__(a * 2)
+
+    import types
+
+    assert not isinstance(Base.__dict__["__init__"], types.FunctionType)  # not compiled yet
+    assert (Calls(2).a, Calls(2).b) == (4, [])
+    assert isinstance(Base.__dict__["__init__"], types.FunctionType)
+    assert "__init__" not in Child.__dict__
+    assert Child(1) == Child(1, [])
+    assert Base.__init__.__qualname__.endswith("Base.__init__")
+
+    @records.dataclass
+    class Read:
+        """Read."""
+        x: int = 1
+
+    init = Read.__init__  # read first: the compiled function itself
+    assert isinstance(init, types.FunctionType) and Read.__dict__["__init__"] is init
+    assert Read().x == 1
+    with pytest.raises(TypeError):
+        Read(1, 2)

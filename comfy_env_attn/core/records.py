@@ -5,8 +5,9 @@ There the standard library compiles each method it writes for a class in an exec
 about 40 ms of its 120 ms of imports on a 2-core machine, paid at every start of the command
 line and of ComfyUI. Here the standard library still reads the fields (with init, repr and
 eq off, it writes no method), so that `fields`, `replace` and `asdict` work unchanged. Only
-`__init__`, which runs for every record made, is compiled; `__repr__`, `__eq__`, `__hash__`
-and a frozen class's `__setattr__` and `__delattr__` are closures over the field names, read
+`__init__`, which runs for every record made, is compiled, when it is first looked up (a
+command makes records of fewer than half the classes it loads); `__repr__`, `__eq__`,
+`__hash__` and a frozen class's `__setattr__` and `__delattr__` are closures over the field names, read
 in C by operator.attrgetter. Their meaning is the standard library's (tests/test_records.py
 holds the two side by side). What this does not write (any other option, an InitVar,
 keyword-only fields, a field out of `__init__`, a dataclass base) goes to the standard
@@ -64,7 +65,8 @@ else:
         fields = dataclasses.fields(cls)
         made: dict[str, Any] = {}
         if "__init__" not in own:
-            made["__init__"] = _init(cls, fields, frozen)
+            _check_defaults(fields)
+            made["__init__"] = _LazyInit(cls, fields, frozen, hasattr(cls, "__post_init__"))
         if "__repr__" not in own:
             made["__repr__"] = _repr([f.name for f in fields if f.repr])
         if "__eq__" not in own:
@@ -82,7 +84,7 @@ else:
                                     f"{cls.__name__}")
             made.update(_frozen(cls, frozenset(f.name for f in fields)))
         for name, fn in made.items():
-            if fn is not None:
+            if fn is not None and name != "__init__":
                 fn.__qualname__ = f"{cls.__qualname__}.{name}"
             setattr(cls, name, fn)
         if not documented:
@@ -146,7 +148,39 @@ else:
 
     _FACTORY = _Factory()
 
-    def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool) -> Any:
+    def _check_defaults(fields: tuple[dataclasses.Field[Any], ...]) -> None:
+        """The standard library's refusal, when the class is made: a field without a default
+        after one with a default."""
+        defaulted = False
+        for f in fields:  # every field is in __init__ here (_unusual)
+            default = f.default is not dataclasses.MISSING or \
+                f.default_factory is not dataclasses.MISSING
+            if defaulted and not default:
+                raise TypeError(f"non-default argument {f.name!r} follows default argument")
+            defaulted = defaulted or default
+
+    class _LazyInit:
+        """A class's __init__ until it is first looked up, which compiles it (_init) and puts
+        it in the class in its place: by making a record, or by reading `cls.__init__`
+        (inspect.signature, typing.get_type_hints), which then see the compiled function
+        itself. Compiling costs about 0.2 ms a class, and a command makes records of fewer
+        than half the classes it loads."""
+
+        __slots__ = ("cls", "fields", "frozen", "post_init")
+
+        def __init__(self, cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool,
+                     post_init: bool) -> None:
+            self.cls, self.fields, self.frozen, self.post_init = cls, fields, frozen, post_init
+
+        def __get__(self, obj: Any, owner: type | None = None) -> Any:
+            init = _init(self.cls, self.fields, self.frozen, self.post_init)
+            init.__qualname__ = f"{self.cls.__qualname__}.__init__"
+            # in the class's own dict, where this stood (a second thread's twin is as good)
+            type.__setattr__(self.cls, "__init__", init)
+            return init.__get__(obj, owner)
+
+    def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool,
+              post_init: bool) -> Any:
         """__init__, compiled: it runs for every record made (17,000 in a plan over the
         embedded index), where a generic one would cost a few microseconds each. As the
         standard library writes it: in the module's globals, its own names passed in as
@@ -155,29 +189,22 @@ else:
                                  "__dataclass_setattr__": object.__setattr__}
         params: list[str] = []
         body: list[str] = []
-        defaulted = False
-        for f in fields:  # every field is in __init__ here (_unusual)
-            factory = f.default_factory is not dataclasses.MISSING
-            default = f.default is not dataclasses.MISSING
-            if factory:
+        for f in fields:
+            if f.default_factory is not dataclasses.MISSING:
                 names[f"__dataclass_factory_{f.name}__"] = f.default_factory
                 params.append(f"{f.name}=__dataclass_FACTORY__")
                 value = (f"__dataclass_factory_{f.name}__() if {f.name} is "
                          f"__dataclass_FACTORY__ else {f.name}")
-            elif default:
+            elif f.default is not dataclasses.MISSING:
                 names[f"__dataclass_default_{f.name}__"] = f.default
                 params.append(f"{f.name}=__dataclass_default_{f.name}__")
                 value = f.name
             else:
-                if defaulted:
-                    raise TypeError(f"non-default argument {f.name!r} follows default "
-                                    "argument")
                 params.append(f.name)
                 value = f.name
-            defaulted = defaulted or factory or default
             body.append(f"    __dataclass_setattr__(__dataclass_self__, {f.name!r}, {value})"
                         if frozen else f"    __dataclass_self__.{f.name} = {value}")
-        if hasattr(cls, "__post_init__"):
+        if post_init:
             body.append("    __dataclass_self__.__post_init__()")
         src = (f"def __create_fn__({', '.join(names)}):\n"
                f"  def __init__({', '.join(['__dataclass_self__', *params])}):\n"
