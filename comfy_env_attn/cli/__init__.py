@@ -277,25 +277,26 @@ def target_named(args: argparse.Namespace) -> bool:
 def _start_probe(args: argparse.Namespace) -> None:
     """Start now what the command will wait for: the target's probe; uv's own query of the
     target, for a command that runs uv; NVML's answer, for one that reads the GPUs. Their
-    start-up then overlaps the command's imports (most of a quick install's own time). A
-    target that cannot be found is left for the command to report."""
+    start-up then overlaps the command's imports (most of a quick install's own time). The
+    processes first: the thread's imports would hold them back. A target that cannot be
+    found is left for the command to report."""
     from comfy_env_attn.facts.probe_start import start_gpu_probe, start_probe, warm_uv
 
+    if target_named(args):
+        from comfy_env_attn.facts.locate import find_python_auto
+
+        try:
+            exe, _how = find_python_auto(python=getattr(args, "python", None),
+                                         comfyui=getattr(args, "comfyui", None),
+                                         use_workspace=getattr(args, "comfy_cli", False))
+        except (AttnError, OSError):
+            pass
+        else:
+            start_probe(exe)
+            if args.command in _RUN_UV and not getattr(args, "dry_run", False):
+                warm_uv(exe)
     if args.command in _READ_GPUS and not getattr(args, "system", None):
         start_gpu_probe()
-    if not target_named(args):
-        return
-    from comfy_env_attn.facts.locate import find_python_auto
-
-    try:
-        exe, _how = find_python_auto(python=getattr(args, "python", None),
-                                     comfyui=getattr(args, "comfyui", None),
-                                     use_workspace=getattr(args, "comfy_cli", False))
-    except (AttnError, OSError):
-        return
-    start_probe(exe)
-    if args.command in _RUN_UV and not getattr(args, "dry_run", False):
-        warm_uv(exe)
 
 
 def entry() -> int:

@@ -1,25 +1,22 @@
 """What starts before the command's own imports, in other processes: the target's probe
 (facts.probe reads the answer, or this module's cache of it) and uv's own query of the target;
-and in a thread, NVML's answer about the GPUs. The standard library alone, so that all three
-start within milliseconds of this tool."""
+and in a thread, NVML's answer about the GPUs. The standard library alone, and at import
+only what starting them needs (the rest where it is used), so that all three start within
+milliseconds of this tool."""
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
-from comfy_env_attn.core.paths import answer_file
 from comfy_env_attn.core.process import own_group, stop_tree
 
 CACHE_SCHEMA = 5
-_SCRIPT = Path(__file__).with_name("_interp_probe.py")
+_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_interp_probe.py")
 
 
 def _stat(path: str) -> list[int] | None:
@@ -32,6 +29,10 @@ def _stat(path: str) -> list[int] | None:
 
 def _cached(exe: str) -> dict[str, Any] | None:
     """The cached facts of this interpreter while none of their witnesses changed."""
+    import json
+
+    from comfy_env_attn.core.paths import answer_file
+
     try:
         doc = json.loads(answer_file("interp", exe).read_text(encoding="utf-8"))
         if doc.get("schema") == CACHE_SCHEMA and doc.get("executable") == exe and \
@@ -49,7 +50,7 @@ _PENDING: dict[str, subprocess.Popen[str]] = {}
 
 def _start(executable: str, import_torch: bool) -> subprocess.Popen[str]:
     env = {**os.environ, "COMFY_ENV_ATTN_PROBE_NO_IMPORT": "0" if import_torch else "1"}
-    return subprocess.Popen([executable, str(_SCRIPT)], stdout=subprocess.PIPE,
+    return subprocess.Popen([executable, _SCRIPT], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -145,6 +146,8 @@ def uv_binary() -> str | None:
 
             found = str(find_uv_bin())
         except (ImportError, FileNotFoundError):
+            import shutil
+
             env = os.environ.get("UV")
             found = env if env and os.path.isfile(env) else shutil.which("uv")
         _UV.append(found)
