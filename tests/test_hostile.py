@@ -820,3 +820,134 @@ def test_a_decompression_bomb_is_refused_before_anything_inflates(tmp_path) -> N
         wheel_metadata(bomb)
     ok = sage_wheel(tmp_path / "ok", "ok", f"2.2.0+{LABEL}")
     assert wheel_bomb(ok) is None and "Name: sageattention" in wheel_metadata(ok)
+
+
+# -- which distributions the guard reads: the index of what each RECORD reaches -----------
+
+_DISTS = {  # site dir ("site": the target's, "base": one inside its prefix, as /usr's) ->
+    "site": {  # distribution -> the paths its RECORD lists
+        "torch": ["torch/__init__.py", "torch/lib/libx.so",
+                  "torch/_C.cpython-311-x86_64-linux-gnu.so", "../../../bin/torchrun"],
+        "six": ["six.py"],
+        "nvidia-cublas": ["nvidia/cublas/lib/libcublas.so"],
+        "weird": ["./weird//pkg/__init__.py", "weird/../weirder/mod.py",
+                  "../site-packages/landed/x.py"],
+        "datapkg": ["datapkg/__init__.py", "../../../share/datapkg/a.json"],
+    },
+    "base": {"apt-foo": ["foo/__init__.py", "foo/bar.py"]},
+}
+_D = "sageattention-2.2.0"
+_WHEELS = {  # what each wheel lists besides its own .dist-info
+    "clean": ["sageattention/__init__.py"],
+    "overwrites torch's file": ["torch/lib/libx.so"],
+    "adds to torch's package": ["torch/new.py"],
+    "shadows torch": ["torch.py"],
+    "hides six": ["six/__init__.py"],
+    "hides torch._C": ["torch/_C/__init__.py"],
+    "a script over torchrun": [f"{_D}.data/scripts/torchrun"],
+    "data into torch": [f"{_D}.data/data/lib/python3.11/site-packages/torch/evil.py"],
+    "data over apt's file": [f"{_D}.data/data/lib/python3/dist-packages/foo/bar.py",
+                             f"{_D}.data/data/lib/python3/dist-packages/foo/new.py"],
+    "into nvidia's namespace": ["nvidia/newlib/x.so"],
+    "over nvidia's file": ["nvidia/cublas/lib/libcublas.so"],
+    "over a path a RECORD reaches with ..": ["landed/x.py"],
+    "over normalised paths": ["weirder/mod.py", "weird/pkg/new.py"],
+    "over shared data": [f"{_D}.data/data/share/datapkg/a.json"],
+}
+
+
+def _environment(root: Path) -> tuple[guard.Layout, list[str]]:
+    sites = {"site": root / "lib" / "python3.11" / "site-packages",
+             "base": root / "lib" / "python3" / "dist-packages"}
+    for where, dists in _DISTS.items():
+        for dist, paths in dists.items():
+            info = sites[where] / f"{dist.replace('-', '_')}-1.0.dist-info"
+            info.mkdir(parents=True)
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+            (info / "RECORD").write_text("".join(f"{p},,\n" for p in paths)
+                                         + f"{info.name}/RECORD,,\n")
+            for p in paths:
+                f = Path(os.path.normpath(sites[where] / p))
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text("theirs")
+    layout = guard.Layout(site=guard.norm(str(sites["site"])), scripts=guard.norm(str(root / "bin")),
+                          data=guard.norm(str(root)),
+                          headers=guard.norm(str(root / "include" / "site" / "python3.11")))
+    return layout, [str(sites["site"]), str(sites["base"])]
+
+
+def test_the_guard_answers_alike_from_every_record_and_from_those_it_picks(tmp_path) -> None:
+    """guard.candidates picks the distributions whose RECORDs the guard reads: from their
+    text at first, from the index of what each RECORD reaches once it is kept (filled while
+    uv runs). Either way, every wheel's problems are those found from all the RECORDs,
+    for a wheel that overwrites, shadows, hides or goes into another's files through the
+    site dir, a script, data that lands in a site dir (the target's or another inside its
+    prefix), a RECORD path through '..' or one written unnormalised; and the index reads
+    fewer RECORDs than the text does."""
+    from comfy_env_attn.facts import installed as inst_mod
+
+    layout, sites = _environment(tmp_path / "v")
+    installed = read_installed(sites)
+    assert len(installed) == 6
+
+    def problems(names: list[str], picked: list) -> list[str]:
+        entries, refused = guard.destinations("x.whl", _D, [*names, f"{_D}.dist-info/RECORD"],
+                                              layout, dist="sageattention")
+        assert refused == []
+        owners = guard.build_owners((i.name, i.version, i.location, inst_mod.record_paths(i))
+                                    for i in picked)
+        there = [e.dest for e in entries if os.path.isfile(e.dest)]
+        return guard.problems("x.whl", "sageattention", _D, entries, owners, there)
+
+    def picked(names: list[str], fold: bool) -> list:
+        entries, _ = guard.destinations("x.whl", _D, [*names, f"{_D}.dist-info/RECORD"],
+                                        layout, dist="sageattention")
+        return guard.candidates(installed.values(), entries, fold)
+
+    inst_mod._INDEX.clear()
+    cold = {(w, fold): picked(names, fold) for w, names in _WHEELS.items()
+            for fold in (False, True)}
+    inst_mod.index_in_background(installed.values()).join()
+    inst_mod._INDEX.clear()  # read back from the cache folder
+    warm = {(w, fold): picked(names, fold) for w, names in _WHEELS.items()
+            for fold in (False, True)}
+    for (w, fold), chosen in warm.items():
+        names = _WHEELS[w]
+        expected = problems(names, list(installed.values()))
+        assert (w, fold, problems(names, cold[(w, fold)])) == (w, fold, expected)
+        assert (w, fold, problems(names, chosen)) == (w, fold, expected)
+        assert {i.name for i in chosen} <= {i.name for i in cold[(w, fold)]}
+        assert bool(expected) == (w not in ("clean", "into nvidia's namespace")), (w, expected)
+    assert warm[("clean", False)] == []  # 'sageattention' is in no RECORD's reach
+    assert {i.name for i in warm[("data over apt's file", False)]} == {"apt-foo"}
+    assert {i.name for i in warm[("over a path a RECORD reaches with ..", False)]} == {"weird"}
+
+
+def test_the_index_is_read_again_when_a_record_changes_or_the_cache_is_not_its_own(
+        tmp_path) -> None:
+    """An entry of the index stands while its RECORD's stat is unchanged: a RECORD written
+    again is read again (its new paths count at once); a cache file that is not JSON, or
+    whose entries are not as the index writes them, is passed over, never trusted."""
+    from comfy_env_attn.core.paths import answer_file
+    from comfy_env_attn.facts import installed as inst_mod
+
+    layout, sites = _environment(tmp_path / "v")
+    installed = read_installed(sites)
+    entries, _ = guard.destinations("x.whl", _D, ["sageattention/__init__.py"], layout,
+                                    dist="sageattention")
+    inst_mod._INDEX.clear()
+    inst_mod.index_in_background(installed.values()).join()
+    inst_mod._INDEX.clear()
+    assert guard.candidates(installed.values(), entries, False) == []
+    six = installed["six"]
+    record = Path(six.dist_info, "RECORD")
+    record.write_text(record.read_text() + "sageattention/stolen.py,,\n")
+    assert [i.name for i in guard.candidates(installed.values(), entries, False)] == ["six"]
+    cache = answer_file("owners", six.location)
+    for text in ("{not json", json.dumps({"schema": 1, "location": six.location,
+                                          "dists": {"six-1.0.dist-info": {
+                                              "record": [0], "firsts": 3, "outside": []},
+                                              "torch-1.0.dist-info": "x"}})):
+        cache.write_text(text)
+        inst_mod._INDEX.clear()
+        assert [i.name for i in guard.candidates(installed.values(), entries, False)] == ["six"]

@@ -16,9 +16,11 @@ import json
 import os
 import posixpath
 import re
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import field
 from pathlib import Path
+from typing import Any
 
 from packaging.markers import InvalidMarker, UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement, Requirement
@@ -402,9 +404,10 @@ def shared_files(installed: Mapping[str, Installed], names: Collection[str], *,
                  fold: bool = False) -> set[str]:
     """The files these distributions own (owned_files) that another installed distribution
     owns too, absolute (norm): removing them (an uninstall; uv replacing an old version)
-    must leave these. Only the others whose ownership files mention the top-level name of
-    one of those files (its file name outside the site dir or in the __pycache__ every
-    distribution shares) are read (mentions; `fold` on Windows)."""
+    must leave these. Only the others that could own one of those files are read
+    (could_own: from the index, else whether their ownership files mention the top-level
+    name of one, or its file name outside the site dir or in the __pycache__ every
+    distribution shares; `fold` on Windows)."""
     listed: set[str] = set()
     toks: set[str] = set()
     for name in names:
@@ -414,9 +417,132 @@ def shared_files(installed: Mapping[str, Installed], names: Collection[str], *,
             top = rel.split("/", 1)[0]
             tok = rel.rsplit("/", 1)[-1] if top in ("..", "__pycache__") else module_key(top)
             toks.add(tok.lower() if fold else tok)
+    reach = Reach(frozenset(), frozenset(listed), fold)
     return {path for n, inst in installed.items()
-            if n not in names and mentions(inst, toks, fold=fold)
+            if n not in names and could_own(inst, reach, toks)
             for _rel, path in owned_files(inst) if path in listed}
+
+
+# -- which distributions could own what a wheel writes, without reading every RECORD --------
+
+@dataclass(frozen=True)
+class Reach:
+    """What an install or removal touches, as the distributions that could own part of it
+    are looked for (could_own): the module keys of the top-level names it puts in a site
+    dir (a distribution with a top-level name of the same key could be hidden by it, or
+    hide it: guard.problems), and every file, absolute (norm). `fold`: compared
+    case-insensitively (Windows)."""
+    keys: frozenset[str]
+    dests: frozenset[str]
+    fold: bool = False
+
+
+def could_own(inst: Installed, reach: Reach, toks: set[str]) -> bool:
+    """Whether the distribution could own part of `reach`: one of its files, or a
+    top-level name of one of its keys. From the index of what each RECORD reaches (its
+    paths' first parts inside the site dir, its paths outside it), kept in the cache while
+    the RECORD is unchanged: then no RECORD is read, where an environment with torch has
+    some 200 of them (20 ms on the H100 machine). A distribution the index lacks, or an
+    .egg-info, is asked as before: whether its ownership files contain one of `toks` at all
+    (mentions), a superset of the same answer."""
+    tops = _index_lookup(inst)
+    if tops is None:
+        return mentions(inst, toks, fold=reach.fold)
+    firsts, outside = tops
+    f = str.lower if reach.fold else str
+    base = f(norm(inst.location)) + os.sep
+    near = {d[len(base):].split(os.sep, 1)[0] for d in map(f, reach.dests)
+            if d.startswith(base)}
+    keys = {f(k) for k in reach.keys}
+    if any(f(t) in near or f(module_key(t)) in keys for t in firsts):
+        return True
+    dests = {f(d) for d in reach.dests}
+    return any(f(o) in dests for o in outside)
+
+
+def reach_of(inst: Installed) -> tuple[list[str], list[str]]:
+    """What a distribution's RECORD reaches (record_paths): the first part of each path in
+    its site dir, and each path outside it, absolute (norm): all could_own compares."""
+    firsts: set[str] = set()
+    outside: set[str] = set()
+    for rel in record_paths(inst):
+        top = rel.split("/", 1)[0]
+        if top == "..":
+            outside.add(norm(os.path.join(inst.location, rel)))
+        elif top:
+            firsts.add(top)
+    return sorted(firsts), sorted(outside)
+
+
+OWNERS_SCHEMA = 1
+# the index as read from the cache, one document a site dir: location -> {.dist-info folder
+# name: {"record": its RECORD's stat, "firsts": [...], "outside": [...]}}
+_INDEX: dict[str, dict[str, Any]] = {}
+
+
+def _index_doc(location: str) -> dict[str, Any]:
+    doc = _INDEX.get(location)
+    if doc is None:
+        doc = {}
+        try:
+            read = json.loads(answer_file("owners", location).read_text(encoding="utf-8"))
+            if read.get("schema") == OWNERS_SCHEMA and read.get("location") == location \
+                    and isinstance(read.get("dists"), dict):
+                doc = read["dists"]
+        except (OSError, ValueError, AttributeError):
+            pass
+        _INDEX[location] = doc
+    return doc
+
+
+def _index_lookup(inst: Installed) -> tuple[list[str], list[str]] | None:
+    """The index's entry for this distribution while its RECORD is as it was then."""
+    if not inst.dist_info or is_egg(inst):
+        return None
+    entry = _index_doc(inst.location).get(os.path.basename(inst.dist_info))
+    key = _stat_key(os.path.join(inst.dist_info, "RECORD"))
+    if key is None or not isinstance(entry, dict) or entry.get("record") != list(key):
+        return None
+    firsts, outside = entry.get("firsts"), entry.get("outside")
+    if not (isinstance(firsts, list) and isinstance(outside, list)
+            and all(isinstance(p, str) for p in [*firsts, *outside])):
+        return None  # not as this writes it: read the RECORD
+    return firsts, outside
+
+
+def index_in_background(installed: Iterable[Installed]) -> threading.Thread:
+    """Add what the index lacks of these distributions, and save it, in a thread: for a
+    caller about to wait on something else (uv installing), who joins it before going on.
+    Only an index that cannot be written is passed over: it is a cache."""
+    thread = threading.Thread(target=_index_missing, args=(list(installed),),
+                              name="owners-index", daemon=True)
+    thread.start()
+    return thread
+
+
+def _index_missing(installed: list[Installed]) -> None:
+    by_site: dict[str, list[Installed]] = {}
+    for inst in installed:
+        if inst.dist_info and not is_egg(inst):
+            by_site.setdefault(inst.location, []).append(inst)
+    for location, insts in by_site.items():
+        doc = _index_doc(location)
+        fresh: dict[str, Any] = {}
+        for inst in insts:
+            name = os.path.basename(inst.dist_info)
+            key = _stat_key(os.path.join(inst.dist_info, "RECORD"))
+            if key is None:
+                continue
+            if _index_lookup(inst) is None:
+                firsts, outside = reach_of(inst)
+                fresh[name] = {"record": list(key), "firsts": firsts, "outside": outside}
+            else:
+                fresh[name] = doc[name]
+        if fresh != doc:  # new entries, or ones of distributions gone
+            _INDEX[location] = fresh
+            write_cache(answer_file("owners", location),
+                        json.dumps({"schema": OWNERS_SCHEMA, "location": location,
+                                    "dists": fresh}))
 
 
 def file_stats(insts: Iterable[Installed]) -> dict[str, Stat | None]:

@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import field
 
 from comfy_env_attn.core.records import dataclass
-from comfy_env_attn.facts.installed import is_whole_folder, module_key, real
+from comfy_env_attn.facts.installed import (
+    Installed,
+    Reach,
+    could_own,
+    is_whole_folder,
+    module_key,
+    real,
+)
 from comfy_env_attn.facts.installed import norm as norm  # guard.norm: the same one form
 
 # Top-level names that several distributions legitimately share, packages inside included:
@@ -185,6 +192,18 @@ def tokens(entries: Iterable[Entry]) -> set[str]:
         else:
             out.add(e.rel.rsplit("/", 1)[-1])
     return out
+
+
+def candidates(installed: Iterable[Installed], entries: list[Entry], fold: bool
+               ) -> list[Installed]:
+    """The installed distributions that could own, hide or be hidden by one of these
+    destinations (facts.installed.could_own): the only ones whose RECORDs build_owners needs
+    for problems() to answer as it would from all of them."""
+    toks = {t.lower() if fold else t for t in tokens(entries)}
+    reach = Reach(frozenset(module_key(e.rel.split("/", 1)[0]) for e in entries
+                            if e.kind == "site"),
+                  frozenset(e.dest for e in entries), fold)
+    return [i for i in installed if could_own(i, reach, toks)]
 
 
 def _is_plain(rel: str) -> bool:

@@ -29,10 +29,10 @@ from comfy_env_attn.facts.installed import (
     Stat,
     changed_files,
     file_stats,
+    index_in_background,
     installed_backends,
     is_bytecode,
     is_egg,
-    mentions,
     owned_files,
     protected,
     read_installed,
@@ -313,13 +313,11 @@ class _Context:
 
     def owners(self, entries: list[guard.Entry]) -> guard.Owners:
         """Who owns what among the installed distributions that could own one of these
-        destinations: only RECORDs that mention one of their names are parsed (an
-        environment with torch has some 70,000 RECORD lines, nearly all irrelevant)."""
-        fold = self._windows
-        toks = {t.lower() if fold else t for t in guard.tokens(entries)}
+        destinations (could_own): only their RECORDs are parsed (an environment with torch
+        has some 70,000 RECORD lines, nearly all irrelevant)."""
         owners = guard.build_owners(
             (i.name, i.version, i.location, record_paths(i))
-            for i in self.installed.values() if mentions(i, toks, fold=fold))
+            for i in guard.candidates(self.installed.values(), entries, self._windows))
         for dist, (version, claimed) in self.claims.items():
             owners = owners.claim(dist, version, claimed)
         return owners
@@ -881,7 +879,11 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
         if dist in installed:
             args += ["--reinstall-package", dist]
     lockfile.load_in_background()  # while uv works
-    run_uv(args, log, passthrough=passthrough)
+    indexing = index_in_background(installed.values())  # for the next install's guard
+    try:
+        run_uv(args, log, passthrough=passthrough)
+    finally:
+        indexing.join()
 
 
 def _version_of(filename: str) -> str:
