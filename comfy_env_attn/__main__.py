@@ -1,5 +1,3 @@
-import sys
+from comfy_env_attn.cli import console
 
-from comfy_env_attn.cli import entry
-
-sys.exit(entry())
+console()

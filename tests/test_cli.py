@@ -390,3 +390,32 @@ def test_doctor_prints_toml_table_names_as_text(tmp_path: Path) -> None:
         print_diagnosis(diag, Target())
     text = out.getvalue()
     assert "no [tool.comfy-env-attn] table" in text and "/x/[bold]python" in text
+
+
+def test_the_command_line_ends_at_once_once_its_exit_handlers_ran() -> None:
+    """console() (the console script, `python -m comfy_env_attn`) ends the process itself,
+    without the interpreter's teardown: with the command's status, its output flushed and
+    every exit handler run. While a thread that is not a daemon still runs, Python's own
+    exit, which waits for it, ends it; --version ends with status 0."""
+    import subprocess
+
+    code = ("import atexit, sys, threading, time\n"
+            "from comfy_env_attn import cli\n"
+            "from comfy_env_attn.cli import commands\n"
+            "atexit.register(lambda: print('handler', end=''))\n"  # unflushed: console flushes
+            "commands.COMMANDS['probe'] = lambda a: print('ran') or 3\n"
+            "if sys.argv[1] == 'thread':\n"
+            "    threading.Thread(target=lambda: (time.sleep(0.5), print('joined'))).start()\n"
+            "sys.argv = ['comfy-env-attn', *sys.argv[2:]]\n"
+            "cli.console()\n"
+            "print('never')\n")
+    r = subprocess.run([sys.executable, "-c", code, "-", "probe"], capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "ran\nhandler", "")
+    r = subprocess.run([sys.executable, "-c", code, "thread", "probe"], capture_output=True,
+                       text=True, timeout=60)
+    assert (r.returncode, r.stdout.split()) == (3, ["ran", "joined", "handler"])
+    r = subprocess.run([sys.executable, "-c", code, "-", "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("comfy-env-attn") and \
+        r.stdout.endswith("handler")
