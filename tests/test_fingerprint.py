@@ -311,8 +311,14 @@ def test_random_layouts_choose_as_importlib_metadata(tmp_path) -> None:
                 root.mkdir(parents=True, exist_ok=True)
                 write_zip(entry, {"mod.py": "", **members})
             path.append(str(entry))
-        for name in ("foo-bar", "Foo.Bar", "foo", "foo_bar_baz", "FOO_BAR"):
+        names = ("foo-bar", "Foo.Bar", "foo", "foo_bar_baz", "FOO_BAR")
+        for name in names:
             assert ours(name, path) == importlib_choice(name, path), (case, name, path)
+        # all at once, each folder listed once: each as asked alone
+        assert fingerprint.find_metadata_dirs(names, path) == \
+            {n: find_metadata_dir(n, path) for n in names}, (case, path)
+        assert fingerprint.dists_facts(names, path) == \
+            {n: fingerprint.dist_facts(n, path) for n in names}, (case, path)
 
 
 def test_a_lock_written_without_verification_reads_the_target_s_import_path(

@@ -48,7 +48,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -80,10 +80,15 @@ def dist_facts(dist: str, path: Sequence[str] | None = None
     distribution changes it, at the cost of one stat per file (no file is read), cheap
     enough for every ComfyUI start. In a zip: each file's size and CRC-32 from the zip's
     directory. None: no RECORD (an egg, an egg-info)."""
-    meta = find_metadata_dir(dist, sys.path if path is None else path)
-    if meta is None:
-        return None
-    return (metadata_version(meta), files_digest(meta))
+    return dists_facts([dist], path)[dist]
+
+
+def dists_facts(dists: Iterable[str], path: Sequence[str] | None = None
+                ) -> dict[str, tuple[str, str | None] | None]:
+    """dist_facts of each of these distributions, each folder on the path listed once."""
+    found = find_metadata_dirs(dists, sys.path if path is None else path)
+    return {d: None if meta is None else (metadata_version(meta), files_digest(meta))
+            for d, meta in found.items()}
 
 
 def _normal(name: str) -> str:
@@ -97,9 +102,19 @@ def find_metadata_dir(dist: str, path: Sequence[str]) -> Meta | None:
     """The metadata of this distribution that importlib.metadata finds first on `path`
     (the rules: this module's docstring): a `<name>-<version>.dist-info` or `.egg-info`
     folder (or egg-info file), an egg's `EGG-INFO`, or either of these in a zip."""
-    want = _normal(dist)
-    legacy = dist.lower().replace("-", "_")
+    return find_metadata_dirs([dist], path)[dist]
+
+
+def find_metadata_dirs(dists: Iterable[str], path: Sequence[str]) -> dict[str, Meta | None]:
+    """find_metadata_dir of each of these distributions, each entry of the path listed once
+    (the dispatcher asks for every backend's at each ComfyUI start)."""
+    # name -> (its normal form, a dist-info's stem is compared with; an egg's file name)
+    wanted = {d: (_normal(d), d.lower().replace("-", "_")) for d in dists}
+    found: dict[str, Meta | None] = {}
     for entry in path:
+        todo = [d for d in wanted if d not in found]
+        if not todo:
+            break
         archive: str | None = None
         try:
             names: Sequence[str] = os.listdir(entry or ".")
@@ -108,22 +123,26 @@ def find_metadata_dir(dist: str, path: Sequence[str]) -> Meta | None:
             if not zipped:
                 continue
             archive, names = entry, zipped
-        base = os.path.basename(entry).lower()  # an egg of this name: its EGG-INFO counts
-        is_egg = base.endswith(".egg") and \
-            base.rpartition(".")[0].partition("-")[0].replace("-", "_") == legacy
-        egg_info: str | None = None
+        first: dict[str, str] = {}  # a dist-info's normal stem -> the first of that stem
+        egg_info: str | None = None  # an egg's EGG-INFO, after every dist-info of the folder
         for name in names:
             low = name.lower()
             if low.endswith(_INFO):
                 stem = low.rpartition(".")[0].partition("-")[0]
                 # the common case first: a name already normal ("flash_attn")
-                if stem == want or (("." in stem or "__" in stem) and _normal(stem) == want):
-                    return Path(entry or ".", name) if archive is None else InZip(archive, name)
-            elif is_egg and egg_info is None and low == "egg-info":
-                egg_info = name  # after every dist-info of the folder, as importlib
-        if egg_info is not None:
-            return Path(entry, egg_info) if archive is None else InZip(archive, egg_info)
-    return None
+                first.setdefault(_normal(stem) if "." in stem or "__" in stem else stem, name)
+            elif egg_info is None and low == "egg-info":
+                egg_info = name
+        base = os.path.basename(entry).lower()  # an egg of this name: its EGG-INFO counts
+        for d in todo:
+            want, legacy = wanted[d]
+            meta = first.get(want)
+            if meta is None and egg_info is not None and base.endswith(".egg") and \
+                    base.rpartition(".")[0].partition("-")[0].replace("-", "_") == legacy:
+                meta = egg_info
+            if meta is not None:
+                found[d] = Path(entry or ".", meta) if archive is None else InZip(archive, meta)
+    return {d: found.get(d) for d in wanted}
 
 
 _ZIP_CHILDREN: dict[tuple[str, int, int], list[str]] = {}

@@ -20,7 +20,7 @@ from comfy_env_attn import lockfile
 from comfy_env_attn.candidates.sources import Candidate, filename_of, project_of
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, InstallError
-from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts, files_digest
+from comfy_env_attn.core.fingerprint import adapters_sha256, dists_facts, files_digest
 from comfy_env_attn.core.lockmodel import Live, tool_table
 from comfy_env_attn.core.progress import log, notice
 from comfy_env_attn.core.records import dataclass
@@ -1013,7 +1013,7 @@ def _files_now(results: dict[str, Result], target: Target, dists: list[str]) -> 
         return None
     live = Live.from_dict(data)
     return replace(live, dists={**live.dists,
-                                **{d: dist_facts(d, target.import_path) for d in dists}})
+                                **dists_facts(dists, target.import_path)})
 
 
 def static_live(target: Target) -> Live:
@@ -1022,8 +1022,8 @@ def static_live(target: Target) -> Live:
     f = target.facts
     return Live(torch=f.get("torch"), torch_cuda=f.get("torch_cuda"), device="unverified",
                 capability=None, adapters_sha256=adapters_sha256(),
-                dists={b.dist: dist_facts(b.dist, target.import_path)
-                       for b in bk.BACKENDS.values() if b.dist})
+                dists=dists_facts((b.dist for b in bk.BACKENDS.values() if b.dist),
+                                  target.import_path))
 
 
 def reverify(target: Target, opts: Options) -> tuple[Outcome, bool]:

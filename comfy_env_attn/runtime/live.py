@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch
 
 from comfy_env_attn.core.backends import BACKENDS
-from comfy_env_attn.core.fingerprint import adapters_sha256, dist_facts, files_digest
+from comfy_env_attn.core.fingerprint import (
+    adapters_sha256,
+    dist_facts,
+    dists_facts,
+    files_digest,
+)
 from comfy_env_attn.core.lockmodel import Live
 
-__all__ = ["dist_facts", "files_digest", "live_facts"]
+__all__ = ["dist_facts", "dists_facts", "files_digest", "live_facts"]
 
 
 def live_facts() -> Live:
@@ -27,5 +32,5 @@ def live_facts() -> Live:
         device, cap = "cpu", None
     return Live(torch=torch.__version__, torch_cuda=torch.version.cuda, device=device,
                 capability=cap, adapters_sha256=adapters_sha256(),
-                dists={b.dist: dist_facts(b.dist) for b in BACKENDS.values() if b.dist},
+                dists=dists_facts(b.dist for b in BACKENDS.values() if b.dist),
                 plugins={n: BACKENDS[n].dist for n in plugins})
