@@ -15,6 +15,9 @@ the size a goal names.
 fresh venv's own Python running `-m comfy_env_attn` (the README's usage, ComfyUI's Python
 running the tool; the tool's modules come from PYTHONPATH), whose probe is read in process.
 
+--compare DIR: also the target runner with the tool's modules from DIR (a checkout of an
+earlier commit, `git archive COMMIT | tar -x -C DIR`), its runs alternating with the others.
+
 The commands alternate, the order turning each round; each run of ours gets an empty
 UV_CACHE_DIR (as raw uv has --no-cache), so both learn the fresh venv's interpreter and
 unpack the wheel within the timed run. The tool runs as CEA says (default `python3 -m
@@ -46,7 +49,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--system", type=Path,
                     help="resolve for this System profile (to try the script off a GPU)")
+    ap.add_argument("--compare", type=Path, metavar="DIR",
+                    help="also the target runner with the tool's modules from this checkout")
     args = ap.parse_args()
+    runners = [*args.runner, *(["compare"] if args.compare else [])]
     cea = os.environ.get("CEA", "python3 -m comfy_env_attn").split()
     uv = shutil.which("uv")
     if uv is None:
@@ -71,32 +77,38 @@ def main() -> int:
                                 "--system-site-packages", str(venv)], check=True)
                 (venv / purelib / "base-env.pth").write_text(holder + "\n")
                 py = str(venv / "bin" / "python")
-                env = dict(ENV)
+                env, cwd = dict(ENV), Path.cwd()
                 if who == "uv":
                     cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache", "--no-deps",
                            "--no-index", "--find-links", str(wheels), "sageattention"]
                 else:
                     runner = cea if who == "tool" else [py, "-m", "comfy_env_attn"]
+                    if who == "compare":  # its modules first: `-m` looks in cwd, then there
+                        cwd = args.compare.resolve()
+                        env["PYTHONPATH"] = os.pathsep.join(
+                            [str(cwd), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
                     cmd = [*runner, "install", "--python", py, "--find-links", str(wheels),
                            "--no-embedded-index", "--backends", "sage", "--no-verify", "-q",
                            *(["--system", str(args.system)] if args.system else [])]
                     env["UV_CACHE_DIR"] = str(Path(tmp) / f"uv-cache-{i}")
                 try:
-                    return timed(cmd, cwd=Path.cwd(), env=env)
+                    return timed(cmd, cwd=cwd, env=env)
                 finally:
                     shutil.rmtree(venv)
                     shutil.rmtree(Path(tmp) / f"uv-cache-{i}", ignore_errors=True)
 
-            times = alternating(args.runs, (*args.runner, "uv"), run)
+            times = alternating(args.runs, (*runners, "uv"), run)
             raw = statistics.median(times["uv"])
             size = wheel.stat().st_size / 1e6
             what = "as built" if not pad else "grown with compiled code"
             row: dict[str, object] = {"wheel": wheel.name, "mb": size, "padded": bool(pad),
                                       "runs": times, "uv": raw}
-            for runner in args.runner:
+            for runner in runners:
                 ours = statistics.median(times[runner])
+                who = f"the {runner}'s Python" if runner != "compare" else \
+                    f"the target's Python from {args.compare}"
                 print(f"{wheel.name} ({size:.1f} MB, {what}), medians of {args.runs}: "
-                      f"comfy-env-attn install run by the {runner}'s Python {ours:.3f} s, "
+                      f"comfy-env-attn install run by {who} {ours:.3f} s, "
                       f"raw uv pip install {raw:.3f} s, ratio {ours / raw:.2f}, "
                       f"difference {ours - raw:+.3f} s", flush=True)
                 row["ours" if runner == "tool" else runner] = ours
