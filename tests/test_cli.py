@@ -392,11 +392,12 @@ def test_doctor_prints_toml_table_names_as_text(tmp_path: Path) -> None:
     assert "no [tool.comfy-env-attn] table" in text and "/x/[bold]python" in text
 
 
-def test_the_command_line_ends_at_once_once_its_exit_handlers_ran() -> None:
+def test_the_command_line_ends_at_once_once_its_exit_handlers_ran(tmp_path: Path) -> None:
     """console() (the console script, `python -m comfy_env_attn`) ends the process itself,
     without the interpreter's teardown: with the command's status, its output flushed and
     every exit handler run. While a thread that is not a daemon still runs, Python's own
-    exit, which waits for it, ends it; --version ends with status 0."""
+    exit, which waits for it, ends it, as it does under a profiler (which writes what it saw
+    once the command returns); --version ends with status 0."""
     import subprocess
 
     code = ("import atexit, sys, threading, time\n"
@@ -419,3 +420,8 @@ def test_the_command_line_ends_at_once_once_its_exit_handlers_ran() -> None:
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("comfy-env-attn") and \
         r.stdout.endswith("handler")
+    script, stats = tmp_path / "run.py", tmp_path / "run.prof"
+    script.write_text(code)
+    r = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), str(script), "-",
+                        "probe"], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("ran") and stats.stat().st_size > 0, r.stderr

@@ -318,11 +318,13 @@ def _end_now(status: int) -> None:
     each of the 200 modules' objects one by one, which only tells the operating system what
     it knows, took 8 ms on the H100 machine (a tenth of an install's own time). Where a
     thread that is not a daemon still runs, Python's own exit, which waits for it, ends the
-    process."""
+    process; also under a profiler or tracer (`python -m cProfile -m comfy_env_attn`), which
+    writes what it saw once the command returns."""
     import threading
 
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
-           if t is not threading.current_thread()):
+    if sys.getprofile() is not None or sys.gettrace() is not None or \
+            any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                if t is not threading.current_thread()):
         sys.exit(status)
     import atexit
     import os
