@@ -768,6 +768,52 @@ def test_torch_s_closure_reads_each_requirement_marker(tmp_path) -> None:
     assert set(protect) == {"torch", "either", "platform", "url2", "plain"}
 
 
+def test_torch_s_closure_is_kept_while_it_would_come_out_the_same(tmp_path) -> None:
+    """protected() keeps its answer in the cache, and works it out again when it could come
+    out otherwise: a distribution of the closure whose metadata changed (a new requirement),
+    a requirement it looked for and did not find now installed, torch in another folder
+    (a venv's own), other markers, or a cache file that is not its own."""
+    from comfy_env_attn.core.paths import answer_file
+
+    site, venv_site_dir = tmp_path / "site", tmp_path / "venv-site"
+
+    def dist(where: Path, name: str, *requires: str, version: str = "1.0") -> Path:
+        info = where / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: "
+                                       f"{version}\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires))
+        return info
+
+    dist(site, "torch", "sympy", "later; python_version >= '3'", "winonly; sys_platform == 'win32'")
+    sympy = dist(site, "sympy")
+    dist(site, "mpmath")
+    linux = {"sys_platform": "linux", "python_version": "3.11"}
+
+    def closure(markers: dict[str, str] = linux, *sites: Path) -> list[str]:
+        return sorted(protected(read_installed([str(p) for p in (*sites, site)]), markers))
+
+    assert closure() == ["sympy", "torch"]
+    cache = answer_file("closure", str(site / "torch-1.0.dist-info"))
+    assert json.loads(cache.read_text())["absent"] == ["later", "torchaudio", "torchvision"]
+    assert closure() == ["sympy", "torch"]  # from the cache
+    (sympy / "METADATA").write_text("Metadata-Version: 2.1\nName: sympy\nVersion: 1.0\n"
+                                    "Requires-Dist: mpmath\n")
+    assert closure() == ["mpmath", "sympy", "torch"]
+    dist(site, "later")
+    assert closure() == ["later", "mpmath", "sympy", "torch"]
+    dist(site, "winonly")
+    assert closure() == ["later", "mpmath", "sympy", "torch"]  # its marker is false here
+    assert closure({"sys_platform": "win32", "python_version": "3.11"}) == \
+        ["later", "mpmath", "sympy", "torch", "winonly"]
+    dist(venv_site_dir, "torch", version="2.0")  # a venv's own torch, needing nothing
+    assert closure(linux, venv_site_dir) == ["torch"]
+    for text in ("{not json", json.dumps({"schema": 1, "markers": linux, "closure": {"x": 1},
+                                          "members": {"torch": 3}, "absent": []})):
+        cache.write_text(text)
+        assert closure() == ["later", "mpmath", "sympy", "torch"]
+
+
 def test_an_installed_distribution_asked_with_extras_brings_their_requirements(
         tmp_path) -> None:
     """A requirement with extras that an installed distribution satisfies: its requirements

@@ -28,15 +28,16 @@ def cache_dir() -> Path:
 # what it holds). Each part is written in one place (named beside it) and listed and
 # cleaned by `comfy-env-attn cache` (cli.cache). The wheelhouse (candidates.wheelhouse) is
 # apart: it may be a folder of the user's own.
-ANSWER_KINDS = ("interp", "torch", "files", "owners")  # answer_file
+ANSWER_KINDS = ("interp", "torch", "files", "owners", "closure")  # answer_file
 ANSWER_KEY_HEX = 20  # answer_file's key: this many hex digits of the path's sha256
 CACHE_PARTS: dict[str, tuple[str, str]] = {
     "downloads": ("wheels/", "wheels downloaded from indexes, reused by the next install"
                   ),  # install.edges
     "metadata": ("metadata/", "wheel metadata read when planning (PEP 658)"),  # install.edges
     "probes": (" ".join(f"{k}-*.json" for k in ANSWER_KINDS),
-               "answers about interpreters, torch installs, installed files and what each "
-               "site dir's distributions own, asked again when what they describe changes"
+               "answers about interpreters, torch installs and what they require, installed "
+               "files and what each site dir's distributions own, asked again when what "
+               "they describe changes"
                ),  # answer_file
     "sources": ("sources/", "source archives fetched to build from"),  # install.build
     "build": ("build/", "build folders (a killed build's, or one running now)"),  # install.build
@@ -53,7 +54,8 @@ def answer_file(kind: str, path: str, root: Path | None = None) -> Path:
     """Where an answer about one file or folder is cached (in `root`, else the cache folder):
     `interp` an interpreter's facts, `torch` a torch install's (shared by the venvs that see
     it), `files` which files of a distribution matched its RECORD, `owners` what the RECORDs
-    of a site dir's distributions reach (facts.installed.could_own)."""
+    of a site dir's distributions reach (facts.installed.could_own), `closure` what torch
+    requires, transitively, as installed (facts.installed.protected)."""
     assert kind in ANSWER_KINDS, kind
     key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:ANSWER_KEY_HEX]
     return (cache_dir() if root is None else root) / f"{kind}-{key}.json"

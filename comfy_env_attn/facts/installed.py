@@ -345,13 +345,34 @@ _ONLY_AN_EXTRA = re.compile(r"""^[^;@]*;\s*extra\s*==\s*(["'])[^"']+\1\s*$""")
 
 def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[str, str]:
     """torch, torchvision, torchaudio and everything they require, transitively, as
-    installed: name -> version. None of these may change during an install."""
+    installed: name -> version. None of these may change during an install.
+
+    Kept in the cache (answer_file "closure", by the first of the family's .dist-info)
+    while it would come out the same: the same markers, each distribution it went through
+    the same folder with the same metadata, each name it looked for and did not find still
+    absent. Parsing the requirements of torch's closure took 6 ms of an install on the H100
+    machine, before uv starts."""
+    family = [n for n in TORCH_FAMILY if n in installed]
+    if not family:
+        return {}
+    cache = answer_file("closure", installed[family[0]].dist_info)
+    try:
+        doc = json.loads(cache.read_text(encoding="utf-8"))
+        if doc.get("schema") == CLOSURE_SCHEMA and doc.get("markers") == markers and \
+                all(name not in installed for name in doc["absent"]) and \
+                all(name in installed and installed[name].dist_info == where and
+                    _metadata_stats(installed[name]) == stats
+                    for name, (where, stats) in doc["members"].items()):
+            return {str(k): str(v) for k, v in doc["closure"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
     env = {**markers, "extra": ""}
     out: dict[str, str] = {}
-    todo = [n for n in TORCH_FAMILY if n in installed]
+    absent = {n for n in TORCH_FAMILY if n not in installed}
+    todo = list(family)
     while todo:
         name = todo.pop()
-        if name in out or name not in installed:
+        if name in out:
             continue
         out[name] = installed[name].version
         for text in installed[name].requires:
@@ -364,9 +385,25 @@ def protected(installed: dict[str, Installed], markers: dict[str, str]) -> dict[
             except (InvalidRequirement, InvalidMarker, UndefinedEnvironmentName):
                 continue
             dep = str(canonicalize_name(req.name))
-            if dep not in out and dep in installed:
+            if dep not in installed:
+                absent.add(dep)
+            elif dep not in out:
                 todo.append(dep)
-    return dict(sorted(out.items()))
+    closure = dict(sorted(out.items()))
+    write_cache(cache, json.dumps({
+        "schema": CLOSURE_SCHEMA, "markers": markers, "closure": closure,
+        "members": {n: [installed[n].dist_info, _metadata_stats(installed[n])] for n in out},
+        "absent": sorted(absent)}))
+    return closure
+
+
+CLOSURE_SCHEMA = 1
+
+
+def _metadata_stats(inst: Installed) -> list[list[int] | None]:
+    """What Installed.requires reads its lines from (METADATA, else PKG-INFO), as stats."""
+    return [None if (k := _stat_key(os.path.join(inst.dist_info, name))) is None else list(k)
+            for name in ("METADATA", "PKG-INFO")]
 
 
 Stat = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode: any write changes one
@@ -417,6 +454,8 @@ def shared_files(installed: Mapping[str, Installed], names: Collection[str], *,
             top = rel.split("/", 1)[0]
             tok = rel.rsplit("/", 1)[-1] if top in ("..", "__pycache__") else module_key(top)
             toks.add(tok.lower() if fold else tok)
+    if not listed:  # nothing to share (an install that replaces nothing)
+        return set()
     reach = Reach(frozenset(), frozenset(listed), fold)
     return {path for n, inst in installed.items()
             if n not in names and could_own(inst, reach, toks)
