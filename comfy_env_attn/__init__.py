@@ -7,7 +7,9 @@ use, so that importing the package for the command line never imports torch.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

@@ -10,10 +10,13 @@ import argparse
 import gc
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from comfy_env_attn import __version__
 from comfy_env_attn.core.errors import AttnError, UsageError
+
+TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,10 +5,13 @@ progress on a terminal; one summary line each when stderr is a log or a pipe; no
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from comfy_env_attn.core import progress as core_progress
 from comfy_env_attn.core.progress import log
+
+TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def set_quiet(quiet: bool) -> None:

@@ -9,7 +9,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Windows: OpenProcess's right to ask for an exit code, GetExitCodeProcess's answer for a
 # process that has not exited, and the error for another user's process

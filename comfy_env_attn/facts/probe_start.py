@@ -11,9 +11,12 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any
 
 from comfy_env_attn.core.process import own_group, stop_tree
+
+TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
+if TYPE_CHECKING:
+    from typing import Any
 
 CACHE_SCHEMA = 5
 _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_interp_probe.py")
