@@ -9,7 +9,8 @@
 # flash-attn-4 and its requirements) the same install also takes EXTRA (default flash4) from
 # there, its requirements resolved offline from the folder; with COMFYUI_DIR, the node runs
 # at Flux and Wan sizes afterwards (gpu_node.py). CEA runs the tool (default: this checkout
-# with `python3 -m comfy_env_attn`; its interpreter needs the tool's requirements).
+# with `python3 -m comfy_env_attn`; its interpreter needs the tool's requirements). With
+# COMPARE=DIR (a checkout of an earlier commit), the install overhead is also timed for it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-variants}
@@ -55,7 +56,7 @@ $CEA lock --python "$VENV/bin/python" | head -40
 
 step "install overhead with the built wheel, and grown to 60 MB (fresh venvs, against raw uv --no-cache)"
 python3 benchmarks/gpu_install_overhead.py "$WORK/wheel" --runs "${RUNS:-9}" --pad-mb 0 60 \
-  --runner tool target --json "$OUT/install_overhead.json"
+  --runner tool target ${COMPARE:+--compare "$COMPARE"} --json "$OUT/install_overhead.json"
 
 step "the two kernels side by side"
 PYTHONPATH=$PWD "$VENV/bin/python" benchmarks/gpu_sage_variants.py --json "$OUT/variants.json"
