@@ -997,3 +997,36 @@ def test_the_index_is_read_again_when_a_record_changes_or_the_cache_is_not_its_o
         cache.write_text(text)
         inst_mod._INDEX.clear()
         assert [i.name for i in guard.candidates(installed.values(), entries, False)] == ["six"]
+
+
+def test_the_index_keeps_no_record_that_changed_while_it_was_read(tmp_path, monkeypatch) -> None:
+    """The index is filled while uv runs, removing old versions: a RECORD removed (or written
+    again) between its stat and its reading is left out of the index, so that the same
+    RECORD put back by a rollback (shutil.copy2 keeps its stat, and a filesystem may hand
+    out the inode again) is read as the text it is, not matched to an entry read from
+    nothing."""
+    import shutil
+
+    from comfy_env_attn.facts import installed as inst_mod
+
+    layout, sites = _environment(tmp_path / "v")
+    installed = read_installed(sites)
+    six = installed["six"]
+    backup = tmp_path / "six-backup"
+    shutil.copytree(six.dist_info, backup)
+    real_reach = inst_mod.reach_of
+
+    def removed_while_read(inst):
+        if inst.name == "six":
+            shutil.rmtree(inst.dist_info)  # uv removing it just then
+        return real_reach(inst)
+
+    monkeypatch.setattr(inst_mod, "reach_of", removed_while_read)
+    inst_mod._INDEX.clear()
+    inst_mod.index_in_background(installed.values()).join()
+    assert "six-1.0.dist-info" not in inst_mod._INDEX[six.location]
+    assert "torch-1.0.dist-info" in inst_mod._INDEX[six.location]
+    shutil.copytree(backup, six.dist_info)  # the rollback puts it back
+    entries, _ = guard.destinations("x.whl", _D, ["six/__init__.py"], layout,
+                                    dist="sageattention")
+    assert [i.name for i in guard.candidates(installed.values(), entries, False)] == ["six"]

@@ -202,16 +202,18 @@ def _record(inst: Installed) -> tuple[tuple[str, str, str], ...]:
     key = _stat_key(record)
     # one install reads torch's RECORD (20,000 lines) several times: parse it once per
     # version of the file
-    return () if key is None else _parse_record(record, *key)
+    if key is None:
+        return ()
+    try:
+        return _parse_record(record, *key)
+    except (OSError, UnicodeDecodeError):  # not kept: read again when asked again
+        return ()
 
 
 @functools.lru_cache(maxsize=512)
 def _parse_record(record: str, _mtime: int, _size: int, _ino: int
                   ) -> tuple[tuple[str, str, str], ...]:
-    try:
-        text = Path(record).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return ()
+    text = Path(record).read_text(encoding="utf-8")
     rows = ((site_path(path), digest, size) for path, digest, size in record_rows(text))
     return tuple(row for row in rows if row[0] != ".")
 
@@ -569,11 +571,17 @@ def _index_missing(installed: list[Installed]) -> None:
         fresh: dict[str, Any] = {}
         for inst in insts:
             name = os.path.basename(inst.dist_info)
-            key = _stat_key(os.path.join(inst.dist_info, "RECORD"))
+            record = os.path.join(inst.dist_info, "RECORD")
+            key = _stat_key(record)
             if key is None:
                 continue
             if _index_lookup(inst) is None:
                 firsts, outside = reach_of(inst)
+                # uv runs beside this, removing old versions: a RECORD gone or replaced while
+                # it was read is left out (restored later with the same stat, an entry read
+                # from nothing would pass it over for good); a RECORD lists itself at least
+                if not firsts or _stat_key(record) != key:
+                    continue
                 fresh[name] = {"record": list(key), "firsts": firsts, "outside": outside}
             else:
                 fresh[name] = doc[name]
