@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -395,9 +396,10 @@ def test_doctor_prints_toml_table_names_as_text(tmp_path: Path) -> None:
 def test_the_command_line_ends_at_once_once_its_exit_handlers_ran(tmp_path: Path) -> None:
     """console() (the console script, `python -m comfy_env_attn`) ends the process itself,
     without the interpreter's teardown: with the command's status, its output flushed and
-    every exit handler run. While a thread that is not a daemon still runs, Python's own
-    exit, which waits for it, ends it, as it does under a profiler (which writes what it saw
-    once the command returns); --version ends with status 0."""
+    every exit handler run; output that cannot be flushed is exit 120. While a thread that
+    is not a daemon still runs, Python's own exit, which waits for it, ends it, as it does
+    under a profiler (which writes what it saw once the command returns); --version ends
+    with status 0."""
     import subprocess
 
     code = ("import atexit, sys, threading, time\n"
@@ -420,6 +422,15 @@ def test_the_command_line_ends_at_once_once_its_exit_handlers_ran(tmp_path: Path
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("comfy-env-attn") and \
         r.stdout.endswith("handler")
+    if os.path.exists("/dev/full"):  # stdout that cannot be written: 120, as Python's exit
+        buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-c", code, "-", "probe"], stdout=full,
+                               stderr=subprocess.PIPE, text=True, timeout=60, env=buffered)
+        assert r.returncode == 120, r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.stdout = None\n" + code, "-",
+                        "probe"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr  # no stdout at all (pythonw): nothing to flush
     script, stats = tmp_path / "run.py", tmp_path / "run.prof"
     script.write_text(code)
     r = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), str(script), "-",

@@ -319,13 +319,18 @@ def _end_now(status: int) -> None:
     handlers: ours stop what the command started; weakref finalizers remove temporary
     folders) and stdout and stderr are flushed, without the interpreter's teardown: freeing
     each of the 200 modules' objects one by one, which only tells the operating system what
-    it knows, took 8 ms on the H100 machine (a tenth of an install's own time). Where a
-    thread that is not a daemon still runs, Python's own exit, which waits for it, ends the
-    process; also under a profiler or tracer (`python -m cProfile -m comfy_env_attn`), which
-    writes what it saw once the command returns."""
+    it knows, took 8 ms on the H100 machine (a tenth of an install's own time). A stream
+    that cannot be flushed ends it with 120, as Python's own exit does (`plan --json >
+    out.json` on a full disk must not look like a success). Where a thread that is not a
+    daemon still runs, Python's own exit, which waits for it, ends the process; also under
+    a profiler, tracer or other tool watching it (`python -m cProfile -m comfy_env_attn`,
+    coverage), which reports once the command returns. Embedders call main()."""
     import threading
 
+    monitoring = getattr(sys, "monitoring", None)  # Python 3.12: cProfile and coverage
     if sys.getprofile() is not None or sys.gettrace() is not None or \
+            (monitoring is not None and any(monitoring.get_tool(i) is not None
+                                            for i in range(6))) or \
             any(t.is_alive() and not t.daemon for t in threading.enumerate()
                 if t is not threading.current_thread()):
         sys.exit(status)
@@ -335,9 +340,10 @@ def _end_now(status: int) -> None:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except (OSError, ValueError):  # a reader gone (`| head`), a stream closed
-            pass
+            if stream is not None:  # pythonw has none
+                stream.flush()
+        except (OSError, ValueError):
+            status = 120
     os._exit(status)
 
 
