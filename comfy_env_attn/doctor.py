@@ -13,7 +13,7 @@ from comfy_env_attn import __version__, lockfile
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import ToolTable, tool_table
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import (
     Installed,
@@ -116,7 +116,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
     for dist, backend_name in BY_DIST.items():
         backend = BACKENDS[backend_name]
         bp = plan.get(backend_name)
-        fix = f"comfy-env-attn install --backends {backend_name}"
+        fix = f"{tool_command()} install --backends {backend_name}"
         inst = installed.get(dist)
         if inst is None:
             if bp is not None and bp.selected is not None:
@@ -129,7 +129,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                 selected=bp.selected.filename.split("-")[1] if bp.selected else None)
             if hint:
                 out.append(Finding("info", backend_name, hint,
-                                   f"Run: comfy-env-attn install --build --backends "
+                                   f"Run: {tool_command()} install --build --backends "
                                    f"{backend_name}"))
             continue
         reasons = installed_reasons(dist, inst.version, inst.tags, inst.requires_torch, system)
@@ -149,7 +149,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
         if bp is not None and bp.selected is not None:
             step = f"Run: {fix} (selects {bp.selected.filename})"
         else:
-            step = (f"Run: comfy-env-attn uninstall --backends {backend_name} (no wheel fits "
+            step = (f"Run: {tool_command()} uninstall --backends {backend_name} (no wheel fits "
                     "this machine; ComfyUI then uses PyTorch attention)")
         out.append(Finding("problem", backend_name, msg, step,
                            tuple(r.text for r in reasons)))
@@ -159,7 +159,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                            "flash-attn-4's 'flash_attn' namespace makes xformers look for "
                            "flash_attn.flash_attn_interface, and xformers 0.0.35 then fails to "
                            "import (seen on an H100)",
-                           f'Run: comfy-env-attn verify --python "{python}"'))
+                           f'Run: {tool_command()} verify --python "{python}"'))
     if "flash-attn" in installed and "flash-attn-4" in installed:
         out.append(Finding("info", "flash4", "flash-attn and flash-attn-4 both install the "
                            "'flash_attn' package: reinstalling flash-attn can remove "
@@ -174,7 +174,7 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
     (for diagnose), each with its checks' count."""
     found: list[Any] = []
     # the command that proves this target again (a system interpreter needs --yes to change)
-    verify = f'Run: comfy-env-attn verify --python "{target.executable}"' + \
+    verify = f'Run: {tool_command()} verify --python "{target.executable}"' + \
         ("" if target.is_dedicated else " --yes")
     root = comfyui_root(Path(comfyui)) if comfyui else None
     if root is not None:
@@ -209,7 +209,7 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
         else:  # the dispatcher says so at every start until there is one
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher uses "
                                  "PyTorch SDPA and warns that it has no lock",
-                                 f'Run: comfy-env-attn install --python "{target.executable}"'
+                                 f'Run: {tool_command()} install --python "{target.executable}"'
                                  " (it writes one, SDPA alone when no other backend fits)"))
         return found
     try:

@@ -36,7 +36,7 @@ from comfy_env_attn.core.lockmodel import (
     tool_table,
 )
 from comfy_env_attn.core.paths import replace_file
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import Installed, installed_backends
 
@@ -185,7 +185,7 @@ def read(path: Path) -> dict[str, Any]:
     from comfy_env_attn.facts.system import read_toml
 
     if not path.exists():
-        raise LockError(f"no lock at {path}: run comfy-env-attn install or verify")
+        raise LockError(f"no lock at {path}: run {tool_command()} install or verify")
     doc = read_toml(path, what="lock", error=LockError)
     validate(doc, str(path))
     return doc

@@ -22,6 +22,7 @@ from conftest import ROOT, cli, make_system, make_venv, venv_python, venv_site, 
 from wheels import sage_wheel
 
 from comfy_env_attn.core.errors import UsageError
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.install import build as b
 from comfy_env_attn.lockfile import LOCK_NAME, read
 
@@ -142,7 +143,7 @@ def test_jobs_follow_memory_and_the_time_estimate_follows_cores() -> None:
     sys_ = make_system(python="3.11.9", torch="2.8.0+cu128", gpus=("9.0",))
     hint = b.build_hint("sage", sys_, 16, selected="1.0.6", recipes={"sage": recipe()})
     assert hint == ("no sageattention 2.x wheel for torch 2.8 + cp311 (the plan selects 1.0.6); "
-                    "`comfy-env-attn install --build --backends sage` builds sageattention "
+                    f"`{tool_command()} install --build --backends sage` builds sageattention "
                     "2.2.0 for sm 9.0 in about 4 minutes on 16 cores")
     assert b.build_hint("sage", sys_, 16, selected="2.2.0", recipes={"sage": recipe()}) is None
     assert b.wants_build(recipe(), None) and b.wants_build(recipe(), "1.0.6")

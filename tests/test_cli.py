@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import cli, make_system, make_venv, venv_python, venv_site
 
+# how the next steps name the tool run as `python -m comfy_env_attn` (as cli() runs it)
+RUN = f"{sys.executable} -m comfy_env_attn"
+
 H100 = """python = "3.12.3"
 platform = "linux"
 arch = "x86_64"
@@ -122,7 +125,7 @@ def test_plan_for_a_profile_warns_only_about_a_named_target(h100: Path) -> None:
 def test_lock_without_a_lock_says_how_to_make_one_for_that_target(tmp_path: Path) -> None:
     py = str(venv_python(make_venv(tmp_path / "v", torch=False)))
     r = cli("lock", "--python", py)
-    assert r.returncode == 1 and f"run comfy-env-attn install --python {py}" in r.stderr, \
+    assert r.returncode == 1 and f"run {RUN} install --python {py}" in r.stderr, \
         r.stderr
 
 
@@ -335,7 +338,7 @@ def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path) -> None:
     assert p["subject"] == "flash"
     assert "built for torch 2.8, target has torch 2." in p["message"]
     assert "undefined symbol" in p["message"]
-    assert p["next"].startswith("Run: comfy-env-attn uninstall --backends flash")
+    assert p["next"].startswith(f"Run: {RUN} uninstall --backends flash")
     r = cli("doctor", "--python", str(venv_python(venv)))
     assert r.returncode == 1 and "PROBLEM" in r.stdout and "next:" in r.stdout
 
@@ -353,7 +356,7 @@ def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
     diag = diagnose(system, installed, resolve(system, [], ["xformers", "flash4"]),
                     python="py")
     (f,) = [f for f in diag.findings if "flash_attn_interface" in f.message]
-    assert f.subject == "xformers" and f.next_step == 'Run: comfy-env-attn verify --python "py"'
+    assert f.subject == "xformers" and f.next_step == f'Run: {RUN} verify --python "py"'
 
 
 def test_doctor_on_a_cpu_torch_names_no_cuda_runtime_mismatch() -> None:
@@ -436,3 +439,22 @@ def test_the_command_line_ends_at_once_once_its_exit_handlers_ran(tmp_path: Path
     r = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), str(script), "-",
                         "probe"], capture_output=True, text=True, timeout=60)
     assert r.stdout.startswith("ran") and stats.stat().st_size > 0, r.stderr
+
+
+def test_next_steps_name_the_tool_as_it_was_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command a message tells the user to run is the one that ran: the console script's
+    name where it ran (`comfy-env-attn`, `comfy-env-attn.exe` on Windows), else the running
+    Python with -m (python -m, and ComfyUI's process for the dispatcher's warnings), its
+    path quoted where it holds a space."""
+    from comfy_env_attn.core.progress import tool_command
+
+    for argv0 in ("/v/bin/comfy-env-attn", r"C:\py\Scripts\comfy-env-attn.exe",
+                  r"C:\py\Scripts\comfy-env-attn-script.py"):
+        monkeypatch.setattr(sys, "argv", [argv0, "doctor"])
+        assert tool_command() == "comfy-env-attn"
+    for argv0 in ("/src/comfy_env_attn/__main__.py", "main.py", ""):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        monkeypatch.setattr(sys, "executable", "/c/python_embeded/python.exe")
+        assert tool_command() == "/c/python_embeded/python.exe -m comfy_env_attn"
+    monkeypatch.setattr(sys, "executable", r"C:\Program Files\ComfyUI\python.exe")
+    assert tool_command() == r'"C:\Program Files\ComfyUI\python.exe" -m comfy_env_attn'

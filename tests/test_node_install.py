@@ -20,6 +20,7 @@ from packaging.requirements import Requirement
 
 from comfy_env_attn import __version__
 from comfy_env_attn.core.lockmodel import read_toml
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.facts.installed import TORCH_FAMILY
 from comfy_env_attn.facts.node import (
     NodeCopy,
@@ -295,7 +296,7 @@ def test_doctor_node_finding_cases(tmp_path: Path) -> None:
 
     sev, msg, step = finding([], __version__)
     assert sev == "info" and "not in" in msg and step is not None \
-        and f"comfy-env-attn node install --comfyui {comfy}" in step
+        and f"{tool_command()} node install --comfyui {comfy}" in step
     sev, msg, _ = finding([placed], __version__)
     assert sev == "ok" and f"runs comfy-env-attn {__version__}, this tool's version" in msg
     sev, msg, step = finding([placed], None)
@@ -308,7 +309,7 @@ def test_doctor_node_finding_cases(tmp_path: Path) -> None:
     old = NodeCopy(placed.folder, "0.0.1", None)
     sev, msg, step = finding([old], __version__)
     assert sev == "info" and "was placed by comfy-env-attn 0.0.1" in msg
-    assert step == f"Run: comfy-env-attn node install --comfyui {comfy}"
+    assert step == f"Run: {tool_command()} node install --comfyui {comfy}"
     sev, msg, _ = finding([placed, repo], __version__)
     assert sev == "info" and "ComfyUI loads the node from each of" in msg
 

@@ -13,7 +13,7 @@ from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.lockmodel import tool_table
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.facts.installed import installed_backends, read_installed
 from comfy_env_attn.facts.probe import probe_interpreter
 from comfy_env_attn.verify.run import Result, verify
@@ -24,7 +24,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
     target = probe_interpreter(exe)
     path = Path(args.file) if args.file else lockfile.lock_path(target.prefix)
     if not args.file and not path.exists():
-        raise AttnError(f"no lock at {path}: run comfy-env-attn install --python "
+        raise AttnError(f"no lock at {path}: run {tool_command()} install --python "
                         f"{target.executable} (or verify, for backends installed otherwise)")
     from comfy_env_attn.install.journal import Journal
 
@@ -59,7 +59,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
         console().print(t)
         print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else
-              "fingerprint: STALE: " + "; ".join(stale) + " (run: comfy-env-attn verify)")
+              "fingerprint: STALE: " + "; ".join(stale) + f" (run: {tool_command()} verify)")
     return 0 if not stale else 1
 
 
@@ -108,7 +108,7 @@ def nothing_to_compare(results: dict[str, Result]) -> str:
     return ("nothing to compare: bench times the backends that pass verification against "
             f"each other, and only {', '.join(passed) or 'none'} passed here"
             + (f"; failed: {'; '.join(failed)}" if failed else
-               "; install a backend first (comfy-env-attn plan shows which fit)"))
+               f"; install a backend first ({tool_command()} plan shows which fit)"))
 
 
 def bench_json(python: str, results: dict[str, Result], base: dict[str, dict[str, Any]]

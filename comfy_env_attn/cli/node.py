@@ -18,6 +18,7 @@ from comfy_env_attn import __version__
 from comfy_env_attn.cli.output import console
 from comfy_env_attn.core.errors import AttnError, UsageError
 from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.facts.locate import comfy_cli_workspace
 from comfy_env_attn.facts.node import (
     comfyui_root,
@@ -104,6 +105,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     con.print(install_node(comfyui), highlight=False)
     con.print("Restart ComfyUI; the node is Attention Backend (comfy-env-attn), under "
               "advanced/attention. It imports comfy-env-attn from ComfyUI's Python: "
-              f"`comfy-env-attn doctor --comfyui {comfyui}` checks that.", highlight=False)
+              f"`{tool_command()} doctor --comfyui {comfyui}` checks that.", highlight=False)
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from comfy_env_attn.core.backends import SHIPPED_PLUGINS, primary
 from comfy_env_attn.core.errors import AttnError
 from comfy_env_attn.core.paths import readable_file
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 
 LOCK_NAME = "pylock.comfy-env-attn.toml"
@@ -345,7 +346,7 @@ class ToolTable:
         if schema != SCHEMA:
             raise LockModelError(f"{where}.schema is {schema!r}: this comfy-env-attn reads "
                                  f"schema {SCHEMA} (the lock was written by another version; "
-                                 "run: comfy-env-attn verify)")
+                                 f"run: {tool_command()} verify)")
         backends = {}
         for name, b in _table(d, "backends", where).items():
             if not isinstance(b, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePath
 
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.locate import is_comfyui_dir
 
@@ -132,11 +133,11 @@ def node_finding(comfyui: Path, nodes: list[NodeCopy], *, tool: str, installed: 
     whether the code it runs is this tool's version. The loader imports comfy-env-attn
     installed in ComfyUI's Python (`installed`), else the package of a repository copy; the
     lock this tool writes covers this tool's code, so the versions must be one."""
-    install = f"comfy-env-attn node install --comfyui {comfyui}"
+    install = f"{tool_command()} node install --comfyui {comfyui}"
     pip = f'"{python}" -m pip install comfy-env-attn=={tool}'
     if not nodes:
         return ("info", f"the Attention Backend node is not in {comfyui / 'custom_nodes'}",
-                f"Run: {install} (or start ComfyUI with the flag `comfy-env-attn "
+                f"Run: {install} (or start ComfyUI with the flag `{tool_command()} "
                 "launch-args` prints)")
     problems: list[str] = []
     notes: list[str] = []

@@ -60,6 +60,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
 from comfy_env_attn.core.paths import cache_part
 from comfy_env_attn.core.process import own_group, stop_tree
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.facts.system import System, cc_tuple
@@ -474,7 +475,7 @@ def build_archs(recipe: Recipe, system: System) -> tuple[tuple[str, ...], list[P
         else:
             problems.append(Problem(f"{recipe.dist} {recipe.version} has no kernels for sm "
                                     f"{norm} (its source builds for {', '.join(recipe.sm)})",
-                                    f"use another backend on this GPU; `comfy-env-attn plan "
+                                    f"use another backend on this GPU; `{tool_command()} plan "
                                     f"--backends {recipe.backend}` shows its wheels"))
     if archs:
         return tuple(archs), []
@@ -649,7 +650,7 @@ def build_hint(backend: str, system: System, cores: int, *, selected: str | None
     have = f" (the plan selects {selected})" if selected else ""
     py = "cp{}{}".format(*system.python_tuple)
     return (f"no {recipe.dist} {major}.x wheel for torch {torch} + {py}{have}; "
-            f"`comfy-env-attn install --build --backends {backend}` builds {recipe.dist} "
+            f"`{tool_command()} install --build --backends {backend}` builds {recipe.dist} "
             f"{recipe.version}{sm}{when}")
 
 

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from comfy_env_attn.core.errors import InstallError
 from comfy_env_attn.core.paths import readable_file, replace_file
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import (
     Installed,
@@ -227,7 +228,7 @@ class Journal:
     def _to_go_on(self) -> str:
         """What a user does with a journal that cannot be followed."""
         return (f"The files that install replaced are kept in {self.backup_root}. Check the "
-                f"target (comfy-env-attn doctor; reinstall a backend that is broken), then "
+                f"target ({tool_command()} doctor; reinstall a backend that is broken), then "
                 f"delete {self.path} and {self.backup_root} to go on")
 
     def _moved(self) -> None:

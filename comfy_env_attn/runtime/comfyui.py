@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from comfy_env_attn.core.backends import ALIASES, BACKENDS
+from comfy_env_attn.core.progress import tool_command
 
 log = logging.getLogger("comfy_env_attn")
 
@@ -110,7 +111,7 @@ def announce(backend: str, mode: str) -> str:
     mode = state.mode  # COMFY_ENV_ATTN_BACKEND or COMFYUI_ATTENTION_MECHANISM may override
     if mode not in ("auto", "sdpa") and mode not in state.backends and not (
             state.unverified and dispatch._available(mode)):
-        why = ("there is no fresh lock (run: comfy-env-attn install, or verify)"
+        why = (f"there is no fresh lock (run: {tool_command()} install, or verify)"
                if state.table is None else "the lock does not list it as verified")
         log.warning("comfy-env-attn: %s is not verified on this machine (%s); the Attention "
                     "Backend node uses PyTorch SDPA (sdpa) instead", mode, why)

@@ -42,6 +42,7 @@ from comfy_env_attn.core.lockmodel import (
     tool_table,
 )
 from comfy_env_attn.core.paths import replace_file
+from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.core.settings import settle_margin
 from comfy_env_attn.runtime import plugins
@@ -122,17 +123,17 @@ def _load_lock() -> ToolTable | None:
     try:
         if not path.exists():
             _warn_once(str(path), "comfy-env-attn: no lock at %s; using PyTorch SDPA. Run: "
-                       "comfy-env-attn install (or set COMFY_ENV_ATTN_UNVERIFIED=1)", path)
+                       "%s install (or set COMFY_ENV_ATTN_UNVERIFIED=1)", path, tool_command())
             return None
         table = tool_table(read_toml(path))
         stale = stale_reasons(table, live_facts())
     except Exception as e:  # any invalid value: one warning, SDPA, never an exception
         _warn_once(str(path), "comfy-env-attn: the lock %s is invalid (%s); using PyTorch "
-                   "SDPA. Run: comfy-env-attn verify", path, f"{type(e).__name__}: {e}")
+                   "SDPA. Run: %s verify", path, f"{type(e).__name__}: {e}", tool_command())
         return None
     if stale:
         _warn_once(str(path), "comfy-env-attn: the lock %s is stale (%s); using PyTorch SDPA "
-                   "until `comfy-env-attn verify` runs again", path, "; ".join(stale))
+                   "until `%s verify` runs again", path, "; ".join(stale), tool_command())
         return None
     return table
 
