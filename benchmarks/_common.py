@@ -97,6 +97,23 @@ def library_bytes() -> Path:
                key=lambda f: f.stat().st_size)
 
 
+def test_wheel(folder: Path, *, labelled: bool = False) -> Path:
+    """`folder`, holding tests/wheels.py's working sageattention 2.2.0 tagged for this
+    interpreter: what the GPU benchmarks install where no SageAttention was built. With
+    `labelled`, its version carries the local label of tests' GPU profile
+    (`+cu128torch<torch's minor>`), for a plan made with --system off a GPU."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from wheels import SAGE_OK, build_wheel
+
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    version = f"2.2.0+cu128torch{minor}" if labelled else "2.2.0"
+    tag = "cp{0}{1}-cp{0}{1}-linux_x86_64".format(*sys.version_info[:2])
+    build_wheel(folder, "sageattention", version, {"sageattention/__init__.py": SAGE_OK},
+                requires=["torch>=2.0"], tag=tag)
+    return folder
+
+
 def padded_wheel(wheel: Path, mb: float, out_dir: Path) -> Path:
     """A copy of `wheel` in `out_dir`, grown to about `mb` MB (1e6 bytes) by one more file of
     compiled code, deflated as wheels ship it: the leading bytes of torch's largest shared

@@ -3,7 +3,7 @@ build): `comfy-env-attn install --no-verify` of the built SageAttention wheel ag
 `uv pip install --no-cache` of the same file, each into a fresh venv that sees the base torch
 and its packages (--system-site-packages, and a .pth file naming torch's folder).
 
-    python3 benchmarks/gpu_install_overhead.py WHEEL_DIR [--runs 9] [--pad-mb 0 60]
+    python3 benchmarks/gpu_install_overhead.py [WHEEL_DIR] [--runs 9] [--pad-mb 0 60]
                                                [--runner tool target] [--json FILE]
                                                [--system F]
 
@@ -17,6 +17,11 @@ running the tool; the tool's modules come from PYTHONPATH), whose probe is read 
 
 --compare DIR: also the target runner with the tool's modules from DIR (a checkout of an
 earlier commit, `git archive COMMIT | tar -x -C DIR`), its runs alternating with the others.
+
+Without WHEEL_DIR: _common.test_wheel's sageattention (tests/wheels.py, tagged for this
+interpreter), for the overhead where no SageAttention was built. Each command's time is
+also given against raw uv's in the same round (median and quartiles): uv's own unpacking of
+a 60 MB wheel varies by more than the tool's part, and the difference of medians with it.
 
 The commands alternate, the order turning each round; each run of ours gets an empty
 UV_CACHE_DIR (as raw uv has --no-cache), so both learn the fresh venv's interpreter and
@@ -36,12 +41,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ENV, alternating, padded_wheel, timed
+from _common import ENV, alternating, padded_wheel, test_wheel, timed
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("wheels", type=Path, help="the folder holding the built wheel")
+    ap.add_argument("wheels", type=Path, nargs="?",
+                    help="the folder holding the built wheel (default: _common.test_wheel's)")
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--pad-mb", type=float, nargs="*", default=[0],
                     help="0: the wheel as built; MB: a copy grown to about that size")
@@ -57,6 +63,9 @@ def main() -> int:
     uv = shutil.which("uv")
     if uv is None:
         raise SystemExit("uv is not on PATH")
+    made = tempfile.TemporaryDirectory()
+    if args.wheels is None:
+        args.wheels = test_wheel(Path(made.name), labelled=bool(args.system))
     built = next(args.wheels.glob("sageattention-*.whl"))
     # the folder holding the base torch, named in each venv by a .pth file (as gpu_variants.sh
     # does where --system-site-packages does not show it)
@@ -107,16 +116,32 @@ def main() -> int:
                 ours = statistics.median(times[runner])
                 who = f"the {runner}'s Python" if runner != "compare" else \
                     f"the target's Python from {args.compare}"
+                paired = _quartiles([a - b for a, b in zip(times[runner], times["uv"],
+                                                           strict=True)])
                 print(f"{wheel.name} ({size:.1f} MB, {what}), medians of {args.runs}: "
                       f"comfy-env-attn install run by {who} {ours:.3f} s, "
                       f"raw uv pip install {raw:.3f} s, ratio {ours / raw:.2f}, "
-                      f"difference {ours - raw:+.3f} s", flush=True)
+                      f"difference {ours - raw:+.3f} s; against raw uv in the same round "
+                      f"{paired[1]:+.3f} s (quartiles {paired[0]:+.3f} to {paired[2]:+.3f})",
+                      flush=True)
                 row["ours" if runner == "tool" else runner] = ours
+            if "compare" in runners and "target" in runners:
+                q = _quartiles([a - b for a, b in zip(times["target"], times["compare"],
+                                                      strict=True)])
+                print(f"  the target's Python, this checkout against {args.compare} in the "
+                      f"same round: {q[1]:+.3f} s (quartiles {q[0]:+.3f} to {q[2]:+.3f})")
             results.append(row)
     if args.json:
         # the wheel as built first, as this file held before --pad-mb
         args.json.write_text(json.dumps({**results[0], "sizes": results}, indent=1))
     return 0
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile): a difference taken within each round is
+    steadier than the difference of medians where the machine's speed drifts."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return q[0], statistics.median(values), q[-1]
 
 
 if __name__ == "__main__":
