@@ -164,6 +164,23 @@ def test_probe_json() -> None:
     assert doc["system"]["platform"] == "linux" and "executable" in doc
 
 
+def test_probe_says_why_the_gpu_facts_are_absent_once() -> None:
+    """Without a GPU (this machine), one NVML failure leaves the driver, its CUDA, the GPUs
+    and their names unknown: the table gives the reason once and points back to it."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a machine with an NVIDIA driver")
+    r = cli("probe", env={"COLUMNS": "250"})
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in r.stdout.splitlines() if line.count("│") >= 3}
+    assert rows["driver"].startswith("absent: NVML") or \
+        rows["driver"].startswith("absent: nvidia-smi"), rows
+    assert [rows[k] for k in ("driver_cuda", "gpus", "gpu_names")] == ["absent: as driver"] * 3
+    assert r.stdout.count("libnvidia-ml") <= 1
+
+
 def test_no_gpu_is_explained_once_with_the_way_to_plan_for_one(tmp_path: Path) -> None:
     """On a machine without a GPU (this one), why none is seen is said once, with --system,
     not in every backend's row."""

@@ -74,13 +74,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     t.add_column("fact", style="bold")
     t.add_column("value")
     d = system.to_dict()
+    said: dict[str, str] = {}  # a reason already given -> the fact it was given for
     for key in ("python", "platform", "arch", "glibc", "torch", "torch_cuda", "cxx11abi",
                 "driver", "driver_cuda", "gpus", "gpu_names"):
         value = d.get(key)
         shown = ", ".join(value) if isinstance(value, list) else value
         if value is None:
-            why = system.absent.get(key) or system.absent.get(key.split("_")[0], "unknown")
-            shown = f"[dim]absent: {why}[/dim]"
+            why = system.absent.get(key) or system.absent.get(
+                {"gpu_names": "gpus"}.get(key, key.split("_")[0]), "unknown")
+            # one NVML failure leaves the driver, its CUDA and the GPUs unknown: said once
+            shown = f"[dim]absent: {f'as {said[why]}' if why in said else why}[/dim]"
+            said.setdefault(why, key)
         t.add_row(key, str(shown))
     t.add_row("environment", {"venv": "venv", "conda": "conda env",
                               "embedded": "embeddable Python (e.g. ComfyUI portable)",
