@@ -190,13 +190,22 @@ def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: P
     check(doc, "outcome")
     assert doc["command"] == "verify" and doc["lock"] == str(venv / "pylock.comfy-env-attn.toml")
     assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sdpa", "builtin")]
-    # only SDPA passes: bench has nothing to time against it, and says so
+    # only SDPA is there: bench has nothing to time against it, and says so without
+    # starting the target to verify SDPA alone; named, a backend that is absent is verified
+    # (and found missing), and SDPA alone passes
     r = cli("bench", "--python", str(venv_python(venv)), *SHAPES)
     assert r.returncode == 0 and "nothing to compare" in r.stdout and "only sdpa" in r.stdout
+    assert "verifying" not in r.stderr, r.stderr
     r = cli("bench", "--python", str(venv_python(venv)), *SHAPES, "--json")
     doc = json.loads(r.stdout)
     check(doc, "bench")
-    assert doc["shapes"] == [] and "nothing to compare" in doc["note"]
+    assert doc["shapes"] == [] and doc["backends"] == {} and "nothing to compare" in doc["note"]
+    r = cli("bench", "--python", str(venv_python(venv)), *SHAPES, "--backends", "sage",
+            "--json")
+    doc = json.loads(r.stdout)
+    check(doc, "bench")
+    assert doc["shapes"] == [] and doc["backends"]["sdpa"]["passed"] and \
+        not doc["backends"]["sage"]["passed"] and "only sdpa passed" in doc["note"]
     for command in ("probe", "doctor", "lock"):  # every --json document has its schema
         r = cli(command, "--python", str(venv_python(venv)), "--json")
         assert r.returncode in (0, 1), r.stdout + r.stderr  # doctor: 1 when unhealthy

@@ -68,6 +68,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     target = probe_interpreter(exe)
     installed = read_installed(target.site_dirs)
     names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
+    if not names:  # SDPA alone: nothing to time it against, so nothing to start the target for
+        only = ("nothing to compare: only sdpa (PyTorch's own) is in "
+                f"{target.executable}, and bench times the backends that pass verification "
+                f"against each other; install a backend first ({tool_command()} plan shows "
+                "which fit)")
+        if getattr(args, "json", False):
+            dump_json({"schema": 1, "command": "bench", "python": target.executable,
+                       "device": None, "backends": {}, "shapes": [], "note": only})
+        else:
+            print(only)
+        return 0
     results = verify(target.executable, names, verify_options(args), progress=log)
     base = {_label(b): b for b in results["sdpa"].bench if "tflops" in b}
     note = None if base else nothing_to_compare(results)
