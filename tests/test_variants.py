@@ -377,3 +377,26 @@ def test_the_lock_table_says_a_lacking_variant_as_install_does(tmp_path: Path) -
     r = cli("lock", "--file", str(lock))
     row = next(ln for ln in r.stdout.splitlines() if "sage_fp16" in ln)
     assert "n/a" in row and "failed" not in row and "not in this" in row, r.stdout
+
+
+def test_the_lock_table_names_the_calls_a_verified_backend_was_not_proven_for(
+        tmp_path: Path) -> None:
+    """A backend verified for most of its calls (SageAttention's causal on sm 9.0): the lock's
+    table says which calls were not proven, as install's summary line does, and that they
+    go to SDPA; a backend proven for all says nothing of it."""
+    from test_dispatch import sage_record, write_lock
+
+    from comfy_env_attn.core.lockmodel import Check
+    from comfy_env_attn.verify.run import Result
+
+    checks = [Check("plain", d, t, True) for d in (64, 128) for t in ("float16", "bfloat16")]
+    checks += [Check("causal", d, t, d == 128) for d in (40, 64, 128)
+               for t in ("float16", "bfloat16")]
+    lock = write_lock(tmp_path / "l.toml", sage=sage_record(checks=tuple(checks)))
+    r = cli("lock", "--file", str(lock), env={"COLUMNS": "250"})
+    rows = {ln.split("│")[1].strip(): ln for ln in r.stdout.splitlines() if ln.count("│") > 3}
+    said = "not proven, to SDPA: causal (40 float16, 40 bfloat16, 64 float16, 64 bfloat16)"
+    assert said in rows["sage"], r.stdout
+    assert "not proven" not in rows["sdpa"]
+    as_install = Result("sage", True, {"checks": [c.to_dict() for c in checks]}).summary()
+    assert as_install.endswith("; " + said.replace(", to SDPA", "")), as_install

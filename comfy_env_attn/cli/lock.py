@@ -12,7 +12,7 @@ from comfy_env_attn.cli.install import verify_options
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError
-from comfy_env_attn.core.lockmodel import tool_table
+from comfy_env_attn.core.lockmodel import not_proven, tool_table
 from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.facts.installed import installed_backends, read_installed
 from comfy_env_attn.facts.probe import probe_interpreter
@@ -52,10 +52,13 @@ def cmd_lock(args: argparse.Namespace) -> int:
             passed = sum(c.passed for c in rec.checks)
             version = rec.version or wheel_versions.get(bk.primary(name), "")
             absent = bk.not_in_package(name, rec.stage)
+            missing = not_proven((c.variant, c.head_dim, c.dtype, c.passed)
+                                 for c in rec.checks) if rec.verified else ""
             t.add_row(name, "n/a" if absent else rec.status, version,
                       f"{passed}/{len(rec.checks)}" if rec.checks else "",
                       f"{rec.speed_vs_sdpa:.2f}x" if rec.speed_vs_sdpa is not None else "",
-                      f"not in this package ({rec.error})" if absent else rec.error or "")
+                      f"not in this package ({rec.error})" if absent else rec.error or
+                      (f"not proven, to SDPA: {missing}" if missing else ""))
         console().print(t)
         print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -244,6 +244,19 @@ class BenchRow:
 
 
 STATUSES = ("verified", "failed", "unverified")
+
+
+def not_proven(checks: Iterable[tuple[str, int, str, bool]]) -> str:
+    """The call variants verification did not pass, each with where ('causal (40 bfloat16,
+    40 float16, 64 bfloat16, 64 float16, ...)'), from (variant, head dim, dtype, passed):
+    what the install's summary line and the lock's table say of a backend, whose calls of
+    these go to PyTorch SDPA. Empty when every check passed."""
+    failed: dict[str, list[str]] = {}
+    for variant, head_dim, dtype, passed in checks:
+        if not passed:
+            failed.setdefault(variant, []).append(f"{head_dim} {dtype}")
+    return "; ".join(f"{v} ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
+                     for v, where in failed.items())
 
 
 @dataclass(frozen=True)

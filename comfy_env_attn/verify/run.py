@@ -127,15 +127,11 @@ class Result:
         cos = min((c.get("cosine", 1.0) for c in good), default=1.0)
         text = (f"passed {len(good)}/{len(checks)} checks: max abs error {worst:.2g}, "
                 f"cosine >= {cos:.5f}")
-        failed: dict[str, list[str]] = {}
-        for c in checks:
-            if not c.get("passed"):
-                failed.setdefault(c["variant"], []).append(f"{c['head_dim']} {c['dtype']}")
-        if failed:
-            text += "; not proven: " + "; ".join(
-                f"{v} ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
-                for v, where in failed.items())
-        return text
+        from comfy_env_attn.core.lockmodel import not_proven
+
+        missing = not_proven((c["variant"], c["head_dim"], c["dtype"], bool(c.get("passed")))
+                             for c in checks)
+        return text + (f"; not proven: {missing}" if missing else "")
 
 
 def _config(backend: str, opts: Options) -> dict[str, Any]:
