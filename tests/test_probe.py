@@ -304,6 +304,44 @@ def test_the_command_line_reads_nvml_early_only_where_it_will_ask(
         assert started == want, argv
 
 
+def test_what_starts_early_is_what_the_parsed_command_line_starts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The command line's own process starts the target's probe, uv's query and NVML from
+    the words of the command line, before argparse loads (cli._start_early): for the exact
+    spellings, what the parsed command line would start (cli._start_probe), and never more;
+    a spelling it does not read (an abbreviation) is left to the parse."""
+    from comfy_env_attn.cli import _start_early, _start_probe, build_parser
+
+    started: list[tuple[str, str]] = []
+    monkeypatch.setattr(probe_start, "start_probe", lambda exe: started.append(("probe", exe)))
+    monkeypatch.setattr(probe_start, "warm_uv", lambda exe: started.append(("uv", exe)))
+    monkeypatch.setattr(probe_start, "start_gpu_probe", lambda: started.append(("nvml", "")))
+    exe, profile = sys.executable, str(tmp_path / "gpu.toml")
+    exact = (["install", "--python", exe, "--no-verify"],
+             ["install", f"--python={exe}", "--dry-run"],
+             ["-v", "install", "--python", exe, "--system", profile, "--backends", "sage"],
+             ["uninstall", "--python", exe], ["plan", f"--python={exe}", "--json"], ["lock"],
+             ["doctor"], ["probe", "--python", exe, "--toml"])
+    for argv in exact:
+        started.clear()
+        _start_early(argv)
+        early = list(started)
+        started.clear()
+        _start_probe(build_parser().parse_args(argv))
+        assert early == started, argv
+    for argv in (["install", "--pyth", exe], ["install", "--pyt=" + exe, "--dry-run"]):
+        started.clear()
+        _start_early(argv)
+        early = list(started)
+        started.clear()
+        _start_probe(build_parser().parse_args(argv))
+        assert set(early) <= set(started), argv
+    started.clear()
+    _start_early(["install", "--python"])  # a value missing: argparse's to refuse
+    _start_early(["--help", "install", "--python", exe])
+    assert started == []
+
+
 def test_no_nvml_is_a_reason_not_a_crash() -> None:
     f = probe_mod.probe_gpus()
     if f.gpus:

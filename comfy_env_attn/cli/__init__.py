@@ -6,7 +6,6 @@ Exit 0 success, 1 a failure the message explains, 2 bad usage.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 from collections.abc import Callable, Sequence
@@ -14,14 +13,22 @@ from collections.abc import Callable, Sequence
 from comfy_env_attn import __version__
 from comfy_env_attn.core.errors import AttnError, UsageError
 
-TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
+TYPE_CHECKING = False  # typing and argparse load after what starts first (_start_early)
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """An ArgumentParser whose errors are UsageError (argparse loads here, not at import:
+    see _start_early)."""
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(f"{self.prog}: {message}")
+
+    return _Parser
 
 
 JSON_HELP = "one JSON document on stdout (schemas: docs/json.md)"
@@ -58,6 +65,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     # -v goes before or after the command. Each subparser writes its defaults over the
     # top-level ones, so here it leaves verbose alone unless -v is given after the command.
+    import argparse
+
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="tracebacks and details")
     p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -67,13 +76,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with `command` only that command's part (what a run
     parses: building all twelve is a few milliseconds of every start)."""
-    parser = _Parser(prog="comfy-env-attn",
-                     description="comfy-env-attn: " + " | ".join(_COMMANDS))
+    parser_class = _parser_class()
+    parser = parser_class(prog="comfy-env-attn",
+                          description="comfy-env-attn: " + " | ".join(_COMMANDS))
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks and details")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress lines (results and errors only)")
     parser.add_argument("--version", action="version", version=f"comfy-env-attn {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     for name, add in _COMMANDS.items():
         if command is None or name == command:
             add(sub, name)
@@ -218,7 +228,7 @@ def _bench(sub: Any, name: str) -> None:
 def _node(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="place or remove the Attention Backend node in a ComfyUI")
     nodes = p.add_subparsers(dest="node_command", metavar="ACTION", required=True,
-                             parser_class=_Parser)
+                             parser_class=type(p))
     for action, text in (("install", "copy the node into DIR/custom_nodes/comfy_env_attn/"),
                          ("remove", "take away the node `node install` placed")):
         q = nodes.add_parser(action, help=text)
@@ -278,28 +288,72 @@ def target_named(args: argparse.Namespace) -> bool:
 
 
 def _start_probe(args: argparse.Namespace) -> None:
-    """Start now what the command will wait for: the target's probe; uv's own query of the
+    """Start now what the command will wait for (_start_for), as the parsed command line
+    says: what _start_early started from the same words is not started again."""
+    _start_for(args.command, python=getattr(args, "python", None),
+               comfyui=getattr(args, "comfyui", None),
+               comfy_cli=bool(getattr(args, "comfy_cli", False)),
+               dry_run=bool(getattr(args, "dry_run", False)),
+               system=getattr(args, "system", None))
+
+
+def _start_for(command: str | None, *, python: str | None = None, comfyui: str | None = None,
+               comfy_cli: bool = False, dry_run: bool = False, system: str | None = None
+               ) -> None:
+    """Start what the command will wait for: the target's probe; uv's own query of the
     target, for a command that runs uv; NVML's answer, for one that reads the GPUs. Their
     start-up then overlaps the command's imports (most of a quick install's own time). The
     processes first: the thread's imports would hold them back. A target that cannot be
     found is left for the command to report."""
     from comfy_env_attn.facts.probe_start import start_gpu_probe, start_probe, warm_uv
 
-    if target_named(args):
+    if python or comfyui or comfy_cli:
         from comfy_env_attn.facts.locate import find_python_auto
 
         try:
-            exe, _how = find_python_auto(python=getattr(args, "python", None),
-                                         comfyui=getattr(args, "comfyui", None),
-                                         use_workspace=getattr(args, "comfy_cli", False))
+            exe, _how = find_python_auto(python=python, comfyui=comfyui,
+                                         use_workspace=comfy_cli)
         except (AttnError, OSError):
             pass
         else:
             start_probe(exe)
-            if args.command in _RUN_UV and not getattr(args, "dry_run", False):
+            if command in _RUN_UV and not dry_run:
                 warm_uv(exe)
-    if args.command in _READ_GPUS and not getattr(args, "system", None):
+    if command in _READ_GPUS and not system:
         start_gpu_probe()
+
+
+# The options _start_early reads: those taking a value, and flags.
+_EARLY_VALUES = ("--python", "--comfyui", "--system")
+_EARLY_FLAGS = ("--comfy-cli", "--dry-run")
+
+
+def _start_early(argv: Sequence[str]) -> None:
+    """_start_for from the words of the command line, before argparse and the command's
+    imports load (the first milliseconds of the command line's own process, main's
+    short_lived): uv's query of the target is
+    then under way 5 ms sooner, and an install into a fresh uv cache waits on that query.
+    Only the exact spellings count (`--python X`, `--python=X`, `--dry-run`); anything
+    else, and what the command line really means, is left to the parse that follows (which
+    starts what is missing, and reports what is wrong). Starting something the command will
+    not want costs nothing but the start: it is stopped at exit."""
+    command = _command_of(argv)
+    if command is None:
+        return
+    seen: dict[str, Any] = {}
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            break
+        name, eq, value = word.partition("=")
+        if name in _EARLY_VALUES:
+            given = value if eq else next(words, None)
+            if given is None or given.startswith("-"):
+                return  # argparse's to reject
+            seen[name[2:]] = given
+        elif word in _EARLY_FLAGS:
+            seen[word[2:].replace("-", "_")] = True
+    _start_for(command, **seen)
 
 
 def console() -> None:
@@ -441,6 +495,7 @@ def main(argv: Sequence[str] | None = None, *, short_lived: bool = False) -> int
             from comfy_env_attn.facts.probe_start import running_as_command
 
             running_as_command()
+            _start_early(argv)
         args = build_parser(_command_of(argv)).parse_args(argv)
         if not args.command:
             build_parser().print_help(sys.stderr)
