@@ -116,7 +116,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
     for dist, backend_name in BY_DIST.items():
         backend = BACKENDS[backend_name]
         bp = plan.get(backend_name)
-        fix = f"{tool_command()} install --backends {backend_name}"
+        fix = tool_command("install", "--backends", backend_name, python=python)
         inst = installed.get(dist)
         if inst is None:
             if bp is not None and bp.selected is not None:
@@ -129,8 +129,8 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                 selected=bp.selected.filename.split("-")[1] if bp.selected else None)
             if hint:
                 out.append(Finding("info", backend_name, hint,
-                                   f"Run: {tool_command()} install --build --backends "
-                                   f"{backend_name}"))
+                                   "Run: " + tool_command("install", "--build", "--backends",
+                                                          backend_name, python=python)))
             continue
         reasons = installed_reasons(dist, inst.version, inst.tags, inst.requires_torch, system)
         reasons = [r for r in reasons if r.kind != "yanked"]
@@ -149,7 +149,8 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
         if bp is not None and bp.selected is not None:
             step = f"Run: {fix} (selects {bp.selected.filename})"
         else:
-            step = (f"Run: {tool_command()} uninstall --backends {backend_name} (no wheel fits "
+            step = ("Run: " + tool_command("uninstall", "--backends", backend_name,
+                                           python=python) + " (no wheel fits "
                     "this machine; ComfyUI then uses PyTorch attention)")
         out.append(Finding("problem", backend_name, msg, step,
                            tuple(r.text for r in reasons)))
@@ -159,7 +160,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                            "flash-attn-4's 'flash_attn' namespace makes xformers look for "
                            "flash_attn.flash_attn_interface, and xformers 0.0.35 then fails to "
                            "import (seen on an H100)",
-                           f'Run: {tool_command()} verify --python "{python}"'))
+                           "Run: " + tool_command("verify", python=python)))
     if "flash-attn" in installed and "flash-attn-4" in installed:
         out.append(Finding("info", "flash4", "flash-attn and flash-attn-4 both install the "
                            "'flash_attn' package: reinstalling flash-attn can remove "
@@ -174,8 +175,8 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
     (for diagnose), each with its checks' count."""
     found: list[Any] = []
     # the command that proves this target again (a system interpreter needs --yes to change)
-    verify = f'Run: {tool_command()} verify --python "{target.executable}"' + \
-        ("" if target.is_dedicated else " --yes")
+    verify = "Run: " + tool_command("verify", *(() if target.is_dedicated else ("--yes",)),
+                                    python=target.executable)
     root = comfyui_root(Path(comfyui)) if comfyui else None
     if root is not None:
         mine = read_installed(target.site_dirs).get("comfy-env-attn")
@@ -209,8 +210,8 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
         else:  # the dispatcher says so at every start until there is one
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher uses "
                                  "PyTorch SDPA and warns that it has no lock",
-                                 f'Run: {tool_command()} install --python "{target.executable}"'
-                                 " (it writes one, SDPA alone when no other backend fits)"))
+                                 "Run: " + tool_command("install", python=target.executable)
+                                 + " (it writes one, SDPA alone when no other backend fits)"))
         return found
     try:
         doc = lockfile.read(path)

@@ -181,11 +181,16 @@ def write(path: Path, doc: dict[str, Any]) -> None:
         raise LockError(f"cannot write the lock {path}: {e}") from None
 
 
-def read(path: Path) -> dict[str, Any]:
+def read(path: Path, *, python: str | None = None) -> dict[str, Any]:
+    """The lock at `path`, validated. Missing, a LockError that says how to write it: for
+    the target `python` (named in the command it gives), else for the environment whose
+    lock it is."""
     from comfy_env_attn.facts.system import read_toml
 
     if not path.exists():
-        raise LockError(f"no lock at {path}: run {tool_command()} install or verify")
+        raise LockError(f"no lock at {path}: run " + (
+            f"{tool_command('install', python=python)} (or verify)" if python else
+            "install (or verify) for the environment it belongs to"))
     doc = read_toml(path, what="lock", error=LockError)
     validate(doc, str(path))
     return doc

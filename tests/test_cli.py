@@ -127,6 +127,10 @@ def test_lock_without_a_lock_says_how_to_make_one_for_that_target(tmp_path: Path
     r = cli("lock", "--python", py)
     assert r.returncode == 1 and f"run {RUN} install --python {py}" in r.stderr, \
         r.stderr
+    # every command that needs the lock names the target in the way to write it
+    for command in ("launch-args", "uninstall"):
+        r = cli(command, "--python", py)
+        assert r.returncode == 1 and f"{RUN} install --python {py}" in r.stderr, r.stderr
 
 
 def test_plan_table_and_verbose_reasons(h100: Path) -> None:
@@ -373,7 +377,7 @@ def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
     diag = diagnose(system, installed, resolve(system, [], ["xformers", "flash4"]),
                     python="py")
     (f,) = [f for f in diag.findings if "flash_attn_interface" in f.message]
-    assert f.subject == "xformers" and f.next_step == f'Run: {RUN} verify --python "py"'
+    assert f.subject == "xformers" and f.next_step == f"Run: {RUN} verify --python py"
 
 
 def test_doctor_on_a_cpu_torch_names_no_cuda_runtime_mismatch() -> None:
@@ -459,19 +463,30 @@ def test_the_command_line_ends_at_once_once_its_exit_handlers_ran(tmp_path: Path
 
 
 def test_next_steps_name_the_tool_as_it_was_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command a message tells the user to run is the one that ran: the console script's
-    name where it ran (`comfy-env-attn`, `comfy-env-attn.exe` on Windows), else the running
-    Python with -m (python -m, and ComfyUI's process for the dispatcher's warnings), its
-    path quoted where it holds a space."""
+    """The command a message tells the user to run is the one that ran, ready to paste: the
+    console script's name where it ran (`comfy-env-attn`, `comfy-env-attn.exe` on Windows),
+    else the running Python with -m (python -m, and ComfyUI's process for the dispatcher's
+    warnings); the target named with --python unless it is the Python that runs the tool;
+    every word with a space or a shell's special character quoted."""
     from comfy_env_attn.core.progress import tool_command
 
+    monkeypatch.setattr(sys, "executable", "/c/python_embeded/python.exe")
     for argv0 in ("/v/bin/comfy-env-attn", r"C:\py\Scripts\comfy-env-attn.exe",
                   r"C:\py\Scripts\comfy-env-attn-script.py"):
         monkeypatch.setattr(sys, "argv", [argv0, "doctor"])
         assert tool_command() == "comfy-env-attn"
+        assert tool_command("verify", python="/my comfy/.venv/bin/python") == \
+            'comfy-env-attn verify --python "/my comfy/.venv/bin/python"'
+        assert tool_command("verify", python="/c/python_embeded/python.exe") == \
+            "comfy-env-attn verify"  # the console script's own Python is the target
     for argv0 in ("/src/comfy_env_attn/__main__.py", "main.py", ""):
         monkeypatch.setattr(sys, "argv", [argv0])
-        monkeypatch.setattr(sys, "executable", "/c/python_embeded/python.exe")
         assert tool_command() == "/c/python_embeded/python.exe -m comfy_env_attn"
+        assert tool_command("node", "install", "--comfyui", "/my comfy") == \
+            '/c/python_embeded/python.exe -m comfy_env_attn node install --comfyui "/my comfy"'
+        assert tool_command("install", python="/c/python_embeded/python.exe") == \
+            "/c/python_embeded/python.exe -m comfy_env_attn install"
+        assert tool_command("install", python="/other/python") == \
+            "/c/python_embeded/python.exe -m comfy_env_attn install --python /other/python"
     monkeypatch.setattr(sys, "executable", r"C:\Program Files\ComfyUI\python.exe")
-    assert tool_command() == r'"C:\Program Files\ComfyUI\python.exe" -m comfy_env_attn'
+    assert tool_command("lock") == r'"C:\Program Files\ComfyUI\python.exe" -m comfy_env_attn lock'

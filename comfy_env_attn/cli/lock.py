@@ -24,8 +24,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
     target = probe_interpreter(exe)
     path = Path(args.file) if args.file else lockfile.lock_path(target.prefix)
     if not args.file and not path.exists():
-        raise AttnError(f"no lock at {path}: run {tool_command()} install --python "
-                        f"{target.executable} (or verify, for backends installed otherwise)")
+        raise AttnError(f"no lock at {path}: run "
+                        f"{tool_command('install', python=target.executable)} (or verify, "
+                        "for backends installed otherwise)")
     from comfy_env_attn.install.journal import Journal
 
     if Journal(target.prefix).exists():  # what the lock says may be about to change
@@ -62,7 +63,8 @@ def cmd_lock(args: argparse.Namespace) -> int:
         console().print(t)
         print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else
-              "fingerprint: STALE: " + "; ".join(stale) + f" (run: {tool_command()} verify)")
+              "fingerprint: STALE: " + "; ".join(stale)
+              + f" (run: {tool_command('verify', python=target.executable)})")
     return 0 if not stale else 1
 
 
@@ -74,8 +76,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not names:  # SDPA alone: nothing to time it against, so nothing to start the target for
         only = ("nothing to compare: only sdpa (PyTorch's own) is in "
                 f"{target.executable}, and bench times the backends that pass verification "
-                f"against each other; install a backend first ({tool_command()} plan shows "
-                "which fit)")
+                "against each other; install a backend first "
+                f"({tool_command('plan', python=target.executable)} shows which fit)")
         if getattr(args, "json", False):
             dump_json({"schema": 1, "command": "bench", "python": target.executable,
                        "device": None, "backends": {}, "shapes": [], "note": only})
@@ -84,7 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     results = verify(target.executable, names, verify_options(args), progress=log)
     base = {_label(b): b for b in results["sdpa"].bench if "tflops" in b}
-    note = None if base else nothing_to_compare(results)
+    note = None if base else nothing_to_compare(results, target.executable)
     if getattr(args, "json", False):
         dump_json({**bench_json(target.executable, results, base),
                    **({"note": note} if note else {})})
@@ -113,16 +115,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def nothing_to_compare(results: dict[str, Result]) -> str:
+def nothing_to_compare(results: dict[str, Result], python: str) -> str:
     """Why bench has no table: it times the backends that pass verification against each
-    other, and fewer than two did."""
+    other, and fewer than two did (in the target `python`)."""
     passed = [n for n, r in results.items() if r.passed]
     failed = [f"{n} ({r.error or 'failed'})" for n, r in results.items()
               if not r.passed and not r.absent]
     return ("nothing to compare: bench times the backends that pass verification against "
             f"each other, and only {', '.join(passed) or 'none'} passed here"
             + (f"; failed: {'; '.join(failed)}" if failed else
-               f"; install a backend first ({tool_command()} plan shows which fit)"))
+               f"; install a backend first ({tool_command('plan', python=python)} shows "
+               "which fit)"))
 
 
 def bench_json(python: str, results: dict[str, Result], base: dict[str, dict[str, Any]]
@@ -162,11 +165,11 @@ LAUNCH_FLAGS = {"sage": "--use-sage-attention", "flash": "--use-flash-attention"
 def cmd_launch_args(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
     target = probe_interpreter(exe)
-    doc = lockfile.read(lockfile.lock_path(target.prefix))
+    doc = lockfile.read(lockfile.lock_path(target.prefix), python=target.executable)
     stale = lockfile.stale(doc, target.executable)
     if stale:
-        raise AttnError("the lock is stale (" + "; ".join(stale) + "): run comfy-env-attn "
-                        "verify first")
+        raise AttnError("the lock is stale (" + "; ".join(stale) + "): run "
+                        f"{tool_command('verify', python=target.executable)} first")
     tool = tool_table(doc)
     order = tool.exact if args.exact else tool.auto
     for name in order:

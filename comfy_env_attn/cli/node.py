@@ -105,6 +105,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     con.print(install_node(comfyui), highlight=False)
     con.print("Restart ComfyUI; the node is Attention Backend (comfy-env-attn), under "
               "advanced/attention. It imports comfy-env-attn from ComfyUI's Python: "
-              f"`{tool_command()} doctor --comfyui {comfyui}` checks that.", highlight=False)
+              f"`{tool_command('doctor', '--comfyui', str(comfyui))}` checks that.",
+              highlight=False)
     return 0
 

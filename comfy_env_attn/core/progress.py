@@ -19,14 +19,43 @@ def notice(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def tool_command() -> str:
-    """The command that runs this tool, as the next steps messages give write it: where this
-    process is the `comfy-env-attn` console script, that name (it ran for whoever typed it);
-    else the running Python with `-m comfy_env_attn`, which has the tool (`python -m`, as the
-    README has ComfyUI's Python run it, and ComfyUI's own process, whose dispatcher warns):
-    the console script may not be on PATH there (a venv not activated, python_embeded)."""
+def tool_command(*args: str, python: str | None = None) -> str:
+    """The command line that runs this tool with these arguments, as the next steps messages
+    give write it, ready to paste: where this process is the `comfy-env-attn` console script,
+    that name (it ran for whoever typed it); else the running Python with `-m comfy_env_attn`,
+    which has the tool (`python -m`, as the README has ComfyUI's Python run it, and
+    ComfyUI's own process, whose dispatcher warns): the console script may not be on PATH
+    there (a venv not activated, python_embeded). `python`: the target, named with --python
+    unless it is the Python that runs the tool. Each word quoted where a shell would split
+    it."""
     script = (sys.argv[0] if sys.argv else "").replace("\\", "/").rsplit("/", 1)[-1]
-    if os.path.splitext(script)[0].lower() in ("comfy-env-attn", "comfy-env-attn-script"):
-        return "comfy-env-attn"
+    words = [*args]
     exe = sys.executable or "python"
-    return (f'"{exe}"' if any(c in exe for c in " &()'") else exe) + " -m comfy_env_attn"
+    if os.path.splitext(script)[0].lower() in ("comfy-env-attn", "comfy-env-attn-script"):
+        head = ["comfy-env-attn"]
+    else:
+        head = [exe, "-m", "comfy_env_attn"]
+    if python and not same_interpreter(python, exe):
+        words += ["--python", python]
+    return " ".join(_quoted(w) for w in [*head, *words])
+
+
+def _quoted(word: str) -> str:
+    """A word as a POSIX shell, cmd.exe and PowerShell all read it back: in double quotes
+    where it holds a space or a character they treat specially."""
+    if word and not any(c in word for c in " \t\"'&|;<>()$`!*?[]{}#~%^"):
+        return word
+    return '"' + word.replace('"', '\\"') + '"'
+
+
+def same_interpreter(a: str, b: str) -> bool:
+    """Whether two paths start the same interpreter in the same environment: the same file,
+    or two names in one folder for one binary (a venv's python and python3, links to the
+    base interpreter: Python finds its environment from the folder it was started from)."""
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    if os.path.normcase(a) == os.path.normcase(b):
+        return True
+    return os.path.normcase(os.path.dirname(a)) == os.path.normcase(os.path.dirname(b)) and \
+        os.path.realpath(a) == os.path.realpath(b)
+
+

@@ -133,12 +133,12 @@ def node_finding(comfyui: Path, nodes: list[NodeCopy], *, tool: str, installed: 
     whether the code it runs is this tool's version. The loader imports comfy-env-attn
     installed in ComfyUI's Python (`installed`), else the package of a repository copy; the
     lock this tool writes covers this tool's code, so the versions must be one."""
-    install = f"{tool_command()} node install --comfyui {comfyui}"
+    install = tool_command("node", "install", "--comfyui", str(comfyui))
     pip = f'"{python}" -m pip install comfy-env-attn=={tool}'
     if not nodes:
         return ("info", f"the Attention Backend node is not in {comfyui / 'custom_nodes'}",
-                f"Run: {install} (or start ComfyUI with the flag `{tool_command()} "
-                "launch-args` prints)")
+                f"Run: {install} (or start ComfyUI with the flag `"
+                f"{tool_command('launch-args', '--comfyui', str(comfyui))}` prints)")
     problems: list[str] = []
     notes: list[str] = []
     for n in nodes:

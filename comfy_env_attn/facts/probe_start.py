@@ -13,6 +13,7 @@ import sys
 import threading
 
 from comfy_env_attn.core.process import own_group, stop_tree
+from comfy_env_attn.core.progress import same_interpreter
 
 TYPE_CHECKING = False  # typing loads after what starts first (cli._start_probe)
 if TYPE_CHECKING:
@@ -86,17 +87,6 @@ def in_process(executable: str) -> bool:
     # the names CPython reads: the interpreter's, and its DLL's on Windows (python312._pth)
     names = (f"{stem}._pth", "python%d%d._pth" % sys.version_info[:2])
     return any(os.path.isfile(os.path.join(exe_dir, n)) for n in names)
-
-
-def same_interpreter(a: str, b: str) -> bool:
-    """Whether two paths start the same interpreter in the same environment: the same file,
-    or two names in one folder for one binary (a venv's python and python3, links to the
-    base interpreter: Python finds its environment from the folder it was started from)."""
-    a, b = os.path.abspath(a), os.path.abspath(b)
-    if os.path.normcase(a) == os.path.normcase(b):
-        return True
-    return os.path.normcase(os.path.dirname(a)) == os.path.normcase(os.path.dirname(b)) and \
-        os.path.realpath(a) == os.path.realpath(b)
 
 
 def start_probe(executable: str) -> None:

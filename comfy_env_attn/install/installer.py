@@ -1045,7 +1045,7 @@ def uninstall_targets(target: Target, backends: list[str] | None) -> list[str]:
         return backends
     path = lockfile.lock_path(target.prefix)
     try:
-        doc = lockfile.read(path)
+        doc = lockfile.read(path, python=target.executable)
     except AttnError as e:
         raise InstallError(f"cannot tell what comfy-env-attn installed ({e}): name the "
                            "backends to remove with --backends") from None
