@@ -22,7 +22,7 @@ from comfy_env_attn.facts.installed import (
     torch_file_problems,
 )
 from comfy_env_attn.facts.node import comfyui_root, find_nodes, node_finding
-from comfy_env_attn.facts.probe import Target, cache_dir
+from comfy_env_attn.facts.probe import Target, cache_dir, no_torch
 from comfy_env_attn.facts.system import System
 from comfy_env_attn.install.build import build_hint
 from comfy_env_attn.install.installer import recover
@@ -94,9 +94,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
     proven = proven or {}
     out: list[Finding] = []
     if system.torch is None:
-        out.append(Finding("problem", "torch", f"torch is not installed in {python}: ComfyUI "
-                           "cannot start and no attention backend can work",
-                           "install ComfyUI's requirements (torch first) into that Python"))
+        out.append(Finding("problem", "torch", *no_torch(python)))
     elif system.gpus and system.torch_cuda is None:
         out.append(Finding("problem", "torch",
                            f"torch {system.torch} is a CPU build but GPU sm "

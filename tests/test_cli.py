@@ -192,12 +192,26 @@ def test_no_gpu_is_explained_once_with_the_way_to_plan_for_one(tmp_path: Path) -
 
     if shutil.which("nvidia-smi"):
         pytest.skip("a machine with an NVIDIA driver")
-    py = str(venv_python(make_venv(tmp_path / "v", torch=False)))
+    py = str(venv_python(make_venv(tmp_path / "v", torch=True)))
     r = cli("install", "--python", py, "--dry-run", env={"COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("no NVIDIA GPU seen: ") == 1 and "--system FILE" in r.stdout
     assert r.stdout.count("needs an NVIDIA GPU; target has none") >= 5
     assert r.stdout.count("nvidia-smi not found") == 1  # the reason, once
+
+
+def test_install_into_a_python_without_torch_stops_before_choosing(tmp_path: Path) -> None:
+    """A target without torch (ComfyUI's requirements not installed yet): install stops
+    before it reads an index, with doctor's words, where it went on to verification; a dry
+    run shows its plan and says the install would stop."""
+    py = str(venv_python(make_venv(tmp_path / "v", torch=False)))
+    r = cli("install", "--python", py, "--backends", "sage")
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
+        f"ERROR torch is not installed in {py}: ComfyUI cannot start and no attention backend "
+        "can work; install ComfyUI's requirements (torch first) into that Python"), r.stderr
+    assert "verifying" not in r.stderr
+    r = cli("install", "--python", py, "--dry-run")
+    assert r.returncode == 1 and "install would refuse: torch is not installed" in r.stderr
 
 
 def test_uninstall_of_a_variant_says_it_would_take_its_package(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from comfy_env_attn.core.progress import log
 from comfy_env_attn.facts.probe import (
     GpuFacts,
     Target,
+    no_torch,
     probe_gpus,
     probe_interpreter,
     system_from,
@@ -55,6 +56,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         refusals.extend(why)
 
     refuse([] if shared_ok(target, args) else [shared_refusal(exe, target)])
+    # no torch: nothing to choose wheels for or verify them against (unless a profile
+    # describes the machine and --force says to go on where it and the target disagree)
+    forced = bool(args.system and getattr(args, "force", False))
+    refuse([] if target.facts.get("torch") or forced else
+           ["; ".join(no_torch(target.executable))])
     out = Outcome()
     plan = None
     if args.from_lock:

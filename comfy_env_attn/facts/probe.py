@@ -91,6 +91,14 @@ class Target:
         return list(path) if path else self.site_dirs
 
 
+def no_torch(python: str) -> tuple[str, str]:
+    """(what is wrong, what to do) where the target has no torch: doctor's problem, and why
+    install refuses before it chooses a wheel (every wheel is chosen for the target's torch
+    and verified against it)."""
+    return (f"torch is not installed in {python}: ComfyUI cannot start and no attention "
+            "backend can work", "install ComfyUI's requirements (torch first) into that Python")
+
+
 def environment_kind(facts: dict[str, Any]) -> str:
     """venv, conda, embedded (a ._pth file beside the interpreter) or system."""
     if facts.get("is_venv"):
