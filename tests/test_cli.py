@@ -208,7 +208,8 @@ def test_install_into_a_python_without_torch_stops_before_choosing(tmp_path: Pat
     r = cli("install", "--python", py, "--backends", "sage")
     assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
         f"ERROR torch is not installed in {py}: ComfyUI cannot start and no attention backend "
-        "can work; install ComfyUI's requirements (torch first) into that Python"), r.stderr
+        "can work; install ComfyUI's requirements (torch first) into that Python (--force "
+        "installs anyway)"), r.stderr
     assert "verifying" not in r.stderr
     r = cli("install", "--python", py, "--dry-run")
     assert r.returncode == 1 and "install would refuse: torch is not installed" in r.stderr

@@ -147,7 +147,8 @@ def _install(sub: Any, name: str) -> None:
     p.add_argument("--yes", action="store_true",
                    help="allow installing into a Python that is not a venv")
     p.add_argument("--force", action="store_true",
-                   help="install even where --system contradicts the target interpreter")
+                   help="install even where --system or --config contradicts the target "
+                        "interpreter, or the target has no torch")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep a backend that fails verification")
     p.add_argument("--no-verify", action="store_true",

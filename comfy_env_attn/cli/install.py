@@ -56,14 +56,15 @@ def cmd_install(args: argparse.Namespace) -> int:
         refusals.extend(why)
 
     refuse([] if shared_ok(target, args) else [shared_refusal(exe, target)])
-    # no torch: nothing to choose wheels for or verify them against (unless a profile
-    # describes the machine and --force says to go on where it and the target disagree)
-    forced = bool(args.system and getattr(args, "force", False))
-    refuse([] if target.facts.get("torch") or forced else
-           ["; ".join(no_torch(target.executable))])
+    # no torch: nothing to choose wheels for or verify them against, unless --force says to
+    # go on (a profile or the config describes the machine the wheels are for); said after
+    # the description's own disagreements, the likelier mistake where there is one
+    torchless = [] if target.facts.get("torch") or getattr(args, "force", False) else \
+        ["; ".join(no_torch(target.executable)) + " (--force installs anyway)"]
     out = Outcome()
     plan = None
     if args.from_lock:
+        refuse(torchless)
         doc = lockfile.read(Path(args.from_lock))
         chosen = []
         for lw in lockfile.wheels_of(doc):
@@ -92,7 +93,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                              "they are different interpreters: pick one with --env NAME")
         req = reqs[0]
         described, refused = _check_described(args, exe, target, req)
-        refuse(refused)  # before any index is read or anything built
+        refuse(refused + torchless)  # before any index is read or anything built
         plan = planning.make_plan(req, planning.sources_from(args))
         if args.build:
             from comfy_env_attn.cli.build import build_missing
