@@ -477,23 +477,33 @@ def test_the_command_line_ends_at_once_once_its_exit_handlers_ran(tmp_path: Path
     assert r.stdout.startswith("ran") and stats.stat().st_size > 0, r.stderr
 
 
-def test_next_steps_name_the_tool_as_it_was_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_next_steps_name_the_tool_as_it_was_run(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
     """The command a message tells the user to run is the one that ran, ready to paste: the
-    console script's name where it ran (`comfy-env-attn`, `comfy-env-attn.exe` on Windows),
-    else the running Python with -m (python -m, and ComfyUI's process for the dispatcher's
+    console script's name where it is the one on PATH, else its path (`comfy-env-attn.exe`
+    and `-script.py` on Windows), else the running Python with -m (python -m, and ComfyUI's process for the dispatcher's
     warnings); the target named with --python unless it is the Python that runs the tool;
     every word with a space or a shell's special character quoted."""
     from comfy_env_attn.core.progress import tool_command
 
     monkeypatch.setattr(sys, "executable", "/c/python_embeded/python.exe")
-    for argv0 in ("/v/bin/comfy-env-attn", r"C:\py\Scripts\comfy-env-attn.exe",
-                  r"C:\py\Scripts\comfy-env-attn-script.py"):
-        monkeypatch.setattr(sys, "argv", [argv0, "doctor"])
-        assert tool_command() == "comfy-env-attn"
-        assert tool_command("verify", python="/my comfy/.venv/bin/python") == \
-            'comfy-env-attn verify --python "/my comfy/.venv/bin/python"'
-        assert tool_command("verify", python="/c/python_embeded/python.exe") == \
-            "comfy-env-attn verify"  # the console script's own Python is the target
+    bin_dir = tmp_path / "v" / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "comfy-env-attn"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "doctor"])
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert tool_command() == "comfy-env-attn"  # the one on PATH
+    assert tool_command("verify", python="/my comfy/.venv/bin/python") == \
+        'comfy-env-attn verify --python "/my comfy/.venv/bin/python"'
+    assert tool_command("verify", python="/c/python_embeded/python.exe") == \
+        "comfy-env-attn verify"  # the console script's own Python is the target
+    monkeypatch.setenv("PATH", str(tmp_path))  # run by its path, from a venv not activated
+    assert tool_command("lock") == f"{script} lock"
+    for argv0 in ("comfy-env-attn.exe", "comfy-env-attn-script.py"):  # Windows' launchers
+        monkeypatch.setattr(sys, "argv", [str(tmp_path / "Scripts" / argv0)])
+        assert tool_command("lock") == f"{tmp_path / 'Scripts' / argv0} lock"
     for argv0 in ("/src/comfy_env_attn/__main__.py", "main.py", ""):
         monkeypatch.setattr(sys, "argv", [argv0])
         assert tool_command() == "/c/python_embeded/python.exe -m comfy_env_attn"

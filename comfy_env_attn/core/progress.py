@@ -22,22 +22,36 @@ def notice(msg: str) -> None:
 def tool_command(*args: str, python: str | None = None) -> str:
     """The command line that runs this tool with these arguments, as the next steps messages
     give write it, ready to paste: where this process is the `comfy-env-attn` console script,
-    that name (it ran for whoever typed it); else the running Python with `-m comfy_env_attn`,
+    that name where it is the one on PATH, else its path (`.venv/bin/comfy-env-attn` run
+    from a venv that is not activated); else the running Python with `-m comfy_env_attn`,
     which has the tool (`python -m`, as the README has ComfyUI's Python run it, and
     ComfyUI's own process, whose dispatcher warns): the console script may not be on PATH
     there (a venv not activated, python_embeded). `python`: the target, named with --python
     unless it is the Python that runs the tool. Each word quoted where a shell would split
     it."""
-    script = (sys.argv[0] if sys.argv else "").replace("\\", "/").rsplit("/", 1)[-1]
+    argv0 = sys.argv[0] if sys.argv else ""
+    script = argv0.replace("\\", "/").rsplit("/", 1)[-1]
     words = [*args]
     exe = sys.executable or "python"
     if os.path.splitext(script)[0].lower() in ("comfy-env-attn", "comfy-env-attn-script"):
-        head = ["comfy-env-attn"]
+        head = ["comfy-env-attn" if _on_path(argv0) else os.path.abspath(argv0)]
     else:
         head = [exe, "-m", "comfy_env_attn"]
     if python and not same_interpreter(python, exe):
         words += ["--python", python]
     return " ".join(_quoted(w) for w in [*head, *words])
+
+
+def _on_path(script: str) -> bool:
+    """Whether `comfy-env-attn` typed alone runs this console script (run by its path, from
+    a venv that is not activated, it may not: then the hint gives that path)."""
+    import shutil
+
+    found = shutil.which("comfy-env-attn")
+    try:
+        return found is not None and os.path.samefile(found, script)
+    except OSError:
+        return False
 
 
 def _quoted(word: str) -> str:
