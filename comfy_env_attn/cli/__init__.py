@@ -390,9 +390,16 @@ def _end_now(status: int) -> None:
                 if t is not threading.current_thread()):
         sys.exit(status)
     import atexit
-    import os
 
     atexit._run_exitfuncs()
+    _exit_flushed(status)
+
+
+def _exit_flushed(status: int) -> None:
+    """stdout and stderr flushed, then the process ends at once with this status, or with
+    120 where a stream cannot be flushed (as Python's own exit)."""
+    import os
+
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:  # pythonw has none
@@ -438,12 +445,8 @@ def _exit_on_late_signals(status: int) -> None:
     and what the shutdown still waits for (the threads of a verification that was stopped)
     must stay interruptible. After the last exit handler (_ignore_signals) nothing is left to
     wait for, and a signal is ignored."""
-    import os
-
     def now(signum: int, frame: Any) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        _exit_flushed(status)
 
     _handle_signals(now)
 
