@@ -540,8 +540,13 @@ def _index_lookup(inst: Installed) -> tuple[list[str], list[str]] | None:
     """The index's entry for this distribution while its RECORD is as it was then."""
     if not inst.dist_info or is_egg(inst):
         return None
-    entry = _index_doc(inst.location).get(os.path.basename(inst.dist_info))
-    key = _stat_key(os.path.join(inst.dist_info, "RECORD"))
+    return _entry_reach(_index_doc(inst.location).get(os.path.basename(inst.dist_info)),
+                        _stat_key(os.path.join(inst.dist_info, "RECORD")))
+
+
+def _entry_reach(entry: Any, key: tuple[int, int, int] | None
+                 ) -> tuple[list[str], list[str]] | None:
+    """An index entry's (firsts, outside) where it was made from the RECORD of this stat."""
     if key is None or not isinstance(entry, dict) or entry.get("record") != list(key):
         return None
     firsts, outside = entry.get("firsts"), entry.get("outside")
@@ -575,7 +580,7 @@ def _index_missing(installed: list[Installed]) -> None:
             key = _stat_key(record)
             if key is None:
                 continue
-            if _index_lookup(inst) is None:
+            if _entry_reach(doc.get(name), key) is None:  # the RECORD stat just taken
                 firsts, outside = reach_of(inst)
                 # uv runs beside this, removing old versions: a RECORD gone or replaced while
                 # it was read is left out (restored later with the same stat, an entry read
