@@ -329,6 +329,10 @@ def test_what_starts_early_is_what_the_parsed_command_line_starts(
         started.clear()
         _start_probe(build_parser().parse_args(argv))
         assert early == started, argv
+    started.clear()
+    _start_early(["install", "--python", exe, "--no-verify"])
+    # uv's query first: an install waits on it, and it takes longer than the probe
+    assert [what for what, _ in started] == ["uv", "probe", "nvml"]
     for argv in (["install", "--pyth", exe], ["install", "--pyt=" + exe, "--dry-run"]):
         started.clear()
         _start_early(argv)

@@ -304,7 +304,8 @@ def _start_for(command: str | None, *, python: str | None = None, comfyui: str |
     """Start what the command will wait for: the target's probe; uv's own query of the
     target, for a command that runs uv; NVML's answer, for one that reads the GPUs. Their
     start-up then overlaps the command's imports (most of a quick install's own time). The
-    processes first: the thread's imports would hold them back. A target that cannot be
+    processes first (the thread's imports would hold them back), uv's query before the
+    probe: an install waits on that query, which takes longer. A target that cannot be
     found is left for the command to report."""
     from comfy_env_attn.facts.probe_start import start_gpu_probe, start_probe, warm_uv
 
@@ -317,9 +318,9 @@ def _start_for(command: str | None, *, python: str | None = None, comfyui: str |
         except (AttnError, OSError):
             pass
         else:
-            start_probe(exe)
             if command in _RUN_UV and not dry_run:
                 warm_uv(exe)
+            start_probe(exe)
     if command in _READ_GPUS and not system:
         start_gpu_probe()
 
