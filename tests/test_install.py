@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -814,3 +815,77 @@ def test_the_uninstall_fallback_takes_only_that_distribution(tmp_path) -> None:
     assert {p.name for p in site.iterdir()} == \
         before - {"bar-1.0.dist-info", "bar.py", "bar-2.0.dist-info", "bar_new.py"}
     assert outside.read_text() == "outside the environment"
+
+
+def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path) -> None:
+    """run_uv's `meanwhile` (the lock writer's imports and the owner index, which would hold
+    back uv's start if they began before it) runs after uv has started and before it ends;
+    its output is still captured, and a failure of `meanwhile` stops uv."""
+    from comfy_env_attn.install.edges import run_uv
+
+    started, ended = tmp_path / "started", tmp_path / "ended"
+    fake = tmp_path / "uv.py"
+    fake.write_text(
+        "import pathlib, sys, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        "time.sleep(0.5)\n"
+        "print('Installed 1 package in 3ms', file=sys.stderr)\n"
+        f"pathlib.Path({str(ended)!r}).touch()\n", encoding="utf-8")
+    seen: list[tuple[bool, bool]] = []
+
+    def meanwhile() -> None:
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append((started.exists(), ended.exists()))
+
+    lines: list[str] = []
+    out = run_uv([str(fake)], lines.append, uv=sys.executable, meanwhile=meanwhile)
+    assert seen == [(True, False)]
+    assert "Installed 1 package" in out and ended.exists()
+
+    started.unlink()
+    ended.unlink()
+
+    def fails() -> None:
+        meanwhile()
+        raise OSError("no room")
+
+    with pytest.raises(OSError, match="no room"):
+        run_uv([str(fake)], lines.append, uv=sys.executable, meanwhile=fails)
+    time.sleep(0.7)
+    assert not ended.exists()  # stopped, not left to run on
+
+
+def test_the_install_starts_its_background_work_once_uv_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_uv_install hands the lock writer's imports and the owner index to run_uv's
+    `meanwhile`, and joins the index before going on."""
+    from types import SimpleNamespace
+
+    from comfy_env_attn.install import installer
+
+    order: list[str] = []
+    monkeypatch.setattr(installer.lockfile, "load_in_background",
+                        lambda: order.append("lock writer"))
+
+    def index(installed: object) -> threading.Thread:
+        order.append("index")
+        thread = threading.Thread(target=lambda: (time.sleep(0.2), order.append("indexed")))
+        thread.start()
+        return thread
+
+    def run_uv(args: list[str], log: object, *, passthrough: bool = False,
+               meanwhile: object = None) -> str:
+        order.append("uv started")
+        assert callable(meanwhile)
+        meanwhile()
+        order.append("uv ended")
+        return ""
+
+    monkeypatch.setattr(installer, "index_in_background", index)
+    monkeypatch.setattr(installer, "run_uv", run_uv)
+    wheel = SimpleNamespace(path=tmp_path / "sageattention-2.2.0-py3-none-any.whl")
+    installer._uv_install(SimpleNamespace(executable=sys.executable),  # type: ignore[arg-type]
+                          [("sageattention", wheel)], tmp_path, {})  # type: ignore[list-item]
+    assert order == ["uv started", "lock writer", "index", "uv ended", "indexed"]

@@ -61,10 +61,11 @@ def find_uv() -> str:
 
 
 def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = None,
-           passthrough: bool = False) -> str:
+           passthrough: bool = False, meanwhile: Callable[[], None] | None = None) -> str:
     """Run uv. passthrough: its own progress and messages go straight to our stderr (a
     terminal); otherwise they are captured and summarised in one line, and replayed when it
-    fails."""
+    fails. meanwhile: called once uv has started, for work to do while it runs (started
+    before it, a thread's imports would hold back uv's start)."""
     exe = uv or find_uv()
     cmd = [exe, *args]
     if "--python" in args[:-1]:
@@ -72,19 +73,34 @@ def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = 
     log("$ " + " ".join(_short(a) for a in cmd))
     what = f"uv {args[0]} {args[1] if len(args) > 1 else ''}".strip()
     if passthrough:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if r.returncode != 0:
-            raise InstallError(f"{what} failed (exit {r.returncode}): its messages are above")
-        return r.stdout
-    r = subprocess.run(cmd, capture_output=True, text=True,
-                       env={**os.environ, "UV_NO_PROGRESS": "1"})
-    if r.returncode != 0:
-        out = (r.stderr or r.stdout).strip().splitlines()
-        raise InstallError(f"{what} failed (exit {r.returncode}):\n  " + "\n  ".join(out[-15:]))
-    summary = uv_summary(r.stderr)
+        code, out, _ = _started(cmd, meanwhile, stdout=subprocess.PIPE)
+        if code != 0:
+            raise InstallError(f"{what} failed (exit {code}): its messages are above")
+        return out
+    code, out, err = _started(cmd, meanwhile, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "UV_NO_PROGRESS": "1"})
+    if code != 0:
+        lines = (err or out).strip().splitlines()
+        raise InstallError(f"{what} failed (exit {code}):\n  " + "\n  ".join(lines[-15:]))
+    summary = uv_summary(err)
     if summary:
         log(f"uv: {summary}")
-    return r.stderr + r.stdout
+    return err + out
+
+
+def _started(cmd: list[str], meanwhile: Callable[[], None] | None, **how: Any
+             ) -> tuple[int, str, str]:
+    """subprocess.run's (exit code, stdout, stderr), with `meanwhile` called once the
+    process has started; an exception anywhere stops the process, as subprocess.run does."""
+    with subprocess.Popen(cmd, text=True, **how) as proc:
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            raise
+    return proc.returncode, out or "", err or ""
 
 
 def uv_compile(python: str, requirements: Sequence[str], args: Sequence[str],

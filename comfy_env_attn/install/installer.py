@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import field, replace
 from pathlib import Path
@@ -878,12 +879,17 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
     for dist, _f in items:
         if dist in installed:
             args += ["--reinstall-package", dist]
-    lockfile.load_in_background()  # while uv works
-    indexing = index_in_background(installed.values())  # for the next install's guard
+    indexing: list[threading.Thread] = []
+
+    def meanwhile() -> None:  # while uv works
+        lockfile.load_in_background()
+        indexing.append(index_in_background(installed.values()))  # for the next guard
+
     try:
-        run_uv(args, log, passthrough=passthrough)
+        run_uv(args, log, passthrough=passthrough, meanwhile=meanwhile)
     finally:
-        indexing.join()
+        for thread in indexing:
+            thread.join()
 
 
 def _version_of(filename: str) -> str:
