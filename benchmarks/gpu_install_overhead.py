@@ -18,6 +18,15 @@ running the tool; the tool's modules come from PYTHONPATH), whose probe is read 
 --compare DIR: also the target runner with the tool's modules from DIR (a checkout of an
 earlier commit, `git archive COMMIT | tar -x -C DIR`), its runs alternating with the others.
 
+--venvs: `system` (the default), each venv sees the base Python's site-packages, and runs
+the base's .pth start-up hooks at each start; `isolated`, it sees torch's folder alone (by
+a .pth file naming it: the .pth files in that folder are not run), as a ComfyUI venv with
+torch installed in it. Raw uv starts the target's Python once (its query of it), the
+target runner twice (the tool itself, then uv's query), so a hook slow at start weighs on
+the target runner twice: the GPU machine's base Pythons import certifi and numba-cuda's
+redirector from .pth files (40-80 ms a start). Each Python's start is printed beside the
+figures (`-c pass`, median of 7), the floor under the tool's own part.
+
 Without WHEEL_DIR: _common.test_wheel's sageattention (tests/wheels.py, tagged for this
 interpreter), for the overhead where no SageAttention was built. Each command's time is
 also given against raw uv's in the same round (median and quartiles): uv's own unpacking of
@@ -57,6 +66,8 @@ def main() -> int:
                     help="resolve for this System profile (to try the script off a GPU)")
     ap.add_argument("--compare", type=Path, metavar="DIR",
                     help="also the target runner with the tool's modules from this checkout")
+    ap.add_argument("--venvs", choices=["system", "isolated"], default="system",
+                    help="whether each fresh venv sees the base Python's site-packages")
     args = ap.parse_args()
     runners = [*args.runner, *(["compare"] if args.compare else [])]
     cea = os.environ.get("CEA", "python3 -m comfy_env_attn").split()
@@ -73,8 +84,21 @@ def main() -> int:
                              "os.path.dirname(torch.__file__)))"], capture_output=True,
                             text=True, check=True).stdout.strip()
     purelib = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+
+    def make_venv(venv: Path) -> str:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                        *(["--system-site-packages"] if args.venvs == "system" else []),
+                        str(venv)], check=True)
+        (venv / purelib / "base-env.pth").write_text(holder + "\n")
+        return str(venv / "bin" / "python")
+
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        starts = {"the tool's Python": _start_ms(cea[0]),
+                  f"a fresh venv's Python ({args.venvs})": _start_ms(make_venv(
+                      Path(tmp) / "start"))}
+        print("Python start (-c pass, median of 7): " + ", ".join(
+            f"{who} {ms:.0f} ms" for who, ms in starts.items()), flush=True)
         for pad in args.pad_mb:
             wheels = args.wheels if not pad else padded_wheel(
                 built, pad, Path(tmp) / f"padded-{pad:g}").parent
@@ -82,10 +106,7 @@ def main() -> int:
 
             def run(who: str, i: int, wheels: Path = wheels) -> float:
                 venv = Path(tmp) / f"{who}-{i}"
-                subprocess.run([sys.executable, "-m", "venv", "--without-pip",
-                                "--system-site-packages", str(venv)], check=True)
-                (venv / purelib / "base-env.pth").write_text(holder + "\n")
-                py = str(venv / "bin" / "python")
+                py = make_venv(venv)
                 env, cwd = dict(ENV), Path.cwd()
                 if who == "uv":
                     cmd = [uv, "pip", "install", "-q", "--python", py, "--no-cache", "--no-deps",
@@ -133,8 +154,14 @@ def main() -> int:
             results.append(row)
     if args.json:
         # the wheel as built first, as this file held before --pad-mb
-        args.json.write_text(json.dumps({**results[0], "sizes": results}, indent=1))
+        args.json.write_text(json.dumps({**results[0], "sizes": results, "venvs": args.venvs,
+                                         "python_start_ms": starts}, indent=1))
     return 0
+
+
+def _start_ms(python: str) -> float:
+    """Milliseconds this Python takes to start and end (`-c pass`), median of 7."""
+    return statistics.median(timed([python, "-c", "pass"]) for _ in range(7)) * 1000
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
