@@ -226,6 +226,21 @@ def test_ctrl_c_while_undoing_is_finished_by_the_next_run(scene: Scene) -> None:
     assert scene.state() == "old"
 
 
+def test_an_uninstall_interrupted_whose_undoing_fails_stays_an_interrupt(scene: Scene
+                                                                          ) -> None:
+    """An uninstall's end is an install's (installer._put_back): Ctrl-C midway, then a
+    rollback that fails (the disk full), leaves the journal to the next run and ends as an
+    interrupt, not as the rollback's error; the next run puts the target back."""
+    scene.reset()
+    r = cli("uninstall", "--python", str(venv_python(scene.venv)), "--backends", "sage",
+            env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "uninstalling:int,restoring:enospc"})
+    assert r.returncode == 130 and "ERROR interrupted" in r.stderr, r.stdout + r.stderr
+    assert "interrupted: putting the target back as it was ..." in r.stderr
+    assert (scene.venv / STATE / "journal.json").exists()
+    scene.recover()
+    assert scene.state() == "old"
+
+
 def test_a_full_disk_is_one_line_and_leftovers_are_cleaned(scene: Scene) -> None:
     """Before it starts, an install clears what killed runs left: a download's .part, a
     lock's temp file, journal.tmp, backups no journal points to (killed while backing up).

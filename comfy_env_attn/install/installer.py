@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -613,25 +613,33 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         crash_point("locked")
         journal.commit()
     except BaseException as e:  # anything at all, a bug included: the target goes back
+        _put_back(journal, target, uninstall, e, "install")
+
+
+def _put_back(journal: Journal, target: Target, uninstall: Callable[[str], None],
+              e: BaseException, what: str) -> NoReturn:
+    """An install's or uninstall's end when anything at all went wrong midway, a bug
+    included: the journal puts the target back (or keeps a run whose new lock is in place),
+    then `e` goes on: an error of the target's or the user's as an InstallError saying what
+    became of the target, an interrupt or a bug as itself, after a line saying so (a bug's
+    traceback is the report). A rollback that itself fails during an interrupt leaves the
+    journal to the next run, and the interrupt goes on."""
+    if isinstance(e, KeyboardInterrupt):
+        log("interrupted: putting the target back as it was ...")
+    try:
+        if _lock_replaced(journal, target):
+            journal.meta["state"] = "committed"  # the new lock is in place: keep it
+        done = journal.rollback(uninstall, protected_files(target))
+    except BaseException:
         if isinstance(e, KeyboardInterrupt):
-            log("interrupted: putting the target back as it was ...")
-        try:
-            if _lock_replaced(journal, target):
-                journal.meta["state"] = "committed"  # the new lock is in place: keep it
-            done = journal.rollback(uninstall, protected_files(target))
-        except BaseException:
-            if isinstance(e, KeyboardInterrupt):
-                raise e from None
-            raise
-        if isinstance(e, KeyboardInterrupt):
-            log(_restored_line(journal, done))
-            raise
-        if not isinstance(e, AttnError | OSError):
-            log(_restored_line(journal, done))
-            raise  # not an error of the target's or the user's: its traceback is the report
-        if journal.meta.get("state") == "committed":
-            raise InstallError(f"{e}\nthe install itself had completed and was kept") from None
-        raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
+            raise e from None
+        raise
+    if isinstance(e, KeyboardInterrupt) or not isinstance(e, AttnError | OSError):
+        log(_restored_line(journal, done))
+        raise e
+    if journal.meta.get("state") == "committed":
+        raise InstallError(f"{e}\nthe {what} itself had completed and was kept") from None
+    raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
 
 
 def _restored_line(journal: Journal, done: list[str]) -> str:
@@ -1127,18 +1135,7 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         out.lock = _lock_without(target, remove, after, released)
         journal.commit()
     except BaseException as e:  # anything at all, a bug included: the target goes back
-        if _lock_replaced(journal, target):
-            journal.meta["state"] = "committed"  # the new lock is in place: keep it
-        if isinstance(e, KeyboardInterrupt):
-            log("interrupted: putting the target back as it was ...")
-        done = journal.rollback(uninstall, protected_files(target))
-        if not isinstance(e, AttnError | OSError):
-            log(_restored_line(journal, done))
-            raise
-        if journal.meta.get("state") == "committed":
-            raise InstallError(f"{e}\nthe uninstall itself had completed and was kept") \
-                from None
-        raise InstallError(f"{e}\nthe target was restored: {'; '.join(done)}") from None
+        _put_back(journal, target, uninstall, e, "uninstall")
 
 
 def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
