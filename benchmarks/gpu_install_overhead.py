@@ -19,9 +19,9 @@ running the tool; the tool's modules come from PYTHONPATH), whose probe is read 
 earlier commit, `git archive COMMIT | tar -x -C DIR`), its runs alternating with the others.
 
 --venvs: `system` (the default), each venv sees the base Python's site-packages, and runs
-the base's .pth start-up hooks at each start; `isolated`, it sees torch's folder alone (by
-a .pth file naming it: the .pth files in that folder are not run), as a ComfyUI venv with
-torch installed in it. Raw uv starts the target's Python once (its query of it), the
+the base's .pth start-up hooks at each start; `isolated`, it does not: it sees torch's
+folder (the site-packages holding torch, every package in it) through a .pth file naming
+it, whose own .pth hooks are then not run, as in a ComfyUI venv with torch installed in it. Raw uv starts the target's Python once (its query of it), the
 target runner twice (the tool itself, then uv's query), so a hook slow at start weighs on
 the target runner twice: the GPU machine's base Pythons import certifi and numba-cuda's
 redirector from .pth files (40-80 ms a start). Each Python's start is printed beside the
@@ -94,9 +94,10 @@ def main() -> int:
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        starts = {"the tool's Python": _start_ms(cea[0]),
-                  f"a fresh venv's Python ({args.venvs})": _start_ms(make_venv(
-                      Path(tmp) / "start"))}
+        starts = {f"a fresh venv's Python ({args.venvs})": _start_ms(make_venv(
+            Path(tmp) / "start"))}
+        if cea[1:3] == ["-m", "comfy_env_attn"]:  # a Python (not a console script)
+            starts["the tool's Python"] = _start_ms(cea[0])
         print("Python start (-c pass, median of 7): " + ", ".join(
             f"{who} {ms:.0f} ms" for who, ms in starts.items()), flush=True)
         for pad in args.pad_mb:

@@ -817,20 +817,23 @@ def test_the_uninstall_fallback_takes_only_that_distribution(tmp_path) -> None:
     assert outside.read_text() == "outside the environment"
 
 
-def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path,
+                                                                 passthrough: bool) -> None:
     """run_uv's `meanwhile` (the lock writer's imports and the owner index, which would hold
-    back uv's start if they began before it) runs after uv has started and before it ends;
-    its output is still captured, and a failure of `meanwhile` stops uv."""
+    back uv's start if they began before it) runs after uv has started and before it ends,
+    with uv's output captured or passed through to a terminal; a failure of `meanwhile`
+    stops uv."""
     from comfy_env_attn.install.edges import run_uv
 
     started, ended = tmp_path / "started", tmp_path / "ended"
     fake = tmp_path / "uv.py"
-    fake.write_text(
+    fake.write_text(  # `ended` before the print: stopped, it could not die of a closed pipe
         "import pathlib, sys, time\n"
         f"pathlib.Path({str(started)!r}).touch()\n"
         "time.sleep(0.5)\n"
-        "print('Installed 1 package in 3ms', file=sys.stderr)\n"
-        f"pathlib.Path({str(ended)!r}).touch()\n", encoding="utf-8")
+        f"pathlib.Path({str(ended)!r}).touch()\n"
+        "print('Installed 1 package in 3ms', file=sys.stderr)\n", encoding="utf-8")
     seen: list[tuple[bool, bool]] = []
 
     def meanwhile() -> None:
@@ -840,9 +843,10 @@ def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path)
         seen.append((started.exists(), ended.exists()))
 
     lines: list[str] = []
-    out = run_uv([str(fake)], lines.append, uv=sys.executable, meanwhile=meanwhile)
-    assert seen == [(True, False)]
-    assert "Installed 1 package" in out and ended.exists()
+    out = run_uv([str(fake)], lines.append, uv=sys.executable, meanwhile=meanwhile,
+                 passthrough=passthrough)
+    assert seen == [(True, False)] and ended.exists()
+    assert passthrough or "Installed 1 package" in out
 
     started.unlink()
     ended.unlink()
@@ -852,7 +856,8 @@ def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path)
         raise OSError("no room")
 
     with pytest.raises(OSError, match="no room"):
-        run_uv([str(fake)], lines.append, uv=sys.executable, meanwhile=fails)
+        run_uv([str(fake)], lines.append, uv=sys.executable, meanwhile=fails,
+               passthrough=passthrough)
     time.sleep(0.7)
     assert not ended.exists()  # stopped, not left to run on
 
@@ -869,8 +874,11 @@ def test_the_install_starts_its_background_work_once_uv_runs(
     monkeypatch.setattr(installer.lockfile, "load_in_background",
                         lambda: order.append("lock writer"))
 
-    def index(installed: object) -> threading.Thread:
+    indexed: list[list[object]] = []
+
+    def index(installed: list[object]) -> threading.Thread:
         order.append("index")
+        indexed.append(list(installed))
         thread = threading.Thread(target=lambda: (time.sleep(0.2), order.append("indexed")))
         thread.start()
         return thread
@@ -886,6 +894,36 @@ def test_the_install_starts_its_background_work_once_uv_runs(
     monkeypatch.setattr(installer, "index_in_background", index)
     monkeypatch.setattr(installer, "run_uv", run_uv)
     wheel = SimpleNamespace(path=tmp_path / "sageattention-2.2.0-py3-none-any.whl")
-    installer._uv_install(SimpleNamespace(executable=sys.executable),  # type: ignore[arg-type]
-                          [("sageattention", wheel)], tmp_path, {})  # type: ignore[list-item]
+    target = SimpleNamespace(executable=sys.executable)
+    installed = {"sageattention": "the one uv replaces", "numpy": "numpy's"}
+    installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
+                          installed)  # type: ignore[arg-type]
     assert order == ["uv started", "lock writer", "index", "uv ended", "indexed"]
+    assert indexed == [["numpy's"]]  # not what uv replaces (and may be deleting)
+
+    # the background work is optional: its failure does not stop uv
+    def no_thread() -> None:
+        raise RuntimeError("can't start new thread")
+
+    order.clear()
+    monkeypatch.setattr(installer.lockfile, "load_in_background", no_thread)
+    installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
+                          {})
+    assert order == ["uv started", "index", "uv ended", "indexed"]
+
+
+def test_uv_output_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """uv writes UTF-8 (its "✓", a path's accents) under any locale, Windows' cp1252 too:
+    run_uv reads it as such, never with the locale's encoding (here ASCII, the C locale
+    without Python's coercion)."""
+    fake = tmp_path / "uv.py"
+    fake.write_bytes(b"import sys\nsys.stderr.buffer.write('\\u2713 Installed 1 package in "
+                     b"/tmp/\\u00e9t\\u00e9 3ms\\n'.encode())\n")
+    code = ("import sys\nfrom comfy_env_attn.install.edges import run_uv\n"
+            f"out = run_uv([{str(fake)!r}], print, uv=sys.executable)\n"
+            "sys.stdout.buffer.write(out.encode('utf-8'))\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert "\u2713 Installed 1 package in /tmp/\u00e9t\u00e9" in r.stdout.decode("utf-8")

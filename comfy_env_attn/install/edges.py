@@ -73,11 +73,11 @@ def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = 
     log("$ " + " ".join(_short(a) for a in cmd))
     what = f"uv {args[0]} {args[1] if len(args) > 1 else ''}".strip()
     if passthrough:
-        code, out, _ = _started(cmd, meanwhile, stdout=subprocess.PIPE)
+        code, out, _ = _run_while(cmd, meanwhile, stdout=subprocess.PIPE)
         if code != 0:
             raise InstallError(f"{what} failed (exit {code}): its messages are above")
         return out
-    code, out, err = _started(cmd, meanwhile, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    code, out, err = _run_while(cmd, meanwhile, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "UV_NO_PROGRESS": "1"})
     if code != 0:
         lines = (err or out).strip().splitlines()
@@ -88,11 +88,12 @@ def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = 
     return err + out
 
 
-def _started(cmd: list[str], meanwhile: Callable[[], None] | None, **how: Any
+def _run_while(cmd: list[str], meanwhile: Callable[[], None] | None, **how: Any
              ) -> tuple[int, str, str]:
     """subprocess.run's (exit code, stdout, stderr), with `meanwhile` called once the
-    process has started; an exception anywhere stops the process, as subprocess.run does."""
-    with subprocess.Popen(cmd, text=True, **how) as proc:
+    process has started; an exception anywhere stops the process, as subprocess.run does.
+    uv writes UTF-8 whatever the locale (Windows' cp1252 included): read as such."""
+    with subprocess.Popen(cmd, encoding="utf-8", errors="replace", **how) as proc:
         try:
             if meanwhile is not None:
                 meanwhile()

@@ -888,10 +888,15 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
         if dist in installed:
             args += ["--reinstall-package", dist]
     indexing: list[threading.Thread] = []
+    # for the next install's guard; not what uv replaces (whose RECORD it may be deleting:
+    # on Windows a file open here can make that fail, and the entry would be stale)
+    kept = [inst for name, inst in installed.items() if name not in dict(items)]
 
-    def meanwhile() -> None:  # while uv works
-        lockfile.load_in_background()
-        indexing.append(index_in_background(installed.values()))  # for the next guard
+    def meanwhile() -> None:  # while uv works; both optional: uv goes on whatever befalls
+        with contextlib.suppress(Exception):
+            lockfile.load_in_background()
+        with contextlib.suppress(Exception):
+            indexing.append(index_in_background(kept))
 
     try:
         run_uv(args, log, passthrough=passthrough, meanwhile=meanwhile)
