@@ -317,6 +317,10 @@ def test_system_python_is_refused_without_yes(h100: Path) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{base} is not a virtual environment" in r.stderr and "--yes" in r.stderr
     assert "install would refuse: " in r.stderr and "would install sage" in r.stdout
+    r = cli(*args, "-q")  # quiet: the reason is still said, in the error line itself
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"ERROR install would refuse: {base} is not a virtual environment" in r.stderr
+    assert "; and the profile " in r.stderr and "--force" in r.stderr  # its disagreement
     r = cli(*args, "--yes", "--force")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "would install sage" in r.stdout and "would refuse" not in r.stderr

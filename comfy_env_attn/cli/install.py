@@ -138,7 +138,9 @@ def cmd_install(args: argparse.Namespace) -> int:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
                   + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
                      if len(alts) > 1 else ""))
-        if not out.ok:
+        if refusals:  # the reasons themselves, -q or not (the warning lines are a log's)
+            print(f"ERROR install would refuse: {'; and '.join(refusals)}", file=sys.stderr)
+        elif not out.ok:
             print(f"ERROR {out.why_not_ok()}", file=sys.stderr)
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):
