@@ -320,6 +320,24 @@ def test_plan_system_disagreeing_with_the_target_warns(tmp_path: Path, profile: 
     assert code == 0 and "warning" not in out
 
 
+def test_install_for_a_gpu_profile_into_a_cpu_torch_says_verifying_here_cannot_work(
+        profile: Path, torch_venv: Path, capsys) -> None:
+    """A CUDA profile applied to a target whose torch is a CPU build (an image built on a
+    machine without the GPU): the install says, before it verifies, that a CUDA backend
+    cannot run there, and how to install for the GPU machine (--no-verify, then verify
+    there); with --no-verify, nothing of the kind."""
+    from conftest import venv_python
+
+    args = ["install", "--system", str(profile), "--backends", "sage", "--dry-run",
+            "--python", str(venv_python(torch_venv))]
+    _code, out, err = run(capsys, *args)
+    text = " ".join((out + err).split())
+    assert "verification runs here, on a CPU build of torch" in text
+    assert "pass --no-verify, then verify there (" in text and " verify)" in text
+    _code, out, err = run(capsys, *args, "--no-verify")
+    assert "verification runs here" not in out + err
+
+
 def _xformers(folder: Path, version: str, torch_pin: str) -> Path:
     return build_wheel(folder, "xformers", version, {"xformers/__init__.py": str(folder)},
                        requires=[f"torch{torch_pin}", "numpy"],

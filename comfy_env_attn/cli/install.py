@@ -15,7 +15,7 @@ from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.cli.progress import DownloadProgress, uv_passthrough
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.facts.probe import (
     GpuFacts,
     Target,
@@ -196,8 +196,14 @@ def _check_described(args: argparse.Namespace, exe: str, target: Target,
         refused.append(f"{what} does not describe {exe}: it says {'; '.join(found)}. Wheels "
                        f"chosen for it may not work there{hint}: pass --force to install "
                        "them anyway")
-    return [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)
-            if not (refused and f in found)], refused  # a refusal's own are not said twice
+    warnings = [f"{what} says {f}" for f in planning.profile_disagreements(req.system, real)
+                if not (refused and f in found)]  # a refusal's own are not said twice
+    if req.system.torch_cuda and real.torch and not real.torch_cuda and not args.no_verify:
+        warnings.append(
+            "verification runs here, on a CPU build of torch, where a CUDA backend's kernels "
+            "cannot run: to install for the GPU machine the profile describes, pass "
+            "--no-verify, then verify there (" + tool_command("verify") + ")")
+    return warnings, refused
 
 
 def install_options(args: argparse.Namespace) -> InstallOptions:
