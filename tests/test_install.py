@@ -927,3 +927,23 @@ def test_uv_output_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr.decode(errors="replace")
     assert "\u2713 Installed 1 package in /tmp/\u00e9t\u00e9" in r.stdout.decode("utf-8")
+
+
+def test_verify_that_fails_says_what_and_the_way_out(tmp_path, venv, uv_bin) -> None:
+    """`verify` finding a backend that gives wrong results: exit 1 with an error line naming
+    it, what the lock does about it, and the step doctor would give; pasted, that step
+    takes it out."""
+    w = sage_wheel(tmp_path / "w", "wrong", f"2.2.0+{LABEL}")
+    py = str(venv_python(venv))
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(w)],
+                   check=True)
+    r = cli("verify", "--python", py, *SHAPES)
+    assert r.returncode == 1, r.stdout + r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("ERROR ")]
+    assert error and error[0].startswith("ERROR verification failed: sage (the lock sends "
+                                         "none of their calls there"), r.stderr
+    step = error[0].split("to take them out, run: ", 1)[1]
+    assert step.endswith(f"uninstall --backends sage --python {py}"), step
+    r = subprocess.run(step, shell=True, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sageattention" not in installed_in(venv)
