@@ -150,6 +150,11 @@ def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
     assert shape["results"]["sage"]["tflops"] > 0
     # this sageattention has no fp16-PV kernel: its variant is n/a, not a failure
     assert shape["results"]["sage_fp16"] == {"error": "not in this package"}
+    # narrowed to SDPA: nothing to compare, and it says what else is there to name
+    r = cli("bench", "--python", py, *SHAPES, "--backends", "sdpa")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--backends names only sdpa (PyTorch's own); installed here: sage" in \
+        " ".join(r.stdout.split())
 
 
 def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: Path) -> None:
@@ -191,8 +196,8 @@ def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: P
     assert doc["command"] == "verify" and doc["lock"] == str(venv / "pylock.comfy-env-attn.toml")
     assert [(b["backend"], b["action"]) for b in doc["backends"]] == [("sdpa", "builtin")]
     # only SDPA is there: bench has nothing to time against it, and says so without
-    # starting the target to verify SDPA alone; named, a backend that is absent is verified
-    # (and found missing), and SDPA alone passes
+    # starting the target to verify SDPA alone; named, a backend that is absent is an error
+    # at once, with the step that installs it
     r = cli("bench", "--python", str(venv_python(venv)), *SHAPES)
     assert r.returncode == 0 and "nothing to compare" in r.stdout and "only sdpa" in r.stdout
     assert "verifying" not in r.stderr, r.stderr
@@ -202,10 +207,13 @@ def test_nothing_fits_still_writes_a_lock(tmp_path: Path, venv: Path, profile: P
     assert doc["shapes"] == [] and doc["backends"] == {} and "nothing to compare" in doc["note"]
     r = cli("bench", "--python", str(venv_python(venv)), *SHAPES, "--backends", "sage",
             "--json")
+    assert r.returncode == 1
     doc = json.loads(r.stdout)
-    check(doc, "bench")
-    assert doc["shapes"] == [] and doc["backends"]["sdpa"]["passed"] and \
-        not doc["backends"]["sage"]["passed"] and "only sdpa passed" in doc["note"]
+    check(doc, "error")
+    assert doc["command"] == "bench" and doc["error"].startswith(
+        f"sage: not installed in {venv_python(venv)}"), doc
+    assert f"install --backends sage --python {venv_python(venv)} puts it in" in doc["error"]
+    assert "verifying" not in r.stderr, r.stderr
     for command in ("probe", "doctor", "lock"):  # every --json document has its schema
         r = cli(command, "--python", str(venv_python(venv)), "--json")
         assert r.returncode in (0, 1), r.stdout + r.stderr  # doctor: 1 when unhealthy

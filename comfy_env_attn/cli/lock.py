@@ -73,11 +73,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     target = probe_interpreter(exe)
     installed = read_installed(target.site_dirs)
     names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
-    if not names:  # SDPA alone: nothing to time it against, so nothing to start the target for
-        only = ("nothing to compare: only sdpa (PyTorch's own) is in "
-                f"{target.executable}, and bench times the backends that pass verification "
-                "against each other; install a backend first "
-                f"({tool_command('plan', python=target.executable)} shows which fit)")
+    absent = [b for b in names if bk.BACKENDS[b].dist and bk.BACKENDS[b].dist not in installed]
+    if absent:  # said at once, not after starting the target to find the import failing
+        packages = ",".join(dict.fromkeys(bk.primary(b) for b in absent))
+        raise AttnError(f"{', '.join(absent)}: not installed in {target.executable}, and bench "
+                        "times what is installed; "
+                        + tool_command("install", "--backends", packages,
+                                       python=target.executable) + " puts it in")
+    here = installed_backends(installed)
+    if not [b for b in names if bk.BACKENDS[b].dist]:
+        # SDPA alone: nothing to time it against, so nothing to start the target for
+        only = ("nothing to compare: bench times the backends that pass verification "
+                "against each other, and " + (
+                    f"--backends names only sdpa (PyTorch's own); installed here: "
+                    f"{', '.join(here)}" if args.backends and here else
+                    f"only sdpa (PyTorch's own) is in {target.executable}; install a backend "
+                    f"first ({tool_command('plan', python=target.executable)} shows which "
+                    "fit)"))
         if getattr(args, "json", False):
             dump_json({"schema": 1, "command": "bench", "python": target.executable,
                        "device": None, "backends": {}, "shapes": [], "note": only})
