@@ -434,10 +434,18 @@ def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_serve
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(r.stdout)["lock"] is None and "kept as it was" in r.stderr
     assert (venv / LOCK_NAME).read_bytes() == proven
-    # a fresh venv reproduces exactly what the lock records
+    # a fresh venv reproduces exactly what the lock records; --backends picks among the
+    # lock's backends, and one it does not lock is refused, never passed over in silence
     fresh = make_venv(tmp_path / "fresh", torch=True)
     r = cli("install", "--python", str(venv_python(fresh)), "--from-lock",
-            str(venv / LOCK_NAME), *SHAPES)
+            str(venv / LOCK_NAME), "--backends", "sage,xformers", "--dry-run")
+    assert r.returncode == 2 and f"{venv / LOCK_NAME} locks no wheel of xformers (it locks " \
+        "sage)" in r.stderr, r.stdout + r.stderr
+    r = cli("install", "--python", str(venv_python(fresh)), "--from-lock",
+            str(venv / LOCK_NAME), "--backends", "sdpa", "--dry-run")
+    assert r.returncode == 0 and "would install" not in r.stdout, r.stdout + r.stderr
+    r = cli("install", "--python", str(venv_python(fresh)), "--from-lock",
+            str(venv / LOCK_NAME), "--backends", "sage", *SHAPES)
     assert r.returncode == 0, r.stdout + r.stderr
     assert installed_in(fresh)["sageattention"] == f"2.2.0+{LABEL}"
     assert read(fresh / LOCK_NAME)["packages"] == read(venv / LOCK_NAME)["packages"]

@@ -77,6 +77,16 @@ def cmd_install(args: argparse.Namespace) -> int:
             chosen.append((lw.backend, [Candidate(lw.filename, lw.url,
                                                   f"lock:{args.from_lock}",
                                                   sha256=lw.sha256)]))
+        if args.backends:  # those of the lock's backends alone
+            named = bk.parse_list(args.backends)
+            unlocked = [b for b in named if bk.BACKENDS[b].dist and
+                        bk.primary(b) not in {c for c, _ in chosen}]
+            if unlocked:
+                raise UsageError(f"--backends {args.backends}: {args.from_lock} locks no "
+                                 f"wheel of {', '.join(unlocked)} (it locks "
+                                 f"{', '.join(c for c, _ in chosen) or 'none'})")
+            chosen = [(c, alts) for c, alts in chosen
+                      if c in {bk.primary(b) for b in named}]
     else:
         cfg = planning.load_config(args)
         reqs = planning.requests(args, cfg, base)
