@@ -299,6 +299,9 @@ def test_missing_or_mismatched_nvcc_and_too_little_disk_fail_before_anything_is_
     # the embedded SageAttention pin: a CUDA build
     r = cli(*base, env=env_for(tmp_path, CUDA_HOME=str(tmp_path / "empty")))
     assert r.returncode == 1
+    # the profile stands in for a CUDA torch here, and the build says it is not the target's
+    assert f"warning: the profile {profile} says torch's CUDA 12.8, the target's torch is a " \
+        "CPU build: the build compiles against the target's own torch" in r.stderr
     assert "cannot build sage (sageattention 2.2.0) here (nothing was downloaded or compiled)" \
         in r.stderr
     assert f"nvcc not found (CUDA_HOME is {tmp_path / 'empty'}); fix: install the CUDA " \

@@ -12,7 +12,13 @@ from comfy_env_attn.candidates.wheelhouse import wheelhouse_dir
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import UsageError
 from comfy_env_attn.core.progress import log
-from comfy_env_attn.facts.probe import Target, probe_gpus, probe_interpreter, system_from
+from comfy_env_attn.facts.probe import (
+    GpuFacts,
+    Target,
+    probe_gpus,
+    probe_interpreter,
+    system_from,
+)
 from comfy_env_attn.facts.system import System, load_profile
 from comfy_env_attn.install.build import (
     BuildError,
@@ -99,6 +105,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     exe = _target_exe(args)
     target = probe_interpreter(exe)
     system = load_profile(args.system) if args.system else system_from(target, probe_gpus())
+    if args.system:  # the extension is compiled against the target's own torch
+        from comfy_env_attn.cli.planning import profile_disagreements
+
+        for f in profile_disagreements(system, system_from(target, GpuFacts())):
+            log(f"warning: the profile {args.system} says {f}: the build compiles against "
+                "the target's own torch and Python")
     backends = [b for b in bk.parse_list(args.backends) if b != "sdpa"]
     plans = _plans(target, system, _recipes_for(backends), args.source)
     built = []
