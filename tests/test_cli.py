@@ -196,6 +196,9 @@ def test_no_gpu_is_explained_once_with_the_way_to_plan_for_one(tmp_path: Path) -
     r = cli("install", "--python", py, "--dry-run", env={"COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("no NVIDIA GPU seen: ") == 1 and "--system FILE" in r.stdout
+    # the probe's command as this tool was run (cli runs `python -m comfy_env_attn`)
+    assert f"(written there by `{sys.executable} -m comfy_env_attn probe --toml`)" in \
+        " ".join(r.stdout.split()), r.stdout
     assert r.stdout.count("needs an NVIDIA GPU; target has none") >= 5
     assert r.stdout.count("nvidia-smi not found") == 1  # the reason, once
 

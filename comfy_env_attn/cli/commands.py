@@ -219,7 +219,7 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     con.print(t)
     if no_gpu:
         con.print(f"[yellow]no NVIDIA GPU seen[/yellow]: {escape(no_gpu)}; "
-                  f"{escape(planning.NO_GPU_HINT)}", highlight=False)
+                  f"{escape(planning.no_gpu_hint())}", highlight=False)
     for b in plan.backends:
         for n in b.notes:
             con.print(f"[yellow]note[/yellow] {b.backend}: {escape(n)}", highlight=False)

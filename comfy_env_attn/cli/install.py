@@ -113,7 +113,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         chosen = []
         no_gpu = planning.no_gpu_reason(plan)
         if no_gpu and not args.dry_run:  # --dry-run's table says it
-            log(f"no NVIDIA GPU seen: {no_gpu}; {planning.NO_GPU_HINT}")
+            log(f"no NVIDIA GPU seen: {no_gpu}; {planning.no_gpu_hint()}")
         for bp in plan.backends:
             if bp.builtin:
                 continue

@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 from comfy_env_attn.candidates.sources import EMBEDDED, Candidate, Sources, gather
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.process import parallel
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.system import System, disagreements, marker_env
 from comfy_env_attn.resolve import Pin, Plan, resolve
@@ -192,13 +192,15 @@ def profile_disagreements(profile: System, real: System) -> list[str]:
 
 # -- no GPU: said once ------------------------------------------------------------------------
 
-NO_GPU_HINT = ("to plan or install for a GPU machine from here, give its profile: --system "
-               "FILE (written there by `comfy-env-attn probe --toml`)")
+def no_gpu_hint() -> str:
+    """What to do without a GPU here: the probe's command written as this tool was run."""
+    return ("to plan or install for a GPU machine from here, give its profile: --system FILE "
+            f"(written there by `{tool_command('probe', '--toml')}`)")
 
 
 def no_gpu_reason(plan: Plan) -> str | None:
     """Why no GPU is seen, when none is and a backend has no wheel for that: plan and
-    install say it once, with NO_GPU_HINT (each backend's reason says only that the target
+    install say it once, with no_gpu_hint() (each backend's reason says only that the target
     has none: resolve.gpu_reasons)."""
     why = None if plan.system.gpus else plan.system.absent.get("gpus")
     if why and any(not b.builtin and b.selected is None for b in plan.backends):
