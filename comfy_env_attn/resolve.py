@@ -630,9 +630,11 @@ def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected],
 
 def rule_counts(rejected: Iterable[Rejected], top: int) -> str:
     """"torch 67, cuda 40": how many wheels each kind of rule passed over (a wheel that
-    fails two rules of one kind counts once there), the `top` most common kinds."""
+    fails two rules of one kind counts once there), the `top` most common kinds; a tie in
+    the kinds' names' order, the same in every run (a set's order is not)."""
     kinds = Counter(k for r in rejected for k in {x.kind for x in r.reasons})
-    return ", ".join(f"{k} {n}" for k, n in kinds.most_common(top))
+    ranked = sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0]))[:top]
+    return ", ".join(f"{k} {n}" for k, n in ranked)
 
 
 def installed_reasons(dist_name: str, version: str, tags: Iterable[Tag],

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from conftest import make_system
 
@@ -320,3 +324,17 @@ def test_rule_counts_count_wheels_not_reasons() -> None:
 
     out = rule_counts([rejected("a", "torch", "torch", "cuda"), rejected("b", "torch")], 4)
     assert out == "torch 2, cuda 1"
+
+
+def test_rule_counts_order_ties_the_same_in_every_run() -> None:
+    """Kinds counted alike come in their names' order whatever the string hashes of the
+    process (a set's order changes from run to run with PYTHONHASHSEED)."""
+    code = ("from comfy_env_attn.candidates.sources import Candidate\n"
+            "from comfy_env_attn.resolve import Reason, Rejected, rule_counts\n"
+            "r = [Rejected(Candidate(f'w{i}-1.0-py3-none-any.whl', 'u', 's'), "
+            "(Reason('gpu', 'g'), Reason('cuda', 'c'), Reason('torch', 't'))) for i in range(3)]\n"
+            "print(rule_counts(r, 2))\n")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
+                           ).stdout.strip() for seed in range(8)}
+    assert seen == {"cuda 3, gpu 3"}
