@@ -955,3 +955,17 @@ def test_verify_that_fails_says_what_and_the_way_out(tmp_path, venv, uv_bin) -> 
     r = subprocess.run(step, shell=True, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sageattention" not in installed_in(venv)
+
+
+def test_the_failure_line_names_what_failed_not_what_was_never_asked_for() -> None:
+    """A backend nobody named that has no wheel is no failure (a plain install exits 0 with
+    such rows): the error line of a run that failed otherwise leaves it out."""
+    from comfy_env_attn.install.installer import Outcome
+
+    out = Outcome()
+    out.row("sage").action, out.row("sage").note = "rolled-back", "wrong results"
+    out.row("flash3").action, out.row("flash3").note = "no-wheel", "no wheel: none fits"
+    out.row("flash3").asked = False
+    out.row("xformers").action, out.row("xformers").note = "no-wheel", "no wheel: torch"
+    assert out.why_not_ok() == ("not done as asked: sage (wrong results); xformers (no wheel: "
+                                "torch)")

@@ -120,7 +120,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             if bp.selected is None:
                 out.row(bp.backend).note = f"no wheel: {bp.reason or ''}"
                 out.row(bp.backend).action = "no-wheel"
-                if args.backends or args.config:
+                out.row(bp.backend).asked = bool(args.backends or args.config)
+                if out.row(bp.backend).asked:
                     out.ok = False  # asked for by name: not having it is a failure
             else:
                 alts = [bp.selected] + [r.candidate for r in bp.rejected

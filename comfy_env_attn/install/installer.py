@@ -93,6 +93,7 @@ class Row:
     candidate: Candidate | None = None
     fetched: Fetched | None = None  # the wheel as it was fetched (its sha256)
     result: Result | None = None  # its verification
+    asked: bool = True  # named (--backends, the config): its having no wheel is a failure
 
 
 @dataclass
@@ -108,7 +109,8 @@ class Outcome:
     def why_not_ok(self) -> str:
         """One line saying why the run is a failure (exit 1), from the rows that failed."""
         failed = [f"{r.backend} ({r.note or r.action})" for r in self.rows.values()
-                  if r.action in ("no-wheel", "refused", "unavailable", "rolled-back")]
+                  if r.action in ("refused", "unavailable", "rolled-back") or
+                  (r.action == "no-wheel" and r.asked)]
         return "not done as asked: " + ("; ".join(failed) if failed else
                                          "see the rows above")
 
