@@ -598,3 +598,14 @@ def test_environment_kind(facts: dict, kind: str) -> None:
 def test_probe_reports_the_environment_kind(plain_venv: Path) -> None:
     t = probe_interpreter(str(venv_python(plain_venv)))
     assert t.kind == "venv" and t.facts["pth_files"] == []
+
+
+def test_comfyui_naming_a_file_or_nothing_says_which(tmp_path: Path) -> None:
+    """--comfyui given a file (a profile, main.py) is told apart from a folder that is
+    not there."""
+    f = _touch(tmp_path / "gpu.toml")
+    with pytest.raises(ProbeError, match=r"gpu\.toml: a file, not a folder: give "
+                                         r"ComfyUI's folder"):
+        find_python(comfyui=str(f), os_name="linux", env={})
+    with pytest.raises(ProbeError, match="gone: no such folder"):
+        find_python(comfyui=str(tmp_path / "gone"), os_name="linux", env={})

@@ -196,7 +196,9 @@ def comfyui_python(root: Path, label: str, os_name: str, env: Mapping[str, str]
     lies elsewhere is the environment of whatever runs this tool, not ComfyUI's.
     ProbeError listing every place tried."""
     if not root.is_dir():
-        raise ProbeError(f"{label}: no such folder")
+        raise ProbeError(f"{label}: " + ("a file, not a folder: give ComfyUI's folder (the one "
+                                         "holding main.py)" if root.exists() else
+                                         "no such folder"))
     tried: list[str] = []
     for c in comfyui_candidates(root, os_name):
         if c.is_file():
