@@ -251,6 +251,13 @@ def test_profile_with_an_unknown_key(tmp_path: Path) -> None:
     bad.write_text('python = "3.12"\nplatform = "linux"\ncuda = "12.8"\n')
     r = cli("plan", "--system", str(bad))
     assert r.returncode == 1 and "unknown key 'cuda'" in r.stderr
+    # a value out of its list is named with the file, as every other fault
+    for key, value in (("platform", "solaris"), ("arch", "sparc")):
+        bad.write_text(f'python = "3.12"\nplatform = "linux"\n{key} = "{value}"\n'
+                       .replace('platform = "linux"\nplatform', "platform"))
+        r = cli("plan", "--system", str(bad))
+        assert r.returncode == 1 and f"ERROR {bad}: {key} '{value}' is not one of " in \
+            r.stderr, r.stderr
 
 
 def test_unknown_backend_is_bad_usage(h100: Path) -> None:

@@ -146,9 +146,12 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
             if not isinstance(value, str):
                 raise ProfileError(f"{where}: {key} must be a string, got {value!r}")
             kwargs[key] = value
-    kwargs["platform"] = normalize_platform(kwargs["platform"])
-    if "arch" in kwargs:
-        kwargs["arch"] = normalize_arch(kwargs["arch"])
+    try:
+        kwargs["platform"] = normalize_platform(kwargs["platform"])
+        if "arch" in kwargs:
+            kwargs["arch"] = normalize_arch(kwargs["arch"])
+    except ProfileError as e:  # named like every other fault of the file
+        raise ProfileError(f"{where}: {e}") from None
     for key in ("cxx11abi", "free_threaded"):
         if key in data:
             if not isinstance(data[key], bool):
