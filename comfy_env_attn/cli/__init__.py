@@ -163,9 +163,11 @@ def _build(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="compile a backend from source for this machine's GPU "
                                   "into the wheelhouse")
     _target_args(p)
-    p.add_argument("--backends", metavar="LIST", required=True)
+    p.add_argument("--backends", metavar="LIST", required=True,
+                   help="comma-separated, those with a pinned source, e.g. sage")
     p.add_argument("--system", metavar="FILE",
-                   help="build for this System profile's GPUs and torch (against the target)")
+                   help="build for this System profile's GPUs (compiled against the "
+                        "target's own torch)")
     p.add_argument("--dry-run", action="store_true", help="check the prerequisites only")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     _build_args(p, None)
