@@ -423,6 +423,8 @@ def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_serve
     assert r.returncode == 1 and "nothing was verified" in r.stdout  # stale until verified
     assert any("unverified" in line and f"2.2.0+{LABEL}" in line  # its wheel's version
                for line in r.stdout.splitlines()), r.stdout
+    (sdpa,) = [line for line in r.stdout.splitlines() if "│ sdpa " in line]
+    assert "builtin" in sdpa and "not checked here" in sdpa and "verified" not in sdpa, sdpa
     r = cli("verify", "--python", str(venv_python(venv)), *SHAPES)
     assert r.returncode == 0, r.stdout + r.stderr
     tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]

@@ -55,11 +55,13 @@ def cmd_lock(args: argparse.Namespace) -> int:
             absent = bk.not_in_package(name, rec.stage)
             missing = not_proven((c.variant, c.head_dim, c.dtype, c.passed)
                                  for c in rec.checks) if rec.verified else ""
-            t.add_row(name, "n/a" if absent else rec.status, version,
-                      f"{passed}/{len(rec.checks)}" if rec.checks else "",
+            unchecked = name == "sdpa" and not rec.checks  # PyTorch's own, never run here
+            t.add_row(name, "n/a" if absent else "builtin" if unchecked else rec.status,
+                      version, f"{passed}/{len(rec.checks)}" if rec.checks else "",
                       f"{rec.speed_vs_sdpa:.2f}x" if rec.speed_vs_sdpa is not None else "",
                       f"not in this package ({rec.error})" if absent else rec.error or
-                      (f"not proven, to SDPA: {missing}" if missing else ""))
+                      (f"not proven, to SDPA: {missing}" if missing else "") or
+                      ("PyTorch's own, not checked here" if unchecked else ""))
         console().print(t)
         print(f"auto order: {', '.join(tool.auto)}")
         print("fingerprint: fresh" if not stale else
