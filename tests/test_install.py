@@ -453,15 +453,22 @@ def test_no_verify_then_verify_and_from_lock(tmp_path, venv, profile, http_serve
     assert read(fresh / LOCK_NAME)["packages"] == read(venv / LOCK_NAME)["packages"]
 
 
+def _put_in_by_uv(tmp_path: Path, venv: Path, uv_bin: str, variant: str) -> tuple[Path, str]:
+    """A sageattention wheel of this variant installed by uv itself (not by this tool):
+    (the wheel, the venv's Python)."""
+    w = sage_wheel(tmp_path / "w", variant, f"2.2.0+{LABEL}")
+    py = str(venv_python(venv))
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(w)],
+                   check=True)
+    return w, py
+
+
 def test_a_lock_verify_wrote_for_a_backend_installed_by_hand_is_kept(
         tmp_path, venv, profile, uv_bin) -> None:
     """sageattention put in by uv itself, then `verify`: the lock lists no [[packages]], its
     fingerprint holds the proof. `install --no-verify` with nothing to install keeps it; once
     the same version is reinstalled from other bytes, the proof no longer stands."""
-    w = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
-    py = str(venv_python(venv))
-    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(w)],
-                   check=True)
+    w, py = _put_in_by_uv(tmp_path, venv, uv_bin, "ok")
     r = cli("verify", "--python", py, *SHAPES)
     assert r.returncode == 0, r.stdout + r.stderr
     assert read(venv / LOCK_NAME)["packages"] == []
@@ -943,10 +950,7 @@ def test_verify_that_fails_says_what_and_the_way_out(tmp_path, venv, uv_bin) -> 
     """`verify` finding a backend that gives wrong results: exit 1 with an error line naming
     it, what the lock does about it, and the step doctor would give; pasted, that step
     takes it out."""
-    w = sage_wheel(tmp_path / "w", "wrong", f"2.2.0+{LABEL}")
-    py = str(venv_python(venv))
-    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(w)],
-                   check=True)
+    _w, py = _put_in_by_uv(tmp_path, venv, uv_bin, "wrong")
     r = cli("verify", "--python", py, *SHAPES)
     assert r.returncode == 1, r.stdout + r.stderr
     error = [line for line in r.stderr.splitlines() if line.startswith("ERROR ")]
