@@ -308,8 +308,7 @@ def _start_for(command: str | None, *, python: str | None = None, comfyui: str |
     start-up then overlaps the command's imports (most of a quick install's own time). The
     processes first (the thread's imports would hold them back), uv's query before the
     probe, which then starts after uv is found (3 ms): an install waits on that query, the
-    longer of the two. A target that cannot be
-    found is left for the command to report."""
+    longer of the two. A target that cannot be found is left for the command to report."""
     from comfy_env_attn.facts.probe_start import start_gpu_probe, start_probe, warm_uv
 
     if python or comfyui or comfy_cli:
