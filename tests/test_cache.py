@@ -332,3 +332,16 @@ def test_a_finished_download_a_running_install_holds_is_kept(tmp_path: Path) -> 
     finally:
         edges.unmark_in_use()
     assert not (held / f"{os.getpid()}.inuse").exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_said_once(tmp_path: Path) -> None:
+    """The cache is only ever faster: a cache folder that is a file (or cannot be written)
+    leaves each command working as before, and says once that nothing is cached."""
+    folder = tmp_path / "cache"
+    folder.write_text("not a folder")
+    env = {"COMFY_ENV_ATTN_CACHE_DIR": str(folder)}
+    r = cli("probe", "--python", sys.executable, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = f"comfy-env-attn: cannot write to its cache folder {folder} (a file, not a folder)"
+    assert r.stderr.count(said) == 1, r.stderr
+    assert r.stderr.count("cannot write to its cache folder") == 1

@@ -96,12 +96,24 @@ def replace_file(path: Path, text: str, *, durable: bool = False, tmp: Path | No
 
 def write_cache(path: Path, text: str) -> None:
     """A cache file written whole (replace_file), its folder made; one that cannot be
-    written is passed over: a cache is only ever faster."""
+    written is passed over (a cache is only ever faster), and said once: every run then
+    does its work again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_file(path, text)
-    except OSError:
-        pass
+    except OSError as e:
+        if not _UNWRITABLE:
+            _UNWRITABLE.append(path)
+            from comfy_env_attn.core.progress import notice
+
+            folder = cache_dir()
+            why = "a file, not a folder" if folder.is_file() else e.strerror or str(e)
+            notice(f"comfy-env-attn: cannot write to its cache folder {folder} ({why}): "
+                   "nothing is cached, so each run does its work again "
+                   "(COMFY_ENV_ATTN_CACHE_DIR can name another folder)")
+
+
+_UNWRITABLE: list[Path] = []  # the first cache file that could not be written, once said
 
 
 FILE_MAX_BYTES = 256 * 10**6  # a lock with thousands of checks is a few MB
