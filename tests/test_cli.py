@@ -529,3 +529,13 @@ def test_next_steps_name_the_tool_as_it_was_run(monkeypatch: pytest.MonkeyPatch,
             "/c/python_embeded/python.exe -m comfy_env_attn install --python /other/python"
     monkeypatch.setattr(sys, "executable", r"C:\Program Files\ComfyUI\python.exe")
     assert tool_command("lock") == r'"C:\Program Files\ComfyUI\python.exe" -m comfy_env_attn lock'
+
+
+def test_plan_quiet_gives_the_plan_without_the_hint_lines(h100: Path) -> None:
+    """-q (results and errors only): the plan and its notes, not the line on what -v and
+    --json would add."""
+    r = cli("plan", "--system", str(h100), "--backends", "sage")
+    assert r.returncode == 0 and "-v gives each selected wheel's full name" in r.stdout
+    r = cli("plan", "--system", str(h100), "--backends", "sage", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "Plan for" in r.stdout and "-v gives" not in r.stdout

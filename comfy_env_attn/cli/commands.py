@@ -189,6 +189,7 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from comfy_env_attn.core import progress as core_progress
     from comfy_env_attn.resolve import rule_counts
 
     con = console()
@@ -235,7 +236,8 @@ def print_plan(plan: Plan, *, verbose: bool = False) -> None:
                 con.print(f"{b.backend}: {r.candidate.filename}", markup=False)
                 for x in r.reasons:
                     con.print(f"    - {x.text}", markup=False)
-    elif any(b.rejected for b in plan.backends) or any(b.selected for b in plan.backends):
+    elif not core_progress.QUIET and (any(b.rejected for b in plan.backends) or
+                                      any(b.selected for b in plan.backends)):  # -q: results
         con.print("[dim]-v gives each selected wheel's full name and every rejected wheel "
                   "with its reasons; --json gives them all[/dim]")
 
