@@ -400,3 +400,22 @@ def test_the_lock_table_names_the_calls_a_verified_backend_was_not_proven_for(
     assert "not proven" not in rows["sdpa"]
     as_install = Result("sage", True, {"checks": [c.to_dict() for c in checks]}).summary()
     assert as_install.endswith("; " + said.replace(", to SDPA", "")), as_install
+
+
+def test_a_long_error_is_one_line_in_the_summary_and_whole_in_the_result() -> None:
+    """xformers' "No operator found" lists every kernel it tried, over many lines: a row and
+    the progress line give it as one line, cut; the result (and --json) keeps it whole."""
+    from comfy_env_attn.verify.run import ONE_LINE_MAX, Result
+
+    error = ("NotImplementedError: No operator found for `memory_efficient_attention_forward`"
+             " with inputs:\n" + "".join(f"     query : shape=(1, {i}, 2, 64)\n"
+                                         for i in range(40))
+             + "`cutlassF` is not supported because:\n    xFormers wasn't build with CUDA")
+    r = Result("xformers", False, {}, error)
+    line = r.summary()
+    assert "\n" not in line and line.startswith("failed: NotImplementedError: No operator found")
+    assert len(line) <= len("failed: ") + ONE_LINE_MAX + 40 and line.endswith(
+        " ... (--json gives the whole error)")
+    assert r.error == error  # whole where it is kept
+    short = Result("xformers", False, {}, "ImportError:\n  undefined symbol")
+    assert short.summary() == "failed: ImportError: undefined symbol"

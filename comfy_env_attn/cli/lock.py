@@ -16,7 +16,7 @@ from comfy_env_attn.core.lockmodel import not_proven, tool_table
 from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.facts.installed import installed_backends, read_installed
 from comfy_env_attn.facts.probe import probe_interpreter
-from comfy_env_attn.verify.run import Result, verify
+from comfy_env_attn.verify.run import Result, one_line, verify
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -133,7 +133,7 @@ def nothing_to_compare(results: dict[str, Result], python: str) -> str:
     """Why bench has no table: it times the backends that pass verification against each
     other, and fewer than two did (in the target `python`)."""
     passed = [n for n, r in results.items() if r.passed]
-    failed = [f"{n} ({r.error or 'failed'})" for n, r in results.items()
+    failed = [f"{n} ({one_line(r.error) or 'failed'})" for n, r in results.items()
               if not r.passed and not r.absent]
     return ("nothing to compare: bench times the backends that pass verification against "
             f"each other, and only {', '.join(passed) or 'none'} passed here"

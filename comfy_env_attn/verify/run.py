@@ -116,11 +116,13 @@ class Result:
         return not self.passed and not_in_package(self.backend, self.data.get("stage"))
 
     def summary(self) -> str:
-        """One line: how many checks passed, and which variants failed where."""
+        """One line: how many checks passed, and which variants failed where. An error of
+        many lines (xformers' "No operator found" lists every kernel it tried) is joined
+        into one and cut; --json has it whole."""
         if self.absent:
-            return f"n/a: not in this package ({self.error})"
+            return f"n/a: not in this package ({one_line(self.error)})"
         if not self.passed:
-            return f"failed: {self.error}"
+            return f"failed: {one_line(self.error)}"
         checks = self.checks
         good = [c for c in checks if c.get("passed")]
         worst = max((c.get("max_abs", 0.0) for c in good), default=0.0)
@@ -132,6 +134,17 @@ class Result:
         missing = not_proven((c["variant"], c["head_dim"], c["dtype"], bool(c.get("passed")))
                              for c in checks)
         return text + (f"; not proven: {missing}" if missing else "")
+
+
+ONE_LINE_MAX = 300
+
+
+def one_line(text: str | None) -> str:
+    """An error's text as one line of at most ONE_LINE_MAX characters."""
+    flat = " ".join((text or "").split())
+    if len(flat) <= ONE_LINE_MAX:
+        return flat
+    return flat[:ONE_LINE_MAX].rstrip() + " ... (--json gives the whole error)"
 
 
 def _config(backend: str, opts: Options) -> dict[str, Any]:
