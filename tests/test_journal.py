@@ -165,6 +165,10 @@ def test_kill_9_at_each_step_then_recovery(scene: Scene, step: str) -> None:
     scene.reset()
     r = scene.install(f"{step}:kill")
     assert r.returncode == -9, r.stdout + r.stderr
+    # killed with uv's requirements folder still there: it is beside the journal, not in the
+    # system's temporary folder, and the recovery clears it with the rest
+    work = list((scene.venv / STATE).glob("uv-*"))
+    assert bool(work) == (step == "installed"), work
     done = scene.recover()
     assert scene.state() == KILL[step], (done, r.stderr)
 

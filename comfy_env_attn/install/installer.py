@@ -71,7 +71,13 @@ from comfy_env_attn.install.edges import (
     wheel_member,
     wheel_metadata,
 )
-from comfy_env_attn.install.journal import Journal, crash_point, file_sha256, keep_foreign
+from comfy_env_attn.install.journal import (
+    UV_WORK_PREFIX,
+    Journal,
+    crash_point,
+    file_sha256,
+    keep_foreign,
+)
 from comfy_env_attn.verify.run import Options, Result, verify
 
 MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
@@ -567,7 +573,8 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
             if kept:
                 log(f"{name}: leaving {len(kept)} file(s) other distributions own ({kept[0]})")
         crash_point("backed-up")
-        with tempfile.TemporaryDirectory() as tmp:
+        # beside the journal: a run killed with uv leaves it where the next run clears it
+        with tempfile.TemporaryDirectory(dir=journal.dir, prefix=UV_WORK_PREFIX) as tmp:
             _uv_install(target, [(bk.BACKENDS[b].dist, f) for b, f in to_install] + extra,
                         Path(tmp), installed, passthrough=opts.uv_passthrough)
             crash_point("installed")

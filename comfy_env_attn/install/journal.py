@@ -66,6 +66,9 @@ def crash_point(step: str) -> None:
     time.sleep(5)  # the signal arrives; SIGINT raises KeyboardInterrupt in this frame
 
 
+UV_WORK_PREFIX = "uv-"  # the folder of an install's requirements file for uv, in self.dir
+
+
 class JournalError(InstallError):
     """The journal of an interrupted install cannot be read."""
 
@@ -382,13 +385,18 @@ class Journal:
         self.touched = {}
 
     def clean_leftovers(self) -> list[str]:
-        """Remove what a killed run can leave besides the journal: journal.tmp, and backups
-        that no journal points to (a run killed while backing up, or while finishing)."""
+        """Remove what a killed run can leave besides the journal: journal.tmp, uv's
+        requirements folder (UV_WORK_PREFIX), and backups that no journal points to (a run
+        killed while backing up, or while finishing)."""
         out = []
         tmp = self.dir / "journal.tmp"
         if tmp.exists():
             tmp.unlink(missing_ok=True)
             out.append(str(tmp))
+        for work in self.dir.glob(UV_WORK_PREFIX + "*") if self.dir.is_dir() else ():
+            if work.is_dir() and not work.is_symlink():
+                shutil.rmtree(work, ignore_errors=True)
+                out.append(str(work))
         if not self.exists() and self.backup_root.exists():
             shutil.rmtree(self.backup_root, ignore_errors=True)
             out.append(str(self.backup_root))
