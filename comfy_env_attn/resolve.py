@@ -25,7 +25,7 @@ from comfy_env_attn.candidates.wheelname import (
     bounded_version,
     parse_wheel_name,
 )
-from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist, primary
+from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist, primaries
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.system import System, cc_tuple
 
@@ -515,7 +515,7 @@ def resolve(system: System, candidates: Iterable[Candidate],
     plans = [BackendPlan("sdpa", "", None, builtin=True,
                          reason=None if system.torch else "torch is not installed in the target")]
     warnings: list[str] = []
-    for name in dict.fromkeys(primary(n) for n in backends):  # a variant: its package's row
+    for name in primaries(backends):  # a variant: its package's row
         if name == "sdpa":
             continue
         backend = BACKENDS[name]

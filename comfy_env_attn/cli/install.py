@@ -79,14 +79,15 @@ def cmd_install(args: argparse.Namespace) -> int:
                                                   sha256=lw.sha256)]))
         if args.backends:  # those of the lock's backends alone
             named = bk.parse_list(args.backends)
+            locked = [c for c, _ in chosen]
             unlocked = [b for b in named if bk.BACKENDS[b].dist and
-                        bk.primary(b) not in {c for c, _ in chosen}]
+                        bk.primary(b) not in locked]
             if unlocked:
                 raise UsageError(f"--backends {args.backends}: {args.from_lock} locks no "
                                  f"wheel of {', '.join(unlocked)} (it locks "
-                                 f"{', '.join(c for c, _ in chosen) or 'none'})")
-            chosen = [(c, alts) for c, alts in chosen
-                      if c in {bk.primary(b) for b in named}]
+                                 f"{', '.join(locked) or 'none'})")
+            wanted = bk.primaries(named)
+            chosen = [(c, alts) for c, alts in chosen if c in wanted]
     else:
         cfg = planning.load_config(args)
         reqs = planning.requests(args, cfg, base)

@@ -74,15 +74,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     exe, _ = locate(args)
     target = probe_interpreter(exe)
     installed = read_installed(target.site_dirs)
-    names = bk.parse_list(args.backends) if args.backends else installed_backends(installed)
+    here = installed_backends(installed)
+    names = bk.parse_list(args.backends) if args.backends else here
     absent = [b for b in names if bk.BACKENDS[b].dist and bk.BACKENDS[b].dist not in installed]
     if absent:  # said at once, not after starting the target to find the import failing
-        packages = ",".join(dict.fromkeys(bk.primary(b) for b in absent))
+        packages = ",".join(bk.primaries(absent))
         raise AttnError(f"{', '.join(absent)}: not installed in {target.executable}, and bench "
                         "times what is installed; "
                         + tool_command("install", "--backends", packages,
                                        python=target.executable) + " puts it in")
-    here = installed_backends(installed)
     if not [b for b in names if bk.BACKENDS[b].dist]:
         # SDPA alone: nothing to time it against, so nothing to start the target for
         only = ("nothing to compare: bench times the backends that pass verification "

@@ -10,6 +10,10 @@ import re
 from comfy_env_attn.core.errors import UsageError
 from comfy_env_attn.core.records import dataclass
 
+TYPE_CHECKING = False  # the dispatcher loads this module: no typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 # Head dims real models send (FACTS.md section 7): SD 1.5 40/80/160, SDXL and SD3 64,
 # Lumina 2 96, Flux/Wan/Hunyuan 128, AuraFlow 256.
 MODEL_HEAD_DIMS = (40, 64, 80, 96, 128, 160, 256)
@@ -296,6 +300,12 @@ def primary(name: str) -> str:
     variant of. Plans, installs and fingerprints go by this name, one per distribution."""
     b = BACKENDS.get(name)
     return b.variant_of if b is not None and b.variant_of else name
+
+
+def primaries(names: Iterable[str]) -> list[str]:
+    """The backends whose distributions ship these names' kernels (primary), each once, in
+    the order first named: what installs, removes or plans them."""
+    return list(dict.fromkeys(primary(n) for n in names))
 
 
 def not_in_package(name: str, stage: str | None) -> bool:
