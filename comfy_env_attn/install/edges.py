@@ -89,7 +89,7 @@ def run_uv(args: Sequence[str], log: Callable[[str], None], *, uv: str | None = 
 
 
 def _run_while(cmd: list[str], meanwhile: Callable[[], None] | None, **how: Any
-             ) -> tuple[int, str, str]:
+               ) -> tuple[int, str, str]:
     """subprocess.run's (exit code, stdout, stderr), with `meanwhile` called once the
     process has started; an exception anywhere stops the process, as subprocess.run does.
     uv writes UTF-8 whatever the locale (Windows' cp1252 included): read as such."""

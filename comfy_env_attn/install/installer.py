@@ -899,7 +899,8 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
     indexing: list[threading.Thread] = []
     # for the next install's guard; not what uv replaces (whose RECORD it may be deleting:
     # on Windows a file open here can make that fail, and the entry would be stale)
-    kept = [inst for name, inst in installed.items() if name not in dict(items)]
+    replaced = {dist for dist, _f in items}
+    kept = [inst for name, inst in installed.items() if name not in replaced]
 
     def meanwhile() -> None:  # while uv works; both optional: uv goes on whatever befalls
         with contextlib.suppress(Exception):
