@@ -6,6 +6,7 @@ for real in the venv, on the CPU, and decides.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TERMINAL, cli, make_venv, venv_python, write_gpu_profile
+from conftest import ROOT, TERMINAL, cli, make_venv, venv_python, venv_site, write_gpu_profile
 from wheels import SAGE_WRONG, build_wheel, sage_wheel
 
-from comfy_env_attn.facts.installed import read_installed
+from comfy_env_attn.facts.installed import Installed, read_installed
 from comfy_env_attn.lockfile import LOCK_NAME, read
 
 torch = pytest.importorskip("torch")
@@ -880,53 +881,60 @@ def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path,
 
 
 def test_the_install_starts_its_background_work_once_uv_runs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """_uv_install hands the lock writer's imports and the owner index to run_uv's
-    `meanwhile`, and joins the index before going on."""
+        tmp_path: Path, venv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_uv_install, with the real uv installing a real wheel: the lock writer's imports and
+    the owner index start while uv runs (uv is this process's child then), the index leaves
+    out what uv replaces, and is joined before the install goes on; the background work is
+    optional: its failure does not stop uv."""
     from types import SimpleNamespace
 
     from comfy_env_attn.install import installer
 
+    def uv_running() -> bool:  # a uv this thread started and that has not ended
+        task = Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
+        for child in task.read_text().split():
+            with contextlib.suppress(OSError):
+                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
+                if Path(argv0.decode()).name in ("uv", "uv.exe"):
+                    return True
+        return False
+
+    if not Path(f"/proc/{os.getpid()}/task").is_dir():
+        pytest.skip("reads the running uv from /proc (Linux)")
     order: list[str] = []
     monkeypatch.setattr(installer.lockfile, "load_in_background",
-                        lambda: order.append("lock writer"))
+                        lambda: order.append(f"lock writer, uv running: {uv_running()}"))
+    indexed: list[list[str]] = []
 
-    indexed: list[list[object]] = []
-
-    def index(installed: list[object]) -> threading.Thread:
-        order.append("index")
-        indexed.append(list(installed))
+    def index(installed: list[Installed]) -> threading.Thread:
+        order.append(f"index, uv running: {uv_running()}")
+        indexed.append(sorted(i.name for i in installed))
         thread = threading.Thread(target=lambda: (time.sleep(0.2), order.append("indexed")))
         thread.start()
         return thread
 
-    def run_uv(args: list[str], log: object, *, passthrough: bool = False,
-               meanwhile: object = None) -> str:
-        order.append("uv started")
-        assert callable(meanwhile)
-        meanwhile()
-        order.append("uv ended")
-        return ""
-
     monkeypatch.setattr(installer, "index_in_background", index)
-    monkeypatch.setattr(installer, "run_uv", run_uv)
-    wheel = SimpleNamespace(path=tmp_path / "sageattention-2.2.0-py3-none-any.whl")
-    target = SimpleNamespace(executable=sys.executable)
-    installed = {"sageattention": "the one uv replaces", "numpy": "numpy's"}
-    installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
-                          installed)  # type: ignore[arg-type]
-    assert order == ["uv started", "lock writer", "index", "uv ended", "indexed"]
-    assert indexed == [["numpy's"]]  # not what uv replaces (and may be deleting)
+    wheel = SimpleNamespace(path=sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}"))
+    target = SimpleNamespace(executable=str(venv_python(venv)))
+    site = [str(venv_site(venv))]
+    for _ in range(2):  # installed, then reinstalled over itself
+        before = read_installed(site)
+        installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
+                              before)
+        assert order == ["lock writer, uv running: True", "index, uv running: True",
+                         "indexed"], order
+        assert indexed[-1] == sorted(n for n in before if n != "sageattention")
+        order.clear()
+    assert "sageattention" in read_installed(site) and "sageattention" in before
 
-    # the background work is optional: its failure does not stop uv
     def no_thread() -> None:
         raise RuntimeError("can't start new thread")
 
-    order.clear()
     monkeypatch.setattr(installer.lockfile, "load_in_background", no_thread)
     installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
-                          {})
-    assert order == ["uv started", "index", "uv ended", "indexed"]
+                          read_installed(site))
+    assert order == ["index, uv running: True", "indexed"]
+    assert read_installed(site)["sageattention"].version == f"2.2.0+{LABEL}"
 
 
 def test_uv_output_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
