@@ -6,7 +6,6 @@ for real in the venv, on the CPU, and decides.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -890,14 +889,14 @@ def test_the_install_starts_its_background_work_once_uv_runs(
 
     from comfy_env_attn.install import installer
 
-    def uv_running() -> bool:  # a uv this thread started and that has not ended
+    def children() -> set[str]:  # the running processes this thread started
         task = Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
-        for child in task.read_text().split():
-            with contextlib.suppress(OSError):
-                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
-                if Path(argv0.decode()).name in ("uv", "uv.exe"):
-                    return True
-        return False
+        return set(task.read_text().split())
+
+    earlier: set[str] = set()
+
+    def uv_running() -> bool:  # a process started by _uv_install (uv, found as the tests'
+        return bool(children() - earlier)  # uv_binary finds it) and not ended
 
     if not Path(f"/proc/{os.getpid()}/task").is_dir():
         pytest.skip("reads the running uv from /proc (Linux)")
@@ -917,6 +916,7 @@ def test_the_install_starts_its_background_work_once_uv_runs(
     wheel = SimpleNamespace(path=sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}"))
     target = SimpleNamespace(executable=str(venv_python(venv)))
     site = [str(venv_site(venv))]
+    earlier |= children()
     for _ in range(2):  # installed, then reinstalled over itself
         before = read_installed(site)
         installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
