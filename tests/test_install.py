@@ -881,13 +881,15 @@ def test_work_meant_for_while_uv_runs_starts_once_uv_has_started(tmp_path: Path,
 
 def test_the_install_starts_its_background_work_once_uv_runs(
         tmp_path: Path, venv: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """_uv_install, with the real uv installing a real wheel: the lock writer's imports and
-    the owner index start while uv runs (uv is this process's child then), the index leaves
-    out what uv replaces, and is joined before the install goes on; the background work is
-    optional: its failure does not stop uv."""
+    """_uv_install, with the real uv installing a real wheel: the hashing of a local wheel
+    for the lock (not begun before: it would compete with the way to uv), the lock writer's
+    imports and the owner index start while uv runs (uv is this process's child then), the
+    index leaves out what uv replaces, and is joined before the install goes on; the
+    background work is optional: its failure does not stop uv."""
     from types import SimpleNamespace
 
     from comfy_env_attn.install import installer
+    from comfy_env_attn.install.edges import FileDigest, sha256_file
 
     def children() -> set[str]:  # the running processes this thread started
         task = Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
@@ -913,7 +915,16 @@ def test_the_install_starts_its_background_work_once_uv_runs(
         return thread
 
     monkeypatch.setattr(installer, "index_in_background", index)
-    wheel = SimpleNamespace(path=sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}"))
+
+    class Digest(FileDigest):
+        def start(self) -> None:
+            if self._thread is None:
+                order.append(f"hash, uv running: {uv_running()}")
+            super().start()
+
+    path = sage_wheel(tmp_path / "w", "ok", f"2.2.0+{LABEL}")
+    wheel = SimpleNamespace(path=path, digest=Digest(path))
+    assert "sha256" not in [t.name for t in threading.enumerate()]  # not begun yet
     target = SimpleNamespace(executable=str(venv_python(venv)))
     site = [str(venv_site(venv))]
     earlier |= children()
@@ -921,9 +932,11 @@ def test_the_install_starts_its_background_work_once_uv_runs(
         before = read_installed(site)
         installer._uv_install(target, [("sageattention", wheel)], tmp_path,  # type: ignore[arg-type,list-item]
                               before)
-        assert order == ["lock writer, uv running: True", "index, uv running: True",
+        assert order == [*(["hash, uv running: True"] if not indexed[:-1] else []),
+                         "lock writer, uv running: True", "index, uv running: True",
                          "indexed"], order
         assert indexed[-1] == sorted(n for n in before if n != "sageattention")
+        assert wheel.digest.value() == sha256_file(path)
         order.clear()
     assert "sageattention" in read_installed(site) and "sageattention" in before
 

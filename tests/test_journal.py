@@ -477,3 +477,47 @@ def test_a_journal_is_followed_whichever_path_reaches_the_environment(tmp_path) 
     copied.path.write_text(json.dumps(doc))
     with pytest.raises(JournalError, match="not this environment's site-packages"):
         Journal(copy).load([str(copy / "lib" / "python3.11" / "site-packages")], ())
+
+
+def test_a_journal_is_written_once_before_anything_changes(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Each write of the journal is forced to disk, on the way to uv: a fresh install (no
+    backup to make) writes it once, at "installing", holding every distribution it adds.
+    One that replaces a distribution writes it before the first file is copied aside, so a
+    kill while copying leaves backups the journal points to."""
+    from comfy_env_attn.facts.installed import Installed
+    from comfy_env_attn.install.journal import Journal
+
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(fd), real_fsync(fd))[1])
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    j = Journal(tmp_path / "env")
+    j.begin({"python": "python", "backends": ["sage"]})
+    j.add("sageattention", {}, [str(site_dir)])
+    j.add("triton", {}, [str(site_dir)])
+    assert not j.path.exists() and syncs == []  # nothing changed yet: nothing to undo
+    j.set_state("installing")
+    doc = json.loads(j.path.read_text())
+    assert doc["meta"]["state"] == "installing"
+    assert sorted(doc["touched"]) == ["sageattention", "triton"]
+    assert len(syncs) == (2 if os.name != "nt" else 1)  # the file, then its folder's entry
+    j.finish()
+
+    # replacing: on disk (state backing-up) before the copy of its files begins
+    info = site_dir / "sageattention-1.0.dist-info"
+    info.mkdir()
+    (site_dir / "sageattention.py").write_text("v1")
+    (info / "RECORD").write_text("sageattention.py,,\nsageattention-1.0.dist-info/RECORD,,\n")
+    copies: list[str] = []
+    real_copy = shutil.copy2
+    monkeypatch.setattr(shutil, "copy2", lambda src, dst: (
+        copies.append(json.loads(j.path.read_text())["meta"]["state"]), real_copy(src, dst))[1])
+    j = Journal(tmp_path / "env")
+    j.begin({"python": "python", "backends": ["sage"]})
+    inst = Installed("sageattention", "1.0", str(site_dir), str(info))
+    j.add("sageattention", {"sageattention": inst}, [str(site_dir)])
+    assert copies and set(copies) == {"backing-up"}
+    assert json.loads(j.path.read_text())["touched"]["sageattention"]["before"] == "1.0"

@@ -52,6 +52,7 @@ from comfy_env_attn.install import guard
 from comfy_env_attn.install.edges import (
     DownloadMeter,
     Fetched,
+    FileDigest,
     Needs,
     Unreachable,
     check_requirements,
@@ -902,7 +903,11 @@ def _uv_install(target: Target, items: list[tuple[str, Fetched]], tmp: Path,
     replaced = {dist for dist, _f in items}
     kept = [inst for name, inst in installed.items() if name not in replaced]
 
-    def meanwhile() -> None:  # while uv works; both optional: uv goes on whatever befalls
+    def meanwhile() -> None:  # while uv works; all optional: uv goes on whatever befalls
+        with contextlib.suppress(Exception):
+            for _dist, f in items:  # the lock's hashes (a local wheel's is not yet known)
+                if isinstance(f.digest, FileDigest):
+                    f.digest.start()
         with contextlib.suppress(Exception):
             lockfile.load_in_background()
         with contextlib.suppress(Exception):

@@ -179,6 +179,7 @@ class Journal:
     prefix: Path
     touched: dict[str, Touched] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    on_disk: bool = False  # written since begin (begin itself writes nothing)
 
     @property
     def dir(self) -> Path:
@@ -210,6 +211,7 @@ class Journal:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
             self.meta = dict(doc["meta"])
             self.touched = {k: _touched(k, v) for k, v in dict(doc["touched"]).items()}
+            self.on_disk = True
             if self.state not in STATES:
                 raise ValueError(f"unknown state {self.state!r}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -280,6 +282,7 @@ class Journal:
         return None
 
     def save(self) -> None:
+        self.on_disk = True
         doc = {"meta": self.meta, "touched": {k: asdict(v) for k, v in self.touched.items()}}
         tmp = self.dir / "journal.tmp"
         try:
@@ -291,21 +294,27 @@ class Journal:
                                f"{e.strerror or e} (disk full or read-only?)") from None
 
     def begin(self, meta: dict[str, Any]) -> None:
-        """Say what is about to change, before anything is copied or changed."""
+        """What is about to change. Written at the first backup, or else with the state
+        that comes before anything changes ("installing", "uninstalling"): until then a kill
+        leaves nothing to undo, and the backups no journal points to are removed by the
+        next run (clean_leftovers). A fresh install writes its journal once, not once per
+        distribution: each write is forced to disk, a few ms on the way to uv."""
         self.meta = {**meta, "pid": os.getpid(), "started": time.time(),
                      "prefix": str(self.prefix), "state": "backing-up"}
         self.touched = {}
-        self.save()
+        self.on_disk = False
 
     def add(self, name: str, installed: dict[str, Installed], own_sites: list[str]) -> None:
-        """Copy one distribution's files aside, then record it (never the other way)."""
+        """Copy one distribution's files aside, then record it (never the other way). One
+        the target lacks (nothing to copy) is written with the next state."""
         if name in self.touched:
             return
         inst = installed.get(name)
         if inst is None or inst.location not in own_sites:
             self.touched[name] = Touched(name, None, None, [], own_sites[0])
-            self.save()
             return
+        if not self.on_disk:  # the journal is on disk before its first backup begins
+            self.save()
         files = [p for p, _, _ in record_lines(inst) if not os.path.isabs(p)]
         files += _bytecode_of(inst.location, files)
         dest = self.backup_root / name
@@ -380,6 +389,7 @@ class Journal:
         """Forget the install: the journal first, then the backups it points to."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        self.on_disk = False
         crash_point("journal-removed")
         shutil.rmtree(self.backup_root, ignore_errors=True)
         self.touched = {}
