@@ -12,7 +12,6 @@ Like packaging.pylock: `from_dict` validates every value and names the path of a
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 from comfy_env_attn.core.backends import SHIPPED_PLUGINS, primary
 from comfy_env_attn.core.errors import AttnError
-from comfy_env_attn.core.paths import readable_file
+from comfy_env_attn.core.paths import parse_toml, readable_file
 from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 
@@ -40,15 +39,10 @@ def lock_path(prefix: str | os.PathLike[str]) -> Path:
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """tomllib on 3.11+, tomli before. Raises OSError, UnicodeDecodeError, ValueError (not a
-    regular file: core.paths.readable_file) or the TOML error."""
+    """A TOML file as a dict (core.paths.parse_toml). Raises OSError, UnicodeDecodeError,
+    ValueError (not a regular file: core.paths.readable_file; or the TOML error)."""
     readable_file(Path(path))
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10
-        import tomli as tomllib
-    with open(path, "rb") as f:
-        return dict(tomllib.load(f))
+    return parse_toml(Path(path).read_bytes().decode("utf-8"))
 
 
 # -- validation helpers -------------------------------------------------------------------

@@ -7,19 +7,13 @@ load_profile, which reads a file.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
 from comfy_env_attn.core.errors import AttnError, ProfileError
-from comfy_env_attn.core.paths import readable_file
+from comfy_env_attn.core.paths import parse_toml, readable_file
 from comfy_env_attn.core.records import dataclass
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PLATFORMS = ("linux", "windows", "macos")
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "x86_64": "x86_64",
@@ -241,8 +235,8 @@ def read_toml(path: str | Path, *, what: str,
         raise error(f"{what} {str(p)!r} is not UTF-8 text (byte {e.start}: "
                     f"{e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
     try:
-        doc: dict[str, Any] = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        doc = parse_toml(text)
+    except ValueError as e:  # the TOML error
         raise error(toml_error(str(p), text, e)) from None
     except RecursionError:
         raise error(f"{what} {str(p)!r} nests tables or arrays deeper than TOML can be "

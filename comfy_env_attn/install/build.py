@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -58,18 +57,13 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import InstallError, UsageError
-from comfy_env_attn.core.paths import cache_part
+from comfy_env_attn.core.paths import cache_part, parse_toml
 from comfy_env_attn.core.process import own_group, stop_tree
 from comfy_env_attn.core.progress import tool_command
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.facts.system import System, cc_tuple
 from comfy_env_attn.install.edges import clean_partials, download, sha256_file
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SOURCES_ENV = "COMFY_ENV_ATTN_BUILD_SOURCES"
 SOURCES_FILE = "build_sources.toml"
@@ -160,10 +154,10 @@ def load_recipes(path: Path | None = None) -> dict[str, Recipe]:
     """backend -> its source recipe, from the embedded build_sources.toml (or $SOURCES_ENV)."""
     p = path or sources_path()
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        doc = parse_toml(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise UsageError(f"cannot read the build sources {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # the TOML error
         raise UsageError(f"{p}: malformed TOML: {e}") from None
     if doc.get("schema") != 1:
         raise UsageError(f"{p}: schema {doc.get('schema')!r}, expected 1")
@@ -881,8 +875,8 @@ def _backend_of(root: Path) -> tuple[str, list[str]]:
     pyproject = root / "pyproject.toml"
     if pyproject.is_file():
         try:
-            doc = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            doc = parse_toml(pyproject.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
             raise BuildError(f"{pyproject}: {e}") from None
         system = doc.get("build-system") or {}
         if system.get("build-backend"):

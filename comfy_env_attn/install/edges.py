@@ -14,7 +14,6 @@ import io
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,7 +43,7 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core.backends import normalize_dist
 from comfy_env_attn.core.errors import InstallError
-from comfy_env_attn.core.paths import cache_part, write_cache
+from comfy_env_attn.core.paths import cache_part, parse_toml, write_cache
 from comfy_env_attn.core.process import pid_alive
 from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.installed import TORCH_FAMILY, Installed
@@ -109,11 +108,6 @@ def uv_compile(python: str, requirements: Sequence[str], args: Sequence[str],
     """What uv would install for these requirements alone (no dependencies) into this
     interpreter: (canonical name, version, wheel URL, sha256 or None) per package, from the
     PEP 751 lock `uv pip compile --format pylock.toml` writes. Nothing is installed."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "requirements.in")
         src.write_text("".join(f"{r}\n" for r in requirements), encoding="utf-8")
@@ -121,8 +115,8 @@ def uv_compile(python: str, requirements: Sequence[str], args: Sequence[str],
         run_uv(["pip", "compile", str(src), "--format", "pylock.toml", "--no-deps",
                 "--no-header", "--quiet", "--python", python, "-o", str(out), *args], log)
         try:
-            doc = tomllib.loads(out.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            doc = parse_toml(out.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
             raise InstallError(f"uv pip compile wrote no readable lock ({e})") from None
     pins: list[tuple[str, str, str, str | None]] = []
     for pkg in doc.get("packages", []):
