@@ -565,6 +565,28 @@ def test_an_unreachable_wheel_gives_way_to_the_next_fitting_one(tmp_path, venv, 
     assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
 
 
+def test_wheels_on_an_unreachable_host_are_said_once(tmp_path, venv, profile,
+                                                      http_server) -> None:
+    """Every fitting wheel on a host that refuses connections: the first one's failure says
+    why, the others, not tried, are counted in one line, not listed one by one."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    wheels = [sage_wheel(tmp_path / "w", "ok", f"2.2.{i}+{LABEL}") for i in range(3)]
+    links = "".join(f'<a href="http://{dead}/files/{w.name.replace("+", "%2B")}#sha256='
+                    f'{hashlib.sha256(w.read_bytes()).hexdigest()}">{w.name}</a>'
+                    for w in wheels)
+    http_server.add("/simple/sageattention/", f"<html><body>{links}</body></html>")
+    r = install(venv, profile, http_server.url + "/simple", "--no-verify")
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert "2 more fitting wheels on " + dead + " not tried (unreachable)" in out, out
+    assert "skipped," not in out, out
+    assert "sageattention" not in installed_in(venv)
+
+
 @pytest.fixture(autouse=True)
 def torch_and_sympy_files_are_untouched():
     """Beyond torch's version and RECORD: every file of torch and sympy, byte for byte."""

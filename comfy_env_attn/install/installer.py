@@ -284,6 +284,7 @@ class Failure:
     text: str
     refused: bool = False  # by a rule (it would change torch, another package, ...)
     unreachable: bool = False  # its host cannot be reached: skip that host
+    skipped_on: str = ""  # not tried: the host, found unreachable for an earlier wheel
 
 
 class _Context:
@@ -434,7 +435,8 @@ def _pick_wheels(chosen: list[tuple[str, list[Candidate]]], ctx: _Context, out: 
                 failures.append(Failure(f"{c.filename}: {passed[backend][c.filename]}"))
                 continue
             if host and host in dead_hosts:
-                failures.append(Failure(f"{c.filename}: skipped, {host} is unreachable"))
+                failures.append(Failure(f"{c.filename}: skipped, {host} is unreachable",
+                                        skipped_on=host))
                 continue
             got = obtained.get(c.filename)
             if got is None:
@@ -465,9 +467,21 @@ def _pick_wheels(chosen: list[tuple[str, list[Candidate]]], ctx: _Context, out: 
             row.fetched = None
             row.installed = "refused" if any(f.refused for f in failures) else "none"
             row.action = "refused" if any(f.refused for f in failures) else "unavailable"
-            row.note = " | ".join(f.text for f in failures)
+            row.note = " | ".join(_failure_texts(failures))
             out.ok = False
     return ready, deps
+
+
+def _failure_texts(failures: list[Failure]) -> list[str]:
+    """Each failure's text, those not tried because their host was found unreachable for
+    an earlier wheel counted once per host (the earlier wheel's failure says why)."""
+    skipped: dict[str, int] = {}
+    for f in failures:
+        if f.skipped_on:
+            skipped[f.skipped_on] = skipped.get(f.skipped_on, 0) + 1
+    return [f.text for f in failures if not f.skipped_on] + [
+        f"{n} more fitting wheel{'s' if n > 1 else ''} on {host} not tried (unreachable)"
+        for host, n in skipped.items()]
 
 
 def _unmet_backends(opts: InstallOptions, ctx: _Context, to_install: list[tuple[str, Fetched]],
