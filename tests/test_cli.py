@@ -358,8 +358,23 @@ def test_bad_usage_exit_2() -> None:
     assert cli().returncode == 2
     r = cli("plan", "--python", sys.executable, "--comfyui", ".")  # one target, not two
     assert r.returncode == 2 and "not allowed with argument --python" in r.stderr
-    r = cli("install", "--from-lock", "nope.toml")
-    assert r.returncode == 2 and "--from-lock nope.toml: no such file" in r.stderr
+
+
+
+def test_a_path_that_cannot_be_used_is_a_failure_exit_1(tmp_path: Path) -> None:
+    """One rule for every command: a file or folder the command line names that is missing
+    or not what it should be is a failure the message explains (1), not bad usage (2,
+    words the command line cannot mean); the message names the option."""
+    nope = str(tmp_path / "nope")
+    for args, says in [
+            (["install", "--from-lock", nope], f"--from-lock {nope}: no such file"),
+            (["install", "--comfyui", nope], f"--comfyui {nope}: no such folder"),
+            (["node", "install", "--comfyui", nope], f"--comfyui {nope}: no such folder"),
+            (["node", "remove", "--comfyui", nope], f"--comfyui {nope}: no such folder"),
+            (["install", "--python", nope], f"--python {nope}: no such file"),
+            (["plan", "--system", nope], f"cannot read System profile {nope!r}")]:
+        r = cli(*args)
+        assert r.returncode == 1 and says in r.stderr, (args, r.stderr)
 
 
 def _fake_dist(site: Path, name: str, version: str, tag: str, requires: list[str]) -> None:

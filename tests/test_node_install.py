@@ -176,9 +176,12 @@ def test_portable_folder_and_windows_paths(tmp_path: Path) -> None:
         r"C:\ComfyUI_windows_portable\ComfyUI\custom_nodes\comfy_env_attn\__init__.py")
 
 
-def test_a_folder_that_is_not_comfyui_is_bad_usage(tmp_path: Path) -> None:
+def test_a_folder_that_is_not_comfyui_fails_and_none_is_bad_usage(tmp_path: Path) -> None:
     r = cli("node", "install", "--comfyui", str(tmp_path))
-    assert r.returncode == 2 and f"{tmp_path} is not a ComfyUI folder" in r.stderr
+    assert r.returncode == 1 and f"{tmp_path} is not a ComfyUI folder" in r.stderr
+    (tmp_path / "main.py").write_text("")
+    r = cli("node", "install", "--comfyui", str(tmp_path / "main.py"))
+    assert r.returncode == 1 and "main.py: a file, not a folder" in r.stderr
     r = cli("node", "install")
     assert r.returncode == 2 and "--comfyui DIR" in r.stderr
 

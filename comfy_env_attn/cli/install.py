@@ -42,7 +42,7 @@ from comfy_env_attn.verify.run import Options, Result
 
 def cmd_install(args: argparse.Namespace) -> int:
     if args.from_lock and not Path(args.from_lock).is_file():
-        raise UsageError(f"--from-lock {args.from_lock}: no such file (give the "
+        raise InstallError(f"--from-lock {args.from_lock}: no such file (give the "
                          "pylock.comfy-env-attn.toml of the machine to reproduce)")
     exe, _how = locate(args)
     target = probe_interpreter(exe)

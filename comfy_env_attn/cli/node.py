@@ -19,7 +19,7 @@ from comfy_env_attn.cli.output import console
 from comfy_env_attn.core.errors import AttnError, UsageError
 from comfy_env_attn.core.paths import replace_file
 from comfy_env_attn.core.progress import tool_command
-from comfy_env_attn.facts.locate import comfy_cli_workspace
+from comfy_env_attn.facts.locate import comfy_cli_workspace, folder_problem
 from comfy_env_attn.facts.node import (
     comfyui_root,
     find_nodes,
@@ -32,16 +32,20 @@ from comfy_env_attn.facts.node import (
 def comfyui_folder(args: argparse.Namespace) -> Path:
     """The ComfyUI folder of --comfyui DIR (or its ComfyUI/) or of comfy-cli's workspace."""
     if args.comfyui:
-        given = Path(args.comfyui)
+        given, label = Path(args.comfyui), f"--comfyui {args.comfyui}"
     elif args.comfy_cli:
         given = comfy_cli_workspace()
+        label = f"comfy-cli's workspace {given}"
     else:
         raise UsageError("comfy-env-attn node: name the ComfyUI folder with --comfyui DIR "
                          "(or --comfy-cli)")
+    problem = folder_problem(given)
+    if problem:  # a path that cannot be used is a failure (1), as for every command
+        raise AttnError(f"{label}: {problem}")
     root = comfyui_root(Path(os.path.abspath(given)))  # absolute, links kept
     if root is None:
-        raise UsageError(f"{given} is not a ComfyUI folder (no main.py and comfy/ in it or "
-                         "in its ComfyUI/)")
+        raise AttnError(f"{given} is not a ComfyUI folder (no main.py and comfy/ in it or "
+                        "in its ComfyUI/)")
     return root
 
 

@@ -189,16 +189,23 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
+def folder_problem(root: Path) -> str | None:
+    """Why a folder given as ComfyUI's cannot be it ("no such folder", a file), or None."""
+    if root.is_dir():
+        return None
+    return ("a file, not a folder: give ComfyUI's folder (the one holding main.py)"
+            if root.exists() else "no such folder")
+
+
 def comfyui_python(root: Path, label: str, os_name: str, env: Mapping[str, str]
                    ) -> tuple[str, list[str]]:
     """The interpreter of the ComfyUI in root. An active $VIRTUAL_ENV or $CONDA_PREFIX counts
     only where it lies inside root (ComfyUI's own environment under another name): one that
     lies elsewhere is the environment of whatever runs this tool, not ComfyUI's.
     ProbeError listing every place tried."""
-    if not root.is_dir():
-        raise ProbeError(f"{label}: " + ("a file, not a folder: give ComfyUI's folder (the one "
-                                         "holding main.py)" if root.exists() else
-                                         "no such folder"))
+    problem = folder_problem(root)
+    if problem:
+        raise ProbeError(f"{label}: {problem}")
     tried: list[str] = []
     for c in comfyui_candidates(root, os_name):
         if c.is_file():
