@@ -345,3 +345,24 @@ def test_doctor_reports_the_node_in_the_target_comfyui(comfy: Path) -> None:
     assert node["severity"] == "problem" and "loads no node" in node["message"], node
     assert node["next"].endswith(f"-m pip install comfy-env-attn=={__version__}")
     assert r.returncode == 1
+
+
+def test_doctor_gives_every_step_with_the_target_as_it_was_named(tmp_path: Path) -> None:
+    """doctor --comfyui DIR: each step it gives names the target as the user did, --comfyui
+    DIR (install, verify and uninstall take it as the node's commands do), never the
+    interpreter found there as --python; pasted, such a step runs against that ComfyUI."""
+    import json
+
+    comfy = fake_comfyui(tmp_path / "ComfyUI")
+    make_venv(comfy / ".venv", torch=True)
+    r = cli("doctor", "--comfyui", str(comfy), "--json")
+    steps = [f["next"] for f in json.loads(r.stdout)["findings"] if f.get("next")]
+    runs = [s for s in steps if s.startswith("Run: ")]
+    assert any(" install --comfyui " in s for s in runs), steps  # no lock yet
+    assert any(" node install --comfyui " in s for s in runs), steps
+    for s in runs:
+        assert f"--comfyui {comfy}" in s and "--python" not in s, s
+    pasted = next(s for s in runs if " node install " not in s)[len("Run: "):].split(" (")[0]
+    r = subprocess.run([*pasted.split(), "--dry-run", "--json"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert Path(json.loads(r.stdout)["python"]).parent == venv_python(comfy / ".venv").parent

@@ -256,7 +256,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                             proven=proven)
     plan = make_plan(system, args)
     installed = read_installed(target.site_dirs)
-    diag = diagnose(system, installed, plan, python=target.executable, proven=proven)
+    diag = diagnose(system, installed, plan, python=target.executable, proven=proven,
+                    comfyui=getattr(args, "comfyui", None))
     findings = list(diag.findings) + extra
     diag = Diagnosis(system, tuple(findings))
     if args.json:

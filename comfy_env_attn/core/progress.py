@@ -19,7 +19,7 @@ def notice(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def tool_command(*args: str, python: str | None = None) -> str:
+def tool_command(*args: str, python: str | None = None, comfyui: str | None = None) -> str:
     """The command line that runs this tool with these arguments, as the next steps messages
     give write it, ready to paste: where this process is the `comfy-env-attn` console script,
     that name where it is the one on PATH, else its path (`.venv/bin/comfy-env-attn` run
@@ -27,8 +27,9 @@ def tool_command(*args: str, python: str | None = None) -> str:
     which has the tool (`python -m`, as the README has ComfyUI's Python run it, and
     ComfyUI's own process, whose dispatcher warns): the console script may not be on PATH
     there (a venv not activated, python_embeded). `python`: the target, named with --python
-    unless it is the Python that runs the tool. Each word quoted where a shell would split
-    it."""
+    unless it is the Python that runs the tool; `comfyui`: the target named as the user
+    named it, --comfyui DIR (then `python` is not given). Each word quoted where a shell
+    would split it."""
     argv0 = sys.argv[0] if sys.argv else ""
     script = argv0.replace("\\", "/").rsplit("/", 1)[-1]
     words = [*args]
@@ -37,7 +38,9 @@ def tool_command(*args: str, python: str | None = None) -> str:
         head = ["comfy-env-attn" if _on_path(argv0) else os.path.abspath(argv0)]
     else:
         head = [exe, "-m", "comfy_env_attn"]
-    if python and not same_interpreter(python, exe):
+    if comfyui:
+        words += ["--comfyui", comfyui]
+    elif python and not same_interpreter(python, exe):
         words += ["--python", python]
     return " ".join(_quoted(w) for w in [*head, *words])
 
