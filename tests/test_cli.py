@@ -361,6 +361,23 @@ def test_bad_usage_exit_2() -> None:
 
 
 
+def test_verification_options_are_checked_as_the_command_line_is_read() -> None:
+    """--device, --shapes and --timeout: a value that cannot be meant is bad usage (2) for
+    every command that takes them, --dry-run included, before any target is looked for."""
+    for command in (["verify"], ["bench"], ["install", "--dry-run"]):
+        for option, value, says in [
+                ("--device", "bogus", "give cuda, cuda:N (a GPU's index) or cpu"),
+                ("--shapes", "foo", "give BxHxNxD,... e.g. 1x24x4608x128"),
+                ("--shapes", "1x2x64", "each shape needs 4 numbers"),
+                ("--shapes", "0x2x64x64", "each number must be 1 or more"),
+                ("--timeout", "-5", "a number of seconds above 0"),
+                ("--timeout", "nan", "a number of seconds above 0")]:
+            r = cli(*command, "--python", "/nonexistent/python", option, value)
+            assert r.returncode == 2 and f"argument {option}: " in r.stderr \
+                and says in r.stderr, (command, option, value, r.stderr)
+            assert "no such file" not in r.stderr  # before the target is looked for
+
+
 def test_a_path_that_cannot_be_used_is_a_failure_exit_1(tmp_path: Path) -> None:
     """One rule for every command: a file or folder the command line names that is missing
     or not what it should be is a failure the message explains (1), not bad usage (2,

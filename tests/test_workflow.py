@@ -150,6 +150,14 @@ def test_install_and_bench_json(tmp_path: Path, venv: Path, profile: Path,
     assert shape["results"]["sage"]["tflops"] > 0
     # this sageattention has no fp16-PV kernel: its variant is n/a, not a failure
     assert shape["results"]["sage_fp16"] == {"error": "not in this package"}
+    # SDPA itself fails (no GPU for this CPU torch): an error, exit 1, with the way to check
+    # on the CPU; not a table, a note or exit 0
+    r = cli("bench", "--python", py, *SHAPES, "--device", "cuda", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "error")
+    assert doc["error"].startswith(f"the SDPA baseline itself failed in {py}: "), doc
+    assert "--device cpu checks on the CPU" in doc["error"], doc
     # narrowed to SDPA: nothing to compare, and it says what else is there to name
     r = cli("bench", "--python", py, *SHAPES, "--backends", "sdpa")
     assert r.returncode == 0, r.stdout + r.stderr

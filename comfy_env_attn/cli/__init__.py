@@ -275,9 +275,52 @@ def _build_args(p: argparse.ArgumentParser, when: str | None) -> None:
 
 def _verify_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification")
-    g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    g.add_argument("--shapes", metavar="BxHxNxD,...", help="benchmark shapes")
-    g.add_argument("--timeout", type=float, help="seconds per backend (default 600)")
+    g.add_argument("--device", type=_device_arg,
+                   help="cuda, cuda:1 or cpu (default: cuda when available)")
+    g.add_argument("--shapes", metavar="BxHxNxD,...", type=_shapes_arg,
+                   help="benchmark shapes, e.g. 1x24x4608x128,2x10x4096x64")
+    g.add_argument("--timeout", type=_timeout_arg, help="seconds per backend (default 600)")
+
+
+# Checked as the command line is read (exit 2), before anything starts, and the same for
+# every command and for --dry-run.
+
+def _device_arg(text: str) -> str:
+    import argparse
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give cuda, cuda:N (a GPU's index) or cpu")
+    return text
+
+
+def _shapes_arg(text: str) -> list[list[int]]:
+    import argparse
+
+    try:
+        shapes = [[int(x) for x in s.lower().split("x")] for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give BxHxNxD,... e.g. 1x24x4608x128") \
+            from None
+    if any(len(s) != 4 for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: each shape needs 4 numbers, BxHxNxD "
+                                         "(batch, heads, tokens, head dim)")
+    if any(n < 1 for s in shapes for n in s):
+        raise argparse.ArgumentTypeError(f"{text!r}: each number must be 1 or more")
+    return shapes
+
+
+def _timeout_arg(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return seconds
 
 
 

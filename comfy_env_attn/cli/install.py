@@ -226,16 +226,8 @@ def install_options(args: argparse.Namespace) -> InstallOptions:
 
 
 def verify_options(args: argparse.Namespace) -> Options:
-    shapes = None
-    if getattr(args, "shapes", None):
-        try:
-            shapes = [[int(x) for x in s.lower().split("x")] for s in args.shapes.split(",")]
-        except ValueError:
-            raise UsageError(f"--shapes {args.shapes!r}: give BxHxNxD,... e.g. "
-                             "1x24x4608x128") from None
-        if any(len(s) != 4 for s in shapes):
-            raise UsageError(f"--shapes {args.shapes!r}: each shape needs 4 numbers")
-    return Options(device=getattr(args, "device", None), shapes=shapes,
+    """--device, --shapes and --timeout, each checked as the command line was read."""
+    return Options(device=getattr(args, "device", None), shapes=getattr(args, "shapes", None),
                    timeout=getattr(args, "timeout", None) or Options().timeout)
 
 

@@ -16,7 +16,7 @@ from comfy_env_attn.core.lockmodel import not_proven, tool_table
 from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.facts.installed import installed_backends, read_installed
 from comfy_env_attn.facts.probe import probe_interpreter
-from comfy_env_attn.verify.run import Result, one_line, verify
+from comfy_env_attn.verify.run import Result, baseline_failure, one_line, verify
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -98,7 +98,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(only)
         return 0
-    results = verify(target.executable, names, verify_options(args), progress=log)
+    opts = verify_options(args)
+    results = verify(target.executable, names, opts, progress=log)
+    if not results["sdpa"].passed:  # the reference every ratio is to
+        raise AttnError(baseline_failure(target.executable, results["sdpa"], opts.device))
     base = {_label(b): b for b in results["sdpa"].bench if "tflops" in b}
     note = None if base else nothing_to_compare(results, target.executable)
     if getattr(args, "json", False):
@@ -136,7 +139,8 @@ def nothing_to_compare(results: dict[str, Result], python: str) -> str:
     failed = [f"{n} ({one_line(r.error) or 'failed'})" for n, r in results.items()
               if not r.passed and not r.absent]
     return ("nothing to compare: bench times the backends that pass verification against "
-            f"each other, and only {', '.join(passed) or 'none'} passed here"
+            "each other, and " + (f"only {', '.join(passed)}" if passed else "none")
+            + " passed here"
             + (f"; failed: {'; '.join(failed)}" if failed else
                f"; install a backend first ({tool_command('plan', python=python)} shows "
                "which fit)"))

@@ -79,7 +79,7 @@ from comfy_env_attn.install.journal import (
     file_sha256,
     keep_foreign,
 )
-from comfy_env_attn.verify.run import Options, Result, verify
+from comfy_env_attn.verify.run import Options, Result, baseline_failure, verify
 
 MAX_ALTERNATIVES = 8  # fitting wheels tried per backend when one cannot be had
 
@@ -1037,8 +1037,7 @@ def verify_installed(target: Target, installed: dict[str, Installed], out: Outco
         if not r.passed and n in names:
             out.ok = False
     if not results["sdpa"].passed:
-        raise InstallError(f"the SDPA baseline itself failed in {target.executable}: "
-                           f"{results['sdpa'].error}")
+        raise InstallError(baseline_failure(target.executable, results["sdpa"], opts.device))
     return results
 
 

@@ -147,6 +147,20 @@ def one_line(text: str | None) -> str:
     return flat[:ONE_LINE_MAX].rstrip() + " ... (--json gives the whole error)"
 
 
+# What torch says where it cannot use a GPU at all (a CPU build, no driver, none visible)
+_NO_CUDA = ("not compiled with CUDA", "No CUDA GPUs are available", "Found no NVIDIA driver")
+
+
+def baseline_failure(python: str, sdpa: Result, device: str | None) -> str:
+    """Why nothing could be checked or timed: PyTorch's own SDPA, the reference, failed in
+    the target; where torch says it cannot use a GPU there, the way to check on the CPU."""
+    text = f"the SDPA baseline itself failed in {python}: {one_line(sdpa.error)}"
+    if device != "cpu" and any(s in (sdpa.error or "") for s in _NO_CUDA):
+        text += ("; this torch cannot use a GPU here: --device cpu checks on the CPU (a CUDA "
+                 "backend is proven only on the GPU machine)")
+    return text
+
+
 def _config(backend: str, opts: Options) -> dict[str, Any]:
     cfg: dict[str, Any] = {"backend": backend, "device": opts.device}
     if opts.head_dims:
