@@ -326,6 +326,33 @@ def test_missing_or_mismatched_nvcc_and_too_little_disk_fail_before_anything_is_
 
 
 @needs_cc
+def test_build_json_is_one_document_dry_run_or_not(tmp_path: Path, profile: Path,
+                                                   served) -> None:
+    """build --json: one document on stdout (docs/json.md, schema=build), the dry run's
+    lines on stderr; sdpa alone has nothing to build (bad usage)."""
+    from test_workflow import check
+
+    sources, _path, _sha = served
+    venv = make_venv(tmp_path / "venv", torch=True)
+    base = ["build", "--python", str(venv_python(venv)), "--system", str(profile),
+            "--backends", "sage", "--json"]
+    r = cli(*base, "--dry-run", env=env_for(tmp_path, sources))
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "build")
+    assert doc["dry_run"] is True and [b["backend"] for b in doc["builds"]] == ["sage"]
+    assert doc["builds"][0]["wheel"] is None and "would build sage: " in r.stderr
+    r = cli(*base, env=env_for(tmp_path, sources))
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    check(doc, "build")
+    (b,) = doc["builds"]
+    assert Path(b["wheel"]).is_file() and b["record"]["backend"] == "sage"
+    r = cli("build", "--python", str(venv_python(venv)), "--backends", "sdpa", "--dry-run")
+    assert r.returncode == 2 and "SDPA is PyTorch's own, there is nothing to build" in r.stderr
+
+
+@needs_cc
 def test_a_failed_build_leaves_the_target_unchanged(tmp_path: Path, profile: Path,
                                                     http_server) -> None:
     archive = source_archive(tmp_path / "src", broken=True)

@@ -7,6 +7,7 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from comfy_env_attn.candidates.wheelhouse import wheelhouse_dir
 from comfy_env_attn.core import backends as bk
@@ -111,20 +112,32 @@ def cmd_build(args: argparse.Namespace) -> int:
         for f in profile_disagreements(system, system_from(target, GpuFacts())):
             log(f"warning: the profile {args.system} says {f}: the build compiles against "
                 "the target's own torch and Python")
-    backends = [b for b in bk.parse_list(args.backends) if b != "sdpa"]
+    named = bk.parse_list(args.backends)
+    backends = [b for b in named if b != "sdpa"]
+    if not backends:  # sdpa alone
+        raise UsageError("--backends sdpa: SDPA is PyTorch's own, there is nothing to build; "
+                         f"buildable: {', '.join(load_recipes())}")
     plans = _plans(target, system, _recipes_for(backends), args.source)
-    built = []
+    builds: list[dict[str, Any]] = []  # --json (docs/json.md)
     for p in plans:
+        source = args.source or p.recipe.url
         if args.dry_run:
-            print(f"would build {p.recipe.backend}: {p.describe()} from "
-                  f"{args.source or p.recipe.url}")
+            line = f"would build {p.recipe.backend}: {p.describe()} from {source}"
+            if args.json:  # stdout is the document's
+                log(line)
+            else:
+                print(line)
+            builds.append({"backend": p.recipe.backend, "build": p.describe(),
+                           "source": source, "wheel": None, "record": None})
             continue
         b = build(target, system, p, wheelhouse_dir(), source=args.source, log=log)
-        built.append(b)
+        builds.append({"backend": p.recipe.backend, "build": p.describe(), "source": source,
+                       "wheel": str(b.wheel), "record": b.record.to_dict()})
         if not args.json:
             print(f"{p.recipe.backend}: {b.wheel} ({b.record.seconds:.0f} s)")
     if args.json:
-        print(json.dumps([b.record.to_dict() for b in built], indent=2))
+        print(json.dumps({"schema": 1, "command": "build", "python": target.executable,
+                          "dry_run": bool(args.dry_run), "builds": builds}, indent=2))
     return 0
 
 
