@@ -353,6 +353,34 @@ def test_build_json_is_one_document_dry_run_or_not(tmp_path: Path, profile: Path
 
 
 @needs_cc
+def test_install_build_dry_run_exits_as_the_install_would(tmp_path: Path, profile: Path,
+                                                          served) -> None:
+    """install --build --dry-run where no wheel fits: it would build, then install, so the
+    dry run succeeds and says so (not 'no wheel'); a backend with no pinned source has the
+    reason in its failure line, -q or not, and no 'nothing to build' line contradicts it."""
+    from test_workflow import check
+
+    sources, _path, _sha = served
+    venv = make_venv(tmp_path / "venv", torch=True)
+    base = ["install", "--build", "--dry-run", "--python", str(venv_python(venv)), "--system",
+            str(profile), "--no-embedded-index"]
+    r = cli(*base, "--backends", "sage", env=env_for(tmp_path, sources))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sage: would build sageattention 2.2.0" in r.stdout and "then install it" in r.stdout
+    assert "ERROR" not in r.stderr and "no wheel" not in r.stdout + r.stderr
+    r = cli(*base, "--backends", "sage", "--json", env=env_for(tmp_path, sources))
+    doc = json.loads(r.stdout)
+    check(doc, "outcome")
+    (row,) = [b for b in doc["backends"] if b["backend"] == "sage"]
+    assert row["action"] == "would-build" and doc["ok"] is True
+    assert not (tmp_path / "wheelhouse").exists()  # nothing was built
+    r = cli(*base, "--backends", "sage3", "-q", env=env_for(tmp_path, sources))
+    assert r.returncode == 1
+    assert "no source is pinned for sage3" in r.stderr.splitlines()[-1], r.stderr
+    assert "nothing to build" not in r.stderr
+
+
+@needs_cc
 def test_a_failed_build_leaves_the_target_unchanged(tmp_path: Path, profile: Path,
                                                     http_server) -> None:
     archive = source_archive(tmp_path / "src", broken=True)

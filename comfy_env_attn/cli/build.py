@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import field, replace
 from typing import Any
 
 from comfy_env_attn.candidates.wheelhouse import wheelhouse_dir
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import UsageError
 from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.records import dataclass
 from comfy_env_attn.facts.probe import (
     GpuFacts,
     Target,
@@ -62,8 +63,17 @@ def _plans(target: Target, system: System, recipes: list[Recipe], source: str | 
     return plans
 
 
+@dataclass
+class BuildMissing:
+    """What install --build did: the plan afterwards, and for the backends it could not
+    build, why; for a dry run, what it would build (backend -> the build)."""
+    plan: WheelPlan
+    unbuildable: dict[str, str] = field(default_factory=dict)
+    would_build: dict[str, str] = field(default_factory=dict)
+
+
 def build_missing(args: argparse.Namespace, target: Target, system: System,
-                  plan: WheelPlan, replan: Callable[[], WheelPlan]) -> WheelPlan:
+                  plan: WheelPlan, replan: Callable[[], WheelPlan]) -> BuildMissing:
     """install --build: build the requested backends that have no fitting wheel, then plan
     again with `replan` (the plan reads the wheelhouse, where the new wheels are)."""
     if not (args.backends or getattr(args, "config", None)):
@@ -71,6 +81,7 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
                          "--backends sage")
     recipes = load_recipes()
     todo: list[Recipe] = []
+    out = BuildMissing(plan)
     for bp in plan.backends:
         if bp.builtin:
             continue
@@ -79,8 +90,9 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
         r = recipes.get(bp.backend)
         if r is None:
             if selected is None:
-                log(f"--build: no source is pinned for {bp.backend}; buildable: "
-                    f"{', '.join(recipes)}")
+                out.unbuildable[bp.backend] = (f"--build: no source is pinned for "
+                                               f"{bp.backend}; buildable: {', '.join(recipes)}")
+                log(out.unbuildable[bp.backend])
         elif args.source or wants_build(r, selected):
             if selected and args.source and not wants_build(r, selected):
                 log(f"--build: {bp.backend}: --source given: building it here instead of "
@@ -90,16 +102,20 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
                     f"older major line than the source ({r.dist} {r.version}): building it")
             todo.append(r)
     if not todo:
-        log("--build: every requested backend has a fitting wheel; nothing to build")
-        return plan
+        if not out.unbuildable:
+            log("--build: every requested backend has a fitting wheel; nothing to build")
+        return out
     plans = _plans(target, system, todo, args.source)
     for p in plans:
         if args.dry_run:  # install --json prints its document on stdout: this is a log line
-            log(f"would build {p.recipe.backend}: {p.describe()} from "
-                f"{args.source or p.recipe.url}")
+            out.would_build[p.recipe.backend] = (f"would build {p.describe()} from "
+                                                 f"{args.source or p.recipe.url}")
+            log(f"{p.recipe.backend}: {out.would_build[p.recipe.backend]}")
             continue
         build(target, system, p, wheelhouse_dir(), source=args.source, log=log)
-    return plan if args.dry_run else replan()
+    if not args.dry_run:
+        out.plan = replan()
+    return out
 
 
 def cmd_build(args: argparse.Namespace) -> int:

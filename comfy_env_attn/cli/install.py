@@ -63,6 +63,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         ["; ".join(no_torch(target.executable)) + " (--force installs anyway)"]
     out = Outcome()
     plan = None
+    unbuildable: dict[str, str] = {}  # install --build: why it cannot build these
+    would_build: dict[str, str] = {}  # install --dry-run --build: what it would build
     if args.from_lock:
         refuse(torchless)
         doc = lockfile.read(Path(args.from_lock))
@@ -109,8 +111,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         if args.build:
             from comfy_env_attn.cli.build import build_missing
 
-            plan = build_missing(args, target, req.system, plan,
-                                 lambda: planning.make_plan(req, planning.sources_from(args)))
+            built = build_missing(args, target, req.system, plan,
+                                  lambda: planning.make_plan(req, planning.sources_from(args)))
+            plan, unbuildable, would_build = built.plan, built.unbuildable, built.would_build
         chosen = []
         no_gpu = planning.no_gpu_reason(plan)
         if no_gpu and not args.dry_run:  # --dry-run's table says it
@@ -118,8 +121,13 @@ def cmd_install(args: argparse.Namespace) -> int:
         for bp in plan.backends:
             if bp.builtin:
                 continue
-            if bp.selected is None:
-                out.row(bp.backend).note = f"no wheel: {bp.reason or ''}"
+            if bp.backend in would_build:  # --dry-run --build: built, it will have one
+                out.row(bp.backend).note = would_build[bp.backend]
+                out.row(bp.backend).action = "would-build"
+            elif bp.selected is None:
+                out.row(bp.backend).note = "; ".join(
+                    [f"no wheel: {bp.reason or ''}", *([unbuildable[bp.backend]]
+                                                       if bp.backend in unbuildable else [])])
                 out.row(bp.backend).action = "no-wheel"
                 out.row(bp.backend).asked = bool(args.backends or args.config)
                 if out.row(bp.backend).asked:
@@ -150,6 +158,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
                   + (f" ({len(alts) - 1} fitting alternatives if it cannot be had)"
                      if len(alts) > 1 else ""))
+        for b, what in would_build.items():  # then install the wheel built
+            print(f"{b}: {what}, then install it")
         if refusals:  # the reasons themselves, -q or not (the warning lines are a log's)
             print(f"ERROR install would refuse: {'; and '.join(refusals)}", file=sys.stderr)
         elif not out.ok:
