@@ -75,11 +75,12 @@ class Diagnosis:
 def _consequence(reasons: list[Reason], system: System) -> str:
     seen: list[str] = []
     for r in reasons:
-        # with a CPU build of torch there is no CUDA runtime to mismatch: the kernels
-        # cannot run at all (SageAttention 1.x stops earlier still, at its triton import)
+        # with a CPU build of torch there is no CUDA runtime to mismatch and no GPU to
+        # have a kernel for: the kernels cannot run at all (SageAttention 1.x stops earlier
+        # still, at its triton import)
         c = "its CUDA kernels cannot run on a CPU build of torch" \
-            if r.kind == "cuda" and system.torch is not None and system.torch_cuda is None \
-            else CONSEQUENCE.get(r.kind)
+            if r.kind in ("cuda", "driver", "gpu") and system.torch is not None \
+            and system.torch_cuda is None else CONSEQUENCE.get(r.kind)
         if c and c not in seen:
             seen.append(c)
     return "; ".join(seen) or "it may not work"

@@ -246,6 +246,37 @@ def test_malformed_toml_names_line_and_column(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_profile_that_contradicts_itself_or_is_empty_says_what_to_do(tmp_path: Path
+                                                                        ) -> None:
+    """A CPU build of torch with a CUDA version, and an empty file: refused, each with the
+    way out (an empty profile: how one is written)."""
+    bad = tmp_path / "p.toml"
+    bad.write_text('python = "3.12"\nplatform = "linux"\ntorch = "2.8.0+cpu"\n'
+                   'torch_cuda = "13.0"\n')
+    r = cli("plan", "--system", str(bad))
+    assert r.returncode == 1 and "torch 2.8.0+cpu is a CPU build, yet torch_cuda is 13.0" \
+        in r.stderr, r.stderr
+    bad.write_text("")
+    r = cli("plan", "--system", str(bad))
+    assert r.returncode == 1 and "missing required key 'python'" in r.stderr
+    assert "probe --toml > FILE" in r.stderr
+
+
+def test_a_folder_where_a_file_belongs_is_said_so(tmp_path: Path) -> None:
+    """--from-lock DIR and a wheel path that is a folder: 'a folder', not 'no such file'."""
+    r = cli("install", "--from-lock", str(tmp_path))
+    assert r.returncode == 1 and f"--from-lock {tmp_path}: a folder, not a lock file" \
+        in r.stderr, r.stderr
+    from comfy_env_attn.candidates.sources import Candidate
+    from comfy_env_attn.core.errors import InstallError
+    from comfy_env_attn.install.edges import fetch_wheel
+
+    name = "sageattention-2.2.0-py3-none-any.whl"
+    (tmp_path / name).mkdir()
+    with pytest.raises(InstallError, match=f"{tmp_path / name} is a folder, not a wheel file"):
+        fetch_wheel(Candidate(name, str(tmp_path / name), f"find-links:{tmp_path}"), print)
+
+
 def test_profile_with_an_unknown_key(tmp_path: Path) -> None:
     bad = tmp_path / "typo.toml"
     bad.write_text('python = "3.12"\nplatform = "linux"\ncuda = "12.8"\n')
@@ -455,6 +486,7 @@ def test_doctor_on_a_cpu_torch_names_no_cuda_runtime_mismatch() -> None:
     (f,) = [f for f in diag.findings if f.subject == "sage"]
     assert "cannot run on a CPU build of torch" in f.message, f.message
     assert "CUDA runtime mismatch" not in f.message
+    assert "no kernel image" not in f.message  # no GPU to lack a kernel for, either
 
 
 def test_doctor_prints_toml_table_names_as_text(tmp_path: Path) -> None:

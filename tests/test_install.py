@@ -563,6 +563,9 @@ def test_an_unreachable_wheel_gives_way_to_the_next_fitting_one(tmp_path, venv, 
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"download of {newer.name} failed" in r.stderr and "HTTP 404" in r.stderr
     assert installed_in(venv)["sageattention"] == f"2.2.0+{LABEL}"
+    # the result's row names the wheel passed over, not only a log line
+    (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("sage: ")]
+    assert f"passed over download of {newer.name} failed" in row, r.stdout
 
 
 def test_wheels_on_an_unreachable_host_are_said_once(tmp_path, venv, profile,

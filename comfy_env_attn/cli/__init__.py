@@ -233,7 +233,7 @@ def _bench(sub: Any, name: str) -> None:
 
 def _node(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="place or remove the Attention Backend node in a ComfyUI")
-    nodes = p.add_subparsers(dest="node_command", metavar="ACTION", required=True,
+    nodes = p.add_subparsers(dest="node_command", metavar="{install,remove}", required=True,
                              parser_class=type(p))
     for action, text in (("install", "copy the node into DIR/custom_nodes/comfy_env_attn/"),
                          ("remove", "take away the node `node install` placed")):

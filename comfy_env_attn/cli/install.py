@@ -42,8 +42,9 @@ from comfy_env_attn.verify.run import Options, Result
 
 def cmd_install(args: argparse.Namespace) -> int:
     if args.from_lock and not Path(args.from_lock).is_file():
-        raise InstallError(f"--from-lock {args.from_lock}: no such file (give the "
-                         "pylock.comfy-env-attn.toml of the machine to reproduce)")
+        raise InstallError(f"--from-lock {args.from_lock}: " + (
+            "a folder, not a lock file" if Path(args.from_lock).is_dir() else "no such file")
+            + " (give the pylock.comfy-env-attn.toml of the machine to reproduce)")
     exe, _how = locate(args)
     target = probe_interpreter(exe)
     base = load_profile(args.system) if args.system else system_from(target, probe_gpus())

@@ -132,7 +132,9 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
                            f"{', '.join(sorted(_KNOWN))}")
     for key in ("python", "platform"):
         if key not in data:
-            raise ProfileError(f"{where}: missing required key {key!r}")
+            raise ProfileError(f"{where}: missing required key {key!r} (a profile is written "
+                               "on the machine it describes: comfy-env-attn probe --toml > "
+                               "FILE)")
     kwargs: dict[str, Any] = {}
     for key in _STR_KEYS:
         if key in data:
@@ -166,6 +168,10 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
         if key in kwargs and not re.match(pattern, kwargs[key]):
             raise ProfileError(f"{where}: {key} must look like {example!r}, "
                                f"got {kwargs[key][:80]!r}")
+    if kwargs.get("torch_cuda") and kwargs.get("torch", "").endswith("+cpu"):
+        raise ProfileError(f"{where}: torch {kwargs['torch']} is a CPU build, yet torch_cuda "
+                           f"is {kwargs['torch_cuda']}: leave torch_cuda out for a CPU build, "
+                           "or give the CUDA build's version (e.g. '2.8.0+cu128')")
     return System(**kwargs)
 
 

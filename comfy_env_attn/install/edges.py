@@ -237,7 +237,8 @@ def fetch_wheel(c: Candidate, log: Callable[[str], None], *, limits: Limits | No
                                "remote index may not: refusing it")
         path = Path(unquote(parts.path) if parts.scheme == "file" else c.url)
         if not path.is_file():
-            raise InstallError(f"{c.filename}: no such file {path}")
+            raise InstallError(f"{c.filename}: " + (f"{path} is a folder, not a wheel file"
+                                                    if path.is_dir() else f"no such file {path}"))
         if not c.sha256:
             return Fetched(c, path, FileDigest(path), "computed")
         sha = sha256_file(path)

@@ -457,9 +457,10 @@ def _pick_wheels(chosen: list[tuple[str, list[Candidate]]], ctx: _Context, out: 
                 row.action, row.version = "already", have.version
             ready.append((backend, fetched))
             deps[backend] = missing
-            for w, why in passed.get(backend, {}).items():
-                if f"passed over {w}: " not in row.note:
-                    row.note = _joined(row.note, f"passed over {w}: {why}")
+            # the fitting wheels before it, and why (once: a later round picks again)
+            for text in _failure_texts(failures, prefix="passed over "):
+                if text not in row.note:
+                    row.note = _joined(row.note, text)
             break
         else:
             row.wheel = alternatives[0].filename if alternatives else ""
@@ -472,14 +473,15 @@ def _pick_wheels(chosen: list[tuple[str, list[Candidate]]], ctx: _Context, out: 
     return ready, deps
 
 
-def _failure_texts(failures: list[Failure]) -> list[str]:
-    """Each failure's text, those not tried because their host was found unreachable for
-    an earlier wheel counted once per host (the earlier wheel's failure says why)."""
+def _failure_texts(failures: list[Failure], prefix: str = "") -> list[str]:
+    """Each failure's text (after `prefix`), those not tried because their host was found
+    unreachable for an earlier wheel counted once per host (the earlier wheel's failure
+    says why)."""
     skipped: dict[str, int] = {}
     for f in failures:
         if f.skipped_on:
             skipped[f.skipped_on] = skipped.get(f.skipped_on, 0) + 1
-    return [f.text for f in failures if not f.skipped_on] + [
+    return [prefix + f.text for f in failures if not f.skipped_on] + [
         f"{n} more fitting wheel{'s' if n > 1 else ''} on {host} not tried (unreachable)"
         for host, n in skipped.items()]
 
@@ -534,7 +536,8 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
                 for row in out.rows.values():
                     if row.verified:
                         row.verified = "as the lock records it (nothing installed, --no-verify)"
-                log(f"nothing to install: {lock} kept as it was (`verify` proves it again)")
+                log(f"nothing installed: the lock {lock} is kept as it was (`verify` proves "
+                    "what is there again)")
                 return
             results = verify_installed(target, installed, out, opts.verify)
             out.lock = _write_lock(target, installed, results, [f for _, f in ready])
