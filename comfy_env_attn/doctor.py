@@ -88,12 +88,10 @@ def _consequence(reasons: list[Reason], system: System) -> str:
 
 def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
              *, python: str, cores: int | None = None,
-             proven: Mapping[str, str] | None = None, comfyui: str | None = None
-             ) -> Diagnosis:
+             proven: Mapping[str, str] | None = None) -> Diagnosis:
     """`proven`: the backends a fresh lock verified on this target, each with what its
     checks showed. Such a backend ran here whatever its wheel's label says: a label that
-    does not fit is then worth a note, not a predicted failure. `comfyui`: the target was
-    named as a ComfyUI folder, and each step names it so (core.progress.tool_command)."""
+    does not fit is then worth a note, not a predicted failure."""
     proven = proven or {}
     out: list[Finding] = []
     if system.torch is None:
@@ -117,7 +115,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
     for dist, backend_name in BY_DIST.items():
         backend = BACKENDS[backend_name]
         bp = plan.get(backend_name)
-        fix = tool_command("install", "--backends", backend_name, python=python, comfyui=comfyui)
+        fix = tool_command("install", "--backends", backend_name, python=python)
         inst = installed.get(dist)
         if inst is None:
             if bp is not None and bp.selected is not None:
@@ -131,8 +129,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
             if hint:
                 out.append(Finding("info", backend_name, hint,
                                    "Run: " + tool_command("install", "--build", "--backends",
-                                                          backend_name, python=python,
-                                                          comfyui=comfyui)))
+                                                          backend_name, python=python)))
             continue
         reasons = installed_reasons(dist, inst.version, inst.tags, inst.requires_torch, system)
         reasons = [r for r in reasons if r.kind != "yanked"]
@@ -152,7 +149,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
             step = f"Run: {fix} (selects {bp.selected.filename})"
         else:
             step = ("Run: " + tool_command("uninstall", "--backends", backend_name,
-                                           python=python, comfyui=comfyui) + " (no wheel fits "
+                                           python=python) + " (no wheel fits "
                     "this machine; ComfyUI then uses PyTorch attention)")
         out.append(Finding("problem", backend_name, msg, step,
                            tuple(r.text for r in reasons)))
@@ -162,7 +159,7 @@ def diagnose(system: System, installed: dict[str, Installed], plan: Plan,
                            "flash-attn-4's 'flash_attn' namespace makes xformers look for "
                            "flash_attn.flash_attn_interface, and xformers 0.0.35 then fails to "
                            "import (seen on an H100)",
-                           "Run: " + tool_command("verify", python=python, comfyui=comfyui)))
+                           "Run: " + tool_command("verify", python=python)))
     if "flash-attn" in installed and "flash-attn-4" in installed:
         out.append(Finding("info", "flash4", "flash-attn and flash-attn-4 both install the "
                            "'flash_attn' package: reinstalling flash-attn can remove "
@@ -178,7 +175,7 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
     found: list[Any] = []
     # the command that proves this target again (a system interpreter needs --yes to change)
     verify = "Run: " + tool_command("verify", *(() if target.is_dedicated else ("--yes",)),
-                                    python=target.executable, comfyui=comfyui)
+                                    python=target.executable)
     root = comfyui_root(Path(comfyui)) if comfyui else None
     if root is not None:
         mine = read_installed(target.site_dirs).get("comfy-env-attn")
@@ -212,8 +209,7 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
         else:  # the dispatcher says so at every start until there is one
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher uses "
                                  "PyTorch SDPA and warns that it has no lock",
-                                 "Run: " + tool_command("install", python=target.executable,
-                                                        comfyui=comfyui)
+                                 "Run: " + tool_command("install", python=target.executable)
                                  + " (it writes one, SDPA alone when no other backend fits)"))
         return found
     try:

@@ -347,10 +347,11 @@ def test_doctor_reports_the_node_in_the_target_comfyui(comfy: Path) -> None:
     assert r.returncode == 1
 
 
-def test_doctor_gives_every_step_with_the_target_as_it_was_named(tmp_path: Path) -> None:
+def test_every_step_names_the_target_as_it_was_named(tmp_path: Path) -> None:
     """doctor --comfyui DIR: each step it gives names the target as the user did, --comfyui
     DIR (install, verify and uninstall take it as the node's commands do), never the
-    interpreter found there as --python; pasted, such a step runs against that ComfyUI."""
+    interpreter found there as --python; pasted, such a step runs against that ComfyUI.
+    lock's steps too."""
     import json
 
     comfy = fake_comfyui(tmp_path / "ComfyUI")
@@ -366,3 +367,6 @@ def test_doctor_gives_every_step_with_the_target_as_it_was_named(tmp_path: Path)
     r = subprocess.run([*pasted.split(), "--dry-run", "--json"], capture_output=True,
                        text=True, cwd=ROOT)
     assert Path(json.loads(r.stdout)["python"]).parent == venv_python(comfy / ".venv").parent
+    # every command's steps do (core.progress.name_target): lock's, with no lock there
+    r = cli("lock", "--comfyui", str(comfy))
+    assert r.returncode == 1 and f"install --comfyui {comfy} (or verify" in r.stderr, r.stderr

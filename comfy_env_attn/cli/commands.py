@@ -14,7 +14,7 @@ from comfy_env_attn.cli import planning, target_named
 from comfy_env_attn.cli.output import console, dump_json
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.errors import AttnError, UsageError
-from comfy_env_attn.core.progress import log
+from comfy_env_attn.core.progress import log, name_target
 from comfy_env_attn.facts.locate import find_python_auto
 from comfy_env_attn.facts.probe import GpuFacts, Target, probe, probe_interpreter, system_from
 from comfy_env_attn.facts.system import System, load_profile
@@ -27,6 +27,10 @@ def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
     exe, how = find_python_auto(python=getattr(args, "python", None),
                                 comfyui=getattr(args, "comfyui", None),
                                 use_workspace=getattr(args, "comfy_cli", False))
+    if getattr(args, "comfyui", None):  # the steps given name it so
+        name_target(exe, ("--comfyui", args.comfyui))
+    elif getattr(args, "comfy_cli", False):
+        name_target(exe, ("--comfy-cli",))
     for line in how[1:]:
         log(line)
     return exe, how
@@ -256,8 +260,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                             proven=proven)
     plan = make_plan(system, args)
     installed = read_installed(target.site_dirs)
-    diag = diagnose(system, installed, plan, python=target.executable, proven=proven,
-                    comfyui=getattr(args, "comfyui", None))
+    diag = diagnose(system, installed, plan, python=target.executable, proven=proven)
     findings = list(diag.findings) + extra
     diag = Diagnosis(system, tuple(findings))
     if args.json:

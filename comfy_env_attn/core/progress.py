@@ -19,7 +19,18 @@ def notice(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def tool_command(*args: str, python: str | None = None, comfyui: str | None = None) -> str:
+# How the command line named its target where not by --python (name_target).
+_NAMED: list[tuple[str, tuple[str, ...]]] = []
+
+
+def name_target(python: str, words: tuple[str, ...]) -> None:
+    """The command line named the target interpreter `python` with these words
+    (`--comfyui DIR`, `--comfy-cli`): each step given about it names it so, and a pasted
+    step reaches the same ComfyUI by the words the user typed."""
+    _NAMED[:] = [(python, words)]
+
+
+def tool_command(*args: str, python: str | None = None) -> str:
     """The command line that runs this tool with these arguments, as the next steps messages
     give write it, ready to paste: where this process is the `comfy-env-attn` console script,
     that name where it is the one on PATH, else its path (`.venv/bin/comfy-env-attn` run
@@ -27,9 +38,8 @@ def tool_command(*args: str, python: str | None = None, comfyui: str | None = No
     which has the tool (`python -m`, as the README has ComfyUI's Python run it, and
     ComfyUI's own process, whose dispatcher warns): the console script may not be on PATH
     there (a venv not activated, python_embeded). `python`: the target, named with --python
-    unless it is the Python that runs the tool; `comfyui`: the target named as the user
-    named it, --comfyui DIR (then `python` is not given). Each word quoted where a shell
-    would split it."""
+    unless it is the Python that runs the tool, or as the command line named it
+    (name_target). Each word quoted where a shell would split it."""
     argv0 = sys.argv[0] if sys.argv else ""
     script = argv0.replace("\\", "/").rsplit("/", 1)[-1]
     words = [*args]
@@ -38,8 +48,9 @@ def tool_command(*args: str, python: str | None = None, comfyui: str | None = No
         head = ["comfy-env-attn" if _on_path(argv0) else os.path.abspath(argv0)]
     else:
         head = [exe, "-m", "comfy_env_attn"]
-    if comfyui:
-        words += ["--comfyui", comfyui]
+    named = next((w for p, w in _NAMED if python and same_interpreter(python, p)), None)
+    if named:
+        words += named
     elif python and not same_interpreter(python, exe):
         words += ["--python", python]
     return " ".join(_quoted(w) for w in [*head, *words])
