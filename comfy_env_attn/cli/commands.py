@@ -27,10 +27,9 @@ def locate(args: argparse.Namespace) -> tuple[str, list[str]]:
     exe, how = find_python_auto(python=getattr(args, "python", None),
                                 comfyui=getattr(args, "comfyui", None),
                                 use_workspace=getattr(args, "comfy_cli", False))
-    if getattr(args, "comfyui", None):  # the steps given name it so
-        name_target(exe, ("--comfyui", args.comfyui))
-    elif getattr(args, "comfy_cli", False):
-        name_target(exe, ("--comfy-cli",))
+    # the steps given name it so (--python: as ever, unless it is the running Python)
+    name_target(exe, ("--comfyui", args.comfyui) if getattr(args, "comfyui", None) else
+                ("--comfy-cli",) if getattr(args, "comfy_cli", False) else ())
     for line in how[1:]:
         log(line)
     return exe, how
