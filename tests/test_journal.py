@@ -521,3 +521,50 @@ def test_a_journal_is_written_once_before_anything_changes(tmp_path: Path,
     j.add("sageattention", {"sageattention": inst}, [str(site_dir)])
     assert copies and set(copies) == {"backing-up"}
     assert json.loads(j.path.read_text())["touched"]["sageattention"]["before"] == "1.0"
+
+
+def test_a_fresh_install_whose_first_journal_write_fails_changed_nothing(
+        tmp_path: Path, scene: Scene) -> None:
+    """The first write of a fresh install's journal is at "installing": a disk full there
+    is its one line, and a Ctrl-C there is 130; neither claims to have removed what was
+    never installed, and the venv is as it was, with no journal."""
+    venv = make_venv(tmp_path / "venv", torch=True)
+    data_wheel(tmp_path / "w", "2.2.0+" + LABEL, script="v", data="notes\n")
+    before = {k: v for k, v in snapshot(venv).items() if not k.startswith(STATE)}
+    for crash, code in (("save-installing:enospc", 1), ("save-installing:int", 130)):
+        r = install(venv, scene.profile, "--find-links", str(tmp_path / "w"),
+                    env={"COMFY_ENV_ATTN_TEST_CRASH_AT": crash})
+        out = r.stdout + r.stderr
+        assert r.returncode == code and "Traceback" not in out, out
+        assert "removed" not in out and "it was not installed before" not in out, out
+        if code == 1:
+            assert "cannot write the install journal" in out and "No space left" in out
+        assert not (venv / STATE / "journal.json").exists()
+        assert {k: v for k, v in snapshot(venv).items() if not k.startswith(STATE)} == before
+
+
+def test_a_restore_writes_a_new_file_never_into_a_link(tmp_path: Path) -> None:
+    """uv installs by hard-linking from its cache: the rollback of a wheel whose RECORD a
+    kill left missing (uv could not remove its files) puts the old file in place of the
+    link, and the cache's copy of the new wheel keeps its bytes."""
+    from comfy_env_attn.facts.installed import Installed
+    from comfy_env_attn.install.journal import Journal
+
+    site_dir = tmp_path / "site"
+    info = site_dir / "sageattention-1.0.dist-info"
+    info.mkdir(parents=True)
+    (site_dir / "sageattention.py").write_text("v1")
+    (info / "RECORD").write_text("sageattention.py,,\nsageattention-1.0.dist-info/RECORD,,\n")
+    j = Journal(tmp_path / "env")
+    j.begin({"python": "python", "backends": ["sage"]})
+    inst = Installed("sageattention", "1.0", str(site_dir), str(info))
+    j.add("sageattention", {"sageattention": inst}, [str(site_dir)])
+    j.set_state("installing")
+    cached = tmp_path / "uv-cache" / "sageattention.py"  # the new wheel, as uv's cache has it
+    cached.parent.mkdir()
+    cached.write_text("v2")
+    (site_dir / "sageattention.py").unlink()
+    os.link(cached, site_dir / "sageattention.py")
+    j.restore("sageattention", lambda name: None)
+    assert (site_dir / "sageattention.py").read_text() == "v1"
+    assert cached.read_text() == "v2"

@@ -282,13 +282,13 @@ class Journal:
         return None
 
     def save(self) -> None:
-        self.on_disk = True
         doc = {"meta": self.meta, "touched": {k: asdict(v) for k, v in self.touched.items()}}
         tmp = self.dir / "journal.tmp"
         try:
             crash_point(f"save-{self.state}")
             self.dir.mkdir(parents=True, exist_ok=True)
             replace_file(self.path, json.dumps(doc, indent=1), durable=True, tmp=tmp)
+            self.on_disk = True
         except OSError as e:
             raise InstallError(f"cannot write the install journal {self.path}: "
                                f"{e.strerror or e} (disk full or read-only?)") from None
@@ -333,8 +333,16 @@ class Journal:
         self.save()
 
     def set_state(self, state: str, **meta: Any) -> None:
+        """The journal on disk says `state` (and `meta`), or, where it cannot be written,
+        keeps saying what it did: a rollback then goes by what is on disk (a fresh install
+        whose first write failed had changed nothing)."""
+        before = dict(self.meta)
         self.meta.update(meta, state=state)
-        self.save()
+        try:
+            self.save()
+        except BaseException:
+            self.meta = before
+            raise
 
     def restore(self, name: str, uninstall: Callable[[str], None],
                 foreign: Collection[str] = ()) -> str:
@@ -355,6 +363,12 @@ class Journal:
                 if src.is_file():
                     target = Path(os.path.normpath(os.path.join(t.site, rel)))
                     target.parent.mkdir(parents=True, exist_ok=True)
+                    # a new file in place of what is there, never written into it: uv
+                    # installs by hard-linking from its cache, and a file a kill left there
+                    # may be a link to the cache's copy of the wheel being undone (a kill
+                    # in between: the next recovery copies it again, from the same backup)
+                    with contextlib.suppress(FileNotFoundError):
+                        target.unlink()
                     shutil.copy2(src, target)
             out = f"{name}: restored {t.before}"
         if kept:
