@@ -568,3 +568,24 @@ def test_a_restore_writes_a_new_file_never_into_a_link(tmp_path: Path) -> None:
     j.restore("sageattention", lambda name: None)
     assert (site_dir / "sageattention.py").read_text() == "v1"
     assert cached.read_text() == "v2"
+
+
+def test_a_fresh_install_killed_before_uv_wrote_its_record_is_undone_whole(
+        tmp_path: Path, scene: Scene) -> None:
+    """A kill while uv writes a new distribution can leave its files with no RECORD (uv
+    writes it last): nothing then says what to remove. The journal holds what the wheel
+    writes (its module, its script, its data file), and the recovery removes it all."""
+    venv = make_venv(tmp_path / "venv", torch=True)
+    data_wheel(tmp_path / "w", "2.2.0+" + LABEL, script="v", data="notes\n")
+    # uv's own lock file of the venv (made by its first run there) aside
+    before = {k: v for k, v in snapshot(venv).items() if not k.startswith(STATE)}
+    r = install(venv, scene.profile, "--find-links", str(tmp_path / "w"),
+                env={"COMFY_ENV_ATTN_TEST_CRASH_AT": "installed:kill"})
+    assert r.returncode == -9, r.stdout + r.stderr
+    (record,) = site(venv).glob("sageattention-*.dist-info/RECORD")
+    record.unlink()  # as a kill before uv wrote it leaves the distribution
+    assert (venv / "bin" / "sage-info").exists()
+    r = cli("doctor", "--python", str(venv_python(venv)))
+    assert "an interrupted install was found and undone" in r.stdout + r.stderr, r.stdout
+    after = {k: v for k, v in snapshot(venv).items() if not k.startswith(STATE)}
+    assert {k: v for k, v in after.items() if k != ".lock"} == before

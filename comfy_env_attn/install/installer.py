@@ -579,8 +579,9 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
     journal.begin({"python": target.executable, "backends": [b for b, _ in to_install]})
     uninstall = uninstaller(target, passthrough=opts.uv_passthrough)
     try:
-        for name in touched + dep_names:
-            journal.add(name, installed, own_sites(target))
+        for name in touched + dep_names:  # with what its wheel writes, as the guard saw it
+            journal.add(name, installed, own_sites(target),
+                        [e.dest for e in ctx.claims.get(name, ("", []))[1]])
         journal.set_state("installing")
         # uv removes the files the old versions' RECORDs list: not those others own
         replaced = [n for n in touched + dep_names

@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, field
 from pathlib import Path
 from typing import IO, Any
@@ -152,6 +152,10 @@ class Touched:
     backup: str | None  # folder holding its files, file i of `files` as <backup>/<i>
     files: list[str]  # relative to site; scripts and data files start with '..'
     site: str
+    # what the new wheel writes, as `files` (the guard's destinations): none of it was
+    # there before but what `files` backs up, so a rollback removes what is left of it
+    # where uv could not (a kill before it wrote the new RECORD)
+    adds: list[str] = field(default_factory=list)
 
 
 STATES = ("backing-up", "installing", "verifying", "locking", "committed")
@@ -167,8 +171,9 @@ def _touched(key: str, v: Any) -> Touched:
     if not isinstance(t.site, str) or not all(isinstance(x, str | None) for x in
                                                (t.before, t.backup)):
         raise ValueError(f"entry {key}: site, before and backup must be strings")
-    if not isinstance(t.files, list) or not all(isinstance(f, str) for f in t.files):
-        raise ValueError(f"entry {key}: files must be a list of paths")
+    for what in (t.files, t.adds):
+        if not isinstance(what, list) or not all(isinstance(f, str) for f in what):
+            raise ValueError(f"entry {key}: files and adds must be lists of paths")
     return t
 
 
@@ -304,14 +309,17 @@ class Journal:
         self.touched = {}
         self.on_disk = False
 
-    def add(self, name: str, installed: dict[str, Installed], own_sites: list[str]) -> None:
-        """Copy one distribution's files aside, then record it (never the other way). One
-        the target lacks (nothing to copy) is written with the next state."""
+    def add(self, name: str, installed: dict[str, Installed], own_sites: list[str],
+            adds: Iterable[str] = ()) -> None:
+        """Copy one distribution's files aside, then record it (never the other way), with
+        `adds`, the absolute paths its new wheel writes. One the target lacks (nothing to
+        copy) is written with the next state."""
         if name in self.touched:
             return
         inst = installed.get(name)
         if inst is None or inst.location not in own_sites:
-            self.touched[name] = Touched(name, None, None, [], own_sites[0])
+            site = own_sites[0]
+            self.touched[name] = Touched(name, None, None, [], site, _relative(adds, site))
             return
         if not self.on_disk:  # the journal is on disk before its first backup begins
             self.save()
@@ -329,7 +337,8 @@ class Journal:
         except OSError as e:
             raise InstallError(f"cannot back up {name} ({e.filename}) before changing it: "
                                f"{e.strerror or e}") from None
-        self.touched[name] = Touched(name, inst.version, str(dest), files, inst.location)
+        self.touched[name] = Touched(name, inst.version, str(dest), files, inst.location,
+                                     _relative(adds, inst.location))
         self.save()
 
     def set_state(self, state: str, **meta: Any) -> None:
@@ -355,6 +364,13 @@ class Journal:
             return f"{name}: nothing recorded"
         kept = _unlist(t.site, name, foreign)
         uninstall(name)
+        backed_up = {norm(os.path.join(t.site, rel)) for rel in t.files}
+        for rel in t.adds:  # what uv wrote and could not remove (no RECORD to go by)
+            path = norm(os.path.join(t.site, rel))
+            if path not in backed_up and path not in foreign:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError,
+                                         NotADirectoryError, PermissionError):
+                    os.unlink(path)
         if t.backup is None:
             out = f"{name}: removed (it was not installed before)"
         else:
@@ -425,6 +441,12 @@ class Journal:
             shutil.rmtree(self.backup_root, ignore_errors=True)
             out.append(str(self.backup_root))
         return out
+
+
+def _relative(paths: Iterable[str], site: str) -> list[str]:
+    """Absolute paths as a journal's entries hold them: relative to the site folder (a
+    script or data file starts with '..')."""
+    return [os.path.relpath(p, site) for p in paths]
 
 
 def _bytecode_of(site: str, files: list[str]) -> list[str]:
