@@ -184,8 +184,9 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
                                             python=target.executable)
         found.append(Finding(severity, "node", said, step))
     journal = Journal(target.prefix)
-    # a kill just after the journal went leaves its backups: recover removes them too
-    if journal.exists() or journal.backup_root.exists():
+    # a kill just after the journal went leaves its backups, one during its first write
+    # journal.tmp: recover removes them too
+    if journal.anything_left():
         try:
             with target_lock(target.prefix, log):
                 done = recover(target)

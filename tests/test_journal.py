@@ -589,3 +589,15 @@ def test_a_fresh_install_killed_before_uv_wrote_its_record_is_undone_whole(
     assert "an interrupted install was found and undone" in r.stdout + r.stderr, r.stdout
     after = {k: v for k, v in snapshot(venv).items() if not k.startswith(STATE)}
     assert {k: v for k, v in after.items() if k != ".lock"} == before
+
+
+def test_doctor_clears_what_a_kill_during_the_first_journal_write_left(tmp_path: Path,
+                                                                         scene: Scene) -> None:
+    """journal.tmp alone (a kill while the first journal was written: no journal.json):
+    doctor removes it, as install and verify do."""
+    venv = make_venv(tmp_path / "venv", torch=True)
+    (venv / STATE).mkdir()
+    (venv / STATE / "journal.tmp").write_text('{"meta": {"st')
+    r = cli("doctor", "--python", str(venv_python(venv)))
+    assert "removed what an interrupted run left behind" in r.stdout + r.stderr, r.stderr
+    assert not (venv / STATE / "journal.tmp").exists()

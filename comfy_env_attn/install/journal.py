@@ -424,6 +424,13 @@ class Journal:
         shutil.rmtree(self.backup_root, ignore_errors=True)
         self.touched = {}
 
+    def anything_left(self) -> bool:
+        """Whether a run left anything for `installer.recover`: the journal, or what
+        clean_leftovers removes."""
+        d = self.dir
+        return self.exists() or self.backup_root.exists() or (d / "journal.tmp").exists() \
+            or (d.is_dir() and any(d.glob(UV_WORK_PREFIX + "*")))
+
     def clean_leftovers(self) -> list[str]:
         """Remove what a killed run can leave besides the journal: journal.tmp, uv's
         requirements folder (UV_WORK_PREFIX), and backups that no journal points to (a run
