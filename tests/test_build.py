@@ -413,3 +413,18 @@ def test_a_source_that_is_not_its_pin_is_refused(tmp_path: Path, profile: Path,
     assert f"hash mismatch for the sageattention source {url}: expected sha256 {'ab' * 32}" \
         in r.stderr
     assert not (tmp_path / "wheelhouse").exists()
+
+
+def test_build_sources_that_cannot_be_read_are_one_line(tmp_path: Path) -> None:
+    """$COMFY_ENV_ATTN_BUILD_SOURCES malformed, not UTF-8, or nested deeper than TOML can be
+    read: one line naming the file, never a traceback."""
+    from comfy_env_attn.install.build import load_recipes
+
+    p = tmp_path / "sources.toml"
+    for data, says in [(b"schema = \n", "malformed TOML"),
+                       (b"schema = 1\n# \xff\n", "is not UTF-8 text"),
+                       (b"x = " + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                        "deeper than TOML can be read")]:
+        p.write_bytes(data)
+        with pytest.raises(UsageError, match=says):
+            load_recipes(p)

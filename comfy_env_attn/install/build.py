@@ -157,6 +157,12 @@ def load_recipes(path: Path | None = None) -> dict[str, Recipe]:
         doc = parse_toml(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise UsageError(f"cannot read the build sources {p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{p} is not UTF-8 text (byte {e.start}); save it as UTF-8") \
+            from None
+    except RecursionError:
+        raise UsageError(f"{p}: nests tables or arrays deeper than TOML can be read here") \
+            from None
     except ValueError as e:  # the TOML error
         raise UsageError(f"{p}: malformed TOML: {e}") from None
     if doc.get("schema") != 1:
@@ -876,7 +882,7 @@ def _backend_of(root: Path) -> tuple[str, list[str]]:
     if pyproject.is_file():
         try:
             doc = parse_toml(pyproject.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise BuildError(f"{pyproject}: {e}") from None
         system = doc.get("build-system") or {}
         if system.get("build-backend"):

@@ -482,7 +482,8 @@ def _failure_texts(failures: list[Failure], prefix: str = "") -> list[str]:
         if f.skipped_on:
             skipped[f.skipped_on] = skipped.get(f.skipped_on, 0) + 1
     return [prefix + f.text for f in failures if not f.skipped_on] + [
-        f"{n} more fitting wheel{'s' if n > 1 else ''} on {host} not tried (unreachable)"
+        f"{n} more fitting wheel{'s' if n > 1 else ''} on {host} not tried ({host} was "
+        "unreachable for an earlier wheel)"
         for host, n in skipped.items()]
 
 
