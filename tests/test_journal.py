@@ -335,7 +335,9 @@ def test_a_journal_naming_what_no_install_touches_is_refused(scene: Scene) -> No
         "another environment's site": {**entry, "site": other},
         "a backup elsewhere": {**entry, "backup": str(scene.venv.parent / "elsewhere")},
         "a file outside": {**entry, "files": [*entry["files"], "../../../../../x.py"]},
+        "an added file outside": {**entry, "adds": ["../../../../../x.py"]},
         "wrong types": {**entry, "files": 5},
+        "adds of the wrong type": {**entry, "adds": "x.py"},
     }
     exe = str(venv_python(scene.venv))
 

@@ -280,7 +280,7 @@ class Journal:
                 return f"names {t.site} for {name}, not this environment's site-packages"
             if t.backup is not None and real(t.backup) != real(str(self.backup_root / name)):
                 return f"keeps {name}'s files in {t.backup}, not in {self.backup_root}"
-            for rel in t.files:  # within the prefix, as written below the site folder
+            for rel in (*t.files, *t.adds):  # within the prefix, as written below the site
                 path = os.path.normpath(os.path.join(site, rel))
                 if os.path.isabs(rel) or not norm(path).startswith(prefix + os.sep):
                     return f"lists {rel!r} for {name}, outside the environment {self.prefix}"
