@@ -625,7 +625,18 @@ def _nothing_fits(system: System, backend: Backend, rejected: list[Rejected],
     if gpu_only and len(gpu_only) == len(rejected):
         return gpu_only[0].reasons[0].text
     return (f"no {backend.dist} wheel for {where}: {len(rejected)} candidates rejected "
-            f"(reasons: {rule_counts(rejected, 4)})")
+            f"(reasons: {rule_counts(rejected, 4)}){_closest(rejected)}")
+
+
+def _closest(rejected: list[Rejected]) -> str:
+    """'; closest, FILE: its reasons': the wheel that fails the fewest kinds of rule (the
+    first in the plan's order among equals). The counts name the common rules; this one
+    names the rule that stands between the user and a wheel (a driver too old, say), which
+    may be rare among thousands of wheels."""
+    if not rejected:
+        return ""
+    best = min(rejected, key=lambda r: len({x.kind for x in r.reasons}))
+    return f"; closest, {best.candidate.filename}: {'; '.join(x.text for x in best.reasons)}"
 
 
 def rule_counts(rejected: Iterable[Rejected], top: int) -> str:

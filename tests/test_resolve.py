@@ -338,3 +338,19 @@ def test_rule_counts_order_ties_the_same_in_every_run() -> None:
                            check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}
                            ).stdout.strip() for seed in range(8)}
     assert seen == {"cuda 3, gpu 3"}
+
+
+def test_nothing_fits_names_the_closest_wheel_and_what_stands_in_its_way() -> None:
+    """Among many wheels rejected for torch, Python and CUDA, the one that fails only for
+    the driver is named with that reason: the counts alone (torch 2, python 2, ...) never
+    said 'driver', the one thing to change."""
+    sysm = make_system(python="3.12.3", torch="2.11.0+cu130", torch_cuda="13.0",
+                       driver="570.124.06", driver_cuda="12.8")
+    near = "sageattention-2.2.0+cu130torch2.11-cp312-cp312-manylinux_2_28_x86_64.whl"
+    far = ["sageattention-2.2.0+cu128torch2.8-cp311-cp311-manylinux_2_28_x86_64.whl",
+           "sageattention-2.2.0+cu126torch2.7-cp310-cp310-manylinux_2_28_x86_64.whl"]
+    bp = resolve(sysm, [cand(f) for f in [*far, near]], ["sage"]).get("sage")
+    assert bp is not None and bp.selected is None
+    assert bp.reason is not None and "(reasons: " in bp.reason
+    assert bp.reason.endswith(f"; closest, {near}: needs a driver for CUDA 13.x (>= 580); "
+                              "driver 570.124.06 supports CUDA 12.8"), bp.reason
