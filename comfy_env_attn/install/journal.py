@@ -199,6 +199,16 @@ class Journal:
         return self.dir / "backup"
 
     @property
+    def tmp_path(self) -> Path:  # the journal being written, renamed over `path` once whole
+        return self.dir / "journal.tmp"
+
+    def _uv_work(self) -> list[Path]:
+        """The folders of uv's requirements files (UV_WORK_PREFIX) runs left here."""
+        d = self.dir
+        return [w for w in d.glob(UV_WORK_PREFIX + "*") if w.is_dir() and not w.is_symlink()] \
+            if d.is_dir() else []
+
+    @property
     def state(self) -> str:
         return str(self.meta.get("state", ""))
 
@@ -288,7 +298,7 @@ class Journal:
 
     def save(self) -> None:
         doc = {"meta": self.meta, "touched": {k: asdict(v) for k, v in self.touched.items()}}
-        tmp = self.dir / "journal.tmp"
+        tmp = self.tmp_path
         try:
             crash_point(f"save-{self.state}")
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -427,23 +437,20 @@ class Journal:
     def anything_left(self) -> bool:
         """Whether a run left anything for `installer.recover`: the journal, or what
         clean_leftovers removes."""
-        d = self.dir
-        return self.exists() or self.backup_root.exists() or (d / "journal.tmp").exists() \
-            or (d.is_dir() and any(d.glob(UV_WORK_PREFIX + "*")))
+        return self.exists() or self.backup_root.exists() or self.tmp_path.exists() \
+            or bool(self._uv_work())
 
     def clean_leftovers(self) -> list[str]:
         """Remove what a killed run can leave besides the journal: journal.tmp, uv's
         requirements folder (UV_WORK_PREFIX), and backups that no journal points to (a run
         killed while backing up, or while finishing)."""
         out = []
-        tmp = self.dir / "journal.tmp"
-        if tmp.exists():
-            tmp.unlink(missing_ok=True)
-            out.append(str(tmp))
-        for work in self.dir.glob(UV_WORK_PREFIX + "*") if self.dir.is_dir() else ():
-            if work.is_dir() and not work.is_symlink():
-                shutil.rmtree(work, ignore_errors=True)
-                out.append(str(work))
+        if self.tmp_path.exists():
+            self.tmp_path.unlink(missing_ok=True)
+            out.append(str(self.tmp_path))
+        for work in self._uv_work():
+            shutil.rmtree(work, ignore_errors=True)
+            out.append(str(work))
         if not self.exists() and self.backup_root.exists():
             shutil.rmtree(self.backup_root, ignore_errors=True)
             out.append(str(self.backup_root))
