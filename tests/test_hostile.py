@@ -342,6 +342,74 @@ def test_guard_paths_scripts_and_packages_of_others() -> None:
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX paths")
+@pytest.mark.parametrize("os_name", ["windows", "macos"])
+def test_guard_compares_names_case_insensitively_where_the_file_system_does(os_name) -> None:
+    """On NTFS and a default APFS volume `Torch/` is torch's own folder: a wheel's
+    `Torch/_C/__init__.py` would land in it and make `torch._C` its package. Where names
+    fold (facts.locate.folds_case), each rule compares them so; on Linux the same names are
+    other folders, and nothing of torch's is reached."""
+    from comfy_env_attn.facts.locate import folds_case
+
+    fold = folds_case(os_name)
+    assert fold and not folds_case("linux")
+    records = [("torch", "2.9.1", "/v/site", ["torch/__init__.py", "torch/_C.so",
+                                              "torch-2.9.1.dist-info/RECORD"]),
+               ("pip", "25.0", "/v/site", ["pip/__init__.py", "../bin/pip"])]
+    d = "SageAttention-2.2.0"  # a .dist-info not lower-cased is the wheel's own still
+
+    def problems(names: list[str], *, fold: bool) -> list[str]:
+        entries, refused = guard.destinations("x.whl", d, names, LAYOUT, dist="sageattention")
+        owners = guard.build_owners(records, fold=fold)
+        claimed = owners.claim("flash-attn", "2.8.3", guard.destinations(
+            "y.whl", "flash_attn-2.8.3", ["flash_attn/__init__.py"], LAYOUT,
+            dist="flash-attn")[0])
+        return refused + guard.problems("x.whl", "sageattention", d, entries, claimed, ())
+
+    hostile = ["Torch/_C/__init__.py", "TORCH/__init__.py", "Pip/__init__.py",
+               f"{d}.data/scripts/PIP", "Flash_Attn/__init__.py", "SiteCustomize.py"]
+    assert problems(hostile, fold=True) == [
+        "x.whl: Torch/_C/__init__.py would go into torch, which belongs to torch 2.9.1",
+        "x.whl: TORCH/__init__.py would overwrite /v/site/TORCH/__init__.py, which belongs "
+        "to torch 2.9.1",
+        "x.whl: Pip/__init__.py would overwrite /v/site/Pip/__init__.py, which belongs to "
+        "pip 25.0",
+        f"x.whl: {d}.data/scripts/PIP would overwrite /v/bin/PIP, which belongs to pip 25.0",
+        "x.whl: Flash_Attn/__init__.py would overwrite /v/site/Flash_Attn/__init__.py, which "
+        "belongs to flash-attn 2.8.3",
+        "x.whl: SiteCustomize.py is sitecustomize, run at every start of Python"]
+    # case-sensitive: other folders and files, nobody's (sitecustomize is spelt so)
+    assert problems(hostile, fold=False) == []
+    own = ["sageattention/__init__.py", f"{d}.dist-info/METADATA", f"{d}.dist-info/RECORD"]
+    assert problems(own, fold=True) == problems(own, fold=False) == []
+
+
+def test_the_installs_guard_folds_case_for_a_windows_or_macos_target(tmp_path, uv_bin,
+                                                                    fake_torch) -> None:
+    """The install's own inspection of a wheel, on a real venv with torch in it: where the
+    target's platform (or this machine's) folds names, `Torch/_C/__init__.py` is refused as
+    going into torch; a Linux target's file system keeps it apart."""
+    from dataclasses import replace
+
+    from comfy_env_attn.candidates.sources import Candidate
+    from comfy_env_attn.facts.probe import probe_interpreter
+    from comfy_env_attn.install.edges import Fetched
+    from comfy_env_attn.install.installer import _Context
+
+    venv = fake_torch_venv(tmp_path / "v", uv_bin, fake_torch)
+    wheel = build_wheel(tmp_path / "w", "sageattention", "2.2.0",
+                        {"sageattention/__init__.py": SAGE_OK, "Torch/_C/__init__.py": "x=1\n"},
+                        requires=[])
+    target = probe_interpreter(str(venv_python(venv)), use_cache=False)
+    fetched = Fetched(Candidate(filename=wheel.name, url=wheel.as_uri(), source="test"),
+                      wheel, "0" * 64, "computed")
+    for platform, refused in (("macos", True), ("windows", True), ("linux", False)):
+        ctx = _Context(replace(target, facts={**target.facts, "platform": platform}))
+        assert ctx.folds_case == refused
+        found = ctx.inspect(fetched, "sageattention")
+        assert found == ([f"{wheel.name}: Torch/_C/__init__.py would go into torch, which "
+                          "belongs to torch 2.13.0"] if refused else []), (platform, found)
+
+
 def test_guard_reads_the_zip_not_the_record(tmp_path) -> None:
     """A RECORD that lists only innocent files changes nothing: the zip directory decides."""
     import zipfile

@@ -20,6 +20,15 @@ def current_os() -> str:
     return "macos" if sys.platform == "darwin" else "linux"
 
 
+def folds_case(os_name: str) -> bool:
+    """Whether file names that differ only in case name one file where this OS keeps
+    environments: NTFS (Windows) and APFS or HFS+ as macOS formats them. A wheel's
+    `Torch/_C/__init__.py` lands in torch's own folder there, so the guard compares names
+    case-insensitively (on a case-sensitive volume, that refuses only a wheel whose names
+    differ from another distribution's in case alone)."""
+    return os_name in ("windows", "macos")
+
+
 def env_python(prefix: Path, os_name: str) -> list[Path]:
     """Where a venv or conda prefix keeps its interpreter."""
     if os_name == "windows":

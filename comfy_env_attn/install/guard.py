@@ -7,7 +7,9 @@ distribution owns (torch/, sympy/, nvidia/cudnn/, ...), when it would hide or be
 another's module or package of the same import name at any depth (six/ over six.py,
 ns/mod/ over ns/mod.py in a namespace package, and the reverse), when a script or data file
 would replace a file already there (bin/pip, bin/activate), when it is a .pth file (code run
-at every start), or when it is not a plain relative path.
+at every start), or when it is not a plain relative path. Where the target's file system
+folds case (Windows; macOS as it formats volumes), names are compared so: `Torch/` there is
+torch's own folder.
 """
 
 from __future__ import annotations
@@ -94,6 +96,12 @@ class Owners:
     # folders owned whole (absolute normalised path -> distribution): an .egg-info that
     # names its top-level packages but not their files
     wholes: Mapping[str, str] = field(default_factory=dict)
+    # every path and name above lower-cased, and compared so (facts.locate.folds_case)
+    fold: bool = False
+
+    def key(self, path: str) -> str:
+        """A path or name in the form this index keeps and compares it in."""
+        return path.lower() if self.fold else path
 
     def describe(self, dist: str) -> str:
         v = self.versions.get(dist)
@@ -104,19 +112,20 @@ class Owners:
 
     def whole_owner(self, dest: str) -> str | None:
         """The distribution owning a folder that holds this path as a whole, if any."""
+        dest = self.key(dest)
         return next((d for f, d in self.wholes.items() if dest.startswith(f + os.sep)), None)
 
     def claim(self, dist: str, version: str, entries: Iterable[Entry]) -> Owners:
         """These owners plus the files of a wheel about to be installed in the same run (two
         wheels of one run may not overwrite each other either)."""
         files = dict(self.files)
-        acc = _Acc(self)
+        acc = _Acc(self, fold=self.fold)
         for e in entries:
-            files.setdefault(e.dest, dist)
+            files.setdefault(self.key(e.dest), dist)
             if e.kind == "site":
                 acc.add(dist, e.rel)
         return Owners(files, acc.modules_frozen(), {**self.versions, dist: version},
-                      acc.folders_frozen(), frozenset(acc.packages), self.wholes)
+                      acc.folders_frozen(), frozenset(acc.packages), self.wholes, self.fold)
 
 
 # What a module file's name ends with (module_key): only such a file can be imported.
@@ -126,12 +135,15 @@ _MODULE_ENDS = (".py", ".pyc", ".so", ".pyd")
 class _Acc:
     """Modules, folders and packages being collected (build_owners, Owners.claim)."""
 
-    def __init__(self, base: Owners | None = None) -> None:
+    def __init__(self, base: Owners | None = None, *, fold: bool = False) -> None:
+        self.fold = fold
         self.modules = {k: set(v) for k, v in (base.modules if base else {}).items()}
         self.folders = {k: set(v) for k, v in (base.folders if base else {}).items()}
         self.packages = set(base.packages if base else ())
 
     def add(self, dist: str, rel: str) -> None:
+        if self.fold:
+            rel = rel.lower()
         parts = rel.split("/")
         top = parts[0]
         if not top or top in ("..", ".") or top.endswith(".pth"):
@@ -155,12 +167,15 @@ class _Acc:
         return {k: frozenset(v) for k, v in self.folders.items()}
 
 
-def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owners:
+def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]], *,
+                 fold: bool = False) -> Owners:
     """Owners from (distribution, version, site dir, paths relative to the site dir as
     facts.installed.record_paths gives them: '/'-separated and normalised; one ending in
-    '/' is a folder owned whole, whose files are not known)."""
+    '/' is a folder owned whole, whose files are not known). `fold`: the target's file
+    system compares names case-insensitively (facts.locate.folds_case)."""
+    key = str.lower if fold else str
     files: dict[str, str] = {}
-    acc = _Acc()
+    acc = _Acc(fold=fold)
     versions: dict[str, str] = {}
     wholes: dict[str, str] = {}
     for dist, version, site, paths in records:
@@ -169,14 +184,14 @@ def build_owners(records: Iterable[tuple[str, str, str, Iterable[str]]]) -> Owne
         for rel in paths:
             acc.add(dist, rel)
             if is_whole_folder(rel):
-                wholes.setdefault(norm(os.path.join(site, rel)), dist)
+                wholes.setdefault(key(norm(os.path.join(site, rel))), dist)
                 continue
             # most RECORD paths are already plain: join them without normpath (70,000 of
             # them in an environment with torch; this was most of an install's own time)
-            files.setdefault(base + rel if _is_plain(rel) else norm(os.path.join(site, rel)),
-                             dist)
+            files.setdefault(key(base + rel if _is_plain(rel)
+                                 else norm(os.path.join(site, rel))), dist)
     return Owners(files, acc.modules_frozen(), versions, acc.folders_frozen(),
-                  frozenset(acc.packages), wholes)
+                  frozenset(acc.packages), wholes, fold)
 
 
 def tokens(entries: Iterable[Entry]) -> set[str]:
@@ -335,33 +350,35 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
     already files in the target; `pth` the text of each .pth entry (by entry name)."""
     pth = pth or {}
     entries = list(entries)
-    own_packages = {e.rel.rsplit("/", 1)[0] for e in entries
-                    if e.kind == "site" and e.rel.endswith("/__init__.py")}
-    own_sources = {e.rel for e in entries if e.kind == "site" and e.rel.endswith(".py")}
+    k = owners.key  # names as the owners keep them: lower-cased where case does not count
+    own_packages = {k(e.rel).rsplit("/", 1)[0] for e in entries
+                    if e.kind == "site" and k(e.rel).endswith("/__init__.py")}
+    own_sources = {k(e.rel) for e in entries if e.kind == "site" and k(e.rel).endswith(".py")}
     mine = {dist, *replacing}
-    there = set(existing)
+    there = {k(p) for p in existing}
     out: list[str] = []
     refused: set[str] = set()  # folders (and files) already refused: one line for each
     for e in entries:
-        owner = owners.files.get(e.dest)
-        if owner is None and e.dest in there:
+        owner = owners.files.get(k(e.dest))
+        if owner is None and k(e.dest) in there:
             owner = owners.whole_owner(e.dest)
         if owner is not None and owner not in mine:
             out.append(f"{wheel}: {e.name} would overwrite {e.dest}, which belongs to "
                        f"{owners.describe(owner)}")
             continue
-        if owner is None and e.dest in there:
+        if owner is None and k(e.dest) in there:
             where = "" if e.kind == "site" else " (part of the environment)"
             out.append(f"{wheel}: {e.name} would replace {e.dest}, which is already there "
                        f"and belongs to no distribution{where}")
             continue
         if e.kind != "site":
             continue
-        top = e.rel.split("/", 1)[0]
-        if top == e.rel and module_key(top) in _STARTUP_MODULES:
+        rel = k(e.rel)
+        top = rel.split("/", 1)[0]
+        if top == rel and module_key(top) in _STARTUP_MODULES:
             out.append(f"{wheel}: {e.name} is {module_key(top)}, run at every start of Python")
             continue
-        if top == e.rel and top.endswith(".pth"):
+        if top == rel and top.endswith(".pth"):
             known = KNOWN_PTH.get(dist, {}).get(top)
             if known is None:
                 out.append(f"{wheel}: {e.name} is a .pth file, run at every start of Python; "
@@ -370,17 +387,17 @@ def problems(wheel: str, dist: str, dist_dir: str, entries: Iterable[Entry], own
                 out.append(f"{wheel}: {e.name} is a .pth file, run at every start of Python, "
                            f"and its text is not the one {dist} is known to ship")
             continue
-        if top.endswith((".dist-info", ".egg-info")) and top != f"{dist_dir}.dist-info":
+        if top.endswith((".dist-info", ".egg-info")) and top != k(f"{dist_dir}.dist-info"):
             out.append(f"{wheel}: {e.name} is metadata of another distribution ({top})")
             continue
-        source = _bytecode_source(e.rel)
+        source = _bytecode_source(rel)
         if source is not None and source not in own_sources:
             out.append(f"{wheel}: {e.name} is bytecode of {source}, which it does not ship: "
                        "Python could run it in place of that module")
             continue
         if top in _COMMON_TOPS:
             continue
-        parts = e.rel.split("/")
+        parts = rel.split("/")
         if refused and any("/".join(parts[:d]) in refused for d in range(1, len(parts) + 1)):
             continue
         shared = SHARED_TOPS.get(module_key(top))

@@ -47,6 +47,7 @@ from comfy_env_attn.facts.installed import (
     site_path,
     stat_of,
 )
+from comfy_env_attn.facts.locate import current_os, folds_case
 from comfy_env_attn.facts.probe import Target
 from comfy_env_attn.install import guard
 from comfy_env_attn.install.edges import (
@@ -327,8 +328,9 @@ class _Context:
         destinations (could_own): only their RECORDs are parsed (an environment with torch
         has some 70,000 RECORD lines, nearly all irrelevant)."""
         owners = guard.build_owners(
-            (i.name, i.version, i.location, record_paths(i))
-            for i in guard.candidates(self.installed.values(), entries, self._windows))
+            ((i.name, i.version, i.location, record_paths(i))
+             for i in guard.candidates(self.installed.values(), entries, self.folds_case)),
+            fold=self.folds_case)
         for dist, (version, claimed) in self.claims.items():
             owners = owners.claim(dist, version, claimed)
         return owners
@@ -336,6 +338,13 @@ class _Context:
     @property
     def _windows(self) -> bool:
         return str(self.target.facts.get("platform", "")).startswith("win") or os.name == "nt"
+
+    @property
+    def folds_case(self) -> bool:
+        """Whether the target's file names compare case-insensitively: as its platform says
+        (a profile's) or as this machine's does, whichever folds (the files are here)."""
+        return folds_case(str(self.target.facts.get("platform", ""))) or \
+            folds_case(current_os())
 
     @property
     def layout(self) -> guard.Layout:
@@ -587,7 +596,7 @@ def run_install(target: Target, chosen: list[tuple[str, list[Candidate]]], out: 
         # uv removes the files the old versions' RECORDs list: not those others own
         replaced = [n for n in touched + dep_names
                     if n in installed and installed[n].location in own_sites(target)]
-        foreign = shared_files(installed, replaced, fold=ctx._windows)
+        foreign = shared_files(installed, replaced, fold=ctx.folds_case)
         for name in replaced:
             kept = keep_foreign(installed[name].location, name, foreign)
             if kept:
@@ -1142,7 +1151,7 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         reqs = {}
     every = dists + list(reqs)
     # files any other distribution (torch's closure included) owns: never deleted
-    foreign = protected_files(target) | shared_files(installed, every, fold=ctx._windows)
+    foreign = protected_files(target) | shared_files(installed, every, fold=ctx.folds_case)
     journal = Journal(target.prefix)
     journal.begin({"python": target.executable, "backends": remove, "action": "uninstall"})
     uninstall = uninstaller(target, passthrough=passthrough)
