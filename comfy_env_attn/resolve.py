@@ -27,17 +27,9 @@ from comfy_env_attn.candidates.wheelname import (
 )
 from comfy_env_attn.core.backends import BACKENDS, BY_DIST, Backend, normalize_dist, primaries
 from comfy_env_attn.core.records import dataclass
-from comfy_env_attn.facts.system import System, cc_tuple
+from comfy_env_attn.facts.system import DRIVER_MIN, System, cc_tuple, driver_short_of
 
 PLAN_SCHEMA = 1
-
-# Lowest driver for each CUDA major (FACTS.md section 4).
-DRIVER_MIN = {
-    (12, "linux"): "525.60.13", (12, "windows"): "528.33",
-    (13, "linux"): "580", (13, "windows"): "580",
-    (11, "linux"): "450.80.02", (11, "windows"): "452.39",
-}
-
 
 @dataclass(frozen=True)
 class Reason:
@@ -301,10 +293,6 @@ def _minor_of(text: str) -> tuple[int, int] | None:
     return None if m is None else (int(m[1]), int(m[2]))
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text))
-
-
 def _sm_runs(entry: str, cc: tuple[int, int]) -> bool:
     """Whether code compiled for one TORCH_CUDA_ARCH_LIST entry runs on a GPU of cc."""
     ptx = entry.endswith("+PTX")
@@ -431,8 +419,7 @@ def _check_cached(k: _CheckKey, system: System, backend: Backend
                                             f"{f' (>= {floor})' if floor else ''}; driver "
                                             f"{system.driver or '?'} supports CUDA "
                                             f"{system.driver_cuda}"))
-        elif system.driver and floor and \
-                _version_tuple(system.driver) < _version_tuple(floor):
+        elif system.driver and driver_short_of(system.driver, major, system.platform):
             reasons.append(Reason("driver", f"CUDA {major}.x needs driver >= {floor}; target has "
                                             f"driver {system.driver}"))
     # cxx11 ABI

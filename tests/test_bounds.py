@@ -50,6 +50,29 @@ def test_real_profile_values_still_pass() -> None:
     assert s.gpus == ("8.9", "9.0a", "12.0", "10.3")
 
 
+@pytest.mark.parametrize(("platform", "driver", "driver_cuda", "floor"), [
+    ("linux", "535.104.05", "13.0", "580"),
+    ("windows", "527.41", "12.0", "528.33"),
+    ("linux", "470.82.01", "12.2", "525.60.13"),
+])
+def test_a_driver_that_cannot_run_its_driver_cuda_is_refused(platform, driver, driver_cuda,
+                                                             floor) -> None:
+    """driver and driver_cuda come from one driver: one too old for the CUDA the other
+    names is a profile pieced together, and the plan would rest on whichever it read."""
+    with pytest.raises(ProfileError) as e:
+        from_dict({**BASE, "platform": platform, "driver": driver, "driver_cuda": driver_cuda})
+    assert f"profile: driver {driver} cannot run CUDA {driver_cuda} (CUDA " \
+           f"{driver_cuda.split('.')[0]}.x needs driver >= {floor}), yet driver_cuda says it " \
+           "does" in str(e.value)
+    # each alone, and the two of one machine (the newest CUDA of a newer driver: less is
+    # what an older CUDA toolkit's nvidia-smi or a forward-compat package may say)
+    for pair in ({"driver": driver}, {"driver_cuda": driver_cuda},
+                 {"driver": "580.95.05", "driver_cuda": "13.0"},
+                 {"driver": "580.95.05", "driver_cuda": "12.8"},
+                 {"driver": floor, "driver_cuda": driver_cuda}):
+        assert from_dict({**BASE, "platform": platform, **pair}).platform == platform
+
+
 def test_a_huge_python_minor_fails_fast_through_the_cli(tmp_path) -> None:
     """python = "3.100000" used to grow to 7.7 GB while generating wheel tags."""
     p = tmp_path / "p.toml"

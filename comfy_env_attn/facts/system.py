@@ -102,6 +102,25 @@ def cc_tuple(text: str) -> tuple[int, int]:
     return int(digits[:-1]), int(digits[-1])
 
 
+# Lowest driver for each CUDA major (FACTS.md section 4).
+DRIVER_MIN = {
+    (12, "linux"): "525.60.13", (12, "windows"): "528.33",
+    (13, "linux"): "580", (13, "windows"): "580",
+    (11, "linux"): "450.80.02", (11, "windows"): "452.39",
+}
+
+
+def driver_short_of(driver: str, major: int, platform: str) -> str | None:
+    """The lowest driver that runs CUDA `major` on this platform, where `driver` is older
+    than it; None where it is not (or no floor is known)."""
+    floor = DRIVER_MIN.get((major, platform))
+    return floor if floor and _numbers(driver) < _numbers(floor) else None
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version))
+
+
 _STR_KEYS = ("python", "platform", "arch", "glibc", "torch", "torch_cuda", "driver",
              "driver_cuda")
 _KNOWN = {f.name for f in fields(System)} - {"absent"}
@@ -168,6 +187,13 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
         if key in kwargs and not re.match(pattern, kwargs[key]):
             raise ProfileError(f"{where}: {key} must look like {example!r}, "
                                f"got {kwargs[key][:80]!r}")
+    driver, dcuda = kwargs.get("driver"), _minor(kwargs.get("driver_cuda"))
+    floor = driver_short_of(driver, dcuda[0], kwargs["platform"]) if driver and dcuda else None
+    if floor and dcuda:
+        raise ProfileError(f"{where}: driver {driver} cannot run CUDA {kwargs['driver_cuda']} "
+                           f"(CUDA {dcuda[0]}.x needs driver >= {floor}), yet driver_cuda says "
+                           "it does: give both from the same machine (`probe --toml` writes "
+                           "them; nvidia-smi shows them as 'Driver Version' and 'CUDA Version')")
     if kwargs.get("torch_cuda") and kwargs.get("torch", "").endswith("+cpu"):
         raise ProfileError(f"{where}: torch {kwargs['torch']} is a CPU build, yet torch_cuda "
                            f"is {kwargs['torch_cuda']}: leave torch_cuda out for a CPU build, "
