@@ -296,10 +296,22 @@ def test_missing_or_mismatched_nvcc_and_too_little_disk_fail_before_anything_is_
     base = ["build", "--python", str(venv_python(venv)), "--system", str(profile),
             "--backends", "sage"]
     (tmp_path / "empty").mkdir()
-    # the embedded SageAttention pin: a CUDA build
+    # the embedded SageAttention pin: a CUDA build. The profile says torch is a CUDA build,
+    # the target's is not: its wheel would be labelled for a torch it was not compiled for
+    r = cli(*base, env=env_for(tmp_path, CUDA_HOME=str(tmp_path / "empty")))
+    assert r.returncode == 1 and r.stderr.startswith("ERROR"), r.stderr
+    assert f"ERROR the profile {profile} does not describe {venv_python(venv)}: it says " \
+        "torch's CUDA 12.8, the target's torch is a CPU build. A build compiles against the " \
+        "target's own torch and Python" in r.stderr and "pass --force" in r.stderr
+    assert "cannot build" not in r.stderr
+    r = cli("install", "--build", "--dry-run", "--python", str(venv_python(venv)), "--system",
+            str(profile), "--backends", "sage", "--no-embedded-index", env=env_for(tmp_path))
+    assert r.returncode == 1 and f"the profile {profile} does not describe" in r.stderr, \
+        r.stdout + r.stderr
+    # the profile stands in for a CUDA torch here (--force), and the build says so
+    base.append("--force")
     r = cli(*base, env=env_for(tmp_path, CUDA_HOME=str(tmp_path / "empty")))
     assert r.returncode == 1
-    # the profile stands in for a CUDA torch here, and the build says it is not the target's
     assert f"warning: the profile {profile} says torch's CUDA 12.8, the target's torch is a " \
         "CPU build: the build compiles against the target's own torch" in r.stderr
     assert "cannot build sage (sageattention 2.2.0) here (nothing was downloaded or compiled)" \

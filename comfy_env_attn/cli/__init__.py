@@ -171,6 +171,9 @@ def _build(sub: Any, name: str) -> None:
     p.add_argument("--system", metavar="FILE",
                    help="build for this System profile's GPUs (compiled against the "
                         "target's own torch)")
+    p.add_argument("--force", action="store_true",
+                   help="build even where --system contradicts the target's torch or Python "
+                        "(the wheel is labelled with the profile's)")
     p.add_argument("--dry-run", action="store_true", help="check the prerequisites only")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     _build_args(p, None)

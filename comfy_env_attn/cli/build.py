@@ -21,7 +21,7 @@ from comfy_env_attn.facts.probe import (
     probe_interpreter,
     system_from,
 )
-from comfy_env_attn.facts.system import System, load_profile
+from comfy_env_attn.facts.system import System, disagreements, load_profile
 from comfy_env_attn.install.build import (
     BuildError,
     Plan,
@@ -41,6 +41,30 @@ def _recipes_for(backends: list[str]) -> list[Recipe]:
         raise UsageError(f"no source is pinned for {', '.join(missing)}; "
                          f"buildable: {', '.join(recipes)}")
     return [recipes[b] for b in backends]
+
+
+def _against_the_target(args: argparse.Namespace, target: Target, system: System,
+                        recipes: list[Recipe]) -> None:
+    """A build compiles against the target's own torch and Python, and its wheel is labelled
+    with the profile's (install.build.build_label), for later plans to match: where a
+    profile (--system) says otherwise, the wheel would claim a torch it was not built for
+    (`undefined symbol` where it is installed by that claim). Refused unless --force, and
+    then each disagreement is a warning. torch's CUDA counts where a build compiles CUDA."""
+    if not args.system:
+        return
+    from comfy_env_attn.cli.planning import profile_disagreements
+
+    said = profile_disagreements if any(r.cuda for r in recipes) else disagreements
+    found = said(system, system_from(target, GpuFacts()))
+    if found and not args.force:
+        raise BuildError(f"the profile {args.system} does not describe {target.executable}: it "
+                         f"says {'; '.join(found)}. A build compiles against the target's own "
+                         "torch and Python, and its wheel would be labelled with the "
+                         "profile's: build with the interpreter the profile was written for, "
+                         "or pass --force to build anyway")
+    for f in found:
+        log(f"warning: the profile {args.system} says {f}: the build compiles against the "
+            "target's own torch and Python (--force)")
 
 
 def _plans(target: Target, system: System, recipes: list[Recipe], source: str | None
@@ -105,6 +129,7 @@ def build_missing(args: argparse.Namespace, target: Target, system: System,
         if not out.unbuildable:
             log("--build: every requested backend has a fitting wheel; nothing to build")
         return out
+    _against_the_target(args, target, system, todo)
     plans = _plans(target, system, todo, args.source)
     for p in plans:
         if args.dry_run:  # install --json prints its document on stdout: this is a log line
@@ -122,18 +147,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     exe = _target_exe(args)
     target = probe_interpreter(exe)
     system = load_profile(args.system) if args.system else system_from(target, probe_gpus())
-    if args.system:  # the extension is compiled against the target's own torch
-        from comfy_env_attn.cli.planning import profile_disagreements
-
-        for f in profile_disagreements(system, system_from(target, GpuFacts())):
-            log(f"warning: the profile {args.system} says {f}: the build compiles against "
-                "the target's own torch and Python")
     named = bk.parse_list(args.backends)
     backends = [b for b in named if b != "sdpa"]
     if not backends:  # sdpa alone
         raise UsageError("--backends sdpa: SDPA is PyTorch's own, there is nothing to build; "
                          f"buildable: {', '.join(load_recipes())}")
-    plans = _plans(target, system, _recipes_for(backends), args.source)
+    recipes = _recipes_for(backends)
+    _against_the_target(args, target, system, recipes)
+    plans = _plans(target, system, recipes, args.source)
     builds: list[dict[str, Any]] = []  # --json (docs/json.md)
     for p in plans:
         source = args.source or p.recipe.url
