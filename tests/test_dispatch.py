@@ -334,6 +334,27 @@ def test_a_file_edited_in_place_makes_the_lock_stale(tmp_path, monkeypatch, fres
         "sageattention 2.2.0: its files changed since verification"]
 
 
+def test_a_backend_without_a_record_is_fresh_once_locked(tmp_path, monkeypatch, fresh) -> None:
+    """An .egg-info (`setup.py install` or `develop`, the usual way a backend is built from
+    source) has no RECORD, so no digest of its files: the lock written over it is fresh,
+    and a new version of it is not."""
+    from comfy_env_attn.core.fingerprint import dist_facts
+
+    egg = tmp_path / "xformers-0.0.30-py3.11.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.30\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    live = live_facts()
+    assert live.dists["xformers"] == ("0.0.30", None) == dist_facts("xformers")
+    table = ToolTable(lockfile._fingerprint(live, {"type": live.device}, None),
+                      {"sdpa": BackendRecord("sdpa", "verified")})
+    assert table.fingerprint.backends["xformers"] == LockedDist("xformers", "0.0.30", "")
+    assert stale_reasons(table, live) == []
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.31\n")
+    assert stale_reasons(table, live_facts()) == [
+        "xformers is 0.0.31, the lock verified 0.0.30"]
+
+
 def test_masks_reach_only_backends_proven_for_them(tmp_path, monkeypatch, fresh) -> None:
     q, k, v = qkv()
     mask = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)

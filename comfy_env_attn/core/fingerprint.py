@@ -32,7 +32,8 @@ missing Version (importlib: None, here "") and undecodable METADATA (importlib r
 replaced characters).
 
 The digest (files_digest) needs a RECORD: an egg, an egg-info and a legacy egg-info file
-have none (None, as before). A dist-info in a zip is digested from the zip's directory: its
+have none (None; the lock keeps "", lockmodel.LockedDist.same_files): for those only the
+version tells a change. A dist-info in a zip is digested from the zip's directory: its
 RECORD and each listed file's size and CRC-32.
 
 Speed (the search runs at every ComfyUI start): a folder costs one listdir and a string test

@@ -115,7 +115,13 @@ class LockedDist:
 
     dist: str
     version: str
-    files_sha256: str  # its RECORD and each listed file's path, size and mtime (runtime/live.py)
+    # its RECORD and each listed file's path, size and mtime (core.fingerprint.files_digest);
+    # "" where it has no RECORD (an .egg-info, from `setup.py install` or `develop`)
+    files_sha256: str
+
+    def same_files(self, digest: str | None) -> bool:
+        """Whether files_digest's answer now (None: no RECORD) is what was verified."""
+        return (digest or "") == self.files_sha256
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> LockedDist:
@@ -441,7 +447,7 @@ def stale_reasons(locked: ToolTable, live: Live) -> list[str]:
             out.append(f"{d.dist} {d.version} is no longer installed")
         elif have[0] != d.version:
             out.append(f"{d.dist} is {have[0]}, the lock verified {d.version}")
-        elif have[1] != d.files_sha256:
+        elif not d.same_files(have[1]):
             out.append(f"{d.dist} {have[0]}: its files changed since verification")
     locked_dists = {d.dist for d in fp.backends.values()}
     for dist, have in live.dists.items():

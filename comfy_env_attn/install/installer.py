@@ -707,7 +707,7 @@ def _lock_records(path: Path, installed: dict[str, Installed]) -> bool:
               if canonicalize_name(w.name) in bk.BY_DIST}
     locked |= {(canonicalize_name(d.dist), d.version) for d in seen}
     return locked == {(d, installed[d].version) for d in dists} and all(
-        files_digest(Path(installed[canonicalize_name(d.dist)].dist_info)) == d.files_sha256
+        d.same_files(files_digest(Path(installed[canonicalize_name(d.dist)].dist_info)))
         for d in seen)
 
 
