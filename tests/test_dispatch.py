@@ -334,6 +334,50 @@ def test_a_file_edited_in_place_makes_the_lock_stale(tmp_path, monkeypatch, fres
         "sageattention 2.2.0: its files changed since verification"]
 
 
+def test_a_close_call_settled_in_one_mode_does_not_order_another(tmp_path, monkeypatch,
+                                                                  fresh) -> None:
+    """Safe mode times only the backends it may use (SDPA against sage_fp16 here): that
+    order is no answer for auto, where sage, measured twice as fast as either, leads."""
+    src = textwrap.dedent('''
+        import time
+        import torch.nn.functional as F
+        CALLS = []
+        def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
+            CALLS.append("sage")
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
+        def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", is_causal=False,
+                                          sm_scale=None, pv_accum_dtype="fp32"):
+            CALLS.append("fp16")
+            time.sleep(0.02)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
+    ''')
+    monkeypatch.syspath_prepend(str(installed_sage(tmp_path, src)))
+    lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path,
+                      sdpa_ms=1.02)
+    table = tool_table(lockfile.read(lock))
+    table.backends["sage_fp16"] = BackendRecord(
+        "sage_fp16", "verified", quantized=True, version="2.2.0",
+        checks=checks(variants=("plain",)), bench=bench(1.0))
+    lockfile.write(lock, lockfile.build([], table))
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    import sageattention
+
+    q, k, v = qkv()
+    dispatch.set_backend("auto", safe=True)
+    dispatch.dispatch_attention(q, k, v)
+    assert "fp16" in sageattention.CALLS and "sage" not in sageattention.CALLS
+    sageattention.CALLS.clear()
+    dispatch.set_backend("auto")
+    for _ in range(2):
+        dispatch.dispatch_attention(q, k, v)
+    assert sageattention.CALLS == ["sage", "sage"]
+    dispatch._reset_for_tests()  # the next start reads both from the per-machine cache
+    dispatch.set_backend("auto", safe=True)
+    assert dispatch.passed_over(q, k)[0][0] == "sdpa"
+    dispatch.set_backend("auto")
+    assert dispatch.passed_over(q, k)[0][0] == "sage"
+
+
 def test_a_backend_without_a_record_is_fresh_once_locked(tmp_path, monkeypatch, fresh) -> None:
     """An .egg-info (`setup.py install` or `develop`, the usual way a backend is built from
     source) has no RECORD, so no digest of its files: the lock written over it is fresh,

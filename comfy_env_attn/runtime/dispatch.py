@@ -153,6 +153,13 @@ def _lock_digest() -> str:
         return ""
 
 
+def _settle_key(rkey: tuple[Any, ...]) -> str:
+    """A settled choice's key: the kind of call, and the mode, which decides the backends
+    timed (safe mode times none of the approximate or quantized ones: its order is no
+    answer for auto)."""
+    return repr((rkey, _S.exact, _S.safe, _S.approximate))
+
+
 def _read_settled() -> dict[str, list[str]]:
     try:
         doc = json.loads(_settle_file().read_text(encoding="utf-8"))
@@ -358,7 +365,7 @@ def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
     else:
         order = choose.choose(_S.backends, call, exact=_S.exact, safe=_S.safe,
                               approximate=_S.approximate).names
-        settled = _S.settled.get(repr(rkey))
+        settled = _S.settled.get(_settle_key(rkey))
         if settled:
             order = [n for n in settled if n in order] + [n for n in order if n not in settled]
     out = [n for n in order if (n, rkey) not in _S.failed and n not in _S.unloadable]
@@ -444,7 +451,7 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
     med = {n: sorted(ts)[len(ts) // 2] for n, ts in samples.items() if ts}
     best = sorted(med, key=lambda n: med[n])
     order = best + [n for n in left if n not in best]
-    _S.settled[repr(rkey)] = best
+    _S.settled[_settle_key(rkey)] = best
     _write_settled()
     return order
 
@@ -502,7 +509,8 @@ def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
     call = describe(q, k, mask, causal, scale, _capability(q.device))
     rkey = _route_key(key)
     route = _S.routes.get(rkey) or _route(call, rkey)
-    if settle and _S.mode == "auto" and _S.table is not None and repr(rkey) not in _S.settled:
+    if settle and _S.mode == "auto" and _S.table is not None and \
+            _settle_key(rkey) not in _S.settled:
         route = _settle(route, call, rkey, args)
     plain = mask is None and not causal and scale is None and k.shape[1] == q.shape[1]
     while True:
