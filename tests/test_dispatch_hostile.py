@@ -116,7 +116,10 @@ def dense(q, k, v, mask, causal, scale):
 
 def packed(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     """Per sequence, with the causal triangle aligned bottom-right (as flash-attn aligns
-    it) and no grouped heads: right wherever a sequence's lengths are equal."""
+    it) and no grouped heads: right wherever a sequence's lengths are equal. Offsets as
+    flash-attn and SageAttention take them: int32, on q's device."""
+    if cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
+        raise RuntimeError("cu_seqlens_q must have dtype int32")
     CALLS.append((q.shape[1], k.shape[1], causal))
     out = torch.empty_like(q)
     bq, bk = cu_q.tolist(), cu_k.tolist()
@@ -192,6 +195,19 @@ def test_packed_calls_reach_a_backend_only_as_verification_proved_them(
     kv = torch.randn(96, 4, 64, generator=g)
     dispatch.dispatch_varlen_attention(q, kv, kv, cu, cu, 56, 56).sum().backward()
     assert q.grad is not None and len(packed_attn.CALLS) == 3  # gradients: SDPA's
+    # int64 offsets (as torch.cumsum gives them) reach it as it was proven: int32
+    with torch.no_grad():
+        out = dispatch.dispatch_varlen_attention(q, kv, kv, cu.long(), cu.long(), 56, 56)
+    assert len(packed_attn.CALLS) == 4
+    torch.testing.assert_close(out, dispatch._SDPA.varlen(q, kv, kv, cu, cu, 56, 56, False,
+                                                          None))
+    # an input SDPA rejects too (q and k of two dtypes) is the caller's fault: raised, and
+    # the backend keeps its place for the next call
+    with pytest.raises(RuntimeError):
+        dispatch.dispatch_varlen_attention(q.detach(), kv.double(), kv, cu, cu, 56, 56)
+    assert not dispatch._S.failed and len(packed_attn.CALLS) == 5  # it was tried
+    dispatch.dispatch_varlen_attention(q.detach(), kv, kv, cu, cu, 56, 56)
+    assert len(packed_attn.CALLS) == 6
 
 
 def test_settings_changed_during_a_first_call_are_not_undone_by_it(tmp_path, monkeypatch,

@@ -701,8 +701,11 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError("cu_seqlens_q and cu_seqlens_kv must describe as many sequences")
     _ensure()
     gen = _GEN[0]
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, is_causal,
-            scale)
+    # as verification passed them, and as the packed kernels take them: int32 on q's device
+    # (int64 or host offsets are checked above, and would fail there or come in unproven)
+    cu_q, cu_k = (cu if cu.dtype == torch.int32 and cu.device == q.device
+                  else cu.to(q.device, torch.int32) for cu in (cu_seqlens_q, cu_seqlens_kv))
+    args = (q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_kv, is_causal, scale)
     if 0 in lens_q or 0 in lens_k or _wants_grad(q, k, v):
         return _SDPA.varlen(*args)  # an empty sequence, or gradients: no proof covers them
     call = Call(dtype=dtype_name(q), head_dim=q.shape[-1], q_len=max_seqlen_q,
@@ -716,6 +719,7 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with _LOCK:
         if gen == _GEN[0]:
             _S.routes[rkey] = route
+    answer = None  # SDPA's, where a backend failed and SDPA was asked whose fault it was
     for name in route:
         if name == "sdpa":
             break
@@ -723,6 +727,11 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out = _adapter(name).varlen(*args)
             return out if out.dtype == q.dtype else out.to(q.dtype)
         except Exception as e:
+            if name not in _S.unloadable:
+                try:  # the input itself at fault (SDPA rejects it too): nothing is demoted
+                    answer = _SDPA.varlen(*args)
+                except Exception:
+                    raise e from None
             with _LOCK:
                 if name not in _S.unloadable:  # that one was said by _adapter
                     _S.failed[(name, rkey)] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -730,7 +739,7 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 "backend", name, type(e).__name__, str(e)[:200])
                 _S.routes.pop(rkey, None)
                 _S.label = _describe()
-    return _SDPA.varlen(*args)
+    return answer if answer is not None else _SDPA.varlen(*args)
 
 
 def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None,
