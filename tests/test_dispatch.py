@@ -399,6 +399,37 @@ def test_a_backend_without_a_record_is_fresh_once_locked(tmp_path, monkeypatch, 
         "xformers is 0.0.31, the lock verified 0.0.30"]
 
 
+def test_values_of_another_head_size_and_integer_masks_go_to_sdpa(tmp_path, monkeypatch,
+                                                                   fresh) -> None:
+    """Every check proves values of the queries' head size, and masks that are bool or
+    floating. A call with values of another size is SDPA's, even after a call of the same
+    q and k shapes chose sage; an integer mask is SDPA's to refuse, where a backend might
+    read its 0/1 as a bias and answer wrongly."""
+    folder = fake_sage(tmp_path, takes_mask=True)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(write_lock(
+        tmp_path / "l.toml", sage_dir=folder, sage=sage_record(
+            checks=checks(variants=("plain", "mask", "mask_bool"))))))
+    import sageattention
+
+    q, k, v = qkv()
+    dispatch.dispatch_attention(q, k, v)
+    assert len(sageattention.CALLS) == 1
+    v32 = v[..., :32].contiguous()
+    out = dispatch.dispatch_attention(q, k, v32)
+    assert len(sageattention.CALLS) == 1 and out.shape == (1, 2, 128, 32)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v32))
+    order, left = dispatch.passed_over(q, k, v=v32)
+    assert order == ["sdpa"] and dict(left)["sage"] == (
+        "its values' head size 32 is not its queries' (64)",)
+    keep = torch.ones(1, 1, 128, 128, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        dispatch.dispatch_attention(q, k, v, attn_mask=keep)
+    assert len(sageattention.CALLS) == 1 and not dispatch._S.failed
+    dispatch.dispatch_attention(q, k, v, attn_mask=keep.bool())
+    assert len(sageattention.CALLS) == 2
+
+
 def test_masks_reach_only_backends_proven_for_them(tmp_path, monkeypatch, fresh) -> None:
     q, k, v = qkv()
     mask = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)
@@ -582,7 +613,7 @@ def test_close_calls_are_timed_back_to_back_once_and_cached_per_machine(
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
     q, k, v = qkv()
     dispatch.dispatch_attention(q, k, v)
-    key = (q.shape, q.dtype, k.shape, None, False, True, q.device)
+    key = (q.shape, q.dtype, k.shape, v.shape, None, False, True, q.device)
     assert dispatch._ROUTES[key][0] == "sdpa"  # timed here: the sleeping sage lost
     import sageattention
 

@@ -456,7 +456,7 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
     return order
 
 
-# (shape, dtype, k shape, mask dtype, causal, no scale, device) -> (backend, adapter):
+# (shape, dtype, k shape, v shape, mask dtype, causal, no scale, device) -> (backend, adapter):
 # the hot path is one tuple, one dict lookup and the adapter call (None: plain SDPA inline).
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, bool, float | None],
                   torch.Tensor]  # an Adapter, a Monitored one, or _other_sdpa
@@ -466,7 +466,7 @@ _plain_sdpa = sdpa  # adapters.sdpa: cuDNN first on CUDA, as ComfyUI runs it
 
 def _route_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
     """The hot path's key -> the kind of call the choice is made for."""
-    shape, dtype, kshape, mask_dtype, causal, no_scale, device = key
+    shape, dtype, kshape, _vshape, mask_dtype, causal, no_scale, device = key
     return (shape[-1], str(dtype), shape[-2], kshape[-2], shape[1], kshape[1],
             None if mask_dtype is None else str(mask_dtype), causal, not no_scale,
             device.type, device.index)
@@ -477,13 +477,20 @@ def _wants_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _sdpa_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+def _sdpa_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> str | None:
     """Why a dense call goes to PyTorch SDPA whatever the lock proves (None: the lock
-    decides): gradients, or tensors whose heads cannot be read from [B, H, N, D]."""
+    decides): gradients, tensors whose heads cannot be read from [B, H, N, D], values of
+    another head size than the queries' (every check has one), or a mask neither bool nor
+    floating (SDPA refuses it, where a backend might read 0/1 as a bias)."""
     if _wants_grad(q, k, v):
         return "it wants gradients, and verification proves no backward pass"
     if q.ndim != 4 or k.ndim != 4:
         return "its tensors are not [B, H, N, D]"
+    if v.shape[-1] != q.shape[-1]:
+        return f"its values' head size {v.shape[-1]} is not its queries' ({q.shape[-1]})"
+    if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        return f"its mask is {dtype_name(mask)}, neither bool nor floating"
     return None
 
 
@@ -504,7 +511,7 @@ def _entry(key: tuple[Any, ...], args: tuple[Any, ...], settle: bool = True
     _ensure()
     gen = _GEN[0]
     q, k, v, mask, causal, scale = args
-    if _sdpa_only(q, k, v):
+    if _sdpa_only(q, k, v, mask):
         return "sdpa", _sdpa_for(q, k)  # never kept: such calls are rare and need no choice
     call = describe(q, k, mask, causal, scale, _capability(q.device))
     rkey = _route_key(key)
@@ -547,7 +554,7 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attn_mask, is_causal = merge_causal(attn_mask, q.shape[-2], k.shape[-2]), False
     if torch.is_grad_enabled() and _wants_grad(q, k, v):  # no_grad (ComfyUI): one C call
         return _sdpa_for(q, k)(q, k, v, attn_mask, is_causal, scale)
-    key = (q.shape, q.dtype, k.shape, None if attn_mask is None else attn_mask.dtype,
+    key = (q.shape, q.dtype, k.shape, v.shape, None if attn_mask is None else attn_mask.dtype,
            is_causal, scale is None, q.device)
     try:
         name, kernel = _ROUTES[key]
@@ -706,8 +713,9 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_q, cu_k = (cu if cu.dtype == torch.int32 and cu.device == q.device
                   else cu.to(q.device, torch.int32) for cu in (cu_seqlens_q, cu_seqlens_kv))
     args = (q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_kv, is_causal, scale)
-    if 0 in lens_q or 0 in lens_k or _wants_grad(q, k, v):
-        return _SDPA.varlen(*args)  # an empty sequence, or gradients: no proof covers them
+    if 0 in lens_q or 0 in lens_k or _wants_grad(q, k, v) or v.shape[-1] != q.shape[-1]:
+        return _SDPA.varlen(*args)  # an empty sequence, gradients, values of another head
+        #                             size: no proof covers them
     call = Call(dtype=dtype_name(q), head_dim=q.shape[-1], q_len=max_seqlen_q,
                 kv_len=max_seqlen_kv, q_heads=q.shape[1], kv_heads=k.shape[1],
                 causal=is_causal, scale=scale is not None, device=q.device.type,
@@ -757,13 +765,13 @@ def passed_over(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     names = [n for n in _S.backends if n in BACKENDS]
     if _S.mode not in ("auto", *names):
         names.append(_S.mode)
-    only = _sdpa_only(q, k, k if v is None else v)
+    only = _sdpa_only(q, k, k if v is None else v, attn_mask)
     call = rkey = None
     if only:
         order = ["sdpa"]
     else:
         call = describe(q, k, attn_mask, is_causal, scale, _capability(q.device))
-        rkey = _route_key((q.shape, q.dtype, k.shape,
+        rkey = _route_key((q.shape, q.dtype, k.shape, None,
                            None if attn_mask is None else attn_mask.dtype, is_causal,
                            scale is None, q.device))
         order = _S.routes.get(rkey) or _route(call, rkey)
