@@ -168,7 +168,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     diff = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
     chosen = sorted({f"{name} for head dim {key[0][-1]}, {key[0][-2]} x {key[2][-2]} tokens"
-                     f"{', masked' if key[3] is not None else ''}"
+                     f"{', masked' if key[4] is not None else ''}"
                      for key, (name, _) in dispatch._ROUTES.items()})
     result = {
         "model": what, "parameters": n_params, "device": torch.cuda.get_device_name(dev)

@@ -100,7 +100,7 @@ def per_head_dim() -> dict[str, dict[str, object]]:
                 a.load()
                 fns[n] = a
         dispatch.dispatch_attention(q, k, v)  # auto's first call (settles if close)
-        chosen = dispatch._ROUTES[(q.shape, q.dtype, k.shape, None, False, True, True)][0]
+        chosen = dispatch.passed_over(q, k, v=v)[0][0]  # what the route leads with
         fns["auto"] = lambda q, k, v, m, c, s: dispatch.dispatch_attention(q, k, v)
         med = rotated_ms({n: partial(f, q, k, v, None, False, None) for n, f in fns.items()},
                          rounds=12, calls=20)
