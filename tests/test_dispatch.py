@@ -248,6 +248,35 @@ def test_failure_memory_logs_once_and_the_label_says_so(tmp_path, monkeypatch, f
     assert len(sageattention.CALLS) == 2
 
 
+def test_settings_taking_turns_read_the_lock_once_and_keep_what_failed(
+        tmp_path, monkeypatch, fresh, caplog) -> None:
+    """Two Attention Backend nodes (or callers) whose settings alternate at every call: the
+    lock is read once per version of the file, not at each turn, and a backend that failed
+    here is not tried again (and said again) each time the settings come back."""
+    monkeypatch.syspath_prepend(str(fake_sage(tmp_path)))
+    rec = sage_record(checks=(*checks(dtype="float16"), *checks()))
+    lock = write_lock(tmp_path / "l.toml", sage=rec, sage_dir=tmp_path)
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    reads = []
+    real_load = dispatch._load_lock
+    monkeypatch.setattr(dispatch, "_load_lock", lambda: reads.append(1) or real_load())
+    q, k, v = qkv(dtype=torch.float16)  # the fake's float16 kernel raises
+    import sageattention
+
+    with caplog.at_level(logging.WARNING, "comfy_env_attn"):
+        for _ in range(4):
+            dispatch.set_backend("auto")
+            dispatch.dispatch_attention(q, k, v)
+            dispatch.set_backend("auto", safe=True)
+            dispatch.dispatch_attention(q, k, v)
+    assert len(reads) == 1 and len(sageattention.CALLS) == 1
+    assert len([r for r in caplog.records if "sage failed" in r.message]) == 1
+    write_lock(lock, sage=rec, sage_dir=tmp_path, sdpa_ms=4.0)  # a new lock: read, afresh
+    dispatch.set_backend("auto")
+    dispatch.dispatch_attention(q, k, v)
+    assert len(reads) == 2 and len(sageattention.CALLS) == 2
+
+
 def test_the_callers_own_error_demotes_nothing(tmp_path, monkeypatch, fresh) -> None:
     monkeypatch.syspath_prepend(str(fake_sage(tmp_path)))
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(write_lock(

@@ -240,6 +240,7 @@ def _applied_now(dispatch: Any, backend: str, mode: str) -> tuple[Any, ...]:
     state = getattr(dispatch, "_S", None)
     return (backend, mode, id(state), getattr(state, "mode", None),
             getattr(state, "exact", None), getattr(state, "safe", None),
+            getattr(state, "approximate", None), getattr(state, "unverified", None),
             getattr(state, "ready", True))
 
 

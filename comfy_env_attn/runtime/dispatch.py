@@ -2,9 +2,10 @@
 that kind of call on this machine, through the same adapter verification proved.
 
 Imported inside every ComfyUI start, so it imports only the standard library and torch.
-The lock is read once, on the first set_backend() or dispatch call, validated against the
-typed lock model and checked against the live process with the same rule the command line
-uses (core.lockmodel.stale_reasons). A missing, stale or invalid lock gives one warning and
+The lock is read on the first set_backend() or dispatch call, and again only once the file
+has changed (a later set_backend re-reads nothing else), validated against the typed lock
+model and checked against the live process with the same rule the command line uses
+(core.lockmodel.stale_reasons). A missing, stale or invalid lock gives one warning and
 SDPA.
 
     from comfy_env_attn import set_backend, dispatch_attention
@@ -89,6 +90,7 @@ class _State:
     settled: dict[str, list[str]] = field(default_factory=dict)  # from the per-machine cache
     said: set[str] = field(default_factory=set)  # one log line per message
     ready: bool = False
+    lock_seen: tuple[Any, ...] | None = None  # the lock file as `table` was read from it
 
 
 _S = _State()
@@ -115,6 +117,16 @@ def _say_once(msg: str) -> None:
 
 def _lock_file() -> Path:
     return lock_path(sys.prefix)
+
+
+def _lock_stat() -> tuple[Any, ...] | None:
+    """The lock file as it is now (path, size, mtime, inode); None where it cannot be read."""
+    path = _lock_file()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _load_lock() -> ToolTable | None:
@@ -253,15 +265,22 @@ def _apply(name: str, *, exact: bool, safe: bool, approximate: bool,
             mode = env[1]
         _S.mode, _S.exact, _S.safe = mode, exact, safe and not exact
         _S.approximate = approximate and not (exact or safe)
-        _S.failed, _S.unloadable, _S.said = {}, {}, set()
         if allow_unverified is None:
             allow_unverified = os.environ.get("COMFY_ENV_ATTN_UNVERIFIED") == "1"
-        table = _load_lock()
-        _S.table, _S.unverified, _S.backends = table, False, {}
+        seen = _lock_stat()
+        if not (_S.ready and seen is not None and seen == _S.lock_seen):
+            # read once per version of the lock: two nodes' settings taking turns at each
+            # call re-apply them, and re-reading (and stat-ing every backend's files) each
+            # time cost 9 ms a call; what failed here stays failed whatever the mode
+            _S.failed, _S.unloadable, _S.said = {}, {}, set()
+            _S.table, _S.lock_seen = _load_lock(), seen
+            if _S.table is not None:
+                _S.settled = _read_settled()
+        table = _S.table
+        _S.unverified, _S.backends = False, {}
         if table is not None:
             _S.backends = table.verified()
             _S.device = table.fingerprint.device
-            _S.settled = _read_settled()
         elif allow_unverified:
             _S.unverified = True
             _S.device = "cuda" if torch.cuda.is_available() else "cpu"
