@@ -389,6 +389,29 @@ def test_bad_usage_exit_2() -> None:
     assert cli().returncode == 2
     r = cli("plan", "--python", sys.executable, "--comfyui", ".")  # one target, not two
     assert r.returncode == 2 and "not allowed with argument --python" in r.stderr
+    r = cli("node", "install", "--comfyui", ".", "--comfy-cli")
+    assert r.returncode == 2 and "not allowed with argument --comfyui" in r.stderr
+    # options that contradict: a lock's exact wheels, or wheels chosen anew
+    for extra, says in [(["--from-lock", "l.toml", "--config", "c.toml"], "--config would"),
+                        (["--from-lock", "l.toml", "--system", "p.toml"], "--system would"),
+                        (["--from-lock", "l.toml", "--build"], "--build would"),
+                        (["--source", "src.tar.gz"], "--source names what --build compiles")]:
+        r = cli("install", "--python", "/nonexistent/python", "--dry-run", *extra)
+        assert r.returncode == 2 and says in r.stderr, (extra, r.stderr)
+
+
+def test_an_empty_path_is_bad_usage_not_the_default() -> None:
+    """`--python "$PY"` with PY unset: an empty word would leave the default in its place
+    (the tool's own Python, a fresh plan instead of the lock's); it is refused, exit 2,
+    naming the option."""
+    for args in (["install", "--python", "", "--dry-run"], ["probe", "--comfyui", ""],
+                 ["plan", "--system", ""], ["lock", "--file", ""],
+                 ["install", "--from-lock", "", "--dry-run"], ["plan", "--config", ""],
+                 ["plan", "--find-links", " "], ["node", "install", "--comfyui", ""]):
+        r = cli(*args)
+        option = next(a for a in args if a.startswith("--"))
+        assert r.returncode == 2 and f"argument {option}: empty (an unset variable?)" \
+            in r.stderr, (args, r.stderr)
 
 
 

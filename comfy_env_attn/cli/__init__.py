@@ -39,8 +39,8 @@ JSON_HELP = "one JSON document on stdout (schemas: docs/json.md)"
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target (one of)").add_mutually_exclusive_group()
-    g.add_argument("--python", metavar="PATH", help="the interpreter ComfyUI runs with")
-    g.add_argument("--comfyui", metavar="DIR",
+    g.add_argument("--python", type=_given, metavar="PATH", help="the interpreter ComfyUI runs with")
+    g.add_argument("--comfyui", type=_given, metavar="DIR",
                    help="a ComfyUI folder (finds python_embeded, .venv, venv, ...)")
     g.add_argument("--comfy-cli", action="store_true",
                    help="use comfy-cli's configured workspace")
@@ -48,9 +48,9 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 def _index_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("wheel sources")
-    g.add_argument("--index-url", action="append", default=[], metavar="URL",
+    g.add_argument("--index-url", type=_given, action="append", default=[], metavar="URL",
                    help="a PEP 503/691 simple index (repeatable)")
-    g.add_argument("--find-links", action="append", default=[], metavar="URL|PATH",
+    g.add_argument("--find-links", type=_given, action="append", default=[], metavar="URL|PATH",
                    help="an HTML page of links or a folder of wheels (repeatable)")
     g.add_argument("--pypi", action="store_true", help="also search PyPI live")
     g.add_argument("--no-embedded-index", action="store_true",
@@ -58,7 +58,7 @@ def _index_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE",
+    p.add_argument("--config", type=_given, metavar="FILE",
                    help="a comfy-env.toml: the attention packages it asks for, with their "
                         "versions")
     p.add_argument("--env", metavar="NAME",
@@ -118,7 +118,7 @@ def _probe(sub: Any, name: str) -> None:
 def _plan(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="which wheel fits, and why the others do not")
     _target_args(p)
-    p.add_argument("--system", metavar="FILE", help="resolve for a System profile (TOML)")
+    p.add_argument("--system", type=_given, metavar="FILE", help="resolve for a System profile (TOML)")
     _index_args(p)
     p.add_argument("--backends", metavar="LIST", help="comma-separated, e.g. sage,flash")
     _config_args(p)
@@ -142,9 +142,9 @@ def _install(sub: Any, name: str) -> None:
                    help="comma-separated, e.g. sage,flash (default: every backend a wheel "
                         "fits)")
     _config_args(p)
-    p.add_argument("--system", metavar="FILE",
+    p.add_argument("--system", type=_given, metavar="FILE",
                    help="resolve for this System profile; install and verify in the target")
-    p.add_argument("--from-lock", metavar="FILE", help="reinstall exactly what a lock records")
+    p.add_argument("--from-lock", type=_given, metavar="FILE", help="reinstall exactly what a lock records")
     p.add_argument("--dry-run", action="store_true",
                    help="show what would be installed, and why; change nothing")
     p.add_argument("--yes", action="store_true",
@@ -168,7 +168,7 @@ def _build(sub: Any, name: str) -> None:
     _target_args(p)
     p.add_argument("--backends", metavar="LIST", required=True,
                    help="comma-separated, those with a pinned source, e.g. sage")
-    p.add_argument("--system", metavar="FILE",
+    p.add_argument("--system", type=_given, metavar="FILE",
                    help="build for this System profile's GPUs (compiled against the "
                         "target's own torch)")
     p.add_argument("--force", action="store_true",
@@ -212,7 +212,7 @@ def _verify(sub: Any, name: str) -> None:
 def _lock(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="show the lock and whether it matches this machine")
     _target_args(p)
-    p.add_argument("--file", metavar="PATH", help="a lock file other than the target's")
+    p.add_argument("--file", type=_given, metavar="PATH", help="a lock file other than the target's")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 
@@ -241,8 +241,8 @@ def _node(sub: Any, name: str) -> None:
     for action, text in (("install", "copy the node into DIR/custom_nodes/comfy_env_attn/"),
                          ("remove", "take away the node `node install` placed")):
         q = nodes.add_parser(action, help=text)
-        g = q.add_argument_group("target")
-        g.add_argument("--comfyui", metavar="DIR", help="the ComfyUI folder")
+        g = q.add_argument_group("target (one of)").add_mutually_exclusive_group()
+        g.add_argument("--comfyui", type=_given, metavar="DIR", help="the ComfyUI folder")
         g.add_argument("--comfy-cli", action="store_true",
                        help="use comfy-cli's configured workspace")
         _common(q)
@@ -271,7 +271,7 @@ def _build_args(p: argparse.ArgumentParser, when: str | None) -> None:
     if when:
         g.add_argument("--build", action="store_true",
                        help=f"compile {when} from source for this GPU (into the wheelhouse)")
-    g.add_argument("--source", metavar="DIR|FILE|URL",
+    g.add_argument("--source", type=_given, metavar="DIR|FILE|URL",
                    help="build from this source instead of the pinned one (URL#sha256=HEX "
                         "checks it)")
 
@@ -287,6 +287,17 @@ def _verify_opts(p: argparse.ArgumentParser) -> None:
 
 # Checked as the command line is read (exit 2), before anything starts, and the same for
 # every command and for --dry-run.
+
+def _given(text: str) -> str:
+    """A path, URL or command named on the command line: never empty (an unset variable in
+    a script would otherwise leave the default in its place: the tool's own Python, a fresh
+    plan instead of a lock's)."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (an unset variable?)")
+    return text
+
 
 def _device_arg(text: str) -> str:
     import argparse

@@ -41,6 +41,13 @@ from comfy_env_attn.verify.run import Options, Result
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    given = [o for o, on in (("--config", args.config), ("--system", args.system),
+                             ("--build", args.build)) if on]
+    if args.from_lock and given:  # each of those chooses wheels anew; the lock has chosen
+        raise UsageError(f"--from-lock installs exactly what the lock records: {given[0]} "
+                         "would choose anew; give one or the other")
+    if args.source and not args.build:
+        raise UsageError("--source names what --build compiles: add --build")
     if args.from_lock and not Path(args.from_lock).is_file():
         raise InstallError(f"--from-lock {args.from_lock}: " + (
             "a folder, not a lock file" if Path(args.from_lock).is_dir() else "no such file")
