@@ -159,6 +159,18 @@ def test_probe_toml_is_a_valid_system_profile(tmp_path: Path) -> None:
     r2 = cli("plan", "--system", str(prof), "--json", "--backends", "sage")
     assert r2.returncode == 0, r2.stderr
     assert json.loads(r2.stdout)["system"]["python"] == "%d.%d.%d" % sys.version_info[:3]
+    # written without a GPU: the facts it lacks are named, and keys appended are read
+    assert "# Not found here:\n#   gpus: " in r.stdout
+    prof.write_text(r.stdout + 'gpus = ["8.9"]\ndriver = "570.124.06"\ndriver_cuda = "12.8"\n')
+    r2 = cli("plan", "--system", str(prof), "--json", "--backends", "sage")
+    assert r2.returncode == 0 and json.loads(r2.stdout)["system"]["gpus"] == ["8.9"], r2.stderr
+    # a file of an older probe --toml, ending with [provenance]: a key appended there is in
+    # that table, unread; said, not planned without
+    prof.write_text(r.stdout + '[provenance]\nprobed_at = "2026-11-20T10:00:00Z"\n'
+                    'gpus = ["8.9"]\n')
+    r2 = cli("plan", "--system", str(prof))
+    assert r2.returncode == 1 and "'gpus' is inside the [provenance] table, where it is not " \
+        "read: move it above [provenance]" in r2.stderr, r2.stderr
 
 
 def test_probe_json() -> None:

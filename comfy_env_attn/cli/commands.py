@@ -58,11 +58,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.toml:
         import tomli_w
 
-        doc: dict[str, Any] = system.to_dict()
-        doc["provenance"] = {"executable": target.executable, "gpu_source": "nvml/nvidia-smi",
-                             "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             **{f"absent_{k}": v for k, v in system.absent.items()}}
-        sys.stdout.write(tomli_w.dumps(doc))
+        # where it came from, as comments: a table here would take in every key a user
+        # appends (the GPU's, for a profile written without it) and hide it from the loader
+        head = [f"# A System profile: comfy-env-attn probe --toml, "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, of {target.executable}"
+                " (GPU facts from NVML, else nvidia-smi)."]
+        if system.absent:
+            head.append("# Not found here:")
+            head += [f"#   {k}: {' '.join(str(v).split())}" for k, v in system.absent.items()]
+        sys.stdout.write("\n".join(head) + "\n" + tomli_w.dumps(system.to_dict()))
         return 0
     if args.json:
         dump_json({"schema": 1, "command": "probe", "system": system.to_dict(),

@@ -146,6 +146,12 @@ def normalize_arch(value: str) -> str:
 def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
     """A System from the flat profile structure; ProfileError naming the bad key."""
     unknown = sorted(set(data) - _KNOWN - {"provenance"})
+    buried = sorted(set(data.get("provenance") or ()) & _KNOWN) \
+        if isinstance(data.get("provenance"), dict) else []
+    if buried:  # older probe --toml ended with [provenance]: keys appended land in it
+        raise ProfileError(f"{where}: {buried[0]!r} is inside the [provenance] table, where it "
+                           "is not read: move it above [provenance] (TOML puts every key after "
+                           "a table header in that table)")
     if unknown:
         raise ProfileError(f"{where}: unknown key {unknown[0]!r}; known keys: "
                            f"{', '.join(sorted(_KNOWN))}")
