@@ -433,11 +433,20 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     r = cli("uninstall", "--python", py)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "xformers: removed (xformers 0.0.32.post2)" in r.stdout, r.stdout
-    assert "left xf-helper 1.0, which came with it (--with-requirements takes it out " \
-        "too)" in r.stdout, r.stdout
+    assert "left xf-helper 1.0, which came with it (`uninstall --with-requirements` takes " \
+        "it out, now or later)" in r.stdout, r.stdout
     assert set(installed_in(venv)) & {"sageattention", "xformers", "xf-helper"} == \
         {"xf-helper"}
-    assert read(lock)["packages"] == [] and read_lock(lock)["auto"] == ["sdpa"]
+    # the lock keeps what was left as xformers' still, so that the hint can be followed
+    (left,) = read(lock)["packages"]
+    assert left["name"] == "xf-helper" and read_lock(lock)["auto"] == ["sdpa"]
+    assert left["tool"]["comfy-env-attn"]["brought-by"] == ["xformers"]
+    r = cli("uninstall", "--python", py, "--with-requirements")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "also removed xf-helper 1.0, which came with it" in r.stdout, r.stdout
+    assert "xf-helper" not in installed_in(venv) and read(lock)["packages"] == []
+    r = cli("uninstall", "--python", py, "--with-requirements")
+    assert r.returncode == 0 and "nothing to remove" in r.stdout, r.stdout + r.stderr
     assert not (venv / ".comfy-env-attn" / "journal.json").exists()
     assert not os.listdir(venv / ".comfy-env-attn" / "backup") if \
         (venv / ".comfy-env-attn" / "backup").exists() else True

@@ -1118,9 +1118,12 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
                   passthrough: bool = False, with_requirements: bool = False) -> None:
     """Remove these backends' distributions from the target's own site-packages, journalled
     like an install (a failure or a kill midway puts them back), never a file of torch,
-    its closure or another distribution; then rewrite the lock without them."""
+    its closure or another distribution; then rewrite the lock without them.
+    `with_requirements`: the requirements they alone brought go too, and those an earlier
+    uninstall left of backends already gone (the lock keeps them, brought-by intact)."""
     ctx = _Context(target)
     installed, own = ctx.installed, own_sites(target)
+    gone = _gone_backends(target, installed) if with_requirements else []
     remove: list[str] = []
     for b in backends:
         row = out.row(b)
@@ -1137,18 +1140,24 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         else:
             row.version, row.installed = inst.version, inst.version
             remove.append(b)
-    if not remove:
-        return
     before_files = ctx.protected_state(installed)
     dists = [bk.BACKENDS[b].dist for b in remove]
-    reqs, released = _requirements_to_remove(ctx, remove, dists, own, out)
+    for b in gone:
+        if b not in backends:
+            out.row(b).action, out.row(b).note = "absent", "uninstalled before"
+    reqs, released = _requirements_to_remove(ctx, remove, dists, own, out, gone)
+    if not (remove or reqs):
+        return
+    orphans: set[str] = set()  # left, and kept in the lock for a later --with-requirements
     if not with_requirements:  # ComfyUI and custom nodes import packages they never declare
         for d, by in reqs.items():
             for b in by:
                 out.row(b).note = _joined(out.row(b).note, f"left {d} "
                                           f"{installed[d].version}, which came with it "
-                                          "(--with-requirements takes it out too)")
-        reqs = {}
+                                          "(`uninstall --with-requirements` takes it out, "
+                                          "now or later)")
+        orphans, reqs = set(reqs), {}
+        released -= orphans
     every = dists + list(reqs)
     # files any other distribution (torch's closure included) owns: never deleted
     foreign = protected_files(target) | shared_files(installed, every, fold=ctx.folds_case)
@@ -1179,14 +1188,25 @@ def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
         _check_untouched(ctx, before_files, after, [])
         _locking(journal, target)
         crash_point("locking")
-        out.lock = _lock_without(target, remove, after, released)
+        out.lock = _lock_without(target, remove, after, released, orphans)
         journal.commit()
     except BaseException as e:  # anything at all, a bug included: the target goes back
         _put_back(journal, target, uninstall, e, "uninstall")
 
 
+def _gone_backends(target: Target, installed: Mapping[str, Installed]) -> list[str]:
+    """The backends the lock names as having brought a requirement that are no longer
+    installed: an uninstall without --with-requirements left what they brought."""
+    try:
+        wheels = lockfile.wheels_of(lockfile.read(lockfile.lock_path(target.prefix)))
+    except AttnError:
+        return []
+    named = dict.fromkeys(b for w in wheels for b in w.brought_by if b in bk.BACKENDS)
+    return [b for b in named if bk.BACKENDS[b].dist and bk.BACKENDS[b].dist not in installed]
+
+
 def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
-                            own: Collection[str], out: Outcome
+                            own: Collection[str], out: Outcome, gone: Collection[str] = ()
                             ) -> tuple[dict[str, list[str]], set[str]]:
     """(the requirements an install put in for these backends, the lock's brought-by, that go
     with them: distribution -> the backends of `remove` that brought it; every requirement
@@ -1194,12 +1214,15 @@ def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
     stays, with its reason in those backends' notes, when a backend that stays brought it
     too, when it is no longer at the version the lock records (changed since), installed
     elsewhere than the target's own site-packages, in torch's closure, or required by any
-    distribution that stays (markers aside: one a marker might leave out keeps it)."""
+    distribution that stays (markers aside: one a marker might leave out keeps it).
+    `gone`: backends uninstalled before, whose requirements the lock still records as theirs
+    (their own requirements can no longer be read: the lock's record, at its version, and
+    the rules above decide)."""
     try:
         wheels = lockfile.wheels_of(lockfile.read(lockfile.lock_path(ctx.target.prefix)))
     except AttnError:
         return {}, set()  # no lock, or unreadable: it cannot say what came with them
-    installed, leaving = ctx.installed, set(remove)
+    installed, leaving = ctx.installed, set(remove) | set(gone)
     requires = {name: _names(inst.requires) for name, inst in installed.items()}
     # what the leaving backends require as installed, through the distributions installed:
     # a lock that names anything else as theirs (edited, or corrupt) takes nothing with it
@@ -1218,7 +1241,7 @@ def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
             why = f"{', '.join(sorted(set(w.brought_by) - leaving))} brought it too"
         elif inst.version != w.version:
             why = f"it is {inst.version} now; the lock recorded {w.version}"
-        elif d not in reach:
+        elif d not in reach and not set(by) <= set(gone):
             why = f"the lock says it came with {', '.join(by)}, which does not require it"
         elif inst.location not in own or d in ctx.protect:
             why = "torch needs it" if d in ctx.protect else f"it is installed in {inst.location}"
@@ -1248,10 +1271,13 @@ def _joined(note: str, more: str) -> str:
 
 
 def _lock_without(target: Target, removed: list[str], after: dict[str, Installed],
-                  requirements: Collection[str] = ()) -> Path | None:
+                  requirements: Collection[str] = (), orphans: Collection[str] = ()
+                  ) -> Path | None:
     """The target's lock rewritten without these backends: their packages, records and
-    fingerprint entries go, and the packages of the requirements they alone brought; the
-    rest (and what verification proved of it) stays."""
+    fingerprint entries go, and the packages of the requirements they alone brought
+    (`requirements`); those left installed (`orphans`) stay, still brought by them, for a
+    later `uninstall --with-requirements`; the rest (and what verification proved of it)
+    stays."""
     import time
 
     from comfy_env_attn.core.backends import normalize_dist
@@ -1271,6 +1297,8 @@ def _lock_without(target: Target, removed: list[str], after: dict[str, Installed
                        if normalize_dist(str(p.get("name", ""))) not in gone]
     for p in doc["packages"]:  # a requirement another backend brought too is that one's now
         own = (p.get("tool") or {}).get("comfy-env-attn")
+        if normalize_dist(str(p.get("name", ""))) in orphans:
+            continue
         if isinstance(own, dict) and isinstance(own.get("brought-by"), list):
             own["brought-by"] = [b for b in own["brought-by"] if b not in removed]
     tool = replace(tool,
