@@ -174,8 +174,8 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
     (for diagnose), each with its checks' count."""
     found: list[Any] = []
     # the command that proves this target again (a system interpreter needs --yes to change)
-    verify = "Run: " + tool_command("verify", *(() if target.is_dedicated else ("--yes",)),
-                                    python=target.executable)
+    yes = () if target.is_dedicated else ("--yes",)
+    verify = "Run: " + tool_command("verify", *yes, python=target.executable)
     root = comfyui_root(Path(comfyui)) if comfyui else None
     if root is not None:
         mine = read_installed(target.site_dirs).get("comfy-env-attn")
@@ -207,11 +207,14 @@ def doctor_findings(target: Target, system: System, comfyui: str | None = None,
         if installed_backends(read_installed(target.site_dirs)):
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher cannot "
                                  "trust the installed backends", verify))
-        else:  # the dispatcher says so at every start until there is one
+        else:  # the dispatcher says so at every start until there is one; with no torch,
+            #     install would refuse, and the torch finding says what to do first
             found.append(Finding("info", "lock", f"no lock at {path}: the dispatcher uses "
                                  "PyTorch SDPA and warns that it has no lock",
-                                 "Run: " + tool_command("install", python=target.executable)
-                                 + " (it writes one, SDPA alone when no other backend fits)"))
+                                 "Run: " + tool_command("install", *yes,
+                                                        python=target.executable)
+                                 + " (it writes one, SDPA alone when no other backend fits)"
+                                 if target.facts.get("torch") else None))
         return found
     try:
         doc = lockfile.read(path)

@@ -491,6 +491,26 @@ def test_doctor_explains_a_mismatch_and_exits_1(tmp_path: Path) -> None:
     assert r.returncode == 1 and "PROBLEM" in r.stdout and "next:" in r.stdout
 
 
+def test_doctor_suggests_an_install_only_as_it_would_run(tmp_path: Path) -> None:
+    """No lock yet: the step doctor gives is one install takes (with --yes for an
+    interpreter that is no environment of its own), and none where install would refuse
+    for want of torch (the torch finding says what to do first)."""
+    def lock_step(py: str) -> str | None:
+        r = cli("doctor", "--python", py, "--json")
+        (f,) = [f for f in json.loads(r.stdout)["findings"] if f["subject"] == "lock"]
+        assert f["message"].startswith("no lock at"), f
+        return f.get("next")
+
+    assert lock_step(str(venv_python(make_venv(tmp_path / "bare", torch=False)))) is None
+    system = sys.executable  # this machine's own Python: torch, and no venv
+    if not Path(sys.prefix, "pylock.comfy-env-attn.toml").exists() and sys.prefix == \
+            sys.base_prefix:
+        assert f"Run: {system} -m comfy_env_attn install --yes (it writes one" in \
+            (lock_step(system) or "")
+    assert lock_step(str(venv_python(make_venv(tmp_path / "v", torch=True)))).startswith(
+        f"Run: {RUN} install --python ")
+
+
 def test_doctor_warns_of_xformers_beside_flash_attn_4() -> None:
 
     from comfy_env_attn.doctor import diagnose
