@@ -523,6 +523,7 @@ def test_unverified_mode_keeps_the_modes_rules(tmp_path, monkeypatch, fresh) -> 
     core.choose.mode_reason states for verified backends too)."""
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
     monkeypatch.setattr(dispatch, "_available", lambda name: True)  # every package "installed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # and a GPU to run them
     call = Call("bfloat16", 64, 1024, 1024, capability=(9, 0))
     routes = {}
     for kw in ({}, {"safe": True}, {"exact": True}):
@@ -533,6 +534,31 @@ def test_unverified_mode_keeps_the_modes_rules(tmp_path, monkeypatch, fresh) -> 
     assert routes[("safe",)][-1] == routes[("exact",)][-1] == "sdpa"
     dispatch.set_backend("sage", allow_unverified=True, exact=True)
     assert dispatch._route(call, ("forced",)) == ["sdpa"]  # exact mode outranks the name
+
+
+def test_labels_name_what_the_mode_lets_run(tmp_path, monkeypatch, fresh, caplog) -> None:
+    """The label says what may run: auto (exact) and (safe) list only the backends their
+    mode allows; a backend named in unverified mode that cannot run here (no GPU) is said to
+    be SDPA; SDPA asked for by name is never 'passed over' for itself."""
+    monkeypatch.syspath_prepend(str(fake_sage(tmp_path)))
+    lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path)
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    assert "among sdpa, sage" in dispatch.set_backend("auto")
+    for kw in ({"exact": True}, {"safe": True}):
+        label = dispatch.set_backend("auto", **kw)
+        assert label.endswith("chosen per input among sdpa") or label.endswith(
+            ": sdpa (verified)"), (kw, label)
+    with caplog.at_level(logging.WARNING, "comfy_env_attn"):
+        dispatch.set_backend("sdpa")
+        dispatch.dispatch_attention(*qkv(d=72))
+    assert not [r for r in caplog.records if "passed over" in r.message]
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dispatch.set_backend("sage", allow_unverified=True) == \
+        "SageAttention: not verified on this machine; using PyTorch SDPA"
+    assert dispatch.set_backend("auto", allow_unverified=True).startswith(
+        "auto (unverified, fixed GPU-tier order): sdpa")
+    assert dispatch.passed_over(*qkv()[:2])[0] == ["sdpa"]
 
 
 def test_varlen_equals_per_sequence_sdpa_and_checks_offsets(tmp_path, monkeypatch,

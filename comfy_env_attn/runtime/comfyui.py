@@ -110,7 +110,7 @@ def announce(backend: str, mode: str) -> str:
     label = str(state.label)
     mode = state.mode  # COMFY_ENV_ATTN_BACKEND or COMFYUI_ATTENTION_MECHANISM may override
     if mode not in ("auto", "sdpa") and mode not in state.backends and not (
-            state.unverified and dispatch._available(mode)):
+            state.unverified and dispatch._unverified_runs(mode)):
         why = (f"there is no fresh lock (run: {tool_command()} install, or verify)"
                if state.table is None else "the lock does not list it as verified")
         log.warning("comfy-env-attn: %s is not verified on this machine (%s); the Attention "

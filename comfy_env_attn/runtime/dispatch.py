@@ -213,6 +213,16 @@ def _available(name: str) -> bool:
     return name == "sdpa" or importlib.util.find_spec(root) is not None
 
 
+def _unverified_runs(name: str) -> bool:
+    """Whether unverified mode (no lock, allow_unverified) may run this backend here at all:
+    its order, installed, the mode's rule, a GPU for any but SDPA. What _route asks of each
+    call (the kernels' limits, the call's device) comes on top; the label says the same."""
+    return name in UNVERIFIED_ORDER and _available(name) \
+        and choose.mode_reason(name, None, exact=_S.exact, safe=_S.safe,
+                               approximate=_S.approximate or _S.mode == name) is None \
+        and (name == "sdpa" or _S.device == "cuda")
+
+
 # the settings a process starts with (set_backend's defaults)
 DEFAULTS: dict[str, Any] = {"name": "auto", "exact": False, "safe": False,
                             "approximate": False, "allow_unverified": None}
@@ -311,7 +321,7 @@ def _describe() -> str:
     if _S.mode != "auto":
         b = BACKENDS[_S.mode]
         rec = _S.backends.get(_S.mode)
-        if _S.unverified and _available(_S.mode):
+        if _S.unverified and _unverified_runs(_S.mode):
             return f"{b.title} (unverified){tail}"
         if rec is None and _S.mode != "sdpa":
             return f"{b.title}: not verified on this machine; using PyTorch SDPA"
@@ -320,24 +330,24 @@ def _describe() -> str:
             " (calls it was not proven for go to PyTorch SDPA)" * (rec is not None) + tail
     if _S.unverified:
         return "auto (unverified, fixed GPU-tier order): " + ", ".join(
-            n for n in UNVERIFIED_ORDER if _available(n)) + tail
+            n for n in UNVERIFIED_ORDER if _unverified_runs(n)) + tail
     if _S.table is None:
         return "auto: PyTorch SDPA (no verified lock)"
     best = None
-    for name, rec in _S.backends.items():
-        if name not in BACKENDS or choose.mode_reason(name, rec, exact=_S.exact, safe=_S.safe,
-                                                      approximate=_S.approximate):
-            continue
+    kind = " (exact)" if _S.exact else " (safe)" if _S.safe else ""
+    allowed = [n for n, rec in _S.backends.items() if n in BACKENDS and choose.mode_reason(
+        n, rec, exact=_S.exact, safe=_S.safe, approximate=_S.approximate) is None]
+    for name in allowed:
+        rec = _S.backends[name]
         for row in rec.bench:
             if row.tflops is not None and (best is None or row.tflops > best[1]):
                 best = (name, row.tflops, row.label())
     if best is None:
-        return f"auto: {', '.join(_S.backends)} (verified){tail}"
+        return f"auto{kind}: {', '.join(allowed)} (verified){tail}"
     rec = _S.backends[best[0]]
-    kind = " (exact)" if _S.exact else " (safe)" if _S.safe else ""
     return (f"auto{kind}: {BACKENDS[best[0]].title} "
             f"{rec.version or ''}, verified, {best[1]:.3g} TFLOP/s at {best[2]}; "
-            f"chosen per input among {', '.join(_S.backends)}{tail}")
+            f"chosen per input among {', '.join(allowed)}{tail}")
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -363,14 +373,14 @@ def _elsewhere(call: Call) -> str | None:
 def _route(call: Call, rkey: tuple[Any, ...]) -> list[str]:
     """The backends for this kind of call, best first; always ending with SDPA."""
     if _S.unverified:
-        order = [n for n in UNVERIFIED_ORDER if _available(n)
+        order = [n for n in UNVERIFIED_ORDER if _unverified_runs(n)
                  and not BACKENDS[n].not_supported_reasons(call)
-                 and choose.mode_reason(n, None, exact=_S.exact, safe=_S.safe,
-                                        approximate=_S.approximate or _S.mode == n) is None
                  and (_S.mode in ("auto", n) or n == "sdpa")
                  and (n == "sdpa" or call.device == "cuda")]
     elif _S.table is None or _elsewhere(call) or min(call.q_len, call.kv_len) == 0:
         order = ["sdpa"]  # no proof holds here, or an empty sequence (none proves one)
+    elif _S.mode == "sdpa":
+        order = ["sdpa"]  # asked for by name: nothing to prove
     elif _S.mode != "auto":
         rec = _S.backends.get(_S.mode)
         why = ["it is not verified on this machine"] if rec is None else \
