@@ -370,6 +370,10 @@ def test_system_python_is_refused_without_yes(h100: Path) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"{base} is not a virtual environment" in r.stderr and "--yes" in r.stderr
     assert "install would refuse: " in r.stderr and "would install sage" in r.stdout
+    assert r.stderr.count("would refuse") == 1, r.stderr  # once, as the ERROR line
+    r = cli(*args, "--json")  # the document, and the ERROR line beside it (docs/json.md)
+    assert r.returncode == 1 and json.loads(r.stdout)["refused"], r.stdout
+    assert f"ERROR install would refuse: {base} is not a virtual environment" in r.stderr
     r = cli(*args, "-q")  # quiet: the reason is still said, in the error line itself
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"ERROR install would refuse: {base} is not a virtual environment" in r.stderr

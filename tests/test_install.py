@@ -161,6 +161,10 @@ def test_wrong_results_fail_with_numbers_and_are_rolled_back(tmp_path, venv, pro
     assert "sageattention" not in installed_in(venv)
     tool = read(venv / LOCK_NAME)["tool"]["comfy-env-attn"]
     assert "sage" not in tool["backends"] and tool["auto"] == ["sdpa"]
+    # under --json: the document says so, and the ERROR line is beside it (docs/json.md)
+    r = install(venv, profile, serve_index(http_server, [w]), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["ok"] is False, r.stdout
+    assert "ERROR not done as asked: sage" in r.stderr, r.stderr
 
 
 def test_a_backend_rolled_back_takes_the_requirements_it_brought(tmp_path, venv, profile,

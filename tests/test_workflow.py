@@ -82,7 +82,8 @@ def test_install_honours_a_comfy_env_pin_and_refuses_one_nothing_fits(
     r = cli(*base, "--config", str(cfg), "--dry-run")
     # a dry run shows the plan, and says the install would stop there
     assert r.returncode == 1 and "would install sage" in r.stdout, r.stdout + r.stderr
-    assert "warning: install would refuse: " in r.stderr and "--force" in r.stderr
+    assert "ERROR install would refuse: " in r.stderr and "--force" in r.stderr
+    assert r.stderr.count("would refuse") == 1  # said once
     r = cli(*base, "--config", str(cfg))
     assert r.returncode == 1
     assert f"it says Python 3.9, the target runs {sys.version.split()[0]}" in r.stderr

@@ -348,14 +348,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                recovered=recovered))
     else:
         print_summary(out, target)
-        if not ok:  # what failed, what that means, and the way out, as doctor gives it
-            failed = [b for b, row in out.rows.items() if row.result is not None and
-                      not row.result.passed and not row.result.absent]  # n/a: no failure
-            step = "" if not failed else "; to take them out, run: " + tool_command(
-                "uninstall", "--backends", ",".join(bk.primaries(failed)), python=exe)
-            print(f"ERROR verification failed: {', '.join(failed) or 'see the rows above'} "
-                  f"(the lock sends none of their calls there: PyTorch's SDPA runs them){step}",
-                  file=sys.stderr)
+    if not ok:  # what failed, what that means, and the way out, as doctor gives it
+        failed = [b for b, row in out.rows.items() if row.result is not None and
+                  not row.result.passed and not row.result.absent]  # n/a: no failure
+        step = "" if not failed else "; to take them out, run: " + tool_command(
+            "uninstall", "--backends", ",".join(bk.primaries(failed)), python=exe)
+        print(f"ERROR verification failed: {', '.join(failed) or 'see the rows above'} "
+              f"(the lock sends none of their calls there: PyTorch's SDPA runs them){step}",
+              file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -147,9 +147,15 @@ def cmd_install(args: argparse.Namespace) -> int:
         for w in [*described, *plan.warnings]:
             log(f"warning: {w}")
     chosen.sort(key=lambda t: t[0] == "flash4")  # flash-attn before flash-attn-4
-    for why in refusals:  # only a dry run gets here with any: its plan, then why it stops
-        log(f"warning: install would refuse: {why}")
+    if refusals:  # only a dry run gets here with any: its plan, then why it stops (ERROR)
         out.ok = False
+
+    def say_failure() -> None:  # the ERROR line, beside a --json document too (docs/json.md)
+        if refusals:  # the reasons themselves, -q or not
+            print(f"ERROR install would refuse: {'; and '.join(refusals)}", file=sys.stderr)
+        elif not out.ok:
+            print(f"ERROR {out.why_not_ok()}", file=sys.stderr)
+
     if plan is not None and not args.json and (args.dry_run or args.verbose):
         from comfy_env_attn.cli.commands import print_plan
 
@@ -161,6 +167,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                 row.action, row.wheel, row.candidate = "would-install", alts[0].filename, alts[0]
             doc = install_json(out, target.executable, plan=plan, dry_run=True)
             dump_json({**doc, **({"refused": refusals} if refusals else {})})
+            say_failure()
             return 0 if out.ok else 1
         for b, alts in chosen:
             print(f"would install {b}: {alts[0].filename} from {alts[0].url}"
@@ -168,10 +175,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                      if len(alts) > 1 else ""))
         for b, what in would_build.items():  # then install the wheel built
             print(f"{b}: {what}, then install it")
-        if refusals:  # the reasons themselves, -q or not (the warning lines are a log's)
-            print(f"ERROR install would refuse: {'; and '.join(refusals)}", file=sys.stderr)
-        elif not out.ok:
-            print(f"ERROR {out.why_not_ok()}", file=sys.stderr)
+        say_failure()
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):
         recovered = recover(target)
@@ -181,8 +185,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         dump_json(install_json(out, target.executable, plan=plan, recovered=recovered))
     else:
         print_summary(out, target)
-        if not out.ok:
-            print(f"ERROR {out.why_not_ok()}", file=sys.stderr)
+    say_failure()
     return 0 if out.ok else 1
 
 
