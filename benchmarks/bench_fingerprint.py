@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comfy_env_attn.runtime.live import files_digest
+from comfy_env_attn.core.fingerprint import files_digest
 
 SIZES = {"sageattention": 40, "flash_attn_4": 90, "xformers": 1000}
 

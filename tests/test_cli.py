@@ -509,8 +509,9 @@ def test_doctor_suggests_an_install_only_as_it_would_run(tmp_path: Path) -> None
     system = sys.executable  # this machine's own Python: torch, and no venv
     if not Path(sys.prefix, "pylock.comfy-env-attn.toml").exists() and sys.prefix == \
             sys.base_prefix:
-        assert f"Run: {system} -m comfy_env_attn install --yes (it writes one" in \
-            (lock_step(system) or "")
+        step = lock_step(system) or ""  # install, or verify where a backend is there
+        assert step.startswith((f"Run: {system} -m comfy_env_attn install --yes (it writes",
+                                f"Run: {system} -m comfy_env_attn verify --yes")), step
     assert lock_step(str(venv_python(make_venv(tmp_path / "v", torch=True)))).startswith(
         f"Run: {RUN} install --python ")
 

@@ -23,6 +23,7 @@ from comfy_env_attn import lockfile
 from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core import choose
 from comfy_env_attn.core.backends import Call
+from comfy_env_attn.core.fingerprint import adapters_sha256, files_digest
 from comfy_env_attn.core.lockmodel import (
     BackendRecord,
     BenchRow,
@@ -34,8 +35,7 @@ from comfy_env_attn.core.lockmodel import (
     tool_table,
 )
 from comfy_env_attn.runtime import dispatch
-from comfy_env_attn.runtime.adapters import adapters_sha256
-from comfy_env_attn.runtime.live import files_digest, live_facts
+from comfy_env_attn.runtime.live import live_facts
 from comfy_env_attn.verify.run import Options, verify
 
 ROOT = Path(__file__).resolve().parent.parent

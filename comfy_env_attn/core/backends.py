@@ -320,16 +320,24 @@ def variants(name: str) -> list[str]:
     return [b.name for b in BACKENDS.values() if b.variant_of == name != ""]
 
 
-def canonical(name: str) -> str:
-    """The backend name for a name or alias; UsageError listing the valid names otherwise."""
+def lookup(name: str) -> str | None:
+    """The backend a name, alias or distribution name means (any case, spaces around it
+    ignored); None for one that means none. The one reading of a backend's name: the
+    command line, set_backend, the environment variables and the node."""
     key = name.strip().lower()
     if key in BACKENDS:
         return key
     if key in ALIASES:
         return ALIASES[key]
-    key2 = key.replace("_", "-")
-    if key2 in BY_DIST:
-        return BY_DIST[key2]
+    return BY_DIST.get(key.replace("_", "-"))
+
+
+def canonical(name: str) -> str:
+    """The backend name for a name or alias; UsageError listing the valid names otherwise."""
+    found = lookup(name)
+    if found is not None:
+        return found
+    key = name.strip().lower()
     import difflib
 
     close = difflib.get_close_matches(key, [*BACKENDS, *ALIASES, *BY_DIST], n=1, cutoff=0.6)

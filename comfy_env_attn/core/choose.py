@@ -90,7 +90,7 @@ def reasons(name: str, record: BackendRecord, call: Call, *, exact: bool = False
 
 def _nearest(bench: tuple[BenchRow, ...], call: Call) -> BenchRow | None:
     best, best_d = None, math.inf
-    cross = call.kv_len != call.q_len
+    cross = call.cross  # a bench row of cross-attention has a kv_len of its own
     for b in bench:
         if not b.timed:
             continue

@@ -11,8 +11,9 @@ Every adapter takes and returns [B, H, N, D] tensors:
                                                  # broadcastable to [B, H, N, M]
     out = adapter.varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)   # [T, H, D]
 
-What each backend takes is declared in core/backends.py (`Backend.caps`);
-`not_supported_reasons(call)` gives every reason an adapter cannot take a call.
+What each backend takes is declared in core/backends.py (`Backend.caps`, and
+`Backend.not_supported_reasons(call, caps)`: every reason it cannot take a call); an adapter's
+`caps` are those, narrowed by what `load()` learns of the installed package.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any, ClassVar
 import torch
 
 from comfy_env_attn.core.backends import BACKENDS, Backend, Call, Capabilities
-from comfy_env_attn.core.fingerprint import adapters_sha256  # noqa: F401 (its home was here)
 
 Tensor = torch.Tensor
 
@@ -103,9 +103,6 @@ class Adapter:
 
     def load(self) -> None:
         self.version, self.origin, self.loaded = torch.__version__, torch.__file__, True
-
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        return self.backend.not_supported_reasons(call, self.caps)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
                  scale: float | None) -> Tensor:

@@ -35,7 +35,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from comfy_env_attn.core.backends import ALIASES, BACKENDS
+from comfy_env_attn.core.backends import BACKENDS, lookup
 from comfy_env_attn.core.progress import tool_command
 
 log = logging.getLogger("comfy_env_attn")
@@ -95,10 +95,10 @@ def parse_choice(choice: str) -> tuple[str, str]:
     name = text.split(" (", 1)[0].strip()
     if name == "auto":
         return "auto", ""
-    name = ALIASES.get(name, name)
-    if name not in BACKENDS:
+    found = lookup(name)
+    if found is None:
         raise ValueError(f"unknown backend {choice!r}; valid: auto, {', '.join(BACKENDS)}")
-    return name, ""
+    return found, ""
 
 
 def announce(backend: str, mode: str) -> str:

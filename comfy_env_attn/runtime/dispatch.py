@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from comfy_env_attn.core import choose
-from comfy_env_attn.core.backends import ALIASES, BACKENDS, UNVERIFIED_ORDER, Call
+from comfy_env_attn.core.backends import BACKENDS, UNVERIFIED_ORDER, Call, lookup
 from comfy_env_attn.core.lockmodel import (
     BackendRecord,
     ToolTable,
@@ -199,7 +199,7 @@ def _env_override() -> tuple[str, str] | None:
         v = os.environ.get(var, "").strip().lower()
         if not v:
             continue
-        name = _ENV_NAMES.get(v) or ALIASES.get(v) or (v if v in BACKENDS else None)
+        name = _ENV_NAMES.get(v) or lookup(v)
         if name is None:
             _warn_once(var, "comfy-env-attn: %s=%r is not a backend (valid: auto, %s); "
                        "ignored", var, v, ", ".join(BACKENDS))
@@ -258,9 +258,8 @@ def _apply(name: str, *, exact: bool, safe: bool, approximate: bool,
     the environment is said), rather than a first call starting with the defaults or a
     restore; `first`: only if nothing was applied yet."""
     load_plugins()
-    key = name.strip().lower()
-    mode = "auto" if key == "auto" else ALIASES.get(key, key)
-    if mode != "auto" and mode not in BACKENDS:
+    mode = "auto" if name.strip().lower() == "auto" else lookup(name)
+    if mode is None:
         raise ValueError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     with _LOCK:
         if first and _S.ready:  # another thread applied settings meanwhile: they stand

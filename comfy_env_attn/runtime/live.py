@@ -10,15 +10,8 @@ from __future__ import annotations
 import torch
 
 from comfy_env_attn.core.backends import BACKENDS
-from comfy_env_attn.core.fingerprint import (
-    adapters_sha256,
-    dist_facts,
-    dists_facts,
-    files_digest,
-)
+from comfy_env_attn.core.fingerprint import adapters_sha256, dists_facts
 from comfy_env_attn.core.lockmodel import Live
-
-__all__ = ["dist_facts", "dists_facts", "files_digest", "live_facts"]
 
 
 def live_facts() -> Live:
