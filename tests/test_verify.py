@@ -40,6 +40,28 @@ exec {sys.executable} "$@"
     assert any("timing each alone" in line for line in logs)
 
 
+def test_masks_are_proven_at_a_length_no_multiple_of_8(tmp_path: Path) -> None:
+    """Text is 77 tokens, and a bias of such a length must be padded to 8 in memory for
+    xformers (the adapter does): the mask checks use such a length, so that a padding gone
+    wrong fails verification, not a user's run. Proven against a stand-in as strict as the
+    real kernels about that alignment."""
+    from wheels import installed_xformers
+
+    from comfy_env_attn.verify._target import inputs
+
+    for device in ("cpu", "cuda"):
+        for variant in ("mask_bool", "mask_additive"):
+            x = inputs(variant, 64, device, 0)
+            assert x["k"].shape[-2] % 8 and x["mask"].shape[-1] == x["k"].shape[-2]
+    site = installed_xformers(tmp_path / "site")
+    r = verify(sys.executable, ["xformers"], Options(
+        shapes=[[1, 2, 128, 64]], head_dims=(64,), device="cpu",
+        env={"PYTHONPATH": str(site)}))["xformers"]
+    checks = {(c["variant"], c["dtype"]): c["passed"] for c in r.data["checks"]}
+    assert checks[("mask_bool", "bfloat16")] and checks[("mask_additive", "float32")], checks
+    assert r.passed
+
+
 def test_a_python_that_cannot_start_fails_each_backend_with_the_reason(tmp_path: Path) -> None:
     res = verify(str(tmp_path / "no-python"), ["sage"], Options(shapes=[[1, 2, 64, 32]]))
     assert not res["sdpa"].passed and not res["sage"].passed

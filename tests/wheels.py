@@ -164,3 +164,62 @@ def installed_sage(folder: Path, src: str, version: str = "2.2.0") -> Path:
     (info / "RECORD").write_text(f"sageattention/__init__.py,sha256={digest},{len(src)}\n"
                                  f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
     return folder
+
+
+# xformers' memory_efficient_attention as far as the adapter uses it, over [B, N, H, D], as
+# strict as the real kernels about a tensor bias: its rows 8-aligned in memory.
+FAKE_XFORMERS_OPS = """
+import torch
+import torch.nn.functional as F
+from xformers.ops.fmha import attn_bias as _ab
+
+def _aligned(bias):
+    if bias.stride(-2) % 8:
+        raise ValueError("attn_bias is not correctly aligned (row stride %d)" % bias.stride(-2))
+    return bias
+
+def memory_efficient_attention(q, k, v, attn_bias=None, scale=None):
+    n, m, mask = q.shape[1], k.shape[1], None
+    if isinstance(attn_bias, torch.Tensor):
+        mask = _aligned(attn_bias)
+    elif isinstance(attn_bias, _ab.LowerTriangularMaskWithTensorBias):
+        causal = torch.full((n, m), float("-inf")).triu(1).to(attn_bias.bias.dtype)
+        mask = _aligned(attn_bias.bias) + causal
+    elif isinstance(attn_bias, _ab.LowerTriangularMask):
+        mask = torch.ones(n, m, dtype=torch.bool).tril()
+    if k.shape[2] != q.shape[2]:
+        k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        scale=scale).transpose(1, 2)
+"""
+
+FAKE_XFORMERS_BIAS = """
+class LowerTriangularMask:
+    pass
+
+class LowerTriangularMaskWithTensorBias(LowerTriangularMask):
+    def __init__(self, bias):
+        self.bias = bias
+
+class BlockDiagonalMask:
+    pass
+
+class BlockDiagonalCausalMask(BlockDiagonalMask):
+    pass
+"""
+
+
+def installed_xformers(folder: Path, version: str = "0.0.32") -> Path:
+    """A CPU stand-in for xformers (FAKE_XFORMERS_OPS) and its dist-info in `folder`."""
+    fmha = folder / "xformers" / "ops" / "fmha"
+    fmha.mkdir(parents=True)
+    (folder / "xformers" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (folder / "xformers" / "ops" / "__init__.py").write_text(FAKE_XFORMERS_OPS)
+    (fmha / "__init__.py").write_text("")
+    (fmha / "attn_bias.py").write_text(FAKE_XFORMERS_BIAS)
+    info = folder / f"xformers-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: xformers\nVersion: {version}\n")
+    (info / "RECORD").write_text(f"xformers/__init__.py,,\n{info.name}/METADATA,,\n")
+    return folder
