@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 NODE_CLASS_MAPPINGS: dict[str, Any] = {}
+# comfy-env-attn is not on PyPI yet: the name alone finds nothing there
+_PYPI = " (not on PyPI yet: until it is, give pip a clone of its repository in its place)"
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
 
@@ -27,7 +29,7 @@ def _load() -> None:
     if not _installed():
         print("comfy-env-attn: the Attention Backend node is not loaded: comfy-env-attn is not "
               "installed in this Python. Install it (torch is left alone): "
-              f'"{sys.executable}" -m pip install comfy-env-attn', file=sys.stderr)
+              f'"{sys.executable}" -m pip install comfy-env-attn{_PYPI}', file=sys.stderr)
         return
     from comfy_env_attn.runtime import comfyui
 
@@ -40,4 +42,5 @@ try:
 except Exception as e:  # a broken or old install: say so; ComfyUI's start goes on
     print(f"comfy-env-attn: the Attention Backend node is not loaded ({type(e).__name__}: "
           f"{e}). Reinstall it (torch is left alone): "
-          f'"{sys.executable}" -m pip install --upgrade comfy-env-attn', file=sys.stderr)
+          f'"{sys.executable}" -m pip install --upgrade comfy-env-attn{_PYPI}',
+          file=sys.stderr)

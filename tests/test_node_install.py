@@ -241,7 +241,9 @@ def test_without_the_package_anywhere_one_line_says_how_to_install(
         assert len(lines) == 1, err
         assert lines[0].startswith("comfy-env-attn: the Attention Backend node is not loaded: "
                                    "comfy-env-attn is not installed in this Python.")
-        assert lines[0].endswith(f'"{bare_venv}" -m pip install comfy-env-attn'), lines[0]
+        assert lines[0].endswith(f'"{bare_venv}" -m pip install comfy-env-attn (not on PyPI '
+                                 "yet: until it is, give pip a clone of its repository in its "
+                                 "place)"), lines[0]
 
 
 # -- requirements.txt and the package metadata ---------------------------------------------
@@ -304,7 +306,8 @@ def test_doctor_node_finding_cases(tmp_path: Path) -> None:
     assert sev == "ok" and f"runs comfy-env-attn {__version__}, this tool's version" in msg
     sev, msg, step = finding([placed], None)
     assert sev == "problem" and "loads no node: comfy-env-attn is not installed" in msg
-    assert step == f'Run: "/c/python" -m pip install comfy-env-attn=={__version__}'
+    # what pip installs is where this tool runs from: this checkout (not on PyPI yet)
+    assert step == f'Run: "/c/python" -m pip install "{ROOT}"'
     sev, msg, _ = finding([repo], None)  # the clone's own package serves
     assert sev == "ok" and "a copy of the repository" in msg
     sev, msg, _ = finding([repo], "0.0.1")
@@ -343,7 +346,7 @@ def test_doctor_reports_the_node_in_the_target_comfyui(comfy: Path) -> None:
     doc = json.loads(r.stdout)
     (node,) = [f for f in doc["findings"] if f["subject"] == "node"]
     assert node["severity"] == "problem" and "loads no node" in node["message"], node
-    assert node["next"].endswith(f"-m pip install comfy-env-attn=={__version__}")
+    assert node["next"].endswith(f'-m pip install "{ROOT}"')
     assert r.returncode == 1
 
 

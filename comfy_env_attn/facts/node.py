@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 NODE_CLASS_MAPPINGS: dict[str, Any] = {{}}
+# comfy-env-attn is not on PyPI yet: the name alone finds nothing there
+_PYPI = " (not on PyPI yet: until it is, give pip a clone of its repository in its place)"
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {{}}
 
 
@@ -49,7 +51,7 @@ def _load() -> None:
     if not _installed():
         print("comfy-env-attn: the Attention Backend node is not loaded: comfy-env-attn is not "
               "installed in this Python. Install it (torch is left alone): "
-              f'"{{sys.executable}}" -m pip install comfy-env-attn', file=sys.stderr)
+              f'"{{sys.executable}}" -m pip install comfy-env-attn{{_PYPI}}', file=sys.stderr)
         return
     from {NODE_DIR}.runtime import comfyui
 
@@ -62,8 +64,18 @@ try:
 except Exception as e:  # a broken or old install: say so; ComfyUI's start goes on
     print(f"comfy-env-attn: the Attention Backend node is not loaded ({{type(e).__name__}}: "
           f"{{e}}). Reinstall it (torch is left alone): "
-          f'"{{sys.executable}}" -m pip install --upgrade comfy-env-attn', file=sys.stderr)
+          f'"{{sys.executable}}" -m pip install --upgrade comfy-env-attn{{_PYPI}}',
+          file=sys.stderr)
 '''
+
+
+def _this_tool(version: str) -> str:
+    """What pip installs to get the code running here: its folder where it runs from one
+    (a clone, an editable install; not on PyPI yet), else the release of its version."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / NODE_DIR / "__init__.py").is_file():
+        return f'"{root}"'
+    return f"comfy-env-attn=={version}"
 
 
 def loader_text(version: str | None) -> str:
@@ -134,7 +146,7 @@ def node_finding(comfyui: Path, nodes: list[NodeCopy], *, tool: str, installed: 
     installed in ComfyUI's Python (`installed`), else the package of a repository copy; the
     lock this tool writes covers this tool's code, so the versions must be one."""
     install = tool_command("node", "install", "--comfyui", str(comfyui))
-    pip = f'"{python}" -m pip install comfy-env-attn=={tool}'
+    pip = f'"{python}" -m pip install {_this_tool(tool)}'
     if not nodes:
         return ("info", f"the Attention Backend node is not in {comfyui / 'custom_nodes'}",
                 f"Run: {install} (or start ComfyUI with the flag `"
