@@ -73,12 +73,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     plan = None
     unbuildable: dict[str, str] = {}  # install --build: why it cannot build these
     would_build: dict[str, str] = {}  # install --dry-run --build: what it would build
+    brought: list[lockfile.LockedWheel] = []  # --from-lock: its requirements, for a dry run
     if args.from_lock:
         refuse(torchless)
         doc = lockfile.read(Path(args.from_lock))
         chosen = []
         for lw in lockfile.wheels_of(doc):
             if lw.brought_by:  # a backend's requirement: resolved again, as the backend's
+                brought.append(lw)
                 continue
             if lw.backend not in bk.BACKENDS or not bk.BACKENDS[lw.backend].dist:
                 raise InstallError(f"{args.from_lock} locks {lw.name} {lw.version}, which is "
@@ -175,6 +177,11 @@ def cmd_install(args: argparse.Namespace) -> int:
                      if len(alts) > 1 else ""))
         for b, what in would_build.items():  # then install the wheel built
             print(f"{b}: {what}, then install it")
+        if args.from_lock:  # what the lock says came with them, resolved again as they need
+            for lw in brought:
+                if set(lw.brought_by) & {b for b, _ in chosen}:
+                    print(f"and {lw.name} (the lock records {lw.version}, brought by "
+                          f"{', '.join(lw.brought_by)}), resolved again as they require")
         say_failure()
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):
