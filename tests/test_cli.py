@@ -411,6 +411,7 @@ def test_bad_usage_exit_2() -> None:
     for extra, says in [(["--from-lock", "l.toml", "--config", "c.toml"], "--config would"),
                         (["--from-lock", "l.toml", "--system", "p.toml"], "--system would"),
                         (["--from-lock", "l.toml", "--build"], "--build would"),
+                        (["--from-lock", "l.toml", "--source", "s"], "--source would"),
                         (["--source", "src.tar.gz"], "--source names what --build compiles")]:
         r = cli("install", "--python", "/nonexistent/python", "--dry-run", *extra)
         assert r.returncode == 2 and says in r.stderr, (extra, r.stderr)

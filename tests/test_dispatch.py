@@ -407,6 +407,47 @@ def test_a_close_call_settled_in_one_mode_does_not_order_another(tmp_path, monke
     assert dispatch.passed_over(q, k)[0][0] == "sage"
 
 
+def test_an_order_timed_while_the_settings_changed_is_not_kept(tmp_path, monkeypatch,
+                                                                fresh) -> None:
+    """Another thread sets auto while safe mode times its backends: that order is safe
+    mode's, and is kept under neither (auto's first call times its own)."""
+    src = textwrap.dedent('''
+        import time
+        import torch.nn.functional as F
+        CALLS, SWITCHED = [], []
+        def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
+            CALLS.append("sage")
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
+        def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", is_causal=False,
+                                          sm_scale=None, pv_accum_dtype="fp32"):
+            CALLS.append("fp16")
+            if not SWITCHED:  # as another thread would, while this one is being timed
+                SWITCHED.append(1)
+                from comfy_env_attn.runtime import dispatch
+                dispatch.set_backend("auto")
+            time.sleep(0.02)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
+    ''')
+    monkeypatch.syspath_prepend(str(installed_sage(tmp_path, src)))
+    lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path,
+                      sdpa_ms=1.02)
+    table = tool_table(lockfile.read(lock))
+    table.backends["sage_fp16"] = BackendRecord(
+        "sage_fp16", "verified", quantized=True, version="2.2.0",
+        checks=checks(variants=("plain",)), bench=bench(1.0))
+    lockfile.write(lock, lockfile.build([], table))
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    import sageattention
+
+    q, k, v = qkv()
+    dispatch.set_backend("auto", safe=True)
+    dispatch.dispatch_attention(q, k, v)  # times sdpa against sage_fp16; auto is set meanwhile
+    assert sageattention.SWITCHED and dispatch._S.settled == {}
+    sageattention.CALLS.clear()
+    dispatch.dispatch_attention(q, k, v)  # auto now: sage leads, as the lock measured
+    assert sageattention.CALLS == ["sage"]
+
+
 def test_a_backend_without_a_record_is_fresh_once_locked(tmp_path, monkeypatch, fresh) -> None:
     """An .egg-info (`setup.py install` or `develop`, the usual way a backend is built from
     source) has no RECORD, so no digest of its files: the lock written over it is fresh,

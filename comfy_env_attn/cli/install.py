@@ -42,7 +42,7 @@ from comfy_env_attn.verify.run import Options, Result
 
 def cmd_install(args: argparse.Namespace) -> int:
     given = [o for o, on in (("--config", args.config), ("--system", args.system),
-                             ("--build", args.build)) if on]
+                             ("--build", args.build), ("--source", args.source)) if on]
     if args.from_lock and given:  # each of those chooses wheels anew; the lock has chosen
         raise UsageError(f"--from-lock installs exactly what the lock records: {given[0]} "
                          "would choose anew; give one or the other")

@@ -434,6 +434,7 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
     the gap between the two fastest backends. Each is timed in rounds of back-to-back calls,
     the order rotating (CUDA events on a GPU), as a model calls it; the result is kept in the
     per-machine cache, so the next start does not time again."""
+    key, gen = _settle_key(rkey), _GEN[0]  # the settings it is timed under
     choice = choose.choose(_S.backends, call, exact=_S.exact, safe=_S.safe,
                            approximate=_S.approximate)
     close = [n for n in choose.close_call(choice.order, settle_margin()) if n in route]
@@ -479,7 +480,10 @@ def _settle(route: list[str], call: Call, rkey: tuple[Any, ...],
     med = {n: sorted(ts)[len(ts) // 2] for n, ts in samples.items() if ts}
     best = sorted(med, key=lambda n: med[n])
     order = best + [n for n in left if n not in best]
-    _S.settled[_settle_key(rkey)] = best
+    with _LOCK:  # settings changed meanwhile (another thread): this order is not theirs
+        if gen != _GEN[0]:
+            return order
+        _S.settled[key] = best
     _write_settled()
     return order
 
