@@ -277,6 +277,40 @@ def test_settings_taking_turns_read_the_lock_once_and_keep_what_failed(
     assert len(reads) == 2 and len(sageattention.CALLS) == 2
 
 
+def test_a_backend_changed_in_place_is_noticed_at_a_later_set_backend(
+        tmp_path, monkeypatch, fresh) -> None:
+    """The lock's file unchanged, but a backend's files changed under it (a node's
+    requirements installed while ComfyUI runs): a set_backend after LOCK_RECHECK_S judges
+    the lock again and finds it stale; before that, one judgement serves."""
+    folder = fake_sage(tmp_path)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(write_lock(
+        tmp_path / "l.toml", sage=sage_record(), sage_dir=folder)))
+    assert "verified" in dispatch.set_backend("sage")
+    init = folder / "sageattention" / "__init__.py"
+    init.write_text(init.read_text() + "# changed\n")
+    assert "verified" in dispatch.set_backend("sage")  # within LOCK_RECHECK_S of the last
+    monkeypatch.setattr(dispatch, "LOCK_RECHECK_S", 0.0)
+    assert dispatch.set_backend("sage") == \
+        "SageAttention: not verified on this machine; using PyTorch SDPA"
+
+
+def test_with_no_lock_what_failed_stays_failed_across_set_backend(tmp_path, monkeypatch,
+                                                                  fresh, caplog) -> None:
+    """Unverified mode (no lock): an unchanged absence is no new lock, and a backend that
+    failed is not tried again each time the settings are applied."""
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
+    dispatch.set_backend("auto", allow_unverified=True)
+    dispatch._S.failed[("sage", ("key",))] = "RuntimeError: no kernel"
+    dispatch._S.said.add("sage failed")
+    monkeypatch.setattr(dispatch, "LOCK_RECHECK_S", 0.0)  # judged again: absent as before
+    dispatch.set_backend("auto", allow_unverified=True, safe=True)
+    assert ("sage", ("key",)) in dispatch._S.failed and "sage failed" in dispatch._S.said
+    write_lock(tmp_path / "none.toml", sage=None)  # a lock now: everything is tried afresh
+    dispatch.set_backend("auto")
+    assert not dispatch._S.failed and dispatch._S.table is not None
+
+
 def test_the_callers_own_error_demotes_nothing(tmp_path, monkeypatch, fresh) -> None:
     monkeypatch.syspath_prepend(str(fake_sage(tmp_path)))
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(write_lock(

@@ -2,10 +2,10 @@
 that kind of call on this machine, through the same adapter verification proved.
 
 Imported inside every ComfyUI start, so it imports only the standard library and torch.
-The lock is read on the first set_backend() or dispatch call, and again only once the file
-has changed (a later set_backend re-reads nothing else), validated against the typed lock
-model and checked against the live process with the same rule the command line uses
-(core.lockmodel.stale_reasons). A missing, stale or invalid lock gives one warning and
+The lock is read on the first set_backend() or dispatch call, validated against the typed
+lock model and checked against the live process with the same rule the command line uses
+(core.lockmodel.stale_reasons); a later set_backend reads it again once its file has
+changed, and judges it again at most every LOCK_RECHECK_S seconds. A missing, stale or invalid lock gives one warning and
 SDPA.
 
     from comfy_env_attn import set_backend, dispatch_attention
@@ -91,6 +91,7 @@ class _State:
     said: set[str] = field(default_factory=set)  # one log line per message
     ready: bool = False
     lock_seen: tuple[Any, ...] | None = None  # the lock file as `table` was read from it
+    lock_judged: float = 0.0  # when (time.monotonic) it was judged fresh or not
 
 
 _S = _State()
@@ -119,14 +120,22 @@ def _lock_file() -> Path:
     return lock_path(sys.prefix)
 
 
-def _lock_stat() -> tuple[Any, ...] | None:
-    """The lock file as it is now (path, size, mtime, inode); None where it cannot be read."""
+def _lock_stat() -> tuple[Any, ...]:
+    """The lock file as it is now (path, size, mtime, inode), or its path alone where there
+    is none to read."""
     path = _lock_file()
     try:
         st = path.stat()
     except OSError:
-        return None
+        return (str(path),)
     return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+# How long a lock judged fresh is trusted without judging it again, while its file stays as
+# it was: set_backend at every call (two nodes' settings taking turns) would otherwise stat
+# every backend's files each time (9 ms), and a backend changed in place (a node's
+# requirements installed while ComfyUI runs) is still noticed at the next set_backend after.
+LOCK_RECHECK_S = 5.0
 
 
 def _load_lock() -> ToolTable | None:
@@ -276,15 +285,16 @@ def _apply(name: str, *, exact: bool, safe: bool, approximate: bool,
         _S.approximate = approximate and not (exact or safe)
         if allow_unverified is None:
             allow_unverified = os.environ.get("COMFY_ENV_ATTN_UNVERIFIED") == "1"
-        seen = _lock_stat()
-        if not (_S.ready and seen is not None and seen == _S.lock_seen):
-            # read once per version of the lock: two nodes' settings taking turns at each
-            # call re-apply them, and re-reading (and stat-ing every backend's files) each
-            # time cost 9 ms a call; what failed here stays failed whatever the mode
-            _S.failed, _S.unloadable, _S.said = {}, {}, set()
-            _S.table, _S.lock_seen = _load_lock(), seen
-            if _S.table is not None:
-                _S.settled = _read_settled()
+        seen, now = _lock_stat(), time.monotonic()
+        if not (_S.ready and seen == _S.lock_seen and now - _S.lock_judged < LOCK_RECHECK_S):
+            table = _load_lock()
+            if not (_S.ready and seen == _S.lock_seen and (table is None) == (_S.table is None)):
+                # another lock, or the same one judged otherwise: what failed under the old
+                # one is tried again; the same lock judged alike keeps it (whatever the mode)
+                _S.failed, _S.unloadable, _S.said = {}, {}, set()
+                if table is not None:
+                    _S.settled = _read_settled()
+            _S.table, _S.lock_seen, _S.lock_judged = table, seen, now
         table = _S.table
         _S.unverified, _S.backends = False, {}
         if table is not None:
