@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -335,6 +336,30 @@ def test_missing_or_mismatched_nvcc_and_too_little_disk_fail_before_anything_is_
     assert path not in http_server.hits  # nothing was downloaded
     assert not (tmp_path / "cache" / "build-logs").exists()  # nothing was compiled
     assert not (tmp_path / "wheelhouse").exists()
+
+
+def test_a_build_profile_must_match_what_the_wheel_is_labelled_with_only(
+        tmp_path: Path, served) -> None:
+    """build --system refuses a profile whose Python or torch is not the target's (the
+    wheel's tags and label are the target's); a newer glibc (an older build machine, the
+    usual case) is no fault, and another C++ ABI is a warning: the build uses the target
+    torch's. torch's CUDA counts for CUDA builds only (the fixture compiles C)."""
+    sources, _path, _sha = served
+    venv = make_venv(tmp_path / "venv", torch=True)
+    text = write_gpu_profile(tmp_path, glibc="2.99").read_text()
+    prof = tmp_path / "p.toml"
+    prof.write_text(text.replace("cxx11abi = true", "cxx11abi = false"))
+    base = ["build", "--python", str(venv_python(venv)), "--system", str(prof),
+            "--backends", "sage", "--dry-run"]
+    r = cli(*base, env=env_for(tmp_path, sources))
+    assert r.returncode == 0 and "would build sage" in r.stdout, r.stdout + r.stderr
+    assert "does not describe" not in r.stderr and "glibc" not in r.stderr, r.stderr
+    assert f"warning: the profile {prof} says cxx11abi False, the target's torch has True: " \
+        "the build compiles with the target torch's" in r.stderr, r.stderr
+    prof.write_text(text.replace(f'python = "{sys.version.split()[0]}"', 'python = "3.9.1"'))
+    r = cli(*base, env=env_for(tmp_path, sources))
+    assert r.returncode == 1 and f"the profile {prof} does not describe" in r.stderr and \
+        "Python 3.9.1" in r.stderr, r.stderr
 
 
 @needs_cc

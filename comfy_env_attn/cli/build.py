@@ -49,13 +49,18 @@ def _against_the_target(args: argparse.Namespace, target: Target, system: System
     with the profile's (install.build.build_label), for later plans to match: where a
     profile (--system) says otherwise, the wheel would claim a torch it was not built for
     (`undefined symbol` where it is installed by that claim). Refused unless --force, and
-    then each disagreement is a warning. torch's CUDA counts where a build compiles CUDA."""
+    then each disagreement is a warning. torch's CUDA counts where a build compiles CUDA;
+    its C++ ABI is the target torch's whatever the profile says (a warning); a newer glibc
+    in the profile is the usual case of an older build machine, and no fault."""
     if not args.system:
         return
     from comfy_env_attn.cli.planning import profile_disagreements
 
-    said = profile_disagreements if any(r.cuda for r in recipes) else disagreements
-    found = said(system, system_from(target, GpuFacts()))
+    real = system_from(target, GpuFacts())
+    found = profile_disagreements(system, real, _LABELLED, cuda=any(r.cuda for r in recipes))
+    for f in disagreements(system, real, ("cxx11abi",)):
+        log(f"warning: the profile {args.system} says {f}: the build compiles with the "
+            "target torch's")
     if found and not args.force:
         raise BuildError(f"the profile {args.system} does not describe {target.executable}: it "
                          f"says {'; '.join(found)}. A build compiles against the target's own "
@@ -65,6 +70,10 @@ def _against_the_target(args: argparse.Namespace, target: Target, system: System
     for f in found:
         log(f"warning: the profile {args.system} says {f}: the build compiles against the "
             "target's own torch and Python (--force)")
+
+
+# What a built wheel's tags and label are taken from: the target's, which a profile must match
+_LABELLED = ("python", "platform", "arch", "free_threaded", "torch")
 
 
 def _plans(target: Target, system: System, recipes: list[Recipe], source: str | None

@@ -5,7 +5,7 @@ would choose, so that no plan picks a wheel the install would then refuse."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import field, replace
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from comfy_env_attn.core import backends as bk
 from comfy_env_attn.core.process import parallel
 from comfy_env_attn.core.progress import log, tool_command
 from comfy_env_attn.core.records import dataclass
-from comfy_env_attn.facts.system import System, disagreements, marker_env
+from comfy_env_attn.facts.system import INTERPRETER_FACTS, System, disagreements, marker_env
 from comfy_env_attn.resolve import Pin, Plan, resolve
 
 if TYPE_CHECKING:  # loaded with --config only
@@ -179,10 +179,13 @@ def checked_plan(system: System, candidates: Sequence[Candidate], names: Sequenc
 
 # -- a System profile against the real target ---------------------------------------------
 
-def profile_disagreements(profile: System, real: System) -> list[str]:
-    """Where a profile contradicts the target: disagreements() plus torch's CUDA."""
-    found = disagreements(profile, real)
-    if profile.torch_cuda is not None and profile.torch_cuda != real.torch_cuda and \
+def profile_disagreements(profile: System, real: System,
+                          only: Collection[str] = INTERPRETER_FACTS, *, cuda: bool = True
+                          ) -> list[str]:
+    """Where a profile contradicts the target: disagreements() (`only` those facts) plus
+    torch's CUDA (unless `cuda` is False)."""
+    found = disagreements(profile, real, only)
+    if cuda and profile.torch_cuda is not None and profile.torch_cuda != real.torch_cuda and \
             real.torch is not None:
         found.append(f"torch's CUDA {profile.torch_cuda}, the target's torch "
                      + (f"uses CUDA {real.torch_cuda}" if real.torch_cuda

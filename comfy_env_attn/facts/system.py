@@ -7,6 +7,7 @@ load_profile, which reads a file.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
@@ -221,26 +222,35 @@ _SHAPES = {
 }
 
 
-def disagreements(profile: System, target: System) -> list[str]:
+# The interpreter's own facts a profile can contradict (disagreements), by name.
+INTERPRETER_FACTS = ("python", "platform", "arch", "free_threaded", "torch", "glibc",
+                     "cxx11abi")
+
+
+def disagreements(profile: System, target: System,
+                  only: Collection[str] = INTERPRETER_FACTS) -> list[str]:
     """Where a profile contradicts the interpreter it is applied to, each naming both sides
-    (GPU facts aside: the profile may describe the machine's GPUs better than a probe)."""
+    (GPU facts aside: the profile may describe the machine's GPUs better than a probe);
+    `only` these facts."""
     out: list[str] = []
-    if profile.python_tuple != target.python_tuple:
+    if "python" in only and profile.python_tuple != target.python_tuple:
         out.append(f"Python {profile.python}, the target runs {target.python}")
     for key in ("platform", "arch"):
-        if getattr(profile, key) != getattr(target, key):
+        if key in only and getattr(profile, key) != getattr(target, key):
             out.append(f"{key} {getattr(profile, key)}, the target is {getattr(target, key)}")
-    if profile.free_threaded != target.free_threaded:
+    if "free_threaded" in only and profile.free_threaded != target.free_threaded:
         out.append(f"free-threaded {profile.free_threaded}, the target "
                    f"{'is' if target.free_threaded else 'is not'}")
-    if profile.torch is not None and profile.torch_public != target.torch_public:
+    if "torch" in only and profile.torch is not None and \
+            profile.torch_public != target.torch_public:
         out.append(f"torch {profile.torch}, the target has "
                    + (f"torch {target.torch}" if target.torch else "no torch"))
     pg, tg = _minor(profile.glibc), _minor(target.glibc)
-    if pg and tg and pg > tg:
+    if "glibc" in only and pg and tg and pg > tg:
         out.append(f"glibc {profile.glibc}, the target has {target.glibc} (wheels built for the "
                    "newer one do not load)")
-    if None not in (profile.cxx11abi, target.cxx11abi) and profile.cxx11abi != target.cxx11abi:
+    if "cxx11abi" in only and None not in (profile.cxx11abi, target.cxx11abi) and \
+            profile.cxx11abi != target.cxx11abi:
         out.append(f"cxx11abi {profile.cxx11abi}, the target's torch has {target.cxx11abi}")
     return out
 
