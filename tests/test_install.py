@@ -262,6 +262,41 @@ def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, pr
     assert "packages" not in read(venv / LOCK_NAME) or not read(venv / LOCK_NAME)["packages"]
 
 
+def test_requirements_of_a_backend_gone_go_only_as_asked_and_never_a_backend(
+        tmp_path, venv, profile, http_server, uv_bin) -> None:
+    """A lock (edited here) says flash, never installed, brought userlib and sageattention.
+    `uninstall --backends xformers --with-requirements` takes neither: flash is not named.
+    Naming flash takes userlib (at its recorded version, required by nothing), never
+    sageattention: a backend is no requirement to take along, and sage stays locked."""
+    from wheels import build_wheel
+
+    w = tmp_path / "w"
+    py = str(venv_python(venv))
+    r = install(venv, profile, serve_index(http_server, [sage_wheel(w, "ok", f"2.2.0+{LABEL}")]),
+                "--no-verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    userlib = build_wheel(w / "user", "userlib", "1.0", {"userlib.py": ""}, requires=[])
+    subprocess.run([uv_bin, "pip", "install", "-q", "--python", py, "--no-deps", str(userlib)],
+                   check=True)
+    have = installed_in(venv)
+    lock = venv / LOCK_NAME
+    for name, version in (("userlib", "1.0"), ("sageattention", have["sageattention"])):
+        lock.write_text(lock.read_text() + f'\n[[packages]]\nname = "{name}"\n'
+                        f'version = "{version}"\n[[packages.wheels]]\n'
+                        f'name = "{name}-{version}-py3-none-any.whl"\n'
+                        f'url = "https://example.invalid/{name}.whl"\n'
+                        f'hashes = {{sha256 = "{"0" * 64}"}}\n'
+                        '[packages.tool.comfy-env-attn]\nbrought-by = ["flash"]\n')
+    r = cli("uninstall", "--python", py, "--backends", "xformers", "--with-requirements")
+    assert r.returncode == 0 and installed_in(venv) == have, r.stdout + r.stderr
+    r = cli("uninstall", "--python", py, "--backends", "flash", "--with-requirements")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "also removed userlib 1.0, which came with it" in r.stdout, r.stdout
+    assert "left sageattention" in r.stdout and "an attention backend itself" in r.stdout
+    assert installed_in(venv) == {n: v for n, v in have.items() if n != "userlib"}
+    assert "sage" in read(lock)["tool"]["comfy-env-attn"]["backends"]
+
+
 def test_a_wheel_whose_requirements_cannot_be_had_gives_way_to_the_next(
         tmp_path, venv, profile) -> None:
     """The best-ranked wheel needs a package no source has: the install says so, names the

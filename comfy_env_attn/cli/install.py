@@ -315,7 +315,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
         names = uninstall_targets(target, _packages_named(args.backends) if args.backends
                                   else None)
         run_uninstall(target, names, out, passthrough=uv_passthrough(),
-                      with_requirements=args.with_requirements)
+                      with_requirements=args.with_requirements,
+                      named=args.backends is not None)
     if args.json:
         dump_json(install_json(out, target.executable, command="uninstall",
                                recovered=recovered))

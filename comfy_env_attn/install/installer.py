@@ -1115,15 +1115,18 @@ def uninstall_targets(target: Target, backends: list[str] | None) -> list[str]:
 
 
 def run_uninstall(target: Target, backends: list[str], out: Outcome, *,
-                  passthrough: bool = False, with_requirements: bool = False) -> None:
+                  passthrough: bool = False, with_requirements: bool = False,
+                  named: bool = False) -> None:
     """Remove these backends' distributions from the target's own site-packages, journalled
     like an install (a failure or a kill midway puts them back), never a file of torch,
     its closure or another distribution; then rewrite the lock without them.
     `with_requirements`: the requirements they alone brought go too, and those an earlier
-    uninstall left of backends already gone (the lock keeps them, brought-by intact)."""
+    uninstall left of backends already gone (the lock keeps them, brought-by intact): of
+    every such backend, or (`named`: the command line named the backends) of those named."""
     ctx = _Context(target)
     installed, own = ctx.installed, own_sites(target)
-    gone = _gone_backends(target, installed) if with_requirements else []
+    gone = [b for b in _gone_backends(target, installed) if not named or b in backends] \
+        if with_requirements else []
     remove: list[str] = []
     for b in backends:
         row = out.row(b)
@@ -1237,7 +1240,10 @@ def _requirements_to_remove(ctx: _Context, remove: list[str], dists: list[str],
         if not by or inst is None or d in dists:
             continue
         why = None
-        if set(w.brought_by) - leaving:
+        if d in bk.BY_DIST or d == "comfy-env-attn":  # never a requirement to take along
+            why = "it is an attention backend itself (uninstall --backends names those)" \
+                if d in bk.BY_DIST else "it is comfy-env-attn itself"
+        elif set(w.brought_by) - leaving:
             why = f"{', '.join(sorted(set(w.brought_by) - leaving))} brought it too"
         elif inst.version != w.version:
             why = f"it is {inst.version} now; the lock recorded {w.version}"
