@@ -482,56 +482,43 @@ def test_an_order_timed_while_the_settings_changed_is_not_kept(tmp_path, monkeyp
     assert sageattention.CALLS == ["sage"]
 
 
-def test_a_backend_without_a_record_is_fresh_once_locked(tmp_path, monkeypatch, fresh) -> None:
-    """An .egg-info (`setup.py install` or `develop`, the usual way a backend is built from
-    source) has no RECORD, so no digest of its files: the lock written over it is fresh,
-    and a new version of it is not."""
+def test_a_backend_without_a_record_is_fresh_once_locked_and_its_rebuild_is_not(
+        tmp_path, monkeypatch, fresh) -> None:
+    """`setup.py develop` leaves an .egg-info beside the package in its source tree, with no
+    RECORD: the lock written over it is fresh, and an extension rebuilt in place (or a new
+    version) makes it stale. A legacy egg-info file lists nothing: its version alone tells."""
     from comfy_env_attn.core.fingerprint import dist_facts
 
-    egg = tmp_path / "xformers-0.0.30-py3.11.egg-info"
+    egg = tmp_path / "xformers.egg-info"
     egg.mkdir()
     (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.30\n")
+    (egg / "top_level.txt").write_text("xformers\n")
+    ext = tmp_path / "xformers" / "_C.so"
+    ext.parent.mkdir()
+    (ext.parent / "__init__.py").write_text("")
+    ext.write_bytes(b"built once")
     monkeypatch.syspath_prepend(str(tmp_path))
     live = live_facts()
-    assert live.dists["xformers"] == ("0.0.30", None) == dist_facts("xformers")
+    assert live.dists["xformers"] == dist_facts("xformers") and live.dists["xformers"][1]
     table = ToolTable(lockfile._fingerprint(live, {"type": live.device}, None),
                       {"sdpa": BackendRecord("sdpa", "verified")})
-    assert table.fingerprint.backends["xformers"] == LockedDist("xformers", "0.0.30", "")
     assert stale_reasons(table, live) == []
-    (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.31\n")
+    st = ext.stat()
+    ext.write_bytes(b"built again")
+    os.utime(ext, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert stale_reasons(table, live_facts()) == [
-        "xformers is 0.0.31, the lock verified 0.0.30"]
-
-
-def test_values_of_another_head_size_and_integer_masks_go_to_sdpa(tmp_path, monkeypatch,
-                                                                   fresh) -> None:
-    """Every check proves values of the queries' head size, and masks that are bool or
-    floating. A call with values of another size is SDPA's, even after a call of the same
-    q and k shapes chose sage; an integer mask is SDPA's to refuse, where a backend might
-    read its 0/1 as a bias and answer wrongly."""
-    folder = fake_sage(tmp_path, takes_mask=True)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(write_lock(
-        tmp_path / "l.toml", sage_dir=folder, sage=sage_record(
-            checks=checks(variants=("plain", "mask", "mask_bool"))))))
-    import sageattention
-
-    q, k, v = qkv()
-    dispatch.dispatch_attention(q, k, v)
-    assert len(sageattention.CALLS) == 1
-    v32 = v[..., :32].contiguous()
-    out = dispatch.dispatch_attention(q, k, v32)
-    assert len(sageattention.CALLS) == 1 and out.shape == (1, 2, 128, 32)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v32))
-    order, left = dispatch.passed_over(q, k, v=v32)
-    assert order == ["sdpa"] and dict(left)["sage"] == (
-        "its values' head size 32 is not its queries' (64)",)
-    keep = torch.ones(1, 1, 128, 128, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="attn_mask"):
-        dispatch.dispatch_attention(q, k, v, attn_mask=keep)
-    assert len(sageattention.CALLS) == 1 and not dispatch._S.failed
-    dispatch.dispatch_attention(q, k, v, attn_mask=keep.bool())
-    assert len(sageattention.CALLS) == 2
+        "xformers 0.0.30: its files changed since verification"]
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "xformers-0.0.31-py3.11.egg-info").write_text(
+        "Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.31\n")
+    monkeypatch.syspath_prepend(str(legacy))
+    live = live_facts()
+    assert live.dists["xformers"] == ("0.0.31", None)
+    table = ToolTable(lockfile._fingerprint(live, {"type": live.device}, None),
+                      {"sdpa": BackendRecord("sdpa", "verified")})
+    assert table.fingerprint.backends["xformers"] == LockedDist("xformers", "0.0.31", "")
+    assert stale_reasons(table, live) == []
 
 
 def test_masks_reach_only_backends_proven_for_them(tmp_path, monkeypatch, fresh) -> None:
@@ -966,7 +953,8 @@ def test_the_fingerprint_finds_distributions_as_importlib_metadata_does(tmp_path
     egg = tmp_path / "c" / "xformers-0.0.30-py3.11.egg-info"
     egg.mkdir(parents=True)
     (egg / "PKG-INFO").write_text("Metadata-Version: 1.0\nName: xformers\nVersion: 0.0.30\n")
-    assert dist_facts("xformers", [str(egg.parent)]) == ("0.0.30", None)
+    assert dist_facts("xformers", [str(egg.parent)]) == ("0.0.30", files_digest(egg))
+    assert files_digest(egg) is not None  # of its own files: core.fingerprint._egg_digest
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "sageattention-2.2.0.dist-info").write_text("not a folder")
     assert find_metadata_dir("sageattention", [str(tmp_path / "d")]) == \

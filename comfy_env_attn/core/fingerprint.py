@@ -31,8 +31,9 @@ listing (kept until the folder's mtime changes; this code lists again every time
 missing Version (importlib: None, here "") and undecodable METADATA (importlib raises, here
 replaced characters).
 
-The digest (files_digest) needs a RECORD: an egg, an egg-info and a legacy egg-info file
-have none (None; the lock keeps "", lockmodel.LockedDist.same_files): for those only the
+The digest (files_digest) reads a RECORD; an .egg-info folder has none, and its digest is
+of its own files and those it names (_egg_digest). An egg and a legacy egg-info file have
+neither (None; the lock keeps "", lockmodel.LockedDist.same_files): for those only the
 version tells a change. A dist-info in a zip is digested from the zip's directory: its
 RECORD and each listed file's size and CRC-32.
 
@@ -274,13 +275,14 @@ _HEADER = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)", re.S)
 
 
 def files_digest(meta: Meta) -> str | None:
-    """The digest of a dist-info folder's RECORD and the files it lists (None: no RECORD)."""
+    """The digest of a dist-info folder's RECORD and the files it lists; of an .egg-info
+    folder, _egg_digest's (None: neither)."""
     if not isinstance(meta, Path):
         return _zip_digest(meta)
     try:
         record = (meta / "RECORD").read_text(encoding="utf-8")
     except OSError:
-        return None
+        return _egg_digest(meta) if meta.name.endswith(".egg-info") else None
     h = hashlib.sha256(record.encode())
     for row in csv.reader(record.splitlines()):
         if not row or row[0].endswith(".pyc"):
@@ -290,6 +292,51 @@ def files_digest(meta: Meta) -> str | None:
             h.update(f"{row[0]}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{row[0]}|missing\n".encode())
+    return h.hexdigest()
+
+
+_EGG_FILES_MAX = 20000  # a source tree of that many files under one package is no install
+
+
+def _egg_digest(meta: Path) -> str | None:
+    """An .egg-info folder (`setup.py install`, or `develop` in a source tree: the usual way
+    a backend is built from source) has no RECORD: the digest of its own files and of each
+    file it installed (installed-files.txt, relative to it), else of its top-level packages
+    and modules beside it (top_level.txt), bytecode aside, each by path, size and mtime. An
+    extension rebuilt in place changes it. None where it is no folder or lists too much."""
+    try:
+        own = sorted(p for p in meta.iterdir() if p.is_file())
+    except OSError:
+        return None
+    files: list[Path] = []
+    try:
+        listed = (meta / "installed-files.txt").read_text(encoding="utf-8").splitlines()
+        files = [meta / line.strip() for line in listed if line.strip()]
+    except OSError:
+        try:
+            tops = (meta / "top_level.txt").read_text(encoding="utf-8").split()
+        except OSError:
+            tops = []
+        for top in tops:
+            if (meta.parent / top).is_dir():
+                for root, dirs, names in os.walk(meta.parent / top):
+                    dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                    files += [Path(root, n) for n in sorted(names)]
+                    if len(files) > _EGG_FILES_MAX:
+                        return None
+            else:  # a module: top.py, top.cpython-312-x86_64-linux-gnu.so, top.pyd
+                files += sorted(p for p in meta.parent.glob(f"{top}.*")
+                                if p.is_file() and p.suffix in (".py", ".so", ".pyd"))
+    h = hashlib.sha256(b"egg-info\n")
+    for p in [*own, *files]:
+        if p.suffix == ".pyc":
+            continue  # bytecode is rewritten by Python itself
+        rel = os.path.relpath(p, meta.parent).replace(os.sep, "/")
+        try:
+            st = p.stat()
+            h.update(f"{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}|missing\n".encode())
     return h.hexdigest()
 
 

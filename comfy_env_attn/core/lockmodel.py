@@ -116,7 +116,7 @@ class LockedDist:
     dist: str
     version: str
     # its RECORD and each listed file's path, size and mtime (core.fingerprint.files_digest);
-    # "" where it has no RECORD (an .egg-info, from `setup.py install` or `develop`)
+    # "" where it has no list of its files (an egg, a legacy egg-info file)
     files_sha256: str
 
     def same_files(self, digest: str | None) -> bool:
