@@ -4,7 +4,7 @@ Results go to stdout (--json where a machine reads them), progress and logs to s
 Exit 0 success, 1 a failure the message explains (a file or folder the command line names
 that is missing or not what it should be included), 2 bad usage (words the command line
 cannot mean: an unknown option or backend, options that contradict, a required one
-missing).
+missing, an empty path).
 """
 
 from __future__ import annotations
