@@ -314,7 +314,8 @@ def test_missing_or_mismatched_nvcc_and_too_little_disk_fail_before_anything_is_
     r = cli(*base, env=env_for(tmp_path, CUDA_HOME=str(tmp_path / "empty")))
     assert r.returncode == 1
     assert f"warning: the profile {profile} says torch's CUDA 12.8, the target's torch is a " \
-        "CPU build: the build compiles against the target's own torch" in r.stderr
+        "CPU build: --force, so the profile's torch and Python stand for the target's in the " \
+        "checks and the wheel's label" in r.stderr
     assert "cannot build sage (sageattention 2.2.0) here (nothing was downloaded or compiled)" \
         in r.stderr
     assert f"nvcc not found (CUDA_HOME is {tmp_path / 'empty'}); fix: install the CUDA " \
@@ -356,6 +357,10 @@ def test_a_build_profile_must_match_what_the_wheel_is_labelled_with_only(
     assert "does not describe" not in r.stderr and "glibc" not in r.stderr, r.stderr
     assert f"warning: the profile {prof} says cxx11abi False, the target's torch has True: " \
         "the build compiles with the target torch's" in r.stderr, r.stderr
+    prof.write_text(text.replace('glibc = "2.99"', 'glibc = "2.17"'))  # an older machine
+    r = cli(*base, env=env_for(tmp_path, sources))
+    assert r.returncode == 0 and f"warning: the profile {prof} says glibc 2.17; this machine " \
+        "has " in r.stderr and "may not load there" in r.stderr, r.stderr
     prof.write_text(text.replace(f'python = "{sys.version.split()[0]}"', 'python = "3.9.1"'))
     r = cli(*base, env=env_for(tmp_path, sources))
     assert r.returncode == 1 and f"the profile {prof} does not describe" in r.stderr and \

@@ -412,6 +412,7 @@ def test_bad_usage_exit_2() -> None:
                         (["--from-lock", "l.toml", "--system", "p.toml"], "--system would"),
                         (["--from-lock", "l.toml", "--build"], "--build would"),
                         (["--from-lock", "l.toml", "--source", "s"], "--source would"),
+                        (["--from-lock", "l.toml", "--env", "e"], "--env would"),
                         (["--source", "src.tar.gz"], "--source names what --build compiles")]:
         r = cli("install", "--python", "/nonexistent/python", "--dry-run", *extra)
         assert r.returncode == 2 and says in r.stderr, (extra, r.stderr)
@@ -424,9 +425,11 @@ def test_an_empty_path_is_bad_usage_not_the_default() -> None:
     for args in (["install", "--python", "", "--dry-run"], ["probe", "--comfyui", ""],
                  ["plan", "--system", ""], ["lock", "--file", ""],
                  ["install", "--from-lock", "", "--dry-run"], ["plan", "--config", ""],
-                 ["plan", "--find-links", " "], ["node", "install", "--comfyui", ""]):
+                 ["plan", "--find-links", " "], ["node", "install", "--comfyui", ""],
+                 ["uninstall", "--backends", ""], ["install", "--backends", "", "--dry-run"],
+                 ["plan", "--config", "c.toml", "--env", ""]):
         r = cli(*args)
-        option = next(a for a in args if a.startswith("--"))
+        option = args[[a.strip() for a in args].index("") - 1]  # the one given empty
         assert r.returncode == 2 and f"argument {option}: empty (an unset variable?)" \
             in r.stderr, (args, r.stderr)
 

@@ -611,8 +611,9 @@ def test_labels_name_what_the_mode_lets_run(tmp_path, monkeypatch, fresh, caplog
         assert label.endswith("chosen per input among sdpa") or label.endswith(
             ": sdpa (verified)"), (kw, label)
     with caplog.at_level(logging.WARNING, "comfy_env_attn"):
-        dispatch.set_backend("sdpa")
+        label = dispatch.set_backend("sdpa")
         dispatch.dispatch_attention(*qkv(d=72))
+    assert label.startswith("PyTorch SDPA") and "go to PyTorch SDPA" not in label, label
     assert not [r for r in caplog.records if "passed over" in r.message]
     monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(tmp_path / "none.toml"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

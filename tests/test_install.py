@@ -224,8 +224,8 @@ def test_uninstall_takes_the_requirements_the_install_brought(tmp_path, venv, pr
     fresh = make_venv(tmp_path / "fresh", torch=True)
     r = cli("install", "--python", str(venv_python(fresh)), "--from-lock", str(venv / LOCK_NAME),
             "--index-url", index, "--dry-run")  # it names them too
-    assert r.returncode == 0 and "and bar (the lock records 1.0, brought by sage), resolved " \
-        "again as they require" in r.stdout and "and baz (" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "and bar (the lock records 1.0, brought by sage), which the " \
+        "install resolves again as they require" in r.stdout and "and baz (" in r.stdout, r.stdout + r.stderr
     r = cli("install", "--python", str(venv_python(fresh)), "--from-lock", str(venv / LOCK_NAME),
             "--index-url", index, "--no-verify")
     assert r.returncode == 0, r.stdout + r.stderr

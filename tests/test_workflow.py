@@ -442,6 +442,9 @@ def test_uninstall_removes_what_install_put_in_and_survives_kill_9(
     (left,) = read(lock)["packages"]
     assert left["name"] == "xf-helper" and read_lock(lock)["auto"] == ["sdpa"]
     assert left["tool"]["comfy-env-attn"]["brought-by"] == ["xformers"]
+    r = cli("install", "--python", py, "--from-lock", str(lock), "--dry-run")
+    assert r.returncode == 0 and "records no backend (only what an uninstall left): nothing " \
+        "to install from it" in r.stderr, r.stdout + r.stderr
     r = cli("uninstall", "--python", py, "--with-requirements")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "also removed xf-helper 1.0, which came with it" in r.stdout, r.stdout

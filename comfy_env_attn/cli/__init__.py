@@ -61,7 +61,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=_given, metavar="FILE",
                    help="a comfy-env.toml: the attention packages it asks for, with their "
                         "versions")
-    p.add_argument("--env", metavar="NAME",
+    p.add_argument("--env", type=_given, metavar="NAME",
                    help="the environment of --config to use (default: each in turn)")
 
 
@@ -120,7 +120,7 @@ def _plan(sub: Any, name: str) -> None:
     _target_args(p)
     p.add_argument("--system", type=_given, metavar="FILE", help="resolve for a System profile (TOML)")
     _index_args(p)
-    p.add_argument("--backends", metavar="LIST", help="comma-separated, e.g. sage,flash")
+    p.add_argument("--backends", type=_given, metavar="LIST", help="comma-separated, e.g. sage,flash")
     _config_args(p)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
@@ -138,7 +138,7 @@ def _install(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="install the fitting wheels with uv, verify, lock")
     _target_args(p)
     _index_args(p)
-    p.add_argument("--backends", metavar="LIST",
+    p.add_argument("--backends", type=_given, metavar="LIST",
                    help="comma-separated, e.g. sage,flash (default: every backend a wheel "
                         "fits)")
     _config_args(p)
@@ -166,7 +166,7 @@ def _build(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="compile a backend from source for this machine's GPU "
                                   "into the wheelhouse")
     _target_args(p)
-    p.add_argument("--backends", metavar="LIST", required=True,
+    p.add_argument("--backends", type=_given, metavar="LIST", required=True,
                    help="comma-separated, those with a pinned source, e.g. sage")
     p.add_argument("--system", type=_given, metavar="FILE",
                    help="build for this System profile's GPUs (compiled against the "
@@ -184,7 +184,7 @@ def _uninstall(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="remove what install put in (torch and the rest stay), "
                                   "rewrite the lock")
     _target_args(p)
-    p.add_argument("--backends", metavar="LIST",
+    p.add_argument("--backends", type=_given, metavar="LIST",
                    help="these backends (default: the ones the lock records)")
     p.add_argument("--with-requirements", action="store_true",
                    help="also remove the requirements install put in for them alone, unless "
@@ -227,7 +227,7 @@ def _launch_args(sub: Any, name: str) -> None:
 def _bench(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="time the installed backends against SDPA")
     _target_args(p)
-    p.add_argument("--backends", metavar="LIST",
+    p.add_argument("--backends", type=_given, metavar="LIST",
                    help="comma-separated (default: every installed backend)")
     p.add_argument("--json", action="store_true", help="the timings as JSON (docs/json.md)")
     _verify_opts(p)

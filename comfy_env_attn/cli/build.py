@@ -68,8 +68,13 @@ def _against_the_target(args: argparse.Namespace, target: Target, system: System
                          "profile's: build with the interpreter the profile was written for, "
                          "or pass --force to build anyway")
     for f in found:
-        log(f"warning: the profile {args.system} says {f}: the build compiles against the "
-            "target's own torch and Python (--force)")
+        log(f"warning: the profile {args.system} says {f}: --force, so the profile's torch "
+            "and Python stand for the target's in the checks and the wheel's label, while the "
+            "build compiles against the target's own")
+    pg, tg = system.glibc_tuple, real.glibc_tuple
+    if pg and tg and pg < tg:  # a wheel built here may need the newer one
+        log(f"warning: the profile {args.system} says glibc {system.glibc}; this machine has "
+            f"{real.glibc}: a wheel built here may not load there (build on the older one)")
 
 
 # What a built wheel's tags and label are taken from: the target's, which a profile must match

@@ -42,7 +42,8 @@ from comfy_env_attn.verify.run import Options, Result
 
 def cmd_install(args: argparse.Namespace) -> int:
     given = [o for o, on in (("--config", args.config), ("--system", args.system),
-                             ("--build", args.build), ("--source", args.source)) if on]
+                             ("--build", args.build), ("--source", args.source),
+                             ("--env", args.env)) if on]
     if args.from_lock and given:  # each of those chooses wheels anew; the lock has chosen
         raise UsageError(f"--from-lock installs exactly what the lock records: {given[0]} "
                          "would choose anew; give one or the other")
@@ -89,6 +90,9 @@ def cmd_install(args: argparse.Namespace) -> int:
             chosen.append((lw.backend, [Candidate(lw.filename, lw.url,
                                                   f"lock:{args.from_lock}",
                                                   sha256=lw.sha256)]))
+        if not chosen:
+            log(f"{args.from_lock} records no backend (only what an uninstall left): "
+                "nothing to install from it")
         if args.backends:  # those of the lock's backends alone
             named = bk.parse_list(args.backends)
             locked = [c for c, _ in chosen]
@@ -181,7 +185,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             for lw in brought:
                 if set(lw.brought_by) & {b for b, _ in chosen}:
                     print(f"and {lw.name} (the lock records {lw.version}, brought by "
-                          f"{', '.join(lw.brought_by)}), resolved again as they require")
+                          f"{', '.join(lw.brought_by)}), which the install resolves again "
+                          "as they require")
         say_failure()
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):

@@ -57,6 +57,10 @@ class System:
         return _minor(self.torch_cuda)
 
     @property
+    def glibc_tuple(self) -> tuple[int, int] | None:
+        return _minor(self.glibc)
+
+    @property
     def driver_cuda_tuple(self) -> tuple[int, int] | None:
         return _minor(self.driver_cuda)
 

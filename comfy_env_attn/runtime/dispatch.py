@@ -336,7 +336,8 @@ def _describe() -> str:
             return f"{b.title}: not verified on this machine; using PyTorch SDPA"
         version = rec.version if rec and rec.version else ""
         return f"{b.title} {version}".strip() + (", verified" if rec else "") + \
-            " (calls it was not proven for go to PyTorch SDPA)" * (rec is not None) + tail
+            " (calls it was not proven for go to PyTorch SDPA)" * (
+                rec is not None and _S.mode != "sdpa") + tail
     if _S.unverified:
         return "auto (unverified, fixed GPU-tier order): " + ", ".join(
             n for n in UNVERIFIED_ORDER if _unverified_runs(n)) + tail
