@@ -397,6 +397,20 @@ def test_a_file_edited_in_place_makes_the_lock_stale(tmp_path, monkeypatch, fres
         "sageattention 2.2.0: its files changed since verification"]
 
 
+def sage_and_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str) -> None:
+    """sageattention from `src` installed, and a lock that verified sage (0.5 ms), its fp16
+    kernel (1.0 ms) and SDPA (1.02 ms): sage_fp16 and SDPA a close call, sage far ahead."""
+    monkeypatch.syspath_prepend(str(installed_sage(tmp_path, src)))
+    lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path,
+                      sdpa_ms=1.02)
+    table = tool_table(lockfile.read(lock))
+    table.backends["sage_fp16"] = BackendRecord(
+        "sage_fp16", "verified", quantized=True, version="2.2.0",
+        checks=checks(variants=("plain",)), bench=bench(1.0))
+    lockfile.write(lock, lockfile.build([], table))
+    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+
+
 def test_a_close_call_settled_in_one_mode_does_not_order_another(tmp_path, monkeypatch,
                                                                   fresh) -> None:
     """Safe mode times only the backends it may use (SDPA against sage_fp16 here): that
@@ -414,15 +428,7 @@ def test_a_close_call_settled_in_one_mode_does_not_order_another(tmp_path, monke
             time.sleep(0.02)
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
     ''')
-    monkeypatch.syspath_prepend(str(installed_sage(tmp_path, src)))
-    lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path,
-                      sdpa_ms=1.02)
-    table = tool_table(lockfile.read(lock))
-    table.backends["sage_fp16"] = BackendRecord(
-        "sage_fp16", "verified", quantized=True, version="2.2.0",
-        checks=checks(variants=("plain",)), bench=bench(1.0))
-    lockfile.write(lock, lockfile.build([], table))
-    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    sage_and_fp16(tmp_path, monkeypatch, src)
     import sageattention
 
     q, k, v = qkv()
@@ -462,15 +468,7 @@ def test_an_order_timed_while_the_settings_changed_is_not_kept(tmp_path, monkeyp
             time.sleep(0.02)
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
     ''')
-    monkeypatch.syspath_prepend(str(installed_sage(tmp_path, src)))
-    lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path,
-                      sdpa_ms=1.02)
-    table = tool_table(lockfile.read(lock))
-    table.backends["sage_fp16"] = BackendRecord(
-        "sage_fp16", "verified", quantized=True, version="2.2.0",
-        checks=checks(variants=("plain",)), bench=bench(1.0))
-    lockfile.write(lock, lockfile.build([], table))
-    monkeypatch.setenv("COMFY_ENV_ATTN_LOCK", str(lock))
+    sage_and_fp16(tmp_path, monkeypatch, src)
     import sageattention
 
     q, k, v = qkv()
