@@ -39,7 +39,8 @@ JSON_HELP = "one JSON document on stdout (schemas: docs/json.md)"
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("target (one of)").add_mutually_exclusive_group()
-    g.add_argument("--python", type=_given, metavar="PATH", help="the interpreter ComfyUI runs with")
+    g.add_argument("--python", type=_given, metavar="PATH",
+                   help="the interpreter ComfyUI runs with")
     g.add_argument("--comfyui", type=_given, metavar="DIR",
                    help="a ComfyUI folder (finds python_embeded, .venv, venv, ...)")
     g.add_argument("--comfy-cli", action="store_true",
@@ -50,7 +51,8 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("wheel sources")
     g.add_argument("--index-url", type=_given, action="append", default=[], metavar="URL",
                    help="a PEP 503/691 simple index (repeatable)")
-    g.add_argument("--find-links", type=_given, action="append", default=[], metavar="URL|PATH",
+    g.add_argument("--find-links", type=_given, action="append", default=[],
+                   metavar="URL|PATH",
                    help="an HTML page of links or a folder of wheels (repeatable)")
     g.add_argument("--pypi", action="store_true", help="also search PyPI live")
     g.add_argument("--no-embedded-index", action="store_true",
@@ -118,9 +120,11 @@ def _probe(sub: Any, name: str) -> None:
 def _plan(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="which wheel fits, and why the others do not")
     _target_args(p)
-    p.add_argument("--system", type=_given, metavar="FILE", help="resolve for a System profile (TOML)")
+    p.add_argument("--system", type=_given, metavar="FILE",
+                   help="resolve for a System profile (TOML)")
     _index_args(p)
-    p.add_argument("--backends", type=_given, metavar="LIST", help="comma-separated, e.g. sage,flash")
+    p.add_argument("--backends", type=_given, metavar="LIST",
+                   help="comma-separated, e.g. sage,flash")
     _config_args(p)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
@@ -144,7 +148,8 @@ def _install(sub: Any, name: str) -> None:
     _config_args(p)
     p.add_argument("--system", type=_given, metavar="FILE",
                    help="resolve for this System profile; install and verify in the target")
-    p.add_argument("--from-lock", type=_given, metavar="FILE", help="reinstall exactly what a lock records")
+    p.add_argument("--from-lock", type=_given, metavar="FILE",
+                   help="reinstall exactly what a lock records")
     p.add_argument("--dry-run", action="store_true",
                    help="show what would be installed, and why; change nothing")
     p.add_argument("--yes", action="store_true",
@@ -212,7 +217,8 @@ def _verify(sub: Any, name: str) -> None:
 def _lock(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help="show the lock and whether it matches this machine")
     _target_args(p)
-    p.add_argument("--file", type=_given, metavar="PATH", help="a lock file other than the target's")
+    p.add_argument("--file", type=_given, metavar="PATH",
+                   help="a lock file other than the target's")
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     _common(p)
 

@@ -51,7 +51,8 @@ def _against_the_target(args: argparse.Namespace, target: Target, system: System
     (`undefined symbol` where it is installed by that claim). Refused unless --force, and
     then each disagreement is a warning. torch's CUDA counts where a build compiles CUDA;
     its C++ ABI is the target torch's whatever the profile says (a warning); a newer glibc
-    in the profile is the usual case of an older build machine, and no fault."""
+    in the profile is the usual case of an older build machine, and no fault, an older one
+    a warning (a wheel built here may not load there)."""
     if not args.system:
         return
     from comfy_env_attn.cli.planning import profile_disagreements

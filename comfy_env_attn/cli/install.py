@@ -181,12 +181,11 @@ def cmd_install(args: argparse.Namespace) -> int:
                      if len(alts) > 1 else ""))
         for b, what in would_build.items():  # then install the wheel built
             print(f"{b}: {what}, then install it")
-        if args.from_lock:  # what the lock says came with them, resolved again as they need
-            for lw in brought:
-                if set(lw.brought_by) & {b for b, _ in chosen}:
-                    print(f"and {lw.name} (the lock records {lw.version}, brought by "
-                          f"{', '.join(lw.brought_by)}), which the install resolves again "
-                          "as they require")
+        for lw in brought:  # --from-lock: what came with them, resolved again as they need
+            if set(lw.brought_by) & {b for b, _ in chosen}:
+                print(f"and {lw.name} (the lock records {lw.version}, brought by "
+                      f"{', '.join(lw.brought_by)}), which the install resolves again as "
+                      "they require")
         say_failure()
         return 0 if out.ok else 1
     with target_lock(target.prefix, log):

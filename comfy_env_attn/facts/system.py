@@ -199,8 +199,7 @@ def from_dict(data: dict[str, Any], *, where: str = "profile") -> System:
             raise ProfileError(f"{where}: {key} must look like {example!r}, "
                                f"got {kwargs[key][:80]!r}")
     driver, dcuda = kwargs.get("driver"), _minor(kwargs.get("driver_cuda"))
-    floor = driver_short_of(driver, dcuda[0], kwargs["platform"]) if driver and dcuda else None
-    if floor and dcuda:
+    if driver and dcuda and (floor := driver_short_of(driver, dcuda[0], kwargs["platform"])):
         raise ProfileError(f"{where}: driver {driver} cannot run CUDA {kwargs['driver_cuda']} "
                            f"(CUDA {dcuda[0]}.x needs driver >= {floor}), yet driver_cuda says "
                            "it does: give both from the same machine (`probe --toml` writes "
@@ -249,7 +248,7 @@ def disagreements(profile: System, target: System,
             profile.torch_public != target.torch_public:
         out.append(f"torch {profile.torch}, the target has "
                    + (f"torch {target.torch}" if target.torch else "no torch"))
-    pg, tg = _minor(profile.glibc), _minor(target.glibc)
+    pg, tg = profile.glibc_tuple, target.glibc_tuple
     if "glibc" in only and pg and tg and pg > tg:
         out.append(f"glibc {profile.glibc}, the target has {target.glibc} (wheels built for the "
                    "newer one do not load)")

@@ -5,8 +5,8 @@ Imported inside every ComfyUI start, so it imports only the standard library and
 The lock is read on the first set_backend() or dispatch call, validated against the typed
 lock model and checked against the live process with the same rule the command line uses
 (core.lockmodel.stale_reasons); a later set_backend reads it again once its file has
-changed, and judges it again at most every LOCK_RECHECK_S seconds. A missing, stale or invalid lock gives one warning and
-SDPA.
+changed, and judges it again at most every LOCK_RECHECK_S seconds. A missing, stale or
+invalid lock gives one warning and SDPA.
 
     from comfy_env_attn import set_backend, dispatch_attention
     set_backend("auto")                 # or "sage", "flash", "sdpa", ...; safe=, exact=
@@ -778,7 +778,7 @@ def dispatch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out = _adapter(name).varlen(*args)
             return out if out.dtype == q.dtype else out.to(q.dtype)
         except Exception as e:
-            if name not in _S.unloadable:
+            if name not in _S.unloadable and answer is None:  # SDPA is asked once
                 try:  # the input itself at fault (SDPA rejects it too): nothing is demoted
                     answer = _SDPA.varlen(*args)
                 except Exception:
