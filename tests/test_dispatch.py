@@ -397,9 +397,27 @@ def test_a_file_edited_in_place_makes_the_lock_stale(tmp_path, monkeypatch, fres
         "sageattention 2.2.0: its files changed since verification"]
 
 
-def sage_and_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str) -> None:
-    """sageattention from `src` installed, and a lock that verified sage (0.5 ms), its fp16
-    kernel (1.0 ms) and SDPA (1.02 ms): sage_fp16 and SDPA a close call, sage far ahead."""
+# sageattention with its fp16 kernel, slow here; each call named in CALLS
+SAGE_AND_FP16 = """
+import time
+import torch.nn.functional as F
+CALLS, SWITCHED = [], []
+def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
+    CALLS.append("sage")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
+def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", is_causal=False,
+                                  sm_scale=None, pv_accum_dtype="fp32"):
+    CALLS.append("fp16"){on_fp16}
+    time.sleep(0.02)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
+"""
+
+
+def sage_and_fp16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_fp16: str = "") -> None:
+    """SAGE_AND_FP16 installed (`on_fp16`: more lines its fp16 kernel runs first), and a lock
+    that verified sage (0.5 ms), its fp16 kernel (1.0 ms) and SDPA (1.02 ms): sage_fp16 and
+    SDPA a close call, sage far ahead."""
+    src = SAGE_AND_FP16.format(on_fp16=textwrap.dedent(on_fp16).replace("\n", "\n    "))
     monkeypatch.syspath_prepend(str(installed_sage(tmp_path, src)))
     lock = write_lock(tmp_path / "l.toml", sage=sage_record(0.5), sage_dir=tmp_path,
                       sdpa_ms=1.02)
@@ -415,20 +433,7 @@ def test_a_close_call_settled_in_one_mode_does_not_order_another(tmp_path, monke
                                                                   fresh) -> None:
     """Safe mode times only the backends it may use (SDPA against sage_fp16 here): that
     order is no answer for auto, where sage, measured twice as fast as either, leads."""
-    src = textwrap.dedent('''
-        import time
-        import torch.nn.functional as F
-        CALLS = []
-        def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
-            CALLS.append("sage")
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
-        def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", is_causal=False,
-                                          sm_scale=None, pv_accum_dtype="fp32"):
-            CALLS.append("fp16")
-            time.sleep(0.02)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
-    ''')
-    sage_and_fp16(tmp_path, monkeypatch, src)
+    sage_and_fp16(tmp_path, monkeypatch)
     import sageattention
 
     q, k, v = qkv()
@@ -451,24 +456,12 @@ def test_an_order_timed_while_the_settings_changed_is_not_kept(tmp_path, monkeyp
                                                                 fresh) -> None:
     """Another thread sets auto while safe mode times its backends: that order is safe
     mode's, and is kept under neither (auto's first call times its own)."""
-    src = textwrap.dedent('''
-        import time
-        import torch.nn.functional as F
-        CALLS, SWITCHED = [], []
-        def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
-            CALLS.append("sage")
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
-        def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", is_causal=False,
-                                          sm_scale=None, pv_accum_dtype="fp32"):
-            CALLS.append("fp16")
-            if not SWITCHED:  # as another thread would, while this one is being timed
+    # as another thread would, while this one is being timed
+    sage_and_fp16(tmp_path, monkeypatch, on_fp16="""
+            if not SWITCHED:
                 SWITCHED.append(1)
                 from comfy_env_attn.runtime import dispatch
-                dispatch.set_backend("auto")
-            time.sleep(0.02)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=sm_scale)
-    ''')
-    sage_and_fp16(tmp_path, monkeypatch, src)
+                dispatch.set_backend("auto")""")
     import sageattention
 
     q, k, v = qkv()
